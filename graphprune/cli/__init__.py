@@ -1,0 +1,10 @@
+"""graphprune's command line: each module below registers its commands on :data:`app`."""
+
+from graphprune.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

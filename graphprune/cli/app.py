@@ -1,0 +1,42 @@
+"""The typer application that every command module registers on, and the one-line error handling."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from graphprune.errors import GraphpruneError
+
+app = typer.Typer(
+    name="graphprune",
+    help="Prune ONNX models (Wanda, magnitude, SparseGPT; 2:4 or unstructured) for TensorRT deployment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(func: F) -> F:
+    """Turn a GraphpruneError (and a few OS errors) into one red line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except GraphpruneError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]: nothing was written")
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]

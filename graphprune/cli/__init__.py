@@ -1,5 +1,6 @@
 """graphprune's command line: each module below registers its commands on :data:`app`."""
 
+from graphprune.cli import prune  # noqa: F401  (registers apply, check)
 from graphprune.cli.app import app
 
 

@@ -20,7 +20,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress, warnings and errors
+out = Console()  # results: summaries, tables
 
 F = TypeVar("F", bound=Callable[..., Any])
 

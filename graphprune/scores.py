@@ -1,0 +1,32 @@
+"""Importance scores in the canonical ``(out, R, K)`` layout; every method feeds one masking code path."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+
+def magnitude_scores(weight: np.ndarray) -> np.ndarray:
+    """|W| as float32 (fp16 and bf16 values convert exactly, so their ties stay ties)."""
+    return np.abs(weight.astype(np.float32, copy=False))
+
+
+def wanda_scores(weight: np.ndarray, input_sumsq: np.ndarray) -> np.ndarray:
+    """|W_ij| · ‖X_j‖₂: ``input_sumsq`` holds Σ x_j² per input channel j (the last axis of ``weight``).
+
+    A common scale of the statistics (rows seen, batch size) does not change the masks, so the sum is used as
+    it is. Channels that never saw a non-zero value score zero; NaN or Inf statistics are treated as zero.
+    """
+    if input_sumsq.shape != (weight.shape[-1],):
+        raise ValueError(f"statistics have shape {input_sumsq.shape}, weight has K={weight.shape[-1]}")
+    norms = np.sqrt(np.nan_to_num(input_sumsq, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0))
+    return magnitude_scores(weight) * norms.astype(np.float32)
+
+
+class Method(str, Enum):
+    """How weights are ranked."""
+
+    MAGNITUDE = "magnitude"  # |W|
+    WANDA = "wanda"  # |W|·‖X‖, needs activation statistics
+    SPARSEGPT = "sparsegpt"  # second-order, with weight reconstruction; needs Gram matrices

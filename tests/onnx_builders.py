@@ -1,0 +1,52 @@
+"""Tiny ONNX models built in code for the tests, and ONNX Runtime helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 8  # accepted by every ONNX Runtime we support; onnx >= 1.20 would write 14 by default
+
+
+def make_model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: list[onnx.TensorProto] = (),  # type: ignore[assignment]
+    opset: int = 17,
+) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+def tensor(name: str, elem: int = TensorProto.FLOAT, shape: list | None = None) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def init(array: np.ndarray, name: str) -> onnx.TensorProto:
+    return numpy_helper.from_array(array, name)
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def reference_nm_mask(weight: np.ndarray, k_axis: int, keep: int, group: int) -> np.ndarray:
+    """Independent N:M magnitude mask: argsort each group of ``group`` along ``k_axis`` (no ties expected)."""
+    moved = np.moveaxis(np.abs(weight.astype(np.float64)), k_axis, -1)
+    groups = moved.reshape(-1, group)
+    order = np.argsort(-groups, axis=1, kind="stable")
+    mask = np.zeros(groups.shape, dtype=bool)
+    np.put_along_axis(mask, order[:, :keep], True, axis=1)
+    return np.moveaxis(mask.reshape(moved.shape), -1, k_axis)

@@ -1,0 +1,175 @@
+"""Files (external data, IR version, atomic writes) and the command line, bad input included."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from typer.testing import CliRunner
+
+from graphprune.cli import app
+from graphprune.model_io import load_model, save_model
+from tests.onnx_builders import init, make_model, run, tensor
+
+RNG = np.random.default_rng(3)
+runner = CliRunner()
+
+
+def layered_model() -> onnx.ModelProto:
+    """Two hidden layers and a classifier head; metadata and an extra opset import to preserve."""
+    w1 = RNG.standard_normal((16, 32)).astype(np.float32)
+    w2 = RNG.standard_normal((32, 16)).astype(np.float32)
+    head = RNG.standard_normal((16, 4)).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["a"]),
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["b"]),
+            helper.make_node("MatMul", ["b", "head"], ["y"]),
+        ],
+        [tensor("x", shape=[None, 16])],
+        [tensor("y")],
+        [init(w1, "w1"), init(w2, "w2"), init(head, "head")],
+    )
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    helper.set_model_props(model, {"author": "tests"})
+    return model
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "model.onnx"
+    onnx.save_model(layered_model(), str(path))
+    return path
+
+
+def test_apply_writes_model_and_report_and_keeps_the_input(model_path: Path) -> None:
+    before = model_path.read_bytes()
+    result = runner.invoke(app, ["apply", str(model_path), "--nm", "2:4"])
+    assert result.exit_code == 0, result.output
+    assert model_path.read_bytes() == before
+    out = model_path.with_name("model.pruned.onnx")
+    pruned = onnx.load_model(str(out))
+    assert pruned.ir_version == 8
+    assert [(o.domain, o.version) for o in pruned.opset_import] == [("", 17), ("com.example", 1)]
+    assert {p.key: p.value for p in pruned.metadata_props} == {"author": "tests"}
+    report = json.loads(model_path.with_name("model.pruned.report.json").read_text())
+    assert report["pruned"] == 2 and report["skipped"] == 1 and report["sparsity_achieved"] == 0.5
+    by_name = {w["name"]: w for w in report["weights"]}
+    assert by_name["w1"]["k_axis"] == 0 and by_name["w1"]["shape"] == [16, 32] and by_name["w1"]["sparsity"] == 0.5
+    assert "head" in by_name["head"]["skipped"]
+    assert "skipped head" in result.output
+
+    assert runner.invoke(app, ["check", str(out), "--nm", "2:4"]).exit_code == 0
+    assert runner.invoke(app, ["check", str(model_path), "--nm", "2:4"]).exit_code == 1
+    gate = runner.invoke(app, ["check", str(out), "--nm", "1:4", "--json"])
+    assert gate.exit_code == 1
+    verdict = json.loads(gate.stdout)
+    assert verdict["ok"] is False and {w["name"] for w in verdict["weights"]} == {"w1", "w2"}
+
+
+def test_existing_output_needs_force(model_path: Path) -> None:
+    out = model_path.with_name("out.onnx")
+    out.write_text("keep me")
+    result = runner.invoke(app, ["apply", str(model_path), "-o", str(out)])
+    assert result.exit_code == 2 and "--force" in result.output
+    assert out.read_text() == "keep me"
+    assert runner.invoke(app, ["apply", str(model_path), "-o", str(out), "--force"]).exit_code == 0
+    assert onnx.load_model(str(out)).graph.node
+
+
+@pytest.mark.parametrize("nm", ["3:2", "0:4", "2:0", "4", "a:b", "2:2"])
+def test_bad_nm_values_are_one_line_errors(model_path: Path, nm: str) -> None:
+    result = runner.invoke(app, ["apply", str(model_path), "--nm", nm])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "Traceback" not in result.output
+    assert not model_path.with_name("model.pruned.onnx").exists()
+
+
+@pytest.mark.parametrize("sparsity", ["1.0", "-0.1", "1.5"])
+def test_bad_sparsity_is_refused(model_path: Path, sparsity: str) -> None:
+    result = runner.invoke(app, ["apply", str(model_path), "--sparsity", sparsity])
+    assert result.exit_code == 2 and "sparsity" in result.output
+    assert not model_path.with_name("model.pruned.onnx").exists()
+
+
+def bad_files(tmp_path: Path, model_path: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n" * 10)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model_path.read_bytes()[: model_path.stat().st_size * 2 // 3])
+    return {"missing": tmp_path / "missing.onnx", "text": text, "truncated": truncated, "directory": tmp_path}
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "truncated", "directory"])
+def test_unreadable_models_are_one_line_errors(tmp_path: Path, model_path: Path, kind: str) -> None:
+    path = bad_files(tmp_path, model_path)[kind]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = subprocess.run(
+        [sys.executable, "-m", "graphprune", "apply", str(path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_output_equal_to_input_is_refused(model_path: Path) -> None:
+    before = model_path.read_bytes()
+    result = runner.invoke(app, ["apply", str(model_path), "-o", str(model_path), "--force"])
+    assert result.exit_code == 2 and "input" in result.output
+    assert model_path.read_bytes() == before
+
+
+def test_wanda_without_statistics_is_refused(model_path: Path) -> None:
+    result = runner.invoke(app, ["apply", str(model_path), "--method", "wanda"])
+    assert result.exit_code == 2 and "statistics" in result.output
+
+
+def test_external_data_round_trip_keeps_values_and_layout(tmp_path: Path) -> None:
+    model = layered_model()
+    source = tmp_path / "big.onnx"
+    on_disk = onnx.ModelProto()
+    on_disk.CopyFrom(model)  # saving with external data moves the weights out of the proto it is given
+    onnx.save_model(on_disk, str(source), save_as_external_data=True, location="big.onnx.data", size_threshold=0)
+    loaded = load_model(source)
+    target = tmp_path / "out" / "copy.onnx"
+    save_model(loaded, target, external_data=True)
+    assert (tmp_path / "out" / "copy.onnx.data").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["copy.onnx", "copy.onnx.data"]
+    x = RNG.standard_normal((3, 16)).astype(np.float32)
+    np.testing.assert_array_equal(run(onnx.load_model(str(target)), {"x": x})[0], run(model, {"x": x})[0])
+
+
+def test_apply_keeps_external_data_external(tmp_path: Path) -> None:
+    source = tmp_path / "ext.onnx"
+    model = layered_model()
+    onnx.save_model(model, str(source), save_as_external_data=True, location="ext.data", size_threshold=0)
+    assert runner.invoke(app, ["apply", str(source)]).exit_code == 0
+    out = tmp_path / "ext.pruned.onnx"
+    assert (tmp_path / "ext.pruned.onnx.data").stat().st_size > 0
+    proto = onnx.load_model(str(out), load_external_data=False)
+    external = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert external == {"w1", "w2"}  # tensors under 1 KiB (the 256-byte head) stay inline
+
+
+def test_a_failed_save_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", explode)
+    with pytest.raises(OSError):
+        save_model(layered_model(), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_command_documents_its_options_with_an_example() -> None:
+    for command in ("apply", "check"):
+        text = runner.invoke(app, [command, "--help"]).output
+        assert "Example" in text and "--nm" in text

@@ -1,0 +1,94 @@
+"""Property tests of the mask functions against independent numpy definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from graphprune.layout import from_canonical, to_canonical
+from graphprune.masks import keep_top, mask_from_scores, nm_violations
+from graphprune.pattern import NMPattern, Scope, Unstructured
+
+
+@st.composite
+def nm_case(draw: st.DrawFn) -> tuple[np.ndarray, NMPattern]:
+    group = draw(st.integers(2, 16))
+    keep = draw(st.integers(1, group - 1))
+    rows = draw(st.integers(1, 6))
+    k = group * draw(st.integers(1, 5))
+    # Few distinct values: ties are common, as in 4-bit-derived weights.
+    levels = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**32 - 1))
+    scores = np.random.default_rng(seed).integers(0, levels, size=(rows, k)).astype(np.float32)
+    return scores, NMPattern(keep, group)
+
+
+@given(nm_case())
+@settings(max_examples=200, deadline=None)
+def test_nm_keeps_exactly_n_per_group_and_the_highest_scores(case: tuple[np.ndarray, NMPattern]) -> None:
+    scores, pattern = case
+    mask = mask_from_scores(scores, pattern)
+    groups_mask = mask.reshape(-1, pattern.group)
+    groups = scores.reshape(-1, pattern.group)
+    assert (groups_mask.sum(axis=1) == pattern.keep).all()
+    assert nm_violations(np.where(mask, 1.0, 0.0), pattern).size == 0
+    # every kept score >= every dropped score of its group
+    kept_min = np.where(groups_mask, groups, np.inf).min(axis=1)
+    dropped_max = np.where(groups_mask, -np.inf, groups).max(axis=1)
+    assert (kept_min >= dropped_max).all()
+    # the documented tie rule: a stable sort by descending score keeps the earliest of equal scores
+    order = np.argsort(-groups, axis=1, kind="stable")[:, : pattern.keep]
+    expected = np.zeros_like(groups_mask)
+    np.put_along_axis(expected, order, True, axis=1)
+    np.testing.assert_array_equal(groups_mask, expected)
+
+
+@given(
+    st.integers(1, 5),
+    st.integers(1, 40),
+    st.floats(0.0, 0.99),
+    st.sampled_from(list(Scope)),
+    st.integers(1, 5),
+    st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=200, deadline=None)
+def test_unstructured_prunes_the_exact_count_per_group(
+    rows: int, k: int, sparsity: float, scope: Scope, levels: int, seed: int
+) -> None:
+    scores = np.random.default_rng(seed).integers(0, levels, size=(rows, k)).astype(np.float32)
+    mask = mask_from_scores(scores, Unstructured(sparsity, scope))
+    groups = {Scope.OUTPUT: (scores, mask), Scope.LAYER: (scores.reshape(1, -1), mask.reshape(1, -1))}
+    groups[Scope.INPUT] = (scores.T, mask.T)
+    s, m = groups[scope]
+    n = s.shape[1]
+    assert (m.sum(axis=1) == n - int(n * sparsity)).all()
+    order = np.argsort(-s, axis=1, kind="stable")[:, : n - int(n * sparsity)]
+    expected = np.zeros_like(m)
+    np.put_along_axis(expected, order, True, axis=1)
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_nan_scores_are_pruned_first() -> None:
+    scores = np.array([[np.nan, 1.0, 2.0, np.nan]], np.float32)
+    np.testing.assert_array_equal(mask_from_scores(scores, NMPattern(2, 4)), [[False, True, True, False]])
+
+
+def test_keep_top_keeps_everything_at_zero_sparsity() -> None:
+    assert keep_top(np.zeros((2, 3)), 0.0).all()
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(3, 4), (4, 3, 2, 2), (5, 2, 3)]), st.data())
+@settings(max_examples=50, deadline=None)
+def test_layout_round_trip(seed: int, shape: tuple[int, ...], data: st.DataObject) -> None:
+    k_axis = data.draw(st.integers(0, len(shape) - 1))
+    out_axis = data.draw(st.integers(0, len(shape) - 1).filter(lambda a: a != k_axis))
+    w = np.random.default_rng(seed).standard_normal(shape)
+    canonical = to_canonical(w, k_axis, out_axis)
+    assert canonical.shape[0] == shape[out_axis] and canonical.shape[-1] == shape[k_axis]
+    # canonical[o, :, k] holds the weights of output o and input channel k
+    np.testing.assert_array_equal(
+        np.sort(canonical[1, :, 0]),
+        np.sort(np.take(np.take(w, 1, out_axis), 0, k_axis - (k_axis > out_axis)).ravel()),
+    )
+    np.testing.assert_array_equal(from_canonical(canonical, shape, k_axis, out_axis), w)

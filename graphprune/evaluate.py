@@ -97,3 +97,50 @@ def perplexity(
         if progress is not None:
             progress(index + 1, n)
     return math.exp(total / count)
+
+
+def text_windows(
+    token_ids: np.ndarray, seqlen: int, count: int | None = None, offset: int = 0, bos_id: int | None = None
+) -> np.ndarray:
+    """Non-overlapping windows of ``seqlen`` tokens from ``token_ids[offset:]``, at most ``count`` of them.
+
+    With ``bos_id`` each window gets BOS in front: ``(n, seqlen + 1)``, and perplexity scores all ``seqlen``
+    tokens. Without it, ``(n, seqlen)`` and the first token of each window is context only.
+    """
+    if seqlen < 1:
+        raise GraphpruneError(f"--seqlen must be at least 1, got {seqlen}")
+    if offset < 0:
+        raise GraphpruneError(f"--offset must be non-negative, got {offset}")
+    tokens = np.asarray(token_ids, dtype=np.int64)[offset:]
+    n = tokens.size // seqlen if count is None else min(count, tokens.size // seqlen)
+    if n == 0:
+        raise GraphpruneError(f"the text has {tokens.size} tokens after offset {offset}: fewer than one window")
+    windows = tokens[: n * seqlen].reshape(n, seqlen)
+    if bos_id is None:
+        return windows
+    return np.concatenate([np.full((n, 1), bos_id, np.int64), windows], axis=1)
+
+
+def find_bos(tokenizer_path: Path, name: str | None = None) -> tuple[int, str] | None:
+    """The BOS token's (id, text): ``name`` if given, else ``bos_token`` of a ``tokenizer_config.json`` beside
+    the tokenizer, else the first special token of the tokenizer's single-sequence template (BERT's [CLS])."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    if name is None:
+        config = tokenizer_path.with_name("tokenizer_config.json")
+        if config.exists():
+            bos = json.loads(config.read_text()).get("bos_token")
+            name = bos.get("content") if isinstance(bos, dict) else bos
+    if name is None:
+        template = json.loads(tokenizer.to_str()).get("post_processor") or {}
+        first = (template.get("single") or [{}])[0]
+        name = first.get("SpecialToken", {}).get("id")
+    if name is None:
+        return None
+    token_id = tokenizer.token_to_id(name)
+    if token_id is None:
+        raise GraphpruneError(f"BOS token {name!r} is not in the tokenizer {tokenizer_path}")
+    return token_id, name

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from graphprune.api import check_file, prune_file, report_path
-from graphprune.cli.app import app, console, out, user_errors
+from graphprune.cli.app import app, out, user_errors
 from graphprune.cli.options import pattern_from_options
+from graphprune.cli.progress import progress_bar
 from graphprune.errors import GraphpruneError
 from graphprune.passes.check import CheckResult
 from graphprune.passes.prune import PruneConfig, PruneResult
@@ -94,16 +94,9 @@ def apply(
     chosen = method or (Method.WANDA if stats else Method.MAGNITUDE)
     sumsq = _load_sumsq(stats, model) if stats else None
     config = PruneConfig(pattern, chosen, tuple(include or ()), tuple(exclude or ()), include_head)
-    with _progress() as progress:
-        task = progress.add_task("pruning", total=None)
+    with progress_bar("pruning") as bar:
         written, result = prune_file(
-            model,
-            config,
-            output,
-            sumsq,
-            force,
-            on_plan=lambda n: progress.update(task, total=n),
-            on_weight=lambda name: progress.advance(task),
+            model, config, output, sumsq, force, on_plan=bar.set_total, on_weight=lambda name: bar.advance()
         )
     _print_summary(result, written)
 
@@ -139,17 +132,6 @@ def _load_sumsq(path: Path, model: Path) -> dict:
     if not path.exists():
         raise GraphpruneError(f"{path}: no such statistics file")
     return ActivationStats.load(path).sumsq
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
 
 
 def _print_summary(result: PruneResult, written: Path) -> None:

@@ -1,0 +1,92 @@
+"""``graphprune eval``: perplexity of two bigram models on text, and output agreement on npz data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from typer.testing import CliRunner
+
+from graphprune.cli import app
+from graphprune.evaluate import text_windows
+from tests.test_evaluate import VOCAB, bigram_model, expected_perplexity
+
+runner = CliRunner()
+WORDS = [f"w{i}" for i in range(VOCAB - 1)]  # id 0 is the BOS token "<s>"
+
+
+def word_tokenizer(path: Path) -> Path:
+    vocab = {"<s>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<s>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer.save(str(path))
+    return path
+
+
+def test_perplexity_of_both_models_matches_numpy(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    dense_table = rng.standard_normal((VOCAB, VOCAB)) * 2
+    pruned_table = np.where(rng.random((VOCAB, VOCAB)) < 0.5, dense_table, 0.0)
+    for name, table in (("dense", dense_table), ("pruned", pruned_table)):
+        onnx.save(bigram_model(table, with_mask=True), str(tmp_path / f"{name}.onnx"))
+    ids = rng.integers(1, VOCAB, size=300)
+    (tmp_path / "heldout.txt").write_text(" ".join(WORDS[i - 1] for i in ids))
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json")
+
+    result = runner.invoke(
+        app,
+        [
+            "eval", str(tmp_path / "dense.onnx"), str(tmp_path / "pruned.onnx"),
+            "--text", str(tmp_path / "heldout.txt"), "--tokenizer", str(tokenizer),
+            "--seqlen", "16", "--windows", "5", "--offset", "7", "--json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["bos"] == "<s> (id 0)" and report["windows"] == [5, 17]
+    windows = np.concatenate([np.zeros((5, 1), np.int64), ids[7 : 7 + 80].reshape(5, 16)], axis=1)
+    assert np.isclose(report["perplexity_dense"], expected_perplexity(dense_table, windows), rtol=1e-6)
+    assert np.isclose(report["perplexity_pruned"], expected_perplexity(pruned_table, windows), rtol=1e-6)
+
+
+def test_output_agreement_matches_numpy(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    dense_table = rng.standard_normal((VOCAB, VOCAB))
+    pruned_table = dense_table + 0.3 * rng.standard_normal((VOCAB, VOCAB))
+    for name, table in (("dense", dense_table), ("pruned", pruned_table)):
+        onnx.save(bigram_model(table, with_mask=False), str(tmp_path / f"{name}.onnx"))
+    input_ids = rng.integers(0, VOCAB, size=(10, 6))
+    np.savez(tmp_path / "heldout.npz", input_ids=input_ids)
+
+    args = [
+        "eval",
+        str(tmp_path / "dense.onnx"),
+        str(tmp_path / "pruned.onnx"),
+        "--calib",
+        str(tmp_path / "heldout.npz"),
+    ]
+    result = runner.invoke(app, [*args, "--batch-size", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["outputs"]
+
+    a = dense_table.astype(np.float32)[input_ids].astype(np.float64)
+    b = pruned_table.astype(np.float32)[input_ids].astype(np.float64)
+    flat_a, flat_b = a.reshape(10, -1), b.reshape(10, -1)
+    cosine = np.mean((flat_a * flat_b).sum(1) / np.linalg.norm(flat_a, axis=1) / np.linalg.norm(flat_b, axis=1))
+    assert row["samples"] == 10
+    assert np.isclose(row["cosine"], cosine, rtol=1e-6)
+    assert np.isclose(row["relative_l2"], np.linalg.norm(a - b) / np.linalg.norm(a), rtol=1e-6)
+    assert row["top1_agreement"] == (a.argmax(-1) == b.argmax(-1)).mean()
+
+
+def test_text_windows_without_bos_are_plain_slices() -> None:
+    np.testing.assert_array_equal(text_windows(np.arange(10), 3, offset=1), [[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+
+
+def test_eval_needs_data() -> None:
+    result = runner.invoke(app, ["eval", "a.onnx", "b.onnx"])
+    assert result.exit_code == 2 and "nothing to evaluate" in result.output

@@ -1,6 +1,10 @@
 """graphprune's command line: each module below registers its commands on :data:`app`."""
 
-from graphprune.cli import prune  # noqa: F401  (registers apply, check)
+from graphprune.cli import (
+    deploy,  # noqa: F401  (registers convert, build, bench)
+    evaluate,  # noqa: F401  (registers eval)
+    prune,  # noqa: F401  (registers apply, check)
+)
 from graphprune.cli.app import app
 
 

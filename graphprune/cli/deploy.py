@@ -1,0 +1,205 @@
+"""Deployment commands: ``convert`` (FP16/BF16), ``build`` (TensorRT engine) and ``bench`` (dense vs 2:4)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from graphprune.cli.app import app, console, user_errors
+from graphprune.errors import GraphpruneError
+
+
+@app.command()
+@user_errors
+def convert(
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX model to convert, e.g. model.pruned.onnx.")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="Convert to FP16 (the default), e.g. --fp16.")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Convert to BF16 instead of FP16, e.g. --bf16.")] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Where to write, e.g. -o model.fp16.onnx. Default: <stem>.fp16.onnx."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists, e.g. --force.")] = False,
+) -> None:
+    """Convert weights and computation to FP16 or BF16 for TensorRT, keeping every pruned zero.
+
+    Graph inputs and outputs keep their FP32 types (Casts at the boundary); normalisations, softmax, reductions,
+    Pow/Sqrt and Exp/Log stay in FP32. Zeros stay zeros, non-zeros too small for the type stay non-zero, and
+    overflowing values saturate. The input file is never modified; the output is written atomically.
+
+    Example: graphprune convert model.pruned.onnx --fp16 -o model.fp16.onnx
+    """
+    from graphprune.eligibility import eligibility_report, summary
+    from graphprune.model_io import check_output_path, load_model, save_model
+    from graphprune.passes.convert import ConvertToHalf
+
+    if fp16 and bf16:
+        raise GraphpruneError("choose one of --fp16 and --bf16")
+    dtype = "bfloat16" if bf16 else "float16"
+    suffix = "bf16" if bf16 else "fp16"
+    output = output or model.with_name(f"{model.stem}.{suffix}.onnx")
+    check_output_path(model, output, force)
+    result = ConvertToHalf(dtype).call(load_model(model))
+    records = eligibility_report(result.model)
+    save_model(result.model, output)
+    stats = result.rounding
+    console.print(
+        f"wrote {output}: {len(result.converted)} tensors in {suffix}, "
+        f"{len(result.fp32_nodes)} nodes kept in FP32, "
+        f"{result.casts_inserted} casts; {stats.raised_from_zero} tiny non-zeros kept non-zero, "
+        f"{stats.saturated} values saturated",
+        highlight=False,
+    )
+    console.print(
+        f"sparse eligibility of the result: {summary(records)} (details: graphprune check)", highlight=False
+    )
+
+
+@app.command()
+@user_errors
+def build(
+    model: Annotated[Path, typer.Argument(help="ONNX model to build, e.g. model.fp16.onnx.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Engine file to write, e.g. -o model.engine.")],
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Math precision: fp16, bf16 or int8-qdq (a model with Q/DQ nodes), e.g. --precision fp16. "
+            "TensorRT 10 sets builder flags for an FP32 model; TensorRT 11 takes it from the ONNX file, "
+            "so convert first (graphprune convert --fp16)."
+        ),
+    ] = "fp16",
+    sparse: Annotated[
+        bool,
+        typer.Option(
+            "--sparse/--no-sparse",
+            help="Set TensorRT's SPARSE_WEIGHTS flag so 2:4 layers may use sparse kernels, e.g. --no-sparse "
+            "for the dense baseline.",
+        ),
+    ] = True,
+    shapes: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Optimisation profile of a dynamic input as NAME:MIN,OPT,MAX with dims joined by x; repeat per "
+            "input, e.g. --shapes input_ids:1x16,8x128,32x512 --shapes attention_mask:1x16,8x128,32x512."
+        ),
+    ] = None,
+    timing_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Timing cache to load if present and save after the build, e.g. --timing-cache trt.cache."
+        ),
+    ] = None,
+    workspace: Annotated[
+        float | None, typer.Option(help="Workspace memory-pool limit in GiB, e.g. --workspace 4.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists, e.g. --force.")] = False,
+) -> None:
+    """Build a TensorRT engine with sparse weights and show which layers really run sparse.
+
+    The report (eligible layers and those that picked a sparse kernel, from the build log and the engine
+    inspector) is printed and saved beside the engine as <engine>.json.
+
+    Example: graphprune build model.fp16.onnx -o model.engine --shapes input_ids:1x16,8x128,32x512
+    """
+    from graphprune.tensorrt_build import build_engine
+
+    if output.exists() and not force:
+        raise GraphpruneError(f"{output} exists; pass --force to overwrite it")
+    report = build_engine(model, output, precision, sparse, shapes or [], timing_cache, workspace)
+    table = Table(title=f"TensorRT {report.tensorrt} on {report.gpu}: {report.note}")
+    table.add_column("layer (TensorRT)", overflow="fold")
+    table.add_column("eligible for sparse math")
+    table.add_column("sparse kernel picked")
+    picked = set(report.sparse_layers)
+    for layer in report.eligible_layers:
+        table.add_row(
+            layer, "yes", "[green]yes[/green]" if layer in picked else "[yellow]no (dense faster)[/yellow]"
+        )
+    console.print(table)
+    console.print(
+        f"wrote {output} in {report.build_seconds:.1f} s: {len(report.sparse_layers)} of "
+        f"{len(report.eligible_layers)} eligible layers run sparse; report in {output}.json",
+        highlight=False,
+    )
+    if sparse and not report.eligible_layers:
+        console.print("[yellow]no layer was eligible for sparse math: run `graphprune check` to see why[/yellow]")
+
+
+@app.command()
+@user_errors
+def bench(
+    model: Annotated[Path, typer.Argument(help="Pruned ONNX model, e.g. model.pruned.onnx.")],
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="torch: dense vs 2:4 GEMM per pruned weight with PyTorch semi-structured sparse tensors (no "
+            "TensorRT needed); tensorrt: dense vs sparse engine latency. E.g. --backend torch."
+        ),
+    ] = "torch",
+    tokens: Annotated[
+        str,
+        typer.Option(help="torch backend: token counts (batch x sequence) to time, e.g. --tokens 512,4096."),
+    ] = "512,4096",
+    cutlass: Annotated[
+        bool, typer.Option("--cutlass", help="torch backend: use CUTLASS kernels instead of cuSPARSELt.")
+    ] = False,
+    shapes: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="tensorrt backend: NAME:MIN,OPT,MAX per dynamic input (timed at OPT), e.g. "
+            "--shapes input_ids:1x128,8x128,8x128."
+        ),
+    ] = None,
+    precision: Annotated[str, typer.Option(help="tensorrt backend: fp16, bf16 or int8-qdq.")] = "fp16",
+    iterations: Annotated[
+        int, typer.Option(help="Timed repetitions per measurement, e.g. --iterations 100.")
+    ] = 100,
+) -> None:
+    """Measure what 2:4 sparsity gains: dense vs sparse, same shapes, one run, with the ratio (needs a GPU).
+
+    Example: graphprune bench model.pruned.onnx --backend torch --tokens 512,4096
+    """
+    if iterations <= 0:
+        raise GraphpruneError(f"--iterations must be positive, got {iterations}")
+    if backend == "torch":
+        _bench_torch(model, tokens, cutlass, iterations)
+    elif backend == "tensorrt":
+        _bench_tensorrt(model, shapes or [], precision, iterations)
+    else:
+        raise GraphpruneError(f"unknown --backend {backend!r}: choose torch or tensorrt")
+
+
+def _bench_torch(model: Path, tokens: str, cutlass: bool, iterations: int) -> None:
+    from graphprune.bench_torch import bench_cases, device_description, markdown_table, model_cases, parse_tokens
+    from graphprune.model_io import load_model
+
+    counts = parse_tokens(tokens)
+    cases = model_cases(load_model(model))
+    if not cases:
+        raise GraphpruneError(f"{model} has no weight that is 2:4 along K: prune it with --nm 2:4 first")
+    results = bench_cases(cases, counts, "cutlass" if cutlass else "cusparselt", iterations)
+    console.print(f"{device_description()}, {'CUTLASS' if cutlass else 'cuSPARSELt'}", highlight=False)
+    typer.echo(markdown_table(results))
+
+
+def _bench_tensorrt(model: Path, shapes: list[str], precision: str, iterations: int) -> None:
+    from graphprune.tensorrt_build import build_engine, time_engine
+
+    with tempfile.TemporaryDirectory(prefix="graphprune-bench-") as tmp:
+        timings = {}
+        for sparse in (False, True):
+            engine = Path(tmp) / f"{'sparse' if sparse else 'dense'}.engine"
+            build_engine(model, engine, precision, sparse, shapes, Path(tmp) / "timing.cache")
+            timings[sparse] = time_engine(engine, shapes, iterations)
+    dense, sparse_t = timings[False], timings[True]
+    table = Table(title=f"{model.name}: dense vs sparse TensorRT engine ({precision})")
+    for column in ("engine", "median ms", "p90 ms", "items/s"):
+        table.add_column(column)
+    for label, t in (("dense", dense), ("sparse", sparse_t)):
+        table.add_row(label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.throughput:.1f}")
+    console.print(table)
+    console.print(f"dense/sparse latency ratio: {dense.median_ms / sparse_t.median_ms:.2f}x", highlight=False)

@@ -1,0 +1,202 @@
+"""Can TensorRT run each pruned weight on sparse tensor cores? Decided from the ONNX file alone, on the CPU.
+
+TensorRT uses a sparse kernel for a layer only when all of these hold (TensorRT developer guide, "Structured
+Sparsity"; NVIDIA's sparsity blog posts):
+
+* the layer is a Convolution (group 1) or a matrix multiplication by a constant weight (ONNX MatMul / Gemm with
+  an initializer or Constant operand, which TensorRT's parser turns into a MatrixMultiply layer with constant
+  weights);
+* the weight has at most 2 non-zeros in every 4 consecutive values along the reduction axis K (for a Conv: every 4
+  input channels at each output channel and kernel position);
+* the math runs in FP16, BF16 or INT8 (FP32/TF32 layers never pick sparse kernels in TensorRT);
+* and, for it to be worth it, the layer is big enough: NVIDIA's guidance is at least 256 input and output channels;
+  below that TensorRT usually finds the dense kernel faster ("too small to gain", not an error).
+
+Even an eligible layer may run dense: TensorRT times both and keeps the faster. Only the build log tells
+(:mod:`graphprune.tensorrt_build`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+from rich.table import Table
+
+from graphprune.layout import to_canonical
+from graphprune.masks import nm_violations
+from graphprune.pattern import NMPattern
+from graphprune.targets import Target, find_targets
+from graphprune.weights import WeightStore
+
+Status = Literal["eligible", "too small to gain", "ineligible"]
+SPARSE_PATTERN = NMPattern(2, 4)
+MIN_CHANNELS = 256  # NVIDIA's guidance for a sparse kernel to beat the dense one
+SPARSE_PRECISIONS = frozenset({"fp16", "bf16", "int8-qdq"})
+_ONNX_PRECISION = {
+    onnx.TensorProto.FLOAT16: "fp16",
+    onnx.TensorProto.BFLOAT16: "bf16",
+    onnx.TensorProto.FLOAT: "fp32",
+    onnx.TensorProto.DOUBLE: "fp64",
+}
+_TRT_LAYER = {"MatMul": "MatrixMultiply (constant weights)", "Gemm": "MatrixMultiply (constant weights)"}
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Whether one target can run on sparse tensor cores, and why not."""
+
+    name: str
+    op: str  # ONNX op of the consumer(s)
+    trt_layer: str  # the layer TensorRT will build for it
+    out_channels: int
+    k: int
+    precision: str  # "fp16" | "bf16" | "int8-qdq" | "fp32" | ...: the math precision of the consumer
+    violations: int  # groups of 4 along K holding more than 2 non-zeros
+    status: Status
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def pattern_ok(self) -> bool:
+        return self.violations == 0 and self.k % SPARSE_PATTERN.group == 0
+
+
+def assess(
+    target: Target,
+    weight: np.ndarray,
+    precision: str,
+    group: int = 1,
+    min_channels: int = MIN_CHANNELS,
+) -> Eligibility:
+    """Eligibility of one target from its effective weight values (stored layout) and its math precision."""
+    out_channels = target.shape[target.out_axis]
+    k = target.k
+    blocking: list[str] = []
+    ops = sorted({c.op for c in target.consumers} or {target.op})
+    if any(op not in ("MatMul", "Gemm", "Conv") for op in ops):
+        blocking.append(f"{'/'.join(ops)} has no sparse kernels in TensorRT (only Conv and MatMul/Gemm)")
+    if "Conv" in ops and group != 1:
+        blocking.append(f"grouped Conv (group={group}): TensorRT's sparse convolutions need group=1")
+    violations = 0
+    if k % SPARSE_PATTERN.group:
+        blocking.append(f"K={k} is not a multiple of 4: no 2:4 groups along K")
+    else:
+        canonical = to_canonical(np.asarray(weight), target.k_axis, target.out_axis)
+        violations = len(nm_violations(canonical, SPARSE_PATTERN))
+        if violations:
+            total = canonical.size // SPARSE_PATTERN.group
+            blocking.append(f"not 2:4 along K: {violations} of {total} groups of 4 have more than 2 non-zeros")
+    if precision not in SPARSE_PRECISIONS:
+        blocking.append(
+            f"{precision.upper()} math: sparse tensor cores need FP16/BF16/INT8; run `graphprune convert --fp16` "
+            "(TensorRT 11 needs it) or build with --precision fp16 on TensorRT 10"
+        )
+    small = [f"{what}={n} < {min_channels}" for what, n in (("out", out_channels), ("K", k)) if n < min_channels]
+    if blocking:
+        status: Status = "ineligible"
+        reasons = tuple(blocking)
+    elif small:
+        status = "too small to gain"
+        reasons = (f"{', '.join(small)} channels: a dense kernel is usually as fast",)
+    else:
+        status, reasons = "eligible", ()
+    trt_layer = "Convolution" if ops == ["Conv"] else _TRT_LAYER.get(ops[0], ops[0])
+    return Eligibility(
+        target.name, "/".join(ops), trt_layer, out_channels, k, precision, violations, status, reasons
+    )
+
+
+def eligibility_report(
+    model: onnx.ModelProto,
+    targets: list[Target] | None = None,
+    precision: str | None = None,
+    min_channels: int = MIN_CHANNELS,
+) -> list[Eligibility]:
+    """One record per target (every target of the model unless given).
+
+    ``precision`` is the math precision the build will use (for example ``"fp16"`` for a TensorRT 10 build with
+    the FP16 flag); by default it is read from the model: the type of each consumer's output, or ``int8-qdq``
+    under DequantizeLinear.
+    """
+    if targets is None:
+        targets = find_targets(model).targets
+    store = WeightStore(model)
+    types = _output_types(model) if precision is None else {}
+    nodes = {n.name: n for n in model.graph.node}
+    records = []
+    for target in targets:
+        weight = store.read(target)
+        stored = weight.values
+        # a quantized weight is zero where it equals its zero point
+        values = stored if weight.zero_point is None else (stored != weight.zero_point)
+        used = precision or _precision(target, types)
+        group = 1
+        for consumer in target.consumers:
+            node = nodes.get(consumer.node)
+            if node is not None and consumer.op == "Conv":
+                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        records.append(assess(target, values, used, group, min_channels))
+    return records
+
+
+def _precision(target: Target, types: dict[str, int]) -> str:
+    if "DequantizeLinear" in target.through:
+        return "int8-qdq" if target.dtype in ("int8", "uint8") else f"{target.dtype}-qdq"
+    for consumer in target.consumers:
+        if consumer.output in types:
+            return _ONNX_PRECISION.get(types[consumer.output], "other")
+    return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(target.dtype, target.dtype)
+
+
+def _output_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the graph's tensors from ONNX type inference (empty where inference fails)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    names = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:  # typed inputs instead of data: no copy of the weights
+        if init.name not in names:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light).graph
+    except Exception:  # type inference is best effort here: fall back to the stored dtype
+        return {}
+    return {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*inferred.value_info, *inferred.output]
+        if v.type.HasField("tensor_type")
+    }
+
+
+_STYLE = {"eligible": "green", "too small to gain": "yellow", "ineligible": "red"}
+
+
+def render_table(records: list[Eligibility], title: str = "Sparse eligibility (TensorRT, 2:4)") -> Table:
+    """A rich table: one row per target, the status coloured, the reasons spelled out."""
+    table = Table(title=title, show_lines=False)
+    for column in ("weight", "ONNX op -> TensorRT", "out x K", "precision", "2:4 along K", "status", "why"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        pattern = "yes" if r.pattern_ok else ("no" if r.k % 4 == 0 else "n/a")
+        table.add_row(
+            r.name,
+            f"{r.op} -> {r.trt_layer}",
+            f"{r.out_channels} x {r.k}",
+            r.precision,
+            pattern,
+            f"[{_STYLE[r.status]}]{r.status}[/{_STYLE[r.status]}]",
+            "; ".join(r.reasons),
+        )
+    return table
+
+
+def summary(records: list[Eligibility]) -> str:
+    """One line: how many targets are eligible, too small, ineligible."""
+    counts = {s: sum(r.status == s for r in records) for s in ("eligible", "too small to gain", "ineligible")}
+    return ", ".join(f"{n} {s}" for s, n in counts.items())

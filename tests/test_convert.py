@@ -1,0 +1,363 @@
+"""FP16/BF16 conversion: ONNX Runtime outputs near FP32, FP32 interface, every pruned zero kept.
+
+Tolerances: tiny models here |y_half - y_fp32| <= 2e-2 + 2e-2 |y_fp32| (weights of size ~0.1-1, a few layers);
+paraphrase-MiniLM-L3-v2: max abs difference <= 5e-3 and cosine similarity >= 0.9999 per sentence embedding.
+ONNX Runtime's CPU provider runs some FP16 ops in FP32 behind its own casts (see graphprune.passes.convert).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from graphprune.cli import app
+from graphprune.errors import GraphpruneError
+from graphprune.layout import from_canonical, to_canonical
+from graphprune.masks import nm_mask, nm_violations
+from graphprune.passes.convert import ConvertToHalf, to_half
+from graphprune.pattern import NMPattern
+from graphprune.targets import find_targets
+from graphprune.weights import WeightStore
+from tests.onnx_builders import init, make_model, run, tensor
+
+PATTERN = NMPattern(2, 4)
+
+
+def prune_24(model: onnx.ModelProto) -> onnx.ModelProto:
+    """2:4 magnitude pruning along K of every target, in place (independent of the pruning passes)."""
+    store = WeightStore(model)
+    for target in find_targets(model).targets:
+        weight = store.read(target)
+        canonical = to_canonical(weight.values, target.k_axis, target.out_axis)
+        mask = nm_mask(np.abs(canonical.astype(np.float32)), PATTERN)
+        pruned = from_canonical(canonical * mask, target.shape, target.k_axis, target.out_axis)
+        weight.write(pruned.astype(weight.values.dtype))
+    return model
+
+
+def block_model(seed: int = 0, d: int = 64, hidden: int = 128) -> onnx.ModelProto:
+    """x -> MatMul -> LayerNorm -> MatMul -> Erf-GELU -> MatMul -> RMSNorm chain -> Softmax; two outputs."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+    w2 = (rng.standard_normal((d, hidden)) / np.sqrt(d)).astype(np.float32)
+    w3 = (rng.standard_normal((hidden, d)) / np.sqrt(hidden)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="mm1"),
+        helper.make_node("LayerNormalization", ["h1", "ln_s", "ln_b"], ["n1"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["n1", "w2"], ["h2"], name="mm2"),
+        helper.make_node("Div", ["h2", "sqrt2"], ["h2s"], name="div"),
+        helper.make_node("Erf", ["h2s"], ["e"], name="erf"),
+        helper.make_node("Add", ["e", "one"], ["e1"], name="add1"),
+        helper.make_node("Mul", ["h2", "e1"], ["g0"], name="mulg"),
+        helper.make_node("Mul", ["g0", "half"], ["g"], name="gelu"),
+        helper.make_node("MatMul", ["g", "w3"], ["h3"], name="mm3"),
+        helper.make_node("Pow", ["h3", "two"], ["sq"], name="pow"),
+        helper.make_node("ReduceMean", ["sq"], ["ms"], name="mean", axes=[-1]),
+        helper.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
+        helper.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
+        helper.make_node("Div", ["h3", "rms"], ["normed"], name="div_rms"),
+        helper.make_node("Mul", ["normed", "rms_w"], ["y"], name="scale"),
+        helper.make_node("Softmax", ["y"], ["p"], name="softmax", axis=-1),
+    ]
+    inits = [
+        init(w1, "w1"),
+        init(w2, "w2"),
+        init(w3, "w3"),
+        init(np.ones(d, np.float32), "ln_s"),
+        init(np.zeros(d, np.float32), "ln_b"),
+        init(np.array(np.sqrt(2.0), np.float32), "sqrt2"),
+        init(np.array(1.0, np.float32), "one"),
+        init(np.array(0.5, np.float32), "half"),
+        init(np.array(2.0, np.float32), "two"),
+        init(np.array(1e-6, np.float32), "eps"),
+        init(rng.uniform(0.5, 1.5, d).astype(np.float32), "rms_w"),
+    ]
+    model = make_model(
+        nodes, [tensor("x", shape=["b", d])], [tensor("y", shape=["b", d]), tensor("p", shape=["b", d])], inits
+    )
+    model.producer_name = "graphprune-tests"
+    helper.set_model_props(model, {"source": "block_model"})
+    prune_24(model)
+    pruned = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    pruned.flat[np.flatnonzero(pruned)[0]] = 1e-9  # a kept weight below FP16's smallest subnormal
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(pruned, "w1"))
+    return model
+
+
+def feeds(d: int = 64, seed: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((5, d)).astype(np.float32)}
+
+
+def close(half: np.ndarray, full: np.ndarray) -> bool:
+    return bool(np.all(np.abs(half - full) <= 2e-2 + 2e-2 * np.abs(full)))
+
+
+def weights_by_name(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# --- rounding ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@settings(max_examples=60, deadline=None)
+@given(values=hnp.arrays(np.float32, st.integers(1, 64), elements=st.floats(width=32, allow_nan=False)))
+def test_to_half_keeps_zeros_and_nonzeros_and_saturates(dtype: str, values: np.ndarray) -> None:
+    out, stats = to_half(values, dtype)  # type: ignore[arg-type]
+    assert out.dtype == np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+    wide = out.astype(np.float32)
+    np.testing.assert_array_equal(wide == 0, values == 0)  # the zero set is exactly the input's
+    np.testing.assert_array_equal(np.signbit(wide[values != 0]), np.signbit(values[values != 0]))
+    assert np.all(np.isfinite(wide[np.isfinite(values)]))  # finite stays finite: overflow saturates
+    assert np.array_equal(np.isinf(wide), np.isinf(values))
+    assert stats.values == values.size
+
+
+def test_to_half_counts_underflow_and_overflow() -> None:
+    out, stats = to_half(np.array([1e-9, -1e-9, 0.0, -0.0, 1e6, -1e6, 1.0], np.float32), "float16")
+    assert out.tolist()[:2] == [pytest.approx(2**-24), pytest.approx(-(2**-24))]
+    assert out[2] == 0 and out[3] == 0
+    assert out[4] == 65504 and out[5] == -65504 and out[6] == 1
+    assert (stats.raised_from_zero, stats.saturated) == (2, 2)
+
+
+# --- the pass on tiny models -------------------------------------------------------------------------------
+
+
+def test_fp16_outputs_close_to_fp32_with_fp32_interface() -> None:
+    model = block_model()
+    before = model.SerializeToString()
+    result = ConvertToHalf("float16").call(model)
+    assert model.SerializeToString() == before  # the pass never edits its input
+    converted = result.model
+    onnx.checker.check_model(converted, full_check=True)
+    assert [(i.name, i.type.tensor_type.elem_type) for i in converted.graph.input] == [("x", TensorProto.FLOAT)]
+    assert [(o.name, o.type.tensor_type.elem_type) for o in converted.graph.output] == [
+        ("y", TensorProto.FLOAT),
+        ("p", TensorProto.FLOAT),
+    ]
+    full, half = run(model, feeds()), run(converted, feeds())
+    for a, b in zip(full, half, strict=True):
+        assert b.dtype == np.float32
+        assert close(b, a), float(np.abs(a - b).max())
+
+
+def test_matmul_weights_are_half_and_sensitive_ops_fp32() -> None:
+    result = ConvertToHalf().call(block_model())
+    stored = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert stored["w1"] == stored["w2"] == stored["w3"] == TensorProto.FLOAT16
+    # consumed only by FP32 ops: kept float32 and unrounded
+    assert stored["ln_s"] == stored["ln_b"] == stored["two"] == TensorProto.FLOAT
+    assert {"ln", "pow", "mean", "sqrt", "softmax"} <= set(result.fp32_nodes)
+    inferred = onnx.shape_inference.infer_shapes(result.model, check_type=True, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    assert types["h1"] == types["h2"] == types["h3"] == TensorProto.FLOAT16  # MatMuls compute in FP16
+    assert types["n1"] == types["sq"] == types["ms"] == TensorProto.FLOAT  # LayerNorm, Pow, ReduceMean in FP32
+
+
+def test_every_pruned_zero_survives_and_24_holds_along_k() -> None:
+    model = block_model()
+    result = ConvertToHalf().call(model)
+    before, after = weights_by_name(model), weights_by_name(result.model)
+    for target in find_targets(result.model).targets:
+        w32, w16 = before[target.name], after[target.name]
+        assert w16.dtype == np.float16
+        np.testing.assert_array_equal(w16 == 0, w32 == 0)  # zeros kept, no new zeros (1e-9 stays non-zero)
+        canonical = to_canonical(w16, target.k_axis, target.out_axis)
+        assert len(nm_violations(canonical, PATTERN)) == 0
+    assert result.rounding.raised_from_zero == 1
+
+
+def test_ir_version_opsets_and_metadata_kept() -> None:
+    model = block_model()
+    model.ir_version = 7
+    converted = ConvertToHalf().call(model).model
+    assert converted.ir_version == 7
+    assert [(o.domain, o.version) for o in converted.opset_import] == [("", 17)]
+    assert converted.producer_name == "graphprune-tests"
+    assert {p.key: p.value for p in converted.metadata_props} == {"source": "block_model"}
+
+
+def test_bf16_structure_zeros_and_emulated_outputs() -> None:
+    model = block_model()
+    result = ConvertToHalf("bfloat16").call(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    stored = {t.name: t for t in result.model.graph.initializer}
+    assert stored["w1"].data_type == TensorProto.BFLOAT16
+    w = numpy_helper.to_array(stored["w1"]).astype(np.float32)
+    np.testing.assert_array_equal(w == 0, weights_by_name(model)["w1"] == 0)
+    # ONNX Runtime's CPU provider has almost no BF16 kernels: run the BF16-rounded weights in FP32 instead.
+    emulated = _bf16_as_fp32(result.model)
+    for a, b in zip(run(model, feeds()), run(emulated, feeds()), strict=True):
+        assert close(b, a), float(np.abs(a - b).max())
+
+
+def _bf16_as_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.data_type == TensorProto.BFLOAT16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    for node in out.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.BFLOAT16:
+                attr.i = TensorProto.FLOAT
+    for v in out.graph.value_info:
+        if v.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+    return out
+
+
+def test_conv_model_and_constant_nodes_and_casts() -> None:
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node(
+            "Constant", [], ["bias"], value=numpy_helper.from_array(rng.standard_normal(8).astype(np.float32))
+        ),
+        helper.make_node("Conv", ["x", "w", "bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["c"], ["shape"], name="shape"),
+        helper.make_node(
+            "ConstantOfShape",
+            ["shape"],
+            ["ones"],
+            name="cos",
+            value=numpy_helper.from_array(np.ones(1, np.float32)),
+        ),
+        helper.make_node("Cast", ["mask"], ["maskf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["c", "maskf"], ["cm"], name="mul"),
+        helper.make_node("Add", ["cm", "ones"], ["y"], name="add"),
+    ]
+    model = prune_24(
+        make_model(
+            nodes,
+            [tensor("x", shape=[1, 16, 6, 6]), tensor("mask", TensorProto.INT64, [1, 8, 6, 6])],
+            [tensor("y", shape=[1, 8, 6, 6])],
+            [init(w, "w")],
+        )
+    )
+    result = ConvertToHalf().call(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    feed = {"x": rng.standard_normal((1, 16, 6, 6)).astype(np.float32), "mask": np.ones((1, 8, 6, 6), np.int64)}
+    (a,), (b,) = run(model, feed), run(result.model, feed)
+    assert close(b, a)
+    cast = next(n for n in result.model.graph.node if n.name == "cast")
+    assert cast.attribute[0].i == TensorProto.FLOAT16
+    target = find_targets(result.model).targets[0]
+    stored = weights_by_name(result.model)["w"]
+    assert len(nm_violations(to_canonical(stored, target.k_axis, target.out_axis), PATTERN)) == 0
+
+
+def test_resize_scales_stay_float32() -> None:
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["y"], name="resize", mode="nearest")]
+    model = make_model(
+        nodes,
+        [tensor("x", shape=[1, 1, 2, 2])],
+        [tensor("y", shape=[1, 1, 4, 4])],
+        [init(np.array([1, 1, 2, 2], np.float32), "scales")],
+    )
+    result = ConvertToHalf().call(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert {t.name: t.data_type for t in result.model.graph.initializer}["scales"] == TensorProto.FLOAT
+    x = {"x": np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)}
+    np.testing.assert_array_equal(run(result.model, x)[0], run(model, x)[0])
+
+
+def test_output_also_used_inside_the_graph() -> None:
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Softmax", ["h"], ["p"], name="sm"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+    ]
+    rng = np.random.default_rng(5)
+    model = make_model(
+        nodes,
+        [tensor("x", shape=[2, 8])],
+        [tensor("h", shape=[2, 8]), tensor("p", shape=[2, 8]), tensor("r", shape=[2, 8])],
+        [init(rng.standard_normal((8, 8)).astype(np.float32), "w")],
+    )
+    result = ConvertToHalf().call(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    feed = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+    for a, b in zip(run(model, feed), run(result.model, feed), strict=True):
+        assert b.dtype == np.float32 and close(b, a)
+
+
+def test_refuses_subgraphs_half_models_and_old_opsets_for_bf16() -> None:
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [], [tensor("t", shape=[1])])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then)
+    model = make_model(
+        [node], [tensor("c", TensorProto.BOOL, []), tensor("x", shape=[1])], [tensor("y", shape=[1])]
+    )
+    with pytest.raises(GraphpruneError, match="subgraph"):
+        ConvertToHalf().call(model)
+    half = block_model()
+    half.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((64, 64), np.float16), "w1"))
+    with pytest.raises(GraphpruneError, match="already stores half"):
+        ConvertToHalf().call(half)
+    old = block_model()
+    del old.opset_import[:]
+    old.opset_import.append(helper.make_opsetid("", 12))
+    with pytest.raises(GraphpruneError, match="opset 13"):
+        ConvertToHalf("bfloat16").call(old)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_convert_writes_atomically_and_never_touches_input(tmp_path) -> None:
+    source = tmp_path / "m.onnx"
+    onnx.save_model(block_model(), str(source))
+    original = source.read_bytes()
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", str(source), "--fp16"])
+    assert result.exit_code == 0, result.output
+    written = tmp_path / "m.fp16.onnx"
+    assert written.exists() and source.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx"]  # no temporary left over
+    again = runner.invoke(app, ["convert", str(source), "--fp16"])
+    assert again.exit_code == 2 and "--force" in again.output
+    assert runner.invoke(app, ["convert", str(source), "--fp16", "--force"]).exit_code == 0
+    both = runner.invoke(app, ["convert", str(source), "--fp16", "--bf16", "-o", str(tmp_path / "x.onnx")])
+    assert both.exit_code == 2 and "one of" in both.output
+
+
+# --- a real model ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_minilm_fp16_close_to_fp32_and_24_survives() -> None:
+    assets = pytest.importorskip("graphprune.assets")
+    if not hasattr(assets, "minilm_l3"):
+        pytest.skip("graphprune.assets.minilm_l3 is not available yet")
+    try:
+        path = assets.minilm_l3()
+    except GraphpruneError as exc:  # no registry reachable (e.g. an offline GPU machine)
+        pytest.skip(f"paraphrase-MiniLM-L3-v2 not available: {exc}")
+    model = prune_24(onnx.load(str(path)))
+    result = ConvertToHalf().call(model)
+    rng = np.random.default_rng(0)
+    mask = np.ones((3, 24), np.int64)
+    mask[1, 12:] = 0
+    feed = {"input_ids": rng.integers(1000, 20000, (3, 24)).astype(np.int64), "attention_mask": mask}
+    full, half = run(model, feed), run(result.model, feed)
+    for a, b in zip(full, half, strict=True):
+        assert a.dtype == b.dtype
+        if a.dtype == np.float32:
+            assert float(np.abs(a - b).max()) <= 5e-3
+    pooled_a, pooled_b = full[-1], half[-1]
+    cosine = (pooled_a * pooled_b).sum(-1) / np.linalg.norm(pooled_a, axis=-1) / np.linalg.norm(pooled_b, axis=-1)
+    assert cosine.min() >= 0.9999
+    targets = find_targets(result.model).targets
+    assert len(targets) >= 18
+    stored = weights_by_name(result.model)
+    for target in targets:
+        canonical = to_canonical(stored[target.name], target.k_axis, target.out_axis)
+        assert len(nm_violations(canonical, PATTERN)) == 0, target.name

@@ -173,3 +173,16 @@ def test_every_command_documents_its_options_with_an_example() -> None:
     for command in ("apply", "check"):
         text = runner.invoke(app, [command, "--help"]).output
         assert "Example" in text and "--nm" in text
+
+
+def test_check_reports_tensorrt_eligibility(model_path: Path) -> None:
+    out = model_path.with_name("model.pruned.onnx")
+    assert runner.invoke(app, ["apply", str(model_path)]).exit_code == 0
+    verdict = json.loads(runner.invoke(app, ["check", str(out), "--json"]).stdout)
+    records = {r["name"]: r for r in verdict["tensorrt_eligibility"]}
+    assert set(records) == {"w1", "w2"}  # the same weights as the N:M check
+    # an FP32 model with 16-32 channels: not eligible, and the report says why
+    assert all(r["status"] == "ineligible" and r["precision"] == "fp32" for r in records.values())
+    assert "tensorrt_eligibility" not in json.loads(
+        runner.invoke(app, ["check", str(out), "--nm", "4:8", "--json"]).stdout
+    )

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
+import onnx
 import typer
 from rich.table import Table
 
-from graphprune.api import check_file, prune_file, report_path
+from graphprune.api import prune_file, report_path
 from graphprune.cli.app import app, out, user_errors
 from graphprune.cli.options import pattern_from_options
 from graphprune.cli.progress import progress_bar
+from graphprune.eligibility import Eligibility, eligibility_report, render_table, summary
 from graphprune.errors import GraphpruneError
-from graphprune.passes.check import CheckResult
+from graphprune.model_io import load_model
+from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PruneResult
 from graphprune.pattern import NMPattern, Scope
 from graphprune.scores import Method
+from graphprune.targets import find_targets
 
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model to read (never modified). Example: model.onnx")]
 NmOpt = Annotated[
@@ -110,6 +115,13 @@ def check(
     exclude: ExcludeOpt = None,
     include_head: HeadOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON for pipelines.")] = False,
+    eligibility: Annotated[
+        bool,
+        typer.Option(
+            help="Also report, from the ONNX alone, whether TensorRT can run each weight on sparse tensor cores "
+            "(2:4 along K, precision, channel counts). Default: on for 2:4. Example: --no-eligibility"
+        ),
+    ] = True,
 ) -> None:
     """Verify every target's N:M pattern along its K axis; exit 1 on any violation (a deployment gate).
 
@@ -117,13 +129,27 @@ def check(
     """
     pattern = pattern_from_options(nm, None, Scope.OUTPUT)
     assert isinstance(pattern, NMPattern)
-    result = check_file(model, pattern, tuple(include or ()), tuple(exclude or ()), include_head)
+    loaded = load_model(model)
+    result = CheckPass(pattern, tuple(include or ()), tuple(exclude or ()), include_head).call(loaded)
+    records = _eligibility(loaded, result) if eligibility and (pattern.keep, pattern.group) == (2, 4) else None
     if as_json:
-        typer.echo(json.dumps(_check_dict(result), indent=1))
+        verdict = _check_dict(result)
+        if records is not None:
+            verdict["tensorrt_eligibility"] = [asdict(r) for r in records]
+        typer.echo(json.dumps(verdict, indent=1))
     else:
         _print_check(result)
+        if records is not None:
+            out.print(render_table(records))
+            out.print(f"TensorRT sparse eligibility: {summary(records)}", highlight=False)
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _eligibility(model: onnx.ModelProto, result: CheckResult) -> list[Eligibility]:
+    checked = {w.name for w in result.weights}
+    targets = [t for t in find_targets(model).targets if t.name in checked]
+    return eligibility_report(model, targets)
 
 
 def _load_sumsq(path: Path, model: Path) -> dict:

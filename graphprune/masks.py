@@ -20,28 +20,35 @@ def mask_from_scores(scores: np.ndarray, pattern: Pattern) -> np.ndarray:
     """Boolean keep-mask with the shape of ``scores`` (2-D ``(out, K)`` or 3-D ``(out, R, K)``)."""
     if scores.ndim not in (2, 3):
         raise ValueError(f"scores must be (out, K) or (out, R, K), got shape {scores.shape}")
-    clean = _finite_scores(scores)
     if isinstance(pattern, NMPattern):
-        return nm_mask(clean, pattern)
-    return unstructured_mask(clean, pattern)
+        return nm_mask(scores, pattern)
+    return unstructured_mask(_finite_scores(scores), pattern)
 
 
-def nm_mask(scores: np.ndarray, pattern: NMPattern) -> np.ndarray:
-    """Keep the ``keep`` highest scores of every ``group`` consecutive ones along the last axis."""
-    k = scores.shape[-1]
+def nm_mask(scores: np.ndarray, pattern: NMPattern, axis: int = -1) -> np.ndarray:
+    """Keep the ``keep`` highest scores of every ``group`` consecutive ones along ``axis`` (K).
+
+    Works in any layout, so a stored ``[K, N]`` weight needs no transposed copy.
+    """
+    axis = axis % scores.ndim
+    k = scores.shape[axis]
     if k % pattern.group:
         raise ValueError(f"K={k} is not a multiple of the group size {pattern.group}")
-    groups = scores.reshape(-1, pattern.group)
-    # rank = number of group members that beat this one: higher score, or equal score at an earlier position.
-    # A loop over the M positions (not over elements) keeps the memory at a few copies of the scores.
-    rank = np.zeros(groups.shape, dtype=np.int32)
-    for j in range(pattern.group):
-        other = groups[:, j : j + 1]
-        beats = other > groups
-        beats[:, j + 1 :] |= other == groups[:, j + 1 :]
-        beats[:, j] = False
-        rank += beats
-    return (rank < pattern.keep).reshape(scores.shape)
+    m = pattern.group
+    scores = _finite_scores(scores)
+    # (..., K/M, M, ...): position j of each group is the plane [..., :, j, ...].
+    groups = scores.reshape(*scores.shape[:axis], k // m, m, *scores.shape[axis + 1 :])
+    plane = [np.take(groups, j, axis=axis + 1) for j in range(m)]
+    # rank = group members that beat this one: a higher score, or an equal score at an earlier position.
+    # Pairwise comparisons of the M planes (no sort), counted in uint8 to keep memory traffic low.
+    rank = [np.zeros(plane[0].shape, dtype=np.uint8) for _ in range(m)]
+    for i in range(m):
+        for j in range(i + 1, m):
+            i_wins = plane[i] >= plane[j]  # ties go to the earlier position i
+            rank[j] += i_wins
+            rank[i] += ~i_wins
+    keep = np.stack([r < pattern.keep for r in rank], axis=axis + 1)
+    return keep.reshape(scores.shape)
 
 
 def unstructured_mask(scores: np.ndarray, pattern: Unstructured) -> np.ndarray:

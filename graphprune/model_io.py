@@ -25,16 +25,16 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not path.is_file():
         raise GraphpruneError(f"{path}: not a file")
     try:
-        model = onnx.load_model(str(path), load_external_data=True)
+        model = onnx.load_model(str(path), load_external_data=False)
+        if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
+            raise GraphpruneError(f"{path}: not an ONNX model (no graph, IR version or opset)")
+        _check_external_sizes(model, path.parent)
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
         raise GraphpruneError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     except OSError as exc:
-        raise GraphpruneError(
-            f"{path}: cannot read the model or its external data ({exc.strerror or exc})"
-        ) from None
-    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
-        raise GraphpruneError(f"{path}: not an ONNX model (no graph, IR version or opset)")
-    _check_tensor_sizes(model, path)
+        reason = exc.strerror or exc
+        raise GraphpruneError(f"{path}: cannot read the model or its external data ({reason})") from None
     return model
 
 
@@ -95,21 +95,25 @@ def check_output_path(model_path: Path, output: Path, force: bool) -> None:
         raise GraphpruneError(f"{output} exists; pass --force to overwrite it")
 
 
-def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
-    """A truncated file can still parse: make sure every raw tensor holds as many bytes as its shape needs."""
-    for tensor in model.graph.initializer:
-        if not tensor.raw_data:
+def _check_external_sizes(model: onnx.ModelProto, base_dir: Path) -> None:
+    """A truncated data file still loads (short reads): check every external tensor fits in its file.
+
+    Inline tensors need no check: protobuf refuses a message whose length-delimited fields are cut short.
+    """
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
         count = 1
         for dim in tensor.dims:
             count *= dim
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-            continue
-        if len(tensor.raw_data) != count * itemsize:
+        need = int(info.get("length") or count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+        data_file = base_dir / info.get("location", "")
+        have = data_file.stat().st_size - int(info.get("offset") or 0) if data_file.is_file() else -1
+        if have < need:
             raise GraphpruneError(
-                f"{path}: tensor {tensor.name} holds {len(tensor.raw_data)} bytes, its shape needs "
-                f"{count * itemsize}: the file is truncated or corrupt"
+                f"{data_file}: external data of tensor {tensor.name} needs {need} bytes, the file has "
+                f"{max(have, 0)}: missing, truncated or corrupt"
             )
 
 

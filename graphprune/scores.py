@@ -12,16 +12,19 @@ def magnitude_scores(weight: np.ndarray) -> np.ndarray:
     return np.abs(weight.astype(np.float32, copy=False))
 
 
-def wanda_scores(weight: np.ndarray, input_sumsq: np.ndarray) -> np.ndarray:
-    """|W_ij| · ‖X_j‖₂: ``input_sumsq`` holds Σ x_j² per input channel j (the last axis of ``weight``).
+def wanda_scores(weight: np.ndarray, input_sumsq: np.ndarray, axis: int = -1) -> np.ndarray:
+    """|W_ij| · ‖X_j‖₂: ``input_sumsq`` holds Σ x_j² per input channel j (``axis`` of ``weight``, K).
 
     A common scale of the statistics (rows seen, batch size) does not change the masks, so the sum is used as
     it is. Channels that never saw a non-zero value score zero; NaN or Inf statistics are treated as zero.
     """
-    if input_sumsq.shape != (weight.shape[-1],):
-        raise ValueError(f"statistics have shape {input_sumsq.shape}, weight has K={weight.shape[-1]}")
+    axis = axis % weight.ndim
+    if input_sumsq.shape != (weight.shape[axis],):
+        raise ValueError(f"statistics have shape {input_sumsq.shape}, weight has K={weight.shape[axis]}")
     norms = np.sqrt(np.nan_to_num(input_sumsq, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0))
-    return magnitude_scores(weight) * norms.astype(np.float32)
+    along_k = [1] * weight.ndim
+    along_k[axis] = -1
+    return magnitude_scores(weight) * norms.astype(np.float32).reshape(along_k)
 
 
 class Method(str, Enum):

@@ -36,7 +36,11 @@ class StoredWeight:
         """Store ``values`` (same shape and dtype) back into the model."""
         if self.tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise GraphpruneError(f"weight {self.tensor.name} is still in external data; load the model with it")
-        self.tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values), self.tensor.name))
+        # Same dtype and shape as read: only the bytes change. Setting raw_data directly avoids building a
+        # second TensorProto (from_array + CopyFrom copies every byte twice more).
+        for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            self.tensor.ClearField(typed)
+        self.tensor.raw_data = np.ascontiguousarray(values).tobytes()
         self.values = values
 
 

@@ -10,7 +10,7 @@ import onnx
 
 from graphprune.errors import GraphpruneError
 from graphprune.layout import from_canonical, to_canonical
-from graphprune.masks import mask_from_scores
+from graphprune.masks import mask_from_scores, nm_mask
 from graphprune.pattern import NMPattern, Pattern, Scope, Unstructured
 from graphprune.scores import Method, magnitude_scores, wanda_scores
 from graphprune.selection import select_targets
@@ -128,20 +128,24 @@ class PrunePass:
         effective = stored.effective()
         values = stored.values
         zero = stored.zero_value()
-        for rows in _row_chunks(target, self.config.pattern):
+        pattern = self.config.pattern
+        for rows in _row_chunks(target, pattern):
             chunk = effective[rows]
-            canonical = to_canonical(chunk, target.k_axis, target.out_axis)
-            mask = mask_from_scores(self._scores(target, canonical), self.config.pattern)
-            keep = from_canonical(mask, chunk.shape, target.k_axis, target.out_axis)
-            values[rows] = np.where(keep, values[rows], zero)
+            if isinstance(pattern, NMPattern):  # groups along K in the stored layout: no transposed copies
+                keep = nm_mask(self._scores(target, chunk, target.k_axis), pattern, axis=target.k_axis)
+            else:
+                canonical = to_canonical(chunk, target.k_axis, target.out_axis)
+                mask = mask_from_scores(self._scores(target, canonical, -1), pattern)
+                keep = from_canonical(mask, chunk.shape, target.k_axis, target.out_axis)
+            np.copyto(values[rows], np.broadcast_to(zero, values.shape)[rows], where=~keep)
         stored.write(values)
 
-    def _scores(self, target: Target, canonical: np.ndarray) -> np.ndarray:
+    def _scores(self, target: Target, weight: np.ndarray, k_axis: int) -> np.ndarray:
         if self.config.method is Method.MAGNITUDE:
-            return magnitude_scores(canonical)
+            return magnitude_scores(weight)
         if self.config.method is Method.WANDA:
             assert self.input_sumsq is not None
-            return wanda_scores(canonical, self.input_sumsq[target.name])
+            return wanda_scores(weight, self.input_sumsq[target.name], axis=k_axis)
         raise GraphpruneError(f"method {self.config.method.value} is not available in this pass")
 
     def _check_statistics(self, targets: list[Target]) -> None:

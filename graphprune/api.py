@@ -12,7 +12,7 @@ import numpy as np
 
 from graphprune.model_io import check_output_path, default_output, has_external_data, load_model, save_model
 from graphprune.passes.check import CheckPass, CheckResult
-from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult
+from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, Statistics
 from graphprune.pattern import NMPattern
 
 
@@ -25,7 +25,7 @@ def prune_file(
     model_path: str | Path,
     config: PruneConfig,
     output: str | Path | None = None,
-    input_sumsq: Mapping[str, np.ndarray] | None = None,
+    stats: Statistics | Mapping[str, np.ndarray] | None = None,
     force: bool = False,
     on_plan: Callable[[int], None] | None = None,
     on_weight: Callable[[str], None] | None = None,
@@ -38,8 +38,9 @@ def prune_file(
     out = Path(output) if output is not None else default_output(model_path)
     check_output_path(model_path, out, force)
     model = load_model(model_path)
-    prune = PrunePass(config, input_sumsq, on_weight)
-    targets, _ = prune.plan(model)  # fails early, before any work, on statistics that don't match
+    prune = PrunePass(config, stats, on_weight)
+    targets, _ = prune.plan(model)
+    prune.check_statistics(targets)  # fails early, before any work, on statistics that don't match
     if on_plan:
         on_plan(len(targets))
     result = prune.call(model)

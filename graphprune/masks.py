@@ -72,10 +72,12 @@ def keep_top(rows: np.ndarray, sparsity: float) -> np.ndarray:
     # The n_keep-th largest score is the threshold: everything above it stays, and of the scores equal to
     # it, the leftmost ones fill the remaining places. O(n) per row, no full sort.
     threshold = np.partition(rows, n - n_keep, axis=1)[:, n - n_keep : n - n_keep + 1]
-    above = rows > threshold
-    at = rows == threshold
-    places_left = n_keep - above.sum(axis=1, keepdims=True)
-    return above | (at & (np.cumsum(at, axis=1) <= places_left))
+    keep = rows >= threshold
+    surplus = keep.sum(axis=1) - n_keep  # scores equal to the threshold beyond the places left
+    for row in np.flatnonzero(surplus):  # only rows with ties at the threshold: drop the rightmost ones
+        at = np.flatnonzero(rows[row] == threshold[row, 0])
+        keep[row, at[len(at) - surplus[row] :]] = False
+    return keep
 
 
 def nm_violations(weight: np.ndarray, pattern: NMPattern) -> np.ndarray:

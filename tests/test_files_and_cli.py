@@ -190,7 +190,8 @@ def test_check_reports_tensorrt_eligibility(model_path: Path) -> None:
 
 def test_truncated_external_data_is_a_one_line_error(tmp_path: Path) -> None:
     source = tmp_path / "ext.onnx"
-    onnx.save_model(layered_model(), str(source), save_as_external_data=True, location="ext.data", size_threshold=0)
+    model = layered_model()
+    onnx.save_model(model, str(source), save_as_external_data=True, location="ext.data", size_threshold=0)
     data = tmp_path / "ext.data"
     data.write_bytes(data.read_bytes()[:-100])
     result = runner.invoke(app, ["apply", str(source)])

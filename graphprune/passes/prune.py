@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -14,6 +15,7 @@ from graphprune.masks import mask_from_scores, nm_mask
 from graphprune.pattern import NMPattern, Pattern, Scope, Unstructured
 from graphprune.scores import Method, magnitude_scores, wanda_scores
 from graphprune.selection import select_targets
+from graphprune.sparsegpt import sparsegpt
 from graphprune.targets import Skip, Target, find_targets
 from graphprune.weights import StoredWeight, WeightStore
 
@@ -31,6 +33,11 @@ class PruneConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     include_head: bool = False
+    percdamp: float = 0.01  # SparseGPT's dampening, a fraction of the mean diagonal of XᵀX
+    blocksize: int = 128  # SparseGPT's column block
+
+    def solver_options(self) -> dict[str, float | int]:
+        return {"percdamp": self.percdamp, "blocksize": self.blocksize}
 
 
 @dataclass
@@ -88,41 +95,68 @@ class PruneResult:
         }
 
 
+class Statistics(Protocol):
+    """What calibration gives the scores: Σx² per input channel, and Gram matrices XᵀX for SparseGPT."""
+
+    sumsq: Mapping[str, np.ndarray]
+    gram: Mapping[str, np.ndarray]
+
+
 class PrunePass:
-    """Prune a model in place. ``input_sumsq`` (weight name -> Σx² per input channel) feeds Wanda."""
+    """Prune a model in place.
+
+    ``stats`` feeds Wanda and SparseGPT: calibration statistics, or for Wanda alone a plain mapping of weight
+    name -> Σx² per input channel (the weight's K axis).
+    """
 
     in_place = True
 
     def __init__(
         self,
         config: PruneConfig,
-        input_sumsq: Mapping[str, np.ndarray] | None = None,
+        stats: Statistics | Mapping[str, np.ndarray] | None = None,
         on_weight: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
-        self.input_sumsq = input_sumsq
+        self.input_sumsq: Mapping[str, np.ndarray] | None = stats if isinstance(stats, Mapping) else None
+        self.gram: Mapping[str, np.ndarray] = {}
+        if stats is not None and not isinstance(stats, Mapping):
+            self.input_sumsq, self.gram = stats.sumsq, stats.gram
         self.on_weight = on_weight
 
     def plan(self, model: onnx.ModelProto) -> tuple[list[Target], list[Skip]]:
         """The targets this pass will prune and the weights it will leave, without touching the model."""
         scan = find_targets(model, include_head=self.config.include_head)
         chosen = select_targets(scan, self.config.pattern, self.config.include, self.config.exclude)
-        if self.config.method is Method.WANDA:
-            self._check_statistics(chosen.targets)
-        return chosen.targets, chosen.skips
+        targets, skips = chosen.targets, chosen.skips
+        if self.config.method is Method.SPARSEGPT:
+            unfit = {t.name: _sparsegpt_unfit(t) for t in targets}
+            skips = skips + [Skip(t.name, t.op, unfit[t.name]) for t in targets if unfit[t.name]]
+            targets = [t for t in targets if not unfit[t.name]]
+        return targets, skips
 
     def call(self, model: onnx.ModelProto) -> PruneResult:
         targets, skips = self.plan(model)
-        store = WeightStore(model)
+        self.check_statistics(targets)
         reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
+        reports += self.prune_targets(model, targets)
+        reports.sort(key=lambda r: (r.skipped is not None, r.name))
+        return PruneResult(self.config, reports)
+
+    def prune_targets(self, model: onnx.ModelProto, targets: list[Target]) -> list[WeightReport]:
+        """Prune these planned targets in place (sequential calibration calls this group by group)."""
+        store = WeightStore(model)
+        reports = []
         for target in targets:
             stored = store.read(target)
-            self._prune_weight(target, stored)
+            if self.config.method is Method.SPARSEGPT:
+                self._reconstruct_weight(target, stored)
+            else:
+                self._prune_weight(target, stored)
             reports.append(self._report(target, stored))
             if self.on_weight:
                 self.on_weight(target.name)
-        reports.sort(key=lambda r: (r.skipped is not None, r.name))
-        return PruneResult(self.config, reports)
+        return reports
 
     def _prune_weight(self, target: Target, stored: StoredWeight) -> None:
         effective = stored.effective()
@@ -140,6 +174,12 @@ class PrunePass:
             np.copyto(values[rows], np.broadcast_to(zero, values.shape)[rows], where=~keep)
         stored.write(values)
 
+    def _reconstruct_weight(self, target: Target, stored: StoredWeight) -> None:
+        """SparseGPT: choose the mask and update the surviving weights from the Gram matrix of the inputs."""
+        canonical = to_canonical(stored.values, target.k_axis, target.out_axis)[:, 0, :]
+        updated = sparsegpt(canonical, self.gram[target.name], self.config.pattern, **self.config.solver_options())
+        stored.write(from_canonical(updated[:, None, :], target.shape, target.k_axis, target.out_axis))
+
     def _scores(self, target: Target, weight: np.ndarray, k_axis: int) -> np.ndarray:
         if self.config.method is Method.MAGNITUDE:
             return magnitude_scores(weight)
@@ -148,13 +188,23 @@ class PrunePass:
             return wanda_scores(weight, self.input_sumsq[target.name], axis=k_axis)
         raise GraphpruneError(f"method {self.config.method.value} is not available in this pass")
 
-    def _check_statistics(self, targets: list[Target]) -> None:
+    def check_statistics(self, targets: list[Target]) -> None:
+        """Fail before any work when the method needs statistics that are missing or of another model."""
+        method = self.config.method
+        if method is Method.MAGNITUDE:
+            return
         if self.input_sumsq is None:
-            raise GraphpruneError("wanda needs activation statistics: pass --calib DATA or --stats FILE")
-        missing = [t.name for t in targets if t.name not in self.input_sumsq]
-        wrong = [
-            t.name for t in targets if t.name in self.input_sumsq and self.input_sumsq[t.name].shape != (t.k,)
-        ]
+            raise GraphpruneError(f"{method.value} needs activation statistics: pass --calib DATA or --stats FILE")
+        if method is Method.SPARSEGPT:
+            no_gram = [t.name for t in targets if t.name not in self.gram]
+            if no_gram:
+                raise GraphpruneError(
+                    f"sparsegpt needs Gram matrices, and the statistics hold none for {len(no_gram)} weights "
+                    f"(e.g. {no_gram[0]}): calibrate with --method sparsegpt"
+                )
+        stats = self.input_sumsq
+        missing = [t.name for t in targets if t.name not in stats]
+        wrong = [t.name for t in targets if t.name in stats and stats[t.name].shape != (t.k,)]
         if missing or wrong:
             names = ", ".join((missing + wrong)[:3])
             raise GraphpruneError(
@@ -175,6 +225,16 @@ class PrunePass:
             pattern=str(self.config.pattern),
             sparsity=round(zeros / effective.size, 6),
         )
+
+
+def _sparsegpt_unfit(target: Target) -> str:
+    """Why SparseGPT's update cannot be written into this weight ('' when it can)."""
+    if "DequantizeLinear" in target.through:
+        return "sparsegpt updates weights, which a quantized (DequantizeLinear) weight cannot store; use wanda"
+    kernel = int(np.prod(target.shape)) // (target.shape[target.k_axis] * target.shape[target.out_axis])
+    if kernel != 1:
+        return "sparsegpt handles Conv with 1x1 kernels only; use wanda or magnitude for this weight"
+    return ""
 
 
 def _row_chunks(target: Target, pattern: Pattern) -> list[tuple[slice, ...]]:

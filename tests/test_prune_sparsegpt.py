@@ -1,0 +1,83 @@
+"""SparseGPT through the pruning pass: the weight is updated in its stored layout, checked in ONNX Runtime."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from graphprune.errors import GraphpruneError
+from graphprune.masks import nm_violations
+from graphprune.passes.prune import PruneConfig, PrunePass
+from graphprune.pattern import NMPattern
+from graphprune.scores import Method
+from graphprune.sparsegpt import sparsegpt
+from tests.onnx_builders import init, initializer, make_model, run, tensor
+
+RNG = np.random.default_rng(11)
+
+
+def linear_model(w_stored_nk: np.ndarray):
+    """Y = X @ Wᵀ with W stored [N, K] behind a Transpose, as PyTorch exports a Linear."""
+    return make_model(
+        [
+            helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "wt"], ["y"]),
+        ],
+        [tensor("x", shape=[None, w_stored_nk.shape[1]])],
+        [tensor("y")],
+        [init(w_stored_nk, "w")],
+    )
+
+
+def correlated_inputs(rows: int, k: int) -> np.ndarray:
+    mixing = RNG.standard_normal((k, k)) * 0.3 + np.eye(k) * RNG.uniform(0.2, 3.0, size=k)
+    return (RNG.standard_normal((rows, k)) @ mixing).astype(np.float32)
+
+
+def test_sparsegpt_updates_the_stored_weight_and_beats_wanda() -> None:
+    w = RNG.standard_normal((24, 32)).astype(np.float32)  # [N, K]
+    x = correlated_inputs(256, 32)
+    gram = x.astype(np.float64).T @ x.astype(np.float64)
+    stats = SimpleNamespace(sumsq={"w": np.diag(gram).copy()}, gram={"w": gram})
+    pattern = NMPattern(2, 4)
+
+    model = linear_model(w)
+    PrunePass(PruneConfig(pattern, Method.SPARSEGPT, include_head=True, blocksize=16), stats).call(model)
+    pruned = initializer(model, "w")
+    expected = sparsegpt(w, gram, pattern, blocksize=16)  # canonical (out, K) is the stored [N, K] here
+    np.testing.assert_allclose(pruned, expected, rtol=1e-6, atol=1e-6)
+    assert nm_violations(pruned, pattern).size == 0
+
+    wanda_model = linear_model(w)
+    PrunePass(PruneConfig(pattern, Method.WANDA, include_head=True), stats).call(wanda_model)
+    dense_out = x @ w.T
+    error = np.linalg.norm(run(model, {"x": x})[0] - dense_out)
+    wanda_error = np.linalg.norm(run(wanda_model, {"x": x})[0] - dense_out)
+    assert error < 0.9 * wanda_error
+
+
+def test_sparsegpt_without_gram_matrices_is_refused() -> None:
+    w = RNG.standard_normal((8, 8)).astype(np.float32)
+    stats = {"w": np.ones(8)}  # Σx² only
+    with pytest.raises(GraphpruneError, match="Gram"):
+        PrunePass(PruneConfig(method=Method.SPARSEGPT, include_head=True), stats).call(linear_model(w))
+
+
+def test_sparsegpt_skips_quantized_weights_with_a_reason() -> None:
+    q = RNG.integers(-100, 100, size=(8, 4), dtype=np.int8)
+    model = make_model(
+        [
+            helper.make_node("DequantizeLinear", ["q", "s"], ["w"]),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        [tensor("x", shape=[2, 8])],
+        [tensor("y")],
+        [init(q, "q"), init(np.array(0.1, np.float32), "s")],
+    )
+    stats = SimpleNamespace(sumsq={}, gram={})
+    result = PrunePass(PruneConfig(method=Method.SPARSEGPT, include_head=True), stats).call(model)
+    (skipped,) = result.skipped
+    assert "quantized" in skipped.skipped

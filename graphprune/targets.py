@@ -185,6 +185,12 @@ class _GraphIndex:
         return found
 
 
+def node_labels(graph: onnx.GraphProto) -> list[str]:
+    """The unique label of every node, in graph order: the names :class:`Consumer` records use."""
+    index = _GraphIndex(graph)
+    return [index.label(node) for node in graph.node]
+
+
 def _follow(node: onnx.NodeProto, perm: tuple[int, ...]) -> tuple[int, ...]:
     if node.op_type != "Transpose":
         return perm

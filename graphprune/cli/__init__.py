@@ -1,6 +1,7 @@
 """graphprune's command line: each module below registers its commands on :data:`app`."""
 
 from graphprune.cli import (
+    calibrate,  # noqa: F401  (registers calibrate)
     deploy,  # noqa: F401  (registers convert, build, bench)
     evaluate,  # noqa: F401  (registers eval)
     prune,  # noqa: F401  (registers apply, check)

@@ -1,0 +1,140 @@
+"""Activation statistics per target weight, and the model fingerprint that says which model they belong to.
+
+Saved as a plain ``.npz`` (no pickle): arrays ``sumsq_<i>`` and ``gram_<j>`` plus a JSON ``meta`` string that
+holds the names, row counts, stored shapes, K axes and which Gram each weight uses (a Gram is stored once per
+distinct array, so the weights that read the same activation share it on disk as in memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from graphprune.errors import GraphpruneError
+from graphprune.targets import Target
+
+FORMAT = "graphprune-activation-stats"
+VERSION = 1
+
+
+def fingerprint(targets: Sequence[Target]) -> str:
+    """A digest of the targets' names, stored shapes and K axes (not of weight values: a pruned model matches)."""
+    entries = sorted((t.name, list(t.shape), t.k_axis) for t in targets)
+    return hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What the statistics know about the weight they were collected for."""
+
+    shape: tuple[int, ...]
+    k_axis: int
+
+    @property
+    def k(self) -> int:
+        return self.shape[self.k_axis]
+
+
+@dataclass
+class ActivationStats:
+    """Σx² per input channel (float64 ``[K]``) and rows seen, per target weight name; optional Grams XᵀX."""
+
+    sumsq: dict[str, np.ndarray]
+    rows: dict[str, int]
+    targets: dict[str, TargetInfo]
+    model_fingerprint: str
+    gram: dict[str, np.ndarray] = field(default_factory=dict)  # float64 [K, K]; shared arrays for shared inputs
+    warnings: list[str] = field(default_factory=list)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sumsq
+
+    def check(self, targets: Sequence[Target]) -> None:
+        """Raise a one-line GraphpruneError unless these statistics cover ``targets`` with the same K."""
+        if fingerprint(targets) == self.model_fingerprint:
+            return
+        missing = [t.name for t in targets if t.name not in self.sumsq]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise GraphpruneError(
+                f"the statistics do not match this model: no statistics for {len(missing)} weight(s) ({shown}); "
+                "calibrate this model again"
+            )
+        for t in targets:
+            info = self.targets[t.name]
+            if info.k != t.k or info.shape != tuple(t.shape):
+                raise GraphpruneError(
+                    f"the statistics do not match this model: weight {t.name} has shape {tuple(t.shape)} "
+                    f"(K={t.k}), the statistics were collected for shape {info.shape} (K={info.k})"
+                )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the statistics to ``path`` (``.npz`` is appended when missing); returns the path written."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
+        names = sorted(self.sumsq)
+        arrays: dict[str, np.ndarray] = {}
+        gram_index: dict[int, int] = {}
+        gram_of: dict[str, int] = {}
+        for i, name in enumerate(names):
+            arrays[f"sumsq_{i}"] = np.asarray(self.sumsq[name], dtype=np.float64)
+            if name in self.gram:
+                g = self.gram[name]
+                if id(g) not in gram_index:
+                    gram_index[id(g)] = len(gram_index)
+                    arrays[f"gram_{gram_index[id(g)]}"] = np.asarray(g, dtype=np.float64)
+                gram_of[name] = gram_index[id(g)]
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_fingerprint": self.model_fingerprint,
+            "names": names,
+            "rows": [int(self.rows[n]) for n in names],
+            "shapes": [list(self.targets[n].shape) for n in names],
+            "k_axes": [self.targets[n].k_axis for n in names],
+            "gram_of": gram_of,
+            "warnings": self.warnings,
+        }
+        arrays["meta"] = np.array(json.dumps(meta))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, targets: Sequence[Target] | None = None) -> ActivationStats:
+        """Read statistics written by :meth:`save`; with ``targets``, check that they match that model."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"][()]))
+                if meta.get("format") != FORMAT:
+                    raise GraphpruneError(f"{path} is not a graphprune statistics file")
+                if meta.get("version", 0) > VERSION:
+                    raise GraphpruneError(f"{path} was written by a newer graphprune (format {meta['version']})")
+                names: list[str] = meta["names"]
+                sumsq = {n: f[f"sumsq_{i}"] for i, n in enumerate(names)}
+                grams = {j: f[f"gram_{j}"] for j in set(meta["gram_of"].values())}
+        except FileNotFoundError:
+            raise GraphpruneError(f"statistics file not found: {path}") from None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            raise GraphpruneError(f"cannot read statistics from {path}: {exc}") from None
+        stats = cls(
+            sumsq=sumsq,
+            rows=dict(zip(names, meta["rows"], strict=True)),
+            targets={
+                n: TargetInfo(tuple(s), k) for n, s, k in zip(names, meta["shapes"], meta["k_axes"], strict=True)
+            },
+            model_fingerprint=meta["model_fingerprint"],
+            gram={n: grams[j] for n, j in meta["gram_of"].items()},
+            warnings=list(meta.get("warnings", [])),
+        )
+        if targets is not None:
+            stats.check(targets)
+        return stats

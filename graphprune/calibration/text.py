@@ -1,0 +1,95 @@
+"""Calibration windows cut from a text file, as the Wanda and SparseGPT loaders cut them from C4.
+
+The whole text is tokenised once (``tokenizer.json`` read by the ``tokenizers`` package, no special tokens), then
+``nsamples`` windows of ``seqlen`` tokens start at seeded random positions (``random.Random(seed).randint``, as
+the reference loaders draw them). ``attention_mask`` (ones) and ``position_ids`` (0..seqlen-1) are filled in
+when the model takes them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from graphprune.calibration.data import Labelled, Source
+from graphprune.calibration.signature import InputSpec
+from graphprune.errors import GraphpruneError
+
+FILLED = ("attention_mask", "position_ids")
+
+
+def token_input(specs: Sequence[InputSpec]) -> InputSpec:
+    """The input that takes token ids: ``input_ids``, else the only integer input."""
+    for s in specs:
+        if s.name == "input_ids":
+            return s
+    ints = [s for s in specs if np.issubdtype(s.dtype, np.integer) and s.name not in FILLED]
+    if len(ints) != 1:
+        raise GraphpruneError(
+            "text calibration needs a model with one token-id input (input_ids); this one takes "
+            + "; ".join(s.describe() for s in specs)
+        )
+    return ints[0]
+
+
+class TextSource(Source):
+    """Seeded random windows of ``seqlen`` tokens from one text file, ``batch_size`` windows per feed."""
+
+    def __init__(
+        self,
+        text: Path,
+        tokenizer: Path,
+        specs: Sequence[InputSpec],
+        *,
+        seqlen: int,
+        nsamples: int,
+        seed: int,
+        batch_size: int,
+    ) -> None:
+        super().__init__()
+        if seqlen < 1 or nsamples < 1 or batch_size < 1:
+            raise GraphpruneError("--seqlen, --nsamples and --batch-size must be at least 1")
+        self.ids_spec = token_input(specs)
+        others = [s for s in specs if s.name != self.ids_spec.name and s.name not in FILLED]
+        if others:
+            raise GraphpruneError(
+                f"text calibration fills {self.ids_spec.name}, attention_mask and position_ids; the model also "
+                f"takes {', '.join(s.describe() for s in others)}: pass an .npz with every input instead"
+            )
+        self.fill = [s for s in specs if s.name in FILLED]
+        self.seqlen, self.batch_size, self.total = seqlen, batch_size, nsamples
+        self.tokens = _tokenise(text, tokenizer)
+        if len(self.tokens) <= seqlen:
+            raise GraphpruneError(
+                f"{text} has {len(self.tokens)} tokens: not enough for one window of --seqlen {seqlen}"
+            )
+        rng = random.Random(seed)
+        self.starts = [rng.randint(0, len(self.tokens) - seqlen - 1) for _ in range(nsamples)]
+
+    def __iter__(self) -> Iterator[Labelled]:
+        for b in range(0, len(self.starts), self.batch_size):
+            starts = self.starts[b : b + self.batch_size]
+            ids = np.stack([self.tokens[s : s + self.seqlen] for s in starts]).astype(self.ids_spec.dtype)
+            feed = {self.ids_spec.name: ids}
+            for spec in self.fill:
+                if spec.name == "attention_mask":
+                    feed[spec.name] = np.ones(ids.shape, dtype=spec.dtype)
+                else:
+                    feed[spec.name] = np.broadcast_to(np.arange(self.seqlen, dtype=spec.dtype), ids.shape).copy()
+            yield f"text windows {b}:{b + len(starts)}", feed
+
+
+def _tokenise(text: Path, tokenizer: Path) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    if not tokenizer.is_file():
+        raise GraphpruneError(f"tokenizer not found: {tokenizer} (pass a tokenizer.json)")
+    try:
+        tok = Tokenizer.from_file(str(tokenizer))
+    except Exception as exc:
+        raise GraphpruneError(f"cannot read tokenizer {tokenizer}: {str(exc).splitlines()[0]}") from None
+    content = text.read_text(encoding="utf-8", errors="replace")
+    return np.asarray(tok.encode(content, add_special_tokens=False).ids, dtype=np.int64)

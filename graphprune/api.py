@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from graphprune.calibration.request import CalibrationRequest
+from graphprune.errors import GraphpruneError
 from graphprune.model_io import check_output_path, default_output, has_external_data, load_model, save_model
 from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, Statistics
 from graphprune.pattern import NMPattern
+from graphprune.scores import Method
 
 
 def report_path(output: Path) -> Path:
@@ -27,23 +30,56 @@ def prune_file(
     output: str | Path | None = None,
     stats: Statistics | Mapping[str, np.ndarray] | None = None,
     force: bool = False,
+    calibration: CalibrationRequest | None = None,
+    sequential: bool = False,
     on_plan: Callable[[int], None] | None = None,
     on_weight: Callable[[str], None] | None = None,
+    on_message: Callable[[str], None] | None = None,
 ) -> tuple[Path, PruneResult]:
     """Prune ``model_path`` into ``output`` (default ``<stem>.pruned.onnx``) and write the JSON report beside it.
 
-    The input is never modified; nothing is written when anything fails. Returns the output path and the result.
+    Statistics come from ``stats`` (saved by calibration) or are computed from ``calibration``: one-shot on
+    the dense model, or with ``sequential`` group by group on the already pruned model, as the reference
+    implementations do. The input is never modified; nothing is written when anything fails.
     """
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
     check_output_path(model_path, out, force)
+    if sequential and calibration is None:
+        raise GraphpruneError("--sequential needs calibration data: pass --calib DATA")
     model = load_model(model_path)
     prune = PrunePass(config, stats, on_weight)
     targets, _ = prune.plan(model)
-    prune.check_statistics(targets)  # fails early, before any work, on statistics that don't match
     if on_plan:
         on_plan(len(targets))
-    result = prune.call(model)
+    warnings: list[str] = []
+    if sequential and calibration is not None:
+        from graphprune.calibration.providers import resolve_providers
+        from graphprune.calibration.sequential import prune_sequentially
+
+        batches, warnings = calibration.batches(model)
+        result, more = prune_sequentially(
+            model, config, batches, resolve_providers(calibration.provider), on_weight=on_weight
+        )
+        warnings += more
+    else:
+        if calibration is not None and config.method is not Method.MAGNITUDE:
+            from graphprune.calibration import calibrate
+
+            stats = calibrate(
+                model,
+                calibration.data,
+                targets,
+                provider=calibration.provider,
+                gram=config.method is Method.SPARSEGPT,
+                **calibration.options(),
+            )
+            warnings = stats.warnings
+            prune = PrunePass(config, stats, on_weight)
+        prune.check_statistics(targets)  # before any work: statistics that don't match fail here
+        result = prune.call(model)
+    for message in warnings if on_message else ():
+        on_message(message)
     save_model(model, out, external_data=True if has_external_data(model_path) else None)
     write_json(report_path(out), result.to_dict())
     return out, result

@@ -127,9 +127,19 @@ def test_output_equal_to_input_is_refused(model_path: Path) -> None:
     assert model_path.read_bytes() == before
 
 
-def test_wanda_without_statistics_is_refused(model_path: Path) -> None:
+def test_wanda_without_data_calibrates_on_synthetic_inputs(model_path: Path) -> None:
     result = runner.invoke(app, ["apply", str(model_path), "--method", "wanda"])
-    assert result.exit_code == 2 and "statistics" in result.output
+    assert result.exit_code == 2 and "--shape x=" in result.output  # a dynamic batch needs a shape
+    result = runner.invoke(app, ["apply", str(model_path), "--method", "wanda", "--shape", "x=4x16"])
+    assert result.exit_code == 0, result.output
+    assert "synthes" in result.output  # warned: real data gives better masks
+    report = json.loads(model_path.with_name("model.pruned.report.json").read_text())
+    assert report["method"] == "wanda" and report["pruned"] == 2
+
+
+def test_stats_and_calib_together_are_refused(model_path: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["apply", str(model_path), "--stats", "s.npz", "--calib", "c.npz"])
+    assert result.exit_code == 2 and "not both" in result.output
 
 
 def test_external_data_round_trip_keeps_values_and_layout(tmp_path: Path) -> None:

@@ -187,6 +187,7 @@ def prune_sequentially(
     batches: list[dict[str, np.ndarray]],
     providers: Sequence[str] = ("CPUExecutionProvider",),
     on_group: Callable[[int, int], None] | None = None,
+    on_weight: Callable[[str], None] | None = None,
 ) -> tuple[PruneResult, list[str]]:
     """Prune ``model`` in place, each group of targets scored on activations of the already pruned model.
 
@@ -202,7 +203,7 @@ def prune_sequentially(
     )
 
     def prune_group(group: list[Target], stats: ActivationStats) -> None:
-        step = PrunePass(config, stats)
+        step = PrunePass(config, stats, on_weight)
         step.check_statistics(group)
         reports.extend(step.prune_targets(model, group))
 

@@ -12,7 +12,19 @@ import typer
 from rich.table import Table
 
 from graphprune.api import prune_file, report_path
-from graphprune.cli.app import app, out, user_errors
+from graphprune.calibration.stats import ActivationStats
+from graphprune.cli.app import app, console, out, user_errors
+from graphprune.cli.calib_options import (
+    BatchSizeOpt,
+    CalibOpt,
+    NsamplesOpt,
+    ProviderOpt,
+    SeedOpt,
+    SeqlenOpt,
+    ShapeOpt,
+    TokenizerOpt,
+    calibration_request,
+)
 from graphprune.cli.options import pattern_from_options
 from graphprune.cli.progress import progress_bar
 from graphprune.eligibility import Eligibility, eligibility_report, render_table, summary
@@ -74,14 +86,36 @@ def apply(
     method: Annotated[
         Method | None,
         typer.Option(
-            help="Score: magnitude |W|, or wanda |W|·‖X‖ (needs --stats). "
-            "Default: wanda with --stats, else magnitude. Example: --method wanda"
+            help="Score: magnitude |W|; wanda |W|·‖X‖; sparsegpt (second order, updates the kept weights; "
+            "memory: one KxK float64 Gram matrix per distinct input of a group, e.g. 8 MB at K=1024, 128 MB "
+            "at K=4096). wanda and sparsegpt need --calib or --stats. Default: wanda with --calib or --stats, "
+            "else magnitude. Example: --method sparsegpt"
         ),
     ] = None,
     stats: Annotated[
         Path | None,
         typer.Option(help="Activation statistics saved by `graphprune calibrate`. Example: --stats stats.npz"),
     ] = None,
+    calib: CalibOpt = None,
+    tokenizer: TokenizerOpt = None,
+    seqlen: SeqlenOpt = 512,
+    nsamples: NsamplesOpt = 128,
+    seed: SeedOpt = 0,
+    batch_size: BatchSizeOpt = 8,
+    shape: ShapeOpt = None,
+    provider: ProviderOpt = "cpu",
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            help="Calibrate and prune group by group in dependency order, each group on the activations of the "
+            "already pruned model (as the Wanda and SparseGPT reference code does per block); about one extra "
+            "inference pass in all. Needs --calib. Example: --sequential"
+        ),
+    ] = False,
+    percdamp: Annotated[
+        float, typer.Option(help="SparseGPT dampening, a fraction of mean(diag XᵀX). Example: --percdamp 0.01")
+    ] = 0.01,
+    blocksize: Annotated[int, typer.Option(help="SparseGPT column block size. Example: --blocksize 128")] = 128,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Output model path. Default: <stem>.pruned.onnx beside the input"),
@@ -96,12 +130,27 @@ def apply(
     Example: graphprune apply model.onnx --nm 2:4
     """
     pattern = pattern_from_options(nm, sparsity, scope)
-    chosen = method or (Method.WANDA if stats else Method.MAGNITUDE)
-    sumsq = _load_sumsq(stats, model) if stats else None
-    config = PruneConfig(pattern, chosen, tuple(include or ()), tuple(exclude or ()), include_head)
-    with progress_bar("pruning") as bar:
+    chosen = method or (Method.WANDA if stats or calib else Method.MAGNITUDE)
+    if stats and calib:
+        raise GraphpruneError("give --stats (saved statistics) or --calib (data to calibrate on), not both")
+    saved = _load_stats(stats) if stats else None
+    request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
+    config = PruneConfig(
+        pattern, chosen, tuple(include or ()), tuple(exclude or ()), include_head, percdamp, blocksize
+    )
+    label = "pruning (sequential: calibrating each group on the pruned model)" if sequential else "pruning"
+    with progress_bar(label) as bar:
         written, result = prune_file(
-            model, config, output, sumsq, force, on_plan=bar.set_total, on_weight=lambda name: bar.advance()
+            model,
+            config,
+            output,
+            saved,
+            force,
+            calibration=request if calib or (chosen is not Method.MAGNITUDE and not stats) else None,
+            sequential=sequential,
+            on_plan=bar.set_total,
+            on_weight=lambda name: bar.advance(),
+            on_message=lambda text: console.print(f"[yellow]warning:[/yellow] {text}", highlight=False),
         )
     _print_summary(result, written)
 
@@ -152,12 +201,12 @@ def _eligibility(model: onnx.ModelProto, result: CheckResult) -> list[Eligibilit
     return eligibility_report(model, targets)
 
 
-def _load_sumsq(path: Path, model: Path) -> dict:
-    from graphprune.calibration.stats import ActivationStats  # lazily: calibration pulls in ONNX Runtime
+def _load_stats(path: Path) -> ActivationStats:
+    from graphprune.calibration.stats import ActivationStats
 
     if not path.exists():
         raise GraphpruneError(f"{path}: no such statistics file")
-    return ActivationStats.load(path).sumsq
+    return ActivationStats.load(path)
 
 
 def _print_summary(result: PruneResult, written: Path) -> None:

@@ -4,6 +4,8 @@ Each approach runs in its own subprocess so that peak RSS (``ru_maxrss``) is its
 inputs (64 windows of 512 tokens, batch 8) on the CPU provider. The dump approach (what ONNX Runtime's calibrator
 does: add the activations as graph outputs and keep them for every batch) is run on ``--dump-batches`` batches
 and extrapolated linearly to all of them: its kept bytes grow exactly by one batch's activations per batch.
+The plain run and the calibration run twice, alternately, and the faster of each pair is reported (other jobs
+share this 2-core machine); peak memory is deterministic to within a few MiB.
 
     python benchmarks/calibration_memory.py [--model ~/.cache/graphprune/smollm2/model.onnx]
 """
@@ -98,6 +100,7 @@ def child(mode: str, model: Path, data: Path, batch: int, dump_batches: int, sta
 
 
 MODES = ["plain", "plain-opt", "calib", "calib-opt", "dump"]
+ORDER = ["plain", "calib", "dump", "plain", "calib", "plain-opt", "calib-opt"]  # min of 2 for the headline pair
 
 
 def main() -> None:
@@ -116,13 +119,15 @@ def main() -> None:
         sys.exit(f"model not found: {a.model} (run benchmarks/export_smollm2.py first)")
     r: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in MODES:
+        for mode in ORDER:
             cmd = [sys.executable, __file__, "--child", mode, "--model", str(a.model), "--data", str(a.data)]
             cmd += ["--batch-size", str(a.batch_size), "--dump-batches", str(a.dump_batches)]
             cmd += ["--stats-out", f"{tmp}/{mode}.npz"]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            r[mode] = json.loads(out.strip().splitlines()[-1])
-            print(f"{mode:10s} {r[mode]['seconds']:7.1f} s  peak RSS {r[mode]['peak_mib']:6.0f} MiB", flush=True)
+            got = json.loads(out.strip().splitlines()[-1])
+            print(f"{mode:10s} {got['seconds']:7.1f} s  peak RSS {got['peak_mib']:6.0f} MiB", flush=True)
+            if mode not in r or got["seconds"] < r[mode]["seconds"]:  # the machine is shared: keep the best
+                r[mode] = got
         sys.path.insert(0, str(ROOT))
         from graphprune.calibration import ActivationStats
 

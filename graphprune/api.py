@@ -31,7 +31,7 @@ def prune_file(
     stats: Statistics | Mapping[str, np.ndarray] | None = None,
     force: bool = False,
     calibration: CalibrationRequest | None = None,
-    sequential: bool = False,
+    sequential: str | None = None,
     on_plan: Callable[[int], None] | None = None,
     on_weight: Callable[[str], None] | None = None,
     on_message: Callable[[str], None] | None = None,
@@ -39,8 +39,8 @@ def prune_file(
     """Prune ``model_path`` into ``output`` (default ``<stem>.pruned.onnx``) and write the JSON report beside it.
 
     Statistics come from ``stats`` (saved by calibration) or are computed from ``calibration``: one-shot on
-    the dense model, or with ``sequential`` group by group on the already pruned model, as the reference
-    implementations do. The input is never modified; nothing is written when anything fails.
+    the dense model, or with ``sequential`` ("block" or "level") group by group on the already pruned model,
+    as the reference implementations do. The input is never modified; nothing is written when anything fails.
     """
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
@@ -59,7 +59,7 @@ def prune_file(
 
         batches, warnings = calibration.batches(model)
         result, more = prune_sequentially(
-            model, config, batches, resolve_providers(calibration.provider), on_weight=on_weight
+            model, config, batches, resolve_providers(calibration.provider), None, on_weight, sequential
         )
         warnings += more
     else:

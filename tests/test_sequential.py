@@ -80,3 +80,47 @@ def test_sequential_refuses_control_flow() -> None:
     model.graph.node.append(helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=branch))
     with pytest.raises(GraphpruneError, match="control flow"):
         prune_sequentially(model, PruneConfig(PATTERN), [{"x": np.ones((1, 5, 8), np.float32)}])
+
+
+def residual_blocks_model():
+    """Two residual blocks h = h + relu(h A) B: levels A1, B1, A2, B2 whose shapes repeat with period 2."""
+    weights = {}
+    nodes = []
+    h = "x"
+    for block in (1, 2):
+        a, b = f"a{block}", f"b{block}"
+        weights[a] = RNG.standard_normal((8, 16)).astype(np.float32)
+        weights[b] = RNG.standard_normal((16, 8)).astype(np.float32)
+        nodes += [
+            helper.make_node("MatMul", [h, a], [f"u{block}"]),
+            helper.make_node("Relu", [f"u{block}"], [f"r{block}"]),
+            helper.make_node("MatMul", [f"r{block}", b], [f"v{block}"]),
+            helper.make_node("Add", [h, f"v{block}"], [f"h{block}"]),
+        ]
+        h = f"h{block}"
+    model = make_model(
+        nodes, [tensor("x", shape=["b", 8])], [tensor(h)], [init(w, name) for name, w in weights.items()]
+    )
+    return model, weights
+
+
+def test_blocks_are_found_from_the_repeating_levels() -> None:
+    model, _ = residual_blocks_model()
+    targets = find_targets(model).targets
+    assert [[t.name for t in g] for g in target_groups(model, targets)] == [["a1", "b1"], ["a2", "b2"]]
+    assert len(target_groups(model, targets, by="level")) == 4
+
+
+def test_a_block_is_calibrated_dense_inside_and_pruned_before_the_next() -> None:
+    model, w = residual_blocks_model()
+    x = RNG.standard_normal((12, 8)).astype(np.float32)
+    prune_sequentially(model, PruneConfig(PATTERN, Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}])
+
+    # the reference: inside a block, B is scored on relu(h A) with A still dense; the next block sees pruned ones
+    a1 = wanda_numpy(w["a1"], x)
+    b1 = wanda_numpy(w["b1"], np.maximum(x @ w["a1"], 0))
+    h1 = x + np.maximum(x @ a1, 0) @ b1
+    a2 = wanda_numpy(w["a2"], h1)
+    b2 = wanda_numpy(w["b2"], np.maximum(h1 @ w["a2"], 0))
+    for name, expected in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2)):
+        np.testing.assert_allclose(initializer(model, name), expected, rtol=0, atol=0)

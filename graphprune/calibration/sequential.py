@@ -35,8 +35,37 @@ Feed = Mapping[str, np.ndarray]
 PruneGroup = Callable[[list[Target], ActivationStats], None]
 
 
-def target_groups(model: onnx.ModelProto, targets: Sequence[Target]) -> list[list[Target]]:
-    """Targets grouped by level, in dependency order (see the module docstring)."""
+def target_groups(model: onnx.ModelProto, targets: Sequence[Target], by: str = "block") -> list[list[Target]]:
+    """Targets grouped in dependency order: by ``level``, or by ``block`` (the graph's repeating unit of levels).
+
+    A block is found without names: the levels' signatures (the shapes of their weights) repeat with the
+    period of the model's block, e.g. Q/K/V, attention output, gate/up, down in a LLaMA decoder. Levels before
+    the first repeating one, and leftovers, form groups of their own. Without a repeating unit, blocks are levels.
+    """
+    levels = target_levels(model, targets)
+    if by == "level":
+        return levels
+    signatures = [tuple(sorted(t.shape for t in level)) for level in levels]
+    period = _period(signatures)
+    start = next((i for i in range(len(levels) - period) if signatures[i] == signatures[i + period]), len(levels))
+    groups = [[*level] for level in levels[:start]]
+    for first in range(start, len(levels), period):
+        groups.append([t for level in levels[first : first + period] for t in level])
+    return groups
+
+
+def _period(signatures: list[tuple]) -> int:
+    """The smallest period p with which at least 80% of the signatures repeat (1 when none does)."""
+    n = len(signatures)
+    for p in range(1, n // 2 + 1):
+        matches = sum(signatures[i] == signatures[i + p] for i in range(n - p))
+        if matches >= 0.8 * (n - p):
+            return p
+    return 1
+
+
+def target_levels(model: onnx.ModelProto, targets: Sequence[Target]) -> list[list[Target]]:
+    """Targets by level (see the module docstring), in dependency order."""
     graph = model.graph
     labels = node_labels(graph)
     consumer_of = {c.node: t.name for t in targets for c in t.consumers}
@@ -75,6 +104,7 @@ class SequentialCalibration:
     batches: list[dict[str, np.ndarray]]
     providers: list[str]
     gram: bool = False
+    group_by: str = "block"  # or "level": each level on the pruned levels before it ("true sequential")
     on_group: Callable[[int, int], None] | None = None  # (groups done, groups in all)
     warnings: list[str] = field(default_factory=list)
 
@@ -84,7 +114,7 @@ class SequentialCalibration:
         subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
         if any(a.type in subgraphs for n in graph.node for a in n.attribute):
             raise GraphpruneError("--sequential does not handle control flow (If/Loop/Scan): calibrate one-shot")
-        groups = target_groups(self.model, targets)
+        groups = target_groups(self.model, targets, self.group_by)
         self._executed: set[int] = set()
         self._cache: dict[str, list[np.ndarray]] = {
             name: [batch[name] for batch in self.batches] for name in self.batches[0]
@@ -95,6 +125,7 @@ class SequentialCalibration:
             for name in node.input:
                 self._readers.setdefault(name, []).append(i)
         self._stored = {t.name for t in graph.initializer}
+        self._labels = node_labels(graph)
         for done, group in enumerate(groups):
             stats = self._calibrate(group)
             prune_group(group, stats)
@@ -104,7 +135,8 @@ class SequentialCalibration:
 
     def _calibrate(self, group: list[Target]) -> ActivationStats:
         activations = [c.activation for t in group for c in t.consumers]
-        segment = self._segment(activations)
+        consumers = {c.node for t in group for c in t.consumers}
+        segment = self._segment(activations, {i for i, label in enumerate(self._labels) if label in consumers})
         plan = plan_taps(segment.model, group, gram=self.gram)
         self.warnings.extend(plan.warnings)
         with tapped(segment.model, plan) as model:
@@ -124,8 +156,13 @@ class SequentialCalibration:
         self._forget_consumed()
         return accumulator.result(group, [])
 
-    def _segment(self, activations: list[str]) -> _Segment:
-        """The not-yet-run nodes that compute ``activations`` from the cache, with what to keep afterwards."""
+    def _segment(self, activations: list[str], group_nodes: set[int]) -> _Segment:
+        """The not-yet-run nodes that compute ``activations`` from the cache, with what to keep afterwards.
+
+        Within a block, later activations depend on the group's own weights, still dense here (as in the
+        reference, which calibrates a whole block before pruning it): the nodes downstream of the group's
+        consumers are *stale* once the group is pruned, so they run again in a later segment.
+        """
         graph = self.model.graph
         needed: set[int] = set()
         stack = [a for a in activations if a not in self._cache]
@@ -140,13 +177,15 @@ class SequentialCalibration:
         nodes = [graph.node[i] for i in order]
         reads = {i for n in nodes for i in n.input if i}
         inputs = sorted(r for r in reads | set(activations) if r in self._cache)  # a tap may read a cached one
-        self._executed |= needed
-        made = {o for n in nodes for o in n.output}
-        keep = sorted(
-            name
-            for name in made
-            if any(r not in self._executed for r in self._readers.get(name, [])) or name in activations
-        )
+        stale: set[int] = set()
+        for i in order:
+            node = graph.node[i]
+            if i in group_nodes or any(self._producer.get(x) in stale for x in node.input if x):
+                stale.add(i)
+        fresh = needed - stale
+        self._executed |= fresh
+        made = {o for i in fresh for o in graph.node[i].output}
+        keep = sorted(name for name in made if any(r not in self._executed for r in self._readers.get(name, [])))
         sub = helper.make_graph(
             nodes,
             "segment",
@@ -188,6 +227,7 @@ def prune_sequentially(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     on_group: Callable[[int, int], None] | None = None,
     on_weight: Callable[[str], None] | None = None,
+    group_by: str = "block",
 ) -> tuple[PruneResult, list[str]]:
     """Prune ``model`` in place, each group of targets scored on activations of the already pruned model.
 
@@ -198,9 +238,8 @@ def prune_sequentially(
     if not targets:
         raise GraphpruneError("the model has no prunable weights for this pattern and selection")
     reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
-    engine = SequentialCalibration(
-        model, batches, list(providers), gram=config.method is Method.SPARSEGPT, on_group=on_group
-    )
+    gram = config.method is Method.SPARSEGPT
+    engine = SequentialCalibration(model, batches, list(providers), gram, group_by, on_group)
 
     def prune_group(group: list[Target], stats: ActivationStats) -> None:
         step = PrunePass(config, stats, on_weight)

@@ -107,9 +107,17 @@ def apply(
     sequential: Annotated[
         bool,
         typer.Option(
-            help="Calibrate and prune group by group in dependency order, each group on the activations of the "
-            "already pruned model (as the Wanda and SparseGPT reference code does per block); about one extra "
-            "inference pass in all. Needs --calib. Example: --sequential"
+            help="Calibrate and prune block by block in dependency order, each block on the activations of the "
+            "already pruned blocks, as the Wanda and SparseGPT reference code does (blocks: the graph's "
+            "repeating unit of layers); about two inference passes in all. Needs --calib. Example: --sequential"
+        ),
+    ] = False,
+    by_level: Annotated[
+        bool,
+        typer.Option(
+            help="With --sequential, calibrate each level (Q/K/V, then attention output, then MLP in, then MLP "
+            "out) on the pruned levels before it, instead of whole blocks (SparseGPT's 'true sequential'). "
+            "Example: --sequential --by-level"
         ),
     ] = False,
     percdamp: Annotated[
@@ -147,7 +155,7 @@ def apply(
             saved,
             force,
             calibration=request if calib or (chosen is not Method.MAGNITUDE and not stats) else None,
-            sequential=sequential,
+            sequential=("level" if by_level else "block") if sequential else None,
             on_plan=bar.set_total,
             on_weight=lambda name: bar.advance(),
             on_message=lambda text: console.print(f"[yellow]warning:[/yellow] {text}", highlight=False),

@@ -87,9 +87,13 @@ def timed(args: list[str], threads: int | None) -> tuple[float, float, str]:
 
 
 def perplexity(model: Path, eval_windows: Path) -> float:
-    args = ["eval", str(model), str(model), "--token-windows", str(eval_windows), "--json"]
-    done = subprocess.run([sys.executable, "-m", "graphprune", *args], capture_output=True, text=True, check=True)
-    return float(json.loads(done.stdout)["perplexity_dense"])
+    """Brown held-out perplexity: the same computation as ``graphprune eval --token-windows``."""
+    import numpy as np
+
+    from graphprune.evaluate import perplexity as model_perplexity
+
+    with np.load(eval_windows) as data:
+        return model_perplexity(model, data["input_ids"])
 
 
 def table(results: list[dict], reference: list[dict]) -> str:

@@ -51,7 +51,9 @@ def _session(model: str | Path | ort.InferenceSession) -> ort.InferenceSession:
     path = Path(model)
     if not path.is_file():
         raise GraphpruneError(f"model not found: {path}")
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from graphprune.calibration.providers import session_options
+
+    return ort.InferenceSession(str(path), session_options(optimize=True), providers=["CPUExecutionProvider"])
 
 
 def perplexity(

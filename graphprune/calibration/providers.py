@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
+from typing import Any
 
 from graphprune.errors import GraphpruneError
 
@@ -54,3 +56,23 @@ def resolve_providers(provider: str) -> list[str]:
             f"{ort.__version__} (available: {', '.join(available)}){hint}"
         )
     return [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+
+
+THREADS_VARIABLE = "GRAPHPRUNE_THREADS"
+
+
+def session_options(optimize: bool = False) -> Any:
+    """ONNX Runtime session options for graphprune's own sessions.
+
+    Graph optimisations are off unless asked for (fusions could skip tapped tensors). ``$GRAPHPRUNE_THREADS``
+    caps ONNX Runtime's threads, for example to compare with a single-threaded reference on the same machine.
+    """
+    ort = import_ort()
+    options = ort.SessionOptions()
+    level = ort.GraphOptimizationLevel
+    options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+    threads = os.environ.get(THREADS_VARIABLE)
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return options

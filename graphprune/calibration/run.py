@@ -29,7 +29,7 @@ from rich.progress import (
 from rich.text import Text
 
 from graphprune.calibration.data import open_source
-from graphprune.calibration.providers import import_ort, resolve_providers
+from graphprune.calibration.providers import import_ort, resolve_providers, session_options
 from graphprune.calibration.signature import feed_samples, model_inputs, validate_feed
 from graphprune.calibration.stats import ActivationStats, TargetInfo, fingerprint
 from graphprune.calibration.taps import TapPlan, plan_taps, tapped
@@ -223,9 +223,7 @@ def _serialise(model: onnx.ModelProto, plan: TapPlan, base_dir: Path | None) -> 
 
 def _session(tapped_model: _Tapped, providers: list[str], optimize: bool) -> Any:
     ort = import_ort()
-    options = ort.SessionOptions()
-    level = ort.GraphOptimizationLevel
-    options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+    options = session_options(optimize)
     for key, value in tapped_model.config.items():
         options.add_session_config_entry(key, value)
     try:

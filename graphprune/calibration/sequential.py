@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphprune.calibration.providers import import_ort
+from graphprune.calibration.providers import import_ort, session_options
 from graphprune.calibration.run import _Accumulator as Accumulator
 from graphprune.calibration.stats import ActivationStats
 from graphprune.calibration.taps import plan_taps, tapped
@@ -212,10 +212,8 @@ class SequentialCalibration:
 
     def _session(self, model_bytes: bytes) -> Any:
         ort = import_ort()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(model_bytes, options, providers=self.providers)
+            return ort.InferenceSession(model_bytes, session_options(), providers=self.providers)
         except Exception as exc:
             raise GraphpruneError(f"onnxruntime cannot run a segment: {str(exc).splitlines()[0]}") from None
 

@@ -17,6 +17,7 @@ from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, Statistics
 from graphprune.pattern import NMPattern
 from graphprune.scores import Method
+from graphprune.targets import Target
 
 
 def report_path(output: Path) -> Path:
@@ -64,16 +65,23 @@ def prune_file(
         warnings += more
     else:
         if calibration is not None and config.method is not Method.MAGNITUDE:
-            from graphprune.calibration import calibrate
+            from graphprune.calibration import ActivationStats, calibrate
+            from graphprune.calibration.gram_budget import GIB, calibrate_within
 
-            stats = calibrate(
-                model,
-                calibration.data,
-                targets,
-                provider=calibration.provider,
-                gram=config.method is Method.SPARSEGPT,
-                **calibration.options(),
-            )
+            def calibrate_chunk(chunk: list[Target]) -> ActivationStats:
+                return calibrate(
+                    model,
+                    calibration.data,
+                    chunk,
+                    provider=calibration.provider,
+                    gram=config.method is Method.SPARSEGPT,
+                    **calibration.options(),
+                )
+
+            if config.method is Method.SPARSEGPT:
+                stats = calibrate_within(targets, int(calibration.gram_memory_gb * GIB), calibrate_chunk)
+            else:
+                stats = calibrate_chunk(targets)
             warnings = stats.warnings
             prune = PrunePass(config, stats, on_weight)
         prune.check_statistics(targets)  # before any work: statistics that don't match fail here

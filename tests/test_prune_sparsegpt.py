@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -81,3 +82,31 @@ def test_sparsegpt_skips_quantized_weights_with_a_reason() -> None:
     result = PrunePass(PruneConfig(method=Method.SPARSEGPT, include_head=True), stats).call(model)
     (skipped,) = result.skipped
     assert "quantized" in skipped.skipped
+
+
+def test_one_shot_grams_over_the_memory_budget_are_spilled_with_the_same_result(tmp_path) -> None:
+    from graphprune.api import prune_file
+    from graphprune.calibration.gram_budget import chunks_within, gram_bytes
+    from graphprune.calibration.request import CalibrationRequest
+    from graphprune.targets import find_targets
+    from tests.test_sequential import residual_blocks_model
+
+    model, _ = residual_blocks_model()
+    path = tmp_path / "blocks.onnx"
+    path.write_bytes(model.SerializeToString())
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((16, 8)).astype(np.float32))
+    targets = find_targets(model).targets
+    budget_gb = gram_bytes(targets[:1]) / 2**30  # room for one Gram at a time: four passes
+    assert len(chunks_within(targets, gram_bytes(targets[:1]))) == 4
+
+    outputs = {}
+    for label, memory in (("together", 4.0), ("spilled", budget_gb)):
+        request = CalibrationRequest(str(tmp_path / "calib.npz"), gram_memory_gb=memory)
+        out, result = prune_file(
+            path, PruneConfig(NMPattern(2, 4), Method.SPARSEGPT, include_head=True), tmp_path / f"{label}.onnx",
+            calibration=request,
+        )  # fmt: skip
+        assert len(result.pruned) == 4
+        outputs[label] = {t.name: initializer(onnx.load(str(out)), t.name) for t in targets}
+    for name, weight in outputs["together"].items():
+        np.testing.assert_array_equal(outputs["spilled"][name], weight)

@@ -26,6 +26,7 @@ class CalibrationRequest:
     batch_size: int = 8
     shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     provider: str = "cpu"
+    gram_memory_gb: float = 4.0  # one-shot SparseGPT: Gram matrices held at once; more are spilled to disk
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`graphprune.calibration.calibrate` and :func:`open_source`."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -124,6 +124,13 @@ def apply(
         float, typer.Option(help="SparseGPT dampening, a fraction of mean(diag XᵀX). Example: --percdamp 0.01")
     ] = 0.01,
     blocksize: Annotated[int, typer.Option(help="SparseGPT column block size. Example: --blocksize 128")] = 128,
+    gram_memory: Annotated[
+        float,
+        typer.Option(
+            help="One-shot SparseGPT: GiB of Gram matrices held at once; beyond it the weights are calibrated in "
+            "several passes and the matrices spilled to a temporary directory. Example: --gram-memory 8"
+        ),
+    ] = 4.0,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Output model path. Default: <stem>.pruned.onnx beside the input"),
@@ -143,6 +150,7 @@ def apply(
         raise GraphpruneError("give --stats (saved statistics) or --calib (data to calibrate on), not both")
     saved = _load_stats(stats) if stats else None
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
+    request = replace(request, gram_memory_gb=gram_memory)
     config = PruneConfig(
         pattern, chosen, tuple(include or ()), tuple(exclude or ()), include_head, percdamp, blocksize
     )

@@ -110,3 +110,30 @@ def test_one_shot_grams_over_the_memory_budget_are_spilled_with_the_same_result(
         outputs[label] = {t.name: initializer(onnx.load(str(out)), t.name) for t in targets}
     for name, weight in outputs["together"].items():
         np.testing.assert_array_equal(outputs["spilled"][name], weight)
+
+
+def test_saved_gram_matrices_serve_a_sparsegpt_prune(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from graphprune.cli import app
+    from tests.test_sequential import residual_blocks_model
+
+    model, _ = residual_blocks_model()
+    path = tmp_path / "blocks.onnx"
+    path.write_bytes(model.SerializeToString())
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((16, 8)).astype(np.float32))
+    runner = CliRunner()
+    stats, calib = str(tmp_path / "stats.npz"), str(tmp_path / "calib.npz")
+    base = ["apply", str(path), "--method", "sparsegpt", "--include-head"]
+    assert runner.invoke(app, ["calibrate", str(path), "--calib", calib, "-o", stats, "-q"]).exit_code == 0
+    refused = runner.invoke(app, [*base, "--stats", stats, "-o", str(tmp_path / "a.onnx")])
+    assert refused.exit_code == 2 and "Gram" in refused.output  # Σx² alone is not enough for SparseGPT
+
+    assert runner.invoke(app, ["calibrate", str(path), "--calib", calib, "-o", stats, "--gram", "-q"]).exit_code == 0
+    from_stats = runner.invoke(app, [*base, "--stats", stats, "-o", str(tmp_path / "b.onnx")])
+    assert from_stats.exit_code == 0, from_stats.output
+    in_one_go = runner.invoke(app, [*base, "--calib", calib, "-o", str(tmp_path / "c.onnx")])
+    assert in_one_go.exit_code == 0, in_one_go.output
+    b, c = onnx.load(str(tmp_path / "b.onnx")), onnx.load(str(tmp_path / "c.onnx"))
+    for name in ("a1", "b1", "a2", "b2"):
+        np.testing.assert_array_equal(initializer(b, name), initializer(c, name))

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from graphprune.cli.app import app, console, user_errors
+from graphprune.cli.calib_options import (
+    BatchSizeOpt,
+    CalibOpt,
+    NsamplesOpt,
+    ProviderOpt,
+    SeedOpt,
+    SeqlenOpt,
+    ShapeOpt,
+    TokenizerOpt,
+    calibration_request,
+)
 
 MAX_WARNINGS_SHOWN = 12
 
@@ -14,47 +26,38 @@ MAX_WARNINGS_SHOWN = 12
 @app.command("calibrate")
 @user_errors
 def calibrate_command(
-    model: Path = typer.Argument(..., help="ONNX model to calibrate, e.g. model.onnx (external data is fine)."),
-    output: Path = typer.Option(
-        ..., "--output", "-o", help="Where to write the statistics, e.g. -o stats.npz (reuse with apply --stats)."
-    ),
-    calib: str | None = typer.Option(
-        None,
-        "--calib",
-        help="Calibration data: an .npz with one array per model input (batch along axis 0), e.g. --calib "
-        "calib.npz; a directory of .npz files, one feed each; or a text file with --tokenizer, e.g. --calib "
-        "corpus.txt. Without it, random inputs are synthesised from the model's signature (worse masks).",
-    ),
-    tokenizer: Path | None = typer.Option(
-        None, "--tokenizer", help="tokenizer.json for text data, e.g. --tokenizer tokenizer.json."
-    ),
-    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per text window, e.g. --seqlen 512."),
-    nsamples: int = typer.Option(
-        128, "--nsamples", help="Text windows (or synthetic samples) to draw, e.g. --nsamples 128."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed for the text windows and synthetic inputs, e.g. --seed 0."),
-    batch_size: int = typer.Option(
-        8, "--batch-size", help="Samples per ONNX Runtime run (.npz and text data), e.g. --batch-size 8."
-    ),
-    shape: list[str] = typer.Option(
-        [],
-        "--shape",
-        help="Shape of a model input with dynamic dimensions, for synthetic data; repeat per input, e.g. "
-        "--shape input_ids=1x128 --shape attention_mask=1x128.",
-    ),
-    provider: str = typer.Option(
-        "cpu",
-        "--provider",
-        help="ONNX Runtime execution provider, e.g. --provider cuda (needs the onnxruntime-gpu wheel: "
-        "pip install 'graphprune\\[gpu]' instead of '\\[cpu]'); any name onnxruntime lists also works.",
-    ),
-    optimize: bool = typer.Option(
-        False,
-        "--optimize",
-        help="Let ONNX Runtime optimise the tapped graph (faster; off by default so that the graph runs as "
-        "written). The statistics are the same up to float rounding.",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    model: Annotated[
+        Path, typer.Argument(help="ONNX model to calibrate, e.g. model.onnx (external data is fine).")
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Where to write the statistics, e.g. -o stats.npz (apply --stats)."),
+    ],
+    calib: CalibOpt = None,
+    tokenizer: TokenizerOpt = None,
+    seqlen: SeqlenOpt = 512,
+    nsamples: NsamplesOpt = 128,
+    seed: SeedOpt = 0,
+    batch_size: BatchSizeOpt = 8,
+    shape: ShapeOpt = None,
+    provider: ProviderOpt = "cpu",
+    gram: Annotated[
+        bool,
+        typer.Option(
+            "--gram",
+            help="Also collect the Gram matrices XᵀX that `apply --method sparsegpt --stats` needs: one KxK "
+            "float64 matrix per distinct input (8 MB at K=1024, 128 MB at K=4096), all in memory, e.g. --gram.",
+        ),
+    ] = False,
+    optimize: Annotated[
+        bool,
+        typer.Option(
+            "--optimize",
+            help="Let ONNX Runtime optimise the tapped graph (faster; off by default so that the graph runs as "
+            "written). The statistics are the same up to float rounding.",
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Run MODEL over calibration data in ONNX Runtime and save Σx² per input channel of every prunable weight.
 
@@ -63,21 +66,16 @@ def calibrate_command(
         graphprune calibrate model.onnx --calib corpus.txt --tokenizer tokenizer.json -o stats.npz
     """
     from graphprune.calibration import calibrate
-    from graphprune.calibration.synthetic import parse_shape
 
-    shapes = dict(parse_shape(s) for s in shape)
+    request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
     stats = calibrate(
         model,
-        calib,
+        request.data,
         provider=provider,
-        batch_size=batch_size,
-        tokenizer=tokenizer,
-        seqlen=seqlen,
-        nsamples=nsamples,
-        seed=seed,
-        shapes=shapes,
+        gram=gram,
         optimize=optimize,
         progress=not quiet,
+        **request.options(),
     )
     for w in stats.warnings[:MAX_WARNINGS_SHOWN]:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)

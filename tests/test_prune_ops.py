@@ -88,8 +88,9 @@ def transpose_matmul() -> Case:
     return Case(model, {"x": RNG.standard_normal((4, 16)).astype(np.float32)}, "w", 1, lambda f, w: f["x"] @ w.T)
 
 
-def cast_fp16_matmul() -> Case:
-    w = RNG.standard_normal((16, 8)).astype(np.float16)
+def cast_matmul(dtype: type, rtol: float) -> Case:
+    """A half-precision stored weight, cast to float32 before the MatMul."""
+    w = RNG.standard_normal((16, 8)).astype(dtype)
     model = make_model(
         [
             helper.make_node("Cast", ["w"], ["w32"], to=TensorProto.FLOAT),
@@ -100,22 +101,15 @@ def cast_fp16_matmul() -> Case:
         [init(w, "w")],
     )
     feeds = {"x": RNG.standard_normal((4, 16)).astype(np.float32)}
-    return Case(model, feeds, "w", 0, lambda f, w: f["x"] @ w.astype(np.float32))
+    return Case(model, feeds, "w", 0, lambda f, w: f["x"] @ w.astype(np.float32), rtol=rtol)
+
+
+def cast_fp16_matmul() -> Case:
+    return cast_matmul(np.float16, 1e-5)
 
 
 def cast_bf16_matmul() -> Case:
-    w = RNG.standard_normal((16, 8)).astype(ml_dtypes.bfloat16)
-    model = make_model(
-        [
-            helper.make_node("Cast", ["w"], ["w32"], to=TensorProto.FLOAT),
-            helper.make_node("MatMul", ["x", "w32"], ["y"]),
-        ],
-        [tensor("x", shape=[4, 16])],
-        [tensor("y")],
-        [init(w, "w")],
-    )
-    feeds = {"x": RNG.standard_normal((4, 16)).astype(np.float32)}
-    return Case(model, feeds, "w", 0, lambda f, w: f["x"] @ w.astype(np.float32), rtol=1e-4)
+    return cast_matmul(ml_dtypes.bfloat16, 1e-4)
 
 
 def dequantize_matmul() -> Case:

@@ -36,6 +36,7 @@ def prune_file(
     on_plan: Callable[[int], None] | None = None,
     on_weight: Callable[[str], None] | None = None,
     on_message: Callable[[str], None] | None = None,
+    on_group: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, PruneResult]:
     """Prune ``model_path`` into ``output`` (default ``<stem>.pruned.onnx``) and write the JSON report beside it.
 
@@ -60,7 +61,7 @@ def prune_file(
 
         batches, warnings = calibration.batches(model)
         result, more = prune_sequentially(
-            model, config, batches, resolve_providers(calibration.provider), None, on_weight, sequential
+            model, config, batches, resolve_providers(calibration.provider), on_group, on_weight, sequential
         )
         warnings += more
     else:

@@ -39,6 +39,11 @@ def layered_model() -> onnx.ModelProto:
     )
     model.opset_import.append(helper.make_opsetid("com.example", 1))
     helper.set_model_props(model, {"author": "tests"})
+    double = helper.make_function(
+        "com.example", "Double", ["t"], ["u"], [helper.make_node("Add", ["t", "t"], ["u"])],
+        [helper.make_opsetid("", 17)],
+    )  # fmt: skip
+    model.functions.append(double)  # a local function, to be kept as it is
     return model
 
 
@@ -59,6 +64,7 @@ def test_apply_writes_model_and_report_and_keeps_the_input(model_path: Path) -> 
     assert pruned.ir_version == 8
     assert [(o.domain, o.version) for o in pruned.opset_import] == [("", 17), ("com.example", 1)]
     assert {p.key: p.value for p in pruned.metadata_props} == {"author": "tests"}
+    assert [(f.domain, f.name) for f in pruned.functions] == [("com.example", "Double")]
     report = json.loads(model_path.with_name("model.pruned.report.json").read_text())
     assert report["pruned"] == 2 and report["skipped"] == 1 and report["sparsity_achieved"] == 0.5
     by_name = {w["name"]: w for w in report["weights"]}

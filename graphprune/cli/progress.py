@@ -30,6 +30,9 @@ class Bar:
     def set_total(self, total: int) -> None:
         self.progress.update(self.task, total=total)
 
+    def describe(self, text: str) -> None:
+        self.progress.update(self.task, description=text)
+
 
 @contextmanager
 def progress_bar(description: str, total: int | None = None) -> Iterator[Bar]:

@@ -154,8 +154,12 @@ def apply(
     config = PruneConfig(
         pattern, chosen, tuple(include or ()), tuple(exclude or ()), include_head, percdamp, blocksize
     )
-    label = "pruning (sequential: calibrating each group on the pruned model)" if sequential else "pruning"
-    with progress_bar(label) as bar:
+    unit = "level" if by_level else "block"
+
+    def on_group(done: int, total: int) -> None:  # the cost: one calibration segment per group
+        bar.describe(f"pruning: {unit} {min(done + 1, total)} of {total} calibrated on the pruned ones before it")
+
+    with progress_bar("pruning") as bar:
         written, result = prune_file(
             model,
             config,
@@ -167,6 +171,7 @@ def apply(
             on_plan=bar.set_total,
             on_weight=lambda name: bar.advance(),
             on_message=lambda text: console.print(f"[yellow]warning:[/yellow] {text}", highlight=False),
+            on_group=on_group,
         )
     _print_summary(result, written)
 

@@ -8,8 +8,8 @@ time and peak RSS are measured there, calibration included), each evaluation as 
     python benchmarks/smollm2_quality.py --runs wanda:2:4:sequential sparsegpt:0.5:sequential
     python benchmarks/smollm2_quality.py --table                # the markdown table of every result so far
 
-A run is METHOD:PATTERN:MODE with PATTERN an N:M pattern or an unstructured sparsity, MODE one-shot or
-sequential (magnitude needs no calibration: its mode is ignored). Results are appended to ``--results``.
+A run is METHOD:PATTERN:MODE with PATTERN an N:M pattern or an unstructured sparsity, MODE one-shot,
+sequential (block by block, as the reference) or by-level (magnitude needs no calibration: its mode is ignored). Results are appended to ``--results``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def parse_run(text: str) -> dict[str, str]:
     if parts == ["dense"]:
         return {"method": "dense", "pattern": "dense", "mode": "-"}
     method, rest = parts[0], parts[1:]
-    mode = rest.pop() if rest and rest[-1] in ("one-shot", "sequential") else "one-shot"
+    mode = rest.pop() if rest and rest[-1] in ("one-shot", "sequential", "by-level") else "one-shot"
     if method == "magnitude":
         mode = "-"
     pattern = ":".join(rest)
@@ -60,8 +60,10 @@ def apply_args(run: dict[str, str], model: Path, calib: Path, out: Path) -> list
         args += ["--scope", "layer"]  # as the reference's prune_magnitude: one threshold per layer
     else:
         args += ["--calib", str(calib), "--batch-size", "8"]
-    if run["mode"] == "sequential":
+    if run["mode"] in ("sequential", "by-level"):
         args.append("--sequential")
+    if run["mode"] == "by-level":
+        args.append("--by-level")
     return args
 
 

@@ -9,7 +9,8 @@ time and peak RSS are measured there, calibration included), each evaluation as 
     python benchmarks/smollm2_quality.py --table                # the markdown table of every result so far
 
 A run is METHOD:PATTERN:MODE with PATTERN an N:M pattern or an unstructured sparsity, MODE one-shot,
-sequential (block by block, as the reference) or by-level (magnitude needs no calibration: its mode is ignored). Results are appended to ``--results``.
+sequential (block by block, as the reference) or by-level (magnitude needs no calibration: its mode is
+ignored). Results are appended to ``--results``.
 """
 
 from __future__ import annotations

@@ -99,24 +99,28 @@ def perplexity(model: Path, eval_windows: Path) -> float:
         return model_perplexity(model, data["input_ids"])
 
 
+def reference_key(method: str, pattern: str) -> tuple[str, str, float]:
+    """The reference's (method, pattern, sparsity) for one of our runs."""
+    if method == "dense":
+        return ("dense", "dense", 0.0)
+    if ":" in pattern:
+        keep, group = (int(x) for x in pattern.split(":"))
+        return (method, pattern, round(1 - keep / group, 6))
+    return (method, "unstructured", round(float(pattern), 6))
+
+
 def table(results: list[dict], reference: list[dict]) -> str:
-    ref = {(r["method"], r["pattern"]): r for r in reference}
+    ref = {(r["method"], r["pattern"], round(r["sparsity"], 6)): r["brown_heldout_ppl"] for r in reference}
     lines = [
         "| method | pattern | calibration | graphprune ppl | reference ppl | ratio | prune s | peak MB |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        key = (r["method"], "unstructured" if r["pattern"].startswith("0.") else r["pattern"])
-        theirs = ref.get(key) if r["method"] != "dense" else ref.get(("dense", "dense"))
-        their_ppl = (
-            theirs["brown_heldout_ppl"]
-            if theirs and (r["pattern"] in ("dense", "0.5") or ":" in r["pattern"])
-            else None
-        )
-        ratio = f"{r['ppl'] / their_ppl:.3f}" if their_ppl else "-"
+        theirs = ref.get(reference_key(r["method"], r["pattern"]))
+        ratio = f"{r['ppl'] / theirs:.3f}" if theirs else "-"
         lines.append(
-            f"| {r['method']} | {r['pattern']} | {r['mode']} | {r['ppl']:.2f} | "
-            f"{their_ppl if their_ppl else '-'} | {ratio} | {r['seconds']:.0f} | {r['peak_mb']:.0f} |"
+            f"| {r['method']} | {r['pattern']} | {r['mode']} | {r['ppl']:.2f} | {theirs or '-'} | {ratio} | "
+            f"{r['seconds']:.0f} | {r['peak_mb']:.0f} |"
         )
     return "\n".join(lines)
 

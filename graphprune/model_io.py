@@ -19,6 +19,11 @@ _INLINE_LIMIT = 1 << 30
 
 def load_model(path: str | Path) -> onnx.ModelProto:
     """Load an ONNX model with its external data, or raise a one-line GraphpruneError."""
+    return load_model_and_layout(path)[0]
+
+
+def load_model_and_layout(path: str | Path) -> tuple[onnx.ModelProto, bool]:
+    """The model with its external data loaded, and whether it kept any tensor in external files."""
     path = Path(path)
     if not path.exists():
         raise GraphpruneError(f"{path}: no such file")
@@ -28,14 +33,14 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         model = onnx.load_model(str(path), load_external_data=False)
         if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
             raise GraphpruneError(f"{path}: not an ONNX model (no graph, IR version or opset)")
-        _check_external_sizes(model, path.parent)
+        external = _check_external_sizes(model, path.parent)
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
         raise GraphpruneError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     except OSError as exc:
         reason = exc.strerror or exc
         raise GraphpruneError(f"{path}: cannot read the model or its external data ({reason})") from None
-    return model
+    return model, external
 
 
 def save_model(model: onnx.ModelProto, path: str | Path, external_data: bool | None = None) -> None:
@@ -70,12 +75,6 @@ def save_model(model: onnx.ModelProto, path: str | Path, external_data: bool | N
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def has_external_data(model_path: str | Path) -> bool:
-    """Whether the model at ``model_path`` keeps any tensor in an external file."""
-    model = onnx.load_model(str(model_path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of initializer data held in memory."""
     return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
@@ -95,14 +94,18 @@ def check_output_path(model_path: Path, output: Path, force: bool) -> None:
         raise GraphpruneError(f"{output} exists; pass --force to overwrite it")
 
 
-def _check_external_sizes(model: onnx.ModelProto, base_dir: Path) -> None:
+def _check_external_sizes(model: onnx.ModelProto, base_dir: Path) -> bool:
     """A truncated data file still loads (short reads): check every external tensor fits in its file.
+
+    Returns whether any tensor is external.
 
     Inline tensors need no check: protobuf refuses a message whose length-delimited fields are cut short.
     """
+    external = False
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
+        external = True
         info = {entry.key: entry.value for entry in tensor.external_data}
         count = 1
         for dim in tensor.dims:
@@ -115,6 +118,7 @@ def _check_external_sizes(model: onnx.ModelProto, base_dir: Path) -> None:
                 f"{data_file}: external data of tensor {tensor.name} needs {need} bytes, the file has "
                 f"{max(have, 0)}: missing, truncated or corrupt"
             )
+    return external
 
 
 def _first_line(exc: BaseException) -> str:

@@ -136,7 +136,10 @@ class PrunePass:
         return targets, skips
 
     def call(self, model: onnx.ModelProto) -> PruneResult:
-        targets, skips = self.plan(model)
+        return self.run(model, *self.plan(model))
+
+    def run(self, model: onnx.ModelProto, targets: list[Target], skips: list[Skip]) -> PruneResult:
+        """Prune the targets of a :meth:`plan`; the result reports them and the skipped weights."""
         self.check_statistics(targets)
         reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
         reports += self.prune_targets(model, targets)

@@ -102,7 +102,8 @@ def _check_external_sizes(model: onnx.ModelProto, base_dir: Path) -> bool:
     Inline tensors need no check: protobuf refuses a message whose length-delimited fields are cut short.
     """
     external = False
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    constants = [a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for tensor in [*model.graph.initializer, *constants]:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         external = True

@@ -115,7 +115,9 @@ def table(results: list[dict], reference: list[dict]) -> str:
         "| method | pattern | calibration | graphprune ppl | reference ppl | ratio | prune s | peak MB |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in results:
+    methods, modes = ["dense", "magnitude", "wanda", "sparsegpt"], ["-", "sequential", "by-level", "one-shot"]
+    ordered = sorted(results, key=lambda r: (methods.index(r["method"]), r["pattern"], modes.index(r["mode"])))
+    for r in ordered:
         theirs = ref.get(reference_key(r["method"], r["pattern"]))
         ratio = f"{r['ppl'] / theirs:.3f}" if theirs else "-"
         lines.append(

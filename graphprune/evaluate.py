@@ -43,7 +43,8 @@ def nll_from_logits(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return out
 
 
-def _session(model: str | Path | ort.InferenceSession) -> ort.InferenceSession:
+def open_session(model: str | Path | ort.InferenceSession) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for ``model`` (a path, or a session passed through), with one-line errors."""
     import onnxruntime as ort
 
     if isinstance(model, ort.InferenceSession):
@@ -53,7 +54,10 @@ def _session(model: str | Path | ort.InferenceSession) -> ort.InferenceSession:
         raise GraphpruneError(f"model not found: {path}")
     from graphprune.calibration.providers import session_options
 
-    return ort.InferenceSession(str(path), session_options(optimize=True), providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), session_options(optimize=True), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+        raise GraphpruneError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
 
 
 def perplexity(
@@ -73,7 +77,7 @@ def perplexity(
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
         raise GraphpruneError(f"windows must be (n, L + 1) with n >= 1 and L >= 1, got {windows.shape}")
     windows = windows.astype(np.int64, copy=False)
-    session = _session(model)
+    session = open_session(model)
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     ids_name = "input_ids" if "input_ids" in inputs else inputs[0]

@@ -90,3 +90,15 @@ def test_text_windows_without_bos_are_plain_slices() -> None:
 def test_eval_needs_data() -> None:
     result = runner.invoke(app, ["eval", "a.onnx", "b.onnx"])
     assert result.exit_code == 2 and "nothing to evaluate" in result.output
+
+
+def test_missing_or_unreadable_models_are_one_line_errors(tmp_path: Path) -> None:
+    dense = tmp_path / "dense.onnx"
+    onnx.save(bigram_model(np.eye(VOCAB), with_mask=False), str(dense))
+    np.savez(tmp_path / "heldout.npz", input_ids=np.zeros((2, 3), np.int64))
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(dense.read_bytes()[:40])
+    for pruned in (tmp_path / "missing.onnx", broken):
+        result = runner.invoke(app, ["eval", str(dense), str(pruned), "--calib", str(tmp_path / "heldout.npz")])
+        assert result.exit_code == 2 and result.output.count("\n") <= 2, result.output
+        assert str(pruned.name) in result.output and "Traceback" not in result.output

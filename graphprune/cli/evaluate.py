@@ -66,6 +66,9 @@ def evaluate(
 
     if calib is None and text is None and token_windows is None:
         raise GraphpruneError("nothing to evaluate on: pass --calib DATA, --text FILE or --token-windows FILE")
+    for path in (dense, pruned):
+        if not path.is_file():
+            raise GraphpruneError(f"{path}: no such model file")
     report: dict[str, Any] = {"dense": str(dense), "pruned": str(pruned)}
     if calib is not None:
         report["outputs"] = _compare(dense, pruned, calib, batch_size)
@@ -83,15 +86,14 @@ def evaluate(
 
 def _compare(dense: Path, pruned: Path, calib: Path, batch_size: int) -> list[dict[str, object]]:
     from graphprune.calibration.data import open_source
-    from graphprune.calibration.providers import import_ort
     from graphprune.calibration.signature import model_inputs
     from graphprune.compare import compare_outputs
+    from graphprune.evaluate import open_session
     from graphprune.model_io import load_model
 
-    ort = import_ort()
     model = load_model(dense)
     source = open_source(calib, model, model_inputs(model), batch_size=batch_size)
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (dense, pruned)]
+    sessions = [open_session(p) for p in (dense, pruned)]
     names = [o.name for o in sessions[0].get_outputs()]
 
     def runner(session: Any) -> Any:

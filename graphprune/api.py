@@ -52,6 +52,10 @@ def prune_file(
     model, external = load_model_and_layout(model_path)
     prune = PrunePass(config, stats, on_weight)
     targets, skips = prune.plan(model)
+    if not targets:
+        reasons = sorted({s.reason for s in skips})
+        detail = f": {len(skips)} weight-like tensors skipped ({'; '.join(reasons[:2])})" if skips else ""
+        raise GraphpruneError(f"nothing to prune in {model_path}{detail}")
     if on_plan:
         on_plan(len(targets))
     warnings: list[str] = []

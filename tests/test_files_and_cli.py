@@ -213,3 +213,17 @@ def test_truncated_external_data_is_a_one_line_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["apply", str(source)])
     assert result.exit_code == 2 and "truncated" in result.output
     assert not (tmp_path / "ext.pruned.onnx").exists()
+
+
+def test_nothing_to_prune_is_an_error_and_writes_nothing(model_path: Path) -> None:
+    result = runner.invoke(app, ["apply", str(model_path), "--include", "no-such-weight"])
+    assert result.exit_code == 2 and "nothing to prune" in result.output and "--include" in result.output
+    assert not model_path.with_name("model.pruned.onnx").exists()
+
+
+def test_error_text_in_brackets_is_printed_as_is(model_path: Path, tmp_path: Path) -> None:
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((4, 16)).astype(np.float32))
+    args = ["calibrate", str(model_path), "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "s.npz")]
+    result = runner.invoke(app, [*args, "--provider", "cuda"])
+    # this suite runs with the CPU-only onnxruntime: the hint names the [gpu] extra, brackets included
+    assert result.exit_code == 2 and "graphprune[gpu]" in result.output.replace("\n", "")

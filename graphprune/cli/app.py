@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from graphprune.errors import GraphpruneError
 
@@ -34,7 +35,7 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except GraphpruneError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt:
             console.print("[red]interrupted[/red]: nothing was written")

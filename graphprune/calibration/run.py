@@ -97,7 +97,7 @@ def calibrate(
     if session.get_providers()[0] != providers[0]:
         warnings.append(f"onnxruntime fell back from {providers[0]} to {session.get_providers()[0]}")
 
-    acc = _Accumulator(plan)
+    acc = Accumulator(plan)
     with _progress(progress) as bar:
         task = bar.add_task("calibrating", total=source.total)
         label, feed = first[0], first_feed
@@ -115,7 +115,7 @@ def calibrate(
     return acc.result(targets, warnings)
 
 
-class _Accumulator:
+class Accumulator:
     """Float64 sums per tap, folded into per-target statistics at the end."""
 
     def __init__(self, plan: TapPlan) -> None:

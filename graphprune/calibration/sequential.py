@@ -23,13 +23,13 @@ import onnx
 from onnx import helper
 
 from graphprune.calibration.providers import import_ort, session_options
-from graphprune.calibration.run import _Accumulator as Accumulator
+from graphprune.calibration.run import Accumulator
 from graphprune.calibration.stats import ActivationStats
 from graphprune.calibration.taps import plan_taps, tapped
 from graphprune.errors import GraphpruneError
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
 from graphprune.scores import Method
-from graphprune.targets import Target, node_labels
+from graphprune.targets import Skip, Target, node_labels
 
 Feed = Mapping[str, np.ndarray]
 PruneGroup = Callable[[list[Target], ActivationStats], None]
@@ -226,13 +226,14 @@ def prune_sequentially(
     on_group: Callable[[int, int], None] | None = None,
     on_weight: Callable[[str], None] | None = None,
     group_by: str = "block",
+    plan: tuple[list[Target], list[Skip]] | None = None,
 ) -> tuple[PruneResult, list[str]]:
     """Prune ``model`` in place, each group of targets scored on activations of the already pruned model.
 
-    Returns the pruning result and the calibration warnings.
+    ``plan`` is :meth:`PrunePass.plan`'s result when the caller already has it. Returns the pruning result and
+    the calibration warnings.
     """
-    planner = PrunePass(config)
-    targets, skips = planner.plan(model)
+    targets, skips = plan or PrunePass(config).plan(model)
     if not targets:
         raise GraphpruneError("the model has no prunable weights for this pattern and selection")
     reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]

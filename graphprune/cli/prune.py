@@ -223,8 +223,6 @@ def _eligibility(model: onnx.ModelProto, result: CheckResult) -> list[Eligibilit
 
 
 def _load_stats(path: Path) -> ActivationStats:
-    from graphprune.calibration.stats import ActivationStats
-
     if not path.exists():
         raise GraphpruneError(f"{path}: no such statistics file")
     return ActivationStats.load(path)

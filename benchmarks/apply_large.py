@@ -8,7 +8,7 @@ All weights are float32 in one external data file, IR version 8, opset 18. Defau
 Then, in one run and each in its own subprocess (so peak RSS, the child's ``VmHWM``, is that process's alone):
 
 * ``baseline``: ``onnx.load`` with external data, ``onnx.save`` with external data to a new path;
-* ``apply-2:4``: ``graphprune.api.prune_file`` with magnitude 2:4 (what ``graphprune apply --nm 2:4`` runs);
+* ``apply-2:4``: ``prune_file`` with magnitude 2:4 (what ``graphprune apply --nm 2:4`` runs);
 * ``apply-50%``: ``prune_file`` with magnitude, 50 % unstructured per output neuron (``--no-unstructured`` skips).
 
 The cases alternate in order over ``--repeats`` rounds; medians are printed. Time is the operation inside the
@@ -229,10 +229,10 @@ def child(case: str, model_path: Path, output: Path, profile: Path | None) -> No
     if case.startswith("apply"):
         if str(ROOT) not in sys.path:  # run from a checkout without installing graphprune
             sys.path.insert(0, str(ROOT))
-        from graphprune.api import prune_file
+        from graphprune.algorithms.pattern import NMPattern, Scope, Unstructured
+        from graphprune.algorithms.scores import Method
         from graphprune.passes.prune import PruneConfig
-        from graphprune.pattern import NMPattern, Scope, Unstructured
-        from graphprune.scores import Method
+        from graphprune.pipeline.files import prune_file
 
         pattern = NMPattern(2, 4) if case == "apply-2:4" else Unstructured(0.5, Scope.OUTPUT)
         config = PruneConfig(pattern, Method.MAGNITUDE)

@@ -71,7 +71,7 @@ def child(mode: str, model: Path, data: Path, batch: int, dump_batches: int, sta
     # dump: the activations every target reads become graph outputs, and every batch's values are kept
     import onnx
 
-    from graphprune.targets import find_targets
+    from graphprune.graph.targets import find_targets
 
     proto = onnx.load(str(model))
     names = sorted({c.activation for t in find_targets(proto).targets for c in t.consumers})

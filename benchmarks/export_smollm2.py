@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from graphprune import assets
+    from graphprune import demo
 except ImportError:  # run as a script from a checkout without installing graphprune
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from graphprune import assets
+    from graphprune import demo
 
 OPSET = 18
 IR_VERSION = 8  # the lowest IR version opset 18 allows; read by onnxruntime >= 1.14
@@ -110,14 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: <cache>/smollm2)")
     parser.add_argument("--force", action="store_true", help="export again even if model.onnx exists")
     args = parser.parse_args(argv)
-    out: Path = args.out or assets.cache_dir() / "smollm2"
+    out: Path = args.out or demo.cache_dir() / "smollm2"
     model_path, tokenizer_path = out / "model.onnx", out / "tokenizer.json"
     if model_path.exists() and tokenizer_path.exists() and not args.force:
         print(f"{model_path} exists (use --force to export again)")
         return 0
 
     start = time.perf_counter()
-    model, tokenizer = load_model(assets.smollm2_gguf())
+    model, tokenizer = load_model(demo.smollm2_gguf())
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.backend_tokenizer.save(str(tokenizer_path))
     export_onnx(model, model_path)

@@ -27,12 +27,12 @@ DATA = ROOT.parent / "shared" / "reference" / "smollm2_brown_calib.npz"
 
 def sequential_child(model: Path, data: Path, batch: int, group_by: str) -> dict:
     sys.path.insert(0, str(ROOT))
+    from graphprune.algorithms.pattern import NMPattern
+    from graphprune.algorithms.scores import Method
     from graphprune.calibration.request import CalibrationRequest
-    from graphprune.calibration.sequential import prune_sequentially
-    from graphprune.model_io import load_model
+    from graphprune.graph.model_io import load_model
     from graphprune.passes.prune import PruneConfig
-    from graphprune.pattern import NMPattern
-    from graphprune.scores import Method
+    from graphprune.pipeline.sequential import prune_sequentially
 
     start = time.perf_counter()
     proto = load_model(model)

@@ -93,7 +93,7 @@ def perplexity(model: Path, eval_windows: Path) -> float:
     """Brown held-out perplexity: the same computation as ``graphprune eval --token-windows``."""
     import numpy as np
 
-    from graphprune.evaluate import perplexity as model_perplexity
+    from graphprune.evaluate.perplexity import perplexity as model_perplexity
 
     with np.load(eval_windows) as data:
         return model_perplexity(model, data["input_ids"])

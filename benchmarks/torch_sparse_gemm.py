@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from graphprune import bench_torch as bt
+from graphprune.tensorrt import bench_torch as bt
 
 # (model, layer, out, K): nn.Linear-style weights, K = in_features.
 SHAPES = [

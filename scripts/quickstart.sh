@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[cpu]"
-model=$(.venv/bin/python -m graphprune.assets minilm_l3 | cut -f2)
+model=$(.venv/bin/python -m graphprune.demo minilm_l3 | cut -f2)
 mkdir -p out
 .venv/bin/graphprune apply "$model" --nm 2:4 -o out/minilm.pruned.onnx --force
 .venv/bin/graphprune convert out/minilm.pruned.onnx --fp16 -o out/minilm.fp16.onnx --force

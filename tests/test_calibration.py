@@ -17,7 +17,7 @@ from graphprune.calibration import ActivationStats, calibrate, fingerprint
 from graphprune.calibration.synthetic import parse_shape
 from graphprune.cli import app
 from graphprune.errors import GraphpruneError
-from graphprune.targets import Consumer, Target
+from graphprune.graph.targets import Consumer, Target
 
 IR_VERSION = 10
 OPSETS = [17, 18]

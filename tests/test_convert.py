@@ -17,14 +17,14 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+from graphprune.algorithms.layout import from_canonical, to_canonical
+from graphprune.algorithms.masks import nm_mask, nm_violations
+from graphprune.algorithms.pattern import NMPattern
 from graphprune.cli import app
 from graphprune.errors import GraphpruneError
-from graphprune.layout import from_canonical, to_canonical
-from graphprune.masks import nm_mask, nm_violations
+from graphprune.graph.targets import find_targets
+from graphprune.graph.weights import WeightStore
 from graphprune.passes.convert import ConvertToHalf, to_half
-from graphprune.pattern import NMPattern
-from graphprune.targets import find_targets
-from graphprune.weights import WeightStore
 from tests.onnx_builders import init, make_model, run, tensor
 
 PATTERN = NMPattern(2, 4)
@@ -334,9 +334,9 @@ def test_cli_convert_writes_atomically_and_never_touches_input(tmp_path) -> None
 
 @pytest.mark.slow
 def test_minilm_fp16_close_to_fp32_and_24_survives() -> None:
-    assets = pytest.importorskip("graphprune.assets")
+    assets = pytest.importorskip("graphprune.demo")
     if not hasattr(assets, "minilm_l3"):
-        pytest.skip("graphprune.assets.minilm_l3 is not available yet")
+        pytest.skip("graphprune.demo.minilm_l3 is not available yet")
     try:
         path = assets.minilm_l3()
     except GraphpruneError as exc:  # no registry reachable (e.g. an offline GPU machine)

@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from graphprune.eligibility import assess, eligibility_report, render_table, summary
+from graphprune.graph.targets import Consumer, Target
 from graphprune.passes.convert import ConvertToHalf
-from graphprune.targets import Consumer, Target
+from graphprune.tensorrt.eligibility import assess, eligibility_report, render_table, summary
 from tests.onnx_builders import init, make_model, reference_nm_mask, tensor
 
 

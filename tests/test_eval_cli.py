@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from typer.testing import CliRunner
 
 from graphprune.cli import app
-from graphprune.evaluate import text_windows
+from graphprune.evaluate.perplexity import text_windows
 from tests.test_evaluate import VOCAB, bigram_model, expected_perplexity
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.errors import GraphpruneError
-from graphprune.evaluate import nll_from_logits, perplexity
+from graphprune.evaluate.perplexity import nll_from_logits, perplexity
 
 VOCAB = 11
 

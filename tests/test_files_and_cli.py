@@ -14,7 +14,7 @@ from onnx import helper
 from typer.testing import CliRunner
 
 from graphprune.cli import app
-from graphprune.model_io import load_model, save_model
+from graphprune.graph.model_io import load_model, save_model
 from tests.onnx_builders import init, make_model, run, tensor
 
 RNG = np.random.default_rng(3)

@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphprune.layout import from_canonical, to_canonical
-from graphprune.masks import keep_top, mask_from_scores, nm_violations
-from graphprune.pattern import NMPattern, Scope, Unstructured
+from graphprune.algorithms.layout import from_canonical, to_canonical
+from graphprune.algorithms.masks import keep_top, mask_from_scores, nm_violations
+from graphprune.algorithms.pattern import NMPattern, Scope, Unstructured
 
 
 @st.composite

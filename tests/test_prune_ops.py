@@ -11,12 +11,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphprune.masks import nm_violations
+from graphprune.algorithms.masks import nm_violations
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.graph.targets import find_targets
+from graphprune.graph.weights import WeightStore
 from graphprune.passes.check import CheckPass
 from graphprune.passes.prune import PruneConfig, PrunePass
-from graphprune.pattern import NMPattern
-from graphprune.targets import find_targets
-from graphprune.weights import WeightStore
 from tests.onnx_builders import init, initializer, make_model, reference_nm_mask, run, tensor
 
 RNG = np.random.default_rng(1234)
@@ -249,7 +249,7 @@ def test_check_finds_a_violation_along_k_only() -> None:
 
 
 def test_unstructured_sparsity_is_exact_per_output_neuron() -> None:
-    from graphprune.pattern import Unstructured
+    from graphprune.algorithms.pattern import Unstructured
 
     case = matmul_b()
     PrunePass(PruneConfig(Unstructured(0.75), include_head=True)).call(case.model)

@@ -9,12 +9,12 @@ import onnx
 import pytest
 from onnx import helper
 
+from graphprune.algorithms.masks import nm_violations
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.algorithms.scores import Method
+from graphprune.algorithms.sparsegpt import sparsegpt
 from graphprune.errors import GraphpruneError
-from graphprune.masks import nm_violations
 from graphprune.passes.prune import PruneConfig, PrunePass
-from graphprune.pattern import NMPattern
-from graphprune.scores import Method
-from graphprune.sparsegpt import sparsegpt
 from tests.onnx_builders import init, initializer, make_model, run, tensor
 
 RNG = np.random.default_rng(11)
@@ -85,10 +85,10 @@ def test_sparsegpt_skips_quantized_weights_with_a_reason() -> None:
 
 
 def test_one_shot_grams_over_the_memory_budget_are_spilled_with_the_same_result(tmp_path) -> None:
-    from graphprune.api import prune_file
     from graphprune.calibration.gram_budget import chunks_within, gram_bytes
     from graphprune.calibration.request import CalibrationRequest
-    from graphprune.targets import find_targets
+    from graphprune.graph.targets import find_targets
+    from graphprune.pipeline.files import prune_file
     from tests.test_sequential import residual_blocks_model
 
     model, _ = residual_blocks_model()

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from graphprune.calibration.sequential import prune_sequentially, target_groups
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.algorithms.scores import Method
 from graphprune.errors import GraphpruneError
+from graphprune.graph.targets import find_targets
 from graphprune.passes.prune import PruneConfig
-from graphprune.pattern import NMPattern
-from graphprune.scores import Method
-from graphprune.targets import find_targets
+from graphprune.pipeline.sequential import prune_sequentially, target_groups
 from tests.onnx_builders import init, initializer, make_model, tensor
 
 RNG = np.random.default_rng(21)

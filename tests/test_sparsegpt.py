@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphprune.masks import mask_from_scores, nm_violations
-from graphprune.pattern import NMPattern, Pattern, Scope, Unstructured
-from graphprune.sparsegpt import (
+from graphprune.algorithms.masks import mask_from_scores, nm_violations
+from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
+from graphprune.algorithms.sparsegpt import (
     _inverse_cholesky_upper,
     sparsegpt,
     sparsegpt_reconstruction_error,

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.graph.selection import select_targets
+from graphprune.graph.targets import find_targets
 from graphprune.passes.prune import PruneConfig, PrunePass
-from graphprune.pattern import NMPattern
-from graphprune.selection import select_targets
-from graphprune.targets import find_targets
 from tests.onnx_builders import init, initializer, make_model, reference_nm_mask, run, tensor
 
 RNG = np.random.default_rng(7)

@@ -23,9 +23,9 @@ import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from graphprune import tensorrt_build as tb
 from graphprune.cli import app
 from graphprune.errors import GraphpruneError
+from graphprune.tensorrt import build as tb
 from tests.onnx_builders import init, make_model, tensor
 
 # Modelled on the developer guide's example (trtexec prefixes each line with date and severity).

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from graphprune.calibration.stats import ActivationStats
-from graphprune.targets import Target
+from graphprune.graph.targets import Target
 
 GIB = 1 << 30
 

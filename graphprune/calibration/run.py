@@ -34,7 +34,7 @@ from graphprune.calibration.signature import feed_samples, model_inputs, validat
 from graphprune.calibration.stats import ActivationStats, TargetInfo, fingerprint
 from graphprune.calibration.taps import TapPlan, plan_taps, tapped
 from graphprune.errors import GraphpruneError
-from graphprune.targets import Target
+from graphprune.graph.targets import Target
 
 _PROTOBUF_LIMIT = 2**31 - 2**24  # leave room under protobuf's 2 GiB for the taps and headers
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # for models loaded from bytes
@@ -65,7 +65,7 @@ def calibrate(
     """
     proto, base_dir = _load(model)
     if targets is None:
-        from graphprune.targets import find_targets
+        from graphprune.graph.targets import find_targets
 
         targets = find_targets(proto, include_head=True).targets
     if not targets:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from graphprune.errors import GraphpruneError
-from graphprune.targets import Target
+from graphprune.graph.targets import Target
 
 FORMAT = "graphprune-activation-stats"
 VERSION = 1

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.targets import Target
+from graphprune.graph.targets import Target
 
 # Initializers at most this large keep their values in the weightless copy used for shape inference.
 _SMALL_INITIALIZER = 4096

@@ -33,9 +33,9 @@ def convert(
 
     Example: graphprune convert model.pruned.onnx --fp16 -o model.fp16.onnx
     """
-    from graphprune.eligibility import eligibility_report, summary
-    from graphprune.model_io import check_output_path, load_model, save_model
+    from graphprune.graph.model_io import check_output_path, load_model, save_model
     from graphprune.passes.convert import ConvertToHalf
+    from graphprune.tensorrt.eligibility import eligibility_report, summary
 
     if fp16 and bf16:
         raise GraphpruneError("choose one of --fp16 and --bf16")
@@ -105,7 +105,7 @@ def build(
 
     Example: graphprune build model.fp16.onnx -o model.engine --shapes input_ids:1x16,8x128,32x512
     """
-    from graphprune.tensorrt_build import build_engine
+    from graphprune.tensorrt.build import build_engine
 
     if output.exists() and not force:
         raise GraphpruneError(f"{output} exists; pass --force to overwrite it")
@@ -174,8 +174,14 @@ def bench(
 
 
 def _bench_torch(model: Path, tokens: str, cutlass: bool, iterations: int) -> None:
-    from graphprune.bench_torch import bench_cases, device_description, markdown_table, model_cases, parse_tokens
-    from graphprune.model_io import load_model
+    from graphprune.graph.model_io import load_model
+    from graphprune.tensorrt.bench_torch import (
+        bench_cases,
+        device_description,
+        markdown_table,
+        model_cases,
+        parse_tokens,
+    )
 
     counts = parse_tokens(tokens)
     cases = model_cases(load_model(model))
@@ -187,7 +193,7 @@ def _bench_torch(model: Path, tokens: str, cutlass: bool, iterations: int) -> No
 
 
 def _bench_tensorrt(model: Path, shapes: list[str], precision: str, iterations: int) -> None:
-    from graphprune.tensorrt_build import build_engine, time_engine
+    from graphprune.tensorrt.build import build_engine, time_engine
 
     with tempfile.TemporaryDirectory(prefix="graphprune-bench-") as tmp:
         timings = {}

@@ -62,7 +62,7 @@ def evaluate(
 
     Example: graphprune eval model.onnx model.pruned.onnx --text heldout.txt --tokenizer tokenizer.json
     """
-    from graphprune.evaluate import perplexity
+    from graphprune.evaluate.perplexity import perplexity
 
     if calib is None and text is None and token_windows is None:
         raise GraphpruneError("nothing to evaluate on: pass --calib DATA, --text FILE or --token-windows FILE")
@@ -87,9 +87,9 @@ def evaluate(
 def _compare(dense: Path, pruned: Path, calib: Path, batch_size: int) -> list[dict[str, object]]:
     from graphprune.calibration.data import open_source
     from graphprune.calibration.signature import model_inputs
-    from graphprune.compare import compare_outputs
-    from graphprune.evaluate import open_session
-    from graphprune.model_io import load_model
+    from graphprune.evaluate.compare import compare_outputs
+    from graphprune.evaluate.perplexity import open_session
+    from graphprune.graph.model_io import load_model
 
     model = load_model(dense)
     source = open_source(calib, model, model_inputs(model), batch_size=batch_size)
@@ -114,7 +114,7 @@ def _windows(
     offset: int,
     bos: str | None,
 ) -> tuple[np.ndarray, str | None]:
-    from graphprune.evaluate import find_bos, text_windows
+    from graphprune.evaluate.perplexity import find_bos, text_windows
 
     if token_windows is not None:
         if not token_windows.is_file():

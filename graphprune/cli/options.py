@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured, parse_nm
 from graphprune.errors import GraphpruneError
-from graphprune.pattern import NMPattern, Pattern, Scope, Unstructured, parse_nm
 
 
 def pattern_from_options(nm: str | None, sparsity: float | None, scope: Scope) -> Pattern:

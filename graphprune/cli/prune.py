@@ -11,7 +11,8 @@ import onnx
 import typer
 from rich.table import Table
 
-from graphprune.api import prune_file, report_path
+from graphprune.algorithms.pattern import NMPattern, Scope
+from graphprune.algorithms.scores import Method
 from graphprune.calibration.stats import ActivationStats
 from graphprune.cli.app import app, console, out, user_errors
 from graphprune.cli.calib_options import (
@@ -27,14 +28,13 @@ from graphprune.cli.calib_options import (
 )
 from graphprune.cli.options import pattern_from_options
 from graphprune.cli.progress import progress_bar
-from graphprune.eligibility import Eligibility, eligibility_report, render_table, summary
 from graphprune.errors import GraphpruneError
-from graphprune.model_io import load_model
+from graphprune.graph.model_io import load_model
+from graphprune.graph.targets import find_targets
 from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PruneResult
-from graphprune.pattern import NMPattern, Scope
-from graphprune.scores import Method
-from graphprune.targets import find_targets
+from graphprune.pipeline.files import prune_file, report_path
+from graphprune.tensorrt.eligibility import Eligibility, eligibility_report, render_table, summary
 
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model to read (never modified). Example: model.onnx")]
 NmOpt = Annotated[

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from graphprune.layout import to_canonical
-from graphprune.masks import nm_violations
-from graphprune.pattern import NMPattern
-from graphprune.selection import select_targets
-from graphprune.targets import Skip, Target, find_targets
-from graphprune.weights import WeightStore
+from graphprune.algorithms.layout import to_canonical
+from graphprune.algorithms.masks import nm_violations
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.graph.selection import select_targets
+from graphprune.graph.targets import Skip, Target, find_targets
+from graphprune.graph.weights import WeightStore
 
 
 @dataclass(frozen=True)

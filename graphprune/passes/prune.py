@@ -9,15 +9,15 @@ from typing import Protocol
 import numpy as np
 import onnx
 
+from graphprune.algorithms.layout import from_canonical, to_canonical
+from graphprune.algorithms.masks import mask_from_scores, nm_mask
+from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
+from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
+from graphprune.algorithms.sparsegpt import sparsegpt
 from graphprune.errors import GraphpruneError
-from graphprune.layout import from_canonical, to_canonical
-from graphprune.masks import mask_from_scores, nm_mask
-from graphprune.pattern import NMPattern, Pattern, Scope, Unstructured
-from graphprune.scores import Method, magnitude_scores, wanda_scores
-from graphprune.selection import select_targets
-from graphprune.sparsegpt import sparsegpt
-from graphprune.targets import Skip, Target, find_targets
-from graphprune.weights import StoredWeight, WeightStore
+from graphprune.graph.selection import select_targets
+from graphprune.graph.targets import Skip, Target, find_targets
+from graphprune.graph.weights import StoredWeight, WeightStore
 
 # Masks of N:M and per-output-neuron patterns are independent per row: score this many elements at a time, so
 # the temporaries stay small next to the model even for the largest weights.

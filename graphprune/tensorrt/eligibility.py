@@ -13,7 +13,7 @@ Sparsity"; NVIDIA's sparsity blog posts):
   below that TensorRT usually finds the dense kernel faster ("too small to gain", not an error).
 
 Even an eligible layer may run dense: TensorRT times both and keeps the faster. Only the build log tells
-(:mod:`graphprune.tensorrt_build`).
+(:mod:`graphprune.tensorrt.build`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import numpy as np
 import onnx
 from rich.table import Table
 
-from graphprune.layout import to_canonical
-from graphprune.masks import nm_violations
-from graphprune.pattern import NMPattern
-from graphprune.targets import Target, find_targets
-from graphprune.weights import WeightStore
+from graphprune.algorithms.layout import to_canonical
+from graphprune.algorithms.masks import nm_violations
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.graph.targets import Target, find_targets
+from graphprune.graph.weights import WeightStore
 
 Status = Literal["eligible", "too small to gain", "ineligible"]
 SPARSE_PATTERN = NMPattern(2, 4)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphprune.pattern import NMPattern, Pattern, Scope, Unstructured
+from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 
 
 def mask_from_scores(scores: np.ndarray, pattern: Pattern) -> np.ndarray:

@@ -22,14 +22,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from graphprune.algorithms.scores import Method
 from graphprune.calibration.providers import import_ort, session_options
 from graphprune.calibration.run import Accumulator
 from graphprune.calibration.stats import ActivationStats
 from graphprune.calibration.taps import plan_taps, tapped
 from graphprune.errors import GraphpruneError
+from graphprune.graph.targets import Skip, Target, node_labels
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
-from graphprune.scores import Method
-from graphprune.targets import Skip, Target, node_labels
 
 Feed = Mapping[str, np.ndarray]
 PruneGroup = Callable[[list[Target], ActivationStats], None]

@@ -22,10 +22,10 @@ Mask selection
   The reference prunes ``tmp <= sort(tmp)[int(numel · s)]``, which prunes one weight too many per block and
   more on ties; here the counts are exact. A comparison group (the whole layer for ``Scope.LAYER``, the
   reference's behaviour and SparseGPT's default; each row for ``Scope.OUTPUT``; each column for
-  ``Scope.INPUT``) of n weights loses ``int(n · s)`` of them, as :mod:`graphprune.masks` counts, spread over
-  the blocks by the cumulative rule ``c(i) = ⌊n_prune · i / K⌋`` (the block ``[i1, i2)`` prunes
+  ``Scope.INPUT``) of n weights loses ``int(n · s)`` of them, as :mod:`~graphprune.algorithms.masks` counts,
+  spread over the blocks by the cumulative rule ``c(i) = ⌊n_prune · i / K⌋`` (the block ``[i1, i2)`` prunes
   ``c(i2) - c(i1)``), so the layer ends with exactly the same number of zeros as a one-shot mask would.
-* Tie rule (the one of :mod:`graphprune.masks`): among equal saliencies the earlier position is kept, i.e.
+* Tie rule (that of :mod:`~graphprune.algorithms.masks`): among equal saliencies the earlier one is kept, i.e.
   the later position is pruned first — in row-major order of the block for ``Scope.LAYER``, along K for
   ``Scope.OUTPUT`` and N:M, along the rows for ``Scope.INPUT``.
 """
@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphprune.masks import nm_mask
-from graphprune.pattern import NMPattern, Pattern, Scope, Unstructured
+from graphprune.algorithms.masks import nm_mask
+from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 
 # Compute precision. H and its inverse Cholesky factor are always float64: they cost O(K³) once, and H⁻¹ of
 # a Gram matrix is ill-conditioned (λ = 1% of the mean diagonal bounds it only loosely), so float32 there loses

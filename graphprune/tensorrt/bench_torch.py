@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from graphprune.algorithms.layout import to_canonical
+from graphprune.algorithms.masks import nm_violations
+from graphprune.algorithms.pattern import NMPattern
 from graphprune.errors import GraphpruneError
-from graphprune.layout import to_canonical
-from graphprune.masks import nm_violations
-from graphprune.pattern import NMPattern
 
 if TYPE_CHECKING:
     import onnx
 
-    from graphprune.targets import Target
+    from graphprune.graph.targets import Target
 
 Backend = Literal["cusparselt", "cutlass"]
 _PATTERN = NMPattern(2, 4)
@@ -85,8 +85,8 @@ def gemm_weight(target: Target, values: np.ndarray) -> np.ndarray:
 
 def model_cases(model: onnx.ModelProto, include_head: bool = False) -> list[GemmCase]:
     """One case per target of ``model`` that is 2:4 along K (others are not what this benchmark is about)."""
-    from graphprune.targets import find_targets  # ONNX only here: the GEMM benchmark itself needs no onnx
-    from graphprune.weights import WeightStore
+    from graphprune.graph.targets import find_targets  # ONNX only here: the GEMM benchmark itself needs no onnx
+    from graphprune.graph.weights import WeightStore
 
     store = WeightStore(model)
     cases = []

@@ -9,7 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphprune.errors import GraphpruneError
-from graphprune.targets import Target
+from graphprune.graph.targets import Target
 
 
 @dataclass

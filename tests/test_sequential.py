@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -50,7 +51,7 @@ def two_block_model():
 
 def test_groups_follow_the_dependency_order() -> None:
     model, _ = two_block_model()
-    groups = target_groups(model, find_targets(model).targets)
+    groups = target_groups(ir.from_proto(model), find_targets(model).targets)
     assert [[t.name for t in g] for g in groups] == [["w1"], ["w2"], ["w3"]]
 
 
@@ -107,8 +108,9 @@ def residual_blocks_model():
 def test_blocks_are_found_from_the_repeating_levels() -> None:
     model, _ = residual_blocks_model()
     targets = find_targets(model).targets
-    assert [[t.name for t in g] for g in target_groups(model, targets)] == [["a1", "b1"], ["a2", "b2"]]
-    assert len(target_groups(model, targets, by="level")) == 4
+    groups = target_groups(ir.from_proto(model), targets)
+    assert [[t.name for t in g] for g in groups] == [["a1", "b1"], ["a2", "b2"]]
+    assert len(target_groups(ir.from_proto(model), targets, by="level")) == 4
 
 
 def test_a_block_is_calibrated_dense_inside_and_pruned_before_the_next() -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,15 +87,10 @@ def prune_file(
             from graphprune.calibration import ActivationStats, calibrate
             from graphprune.calibration.gram_budget import GIB, calibrate_within
 
+            request = replace(calibration, gram=config.method is Method.SPARSEGPT)
+
             def calibrate_chunk(chunk: list[Target]) -> ActivationStats:
-                return calibrate(
-                    model,
-                    calibration.data,
-                    chunk,
-                    provider=calibration.provider,
-                    gram=config.method is Method.SPARSEGPT,
-                    **calibration.options(),
-                )
+                return calibrate(model, request, chunk)
 
             if config.method is Method.SPARSEGPT:
                 stats = calibrate_within(targets, int(calibration.gram_memory_gb * GIB), calibrate_chunk)

@@ -22,6 +22,7 @@ _MODEL_GRAPH = 7  # ModelProto.graph
 _GRAPH_INITIALIZER = 5  # GraphProto.initializer
 _TENSOR_RAW_DATA = 9  # TensorProto.raw_data
 _LENGTH_DELIMITED = 2
+_INLINE_BYTES = 1024  # smaller tensors stay inline: shape inference reads constant shapes and axes
 
 
 def open_model(path: str | Path) -> ir.Model:
@@ -112,7 +113,11 @@ def _without_raw_data(data: memoryview) -> tuple[bytes, dict[int, tuple[int, int
                 continue
             tensor: list[bytes] = []
             for t_number, t_wire, t_start, t_payload, t_end in _fields(data, g_payload, g_end):
-                if t_number == _TENSOR_RAW_DATA and t_wire == _LENGTH_DELIMITED:
+                if (
+                    t_number == _TENSOR_RAW_DATA
+                    and t_wire == _LENGTH_DELIMITED
+                    and t_end - t_payload > _INLINE_BYTES
+                ):
                     raw[index] = (t_payload, t_end - t_payload)
                 else:
                     tensor.append(bytes(data[t_start:t_end]))

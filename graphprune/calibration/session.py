@@ -110,10 +110,13 @@ def session_model(
     graph = model.graph
     read = {id(v) for n in nodes for v in outer_reads(n)}
     stored = [v for v in graph.initializers.values() if id(v) in read and v not in inputs]
-    kept, stubs, injected = [*constants], [], {}
+    kept, stubs, small, injected = [*constants], [], [], {}
     folder: Path | None = None  # onnxruntime reads external data from one folder; others come in memory
     for value in stored:
         tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= _INLINE_BYTES:
+            small.append(value)  # onnxruntime's shape inference reads small constants, never from files
+            continue
         if isinstance(tensor, ir.ExternalTensor):
             here = Path(tensor.base_dir).resolve()
             folder = folder or here
@@ -133,6 +136,10 @@ def session_model(
     ir.serde.serialize_graph_into(proto.graph, view)
     for value in stubs:
         _stub(proto.graph.initializer.add(), value)
+    for value in small:
+        assert value.const_value is not None
+        inline = ir.Tensor(value.const_value.numpy(), name=value.name)
+        ir.serde.serialize_tensor_into(proto.graph.initializer.add(), inline)
     return SessionModel(proto, injected, folder)
 
 

@@ -608,3 +608,43 @@ def test_taps_of_later_activations_come_first_so_onnxruntime_runs_each_tap_early
     assert [o.name for o in proto.graph.output] == plan.output_names
     assert [len(v.uses()) for v in graph_model.graph.initializers.values()] == [1, 1]
     assert model.SerializeToString() == ir.to_proto(graph_model).SerializeToString() or len(model.graph.node) == 3
+
+
+def test_the_tapped_graph_ends_at_the_last_tap_and_computes_nothing_downstream() -> None:
+    """Head and output are cut away: a head whose output cannot even be computed does not stop calibration."""
+    from graphprune.calibration.taps import plan_taps, tapped_model
+
+    w1, head = weight("w1", (8, 16)), weight("head", (16, 4))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "head"], ["logits"], name="lm_head"),
+        # downstream of every tap, and impossible to run (2*5*4 values into rows of 7): must never execute
+        helper.make_node("Reshape", ["logits", "bad_shape"], ["y"], name="reshape"),
+    ]
+    bad_shape = numpy_helper.from_array(np.array([7, -1], dtype=np.int64), "bad_shape")
+    model = make_model(nodes, [vi("x", ["B", "S", 8])], [vi("y", None)], [w1, head, bad_shape], 18)
+    targets = [
+        target("w1", (8, 16), 0, ("mm1", "MatMul", "x", -1)),
+        target("head", (16, 4), 0, ("lm_head", "MatMul", "r", -1)),
+    ]
+    feeds = feeds_for({"x": (2, 5, 8)})
+    with pytest.raises(Exception, match="reshape"):
+        activations(model, feeds, ["y"])  # the whole model really fails
+
+    graph_model = ir.from_proto(model)
+    with plan_taps(graph_model, targets, gram=True) as plan:
+        proto = tapped_model(graph_model, plan).proto
+    kept = {n.name for n in proto.graph.node if not n.name.startswith("graphprune_tap")}
+    assert kept == {"mm1", "relu"}  # nothing after the last tapped tensor (r)
+    assert {i.name for i in proto.graph.initializer} & {"head", "bad_shape"} == set()
+    assert [o.name for o in proto.graph.output] == plan.output_names
+
+    stats = calib(model, feeds, targets, gram=True)
+    x = [f["x"] for f in feeds]
+    r = [np.maximum(c @ numpy_helper.to_array(w1), 0) for c in x]
+    for name, chunks in (("w1", x), ("head", r)):
+        sumsq, rows, gram = numpy_stats(chunks, -1)
+        np.testing.assert_allclose(stats.sumsq[name], sumsq, rtol=1e-5)
+        np.testing.assert_allclose(stats.gram[name], gram, rtol=1e-4, atol=1e-3)
+        assert stats.rows[name] == rows

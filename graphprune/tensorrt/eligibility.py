@@ -23,13 +23,13 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from rich.table import Table
 
 from graphprune.algorithms.layout import to_canonical
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
-from graphprune.graph.targets import Target, find_targets
-from graphprune.graph.weights import WeightStore
+from graphprune.graph.targets import LOOK_THROUGH, Target, find_targets
 
 Status = Literal["eligible", "too small to gain", "ineligible"]
 SPARSE_PATTERN = NMPattern(2, 4)
@@ -109,7 +109,7 @@ def assess(
 
 
 def eligibility_report(
-    model: onnx.ModelProto,
+    model: ir.Model | onnx.ModelProto,
     targets: list[Target] | None = None,
     precision: str | None = None,
     min_channels: int = MIN_CHANNELS,
@@ -117,61 +117,74 @@ def eligibility_report(
     """One record per target (every target of the model unless given).
 
     ``precision`` is the math precision the build will use (for example ``"fp16"`` for a TensorRT 10 build with
-    the FP16 flag); by default it is read from the model: the type of each consumer's output, or ``int8-qdq``
-    under DequantizeLinear.
+    the FP16 flag); by default it is read from the model: the type the consumer multiplies in, which is the type
+    of the weight as it arrives (stored, or cast), or ``int8-qdq`` under DequantizeLinear.
     """
-    if targets is None:
-        targets = find_targets(model).targets
-    store = WeightStore(model)
-    types = _output_types(model) if precision is None else {}
-    nodes = {n.name: n for n in model.graph.node}
+    graph_model = model if isinstance(model, ir.Model) else ir.from_proto(model)  # wraps, copies no weight
+    if targets is None:  # the target finder still reads protobuf
+        targets = find_targets(model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)).targets
+    made_by = {str(v.name): node for node in graph_model.graph for v in node.outputs if v.name}
     records = []
     for target in targets:
-        weight = store.read(target)
-        stored = weight.values
-        # a quantized weight is zero where it equals its zero point
-        values = stored if weight.zero_point is None else (stored != weight.zero_point)
-        used = precision or _precision(target, types)
-        group = 1
-        for consumer in target.consumers:
-            node = nodes.get(consumer.node)
-            if node is not None and consumer.op == "Conv":
-                group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        records.append(assess(target, values, used, group, min_channels))
+        nodes = [made_by[c.output] for c in target.consumers if c.output in made_by]
+        if not nodes:
+            continue
+        chain = _weight_chain(nodes[0], target.consumers[0].input_index)
+        used = precision or _precision(target, chain)
+        group = max((n.attributes.get_int("group", 1) for n in nodes if n.op_type == "Conv"), default=1)
+        records.append(assess(target, _nonzero_values(chain), used, group, min_channels))
     return records
 
 
-def _precision(target: Target, types: dict[str, int]) -> str:
-    if "DequantizeLinear" in target.through:
-        return "int8-qdq" if target.dtype in ("int8", "uint8") else f"{target.dtype}-qdq"
-    for consumer in target.consumers:
-        if consumer.output in types:
-            return _ONNX_PRECISION.get(types[consumer.output], "other")
+def _weight_chain(consumer: ir.Node, index: int) -> list[ir.Value]:
+    """The weight as the consumer reads it, back through look-through ops to the stored tensor (last)."""
+    value = consumer.inputs[index]
+    assert value is not None
+    chain = [value]
+    producer = value.producer()
+    while producer is not None and producer.op_type in LOOK_THROUGH and producer.inputs and producer.inputs[0]:
+        chain.append(producer.inputs[0])
+        producer = producer.inputs[0].producer()
+    return chain
+
+
+def _stored(value: ir.Value) -> np.ndarray:
+    """The values of an initializer or of a Constant node's output."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    assert producer is not None and producer.op_type == "Constant"
+    return producer.attributes["value"].as_tensor().numpy()
+
+
+def _nonzero_values(chain: list[ir.Value]) -> np.ndarray:
+    """The stored weight, as booleans where it is quantized: a quantized weight is zero at its zero point."""
+    stored = _stored(chain[-1])
+    dequantize = next((v.producer() for v in chain if _op(v) == "DequantizeLinear"), None)
+    if dequantize is None or len(dequantize.inputs) < 3 or dequantize.inputs[2] is None:
+        return stored
+    zero = _stored(dequantize.inputs[2])
+    if zero.ndim == 1 and stored.ndim > 1:  # per-axis zero points along the node's axis
+        shape = [1] * stored.ndim
+        shape[dequantize.attributes.get_int("axis", 1) % stored.ndim] = zero.shape[0]
+        zero = zero.reshape(shape)
+    return stored != zero
+
+
+def _op(value: ir.Value) -> str | None:
+    producer = value.producer()
+    return None if producer is None else producer.op_type
+
+
+def _precision(target: Target, chain: list[ir.Value]) -> str:
+    """The math precision: the weight's type where the consumer reads it (MatMul/Gemm/Conv inputs share it)."""
+    for value in chain:  # the op nearest the consumer decides
+        producer = value.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return "int8-qdq" if target.dtype in ("int8", "uint8") else f"{target.dtype}-qdq"
+        if producer is not None and producer.op_type == "Cast":
+            return _ONNX_PRECISION.get(producer.attributes.get_int("to", 0), "other")
     return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(target.dtype, target.dtype)
-
-
-def _output_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of the graph's tensors from ONNX type inference (empty where inference fails)."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    graph = light.graph
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    names = {i.name for i in model.graph.input}
-    for init in model.graph.initializer:  # typed inputs instead of data: no copy of the weights
-        if init.name not in names:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light).graph
-    except Exception:  # type inference is best effort here: fall back to the stored dtype
-        return {}
-    return {
-        v.name: v.type.tensor_type.elem_type
-        for v in [*inferred.value_info, *inferred.output]
-        if v.type.HasField("tensor_type")
-    }
 
 
 _STYLE = {"eligible": "green", "too small to gain": "yellow", "ineligible": "red"}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
@@ -50,7 +51,7 @@ def two_block_model():
 
 def test_groups_follow_the_dependency_order() -> None:
     model, _ = two_block_model()
-    groups = target_groups(model, find_targets(model).targets)
+    groups = target_groups(model, find_targets(ir.from_proto(model)).targets)
     assert [[t.name for t in g] for g in groups] == [["w1"], ["w2"], ["w3"]]
 
 
@@ -59,6 +60,7 @@ def test_each_block_is_calibrated_on_the_pruned_blocks_before_it() -> None:
     x = RNG.standard_normal((6, 5, 8)).astype(np.float32)
     batches = [{"x": x[:4]}, {"x": x[4:]}]
 
+    model = ir.from_proto(model)
     result, warnings = prune_sequentially(model, PruneConfig(PATTERN, Method.WANDA), batches)
     assert warnings == [] and sorted(w.name for w in result.pruned) == ["w1", "w2", "w3"]
 
@@ -78,8 +80,9 @@ def test_sequential_refuses_control_flow() -> None:
     model, _ = two_block_model()
     branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "b", [], [tensor("z")])
     model.graph.node.append(helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=branch))
+    model.graph.input.append(tensor("cond", TensorProto.BOOL, []))
     with pytest.raises(GraphpruneError, match="control flow"):
-        prune_sequentially(model, PruneConfig(PATTERN), [{"x": np.ones((1, 5, 8), np.float32)}])
+        prune_sequentially(ir.from_proto(model), PruneConfig(PATTERN), [{"x": np.ones((1, 5, 8), np.float32)}])
 
 
 def residual_blocks_model():
@@ -106,7 +109,7 @@ def residual_blocks_model():
 
 def test_blocks_are_found_from_the_repeating_levels() -> None:
     model, _ = residual_blocks_model()
-    targets = find_targets(model).targets
+    targets = find_targets(ir.from_proto(model)).targets
     assert [[t.name for t in g] for g in target_groups(model, targets)] == [["a1", "b1"], ["a2", "b2"]]
     assert len(target_groups(model, targets, by="level")) == 4
 
@@ -114,6 +117,7 @@ def test_blocks_are_found_from_the_repeating_levels() -> None:
 def test_a_block_is_calibrated_dense_inside_and_pruned_before_the_next() -> None:
     model, w = residual_blocks_model()
     x = RNG.standard_normal((12, 8)).astype(np.float32)
+    model = ir.from_proto(model)
     prune_sequentially(model, PruneConfig(PATTERN, Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}])
 
     # the reference: inside a block, B is scored on relu(h A) with A still dense; the next block sees pruned ones

@@ -65,9 +65,11 @@ def calibrate(
     """
     proto, base_dir = _load(model)
     if targets is None:
+        import onnx_ir as ir
+
         from graphprune.graph.targets import find_targets
 
-        targets = find_targets(proto, include_head=True).targets
+        targets = find_targets(ir.from_proto(proto), include_head=True).targets
     if not targets:
         raise GraphpruneError("the model has no prunable weights (MatMul, Gemm or Conv with a stored weight)")
     providers = resolve_providers(provider)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper
 
 from graphprune.algorithms.scores import Method
@@ -28,6 +29,8 @@ from graphprune.calibration.run import Accumulator
 from graphprune.calibration.stats import ActivationStats
 from graphprune.calibration.taps import plan_taps, tapped
 from graphprune.errors import GraphpruneError
+from graphprune.graph.model_io import to_proto
+from graphprune.graph.stored import stored_tensor, stored_values
 from graphprune.graph.targets import Skip, Target, node_labels
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
 
@@ -67,7 +70,7 @@ def _period(signatures: list[tuple]) -> int:
 def target_levels(model: onnx.ModelProto, targets: Sequence[Target]) -> list[list[Target]]:
     """Targets by level (see the module docstring), in dependency order."""
     graph = model.graph
-    labels = node_labels(graph)
+    labels = node_labels(graph.node)
     consumer_of = {c.node: t.name for t in targets for c in t.consumers}
     weights = {c.node: c.input_index for t in targets for c in t.consumers}
     depth: dict[str, int] = {}
@@ -125,7 +128,7 @@ class SequentialCalibration:
             for name in node.input:
                 self._readers.setdefault(name, []).append(i)
         self._stored = {t.name for t in graph.initializer}
-        self._labels = node_labels(graph)
+        self._labels = node_labels(graph.node)
         for done, group in enumerate(groups):
             stats = self._calibrate(group)
             prune_group(group, stats)
@@ -219,7 +222,7 @@ class SequentialCalibration:
 
 
 def prune_sequentially(
-    model: onnx.ModelProto,
+    model: ir.Model,
     config: PruneConfig,
     batches: list[dict[str, np.ndarray]],
     providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -227,24 +230,39 @@ def prune_sequentially(
     on_weight: Callable[[str], None] | None = None,
     group_by: str = "block",
     plan: tuple[list[Target], list[Skip]] | None = None,
+    proto: onnx.ModelProto | None = None,
 ) -> tuple[PruneResult, list[str]]:
     """Prune ``model`` in place, each group of targets scored on activations of the already pruned model.
 
-    ``plan`` is :meth:`PrunePass.plan`'s result when the caller already has it. Returns the pruning result and
-    the calibration warnings.
+    ``plan`` is :meth:`PrunePass.plan`'s result when the caller already has it; ``proto`` is the model as one
+    protobuf with its weights (made here when not given), which the segments run from. Returns the pruning
+    result and the calibration warnings.
     """
+    proto = proto if proto is not None else to_proto(model)
     targets, skips = plan or PrunePass(config).plan(model)
     if not targets:
         raise GraphpruneError("the model has no prunable weights for this pattern and selection")
     reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
     gram = config.method is Method.SPARSEGPT
-    engine = SequentialCalibration(model, batches, list(providers), gram, group_by, on_group)
+    engine = SequentialCalibration(proto, batches, list(providers), gram, group_by, on_group)
 
     def prune_group(group: list[Target], stats: ActivationStats) -> None:
         step = PrunePass(config, stats, on_weight)
         step.check_statistics(group)
         reports.extend(step.prune_targets(model, group))
+        _copy_into_proto(model, proto, group)
 
     engine.run(targets, prune_group)
     reports.sort(key=lambda r: (r.skipped is not None, r.name))
-    return PruneResult(config, reports), engine.warnings
+    return PruneResult(model, bool(targets), config, reports), engine.warnings
+
+
+def _copy_into_proto(model: ir.Model, proto: onnx.ModelProto, group: list[Target]) -> None:
+    """The pruned tensors of ``group``, from the onnx-ir model into the protobuf the next segments run from."""
+    stored = stored_values(model.graph)
+    places = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            places.setdefault(node.output[0], node.attribute[0].t)
+    for target in group:
+        places[target.name].CopyFrom(ir.serde.serialize_tensor(stored_tensor(stored[target.name])))

@@ -23,13 +23,16 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from rich.table import Table
 
 from graphprune.algorithms.layout import to_canonical
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
-from graphprune.graph.targets import Target, find_targets
-from graphprune.graph.weights import WeightStore
+from graphprune.graph.stored import stored_values
+from graphprune.graph.targets import Target, find_targets, node_labels
+from graphprune.graph.types import value_types
+from graphprune.graph.weights import read_weight
 
 Status = Literal["eligible", "too small to gain", "ineligible"]
 SPARSE_PATTERN = NMPattern(2, 4)
@@ -109,7 +112,7 @@ def assess(
 
 
 def eligibility_report(
-    model: onnx.ModelProto,
+    model: ir.Model,
     targets: list[Target] | None = None,
     precision: str | None = None,
     min_channels: int = MIN_CHANNELS,
@@ -122,12 +125,12 @@ def eligibility_report(
     """
     if targets is None:
         targets = find_targets(model).targets
-    store = WeightStore(model)
-    types = _output_types(model) if precision is None else {}
-    nodes = {n.name: n for n in model.graph.node}
+    weights = stored_values(model.graph)
+    types = {name: elem for name, (elem, _) in value_types(model).items()} if precision is None else {}
+    nodes = dict(zip(node_labels(list(model.graph)), model.graph, strict=True))
     records = []
     for target in targets:
-        weight = store.read(target)
+        weight = read_weight(weights, target)
         stored = weight.values
         # a quantized weight is zero where it equals its zero point
         values = stored if weight.zero_point is None else (stored != weight.zero_point)
@@ -136,7 +139,7 @@ def eligibility_report(
         for consumer in target.consumers:
             node = nodes.get(consumer.node)
             if node is not None and consumer.op == "Conv":
-                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+                group = node.attributes.get_int("group", 1)
         records.append(assess(target, values, used, group, min_channels))
     return records
 
@@ -148,30 +151,6 @@ def _precision(target: Target, types: dict[str, int]) -> str:
         if consumer.output in types:
             return _ONNX_PRECISION.get(types[consumer.output], "other")
     return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(target.dtype, target.dtype)
-
-
-def _output_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of the graph's tensors from ONNX type inference (empty where inference fails)."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    graph = light.graph
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    names = {i.name for i in model.graph.input}
-    for init in model.graph.initializer:  # typed inputs instead of data: no copy of the weights
-        if init.name not in names:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light).graph
-    except Exception:  # type inference is best effort here: fall back to the stored dtype
-        return {}
-    return {
-        v.name: v.type.tensor_type.elem_type
-        for v in [*inferred.value_info, *inferred.output]
-        if v.type.HasField("tensor_type")
-    }
 
 
 _STYLE = {"eligible": "green", "too small to gain": "yellow", "ineligible": "red"}

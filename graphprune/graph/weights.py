@@ -36,7 +36,9 @@ class StoredWeight:
 
     def zero_value(self) -> np.ndarray | int:
         """The stored value that means zero: the zero point under DequantizeLinear, else 0."""
-        return 0 if self.zero_point is None else self.zero_point
+        if self.zero_point is None:  # a zero of the stored type: a Python 0 would not cast to uint8 safely
+            return np.zeros((), dtype=self.values.dtype)
+        return self.zero_point
 
     def tensor(self, values: np.ndarray | None = None) -> ir.Tensor:
         """``values`` (default: the current ones) as a tensor of the stored name and element type."""

@@ -80,11 +80,12 @@ def child(
         return result
     # dump: the activations every target reads become graph outputs, and every batch's values are kept
     import onnx
+    import onnx_ir as ir
 
     from graphprune.graph.targets import find_targets
 
     proto = onnx.load(str(model))
-    names = sorted({c.activation for t in find_targets(proto).targets for c in t.consumers})
+    names = sorted({c.activation for t in find_targets(ir.from_proto(proto)).targets for c in t.consumers})
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     blob = proto.SerializeToString()
     del proto

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -31,14 +32,18 @@ def init(array: np.ndarray, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(array, name)
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    if isinstance(model, ir.Model):
+        model = ir.to_proto(model)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 
-def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+def initializer(model: onnx.ModelProto | ir.Model, name: str) -> np.ndarray:
+    if isinstance(model, ir.Model):
+        return model.graph.initializers[name].const_value.numpy()  # type: ignore[union-attr]
     return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
 
 
@@ -50,3 +55,8 @@ def reference_nm_mask(weight: np.ndarray, k_axis: int, keep: int, group: int) ->
     mask = np.zeros(groups.shape, dtype=bool)
     np.put_along_axis(mask, order[:, :keep], True, axis=1)
     return np.moveaxis(mask.reshape(moved.shape), -1, k_axis)
+
+
+def make_ir_model(*args, **kwargs) -> ir.Model:  # type: ignore[no-untyped-def]
+    """:func:`make_model` as the onnx-ir model graphprune's passes work on."""
+    return ir.from_proto(make_model(*args, **kwargs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -47,7 +48,7 @@ def test_model_cases_take_the_gemm_layout_with_k_last() -> None:
         [tensor("h2", shape=[2, 64]), tensor("c", shape=[1, 32, 3, 3])],
         [init(mat, "w_mat"), init(dense, "w_dense"), init(conv, "w_conv")],
     )
-    cases = {c.name: c for c in bt.model_cases(model, include_head=True)}
+    cases = {c.name: c for c in bt.model_cases(ir.from_proto(model), include_head=True)}
     assert set(cases) == {"w_mat", "w_conv"}
     assert (cases["w_mat"].out, cases["w_mat"].k) == (64, 128)
     np.testing.assert_array_equal(cases["w_mat"].weight, mat.T)

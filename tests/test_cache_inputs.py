@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -134,7 +135,7 @@ def test_calibration_of_a_decoder_with_a_cache_from_token_ids_alone() -> None:
     model, _ = decoder()
     ids = np.random.default_rng(1).integers(0, VOCAB, (6, 7))
     data = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    targets = find_targets(model).targets
+    targets = find_targets(ir.from_proto(model)).targets
     # every Q/K/V/O weight is a target; K/V reach an output only through present.*, yet they are no heads
     assert {t.name for t in targets} >= {f"l{i}.{p}" for i in range(LAYERS) for p in "qkvo"}
     stats = calibrate(model, CalibrationRequest(data, batch_size=4), targets)
@@ -178,9 +179,11 @@ def test_sequential_calibration_of_a_decoder_with_a_cache(group_by: str) -> None
     )
     assert set(batches[0]) == set(full_feed(ids))
     h0 = hidden_states(model, full_feed(ids), ["h0"])[0]
-    config = PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True)
-    result, _ = prune_sequentially(model, config, batches, group_by=group_by)
-    assert {w.name for w in result.pruned} == {f"l{i}.{p}" for i in range(LAYERS) for p in "qkvo"} | {"lm_head"}
+    model = ir.from_proto(model)
+    result, _ = prune_sequentially(model, PruneConfig(NMPattern(2, 4), Method.WANDA), batches, group_by=group_by)
+    # every Q/K/V/O weight is pruned, only the LM head stays dense
+    assert {w.name for w in result.pruned} == {f"l{i}.{p}" for i in range(LAYERS) for p in "qkvo"}
+    assert [w.name for w in result.skipped] == ["lm_head"]
     # the first group (Q/K/V of layer 0) reads h0, which no weight precedes: Wanda on numpy's statistics
     norms = np.sqrt((h0.astype(np.float64) ** 2).reshape(-1, HIDDEN).sum(axis=0))
     for p in "qkv":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,8 +23,9 @@ from graphprune.algorithms.masks import nm_mask, nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.cli import app
 from graphprune.errors import GraphpruneError
+from graphprune.graph.stored import stored_values
 from graphprune.graph.targets import find_targets
-from graphprune.graph.weights import WeightStore
+from graphprune.graph.weights import read_weight
 from graphprune.passes.convert import ConvertToHalf, to_half
 from tests.onnx_builders import init, make_model, run, tensor
 
@@ -32,14 +34,15 @@ PATTERN = NMPattern(2, 4)
 
 def prune_24(model: onnx.ModelProto) -> onnx.ModelProto:
     """2:4 magnitude pruning along K of every target, in place (independent of the pruning passes)."""
-    store = WeightStore(model)
-    for target in find_targets(model).targets:
-        weight = store.read(target)
+    graph = ir.from_proto(model)
+    stored = stored_values(graph.graph)
+    for target in find_targets(graph).targets:
+        weight = read_weight(stored, target)
         canonical = to_canonical(weight.values, target.k_axis, target.out_axis)
         mask = nm_mask(np.abs(canonical.astype(np.float32)), PATTERN)
         pruned = from_canonical(canonical * mask, target.shape, target.k_axis, target.out_axis)
         weight.write(pruned.astype(weight.values.dtype))
-    return model
+    return ir.to_proto(graph)
 
 
 def block_model(seed: int = 0, d: int = 64, hidden: int = 128) -> onnx.ModelProto:
@@ -84,7 +87,7 @@ def block_model(seed: int = 0, d: int = 64, hidden: int = 128) -> onnx.ModelProt
     )
     model.producer_name = "graphprune-tests"
     helper.set_model_props(model, {"source": "block_model"})
-    prune_24(model)
+    model = prune_24(model)
     pruned = numpy_helper.to_array(model.graph.initializer[0]).copy()
     pruned.flat[np.flatnonzero(pruned)[0]] = 1e-9  # a kept weight below FP16's smallest subnormal
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(pruned, "w1"))
@@ -166,7 +169,7 @@ def test_every_pruned_zero_survives_and_24_holds_along_k() -> None:
     model = block_model()
     result = ConvertToHalf().call(model)
     before, after = weights_by_name(model), weights_by_name(result.model)
-    for target in find_targets(result.model).targets:
+    for target in find_targets(ir.from_proto(result.model)).targets:
         w32, w16 = before[target.name], after[target.name]
         assert w16.dtype == np.float16
         np.testing.assert_array_equal(w16 == 0, w32 == 0)  # zeros kept, no new zeros (1e-9 stays non-zero)
@@ -250,7 +253,7 @@ def test_conv_model_and_constant_nodes_and_casts() -> None:
     assert close(b, a)
     cast = next(n for n in result.model.graph.node if n.name == "cast")
     assert cast.attribute[0].i == TensorProto.FLOAT16
-    target = find_targets(result.model).targets[0]
+    target = find_targets(ir.from_proto(result.model)).targets[0]
     stored = weights_by_name(result.model)["w"]
     assert len(nm_violations(to_canonical(stored, target.k_axis, target.out_axis), PATTERN)) == 0
 
@@ -355,7 +358,7 @@ def test_minilm_fp16_close_to_fp32_and_24_survives() -> None:
     pooled_a, pooled_b = full[-1], half[-1]
     cosine = (pooled_a * pooled_b).sum(-1) / np.linalg.norm(pooled_a, axis=-1) / np.linalg.norm(pooled_b, axis=-1)
     assert cosine.min() >= 0.9999
-    targets = find_targets(result.model).targets
+    targets = find_targets(ir.from_proto(result.model)).targets
     assert len(targets) >= 18
     stored = weights_by_name(result.model)
     for target in targets:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
@@ -38,7 +39,7 @@ def conv_model(weight: np.ndarray) -> onnx.ModelProto:
 
 
 def only(model: onnx.ModelProto, **kwargs: object):
-    (record,) = eligibility_report(model, **kwargs)  # type: ignore[arg-type]
+    (record,) = eligibility_report(ir.from_proto(model), **kwargs)  # type: ignore[arg-type]
     return record
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper
 from typer.testing import CliRunner
@@ -179,9 +180,9 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest
     def explode(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx, "save_model", explode)
+    monkeypatch.setattr(ir, "save", explode)
     with pytest.raises(OSError):
-        save_model(layered_model(), tmp_path / "m.onnx")
+        save_model(ir.from_proto(layered_model()), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,16 +8,19 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
+from graphprune.graph.stored import stored_values
 from graphprune.graph.targets import find_targets
-from graphprune.graph.weights import WeightStore
+from graphprune.graph.weights import read_weight
 from graphprune.passes.check import CheckPass
 from graphprune.passes.prune import PruneConfig, PrunePass
-from tests.onnx_builders import init, initializer, make_model, reference_nm_mask, run, tensor
+from tests.onnx_builders import init, initializer, reference_nm_mask, run, tensor
+from tests.onnx_builders import make_ir_model as make_model
 
 RNG = np.random.default_rng(1234)
 PATTERN = NMPattern(2, 4)
@@ -26,7 +29,7 @@ CONFIG = PruneConfig(PATTERN, include_head=True)
 
 @dataclass
 class Case:
-    model: onnx.ModelProto
+    model: ir.Model
     feeds: dict[str, np.ndarray]
     weight: str
     k_axis: int  # in stored coordinates
@@ -176,10 +179,12 @@ def fp16_model() -> Case:
     return Case(model, feeds, "w", 0, lambda f, w: f["x"].astype(np.float32) @ w.astype(np.float32), rtol=2e-2)
 
 
-def stored_values(model: onnx.ModelProto, name: str) -> np.ndarray:
-    if any(t.name == name for t in model.graph.initializer):
-        return initializer(model, name)
-    return onnx.numpy_helper.to_array(next(n.attribute[0].t for n in model.graph.node if n.output[0] == name))
+def stored(model: ir.Model, name: str) -> np.ndarray:
+    """The stored values of an initializer or a Constant node's output, read through the ONNX protobuf."""
+    proto = ir.to_proto(model)
+    if any(t.name == name for t in proto.graph.initializer):
+        return initializer(proto, name)
+    return onnx.numpy_helper.to_array(next(n.attribute[0].t for n in proto.graph.node if n.output[0] == name))
 
 
 def effective(stored: np.ndarray, case: Case) -> np.ndarray:
@@ -191,14 +196,14 @@ def effective(stored: np.ndarray, case: Case) -> np.ndarray:
 
 
 def check_case(case: Case) -> None:
-    original = stored_values(case.model, case.weight).copy()
+    original = stored(case.model, case.weight).copy()
     (target,) = find_targets(case.model).targets
     assert (target.name, target.k_axis) == (case.weight, case.k_axis)
 
     result = PrunePass(CONFIG).call(case.model)
     assert [w.name for w in result.pruned] == [case.weight]
 
-    pruned = stored_values(case.model, case.weight)
+    pruned = stored(case.model, case.weight)
     assert pruned.dtype == original.dtype
     mask = reference_nm_mask(effective(original, case), case.k_axis, PATTERN.keep, PATTERN.group)
     zero = initializer(case.model, "z")[None, :] if original.dtype == np.int8 else 0
@@ -237,11 +242,11 @@ def test_target_kinds(build: Callable[[], Case]) -> None:
 
 def test_check_finds_a_violation_along_k_only() -> None:
     case = matmul_b()
-    w = stored_values(case.model, "w")
+    w = stored(case.model, "w")
     # Zero half of each row along N (the wrong axis): every K-group still holds 4 non-zeros in half the columns.
     wrong = w.copy()
     wrong[:, ::2] = 0
-    case.model.graph.initializer[0].CopyFrom(init(wrong, "w"))
+    case.model.graph.initializers["w"].const_value = ir.tensor(wrong, name="w")
     result = CheckPass(PATTERN, include_head=True).call(case.model)
     (weight,) = result.violations
     assert weight.bad_groups == (16 // 4) * 4  # 4 non-zero columns x 4 groups along K
@@ -253,7 +258,7 @@ def test_unstructured_sparsity_is_exact_per_output_neuron() -> None:
 
     case = matmul_b()
     PrunePass(PruneConfig(Unstructured(0.75), include_head=True)).call(case.model)
-    w = stored_values(case.model, "w")
+    w = stored(case.model, "w")
     # each output neuron is a column of the [K, N] weight: 16 inputs, int(16 * 0.75) = 12 zeros each
     assert (np.count_nonzero(w, axis=0) == 4).all()
 
@@ -261,6 +266,6 @@ def test_unstructured_sparsity_is_exact_per_output_neuron() -> None:
 def test_weights_are_read_as_stored() -> None:
     case = dequantize_matmul()
     (target,) = find_targets(case.model).targets
-    stored = WeightStore(case.model).read(target)
+    stored = read_weight(stored_values(case.model.graph), target)
     assert stored.values.dtype == np.int8
     np.testing.assert_array_equal(stored.zero_value(), initializer(case.model, "z")[None, :])

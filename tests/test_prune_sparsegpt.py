@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -15,7 +16,8 @@ from graphprune.algorithms.scores import Method
 from graphprune.algorithms.sparsegpt import sparsegpt
 from graphprune.errors import GraphpruneError
 from graphprune.passes.prune import PruneConfig, PrunePass
-from tests.onnx_builders import init, initializer, make_model, run, tensor
+from tests.onnx_builders import init, initializer, run, tensor
+from tests.onnx_builders import make_ir_model as make_model
 
 RNG = np.random.default_rng(11)
 
@@ -95,7 +97,7 @@ def test_one_shot_grams_over_the_memory_budget_are_spilled_with_the_same_result(
     path = tmp_path / "blocks.onnx"
     path.write_bytes(model.SerializeToString())
     np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((16, 8)).astype(np.float32))
-    targets = find_targets(model).targets
+    targets = find_targets(ir.from_proto(model)).targets
     budget_gb = gram_bytes(targets[:1]) / 2**30  # room for one Gram at a time: four passes
     assert len(chunks_within(targets, gram_bytes(targets[:1]))) == 4
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -11,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
 from graphprune.errors import GraphpruneError
+from graphprune.graph.stored import stored_tensor, stored_values
 from graphprune.graph.targets import find_targets
 from graphprune.passes.prune import PruneConfig
 from graphprune.pipeline.sequential import prune_sequentially, target_groups
@@ -52,7 +52,8 @@ def two_block_model():
 
 def test_groups_follow_the_dependency_order() -> None:
     model, _ = two_block_model()
-    groups = target_groups(ir.from_proto(model), find_targets(model).targets)
+    model = ir.from_proto(model)
+    groups = target_groups(model, find_targets(model).targets)
     assert [[t.name for t in g] for g in groups] == [["w1"], ["w2"], ["w3"]]
 
 
@@ -61,6 +62,7 @@ def test_each_block_is_calibrated_on_the_pruned_blocks_before_it() -> None:
     x = RNG.standard_normal((6, 5, 8)).astype(np.float32)
     batches = [{"x": x[:4]}, {"x": x[4:]}]
 
+    model = ir.from_proto(model)
     result, warnings = prune_sequentially(model, PruneConfig(PATTERN, Method.WANDA), batches)
     assert warnings == [] and sorted(w.name for w in result.pruned) == ["w1", "w2", "w3"]
 
@@ -80,8 +82,9 @@ def test_sequential_refuses_control_flow() -> None:
     model, _ = two_block_model()
     branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "b", [], [tensor("z")])
     model.graph.node.append(helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=branch))
+    model.graph.input.append(tensor("cond", TensorProto.BOOL, []))
     with pytest.raises(GraphpruneError, match="control flow"):
-        prune_sequentially(model, PruneConfig(PATTERN), [{"x": np.ones((1, 5, 8), np.float32)}])
+        prune_sequentially(ir.from_proto(model), PruneConfig(PATTERN), [{"x": np.ones((1, 5, 8), np.float32)}])
 
 
 def residual_blocks_model():
@@ -108,15 +111,17 @@ def residual_blocks_model():
 
 def test_blocks_are_found_from_the_repeating_levels() -> None:
     model, _ = residual_blocks_model()
+    model = ir.from_proto(model)
     targets = find_targets(model).targets
-    groups = target_groups(ir.from_proto(model), targets)
+    groups = target_groups(model, targets)
     assert [[t.name for t in g] for g in groups] == [["a1", "b1"], ["a2", "b2"]]
-    assert len(target_groups(ir.from_proto(model), targets, by="level")) == 4
+    assert len(target_groups(model, targets, by="level")) == 4
 
 
 def test_a_block_is_calibrated_dense_inside_and_pruned_before_the_next() -> None:
     model, w = residual_blocks_model()
     x = RNG.standard_normal((12, 8)).astype(np.float32)
+    model = ir.from_proto(model)
     prune_sequentially(model, PruneConfig(PATTERN, Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}])
 
     # the reference: inside a block, B is scored on relu(h A) with A still dense; the next block sees pruned ones
@@ -153,12 +158,9 @@ def stored_weight(variant: str, w: np.ndarray, name: str) -> tuple[list, list, s
     return [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(w, name))], [], name
 
 
-def effective(model: onnx.ModelProto, variant: str, name: str) -> np.ndarray:
+def effective(model: ir.Model, variant: str, name: str) -> np.ndarray:
     """The [K, N] float32 weight the MatMul multiplies by, read back from the model."""
-    if variant == "constant":
-        node = next(n for n in model.graph.node if n.output[0] == name)
-        return numpy_helper.to_array(node.attribute[0].t)
-    stored = initializer(model, name)
+    stored = stored_tensor(stored_values(model.graph)[name]).numpy()
     if variant == "transpose":
         return stored.T
     if variant == "dequantize":
@@ -189,7 +191,7 @@ def test_later_blocks_see_pruned_weights_behind_other_nodes(variant: str, group_
             helper.make_node("Add", [h, f"v{block}"], [f"h{block}"]),
         ]
         h = f"h{block}"
-    model = make_model(nodes, [tensor("x", shape=["b", 16])], [tensor(h)], inits, opset=17)
+    model = ir.from_proto(make_model(nodes, [tensor("x", shape=["b", 16])], [tensor(h)], inits, opset=17))
     dense = {n: effective(model, variant, n) for n in dense}
     x = rng.standard_normal((12, 16)).astype(np.float32)
 

@@ -10,7 +10,8 @@ from graphprune.algorithms.pattern import NMPattern
 from graphprune.graph.selection import select_targets
 from graphprune.graph.targets import find_targets
 from graphprune.passes.prune import PruneConfig, PrunePass
-from tests.onnx_builders import init, initializer, make_model, reference_nm_mask, run, tensor
+from tests.onnx_builders import init, initializer, reference_nm_mask, run, tensor
+from tests.onnx_builders import make_ir_model as make_model
 
 RNG = np.random.default_rng(7)
 

@@ -44,11 +44,11 @@ def calibrate(
     total)`` is called after every batch with the samples done so far.
     """
     request = request or CalibrationRequest()
-    graph_model, proto = _open(model)
+    graph_model = _open(model)
     if targets is None:
         from graphprune.graph.targets import find_targets
 
-        targets = find_targets(proto if proto is not None else ir.to_proto(graph_model), include_head=True).targets
+        targets = find_targets(graph_model, include_head=True).targets
     if not targets:
         raise GraphpruneError("the model has no prunable weights (MatMul, Gemm or Conv with a stored weight)")
     providers = resolve_providers(request.provider)
@@ -59,7 +59,7 @@ def calibrate(
         raise GraphpruneError("the calibration data is empty")
     with plan_taps(graph_model, targets, request.gram) as plan:
         session = Session(tapped_model(graph_model, plan), providers, request.optimize)
-    del graph_model, proto  # a model opened here: nothing of it is needed any more
+    del graph_model  # a model opened here: nothing of it is needed any more
     warnings = [*feeds.source.warnings, *plan.warnings]
     if session.providers()[0] != providers[0]:
         warnings.append(f"onnxruntime fell back from {providers[0]} to {session.providers()[0]}")
@@ -82,14 +82,13 @@ def calibrate(
     return acc.result(targets, warnings)
 
 
-def _open(model: ir.Model | onnx.ModelProto | str | Path) -> tuple[ir.Model, onnx.ModelProto | None]:
-    """The model as onnx-ir, and a protobuf of it for the target finder (still on protobuf)."""
+def _open(model: ir.Model | onnx.ModelProto | str | Path) -> ir.Model:
+    """The model as onnx-ir: a path is opened with every weight left on disk; a protobuf is wrapped, not copied."""
     if isinstance(model, ir.Model):
-        return model, None
+        return model
     if isinstance(model, onnx.ModelProto):
-        return ir.from_proto(model), model  # wraps the protobuf's tensors, copies none
-    graph_model = open_model(model)
-    return graph_model, ir.to_proto(graph_model)  # weightless: every tensor is an external reference
+        return ir.from_proto(model)
+    return open_model(model)
 
 
 class Accumulator:

@@ -33,7 +33,9 @@ def convert(
 
     Example: graphprune convert model.pruned.onnx --fp16 -o model.fp16.onnx
     """
-    from graphprune.graph.model_io import check_output_path, load_model, save_model
+    import onnx_ir as ir
+
+    from graphprune.graph.model_io import check_output_path, load_model, save_model, to_proto
     from graphprune.passes.convert import ConvertToHalf
     from graphprune.tensorrt.eligibility import eligibility_report, summary
 
@@ -43,9 +45,10 @@ def convert(
     suffix = "bf16" if bf16 else "fp16"
     output = output or model.with_name(f"{model.stem}.{suffix}.onnx")
     check_output_path(model, output, force)
-    result = ConvertToHalf(dtype).call(load_model(model))
-    records = eligibility_report(result.model)
-    save_model(result.model, output)
+    result = ConvertToHalf(dtype).call(to_proto(load_model(model)))  # the converter works on protobufs
+    converted = ir.from_proto(result.model)
+    records = eligibility_report(converted)
+    save_model(converted, output)
     stats = result.rounding
     console.print(
         f"wrote {output}: {len(result.converted)} tensors in {suffix}, "

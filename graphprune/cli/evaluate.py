@@ -85,13 +85,15 @@ def evaluate(
 
 
 def _compare(dense: Path, pruned: Path, calib: Path, batch_size: int) -> list[dict[str, object]]:
+    import onnx_ir as ir
+
     from graphprune.calibration.data import open_source
     from graphprune.calibration.signature import model_inputs
     from graphprune.evaluate.compare import compare_outputs
     from graphprune.evaluate.perplexity import open_session
     from graphprune.graph.model_io import load_model
 
-    model = load_model(dense)
+    model = ir.to_proto(load_model(dense))  # graph and signature only: external weights stay in their files
     source = open_source(calib, model, model_inputs(model), batch_size=batch_size)
     sessions = [open_session(p) for p in (dense, pruned)]
     names = [o.name for o in sessions[0].get_outputs()]

@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
-import onnx
+import onnx_ir as ir
 import typer
 from rich.table import Table
 
@@ -200,7 +200,7 @@ def check(
     pattern = pattern_from_options(nm, None, Scope.OUTPUT)
     assert isinstance(pattern, NMPattern)
     loaded = load_model(model)
-    result = CheckPass(pattern, tuple(include or ()), tuple(exclude or ()), include_head).call(loaded)
+    result = CheckPass(pattern, tuple(include or ()), tuple(exclude or ()), include_head)(loaded)
     records = _eligibility(loaded, result) if eligibility and (pattern.keep, pattern.group) == (2, 4) else None
     if as_json:
         verdict = _check_dict(result)
@@ -216,7 +216,7 @@ def check(
         raise typer.Exit(1)
 
 
-def _eligibility(model: onnx.ModelProto, result: CheckResult) -> list[Eligibility]:
+def _eligibility(model: ir.Model, result: CheckResult) -> list[Eligibility]:
     checked = {w.name for w in result.weights}
     targets = [t for t in find_targets(model).targets if t.name in checked]
     return eligibility_report(model, targets)

@@ -3,25 +3,33 @@
 A *target* is a stored tensor (an initializer or the value of a Constant node) that reaches the weight operand
 of MatMul, Gemm or Conv(group=1), possibly through Identity, Transpose, Cast or DequantizeLinear. Everything
 that looks like a weight but cannot be pruned safely becomes a :class:`Skip` with a reason.
+
+The graph is an onnx-ir model: every value knows its producer and its uses, including the reads of nodes inside
+If/Loop/Scan bodies (a subgraph refers to the outer value itself), so no index of our own is built.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import Protocol
 
-import onnx
+import onnx_ir as ir
+
+from graphprune.graph.stored import stored_dtype, stored_shape, stored_values
 
 
 @dataclass(frozen=True)
 class Consumer:
     """One node that multiplies by the weight."""
 
-    node: str  # node name (made unique by graphprune if the model has empty or repeated names)
+    node: str  # node label (see :func:`node_labels`; "outer/attribute/inner" inside a subgraph)
     op: str  # "MatMul" | "Gemm" | "Conv"
     input_index: int  # which input of the node receives the (transformed) weight
     activation: str  # tensor multiplied by the weight: its channel axis runs along K
     activation_axis: int  # axis of ``activation`` that is K (negative counts from the end)
     output: str  # the node's first output
+    in_subgraph: bool = False  # the node is inside an If/Loop/Scan body, where calibration cannot tap
 
 
 @dataclass(frozen=True)
@@ -31,11 +39,11 @@ class Target:
     name: str  # stored tensor name: an initializer or a Constant node's output
     op: str  # op of the first consumer
     shape: tuple[int, ...]  # stored shape
-    dtype: str  # stored dtype, numpy name ("float32", "float16", "bfloat16", "int8" under DequantizeLinear)
+    dtype: str  # stored dtype, numpy name ("float32", "float16", "bfloat16", "int8"/"int4"... under DQ)
     k_axis: int  # reduction axis K, in the stored tensor's coordinates (non-negative)
     out_axis: int  # output-neuron axis, in the stored tensor's coordinates (non-negative)
     consumers: tuple[Consumer, ...]
-    through: tuple[str, ...] = ()  # ops looked through between storage and consumer, storage first
+    through: tuple[str, ...] = ()  # ops looked through between storage and (the first) consumer, storage first
     is_head: bool = False  # the final projection to a model output (left dense unless asked)
 
     @property
@@ -52,26 +60,6 @@ class Skip:
     reason: str
 
 
-# Ops between a stored tensor and its consumer that keep every value where it is (up to a permutation).
-LOOK_THROUGH = frozenset({"Identity", "Transpose", "Cast", "DequantizeLinear"})
-# Ops that multiply by a weight but that graphprune does not prune: their weights are reported, not touched.
-UNHANDLED_MATMUL_OPS = frozenset(
-    {"ConvTranspose", "Einsum", "MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "FusedMatMul"}
-)
-FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
-
-
-@dataclass(frozen=True)
-class _Use:
-    """Where a stored tensor ends up after the look-through ops: a consumer's input, or another use."""
-
-    node: onnx.NodeProto | None  # None: the tensor is a graph output
-    label: str
-    input_index: int
-    perm: tuple[int, ...]  # consumer-view axis a is stored axis perm[a]
-    through: tuple[str, ...]
-
-
 @dataclass
 class TargetScan:
     """What :func:`find_targets` found: prunable targets and weight-like tensors left alone."""
@@ -80,16 +68,137 @@ class TargetScan:
     skips: list[Skip]
 
 
-def find_targets(model: onnx.ModelProto, include_head: bool = True) -> TargetScan:
+# Ops between a stored tensor and its consumer that keep every value where it is (up to a permutation).
+LOOK_THROUGH = frozenset({"Identity", "Transpose", "Cast", "DequantizeLinear"})
+# Ops that multiply by a weight but that graphprune does not prune: their weights are reported, not touched.
+UNHANDLED_MATMUL_OPS = frozenset(
+    {"ConvTranspose", "Einsum", "MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "FusedMatMul"}
+)
+FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
+# Graph outputs that only carry a key/value cache forward (Hugging Face / Optimum "present.N.key", genai
+# "present_key_values"): a K/V projection's route to one of them says nothing about it being a head.
+CACHE_OUTPUT_PREFIXES = ("present",)
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str | None: ...
+
+    @property
+    def op_type(self) -> str: ...
+
+
+def node_labels(nodes: Iterable[_Named]) -> list[str]:
+    """A unique label per node, in order: its name, or ``<op>_<index>`` when it has none or repeats one.
+
+    Works on onnx-ir nodes and on ``onnx.NodeProto`` alike, so a label names the same node in both.
+    """
+    labels: list[str] = []
+    seen: set[str] = set()
+    for index, node in enumerate(nodes):
+        label = node.name or f"{node.op_type}_{index}"
+        while label in seen:
+            label = f"{label}_{index}"
+        seen.add(label)
+        labels.append(label)
+    return labels
+
+
+@dataclass(frozen=True)
+class _Use:
+    """Where a stored tensor ends up after the look-through ops: a consumer's input, or a graph output."""
+
+    node: ir.Node | None  # None: the tensor is a graph output
+    input_index: int
+    perm: tuple[int, ...]  # consumer-view axis a is stored axis perm[a]
+    through: tuple[str, ...]
+
+
+class _Graph:
+    """Node labels (main graph and subgraphs) and a memo of which values are computed from constants alone."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.stored = stored_values(graph)
+        self.labels: dict[int, str] = {}
+        self._label_nodes(graph, "")
+        self._constant: dict[int, bool] = {}
+
+    def _label_nodes(self, graph: ir.Graph, prefix: str) -> None:
+        nodes = list(graph)
+        for node, label in zip(nodes, node_labels(nodes), strict=True):
+            self.labels[id(node)] = prefix + label
+            for attr in node.attributes.values():
+                for sub in _subgraphs(attr):
+                    self._label_nodes(sub, f"{prefix}{label}/{attr.name}/")
+
+    def label(self, node: ir.Node) -> str:
+        return self.labels[id(node)]
+
+    def in_main(self, node: ir.Node) -> bool:
+        return node.graph is self.graph
+
+    def is_constant(self, value: ir.Value) -> bool:
+        """True when ``value`` is computed from constants alone (an initializer, a Constant, or a fold of them)."""
+        if id(value) not in self._constant:
+            # Iterative post-order walk with a memo: graphs are deep, and ancestors are shared.
+            stack = [value]
+            while stack:
+                current = stack[-1]
+                if id(current) in self._constant:
+                    stack.pop()
+                    continue
+                node = current.producer()
+                if current.is_graph_input() or node is None:
+                    self._constant[id(current)] = not current.is_graph_input() and (
+                        current.is_initializer() or current.const_value is not None
+                    )
+                    stack.pop()
+                    continue
+                if node.op_type == "Constant":
+                    self._constant[id(current)] = True
+                    stack.pop()
+                    continue
+                pending = [i for i in node.inputs if i is not None and id(i) not in self._constant]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                self._constant[id(current)] = all(self._constant[id(i)] for i in node.inputs if i is not None)
+                stack.pop()
+        return self._constant[id(value)]
+
+    def final_uses(self, value: ir.Value, perm: tuple[int, ...], through: tuple[str, ...] = ()) -> list[_Use]:
+        """Follow ``value`` through look-through ops to the nodes (or graph outputs) that really use it."""
+        found: list[_Use] = []
+        if value.is_graph_output():
+            found.append(_Use(None, 0, perm, through))
+        for node, index in value.uses():
+            if node.op_type in LOOK_THROUGH and index == 0:
+                found.extend(self.final_uses(node.outputs[0], _follow(node, perm), (*through, node.op_type)))
+            else:
+                found.append(_Use(node, index, perm, through))
+        return found
+
+
+def _subgraphs(attr: ir.Attr) -> Iterator[ir.Graph]:
+    if attr.is_ref():
+        return
+    if attr.type == ir.AttributeType.GRAPH:
+        yield attr.as_graph()
+    elif attr.type == ir.AttributeType.GRAPHS:
+        yield from attr.as_graphs()
+
+
+def find_targets(model: ir.Model, include_head: bool = True) -> TargetScan:
     """Every prunable weight of the main graph, with its K axis; everything weight-like that isn't, as a Skip.
 
     With ``include_head=False`` the final projection to a model output is reported as a Skip instead.
     """
-    graph = _GraphIndex(model.graph)
+    graph = _Graph(model.graph)
     targets: list[Target] = []
     skips: list[Skip] = []
-    for name in graph.stored_names():
-        outcome = _classify(graph, name)
+    for name, value in graph.stored.items():
+        outcome = _classify(graph, name, value)
         if isinstance(outcome, Target):
             targets.append(outcome)
         elif outcome is not None:
@@ -108,109 +217,21 @@ def find_targets(model: onnx.ModelProto, include_head: bool = True) -> TargetSca
     return TargetScan(kept, skips + skipped_heads)
 
 
-class _GraphIndex:
-    """Producers, uses and constants of a graph, with a unique label for every node."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.inputs = {i.name for i in graph.input}
-        self.outputs = {o.name for o in graph.output}
-        self.constants: dict[str, onnx.TensorProto] = {}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-        self.labels: dict[int, str] = {}
-        self._constant: dict[str, bool] = {}
-        seen: set[str] = set()
-        for index, node in enumerate(graph.node):
-            label = node.name or f"{node.op_type}_{index}"
-            while label in seen:
-                label = f"{label}_{index}"
-            seen.add(label)
-            self.labels[id(node)] = label
-            for out in node.output:
-                self.producer[out] = node
-            for i, name in enumerate(node.input):
-                if name:
-                    self.uses.setdefault(name, []).append((node, i))
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.constants[node.output[0]] = node.attribute[0].t
-
-    def label(self, node: onnx.NodeProto) -> str:
-        return self.labels[id(node)]
-
-    def stored_names(self) -> list[str]:
-        return [*self.initializers, *self.constants]
-
-    def stored(self, name: str) -> onnx.TensorProto:
-        return self.initializers.get(name) or self.constants[name]
-
-    def is_constant(self, name: str) -> bool:
-        """True when ``name`` is computed from constants alone (an initializer, a Constant, or a fold of them)."""
-        if name not in self._constant:
-            # Iterative post-order walk with a memo: graphs are deep, and ancestors are shared.
-            stack = [name]
-            while stack:
-                current = stack[-1]
-                if current in self._constant:
-                    stack.pop()
-                    continue
-                node = self.producer.get(current)
-                if current in self.inputs or (node is None and current not in self.initializers):
-                    self._constant[current] = current in self.constants
-                    stack.pop()
-                    continue
-                if node is None:
-                    self._constant[current] = True
-                    stack.pop()
-                    continue
-                pending = [i for i in node.input if i and i not in self._constant]
-                if pending:
-                    stack.extend(pending)
-                    continue
-                self._constant[current] = all(self._constant[i] for i in node.input if i)
-                stack.pop()
-        return self._constant[name]
-
-    def final_uses(self, name: str, perm: tuple[int, ...], through: tuple[str, ...] = ()) -> list[_Use]:
-        """Follow ``name`` through look-through ops to the nodes (or graph outputs) that really use it."""
-        found: list[_Use] = []
-        if name in self.outputs:
-            found.append(_Use(None, "graph output", 0, perm, through))
-        for node, index in self.uses.get(name, []):
-            if node.op_type in LOOK_THROUGH and index == 0:
-                found.extend(self.final_uses(node.output[0], _follow(node, perm), (*through, node.op_type)))
-            else:
-                found.append(_Use(node, self.label(node), index, perm, through))
-        return found
-
-
-def node_labels(graph: onnx.GraphProto) -> list[str]:
-    """The unique label of every node, in graph order: the names :class:`Consumer` records use."""
-    index = _GraphIndex(graph)
-    return [index.label(node) for node in graph.node]
-
-
-def _follow(node: onnx.NodeProto, perm: tuple[int, ...]) -> tuple[int, ...]:
+def _follow(node: ir.Node, perm: tuple[int, ...]) -> tuple[int, ...]:
     if node.op_type != "Transpose":
         return perm
-    order = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    order = node.attributes.get_ints("perm")
     if order is None:
         order = list(range(len(perm)))[::-1]
     return tuple(perm[p] for p in order)
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
-
-
-def _consumer_axes(
-    graph: _GraphIndex, node: onnx.NodeProto, index: int, rank: int
-) -> tuple[int, int, str, int] | str:
+def _consumer_axes(graph: _Graph, node: ir.Node, index: int, rank: int) -> tuple[int, int, ir.Value, int] | str:
     """(K axis, out axis, activation, activation axis) in the consumer's view of the weight, or why not."""
     op = node.op_type
     if op == "MatMul":
-        other = node.input[1 - index]
+        other = node.inputs[1 - index]
+        assert other is not None
         if graph.is_constant(other):
             return "both MatMul operands are constant (fold the graph first)"
         if rank < 2:
@@ -221,8 +242,9 @@ def _consumer_axes(
     if op == "Gemm":
         if index == 2:
             return "Gemm bias (input C) is not a matrix weight"
-        trans_a, trans_b = _attr(node, "transA", 0), _attr(node, "transB", 0)
-        other = node.input[1 - index]
+        trans_a, trans_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
+        other = node.inputs[1 - index]
+        assert other is not None
         if graph.is_constant(other):
             return "both Gemm operands are constant (fold the graph first)"
         if index == 1:  # B is [K, N], or [N, K] with transB
@@ -232,31 +254,35 @@ def _consumer_axes(
     if op == "Conv":
         if index != 1:
             return "Conv bias is not a matrix weight" if index == 2 else "Conv input is a constant"
-        group = _attr(node, "group", 1)
+        group = node.attributes.get_int("group", 1)
         if group != 1:
             return f"grouped or depthwise Conv (group={group}) is not handled"
-        return 1, 0, node.input[0], 1
+        activation = node.inputs[0]
+        assert activation is not None
+        return 1, 0, activation, 1
     return f"op {op} is not handled"
 
 
-def _classify(graph: _GraphIndex, name: str) -> Target | Skip | None:
+def _classify(graph: _Graph, name: str, value: ir.Value) -> Target | Skip | None:
     """A Target, a Skip with the reason, or None when the tensor never reaches a matrix multiplication."""
-    tensor = graph.stored(name)
-    rank = len(tensor.dims)
-    uses = graph.final_uses(name, tuple(range(rank)))
+    shape = stored_shape(value)
+    rank = len(shape)
+    uses = graph.final_uses(value, tuple(range(rank)))
     multiplies = [u for u in uses if u.node is not None and _is_matmul_like(u.node)]
     if not multiplies:
         return None
     first_op = multiplies[0].node.op_type  # type: ignore[union-attr]
-    if name in graph.inputs:
+    if value.is_graph_input():
         return Skip(name, first_op, "initializer is also a graph input: a caller may override it at run time")
     others = [u for u in uses if u not in multiplies]
     if others:
-        what = ", ".join(sorted({u.node.op_type if u.node else u.label for u in others}))
-        return Skip(name, first_op, f"also used by {what}, which would see the pruned values")
-    dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        what = ", ".join(sorted({u.node.op_type if u.node else "graph output" for u in others}))
+        inside = any(u.node is not None and not graph.in_main(u.node) for u in others)
+        where = " inside a subgraph (If/Loop/Scan body)" if inside else ""
+        return Skip(name, first_op, f"also used by {what}{where}, which would see the pruned values")
+    dtype = stored_dtype(value)
     quantized = any("DequantizeLinear" in u.through for u in multiplies)
-    if quantized and not _dequantize_first(multiplies):
+    if quantized and not all(u.through[:1] == ("DequantizeLinear",) for u in multiplies):
         return Skip(name, first_op, "DequantizeLinear after other ops is not handled")
     if dtype not in FLOAT_DTYPES and not quantized:
         return Skip(name, first_op, f"integer weight ({dtype}) outside DequantizeLinear")
@@ -270,76 +296,83 @@ def _classify(graph: _GraphIndex, name: str) -> Target | Skip | None:
             return Skip(name, node.op_type, found)
         k_view, out_view, activation, activation_axis = found
         axes.add((use.perm[k_view], use.perm[out_view]))
+        output = node.outputs[0].name or ""
         consumers.append(
-            Consumer(use.label, node.op_type, use.input_index, activation, activation_axis, node.output[0])
+            Consumer(
+                graph.label(node),
+                node.op_type,
+                use.input_index,
+                activation.name or "",
+                activation_axis,
+                output,
+                not graph.in_main(node),
+            )
         )
     if len(axes) > 1:
         return Skip(name, first_op, f"consumers disagree on the K axis of the shared weight: {sorted(axes)}")
-    if len({u.through for u in multiplies}) > 1:
-        return Skip(name, first_op, "consumers see the shared weight through different ops")
+    # Consumers that agree on K are one target, whatever value-preserving ops (Identity, Transpose, Cast) each
+    # sees the weight through: the pruned zeros reach every one of them at the same stored positions.
     ((k_axis, out_axis),) = axes
-    return Target(
-        name, first_op, tuple(tensor.dims), dtype, k_axis, out_axis, tuple(consumers), multiplies[0].through
-    )
+    return Target(name, first_op, shape, dtype, k_axis, out_axis, tuple(consumers), multiplies[0].through)
 
 
-def _is_matmul_like(node: onnx.NodeProto) -> bool:
+def _is_matmul_like(node: ir.Node) -> bool:
     return node.op_type in ("MatMul", "Gemm", "Conv") or node.op_type in UNHANDLED_MATMUL_OPS
 
 
-def _dequantize_first(uses: list[_Use]) -> bool:
-    return all(u.through[:1] == ("DequantizeLinear",) for u in uses)
-
-
-def _weights_from_inputs_or_folds(graph: _GraphIndex) -> list[Skip]:
+def _weights_from_inputs_or_folds(graph: _Graph) -> list[Skip]:
     """Weight operands that are not stored tensors: a graph input, or a value computed from constants."""
     skips: list[Skip] = []
-    for node in graph.graph.node:
-        for index in _weight_slots(node):
-            if index >= len(node.input) or not node.input[index]:
-                continue
-            source = _trace_back(graph, node.input[index])
-            if source in graph.initializers or source in graph.constants:
-                continue
-            label = f"{graph.label(node)}:input{index}"
-            if source in graph.inputs:
-                skips.append(Skip(source, node.op_type, f"weight of {label} is a graph input, not a constant"))
-            elif graph.is_constant(source):
-                op = graph.producer[source].op_type
-                skips.append(
-                    Skip(source, node.op_type, f"weight of {label} is computed from constants by {op}; fold first")
+    for node in ir.traversal.RecursiveGraphIterator(graph.graph):
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        source = _trace_back(node.inputs[1])
+        if source.name in graph.stored and graph.stored[source.name] is source:
+            continue
+        label = f"{graph.label(node)}:input1"
+        if source.is_graph_input() and source.graph is graph.graph:
+            skips.append(
+                Skip(source.name or "", node.op_type, f"weight of {label} is a graph input, not a constant")
+            )
+        elif graph.is_constant(source) and source.producer() is not None:
+            op = source.producer().op_type  # type: ignore[union-attr]
+            skips.append(
+                Skip(
+                    source.name or "",
+                    node.op_type,
+                    f"weight of {label} is computed from constants by {op}; fold first",
                 )
+            )
     return skips
 
 
-def _weight_slots(node: onnx.NodeProto) -> tuple[int, ...]:
-    return (1,) if node.op_type in ("MatMul", "Gemm", "Conv") else ()
-
-
-def _trace_back(graph: _GraphIndex, name: str) -> str:
-    """The stored tensor, graph input or computed value that ``name`` comes from through look-through ops."""
-    while name not in graph.initializers and name not in graph.constants and name not in graph.inputs:
-        node = graph.producer.get(name)
-        if node is None or node.op_type not in LOOK_THROUGH:
+def _trace_back(value: ir.Value) -> ir.Value:
+    """The stored tensor, graph input or computed value that ``value`` comes from through look-through ops."""
+    while not value.is_initializer() and not value.is_graph_input():
+        node = value.producer()
+        if node is None or node.op_type not in LOOK_THROUGH or node.inputs[0] is None:
             break
-        name = node.input[0]
-    return name
+        value = node.inputs[0]
+    return value
 
 
-def _head_consumers(graph: _GraphIndex, targets: list[Target]) -> set[str]:
+def _head_consumers(graph: _Graph, targets: list[Target]) -> set[str]:
     """Consumer nodes that alone stand between the rest of the model and some graph output.
 
     Walking back from each graph output, stop at every matrix multiplication by a weight: if exactly one is met,
     it is that output's head (an LM or classifier projection). A residual path to another weight means no head.
+    Key/value cache outputs (``present.*``) are not walked from: the K/V projections feeding them are no heads.
+    A control-flow node's walk continues into the outer values its bodies read.
     """
     weight_nodes = {c.node for t in targets for c in t.consumers}
     heads: set[str] = set()
-    for output in graph.outputs:
+    for output in graph.graph.outputs:
+        if (output.name or "").startswith(CACHE_OUTPUT_PREFIXES):
+            continue
         met: set[str] = set()
         stack, seen = [output], set()
         while stack:
-            name = stack.pop()
-            node = graph.producer.get(name)
+            node = stack.pop().producer()
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))
@@ -347,7 +380,32 @@ def _head_consumers(graph: _GraphIndex, targets: list[Target]) -> set[str]:
             if label in weight_nodes:
                 met.add(label)
                 continue
-            stack.extend(i for i in node.input if i)
+            stack.extend(i for i in node.inputs if i is not None)
+            stack.extend(_outer_reads(node))
         if len(met) == 1:
             heads |= met
     return heads
+
+
+def _outer_reads(node: ir.Node) -> list[ir.Value]:
+    """Values of enclosing graphs that the bodies of a control-flow node read."""
+    bodies = [g for attr in node.attributes.values() for g in _subgraphs(attr)]
+    nested = list(bodies)
+    for body in bodies:
+        nested += [
+            g
+            for inner in ir.traversal.RecursiveGraphIterator(body)
+            for a in inner.attributes.values()
+            for g in _subgraphs(a)
+        ]
+    inside = {id(g) for g in nested}
+    reads: list[ir.Value] = []
+    for body in nested:
+        values = [v for inner in body for v in inner.inputs if v is not None] + list(body.outputs)
+        reads += [v for v in values if id(_owner(v)) not in inside]
+    return reads
+
+
+def _owner(value: ir.Value) -> ir.Graph | None:
+    node = value.producer()
+    return node.graph if node is not None else value.graph

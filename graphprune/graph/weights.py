@@ -2,82 +2,89 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
 
 from graphprune.errors import GraphpruneError
+from graphprune.graph.stored import read_array, replace_tensor, stored_tensor
 from graphprune.graph.targets import Target
 
 
 @dataclass
 class StoredWeight:
-    """A target's tensor as stored, and how to turn it into the float values its consumers multiply by."""
+    """A target's tensor as stored, and how to turn it into the float values its consumers multiply by.
 
-    tensor: onnx.TensorProto  # the initializer, or the Constant node's value, edited in place on write
+    ``scale`` and ``zero_point`` broadcast against ``values`` (blocked DequantizeLinear parameters are
+    repeated along their axis). Sub-byte integers (int4/uint4) are held unpacked, one element per value;
+    onnx-ir packs them again when the model is written.
+    """
+
+    value: ir.Value  # the initializer or Constant output in the model
     values: np.ndarray  # stored values (writable copy)
-    scale: np.ndarray | None = None  # DequantizeLinear scale, broadcastable to ``values``
-    zero_point: np.ndarray | None = None  # DequantizeLinear zero point, broadcastable to ``values``
+    scale: np.ndarray | None = None  # DequantizeLinear scale
+    zero_point: np.ndarray | None = None  # DequantizeLinear zero point
 
     def effective(self) -> np.ndarray:
         """The values the consumers see, in float32 (or the stored float dtype)."""
         if self.scale is None:
             return self.values
-        zero = 0 if self.zero_point is None else self.zero_point.astype(np.float32)
+        zero = np.float32(0) if self.zero_point is None else self.zero_point.astype(np.float32)
         return (self.values.astype(np.float32) - zero) * self.scale.astype(np.float32)
 
     def zero_value(self) -> np.ndarray | int:
         """The stored value that means zero: the zero point under DequantizeLinear, else 0."""
-        return 0 if self.zero_point is None else self.zero_point
+        if self.zero_point is None:  # a zero of the stored type: a Python 0 would not cast to uint8 safely
+            return np.zeros((), dtype=self.values.dtype)
+        return self.zero_point
+
+    def tensor(self, values: np.ndarray | None = None) -> ir.Tensor:
+        """``values`` (default: the current ones) as a tensor of the stored name and element type."""
+        old = stored_tensor(self.value)
+        return ir.Tensor(self.values if values is None else values, dtype=old.dtype, name=old.name)
 
     def write(self, values: np.ndarray) -> None:
-        """Store ``values`` (same shape and dtype) back into the model."""
-        if self.tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise GraphpruneError(f"weight {self.tensor.name} is still in external data; load the model with it")
-        # Same dtype and shape as read: only the bytes change. Setting raw_data directly avoids building a
-        # second TensorProto (from_array + CopyFrom copies every byte twice more).
-        for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            self.tensor.ClearField(typed)
-        self.tensor.raw_data = np.ascontiguousarray(values).tobytes()
+        """Store ``values`` (same shape and dtype) in the model, replacing the tensor it held."""
         self.values = values
+        replace_tensor(self.value, self.tensor(values))
 
 
-class WeightStore:
-    """Stored tensors of a model by name: initializers and Constant node values."""
+def read_weight(
+    stored: Mapping[str, ir.Value], target: Target, source: ir.TensorProtocol | None = None
+) -> StoredWeight:
+    """The stored tensor of ``target`` (a writable copy) with its DequantizeLinear parameters, if any.
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        graph = model.graph
-        self._tensors: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
-        self._dequantize: dict[str, onnx.NodeProto] = {}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self._tensors[node.output[0]] = node.attribute[0].t
-            if node.op_type == "DequantizeLinear":
-                self._dequantize.setdefault(node.input[0], node)
+    ``stored`` is :func:`stored_values` of the graph (computed once per pass, not once per weight); ``source``
+    reads the values from that tensor instead of the one the model holds now.
+    """
+    value = stored[target.name]
+    values = read_array(source or stored_tensor(value))
+    if "DequantizeLinear" not in target.through:
+        return StoredWeight(value, values)
+    node = next(n for n, i in value.uses() if n.op_type == "DequantizeLinear" and i == 0)
+    axis = node.attributes.get_int("axis", 1)
+    block = node.attributes.get_int("block_size", 0)
+    params = [p for p in node.inputs[1:] if p is not None]
+    scale, *zero = (_parameter(stored, p, values.shape, axis, block) for p in params)
+    return StoredWeight(value, values, scale, zero[0] if zero else None)
 
-    def tensor(self, name: str) -> onnx.TensorProto:
-        return self._tensors[name]
 
-    def read(self, target: Target) -> StoredWeight:
-        tensor = self._tensors[target.name]
-        values = numpy_helper.to_array(tensor).copy()
-        if "DequantizeLinear" not in target.through:
-            return StoredWeight(tensor, values)
-        node = self._dequantize[target.name]
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        scale = self._broadcastable(node.input[1], values.ndim, axis)
-        has_zero = len(node.input) > 2 and bool(node.input[2])
-        zero = self._broadcastable(node.input[2], values.ndim, axis) if has_zero else None
-        return StoredWeight(tensor, values, scale, zero)
-
-    def _broadcastable(self, name: str, rank: int, axis: int) -> np.ndarray:
-        if name not in self._tensors:
-            raise GraphpruneError(f"DequantizeLinear parameter {name} is not a constant")
-        array = numpy_helper.to_array(self._tensors[name])
-        if array.ndim == 0:
-            return array
-        shape = [1] * rank
-        shape[axis % rank] = array.shape[0]
-        return array.reshape(shape)
+def _parameter(
+    stored: Mapping[str, ir.Value], value: ir.Value, shape: tuple[int, ...], axis: int, block: int
+) -> np.ndarray:
+    """A DequantizeLinear scale or zero point, made to broadcast against the stored weight."""
+    if value.name not in stored or stored[value.name] is not value:
+        raise GraphpruneError(f"DequantizeLinear parameter {value.name} is not a constant")
+    array = read_array(stored_tensor(value))
+    if array.ndim == 0:
+        return array
+    axis %= len(shape)
+    if block:  # blocked quantization (opset 21): one parameter per block of ``block`` along the axis
+        return np.repeat(array, block, axis=axis)[tuple(slice(0, n) for n in shape)]
+    if array.ndim == len(shape):
+        return array
+    broadcast = [1] * len(shape)
+    broadcast[axis] = array.shape[0]
+    return array.reshape(broadcast)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from graphprune.algorithms.layout import to_canonical
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.graph.selection import select_targets
+from graphprune.graph.stored import stored_values
 from graphprune.graph.targets import Skip, Target, find_targets
-from graphprune.graph.weights import WeightStore
+from graphprune.graph.weights import read_weight
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,12 @@ class WeightCheck:
 
 
 @dataclass
-class CheckResult:
-    pattern: NMPattern
-    weights: list[WeightCheck]
-    skipped: list[Skip]
+class CheckResult(ir.passes.PassResult):
+    """The verdict per target (``model`` is the checked model, ``modified`` always False)."""
+
+    pattern: NMPattern = field(default_factory=lambda: NMPattern(2, 4))
+    weights: list[WeightCheck] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
 
     @property
     def violations(self) -> list[WeightCheck]:
@@ -48,10 +51,12 @@ class CheckResult:
         return not self.violations
 
 
-class CheckPass:
-    """Verify, without changing anything, that the selected targets follow ``pattern`` along K."""
+class CheckPass(ir.passes.InPlacePass):
+    """Verify, without changing anything, that the selected targets follow ``pattern`` along K.
 
-    in_place = False
+    An analysis: it returns the model it was given, unmodified, with the verdicts. ``targets`` checks exactly
+    these (a pruning pass's post-condition) instead of the ones found and selected in the model.
+    """
 
     def __init__(
         self,
@@ -59,18 +64,25 @@ class CheckPass:
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
         include_head: bool = False,
+        targets: Sequence[Target] | None = None,
     ) -> None:
+        super().__init__()
         self.pattern = pattern
         self.include = include
         self.exclude = exclude
         self.include_head = include_head
+        self.targets = targets
 
-    def call(self, model: onnx.ModelProto) -> CheckResult:
-        scan = find_targets(model, include_head=self.include_head)
-        chosen = select_targets(scan, self.pattern, self.include, self.exclude)
-        store = WeightStore(model)
-        checks = [self._check(t, store.read(t).effective()) for t in chosen.targets]
-        return CheckResult(self.pattern, checks, chosen.skips)
+    def call(self, model: ir.Model) -> CheckResult:
+        if self.targets is not None:
+            targets, skips = list(self.targets), []
+        else:
+            scan = find_targets(model, include_head=self.include_head)
+            chosen = select_targets(scan, self.pattern, self.include, self.exclude)
+            targets, skips = chosen.targets, chosen.skips
+        stored = stored_values(model.graph)
+        checks = [self._check(t, read_weight(stored, t).effective()) for t in targets]
+        return CheckResult(model, False, self.pattern, checks, skips)
 
     def _check(self, target: Target, weight: np.ndarray) -> WeightCheck:
         canonical = to_canonical(weight, target.k_axis, target.out_axis)

@@ -1,4 +1,4 @@
-"""The pruning pass: score every selected target, mask it, and write the zeros into the model in place."""
+"""The pruning pass: score every selected target, mask it, and write the zeros into the onnx-ir model in place."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from graphprune.algorithms.layout import from_canonical, to_canonical
-from graphprune.algorithms.masks import mask_from_scores, nm_mask
+from graphprune.algorithms.masks import mask_from_scores, nm_mask, nm_violations
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
 from graphprune.algorithms.sparsegpt import sparsegpt
 from graphprune.errors import GraphpruneError
 from graphprune.graph.selection import select_targets
+from graphprune.graph.stored import replace_tensor, stored_tensor, stored_values
 from graphprune.graph.targets import Skip, Target, find_targets
-from graphprune.graph.weights import StoredWeight, WeightStore
+from graphprune.graph.weights import StoredWeight, read_weight
+from graphprune.passes.base import PassPostconditionError, PassPreconditionError
+from graphprune.passes.check import CheckPass
 
 # Masks of N:M and per-output-neuron patterns are independent per row: score this many elements at a time, so
 # the temporaries stay small next to the model even for the largest weights.
@@ -56,11 +59,11 @@ class WeightReport:
 
 
 @dataclass
-class PruneResult:
-    """What the pass did: one report per pruned or skipped weight."""
+class PruneResult(ir.passes.PassResult):
+    """What the pass did (``model``, ``modified``, as every onnx-ir pass) and one report per weight."""
 
-    config: PruneConfig
-    weights: list[WeightReport]
+    config: PruneConfig = field(default_factory=PruneConfig)
+    weights: list[WeightReport] = field(default_factory=list)
 
     @property
     def pruned(self) -> list[WeightReport]:
@@ -69,10 +72,6 @@ class PruneResult:
     @property
     def skipped(self) -> list[WeightReport]:
         return [w for w in self.weights if w.skipped is not None]
-
-    @property
-    def modified(self) -> bool:
-        return bool(self.pruned)
 
     def achieved_sparsity(self) -> float:
         """Zeros over all pruned weights' elements."""
@@ -102,66 +101,145 @@ class Statistics(Protocol):
     gram: Mapping[str, np.ndarray]
 
 
-class PrunePass:
-    """Prune a model in place.
+Plan = tuple[list[Target], list[Skip]]
+
+
+class PrunePass(ir.passes.InPlacePass):
+    """Prune a model in place: ``PrunePass(config, stats)(model)`` returns a :class:`PruneResult`.
 
     ``stats`` feeds Wanda and SparseGPT: calibration statistics, or for Wanda alone a plain mapping of weight
-    name -> Σx² per input channel (the weight's K axis).
-    """
+    name -> Σx² per input channel (the weight's K axis). ``plan`` is a :meth:`plan` the caller already made.
+    Pre-condition: the method's statistics are there and match the targets. Post-condition: every pruned
+    weight holds the N:M pattern along its K axis.
 
-    in_place = True
+    With ``defer=True`` nothing is computed yet: each target's tensor becomes an ``ir.LazyTensor`` that reads,
+    prunes and checks the weight when it is written (``save_model`` writes one tensor at a time), so a model
+    with external data is pruned with one weight in memory at a time; the reports' sparsities are filled in
+    as the weights are written, and the post-condition is checked per weight at that moment.
+    """
 
     def __init__(
         self,
         config: PruneConfig,
         stats: Statistics | Mapping[str, np.ndarray] | None = None,
         on_weight: Callable[[str], None] | None = None,
+        plan: Plan | None = None,
+        defer: bool = False,
     ) -> None:
+        super().__init__()
         self.config = config
         self.input_sumsq: Mapping[str, np.ndarray] | None = stats if isinstance(stats, Mapping) else None
         self.gram: Mapping[str, np.ndarray] = {}
         if stats is not None and not isinstance(stats, Mapping):
             self.input_sumsq, self.gram = stats.sumsq, stats.gram
         self.on_weight = on_weight
+        self.given_plan = plan
+        self.defer = defer
+        self._pruned: list[Target] = []
 
-    def plan(self, model: onnx.ModelProto) -> tuple[list[Target], list[Skip]]:
+    def plan(self, model: ir.Model) -> Plan:
         """The targets this pass will prune and the weights it will leave, without touching the model."""
         scan = find_targets(model, include_head=self.config.include_head)
         chosen = select_targets(scan, self.config.pattern, self.config.include, self.config.exclude)
         targets, skips = chosen.targets, chosen.skips
+        unfit = {t.name: self._unfit(t) for t in targets}
+        skips = skips + [Skip(t.name, t.op, unfit[t.name]) for t in targets if unfit[t.name]]
+        return [t for t in targets if not unfit[t.name]], skips
+
+    def _unfit(self, target: Target) -> str:
+        """Why this method cannot prune this target ('' when it can)."""
+        if self.config.method is not Method.MAGNITUDE and any(c.in_subgraph for c in target.consumers):
+            return (
+                "read inside an If/Loop/Scan body, where calibration cannot measure its inputs; "
+                "use --method magnitude"
+            )
         if self.config.method is Method.SPARSEGPT:
-            unfit = {t.name: _sparsegpt_unfit(t) for t in targets}
-            skips = skips + [Skip(t.name, t.op, unfit[t.name]) for t in targets if unfit[t.name]]
-            targets = [t for t in targets if not unfit[t.name]]
-        return targets, skips
+            return _sparsegpt_unfit(target)
+        return ""
 
-    def call(self, model: onnx.ModelProto) -> PruneResult:
-        return self.run(model, *self.plan(model))
+    def requires(self, model: ir.Model) -> None:
+        if self.config.method is not Method.MAGNITUDE and self.input_sumsq is None:
+            raise PassPreconditionError(
+                f"{self.config.method.value} needs activation statistics: pass --calib DATA or --stats FILE"
+            )
 
-    def run(self, model: onnx.ModelProto, targets: list[Target], skips: list[Skip]) -> PruneResult:
-        """Prune the targets of a :meth:`plan`; the result reports them and the skipped weights."""
-        self.check_statistics(targets)
+    def call(self, model: ir.Model) -> PruneResult:
+        targets, skips = self.given_plan or self.plan(model)
+        self.check_statistics(targets)  # statistics that don't match fail before any weight changes
         reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
         reports += self.prune_targets(model, targets)
         reports.sort(key=lambda r: (r.skipped is not None, r.name))
-        return PruneResult(self.config, reports)
+        return PruneResult(model, bool(targets), self.config, reports)
 
-    def prune_targets(self, model: onnx.ModelProto, targets: list[Target]) -> list[WeightReport]:
+    def ensures(self, model: ir.Model) -> None:
+        pattern = self.config.pattern
+        if self.defer or not isinstance(pattern, NMPattern) or not self._pruned:
+            return
+        check = CheckPass(pattern, targets=self._pruned)(model)
+        if not check.ok:
+            bad = check.violations[0]
+            raise PassPostconditionError(
+                f"weight {bad.name} breaks {pattern} along K after pruning: {bad.bad_groups} groups, "
+                f"the first at {bad.first_bad}"
+            )
+
+    def run(self, model: ir.Model, targets: list[Target], skips: list[Skip]) -> PruneResult:
+        """Prune the targets of a :meth:`plan` (with the pass's pre- and post-conditions)."""
+        self.given_plan = (targets, skips)
+        return self(model)
+
+    def prune_targets(self, model: ir.Model, targets: list[Target]) -> list[WeightReport]:
         """Prune these planned targets in place (sequential calibration calls this group by group)."""
-        store = WeightStore(model)
+        stored = stored_values(model.graph)
         reports = []
         for target in targets:
-            stored = store.read(target)
-            if self.config.method is Method.SPARSEGPT:
-                self._reconstruct_weight(target, stored)
-            else:
-                self._prune_weight(target, stored)
-            reports.append(self._report(target, stored))
+            if self.defer:
+                reports.append(self._defer(stored, target))
+                continue
+            weight = read_weight(stored, target)
+            weight.write(self._pruned_values(target, weight))
+            reports.append(self._report(target, weight))
             if self.on_weight:
                 self.on_weight(target.name)
+        self._pruned = [*self._pruned, *targets]
         return reports
 
-    def _prune_weight(self, target: Target, stored: StoredWeight) -> None:
+    def _defer(self, stored: Mapping[str, ir.Value], target: Target) -> WeightReport:
+        """Replace the target's tensor by one that prunes the weight when read (see the class docstring)."""
+        source = stored_tensor(stored[target.name])
+        report = WeightReport(
+            target.name,
+            target.op,
+            list(target.shape),
+            target.k_axis,
+            target.dtype,
+            self.config.method.value,
+            str(self.config.pattern),
+        )
+
+        def pruned() -> ir.TensorProtocol:
+            weight = read_weight(stored, target, source)
+            values = self._pruned_values(target, weight)
+            weight.values = values
+            report.sparsity = self._report(target, weight).sparsity
+            pattern = self.config.pattern
+            if isinstance(pattern, NMPattern):
+                bad = nm_violations(to_canonical(weight.effective(), target.k_axis, target.out_axis), pattern)
+                if bad.size:
+                    raise PassPostconditionError(f"weight {target.name} breaks {pattern} along K after pruning")
+            if self.on_weight:
+                self.on_weight(target.name)
+            return weight.tensor(values)
+
+        replace_tensor(stored[target.name], ir.LazyTensor(pruned, source.dtype, source.shape, name=source.name))
+        return report
+
+    def _pruned_values(self, target: Target, stored: StoredWeight) -> np.ndarray:
+        if self.config.method is Method.SPARSEGPT:
+            return self._reconstruct_weight(target, stored)
+        return self._prune_weight(target, stored)
+
+    def _prune_weight(self, target: Target, stored: StoredWeight) -> np.ndarray:
         effective = stored.effective()
         values = stored.values
         zero = stored.zero_value()
@@ -175,13 +253,13 @@ class PrunePass:
                 mask = mask_from_scores(self._scores(target, canonical, -1), pattern)
                 keep = from_canonical(mask, chunk.shape, target.k_axis, target.out_axis)
             np.copyto(values[rows], np.broadcast_to(zero, values.shape)[rows], where=~keep)
-        stored.write(values)
+        return values
 
-    def _reconstruct_weight(self, target: Target, stored: StoredWeight) -> None:
+    def _reconstruct_weight(self, target: Target, stored: StoredWeight) -> np.ndarray:
         """SparseGPT: choose the mask and update the surviving weights from the Gram matrix of the inputs."""
         canonical = to_canonical(stored.values, target.k_axis, target.out_axis)[:, 0, :]
         updated = sparsegpt(canonical, self.gram[target.name], self.config.pattern, **self.config.solver_options())
-        stored.write(from_canonical(updated[:, None, :], target.shape, target.k_axis, target.out_axis))
+        return from_canonical(updated[:, None, :], target.shape, target.k_axis, target.out_axis)
 
     def _scores(self, target: Target, weight: np.ndarray, k_axis: int) -> np.ndarray:
         if self.config.method is Method.MAGNITUDE:
@@ -197,7 +275,9 @@ class PrunePass:
         if method is Method.MAGNITUDE:
             return
         if self.input_sumsq is None:
-            raise GraphpruneError(f"{method.value} needs activation statistics: pass --calib DATA or --stats FILE")
+            raise PassPreconditionError(
+                f"{method.value} needs activation statistics: pass --calib DATA or --stats FILE"
+            )
         if method is Method.SPARSEGPT:
             no_gram = [t.name for t in targets if t.name not in self.gram]
             if no_gram:

@@ -19,8 +19,8 @@ from graphprune.graph.model_io import (
     check_output_path,
     default_output,
     load_model,
-    load_model_and_layout,
     save_model,
+    uses_external_data,
 )
 from graphprune.graph.targets import Target
 from graphprune.passes.check import CheckPass, CheckResult
@@ -50,13 +50,17 @@ def prune_file(
     Statistics come from ``stats`` (saved by calibration) or are computed from ``calibration``: one-shot on
     the dense model, or with ``sequential`` ("block" or "level") group by group on the already pruned model,
     as the reference implementations do. The input is never modified; nothing is written when anything fails.
+
+    A model with external data is pruned while it is written, one weight at a time (``PrunePass(defer=True)``),
+    unless ``sequential`` needs the pruned weights in memory for the next groups' calibration.
     """
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
     check_output_path(model_path, out, force)
     if sequential and calibration is None:
         raise GraphpruneError("--sequential needs calibration data: pass --calib DATA")
-    model, external = load_model_and_layout(model_path)
+    model = load_model(model_path)
+    external = uses_external_data(model)
     prune = PrunePass(config, stats, on_weight)
     targets, skips = prune.plan(model)
     if not targets:
@@ -90,15 +94,15 @@ def prune_file(
             request = replace(calibration, gram=config.method is Method.SPARSEGPT)
 
             def calibrate_chunk(chunk: list[Target]) -> ActivationStats:
-                return calibrate(model, request, chunk)
+                return calibrate(model_path, request, chunk)  # ONNX Runtime reads the stored weights
 
             if config.method is Method.SPARSEGPT:
                 stats = calibrate_within(targets, int(calibration.gram_memory_gb * GIB), calibrate_chunk)
             else:
                 stats = calibrate_chunk(targets)
             warnings = stats.warnings
-            prune = PrunePass(config, stats, on_weight)
-        result = prune.run(model, targets, skips)  # statistics that don't match fail before any weight changes
+        prune = PrunePass(config, stats, on_weight, plan=(targets, skips), defer=external)
+        result = prune(model)
     for message in warnings if on_message else ():
         on_message(message)
     save_model(model, out, external_data=True if external else None)  # keep the input's external layout
@@ -115,7 +119,7 @@ def check_file(
 ) -> CheckResult:
     """Verify the N:M pattern of every selected target of the model at ``model_path``."""
     model = load_model(model_path)
-    return CheckPass(pattern, include, exclude, include_head).call(model)
+    return CheckPass(pattern, include, exclude, include_head)(model)
 
 
 def write_json(path: Path, data: object) -> None:

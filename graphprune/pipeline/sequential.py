@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from graphprune.algorithms.scores import Method
@@ -208,7 +207,7 @@ class SequentialCalibration:
 
 
 def prune_sequentially(
-    model: onnx.ModelProto,
+    model: ir.Model,
     config: PruneConfig,
     batches: list[dict[str, np.ndarray]],
     providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -219,16 +218,16 @@ def prune_sequentially(
 ) -> tuple[PruneResult, list[str]]:
     """Prune ``model`` in place, each group of targets scored on activations of the already pruned model.
 
-    ``plan`` is :meth:`PrunePass.plan`'s result when the caller already has it. Returns the pruning result and
-    the calibration warnings.
+    ``plan`` is :meth:`PrunePass.plan`'s result when the caller already has it. The segments read the weights
+    from ``model`` itself, so each sees the groups pruned before it. Returns the pruning result and the
+    calibration warnings.
     """
     targets, skips = plan or PrunePass(config).plan(model)
     if not targets:
         raise GraphpruneError("the model has no prunable weights for this pattern and selection")
     reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
     gram = config.method is Method.SPARSEGPT
-    # the pass still edits the protobuf; the onnx-ir view wraps the same tensors, so segments see pruned weights
-    engine = SequentialCalibration(ir.from_proto(model), batches, list(providers), gram, group_by, on_group)
+    engine = SequentialCalibration(model, batches, list(providers), gram, group_by, on_group)
 
     def prune_group(group: list[Target], stats: ActivationStats) -> None:
         step = PrunePass(config, stats, on_weight)
@@ -237,4 +236,4 @@ def prune_sequentially(
 
     engine.run(targets, prune_group)
     reports.sort(key=lambda r: (r.skipped is not None, r.name))
-    return PruneResult(config, reports), engine.warnings
+    return PruneResult(model, bool(targets), config, reports), engine.warnings

@@ -26,7 +26,7 @@ from graphprune.algorithms.pattern import NMPattern
 from graphprune.errors import GraphpruneError
 
 if TYPE_CHECKING:
-    import onnx
+    import onnx_ir as ir
 
     from graphprune.graph.targets import Target
 
@@ -83,17 +83,19 @@ def gemm_weight(target: Target, values: np.ndarray) -> np.ndarray:
     return canonical.reshape(canonical.shape[0], -1)
 
 
-def model_cases(model: onnx.ModelProto, include_head: bool = False) -> list[GemmCase]:
+def model_cases(model: ir.Model, include_head: bool = False) -> list[GemmCase]:
     """One case per target of ``model`` that is 2:4 along K (others are not what this benchmark is about)."""
-    from graphprune.graph.targets import find_targets  # ONNX only here: the GEMM benchmark itself needs no onnx
-    from graphprune.graph.weights import WeightStore
+    # ONNX only here: the GEMM benchmark itself needs no onnx
+    from graphprune.graph.stored import stored_values
+    from graphprune.graph.targets import find_targets
+    from graphprune.graph.weights import read_weight
 
-    store = WeightStore(model)
+    stored = stored_values(model.graph)
     cases = []
     for target in find_targets(model, include_head=include_head).targets:
         if target.k % 4:
             continue
-        weight = gemm_weight(target, store.read(target).effective())
+        weight = gemm_weight(target, read_weight(stored, target).effective())
         if len(nm_violations(weight, _PATTERN)) == 0:
             cases.append(GemmCase(target.name, weight.shape[0], weight.shape[1], weight))
     return cases

@@ -29,7 +29,9 @@ from rich.table import Table
 from graphprune.algorithms.layout import to_canonical
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
+from graphprune.graph.stored import stored_values
 from graphprune.graph.targets import LOOK_THROUGH, Target, find_targets
+from graphprune.graph.weights import read_weight
 
 Status = Literal["eligible", "too small to gain", "ineligible"]
 SPARSE_PATTERN = NMPattern(2, 4)
@@ -109,7 +111,7 @@ def assess(
 
 
 def eligibility_report(
-    model: ir.Model | onnx.ModelProto,
+    model: ir.Model,
     targets: list[Target] | None = None,
     precision: str | None = None,
     min_channels: int = MIN_CHANNELS,
@@ -120,19 +122,21 @@ def eligibility_report(
     the FP16 flag); by default it is read from the model: the type the consumer multiplies in, which is the type
     of the weight as it arrives (stored, or cast), or ``int8-qdq`` under DequantizeLinear.
     """
-    graph_model = model if isinstance(model, ir.Model) else ir.from_proto(model)  # wraps, copies no weight
-    if targets is None:  # the target finder still reads protobuf
-        targets = find_targets(model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)).targets
-    made_by = {str(v.name): node for node in graph_model.graph for v in node.outputs if v.name}
+    if targets is None:
+        targets = find_targets(model).targets
+    stored = stored_values(model.graph)
+    made_by = {str(v.name): node for node in model.graph for v in node.outputs if v.name}
     records = []
     for target in targets:
         nodes = [made_by[c.output] for c in target.consumers if c.output in made_by]
         if not nodes:
             continue
-        chain = _weight_chain(nodes[0], target.consumers[0].input_index)
-        used = precision or _precision(target, chain)
+        weight = read_weight(stored, target)
+        # a quantized weight is zero where it equals its zero point
+        values = weight.values if weight.zero_point is None else (weight.values != weight.zero_point)
+        used = precision or _precision(target, _weight_chain(nodes[0], target.consumers[0].input_index))
         group = max((n.attributes.get_int("group", 1) for n in nodes if n.op_type == "Conv"), default=1)
-        records.append(assess(target, _nonzero_values(chain), used, group, min_channels))
+        records.append(assess(target, values, used, group, min_channels))
     return records
 
 
@@ -146,34 +150,6 @@ def _weight_chain(consumer: ir.Node, index: int) -> list[ir.Value]:
         chain.append(producer.inputs[0])
         producer = producer.inputs[0].producer()
     return chain
-
-
-def _stored(value: ir.Value) -> np.ndarray:
-    """The values of an initializer or of a Constant node's output."""
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    assert producer is not None and producer.op_type == "Constant"
-    return producer.attributes["value"].as_tensor().numpy()
-
-
-def _nonzero_values(chain: list[ir.Value]) -> np.ndarray:
-    """The stored weight, as booleans where it is quantized: a quantized weight is zero at its zero point."""
-    stored = _stored(chain[-1])
-    dequantize = next((v.producer() for v in chain if _op(v) == "DequantizeLinear"), None)
-    if dequantize is None or len(dequantize.inputs) < 3 or dequantize.inputs[2] is None:
-        return stored
-    zero = _stored(dequantize.inputs[2])
-    if zero.ndim == 1 and stored.ndim > 1:  # per-axis zero points along the node's axis
-        shape = [1] * stored.ndim
-        shape[dequantize.attributes.get_int("axis", 1) % stored.ndim] = zero.shape[0]
-        zero = zero.reshape(shape)
-    return stored != zero
-
-
-def _op(value: ir.Value) -> str | None:
-    producer = value.producer()
-    return None if producer is None else producer.op_type
 
 
 def _precision(target: Target, chain: list[ir.Value]) -> str:

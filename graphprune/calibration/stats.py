@@ -56,14 +56,23 @@ class ActivationStats:
         return name in self.sumsq
 
     @classmethod
-    def from_sumsq(cls, sumsq: Mapping[str, np.ndarray], targets: Sequence[Target]) -> ActivationStats:
-        """Statistics from a plain mapping of weight name -> Σx² per input channel (rows unknown: 0)."""
+    def from_sumsq(
+        cls,
+        sumsq: Mapping[str, np.ndarray],
+        targets: Sequence[Target],
+        gram: Mapping[str, np.ndarray] | None = None,
+    ) -> ActivationStats:
+        """Statistics from a plain mapping of weight name -> Σx² per input channel (and Grams; rows unknown: 0).
+
+        The shapes of ``targets`` are taken as the collected ones: :meth:`check` then compares the arrays.
+        """
         known = [t for t in targets if t.name in sumsq]
         return cls(
-            sumsq={t.name: np.asarray(sumsq[t.name], dtype=np.float64) for t in known},
+            sumsq={t.name: sumsq[t.name] for t in known},
             rows={t.name: 0 for t in known},
             targets={t.name: TargetInfo(tuple(t.shape), t.k_axis) for t in known},
             model_fingerprint=fingerprint(known),
+            gram=dict(gram or {}),
         )
 
     def check(self, targets: Sequence[Target], gram: bool = False) -> None:
@@ -73,12 +82,11 @@ class ActivationStats:
         from a plain mapping): every target has Σx² of shape [K] collected for a weight of its shape, and with
         ``gram`` a finite [K, K] Gram matrix.
         """
-        missing = [t.name for t in targets if t.name not in self.sumsq]
-        if missing:
-            raise GraphpruneError(
-                f"the statistics do not match this model: no statistics for {len(missing)} weight(s) "
-                f"({a_few(missing)}); calibrate this model again"
-            )
+        _refuse_missing(
+            [t.name for t in targets if t.name not in self.sumsq],
+            "the statistics do not match this model: no statistics for {count} weight(s) ({names}); "
+            "calibrate this model again",
+        )
         for t in targets:
             info = self.targets.get(t.name)
             if info is None or info.k != t.k or info.shape != tuple(t.shape):
@@ -94,12 +102,11 @@ class ActivationStats:
                 )
         if not gram:
             return
-        no_gram = [t.name for t in targets if t.name not in self.gram]
-        if no_gram:
-            raise GraphpruneError(
-                f"sparsegpt needs Gram matrices, and the statistics hold none for {len(no_gram)} weight(s) "
-                f"({a_few(no_gram)}): calibrate with --method sparsegpt (or calibrate --gram)"
-            )
+        _refuse_missing(
+            [t.name for t in targets if t.name not in self.gram],
+            "sparsegpt needs Gram matrices, and the statistics hold none for {count} weight(s) ({names}): "
+            "calibrate with --method sparsegpt (or calibrate --gram)",
+        )
         for t in targets:
             g = self.gram[t.name]
             if np.shape(g) != (t.k, t.k):
@@ -177,3 +184,8 @@ class ActivationStats:
         if targets is not None:
             stats.check(targets)
         return stats
+
+
+def _refuse_missing(names: list[str], message: str) -> None:
+    if names:
+        raise GraphpruneError(message.format(count=len(names), names=a_few(names)))

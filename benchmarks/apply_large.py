@@ -13,8 +13,9 @@ Then, in one run and each in its own subprocess (so peak RSS, the child's ``VmHW
 
 The cases alternate in order over ``--repeats`` rounds; medians are printed. Time is the operation inside the
 process (imports excluded, the same for every case); peak memory is the process's maximum resident set size,
-imports included. Targets (from the issue): apply time <= 2x the baseline, apply peak RSS <= 2.5x the model size.
-Finally ``graphprune check --nm 2:4`` verifies the 2:4 output and ONNX Runtime runs it on a tiny input.
+imports included. Targets (issue 14, streaming apply of a model with external data): apply time <= 0.7x the
+baseline, apply peak RSS <= 0.5x the model's bytes. Finally ``graphprune check --nm 2:4`` verifies the 2:4 output
+and ONNX Runtime runs it on a tiny input.
 
     python benchmarks/apply_large.py [--workdir DIR] [--blocks 3] [--repeats 3] [--profile]
 
@@ -39,8 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 IR_VERSION = 8
 OPSET = 18
-TIME_TARGET = 2.0  # apply time / baseline time
-MEMORY_TARGET = 2.5  # apply peak RSS / model size on disk
+TIME_TARGET = 0.7  # apply time / baseline time (issue 14; issue 2 asked for 2.0)
+MEMORY_TARGET = 0.5  # apply peak RSS / model size on disk (issue 14; issue 2 asked for 2.5)
 MODEL_NAME = "model.onnx"
 _ALIGN = 4096  # offsets of tensors in the data file
 

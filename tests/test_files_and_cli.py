@@ -15,6 +15,7 @@ from onnx import helper
 from typer.testing import CliRunner
 
 from graphprune.cli import app
+from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model, save_model
 from tests.onnx_builders import init, make_model, run, tensor
 
@@ -228,3 +229,20 @@ def test_error_text_in_brackets_is_printed_as_is(model_path: Path, tmp_path: Pat
     result = runner.invoke(app, [*args, "--provider", "cuda"])
     # this suite runs with the CPU-only onnxruntime: the hint names the [gpu] extra, brackets included
     assert result.exit_code == 2 and "graphprune[gpu]" in result.output.replace("\n", "")
+
+
+def test_external_data_outside_the_model_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    source = tmp_path / "models" / "m.onnx"
+    onnx.save_model(layered_model(), str(source), save_as_external_data=True, location="w.bin", size_threshold=0)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 100_000)
+    proto = onnx.load_model(str(source), load_external_data=False)
+    for t in proto.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.bin"
+    onnx.save_model(proto, str(source))
+    with pytest.raises(GraphpruneError, match="outside the model's directory") as caught:
+        load_model(source)
+    assert "100000" not in str(caught.value)  # the size of the outside file is not disclosed

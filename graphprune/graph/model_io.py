@@ -19,6 +19,8 @@ from graphprune.errors import GraphpruneError
 _INLINE_LIMIT = 1 << 30
 # Tensors at least this large go to the data file when a model is saved with external data (as onnx's default).
 EXTERNAL_THRESHOLD = 1024
+_WRITERS = 2
+_IN_FLIGHT = 1 << 27  # bytes of materialised tensors held at once while writing (plus the largest one)
 
 
 def load_model(path: str | Path) -> ir.Model:
@@ -65,7 +67,16 @@ def save_model(model: ir.Model, path: str | Path, external_data: bool | None = N
         data_name = f"{path.name}.data"
         try:
             if external_data:
-                ir.save(model, staged, external_data=data_name, size_threshold_bytes=EXTERNAL_THRESHOLD - 1)
+                ir.save(
+                    model,
+                    staged,
+                    external_data=data_name,
+                    size_threshold_bytes=EXTERNAL_THRESHOLD - 1,
+                    # Two writers overlap one tensor's pruning (lazy tensors, numpy releases the GIL) with the
+                    # next one's, and the disk writes; the bytes in flight stay bounded, the layout is the same.
+                    max_workers=_WRITERS,
+                    max_in_flight_bytes=_IN_FLIGHT,
+                )
             else:
                 ir.save(model, staged)
         except ValueError as exc:  # e.g. a tensor whose bytes do not match its shape
@@ -157,6 +168,10 @@ def _check_external_sizes(model: onnx.ModelProto, base_dir: Path) -> None:
             count *= dim
         need = int(info.get("length") or count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
         data_file = base_dir / info.get("location", "")
+        if not data_file.resolve().is_relative_to(base_dir.resolve()):
+            raise GraphpruneError(
+                f"external data of tensor {tensor.name} is outside the model's directory: {info.get('location')}"
+            )
         have = data_file.stat().st_size - int(info.get("offset") or 0) if data_file.is_file() else -1
         if have < need:
             raise GraphpruneError(

@@ -44,7 +44,13 @@ def replace_tensor(value: ir.Value, tensor: ir.TensorProtocol) -> None:
 
 
 def read_array(tensor: ir.TensorProtocol) -> np.ndarray:
-    """A writable copy of a tensor's values; a memory-mapped external file is unmapped after the copy."""
+    """A writable copy of a tensor's values, read from its file when it is external (one read, no mapping)."""
+    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8 and tensor.size:
+        dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+        array = np.fromfile(tensor.path, dtype=dtype, count=tensor.size, offset=tensor.offset or 0)
+        if array.size != tensor.size:
+            raise ValueError(f"external data of {tensor.name} is shorter than its shape")
+        return array.reshape(tensor.shape.numpy())
     array = np.array(tensor.numpy(), copy=True)
     if isinstance(tensor, ir.ExternalTensor):
         tensor.release()

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.algorithms.layout import from_canonical, to_canonical
-from graphprune.algorithms.masks import mask_from_scores, nm_mask, nm_violations
+from graphprune.algorithms.masks import mask_from_scores, nm_mask
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
 from graphprune.algorithms.sparsegpt import sparsegpt
@@ -222,12 +222,11 @@ class PrunePass(ir.passes.InPlacePass):
             weight = read_weight(stored, target, source)
             values = self._pruned_values(target, weight)
             weight.values = values
-            report.sparsity = self._report(target, weight).sparsity
+            nonzero = weight.effective() != 0
+            report.sparsity = round(1.0 - int(np.count_nonzero(nonzero)) / nonzero.size, 6)
             pattern = self.config.pattern
-            if isinstance(pattern, NMPattern):
-                bad = nm_violations(to_canonical(weight.effective(), target.k_axis, target.out_axis), pattern)
-                if bad.size:
-                    raise PassPostconditionError(f"weight {target.name} breaks {pattern} along K after pruning")
+            if isinstance(pattern, NMPattern) and _groups_over(nonzero, target.k_axis, pattern):
+                raise PassPostconditionError(f"weight {target.name} breaks {pattern} along K after pruning")
             if self.on_weight:
                 self.on_weight(target.name)
             return weight.tensor(values)
@@ -253,7 +252,7 @@ class PrunePass(ir.passes.InPlacePass):
                 canonical = to_canonical(chunk, target.k_axis, target.out_axis)
                 mask = mask_from_scores(self._scores(target, canonical, -1), pattern)
                 keep = from_canonical(mask, chunk.shape, target.k_axis, target.out_axis)
-            np.copyto(values[rows], np.broadcast_to(zero, values.shape)[rows], where=~keep)
+            _clear(values[rows], keep, np.broadcast_to(zero, values.shape)[rows])
         return values
 
     def _reconstruct_weight(self, target: Target, stored: StoredWeight) -> np.ndarray:
@@ -307,17 +306,48 @@ def _sparsegpt_unfit(target: Target) -> str:
     return ""
 
 
+def _clear(values: np.ndarray, keep: np.ndarray, zero: np.ndarray) -> None:
+    """Set ``values`` to ``zero`` where ``keep`` is False, in place.
+
+    A zero whose bits are all 0 (+0.0, or an integer 0) is written by AND-ing every value with a mask of all-one
+    or all-zero bits: the same bytes as a masked copy, and several times faster on large weights.
+    """
+    if zero.strides == (0,) * zero.ndim and not zero.flat[0] and values.dtype.itemsize in (1, 2, 4, 8):
+        size = values.dtype.itemsize
+        bits = np.negative(keep.view(np.uint8), dtype=np.dtype(f"i{size}")).view(np.dtype(f"u{size}"))
+        view = values.view(np.dtype(f"u{size}"))
+        np.bitwise_and(view, bits, out=view)
+    else:
+        np.copyto(values, zero, where=~keep)
+
+
+def _groups_over(nonzero: np.ndarray, k_axis: int, pattern: NMPattern) -> int:
+    """Groups of ``pattern.group`` along K holding more than ``pattern.keep`` non-zeros, counted in the stored
+    layout (no transposed copy: this runs on every weight a streaming apply writes)."""
+    shape = nonzero.shape
+    grouped = nonzero.reshape(*shape[:k_axis], shape[k_axis] // pattern.group, pattern.group, *shape[k_axis + 1 :])
+    return int(np.count_nonzero(np.count_nonzero(grouped, axis=k_axis + 1) > pattern.keep))
+
+
 def _row_chunks(target: Target, pattern: Pattern) -> list[tuple[slice, ...]]:
-    """Index tuples that split the stored weight along its output axis where the mask allows it."""
+    """Index tuples that split the stored weight into independent pieces for the mask.
+
+    An N:M mask allows any split along the output axis, or along K at group boundaries; the first stored axis
+    is chosen when it is one of those, so every chunk is contiguous in memory. Per-output-neuron masks split
+    along the output axis.
+    """
     everything = tuple(slice(None) for _ in target.shape)
     if isinstance(pattern, Unstructured) and pattern.scope is not Scope.OUTPUT:
         return [everything]
-    out = target.shape[target.out_axis]
-    per_row = int(np.prod(target.shape)) // max(out, 1)
-    step = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    axis, align = target.out_axis, 1
+    if isinstance(pattern, NMPattern) and 0 in (target.k_axis, target.out_axis):
+        axis, align = 0, (pattern.group if target.k_axis == 0 else 1)
+    length = target.shape[axis]
+    per_row = int(np.prod(target.shape)) // max(length, 1)
+    step = max(align, _CHUNK_ELEMENTS // max(per_row, 1) // align * align)
     chunks = []
-    for start in range(0, out, step):
+    for start in range(0, length, step):
         index = list(everything)
-        index[target.out_axis] = slice(start, start + step)
+        index[axis] = slice(start, start + step)
         chunks.append(tuple(index))
     return chunks

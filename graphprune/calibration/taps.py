@@ -23,12 +23,12 @@ import onnx_ir as ir
 from graphprune.calibration.session import (
     SessionModel,
     cut,
-    inferred_types,
     outer_reads,
     session_model,
     values_by_name,
 )
 from graphprune.graph.targets import Target
+from graphprune.graph.types import value_types
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,19 @@ def _rows(b: _Builder, x: ir.Value, axis: int, rank: int | None, k: int) -> ir.V
 
 
 @contextmanager
-def plan_taps(model: ir.Model, targets: Sequence[Target], gram: bool = False) -> Iterator[TapPlan]:
-    """The taps for ``targets``, connected to the model's values for the duration of the block."""
+def plan_taps(
+    model: ir.Model,
+    targets: Sequence[Target],
+    gram: bool = False,
+    types: Mapping[str, tuple[int, int | None]] | None = None,
+) -> Iterator[TapPlan]:
+    """The taps for ``targets``, connected to the model's values for the duration of the block.
+
+    ``types`` is :func:`value_types` of the model when the caller has it (sequential calibration plans many).
+    """
     graph = model.graph
     values = values_by_name(graph)
-    types = inferred_types(model)
+    types = value_types(model) if types is None else types
     plan = TapPlan(taps=[])
     groups: dict[tuple[str, int], tuple[int, list[str]]] = {}
     for t in targets:

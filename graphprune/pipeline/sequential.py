@@ -27,6 +27,7 @@ from graphprune.calibration.stats import ActivationStats
 from graphprune.calibration.taps import plan_taps, tapped_model
 from graphprune.errors import GraphpruneError
 from graphprune.graph.targets import Skip, Target
+from graphprune.graph.types import value_types
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
 
 Feed = Mapping[str, np.ndarray]
@@ -134,6 +135,7 @@ class SequentialCalibration:
         groups = target_groups(self.model, targets, self.group_by)
         self._consumers = consumer_nodes(self.model, targets)
         self._constant = constant_values(graph)
+        self._types = value_types(self.model)  # pruning changes no type: inferred once
         self._executed: set[ir.Node] = set()
         self._inputs = [v for v in graph.inputs if v.name in self.batches[0]]
         self._cache: dict[ir.Value, list[np.ndarray]] = {
@@ -148,7 +150,7 @@ class SequentialCalibration:
 
     def _calibrate(self, group: list[Target]) -> ActivationStats:
         group_nodes = {node for node, (t, _) in self._consumers.items() if t in group}
-        with plan_taps(self.model, group, gram=self.gram) as plan:
+        with plan_taps(self.model, group, self.gram, self._types) as plan:
             self.warnings.extend(plan.warnings)
             wanted = [
                 v for node in plan.nodes for v in node.inputs if v is not None and v.producer() not in plan.nodes

@@ -648,3 +648,26 @@ def test_the_tapped_graph_ends_at_the_last_tap_and_computes_nothing_downstream()
         np.testing.assert_allclose(stats.sumsq[name], sumsq, rtol=1e-5)
         np.testing.assert_allclose(stats.gram[name], gram, rtol=1e-4, atol=1e-3)
         assert stats.rows[name] == rows
+
+
+def test_a_model_file_is_opened_with_its_inline_weights_left_on_disk(tmp_path: Path) -> None:
+    from graphprune.calibration.model_file import open_model
+
+    model, targets = mlp(18)
+    big = weight("w1", (64, 16))  # above the inline threshold: read from the file by reference
+    model.graph.initializer[0].CopyFrom(big)
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 64
+    targets = [target("w1", (64, 16), 0, ("mm1", "MatMul", "x", -1)), targets[1]]
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    opened = open_model(tmp_path / "model.onnx")
+    tensor = opened.graph.initializers["w1"].const_value
+    assert isinstance(tensor, ir.ExternalTensor) and tensor.location == "model.onnx"
+    np.testing.assert_array_equal(tensor.numpy(), numpy_helper.to_array(big))
+    np.testing.assert_array_equal(
+        opened.graph.initializers["w2"].const_value.numpy(), numpy_helper.to_array(model.graph.initializer[1])
+    )
+    feeds = feeds_for({"x": (2, 5, 64)})
+    _same(calib(tmp_path / "model.onnx", feeds, targets), calib(model, feeds, targets))
+    with pytest.raises(GraphpruneError, match="cannot read ONNX model"):
+        (tmp_path / "bad.onnx").write_bytes(b"\x0a\xff\xff\xff")
+        open_model(tmp_path / "bad.onnx")

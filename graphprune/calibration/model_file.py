@@ -32,7 +32,7 @@ def open_model(path: str | Path) -> ir.Model:
         raise GraphpruneError(f"model not found: {path}")
     try:
         with path.open("rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            skeleton, raw = _without_raw_data(memoryview(data))
+            skeleton, raw = _without_raw_data(data)  # indexing an mmap copies only what is read
         proto = onnx.ModelProto.FromString(skeleton)
     except (DecodeError, ValueError, IndexError) as exc:
         raise GraphpruneError(f"cannot read ONNX model {path}: {str(exc).splitlines()[0] or 'corrupt'}") from None
@@ -49,7 +49,7 @@ def open_model(path: str | Path) -> ir.Model:
     return model
 
 
-def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+def _varint(data: mmap.mmap | bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         byte = data[pos]
@@ -69,7 +69,7 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _fields(data: memoryview, start: int, end: int):
+def _fields(data: mmap.mmap | bytes, start: int, end: int):
     """(field number, wire type, start of the field, start of its payload, end of the field) of a message."""
     pos = start
     while pos < end:
@@ -97,19 +97,19 @@ def _message(number: int, body: bytes) -> bytes:
     return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(body)) + body
 
 
-def _without_raw_data(data: memoryview) -> tuple[bytes, dict[int, tuple[int, int]]]:
+def _without_raw_data(data: mmap.mmap | bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
     """The model's bytes with the initializers' raw_data left out, and (file offset, length) per initializer."""
     raw: dict[int, tuple[int, int]] = {}
     parts: list[bytes] = []
     index = 0  # of the initializer, across the graph field's occurrences (protobuf merges them)
     for number, wire, start, payload, end in _fields(data, 0, len(data)):
         if number != _MODEL_GRAPH or wire != _LENGTH_DELIMITED:
-            parts.append(bytes(data[start:end]))
+            parts.append(data[start:end])
             continue
         graph: list[bytes] = []
         for g_number, g_wire, g_start, g_payload, g_end in _fields(data, payload, end):
             if g_number != _GRAPH_INITIALIZER or g_wire != _LENGTH_DELIMITED:
-                graph.append(bytes(data[g_start:g_end]))
+                graph.append(data[g_start:g_end])
                 continue
             tensor: list[bytes] = []
             for t_number, t_wire, t_start, t_payload, t_end in _fields(data, g_payload, g_end):
@@ -120,7 +120,7 @@ def _without_raw_data(data: memoryview) -> tuple[bytes, dict[int, tuple[int, int
                 ):
                     raw[index] = (t_payload, t_end - t_payload)
                 else:
-                    tensor.append(bytes(data[t_start:t_end]))
+                    tensor.append(data[t_start:t_end])
             graph.append(_message(_GRAPH_INITIALIZER, b"".join(tensor)))
             index += 1
         parts.append(_message(_MODEL_GRAPH, b"".join(graph)))

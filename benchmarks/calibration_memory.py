@@ -68,7 +68,8 @@ def child(
         import graphprune.calibration as calibration
 
         if hasattr(calibration, "CalibrationRequest"):
-            request = calibration.CalibrationRequest(data, batch_size=batch, optimize=mode == "calib-opt")
+            samples = 1 if mode == "calib-b1" else batch  # peak memory follows the samples per run
+            request = calibration.CalibrationRequest(data, batch_size=samples, optimize=mode == "calib-opt")
             stats = calibration.calibrate(model, request)
         else:  # a checkout from before the options object
             stats = calibration.calibrate(
@@ -110,9 +111,8 @@ def child(
     }
 
 
-MODES = ["plain", "plain-opt", "calib", "calib-opt", "dump"]
+MODES = ["plain", "plain-opt", "calib", "calib-b1", "calib-opt", "dump"]
 ORDER = ["plain", "calib", "dump", "plain", "calib", "plain-opt", "calib-opt"]  # min of 2 for the headline pair
-QUICK = ["plain", "before", "calib", "plain", "before", "calib"]
 
 
 def main() -> None:
@@ -122,7 +122,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dump-batches", type=int, default=2, help="batches the dump approach really runs")
     p.add_argument("--before", type=Path, help="another checkout whose calibration runs interleaved (before)")
-    p.add_argument("--quick", action="store_true", help="plain and calibration runs only (and --before's)")
+    p.add_argument(
+        "--order",
+        help="comma-separated runs instead of the default (plain, calib, calib-b1: calibration with one window "
+        "per run, before, calib-opt, plain-opt, dump), e.g. --order plain,calib-b1,calib,plain,calib-b1,calib",
+    )
+    p.add_argument("--windows", type=int, help="use only the first N windows of the data (for quick timings)")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     p.add_argument("--stats-out", type=Path, help=argparse.SUPPRESS)
@@ -134,9 +139,11 @@ def main() -> None:
         sys.exit(f"model not found: {a.model} (run benchmarks/export_smollm2.py first)")
     r: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        order = QUICK if a.quick else ORDER + (["before", "before"] if a.before else [])
-        if not a.before:
-            order = [m for m in order if m != "before"]
+        if a.windows:
+            with np.load(a.data) as z:
+                np.savez(f"{tmp}/windows.npz", **{k: z[k][: a.windows] for k in z.files})
+            a.data = Path(f"{tmp}/windows.npz")
+        order = a.order.split(",") if a.order else ORDER + (["before", "before"] if a.before else [])
         for mode in order:
             child_mode, root = ("calib", a.before) if mode == "before" else (mode, ROOT)
             cmd = [sys.executable, __file__, "--child", child_mode, "--model", str(a.model), "--data", str(a.data)]
@@ -150,20 +157,32 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         from graphprune.calibration import ActivationStats
 
-        stats = {m: ActivationStats.load(f"{tmp}/{m}.npz") for m in ("calib", "calib-opt", "before") if m in r}
+        stats = {
+            m: ActivationStats.load(f"{tmp}/{m}.npz")
+            for m in ("calib", "calib-b1", "calib-opt", "before")
+            if m in r
+        }
+        n = len(_batches(a.data, a.batch_size))
     weights = a.model.stat().st_size / 2**20  # the model's bytes: its weights, to within the graph's few kB
-    n = len(_batches(a.data, a.batch_size))
-    print(f"\nSmolLM2-135M, {a.data.name}, batch {a.batch_size}, CPU provider, {r['calib']['targets']} weights")
+    some = next(v for k, v in r.items() if "targets" in v)
+    print(f"\nSmolLM2-135M, {n} batches of {a.batch_size} windows, CPU provider, {some['targets']} weights")
     print(f"weights {weights:.0f} MiB; plain run peak {r['plain']['peak_mib'] / weights:.2f}x the weights")
-    rows = [("calib", "ORT_DISABLE_ALL")]
-    rows += [("before", "ORT_DISABLE_ALL, --before checkout")] if "before" in r else []
+    rows = [
+        (m, label)
+        for m, label in (
+            ("calib", "ORT_DISABLE_ALL"),
+            ("calib-b1", "ORT_DISABLE_ALL, one window per run"),
+            ("before", "ORT_DISABLE_ALL, --before checkout"),
+        )
+        if m in r
+    ]
     for calib, label in rows:
         print(
             f"{label}: calibration {r[calib]['seconds'] / r['plain']['seconds']:.2f}x the plain run's time, "
             f"{r[calib]['peak_mib'] / r['plain']['peak_mib']:.2f}x its peak memory, "
             f"peak {r[calib]['peak_mib'] / weights:.2f}x the weights"
         )
-    for other in [m for m in ("before", "calib-opt") if m in stats]:
+    for other in [m for m in ("calib-b1", "before", "calib-opt") if m in stats and "calib" in stats]:
         diff = max(
             float(
                 np.max(

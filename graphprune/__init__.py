@@ -9,16 +9,56 @@ The public API, all importable from here::
 Passes are ``onnx_ir`` passes: compose them with ``onnx_ir.passes.Sequential``.
 """
 
-from graphprune.algorithms.pattern import NMPattern, Scope, Unstructured
-from graphprune.algorithms.scores import Method
-from graphprune.calibration import ActivationStats, calibrate
-from graphprune.calibration.request import CalibrationRequest
-from graphprune.errors import GraphpruneError
-from graphprune.graph.model_io import load_model, save_model
-from graphprune.graph.targets import Consumer, Skip, Target, TargetScan, find_targets
-from graphprune.passes.check import CheckPass, CheckResult
-from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult
-from graphprune.pipeline.files import check_file, prune_file
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from graphprune.algorithms.pattern import NMPattern, Scope, Unstructured
+    from graphprune.algorithms.scores import Method
+    from graphprune.calibration import ActivationStats, calibrate
+    from graphprune.calibration.request import CalibrationRequest
+    from graphprune.errors import GraphpruneError
+    from graphprune.graph.model_io import load_model, save_model
+    from graphprune.graph.targets import Consumer, Skip, Target, TargetScan, find_targets
+    from graphprune.passes.check import CheckPass, CheckResult
+    from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult
+    from graphprune.pipeline.files import check_file, prune_file
+
+# Where each public name lives: imported on first use, so ``import graphprune`` (and the command line's start)
+# does not pay for onnx-ir, ONNX Runtime and calibration until they are needed.
+_HOME = {
+    "NMPattern": "graphprune.algorithms.pattern",
+    "Scope": "graphprune.algorithms.pattern",
+    "Unstructured": "graphprune.algorithms.pattern",
+    "Method": "graphprune.algorithms.scores",
+    "ActivationStats": "graphprune.calibration",
+    "calibrate": "graphprune.calibration",
+    "CalibrationRequest": "graphprune.calibration.request",
+    "GraphpruneError": "graphprune.errors",
+    "load_model": "graphprune.graph.model_io",
+    "save_model": "graphprune.graph.model_io",
+    "Consumer": "graphprune.graph.targets",
+    "Skip": "graphprune.graph.targets",
+    "Target": "graphprune.graph.targets",
+    "TargetScan": "graphprune.graph.targets",
+    "find_targets": "graphprune.graph.targets",
+    "CheckPass": "graphprune.passes.check",
+    "CheckResult": "graphprune.passes.check",
+    "PruneConfig": "graphprune.passes.prune",
+    "PrunePass": "graphprune.passes.prune",
+    "PruneResult": "graphprune.passes.prune",
+    "check_file": "graphprune.pipeline.files",
+    "prune_file": "graphprune.pipeline.files",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'graphprune' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

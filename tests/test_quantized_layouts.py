@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.passes.prune import PruneConfig
-from graphprune.pipeline.files import prune_file
+from graphprune.pipeline.files import check_file, prune_file
 from tests.onnx_builders import run
 
 RNG = np.random.default_rng(77)
@@ -109,6 +109,9 @@ def test_quantized_weight_is_pruned_in_its_stored_layout(tmp_path: Path, case: s
         np.repeat(zeros, attrs["block_size"], axis=0) if "block_size" in attrs else zeros.reshape(1, -1), q.shape
     )
     np.testing.assert_array_equal(after[changed], full_zero[changed])  # pruned = the zero point, nothing else
+
+    verdict = check_file(out, PATTERN, include_head=True)  # check reads the packed/blocked layout back
+    assert verdict.ok and [w.name for w in verdict.weights] == ["q"]
 
     x = RNG.standard_normal((3, K)).astype(np.float32)
     (y,) = run(pruned_model, {"x": x})  # ONNX Runtime loads and runs the written file

@@ -51,8 +51,9 @@ def prune_file(
     the dense model, or with ``sequential`` ("block" or "level") group by group on the already pruned model,
     as the reference implementations do. The input is never modified; nothing is written when anything fails.
 
-    A model with external data is pruned while it is written, one weight at a time (``PrunePass(defer=True)``),
-    unless ``sequential`` needs the pruned weights in memory for the next groups' calibration.
+    Each weight is pruned while the model is written, one at a time (``PrunePass(defer=True)``): with external
+    data only the graph and one weight are in memory, and an inline model never holds its pruned weights next to
+    the serialised copy. ``sequential`` prunes in memory: later groups' calibration runs on the pruned weights.
     """
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
@@ -101,7 +102,7 @@ def prune_file(
             else:
                 stats = calibrate_chunk(targets)
             warnings = stats.warnings
-        prune = PrunePass(config, stats, on_weight, plan=(targets, skips), defer=external)
+        prune = PrunePass(config, stats, on_weight, plan=(targets, skips), defer=True)
         result = prune(model)
     for message in warnings if on_message else ():
         on_message(message)

@@ -30,18 +30,17 @@ def sequential_child(model: Path, data: Path, batch: int, group_by: str) -> dict
     from graphprune.algorithms.pattern import NMPattern
     from graphprune.algorithms.scores import Method
     from graphprune.calibration.request import CalibrationRequest
-    from graphprune.graph.model_io import load_model, to_proto
+    from graphprune.graph.model_io import load_model
     from graphprune.passes.prune import PruneConfig
     from graphprune.pipeline.sequential import prune_sequentially
 
     start = time.perf_counter()
     loaded = load_model(model)
-    proto = to_proto(loaded)
-    batches, _ = CalibrationRequest(str(data), batch_size=batch).batches(proto)
+    batches, _ = CalibrationRequest(str(data), batch_size=batch).batches(loaded)
     groups: list[int] = []
     config = PruneConfig(NMPattern(2, 4), Method.WANDA)
     on_group = lambda done, total: groups.append(total)  # noqa: E731
-    prune_sequentially(loaded, config, batches, on_group=on_group, group_by=group_by, proto=proto)
+    prune_sequentially(loaded, config, batches, on_group=on_group, group_by=group_by)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": time.perf_counter() - start, "peak_mib": peak, "groups": groups[-1]}
 

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 from typer.testing import CliRunner
 
-from graphprune.calibration import ActivationStats, calibrate, fingerprint
+from graphprune.calibration import ActivationStats, CalibrationRequest, calibrate, fingerprint
 from graphprune.calibration.synthetic import parse_shape
 from graphprune.cli import app
 from graphprune.errors import GraphpruneError
@@ -26,6 +27,11 @@ rng = np.random.default_rng(0)
 
 
 # ---------------------------------------------------------------- building blocks
+
+
+def calib(model: object, data: object, targets: list[Target] | None = None, **options: object) -> ActivationStats:
+    """calibrate() with the request's options given as keywords."""
+    return calibrate(model, CalibrationRequest(data, **options), targets)  # type: ignore[arg-type]
 
 
 def make_model(
@@ -73,7 +79,7 @@ def numpy_stats(chunks: list[np.ndarray], axis: int) -> tuple[np.ndarray, int, n
 
 
 def check(model: onnx.ModelProto, targets: list[Target], feeds: list[dict], gram: bool = False) -> ActivationStats:
-    stats = calibrate(model, feeds, targets, progress=False, gram=gram)
+    stats = calib(model, feeds, targets, gram=gram)
     acts = activations(model, feeds, sorted({c.activation for t in targets for c in t.consumers}))
     for t in targets:
         want_s, want_r, want_g = np.zeros(t.k), 0, np.zeros((t.k, t.k))
@@ -206,9 +212,7 @@ def test_unknown_rank_activations(opset: int) -> None:
     ]
     stats = check(model, targets, feeds_for({"x": (2, 3, 8), "x2": (2, 6, 7), "x3": (2, 3, 4, 4)}))
     # the gram of a K-not-last, rank-unknown activation is skipped with a warning, the others are collected
-    with_gram = calibrate(
-        model, feeds_for({"x": (2, 3, 8), "x2": (2, 6, 7), "x3": (2, 3, 4, 4)}), targets, progress=False, gram=True
-    )
+    with_gram = calib(model, feeds_for({"x": (2, 3, 8), "x2": (2, 6, 7), "x3": (2, 3, 4, 4)}), targets, gram=True)
     assert set(with_gram.gram) == {"w", "w3"} and any("no Gram" in w for w in with_gram.warnings)
     assert stats.sumsq["w3"].shape == (3,)
 
@@ -223,7 +227,7 @@ def test_half_precision_activations_reduce_in_float32(elem: int) -> None:
     model = make_model(nodes, [vi("x", ["B", 4])], [vi("s", None, TensorProto.INT64)], [], 18)
     targets = [target("w", (4, 2), 0, ("mm", "MatMul", "xh", -1))]
     x = np.full((3, 4), 300.0, dtype=np.float32)
-    stats = calibrate(model, [{"x": x}], targets, progress=False)
+    stats = calib(model, [{"x": x}], targets)
     np.testing.assert_allclose(stats.sumsq["w"], np.full(4, 3 * 300.0**2), rtol=1e-3)
 
 
@@ -240,9 +244,9 @@ def test_tap_axes_are_deduplicated_by_activation_and_axis() -> None:
         18,
     )
     targets = [target(f"w{i}", (8, 4), 0, (f"mm{i}", "MatMul", "x", -1 if i else 2)) for i in range(3)]
-    plan = plan_taps(model, targets, gram=True)
-    assert len(plan.taps) == 1 and plan.taps[0].targets == ("w0", "w1", "w2")
-    stats = calibrate(model, feeds_for({"x": (2, 3, 8)}), targets, progress=False, gram=True)
+    with plan_taps(ir.from_proto(model), targets, gram=True) as plan:
+        assert len(plan.taps) == 1 and plan.taps[0].targets == ("w0", "w1", "w2")
+    stats = calib(model, feeds_for({"x": (2, 3, 8)}), targets, gram=True)
     assert stats.gram["w0"] is stats.gram["w1"] is stats.gram["w2"]
 
 
@@ -250,7 +254,7 @@ def test_model_left_unchanged_and_nothing_written_to_cwd(tmp_path: Path, monkeyp
     model, targets = mlp(18)
     before = model.SerializeToString()
     monkeypatch.chdir(tmp_path)
-    calibrate(model, feeds_for({"x": (2, 5, 8)}), targets, progress=False)
+    calib(model, feeds_for({"x": (2, 5, 8)}), targets)
     assert model.SerializeToString() == before
     assert list(tmp_path.iterdir()) == []
 
@@ -258,7 +262,7 @@ def test_model_left_unchanged_and_nothing_written_to_cwd(tmp_path: Path, monkeyp
 def test_model_path_with_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, targets = mlp(17)
     feeds = feeds_for({"x": (2, 5, 8)})
-    expected = calibrate(model, feeds, targets, progress=False)
+    expected = calib(model, feeds, targets)
     (tmp_path / "m").mkdir()
     onnx.save_model(
         model,
@@ -270,7 +274,7 @@ def test_model_path_with_external_data(tmp_path: Path, monkeypatch: pytest.Monke
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    got = calibrate(tmp_path / "m" / "model.onnx", feeds, targets, progress=False)
+    got = calib(tmp_path / "m" / "model.onnx", feeds, targets)
     for t in targets:
         np.testing.assert_array_equal(got.sumsq[t.name], expected.sumsq[t.name])
     assert list(cwd.iterdir()) == []
@@ -278,7 +282,7 @@ def test_model_path_with_external_data(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_default_targets_come_from_find_targets() -> None:
     model, targets = mlp(18, x_shape=["B", 8])
-    stats = calibrate(model, feeds_for({"x": (4, 8)}), progress=False)
+    stats = calib(model, feeds_for({"x": (4, 8)}))
     assert set(stats.sumsq) == {"w1", "w2"}
     assert stats.model_fingerprint == fingerprint(targets)
 
@@ -287,7 +291,7 @@ def test_default_targets_come_from_find_targets() -> None:
 
 
 def _reference(model: onnx.ModelProto, targets: list[Target], x: np.ndarray) -> ActivationStats:
-    return calibrate(model, [{"x": x}], targets, progress=False)
+    return calib(model, [{"x": x}], targets)
 
 
 def _same(a: ActivationStats, b: ActivationStats) -> None:
@@ -302,11 +306,11 @@ def test_npz_file_streamed_in_batches(tmp_path: Path) -> None:
     np.savez(tmp_path / "calib.npz", x=x)
     np.savez_compressed(tmp_path / "calib_z.npz", x=x)
     _same(
-        calibrate(model, tmp_path / "calib.npz", targets, batch_size=4, progress=False),
+        calib(model, tmp_path / "calib.npz", targets, batch_size=4),
         _reference(model, targets, x),
     )
     _same(
-        calibrate(model, str(tmp_path / "calib_z.npz"), targets, batch_size=3, progress=False),
+        calib(model, str(tmp_path / "calib_z.npz"), targets, batch_size=3),
         _reference(model, targets, x),
     )
 
@@ -316,7 +320,7 @@ def test_npz_directory(tmp_path: Path) -> None:
     x = rng.standard_normal((6, 5, 8)).astype(np.float32)
     for i in range(3):
         np.savez(tmp_path / f"feed{i}.npz", x=x[2 * i : 2 * i + 2])
-    _same(calibrate(model, tmp_path, targets, progress=False), _reference(model, targets, x))
+    _same(calib(model, tmp_path, targets), _reference(model, targets, x))
 
 
 def test_iterables_and_calibration_data_reader() -> None:
@@ -343,7 +347,7 @@ def test_iterables_and_calibration_data_reader() -> None:
 
     ref = _reference(model, targets, x)
     for data in [Reader(), DuckReader(), generator(), [{"x": x[:2]}, {"x": x[2:]}], {"x": x}]:
-        _same(calibrate(model, data, targets, batch_size=4, progress=False), ref)
+        _same(calib(model, data, targets, batch_size=4), ref)
 
 
 def embedding_model(opset: int = 18, vocab: int = 50) -> tuple[onnx.ModelProto, list[Target]]:
@@ -367,14 +371,14 @@ def embedding_model(opset: int = 18, vocab: int = 50) -> tuple[onnx.ModelProto, 
 def test_synthetic_data_needs_shapes_and_stays_in_vocab() -> None:
     model, targets = embedding_model(vocab=50)
     with pytest.raises(GraphpruneError, match=r"--shape input_ids=1x128"):
-        calibrate(model, None, targets, progress=False)
+        calib(model, None, targets)
     shapes = {n: (2, 16) for n in ("input_ids", "attention_mask", "position_ids")}
-    stats = calibrate(model, None, targets, shapes=shapes, nsamples=8, progress=False)
+    stats = calib(model, None, targets, shapes=shapes, nsamples=8)
     assert stats.rows["w"] == 8 * 16
     assert any("synthesising random inputs" in w for w in stats.warnings)
     from graphprune.calibration.synthetic import embedding_sizes
 
-    assert embedding_sizes(model) == {"input_ids": 50}
+    assert embedding_sizes(ir.from_proto(model)) == {"input_ids": 50}
     assert parse_shape("input_ids=1x128") == ("input_ids", (1, 128))
     with pytest.raises(GraphpruneError):
         parse_shape("input_ids:1,128")
@@ -389,10 +393,10 @@ def test_text_windows_with_a_tokenizer(tmp_path: Path) -> None:
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "corpus.txt").write_text(" ".join(rng.choice(words, 500)))
     model, targets = embedding_model(vocab=50)
-    kwargs = dict(tokenizer=tmp_path / "tokenizer.json", seqlen=16, nsamples=5, batch_size=2, progress=False)
-    a = calibrate(model, tmp_path / "corpus.txt", targets, seed=1, **kwargs)
-    b = calibrate(model, tmp_path / "corpus.txt", targets, seed=1, **kwargs)
-    c = calibrate(model, tmp_path / "corpus.txt", targets, seed=2, **kwargs)
+    kwargs = dict(tokenizer=tmp_path / "tokenizer.json", seqlen=16, nsamples=5, batch_size=2)
+    a = calib(model, tmp_path / "corpus.txt", targets, seed=1, **kwargs)
+    b = calib(model, tmp_path / "corpus.txt", targets, seed=1, **kwargs)
+    c = calib(model, tmp_path / "corpus.txt", targets, seed=2, **kwargs)
     assert a.rows["w"] == 5 * 16
     np.testing.assert_array_equal(a.sumsq["w"], b.sumsq["w"])
     assert not np.array_equal(a.sumsq["w"], c.sumsq["w"])
@@ -437,10 +441,10 @@ def test_bad_inputs_fail_in_one_line_before_any_work(
     def no_session(*args: object) -> None:
         raise AssertionError("a session was created before the inputs were checked")
 
-    monkeypatch.setattr(run, "_session", no_session)
+    monkeypatch.setattr(run, "Session", no_session)
     model, targets = mlp(18)
     with pytest.raises(GraphpruneError, match=message) as err:
-        calibrate(model, [feed], targets, progress=False)
+        calib(model, [feed], targets)
     assert "\n" not in str(err.value)
 
 
@@ -457,7 +461,7 @@ def test_bad_sources(tmp_path: Path) -> None:
     ]:
         (tmp_path / "empty_dir").mkdir(exist_ok=True)
         with pytest.raises(GraphpruneError, match=message):
-            calibrate(model, data, targets, progress=False)
+            calib(model, data, targets)
 
 
 def test_dead_and_nonfinite_channels_are_reported() -> None:
@@ -465,7 +469,7 @@ def test_dead_and_nonfinite_channels_are_reported() -> None:
     x = rng.standard_normal((2, 5, 8)).astype(np.float32)
     x[..., 3] = 0.0
     x[0, 0, 5] = np.nan
-    stats = calibrate(model, [{"x": x}], targets, progress=False)
+    stats = calib(model, [{"x": x}], targets)
     assert stats.sumsq["w1"][3] == 0 and np.isnan(stats.sumsq["w1"][5])
     assert any("w1: 1 of 8 input channels never saw a non-zero value" in w for w in stats.warnings)
     assert any("w1: 1 of 8 input channels have NaN or Inf" in w for w in stats.warnings)
@@ -476,12 +480,10 @@ def test_unavailable_provider_is_a_clear_error() -> None:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA is available here")
     with pytest.raises(GraphpruneError, match="onnxruntime-gpu"):
-        calibrate(model, feeds_for({"x": (1, 5, 8)}), targets, provider="cuda", progress=False)
+        calib(model, feeds_for({"x": (1, 5, 8)}), targets, provider="cuda")
     with pytest.raises(GraphpruneError, match="not available"):
-        calibrate(model, feeds_for({"x": (1, 5, 8)}), targets, provider="nonsense", progress=False)
-    stats = calibrate(
-        model, feeds_for({"x": (1, 5, 8)}, n=1), targets, provider="CPUExecutionProvider", progress=False
-    )
+        calib(model, feeds_for({"x": (1, 5, 8)}), targets, provider="nonsense")
+    stats = calib(model, feeds_for({"x": (1, 5, 8)}, n=1), targets, provider="CPUExecutionProvider")
     assert stats.rows["w1"] == 5
 
 
@@ -490,7 +492,7 @@ def test_unavailable_provider_is_a_clear_error() -> None:
 
 def test_save_load_round_trip_and_mismatch(tmp_path: Path) -> None:
     model, targets = mlp(18)
-    stats = calibrate(model, feeds_for({"x": (2, 5, 8)}), targets, progress=False, gram=True)
+    stats = calib(model, feeds_for({"x": (2, 5, 8)}), targets, gram=True)
     path = stats.save(tmp_path / "stats")
     assert path.name == "stats.npz"
     loaded = ActivationStats.load(path, targets)
@@ -523,7 +525,7 @@ def test_shared_grams_are_stored_once(tmp_path: Path) -> None:
         18,
     )
     targets = [target(f"w{i}", (8, 4), 0, (f"mm{i}", "MatMul", "x", -1)) for i in range(2)]
-    stats = calibrate(model, feeds_for({"x": (3, 8)}), targets, progress=False, gram=True)
+    stats = calib(model, feeds_for({"x": (3, 8)}), targets, gram=True)
     path = stats.save(tmp_path / "s.npz")
     with np.load(path) as z:
         assert sorted(k for k in z.files if k.startswith("gram")) == ["gram_0"]
@@ -573,31 +575,99 @@ def test_cli_calibrate(tmp_path: Path) -> None:
     assert not (tmp_path / "s2.npz").exists()
 
 
-def test_in_memory_model_over_the_protobuf_limit_goes_through_a_temp_dir(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import graphprune.calibration.run as run
+def test_in_memory_weights_reach_onnxruntime_without_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import graphprune.calibration.session as session
+    from graphprune.calibration.taps import plan_taps, tapped_model
 
+    monkeypatch.setattr(session, "_INLINE_BYTES", 0)  # the test's weights are small
     model, targets = mlp(18)
+    graph_model = ir.from_proto(model)
+    graph_model.graph.initializers["w1"].const_value = ir.tensor(numpy_helper.to_array(model.graph.initializer[0]))
+    with plan_taps(graph_model, targets) as plan:
+        tapped = tapped_model(graph_model, plan)
+    # w2 feeds only the model's output, downstream of every tap: cut away, never read
+    assert set(tapped.injected) == {"w1"} and "mm2" not in {n.name for n in tapped.proto.graph.node}
+    assert np.shares_memory(tapped.injected["w1"], graph_model.graph.initializers["w1"].const_value.numpy())
+    (stub,) = [t for t in tapped.proto.graph.initializer if t.name in ("w1", "w2")]
+    assert stub.name == "w1" and not stub.raw_data and stub.data_location == TensorProto.EXTERNAL
     feeds = feeds_for({"x": (2, 5, 8)})
-    expected = calibrate(model, feeds, targets, progress=False)
-    monkeypatch.setattr(run, "_PROTOBUF_LIMIT", 0)
-    monkeypatch.chdir(tmp_path)
-    before = model.SerializeToString()
-    got = calibrate(model, feeds, targets, progress=False)
-    for t in targets:
-        np.testing.assert_array_equal(got.sumsq[t.name], expected.sumsq[t.name])
-    assert model.SerializeToString() == before and list(tmp_path.iterdir()) == []
+    _same(calib(graph_model, feeds, targets), calib(model, feeds, targets))
+    assert not graph_model.graph.initializers["w1"].uses()[1:]  # the taps were disconnected again
 
 
 def test_taps_of_later_activations_come_first_so_onnxruntime_runs_each_tap_early() -> None:
-    from graphprune.calibration.taps import plan_taps, tapped
+    from graphprune.calibration.taps import plan_taps, tapped_model
 
     model, targets = mlp(18)
-    plan = plan_taps(model, targets)
-    with tapped(model, plan) as m:
-        tail = list(m.graph.node)[3:]
-        reads = [next(i for i in n.input if i in {"x", "r"}) for n in tail if {"x", "r"} & set(n.input)]
-        assert reads == sorted(reads, key=lambda a: a != "r")  # taps on r (made by node 1) before taps on x
-        assert len(m.graph.output) == 1 + len(plan.outputs)
-    assert len(model.graph.node) == 3 and len(model.graph.output) == 1
+    graph_model = ir.from_proto(model)
+    with plan_taps(graph_model, targets) as plan:
+        proto = tapped_model(graph_model, plan).proto
+    tail = list(proto.graph.node)[3:]
+    reads = [next(i for i in n.input if i in {"x", "r"}) for n in tail if {"x", "r"} & set(n.input)]
+    assert reads == sorted(reads, key=lambda a: a != "r")  # taps on r (made by node 1) before taps on x
+    assert [o.name for o in proto.graph.output] == plan.output_names
+    assert [len(v.uses()) for v in graph_model.graph.initializers.values()] == [1, 1]
+    assert model.SerializeToString() == ir.to_proto(graph_model).SerializeToString() or len(model.graph.node) == 3
+
+
+def test_the_tapped_graph_ends_at_the_last_tap_and_computes_nothing_downstream() -> None:
+    """Head and output are cut away: a head whose output cannot even be computed does not stop calibration."""
+    from graphprune.calibration.taps import plan_taps, tapped_model
+
+    w1, head = weight("w1", (8, 16)), weight("head", (16, 4))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "head"], ["logits"], name="lm_head"),
+        # downstream of every tap, and impossible to run (2*5*4 values into rows of 7): must never execute
+        helper.make_node("Reshape", ["logits", "bad_shape"], ["y"], name="reshape"),
+    ]
+    bad_shape = numpy_helper.from_array(np.array([7, -1], dtype=np.int64), "bad_shape")
+    model = make_model(nodes, [vi("x", ["B", "S", 8])], [vi("y", None)], [w1, head, bad_shape], 18)
+    targets = [
+        target("w1", (8, 16), 0, ("mm1", "MatMul", "x", -1)),
+        target("head", (16, 4), 0, ("lm_head", "MatMul", "r", -1)),
+    ]
+    feeds = feeds_for({"x": (2, 5, 8)})
+    with pytest.raises(Exception, match="reshape"):
+        activations(model, feeds, ["y"])  # the whole model really fails
+
+    graph_model = ir.from_proto(model)
+    with plan_taps(graph_model, targets, gram=True) as plan:
+        proto = tapped_model(graph_model, plan).proto
+    kept = {n.name for n in proto.graph.node if not n.name.startswith("graphprune_tap")}
+    assert kept == {"mm1", "relu"}  # nothing after the last tapped tensor (r)
+    assert {i.name for i in proto.graph.initializer} & {"head", "bad_shape"} == set()
+    assert [o.name for o in proto.graph.output] == plan.output_names
+
+    stats = calib(model, feeds, targets, gram=True)
+    x = [f["x"] for f in feeds]
+    r = [np.maximum(c @ numpy_helper.to_array(w1), 0) for c in x]
+    for name, chunks in (("w1", x), ("head", r)):
+        sumsq, rows, gram = numpy_stats(chunks, -1)
+        np.testing.assert_allclose(stats.sumsq[name], sumsq, rtol=1e-5)
+        np.testing.assert_allclose(stats.gram[name], gram, rtol=1e-4, atol=1e-3)
+        assert stats.rows[name] == rows
+
+
+def test_a_model_file_is_opened_with_its_inline_weights_left_on_disk(tmp_path: Path) -> None:
+    from graphprune.calibration.model_file import open_model
+
+    model, targets = mlp(18)
+    big = weight("w1", (64, 16))  # above the inline threshold: read from the file by reference
+    model.graph.initializer[0].CopyFrom(big)
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 64
+    targets = [target("w1", (64, 16), 0, ("mm1", "MatMul", "x", -1)), targets[1]]
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    opened = open_model(tmp_path / "model.onnx")
+    tensor = opened.graph.initializers["w1"].const_value
+    assert isinstance(tensor, ir.ExternalTensor) and tensor.location == "model.onnx"
+    np.testing.assert_array_equal(tensor.numpy(), numpy_helper.to_array(big))
+    np.testing.assert_array_equal(
+        opened.graph.initializers["w2"].const_value.numpy(), numpy_helper.to_array(model.graph.initializer[1])
+    )
+    feeds = feeds_for({"x": (2, 5, 64)})
+    _same(calib(tmp_path / "model.onnx", feeds, targets), calib(model, feeds, targets))
+    with pytest.raises(GraphpruneError, match="cannot read ONNX model"):
+        (tmp_path / "bad.onnx").write_bytes(b"\x0a\xff\xff\xff")
+        open_model(tmp_path / "bad.onnx")

@@ -136,3 +136,20 @@ def test_precision_read_from_consumer_output(dtype: int, expected: str) -> None:
     model.graph.initializer[0].CopyFrom(stored)
     record = only(model)
     assert record.precision == expected and record.status == "eligible"
+
+
+def test_precision_is_the_type_the_weight_arrives_in() -> None:
+    """A float32 weight cast to float16 multiplies in fp16; a Constant node's weight reads like an initializer."""
+    w = sparse_24((512, 512), 0)
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+        helper.make_node("Cast", ["w"], ["w16"], to=TensorProto.FLOAT16),
+        helper.make_node("MatMul", ["x", "w16"], ["y"], name="mm"),
+    ]
+    model = make_model(nodes, [tensor("x", TensorProto.FLOAT16, ["b", 512])], [tensor("y", TensorProto.FLOAT16)])
+    record = only(model)
+    assert (record.precision, record.status, record.violations) == ("fp16", "eligible", 0)
+    w[0, :] = 1.0  # the first group of 4 along K of every column now holds 3 or 4 non-zeros
+    nodes[0] = helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w"))
+    model = make_model(nodes, [tensor("x", TensorProto.FLOAT16, ["b", 512])], [tensor("y", TensorProto.FLOAT16)])
+    assert only(model).violations == int(np.count_nonzero((w[:4] != 0).sum(axis=0) > 2))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
 from graphprune.errors import GraphpruneError
+from graphprune.graph.stored import stored_tensor, stored_values
 from graphprune.graph.targets import find_targets
 from graphprune.passes.prune import PruneConfig
 from graphprune.pipeline.sequential import prune_sequentially, target_groups
@@ -51,7 +52,8 @@ def two_block_model():
 
 def test_groups_follow_the_dependency_order() -> None:
     model, _ = two_block_model()
-    groups = target_groups(model, find_targets(ir.from_proto(model)).targets)
+    model = ir.from_proto(model)
+    groups = target_groups(model, find_targets(model).targets)
     assert [[t.name for t in g] for g in groups] == [["w1"], ["w2"], ["w3"]]
 
 
@@ -109,8 +111,10 @@ def residual_blocks_model():
 
 def test_blocks_are_found_from_the_repeating_levels() -> None:
     model, _ = residual_blocks_model()
-    targets = find_targets(ir.from_proto(model)).targets
-    assert [[t.name for t in g] for g in target_groups(model, targets)] == [["a1", "b1"], ["a2", "b2"]]
+    model = ir.from_proto(model)
+    targets = find_targets(model).targets
+    groups = target_groups(model, targets)
+    assert [[t.name for t in g] for g in groups] == [["a1", "b1"], ["a2", "b2"]]
     assert len(target_groups(model, targets, by="level")) == 4
 
 
@@ -128,3 +132,83 @@ def test_a_block_is_calibrated_dense_inside_and_pruned_before_the_next() -> None
     b2 = wanda_numpy(w["b2"], np.maximum(h1 @ w["a2"], 0))
     for name, expected in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2)):
         np.testing.assert_allclose(initializer(model, name), expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- weights reached through other nodes (issue 12.8)
+
+SCALE, ZERO = np.float32(0.02), np.int8(3)
+
+
+def stored_weight(variant: str, w: np.ndarray, name: str) -> tuple[list, list, str]:
+    """(nodes, initializers, the tensor the MatMul reads) storing ``w`` [K, N] behind ``variant``."""
+    out = f"{name}_seen"
+    if variant == "transpose":  # stored [N, K], as PyTorch's Linear
+        return [helper.make_node("Transpose", [name], [out], perm=[1, 0])], [init(w.T.copy(), name)], out
+    if variant == "cast":  # stored in float16, computed in float32
+        return (
+            [helper.make_node("Cast", [name], [out], to=TensorProto.FLOAT)],
+            [init(w.astype(np.float16), name)],
+            out,
+        )
+    if variant == "dequantize":  # int8 with a scalar scale and zero point
+        q = np.clip(np.round(w / SCALE) + ZERO, -128, 127).astype(np.int8)
+        node = helper.make_node("DequantizeLinear", [name, f"{name}_s", f"{name}_z"], [out])
+        return [node], [init(q, name), init(np.array(SCALE), f"{name}_s"), init(np.array(ZERO), f"{name}_z")], out
+    assert variant == "constant"
+    return [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(w, name))], [], name
+
+
+def effective(model: ir.Model, variant: str, name: str) -> np.ndarray:
+    """The [K, N] float32 weight the MatMul multiplies by, read back from the model."""
+    stored = stored_tensor(stored_values(model.graph)[name]).numpy()
+    if variant == "transpose":
+        return stored.T
+    if variant == "dequantize":
+        return (stored.astype(np.float32) - np.float32(ZERO)) * SCALE
+    return stored.astype(np.float32)
+
+
+@pytest.mark.parametrize("group_by", ["block", "level"])
+@pytest.mark.parametrize("variant", ["transpose", "cast", "dequantize", "constant"])
+def test_later_blocks_see_pruned_weights_behind_other_nodes(variant: str, group_by: str) -> None:
+    """Two residual blocks h = h + relu(h A) B with every weight stored behind ``variant``: in block mode the
+    second block must be calibrated on the pruned first block, not on a cached dense transform of its weights."""
+    rng = np.random.default_rng(8)
+    shapes = {"a1": (16, 32), "b1": (32, 16), "a2": (16, 32), "b2": (32, 16)}
+    dense = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in shapes.items()}
+    if variant == "cast":
+        dense = {n: w.astype(np.float16).astype(np.float32) for n, w in dense.items()}
+    nodes, inits, seen = [], [], {}
+    for name, w in dense.items():
+        more_nodes, more_inits, seen[name] = stored_weight(variant, w, name)
+        nodes, inits = nodes + more_nodes, inits + more_inits
+    h = "x"
+    for block in (1, 2):
+        nodes += [
+            helper.make_node("MatMul", [h, seen[f"a{block}"]], [f"u{block}"]),
+            helper.make_node("Relu", [f"u{block}"], [f"r{block}"]),
+            helper.make_node("MatMul", [f"r{block}", seen[f"b{block}"]], [f"v{block}"]),
+            helper.make_node("Add", [h, f"v{block}"], [f"h{block}"]),
+        ]
+        h = f"h{block}"
+    model = ir.from_proto(make_model(nodes, [tensor("x", shape=["b", 16])], [tensor(h)], inits, opset=17))
+    dense = {n: effective(model, variant, n) for n in dense}
+    x = rng.standard_normal((12, 16)).astype(np.float32)
+
+    result, _ = prune_sequentially(
+        model, PruneConfig(PATTERN, Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}], group_by=group_by
+    )
+    assert sorted(w.name for w in result.pruned) == sorted(dense)
+
+    # numpy: in block mode B is scored with its block's A still dense; in level mode with A already pruned
+    relu = lambda a: np.maximum(a, 0)  # noqa: E731
+    a1 = wanda_numpy(dense["a1"], x)
+    b1 = wanda_numpy(dense["b1"], relu(x @ (dense["a1"] if group_by == "block" else a1)))
+    h1 = x + relu(x @ a1) @ b1
+    a2 = wanda_numpy(dense["a2"], h1)
+    b2 = wanda_numpy(dense["b2"], relu(h1 @ (dense["a2"] if group_by == "block" else a2)))
+    for name, expected in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2)):
+        np.testing.assert_allclose(effective(model, variant, name), expected, rtol=1e-6, atol=1e-6)
+    # the second block scored on the dense first block would differ: the test tells the two apart
+    h1_dense = x + relu(x @ dense["a1"]) @ dense["b1"]
+    assert not np.array_equal(wanda_numpy(dense["a2"], h1_dense), a2)

@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
-from graphprune.calibration import calibrate
+from graphprune.calibration import CalibrationRequest, calibrate
 from graphprune.graph.targets import find_targets
 from graphprune.passes.prune import PruneConfig, PrunePass
 from tests.onnx_builders import init, reference_nm_mask, run
@@ -66,7 +66,7 @@ def test_statistics_of_a_shared_weight_sum_over_its_consumers() -> None:
     proto = shared(SHARED_THROUGH_IDENTITY, w)
     targets = find_targets(ir.from_proto(proto)).targets
     x = RNG.standard_normal((3, 8)).astype(np.float32)
-    stats = calibrate(proto, [{"x": x}], targets, progress=False)
+    stats = calibrate(proto, CalibrationRequest([{"x": x}]), targets)
     r = np.maximum(x @ w, 0)
     np.testing.assert_allclose(stats.sumsq["w"], (x**2).sum(0) + (r**2).sum(0), rtol=1e-5)
     model = ir.from_proto(proto)

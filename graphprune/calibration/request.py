@@ -1,4 +1,4 @@
-"""What a prune asks of calibration: the data and how to read and run it."""
+"""What a calibration needs: the data, how to read it and how to run it, in one options object."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
-from graphprune.calibration.data import open_source
-from graphprune.calibration.signature import model_inputs, validate_feed
+from graphprune.calibration.cache_inputs import complete_feed, provided
+from graphprune.calibration.data import Source, open_source
+from graphprune.calibration.signature import InputSpec, model_inputs, validate_feed
 from graphprune.errors import GraphpruneError
 
 
@@ -26,10 +28,12 @@ class CalibrationRequest:
     batch_size: int = 8
     shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     provider: str = "cpu"
+    gram: bool = False  # also collect XᵀX (SparseGPT)
+    optimize: bool = False  # let ONNX Runtime optimise the tapped graph
     gram_memory_gb: float = 4.0  # one-shot SparseGPT: Gram matrices held at once; more are spilled to disk
 
     def options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`graphprune.calibration.calibrate` and :func:`open_source`."""
+        """Keyword arguments of :func:`graphprune.calibration.data.open_source`."""
         return {
             "batch_size": self.batch_size,
             "tokenizer": self.tokenizer,
@@ -39,11 +43,37 @@ class CalibrationRequest:
             "shapes": dict(self.shapes),
         }
 
-    def batches(self, model: onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], list[str]]:
-        """Every feed, validated against the model and kept in memory (sequential pruning reads them per group)."""
-        specs = model_inputs(model)
-        source = open_source(self.data, model, specs, **self.options())
-        batches = [validate_feed(feed, specs, label) for label, feed in source]
+    def open(self, model: ir.Model | onnx.ModelProto) -> Feeds:
+        """The data as a stream of validated feeds for ``model`` (caches and positions filled in)."""
+        specs = input_specs(model)
+        return Feeds(open_source(self.data, model, provided(specs), **self.options()), specs)  # type: ignore[arg-type]
+
+    def batches(self, model: ir.Model | onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+        """Every feed, validated and kept in memory (sequential pruning reads them once per group)."""
+        feeds = self.open(model)
+        batches = [feed for _, feed in feeds]
         if not batches:
             raise GraphpruneError("the calibration data is empty")
-        return [dict(b) for b in batches], list(source.warnings)
+        return batches, list(feeds.source.warnings)
+
+
+class Feeds:
+    """A source's feeds, each completed with empty caches and positions and checked against the model."""
+
+    def __init__(self, source: Source, specs: Sequence[InputSpec]) -> None:
+        self.source, self.specs = source, specs
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for label, feed in self.source:
+            yield label, validate_feed(complete_feed(feed, self.specs), self.specs, label)
+
+
+def input_specs(model: ir.Model | onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a feed must provide (graph inputs that are not initializers)."""
+    if isinstance(model, onnx.ModelProto):
+        return model_inputs(model)
+    signature = onnx.ModelProto()  # the inputs alone, read by the one signature reader
+    for value in model.graph.inputs:
+        if value.name not in model.graph.initializers:
+            ir.serde.serialize_value_into(signature.graph.input.add(), value)
+    return model_inputs(signature)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from graphprune.errors import GraphpruneError
+from graphprune.errors import GraphpruneError, a_few
 
 Feed = dict[str, np.ndarray]
 Dim = int | str | None  # a fixed size, a named dynamic dimension, or an unnamed one
@@ -62,13 +62,13 @@ def validate_feed(feed: Mapping[str, object], specs: Sequence[InputSpec], where:
     unknown = [n for n in feed if n not in by_name]
     if unknown:
         raise GraphpruneError(
-            f"{where}: {unknown[0]!r} is not an input of the model (inputs: {', '.join(by_name) or 'none'})"
+            f"{where}: {unknown[0]!r} is not an input of the model (inputs: {a_few(list(by_name)) or 'none'})"
         )
     missing = [n for n in by_name if n not in feed]
     if missing:
         raise GraphpruneError(
-            f"{where}: missing model input(s) {', '.join(map(repr, missing))} "
-            f"(the model takes {'; '.join(s.describe() for s in specs)})"
+            f"{where}: missing model input(s) {a_few([repr(m) for m in missing])} "
+            f"(the model takes {a_few([s.describe() for s in specs])})"
         )
     out: Feed = {}
     for name, value in feed.items():

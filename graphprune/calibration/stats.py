@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from graphprune.errors import GraphpruneError
+from graphprune.errors import GraphpruneError, a_few
 from graphprune.graph.targets import Target
 
 FORMAT = "graphprune-activation-stats"
@@ -55,23 +55,69 @@ class ActivationStats:
     def __contains__(self, name: object) -> bool:
         return name in self.sumsq
 
-    def check(self, targets: Sequence[Target]) -> None:
-        """Raise a one-line GraphpruneError unless these statistics cover ``targets`` with the same K."""
-        if fingerprint(targets) == self.model_fingerprint:
-            return
-        missing = [t.name for t in targets if t.name not in self.sumsq]
-        if missing:
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise GraphpruneError(
-                f"the statistics do not match this model: no statistics for {len(missing)} weight(s) ({shown}); "
-                "calibrate this model again"
-            )
+    @classmethod
+    def from_sumsq(
+        cls,
+        sumsq: Mapping[str, np.ndarray],
+        targets: Sequence[Target],
+        gram: Mapping[str, np.ndarray] | None = None,
+    ) -> ActivationStats:
+        """Statistics from a plain mapping of weight name -> Σx² per input channel (and Grams; rows unknown: 0).
+
+        The shapes of ``targets`` are taken as the collected ones: :meth:`check` then compares the arrays.
+        """
+        known = [t for t in targets if t.name in sumsq]
+        return cls(
+            sumsq={t.name: sumsq[t.name] for t in known},
+            rows={t.name: 0 for t in known},
+            targets={t.name: TargetInfo(tuple(t.shape), t.k_axis) for t in known},
+            model_fingerprint=fingerprint(known),
+            gram=dict(gram or {}),
+        )
+
+    def check(self, targets: Sequence[Target], gram: bool = False) -> None:
+        """Raise a one-line GraphpruneError unless these statistics cover ``targets`` with the same K.
+
+        The one validation of statistics, however they were made (calibrated here, loaded from a file, wrapped
+        from a plain mapping): every target has Σx² of shape [K] collected for a weight of its shape, and with
+        ``gram`` a finite [K, K] Gram matrix.
+        """
+        _refuse_missing(
+            [t.name for t in targets if t.name not in self.sumsq],
+            "the statistics do not match this model: no statistics for {count} weight(s) ({names}); "
+            "calibrate this model again",
+        )
         for t in targets:
-            info = self.targets[t.name]
-            if info.k != t.k or info.shape != tuple(t.shape):
+            info = self.targets.get(t.name)
+            if info is None or info.k != t.k or info.shape != tuple(t.shape):
+                collected = "an unknown shape" if info is None else f"shape {info.shape} (K={info.k})"
                 raise GraphpruneError(
                     f"the statistics do not match this model: weight {t.name} has shape {tuple(t.shape)} "
-                    f"(K={t.k}), the statistics were collected for shape {info.shape} (K={info.k})"
+                    f"(K={t.k}), the statistics were collected for {collected}"
+                )
+            if np.shape(self.sumsq[t.name]) != (t.k,):
+                raise GraphpruneError(
+                    f"the statistics are corrupt: weight {t.name} has {np.shape(self.sumsq[t.name])} input "
+                    f"statistics, expected ({t.k},)"
+                )
+        if not gram:
+            return
+        _refuse_missing(
+            [t.name for t in targets if t.name not in self.gram],
+            "sparsegpt needs Gram matrices, and the statistics hold none for {count} weight(s) ({names}): "
+            "calibrate with --method sparsegpt (or calibrate --gram)",
+        )
+        for t in targets:
+            g = self.gram[t.name]
+            if np.shape(g) != (t.k, t.k):
+                raise GraphpruneError(
+                    f"the statistics are corrupt: the Gram matrix of {t.name} is {np.shape(g)}, expected "
+                    f"({t.k}, {t.k})"
+                )
+            if not np.isfinite(g).all():
+                raise GraphpruneError(
+                    f"the Gram matrix of {t.name} holds NaN or Inf (the activations overflowed or were NaN): "
+                    "check the model and the calibration data"
                 )
 
     def save(self, path: str | Path) -> Path:
@@ -138,3 +184,8 @@ class ActivationStats:
         if targets is not None:
             stats.check(targets)
         return stats
+
+
+def _refuse_missing(names: list[str], message: str) -> None:
+    if names:
+        raise GraphpruneError(message.format(count=len(names), names=a_few(names)))

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from graphprune.calibration.data import Labelled, Source
 from graphprune.calibration.signature import InputSpec
@@ -33,30 +34,41 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
-def embedding_sizes(model: onnx.ModelProto) -> dict[str, int]:
+def embedding_sizes(model: ir.Model) -> dict[str, int]:
     """For each tensor used (directly or through value-preserving ops) as Gather indices into a stored table,
     the number of rows of that table."""
-    g = model.graph
-    stored = {i.name: list(i.dims) for i in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            stored[n.output[0]] = list(n.attribute[0].t.dims)
-    producer = {o: n for n in g.node for o in n.output}
     sizes: dict[str, int] = {}
-    for n in g.node:
-        if n.op_type != "Gather" or len(n.input) < 2 or n.input[0] not in stored:
+    for node in model.graph:
+        if node.op_type != "Gather" or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
-        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-        dims = stored[n.input[0]]
-        rows = dims[axis % len(dims)] if dims else 0
-        name = n.input[1]
+        table = _stored(node.inputs[0])
+        if table is None:
+            continue
+        axis = node.attributes.get_int("axis", 0)
+        dims = table.shape.numpy()
+        rows = int(dims[axis % len(dims)]) if dims else 0
+        indices: ir.Value | None = node.inputs[1]
         for _ in range(8):
+            assert indices is not None
+            name = str(indices.name)
             sizes[name] = min(sizes.get(name, rows), rows)
-            p = producer.get(name)
-            if p is None or p.op_type not in _PASS_THROUGH:
+            producer = indices.producer()
+            if producer is None or producer.op_type not in _PASS_THROUGH:
                 break
-            name = p.input[0]
+            indices = producer.inputs[0]
     return sizes
+
+
+def _stored(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor behind an initializer or a Constant node's output, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None and value.is_initializer():
+        return value.const_value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor()
+    return None
 
 
 class SyntheticSource(Source):
@@ -64,7 +76,7 @@ class SyntheticSource(Source):
 
     def __init__(
         self,
-        model: onnx.ModelProto,
+        model: ir.Model | onnx.ModelProto,
         specs: Sequence[InputSpec],
         shapes: Mapping[str, Sequence[int]],
         *,
@@ -77,7 +89,7 @@ class SyntheticSource(Source):
             raise GraphpruneError(f"--shape {unknown[0]}: the model has no such input")
         self.specs = specs
         self.shapes = {s.name: _resolve(s, shapes.get(s.name)) for s in specs}
-        self.vocab = embedding_sizes(model)
+        self.vocab = embedding_sizes(model if isinstance(model, ir.Model) else ir.from_proto(model))
         self.seed = seed
         batch = next((sh[0] for sh in self.shapes.values() if sh), 1) or 1
         self.feeds = max(1, math.ceil(nsamples / batch))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -66,17 +68,16 @@ def calibrate_command(
         graphprune calibrate model.onnx --calib corpus.txt --tokenizer tokenizer.json -o stats.npz
     """
     from graphprune.calibration import calibrate
+    from graphprune.cli.progress import progress_bar
 
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
-    stats = calibrate(
-        model,
-        request.data,
-        provider=provider,
-        gram=gram,
-        optimize=optimize,
-        progress=not quiet,
-        **request.options(),
-    )
+    request = replace(request, gram=gram, optimize=optimize)
+    with progress_bar("calibrating") if not quiet else nullcontext() as bar:
+
+        def show(done: int, total: int | None) -> None:
+            bar.progress.update(bar.task, completed=done, total=total)
+
+        stats = calibrate(model, request, progress=show if bar is not None else None)
     for w in stats.warnings[:MAX_WARNINGS_SHOWN]:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
     if len(stats.warnings) > MAX_WARNINGS_SHOWN:

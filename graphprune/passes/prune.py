@@ -14,6 +14,7 @@ from graphprune.algorithms.masks import mask_from_scores, nm_mask
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
 from graphprune.algorithms.sparsegpt import sparsegpt
+from graphprune.calibration.stats import ActivationStats
 from graphprune.errors import GraphpruneError
 from graphprune.graph.selection import select_targets
 from graphprune.graph.stored import replace_tensor, stored_tensor, stored_values
@@ -277,22 +278,8 @@ class PrunePass(ir.passes.InPlacePass):
             raise PassPreconditionError(
                 f"{method.value} needs activation statistics: pass --calib DATA or --stats FILE"
             )
-        if method is Method.SPARSEGPT:
-            no_gram = [t.name for t in targets if t.name not in self.gram]
-            if no_gram:
-                raise GraphpruneError(
-                    f"sparsegpt needs Gram matrices, and the statistics hold none for {len(no_gram)} weights "
-                    f"(e.g. {no_gram[0]}): calibrate with --method sparsegpt"
-                )
-        stats = self.input_sumsq
-        missing = [t.name for t in targets if t.name not in stats]
-        wrong = [t.name for t in targets if t.name in stats and stats[t.name].shape != (t.k,)]
-        if missing or wrong:
-            names = ", ".join((missing + wrong)[:3])
-            raise GraphpruneError(
-                f"statistics don't match the model: {len(missing)} weights missing, {len(wrong)} with a "
-                f"different K (e.g. {names}); calibrate this model again"
-            )
+        stats = ActivationStats.from_sumsq(self.input_sumsq, targets, self.gram)
+        stats.check(targets, gram=method is Method.SPARSEGPT)  # the one validation of statistics
 
     def _report(self, target: Target, stored: StoredWeight) -> WeightReport:
         effective = stored.effective()

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,6 @@ from graphprune.graph.model_io import (
     default_output,
     load_model,
     save_model,
-    to_proto,
     uses_external_data,
 )
 from graphprune.graph.targets import Target
@@ -75,8 +75,7 @@ def prune_file(
         from graphprune.calibration.providers import resolve_providers
         from graphprune.pipeline.sequential import prune_sequentially
 
-        proto = to_proto(model)  # the segments run from protobufs holding their weights
-        batches, warnings = calibration.batches(proto)
+        batches, warnings = calibration.batches(model)
         result, more = prune_sequentially(
             model,
             config,
@@ -86,24 +85,17 @@ def prune_file(
             on_weight,
             sequential,
             (targets, skips),
-            proto,
         )
-        del proto
         warnings += more
     else:
         if calibration is not None and config.method is not Method.MAGNITUDE:
             from graphprune.calibration import ActivationStats, calibrate
             from graphprune.calibration.gram_budget import GIB, calibrate_within
 
+            request = replace(calibration, gram=config.method is Method.SPARSEGPT)
+
             def calibrate_chunk(chunk: list[Target]) -> ActivationStats:
-                return calibrate(
-                    model_path,  # the dense model as stored: its external data is read by ONNX Runtime itself
-                    calibration.data,
-                    chunk,
-                    provider=calibration.provider,
-                    gram=config.method is Method.SPARSEGPT,
-                    **calibration.options(),
-                )
+                return calibrate(model_path, request, chunk)  # ONNX Runtime reads the stored weights
 
             if config.method is Method.SPARSEGPT:
                 stats = calibrate_within(targets, int(calibration.gram_memory_gb * GIB), calibrate_chunk)

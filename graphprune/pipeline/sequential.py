@@ -16,29 +16,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx import helper
 
 from graphprune.algorithms.scores import Method
-from graphprune.calibration.providers import import_ort, session_options
 from graphprune.calibration.run import Accumulator
+from graphprune.calibration.session import Session, cut, values_by_name
 from graphprune.calibration.stats import ActivationStats
-from graphprune.calibration.taps import plan_taps, tapped
+from graphprune.calibration.taps import plan_taps, tapped_model
 from graphprune.errors import GraphpruneError
-from graphprune.graph.model_io import to_proto
-from graphprune.graph.stored import stored_tensor, stored_values
-from graphprune.graph.targets import Skip, Target, node_labels
+from graphprune.graph.targets import Skip, Target
+from graphprune.graph.types import value_types
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
 
 Feed = Mapping[str, np.ndarray]
 PruneGroup = Callable[[list[Target], ActivationStats], None]
 
 
-def target_groups(model: onnx.ModelProto, targets: Sequence[Target], by: str = "block") -> list[list[Target]]:
+def target_groups(model: ir.Model, targets: Sequence[Target], by: str = "block") -> list[list[Target]]:
     """Targets grouped in dependency order: by ``level``, or by ``block`` (the graph's repeating unit of levels).
 
     A block is found without names: the levels' signatures (the shapes of their weights) repeat with the
@@ -67,22 +63,31 @@ def _period(signatures: list[tuple]) -> int:
     return 1
 
 
-def target_levels(model: onnx.ModelProto, targets: Sequence[Target]) -> list[list[Target]]:
+def consumer_nodes(model: ir.Model, targets: Sequence[Target]) -> dict[ir.Node, tuple[Target, int]]:
+    """Each node that multiplies by a target weight: the target and the input index the weight arrives at."""
+    values = values_by_name(model.graph)
+    found: dict[ir.Node, tuple[Target, int]] = {}
+    for t in targets:
+        for c in t.consumers:
+            node = values[c.output].producer() if c.output in values else None
+            if node is not None:
+                found[node] = (t, c.input_index)
+    return found
+
+
+def target_levels(model: ir.Model, targets: Sequence[Target]) -> list[list[Target]]:
     """Targets by level (see the module docstring), in dependency order."""
-    graph = model.graph
-    labels = node_labels(graph.node)
-    consumer_of = {c.node: t.name for t in targets for c in t.consumers}
-    weights = {c.node: c.input_index for t in targets for c in t.consumers}
-    depth: dict[str, int] = {}
+    consumers = consumer_nodes(model, targets)
+    depth: dict[ir.Value, int] = {}
     level: dict[str, int] = {}
-    for label, node in zip(labels, graph.node, strict=True):
-        reads = [i for idx, i in enumerate(node.input) if i and weights.get(label) != idx]
-        d = max((depth.get(i, 0) for i in reads), default=0)
-        if label in consumer_of:
-            name = consumer_of[label]
-            level[name] = max(level.get(name, 0), d)
+    for node in model.graph:
+        target, weight_index = consumers.get(node, (None, -1))
+        reads = [v for i, v in enumerate(node.inputs) if v is not None and i != weight_index]
+        d = max((depth.get(v, 0) for v in reads), default=0)
+        if target is not None:
+            level[target.name] = max(level.get(target.name, 0), d)
             d += 1
-        for out in node.output:
+        for out in node.outputs:
             depth[out] = d
     by_level: dict[int, list[Target]] = {}
     for t in targets:
@@ -90,20 +95,31 @@ def target_levels(model: onnx.ModelProto, targets: Sequence[Target]) -> list[lis
     return [by_level[k] for k in sorted(by_level)]
 
 
-@dataclass
-class _Segment:
-    """The nodes one group needs that have not run yet, as a model of their own."""
+def constant_values(graph: ir.Graph) -> set[ir.Value]:
+    """Values computed from stored tensors alone (a weight's Transpose, Cast, DequantizeLinear, a Constant).
 
-    model: onnx.ModelProto
-    inputs: list[str]  # cached tensors (or graph inputs) it reads
-    keep: list[str]  # its outputs that later segments read
+    They are never cached between segments: after a group is pruned they change, so every segment that reads
+    one computes it again from the (now pruned) stored tensors, as the model itself does on every run.
+    """
+    constant = {v for v in graph.initializers.values() if v not in graph.inputs}
+    for node in graph:
+        if all(v is None or v in constant for v in node.inputs) and not _has_subgraph(node):
+            constant.update(node.outputs)
+    return constant
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
 
 
 @dataclass
 class SequentialCalibration:
-    """Run a model group by group over fixed batches, pruning each group before the next is calibrated."""
+    """Run a model group by group over fixed batches, pruning each group before the next is calibrated.
 
-    model: onnx.ModelProto
+    ``model`` is read for every segment: a group pruned by ``prune_group`` is seen by the segments after it.
+    """
+
+    model: ir.Model
     batches: list[dict[str, np.ndarray]]
     providers: list[str]
     gram: bool = False
@@ -114,21 +130,17 @@ class SequentialCalibration:
     def run(self, targets: Sequence[Target], prune_group: PruneGroup) -> int:
         """Calibrate and prune every group in order; returns the number of groups."""
         graph = self.model.graph
-        subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        if any(a.type in subgraphs for n in graph.node for a in n.attribute):
+        if any(_has_subgraph(node) for node in graph):
             raise GraphpruneError("--sequential does not handle control flow (If/Loop/Scan): calibrate one-shot")
         groups = target_groups(self.model, targets, self.group_by)
-        self._executed: set[int] = set()
-        self._cache: dict[str, list[np.ndarray]] = {
-            name: [batch[name] for batch in self.batches] for name in self.batches[0]
+        self._consumers = consumer_nodes(self.model, targets)
+        self._constant = constant_values(graph)
+        self._types = value_types(self.model)  # pruning changes no type: inferred once
+        self._executed: set[ir.Node] = set()
+        self._inputs = [v for v in graph.inputs if v.name in self.batches[0]]
+        self._cache: dict[ir.Value, list[np.ndarray]] = {
+            v: [batch[str(v.name)] for batch in self.batches] for v in self._inputs
         }
-        self._producer = {out: i for i, n in enumerate(graph.node) for out in n.output}
-        self._readers: dict[str, list[int]] = {}
-        for i, node in enumerate(graph.node):
-            for name in node.input:
-                self._readers.setdefault(name, []).append(i)
-        self._stored = {t.name for t in graph.initializer}
-        self._labels = node_labels(graph.node)
         for done, group in enumerate(groups):
             stats = self._calibrate(group)
             prune_group(group, stats)
@@ -137,88 +149,63 @@ class SequentialCalibration:
         return len(groups)
 
     def _calibrate(self, group: list[Target]) -> ActivationStats:
-        activations = [c.activation for t in group for c in t.consumers]
-        consumers = {c.node for t in group for c in t.consumers}
-        segment = self._segment(activations, {i for i, label in enumerate(self._labels) if label in consumers})
-        plan = plan_taps(segment.model, group, gram=self.gram)
-        self.warnings.extend(plan.warnings)
-        with tapped(segment.model, plan) as model:
-            for name in segment.keep:
-                model.graph.output.append(helper.make_empty_tensor_value_info(name))
-            session = self._session(model.SerializeToString())
-        names = [*plan.output_names, *segment.keep]
+        group_nodes = {node for node, (t, _) in self._consumers.items() if t in group}
+        with plan_taps(self.model, group, self.gram, self._types) as plan:
+            self.warnings.extend(plan.warnings)
+            wanted = [
+                v for node in plan.nodes for v in node.inputs if v is not None and v.producer() not in plan.nodes
+            ]
+            keep = self._advance(wanted, group_nodes)
+            carriers = {value: self._carrier(value) for value in self._cache}
+            segment = tapped_model(self.model, plan, keep, carriers)
+        session = Session(segment, self.providers)
+        inputs = [i.name for i in segment.proto.graph.input]
+        names = [*plan.output_names, *(str(v.name) for v in keep)]
+        by_name = {str(v.name): v for v in self._cache}
         accumulator = Accumulator(plan)
-        kept: dict[str, list[np.ndarray]] = {name: [] for name in segment.keep}
+        kept: dict[ir.Value, list[np.ndarray]] = {v: [] for v in keep}
         for b in range(len(self.batches)):
-            feed = {name: self._cache[name][b] for name in segment.inputs}
-            outputs = session.run(names, feed)
+            try:
+                outputs = session.run(names, {name: self._cache[by_name[name]][b] for name in inputs})
+            except Exception as exc:
+                raise GraphpruneError(f"onnxruntime failed on a segment: {str(exc).splitlines()[0]}") from None
             accumulator.add(outputs[: len(plan.output_names)])
-            for name, value in zip(segment.keep, outputs[len(plan.output_names) :], strict=True):
-                kept[name].append(value)
+            for value, array in zip(keep, outputs[len(plan.output_names) :], strict=True):
+                kept[value].append(array)
         self._cache.update(kept)
         self._forget_consumed()
         return accumulator.result(group, [])
 
-    def _segment(self, activations: list[str], group_nodes: set[int]) -> _Segment:
-        """The not-yet-run nodes that compute ``activations`` from the cache, with what to keep afterwards.
+    def _advance(self, activations: list[ir.Value], group_nodes: set[ir.Node]) -> list[ir.Value]:
+        """Mark the nodes this segment runs for good, and return the values later segments will read.
 
         Within a block, later activations depend on the group's own weights, still dense here (as in the
         reference, which calibrates a whole block before pruning it): the nodes downstream of the group's
-        consumers are *stale* once the group is pruned, so they run again in a later segment.
+        consumers are *stale* once the group is pruned, so they run again in a later segment. Values computed
+        from stored tensors alone are never kept (see :func:`constant_values`).
         """
-        graph = self.model.graph
-        needed: set[int] = set()
-        stack = [a for a in activations if a not in self._cache]
-        while stack:
-            name = stack.pop()
-            index = self._producer.get(name)
-            if name in self._cache or name in self._stored or index is None or index in needed:
-                continue
-            needed.add(index)
-            stack.extend(i for i in graph.node[index].input if i)
-        order = sorted(needed)
-        nodes = [graph.node[i] for i in order]
-        reads = {i for n in nodes for i in n.input if i}
-        inputs = sorted(r for r in reads | set(activations) if r in self._cache)  # a tap may read a cached one
-        stale: set[int] = set()
-        for i in order:
-            node = graph.node[i]
-            if i in group_nodes or any(self._producer.get(x) in stale for x in node.input if x):
-                stale.add(i)
-        fresh = needed - stale
-        self._executed |= fresh
-        made = {o for i in fresh for o in graph.node[i].output}
-        keep = sorted(name for name in made if any(r not in self._executed for r in self._readers.get(name, [])))
-        sub = helper.make_graph(
-            nodes,
-            "segment",
-            [self._value_info(name) for name in inputs],
-            [],
-            [t for t in graph.initializer if t.name in reads],
-        )
-        model = helper.make_model(sub, opset_imports=list(self.model.opset_import))
-        model.ir_version = self.model.ir_version
-        model.functions.extend(self.model.functions)
-        return _Segment(model, inputs, keep)
+        order = cut(self.model.graph, activations, self._cache)
+        stale: set[ir.Node] = set()
+        for node in order:
+            if node in group_nodes or any(v is not None and v.producer() in stale for v in node.inputs):
+                stale.add(node)
+        fresh = [node for node in order if node not in stale]
+        self._executed.update(fresh)
+        made = [v for node in fresh for v in node.outputs if v not in self._constant]
+        return [v for v in made if any(use.node not in self._executed for use in v.uses())]
 
-    def _value_info(self, name: str) -> onnx.ValueInfoProto:
-        first = self._cache[name][0]
-        dims = [f"{name}_d{i}" for i in range(first.ndim)]
-        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(first.dtype), dims)
+    def _carrier(self, value: ir.Value) -> ir.Value:
+        """A typed graph input that carries ``value``'s cached arrays into a segment."""
+        first = self._cache[value][0]
+        dtype = ir.DataType.from_numpy(first.dtype)
+        dims = [f"{value.name}_d{i}" for i in range(first.ndim)]
+        return ir.Value(name=value.name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
 
     def _forget_consumed(self) -> None:
-        """Drop cached tensors that no node still to run reads; graph inputs stay for later segments."""
-        for name in list(self._cache):
-            readers = self._readers.get(name, [])
-            if name not in self.batches[0] and all(r in self._executed for r in readers):
-                del self._cache[name]
-
-    def _session(self, model_bytes: bytes) -> Any:
-        ort = import_ort()
-        try:
-            return ort.InferenceSession(model_bytes, session_options(), providers=self.providers)
-        except Exception as exc:
-            raise GraphpruneError(f"onnxruntime cannot run a segment: {str(exc).splitlines()[0]}") from None
+        """Drop cached values that no node still to run reads; graph inputs stay for later segments."""
+        for value in list(self._cache):
+            if value not in self._inputs and all(use.node in self._executed for use in value.uses()):
+                del self._cache[value]
 
 
 def prune_sequentially(
@@ -230,39 +217,25 @@ def prune_sequentially(
     on_weight: Callable[[str], None] | None = None,
     group_by: str = "block",
     plan: tuple[list[Target], list[Skip]] | None = None,
-    proto: onnx.ModelProto | None = None,
 ) -> tuple[PruneResult, list[str]]:
     """Prune ``model`` in place, each group of targets scored on activations of the already pruned model.
 
-    ``plan`` is :meth:`PrunePass.plan`'s result when the caller already has it; ``proto`` is the model as one
-    protobuf with its weights (made here when not given), which the segments run from. Returns the pruning
-    result and the calibration warnings.
+    ``plan`` is :meth:`PrunePass.plan`'s result when the caller already has it. The segments read the weights
+    from ``model`` itself, so each sees the groups pruned before it. Returns the pruning result and the
+    calibration warnings.
     """
-    proto = proto if proto is not None else to_proto(model)
     targets, skips = plan or PrunePass(config).plan(model)
     if not targets:
         raise GraphpruneError("the model has no prunable weights for this pattern and selection")
     reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
     gram = config.method is Method.SPARSEGPT
-    engine = SequentialCalibration(proto, batches, list(providers), gram, group_by, on_group)
+    engine = SequentialCalibration(model, batches, list(providers), gram, group_by, on_group)
 
     def prune_group(group: list[Target], stats: ActivationStats) -> None:
         step = PrunePass(config, stats, on_weight)
         step.check_statistics(group)
         reports.extend(step.prune_targets(model, group))
-        _copy_into_proto(model, proto, group)
 
     engine.run(targets, prune_group)
     reports.sort(key=lambda r: (r.skipped is not None, r.name))
     return PruneResult(model, bool(targets), config, reports), engine.warnings
-
-
-def _copy_into_proto(model: ir.Model, proto: onnx.ModelProto, group: list[Target]) -> None:
-    """The pruned tensors of ``group``, from the onnx-ir model into the protobuf the next segments run from."""
-    stored = stored_values(model.graph)
-    places = {t.name: t for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            places.setdefault(node.output[0], node.attribute[0].t)
-    for target in group:
-        places[target.name].CopyFrom(ir.serde.serialize_tensor(stored_tensor(stored[target.name])))

@@ -30,8 +30,7 @@ from graphprune.algorithms.layout import to_canonical
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.graph.stored import stored_values
-from graphprune.graph.targets import Target, find_targets, node_labels
-from graphprune.graph.types import value_types
+from graphprune.graph.targets import LOOK_THROUGH, Target, find_targets
 from graphprune.graph.weights import read_weight
 
 Status = Literal["eligible", "too small to gain", "ineligible"]
@@ -120,36 +119,47 @@ def eligibility_report(
     """One record per target (every target of the model unless given).
 
     ``precision`` is the math precision the build will use (for example ``"fp16"`` for a TensorRT 10 build with
-    the FP16 flag); by default it is read from the model: the type of each consumer's output, or ``int8-qdq``
-    under DequantizeLinear.
+    the FP16 flag); by default it is read from the model: the type the consumer multiplies in, which is the type
+    of the weight as it arrives (stored, or cast), or ``int8-qdq`` under DequantizeLinear.
     """
     if targets is None:
         targets = find_targets(model).targets
-    weights = stored_values(model.graph)
-    types = {name: elem for name, (elem, _) in value_types(model).items()} if precision is None else {}
-    nodes = dict(zip(node_labels(list(model.graph)), model.graph, strict=True))
+    stored = stored_values(model.graph)
+    made_by = {str(v.name): node for node in model.graph for v in node.outputs if v.name}
     records = []
     for target in targets:
-        weight = read_weight(weights, target)
-        stored = weight.values
+        nodes = [made_by[c.output] for c in target.consumers if c.output in made_by]
+        if not nodes:
+            continue
+        weight = read_weight(stored, target)
         # a quantized weight is zero where it equals its zero point
-        values = stored if weight.zero_point is None else (stored != weight.zero_point)
-        used = precision or _precision(target, types)
-        group = 1
-        for consumer in target.consumers:
-            node = nodes.get(consumer.node)
-            if node is not None and consumer.op == "Conv":
-                group = node.attributes.get_int("group", 1)
+        values = weight.values if weight.zero_point is None else (weight.values != weight.zero_point)
+        used = precision or _precision(target, _weight_chain(nodes[0], target.consumers[0].input_index))
+        group = max((n.attributes.get_int("group", 1) for n in nodes if n.op_type == "Conv"), default=1)
         records.append(assess(target, values, used, group, min_channels))
     return records
 
 
-def _precision(target: Target, types: dict[str, int]) -> str:
-    if "DequantizeLinear" in target.through:
-        return "int8-qdq" if target.dtype in ("int8", "uint8") else f"{target.dtype}-qdq"
-    for consumer in target.consumers:
-        if consumer.output in types:
-            return _ONNX_PRECISION.get(types[consumer.output], "other")
+def _weight_chain(consumer: ir.Node, index: int) -> list[ir.Value]:
+    """The weight as the consumer reads it, back through look-through ops to the stored tensor (last)."""
+    value = consumer.inputs[index]
+    assert value is not None
+    chain = [value]
+    producer = value.producer()
+    while producer is not None and producer.op_type in LOOK_THROUGH and producer.inputs and producer.inputs[0]:
+        chain.append(producer.inputs[0])
+        producer = producer.inputs[0].producer()
+    return chain
+
+
+def _precision(target: Target, chain: list[ir.Value]) -> str:
+    """The math precision: the weight's type where the consumer reads it (MatMul/Gemm/Conv inputs share it)."""
+    for value in chain:  # the op nearest the consumer decides
+        producer = value.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return "int8-qdq" if target.dtype in ("int8", "uint8") else f"{target.dtype}-qdq"
+        if producer is not None and producer.op_type == "Cast":
+            return _ONNX_PRECISION.get(producer.attributes.get_int("to", 0), "other")
     return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(target.dtype, target.dtype)
 
 

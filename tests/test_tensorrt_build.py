@@ -375,3 +375,13 @@ def test_real_tensorrt_build_reports_sparse_layers(tmp_path: Path) -> None:
     assert report.sparsity.eligible_layers, "TensorRT found no layer eligible for sparse math"
     assert set(report.sparsity.sparse_layers) <= set(report.sparsity.eligible_layers)
     assert report.layers_source == "engine inspector"
+
+
+@pytest.mark.skipif(tb.has_cuda_gpu(), reason="a GPU is present: bench would run")
+def test_bench_tensorrt_without_a_gpu_is_one_line_before_building(tmp_path: Path) -> None:
+    onnx.save_model(tiny_model(), str(tmp_path / "m.onnx"))
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "m.onnx"), "--backend", "tensorrt-rtx"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: timing engines needs an NVIDIA GPU and its driver (none found here); `graphprune build` does not"
+    ]

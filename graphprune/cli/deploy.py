@@ -72,8 +72,8 @@ def build(
         str | None,
         typer.Option(
             help="tensorrt (TensorRT 10/11: builds on the GPU it targets) or tensorrt-rtx (TensorRT for RTX: "
-            'builds ahead of time without a GPU; pip install "graphprune[trt-rtx]"), e.g. --backend tensorrt-rtx. '
-            "Default: whichever is installed, TensorRT first."
+            'builds ahead of time without a GPU; pip install "graphprune\\[trt-rtx]"), '
+            "e.g. --backend tensorrt-rtx. Default: whichever is installed, TensorRT first."
         ),
     ] = None,
     precision: Annotated[
@@ -117,7 +117,7 @@ def build(
     The report (backend and version, profiles, the builder's sparsity lines verbatim, each engine layer's tactic
     where the builder or the engine inspector names it) is saved beside the engine as <engine>.json. No layer is
     called sparse unless a log line or a tactic name says so: TensorRT-RTX chooses kernels when the engine is
-    loaded on the user's GPU, so its build can only say what it did not decide. Engine and report are written
+    loaded on the user's GPU, so its build cannot say which layers will run sparse. Engine and report are written
     together at the end, or not at all.
 
     Example: graphprune build model.fp16.onnx -o model.engine --backend tensorrt-rtx
@@ -220,9 +220,13 @@ def _bench_torch(model: Path, tokens: str, cutlass: bool, iterations: int) -> No
 
 
 def _bench_tensorrt(model: Path, backend: str, shapes: list[str], precision: str | None, iterations: int) -> None:
-    from graphprune.tensorrt.build import build_engine
+    from graphprune.tensorrt.build import build_engine, has_cuda_gpu
     from graphprune.tensorrt.run import time_engine
 
+    if not has_cuda_gpu():
+        raise GraphpruneError(
+            "timing engines needs an NVIDIA GPU and its driver (none found here); `graphprune build` does not"
+        )
     with tempfile.TemporaryDirectory(prefix="graphprune-bench-") as tmp:
         timings = {}
         for sparse in (False, True):

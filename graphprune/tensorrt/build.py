@@ -57,17 +57,17 @@ _HEADER_PROBLEMS = ("MALFORMED_ENGINE", "VERSION_MISMATCH")
 
 def read_onnx(path: Path) -> onnx.ModelProto:
     """The model's graph without external weights (the parser reads those itself), or a one-line error."""
-    if not path.exists():
-        raise GraphpruneError(f"{path}: no such file")
-    if not path.is_file():
-        raise GraphpruneError(f"{path}: not a file")
     try:
         model = onnx.load_model(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GraphpruneError(f"{path}: not an ONNX model ({reason})") from None
+    except FileNotFoundError:
+        raise GraphpruneError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise GraphpruneError(f"{path}: a directory, not an ONNX file") from None
     except OSError as exc:
         raise GraphpruneError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
+        reason = _one_line(str(exc)) or type(exc).__name__
+        raise GraphpruneError(f"{path}: not an ONNX model ({reason})") from None
     if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import or not model.graph.node:
         raise GraphpruneError(f"{path}: not an ONNX model (no graph, IR version or opset)")
     return model

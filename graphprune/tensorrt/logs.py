@@ -120,17 +120,22 @@ def _layer(name: str, layer_type: str, tactic: str, origin: str) -> LayerInfo:
     return LayerInfo(name, layer_type, tactic, "sparse" in tactic.lower(), origin)
 
 
-def parse_builder_layers(lines: Iterable[LogLine]) -> list[LayerInfo]:
-    """Layers of the builder's verbose "Layers:" message (the last one wins), or [] when it printed none."""
-    layers: list[LayerInfo] = []
+def _last_layer_list(lines: Iterable[LogLine]) -> list[str]:
+    """The rows of the builder's last verbose "Layers:" message (a build may print several), stripped."""
+    rows: list[str] = []
     for line in lines:
-        if line.severity != "V" or not line.text.startswith("Layers:"):
-            continue
-        layers = []
-        for row in line.text.splitlines()[1:]:
-            if match := _LAYER_LINE_RE.match(row.strip()):
-                layers.append(_layer(match["name"], match["type"], match["tactic"].strip(), match["meta"].strip()))
-    return layers
+        if line.severity == "V" and line.text.startswith("Layers:"):
+            rows = [row.strip() for row in line.text.splitlines()[1:]]
+    return rows
+
+
+def parse_builder_layers(lines: Iterable[LogLine]) -> list[LayerInfo]:
+    """Layers of the builder's verbose "Layers:" message, or [] when it printed none."""
+    return [
+        _layer(match["name"], match["type"], match["tactic"].strip(), match["meta"].strip())
+        for row in _last_layer_list(lines)
+        if (match := _LAYER_LINE_RE.match(row))
+    ]
 
 
 @dataclass(frozen=True)
@@ -145,20 +150,17 @@ class EngineIO:
 
 
 def parse_builder_io(lines: Iterable[LogLine]) -> list[EngineIO]:
-    """The "I/O Tensors:" section of the builder's verbose "Layers:" message (the last one wins)."""
-    tensors: list[EngineIO] = []
-    for line in lines:
-        if line.severity != "V" or not line.text.startswith("Layers:"):
-            continue
-        tensors = []
-        for row in line.text.splitlines():
-            if match := _IO_LINE_RE.match(row.strip()):
-                profiles = tuple(
-                    {"min": _dims(lo), "opt": _dims(opt), "max": _dims(hi)}
-                    for lo, opt, hi in _IO_PROFILE_RE.findall(row)
-                )
-                dims = tuple(_dims(match["dims"]))
-                tensors.append(EngineIO(match["name"], match["mode"], match["dtype"], dims, profiles))
+    """The "I/O Tensors:" section of the builder's verbose "Layers:" message."""
+    tensors = []
+    for row in _last_layer_list(lines):
+        if match := _IO_LINE_RE.match(row):
+            profiles = tuple(
+                {"min": _dims(lo), "opt": _dims(opt), "max": _dims(hi)}
+                for lo, opt, hi in _IO_PROFILE_RE.findall(row)
+            )
+            tensors.append(
+                EngineIO(match["name"], match["mode"], match["dtype"], tuple(_dims(match["dims"])), profiles)
+            )
     return tensors
 
 

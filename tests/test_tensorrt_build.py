@@ -9,8 +9,10 @@ TensorRT-RTX layer-list excerpt below was captured from a real TensorRT-RTX 1.7.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +293,19 @@ def test_missing_tensorrt_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert result.output.strip().startswith("error: no TensorRT is installed")
     assert len(result.output.strip().splitlines()) == 1  # one line, no traceback
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_default_backend_prefers_full_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the import order is under test: a bare STAND-IN module named ``tensorrt`` (full TensorRT cannot be
+    installed here), then none, then TensorRT-RTX's real module, if installed."""
+    stand_in = types.ModuleType("tensorrt")
+    stand_in.__version__ = "10.9.0"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in)
+    loaded = load_backend()
+    assert (loaded.backend.name, loaded.trt, loaded.label) == ("tensorrt", stand_in, "TensorRT 10.9.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    if importlib.util.find_spec("tensorrt_rtx_bindings") is not None:
+        assert load_backend().backend.name == "tensorrt-rtx"
 
 
 # --- the CLI's sparsity table, from a MODELLED full-TensorRT report (no build on this machine logs these) ------

@@ -339,15 +339,6 @@ def build_engine(
     problems = engine_header_problems(loaded, logger, engine)
     if problems:
         raise GraphpruneError(f"the runtime rejects the header of the engine {loaded.label} built: {problems[0]}")
-    layers, layers_source = parse_builder_layers(logger.lines), "builder log"
-    if has_cuda_gpu():
-        inspected = inspect_engine(loaded, logger, engine)
-        if inspected is not None:
-            layers, layers_source = inspected, "engine inspector"
-    if not layers:
-        layers_source = ""
-    log = parse_sparsity_log(line.text for line in logger.lines)
-    deferred = next((line.text for line in logger.lines if _DEFERRED_RE.search(line.text)), None)
     report = BuildReport(
         onnx=str(onnx_path),
         engine=str(engine_path),
@@ -362,27 +353,44 @@ def build_engine(
         profiles=[{name: r.as_dict() for name, r in ranges.items()}] if ranges else [],
         build_seconds=round(seconds, 2),
         parser={"onnx_nodes": len(model.graph.node), "network_layers": network.num_layers},
-        sparsity=Sparsity(
-            flag=sparse,
-            lines=sparsity_mentions(logger.lines),
-            eligible_layers=list(log.eligible),
-            sparse_layers=list(log.picked),
-            sparse_tactic_layers=[layer.name for layer in layers if layer.sparse_tactic],
-            verdict=sparsity_verdict(loaded.backend.product, sparse, log, layers, layers_source, deferred),
-        ),
-        layers_source=layers_source,
-        layers=[asdict(layer) for layer in layers],
-        engine_io=[asdict(tensor) for tensor in parse_builder_io(logger.lines)],
         header_check=_header_note(problems),
         warnings=[*plan.warnings, *notes],
-        builder_warnings=[line.text for line in logger.lines if line.severity == "W"],
         note=plan.note,
+        **_what_the_build_said(loaded, logger, engine, sparse),
     )
     files = {engine_path: engine, report_path(engine_path): report.to_json().encode()}
     if cache_path is not None:
         files[cache_path] = bytes(config.get_timing_cache().serialize())
     commit(files)
     return report
+
+
+def _what_the_build_said(loaded: LoadedBackend, logger: Any, engine: bytes, sparse: bool) -> dict[str, Any]:
+    """The report's sparsity facts, layers, engine I/O and builder warnings: from the builder's log, or from the
+    engine inspector where the engine loads on this machine's GPU."""
+    layers, source = parse_builder_layers(logger.lines), "builder log"
+    if has_cuda_gpu():
+        inspected = inspect_engine(loaded, logger, engine)
+        if inspected is not None:
+            layers, source = inspected, "engine inspector"
+    source = source if layers else ""
+    log = parse_sparsity_log(line.text for line in logger.lines)
+    deferred = next((line.text for line in logger.lines if _DEFERRED_RE.search(line.text)), None)
+    sparsity = Sparsity(
+        flag=sparse,
+        lines=sparsity_mentions(logger.lines),
+        eligible_layers=list(log.eligible),
+        sparse_layers=list(log.picked),
+        sparse_tactic_layers=[layer.name for layer in layers if layer.sparse_tactic],
+        verdict=sparsity_verdict(loaded.backend.product, sparse, log, layers, source, deferred),
+    )
+    return {
+        "sparsity": sparsity,
+        "layers_source": source,
+        "layers": [asdict(layer) for layer in layers],
+        "engine_io": [asdict(tensor) for tensor in parse_builder_io(logger.lines)],
+        "builder_warnings": [line.text for line in logger.lines if line.severity == "W"],
+    }
 
 
 def _header_note(problems: list[str] | None) -> str:

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[cpu,test]"
+# trt-rtx: TensorRT for RTX, so the suite builds real engines (ahead of time, no GPU needed)
+.venv/bin/python -m pip install --quiet -e ".[cpu,test,trt-rtx]"
 .venv/bin/ruff check graphprune tests benchmarks
 .venv/bin/python -m pytest -q "$@"

@@ -1,21 +1,19 @@
-"""Everything around TensorRT that can be checked without it.
+"""The parts of a TensorRT build that are pure functions: options, plans, log parsing, the report's verdict.
 
-* Log and inspector fixtures below are MODELLED on TensorRT's documented messages (developer guide, "Structured
-  Sparsity"; engine inspector JSON schema), not captured from a real build.
-* The fake ``tensorrt`` module injected with monkeypatch checks the option plumbing (flags, profiles, workspace,
-  timing cache, report). It is NOT evidence that an engine builds with real TensorRT.
-* Tests marked ``tensorrt`` need TensorRT installed, ``gpu`` a CUDA GPU; they are skipped otherwise.
+Real engines are built in ``test_tensorrt_rtx.py`` (TensorRT-RTX from PyPI, no GPU needed). What stays here with
+text MODELLED on NVIDIA's documentation, not captured from a real build, is only what no build on this machine can
+produce: full TensorRT 10/11's "(Sparsity)" log lines and its engine inspector JSON (both need a GPU). The
+TensorRT-RTX layer-list excerpt below was captured from a real TensorRT-RTX 1.7.1.116 build of the test decoder.
 """
 
 from __future__ import annotations
 
 import ctypes
-import enum
+import importlib.util
 import json
 import sys
 import types
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -26,21 +24,25 @@ from typer.testing import CliRunner
 from graphprune.cli import app
 from graphprune.errors import GraphpruneError
 from graphprune.tensorrt import build as tb
+from graphprune.tensorrt import logs, outputs
+from graphprune.tensorrt.backends import BACKENDS, load_backend
+from graphprune.tensorrt.profiles import ShapeRange, check_profiles, model_inputs, parse_shapes
+from graphprune.tensorrt.report import BuildReport, Sparsity, sparsity_verdict
 from tests.onnx_builders import init, make_model, tensor
 
-# Modelled on the developer guide's example (trtexec prefixes each line with date and severity).
+# MODELLED on the developer guide's example (trtexec prefixes each line with date and severity): full TensorRT.
 TRTEXEC_LOG = """\
 [03/23/2021-00:14:05] [I] [TRT] Some other line
 [03/23/2021-00:14:05] [I] [TRT] (Sparsity) Layers eligible for sparse math: conv1, conv2, conv3
 [03/23/2021-00:14:05] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: conv2, conv3
 """
-# The same messages as a custom ILogger receives them: no prefix; fused layers joined with " + ".
+# MODELLED: the same messages as a custom ILogger receives them: no prefix; fused layers joined with " + ".
 ILOGGER_LOG = [
     "Local timing cache in use.",
     "(Sparsity) Layers eligible for sparse math: /l0/fc1/MatMul + /l0/act/Mul, /l0/fc2/MatMul, /l1/fc1/MatMul",
     "(Sparsity) TRT inference plan picked sparse implementation for layers: /l0/fc1/MatMul + /l0/act/Mul",
 ]
-# Modelled on IEngineInspector JSON with ProfilingVerbosity.DETAILED (fields: Name, LayerType, TacticName, ...).
+# MODELLED on IEngineInspector JSON with ProfilingVerbosity.DETAILED (fields: Name, LayerType, TacticName, ...).
 INSPECTOR_JSON = json.dumps(
     {
         "Layers": [
@@ -60,65 +62,183 @@ INSPECTOR_JSON = json.dumps(
         "Bindings": ["x", "y"],
     }
 )
+# CAPTURED from TensorRT-RTX 1.7.1.116 (verbose "Layers:" message, shortened to one layer of each kind).
+RTX_LAYERS = (
+    "Layers:\n"
+    "Name: __mye12909_0_myl0_0, LayerType: shape_call, Inputs: [], Constants: [], Outputs: [], TacticName: , "
+    "StreamId: 0, Metadata: \n"
+    "Name: /layers.0.self_attn.v_proj/MatMul+/layers.0.self_attn.k_proj/MatMul_myl0_3, LayerType: gemm, Inputs: "
+    "[ { Name: __tran23848_myl0, Dimensions: [-1,256], Strides: [256,1], StrideOrder: [1,0], Datatype: Half, "
+    "Format: (Linear) Row major linear format }], Constants: [], Outputs: [], TacticName: __myelin_CASK_STUB, "
+    "StreamId: 0, Metadata: [ONNX Layer: /layers.0.self_attn.v_proj/MatMul]\x1f[ONNX Layer: "
+    "/layers.0.self_attn.k_proj/MatMul]\n"
+    "\nI/O Tensors:\n"
+    " Name: input_ids, IOMode: Input, DataType: Int64, Dimensions: [-1,-1], Location: Device, "
+    "IsShapeInferenceIO: false, ProfileInfo: [ { MinShape: [1,1], OptShape: [4,64], MaxShape: [8,256], "
+    "Format: Row major linear INT64 format (kLINEAR) }]\n"
+    " Name: logits, IOMode: Output, DataType: Float, Dimensions: [-1,-1,256], Location: Device, "
+    "IsShapeInferenceIO: false, ProfileInfo: [ { Format: Row major linear FP32 format (kLINEAR) }]\n"
+    "\nEngine Metadata:\n Multi-Device: Disabled"
+)
+RTX_DEFERRED = "Compiler backend is used during engine execution."
 
 
-# --- pure parsing ------------------------------------------------------------------------------------------
+# --- log parsing -------------------------------------------------------------------------------------------
 
 
 def test_parse_sparsity_log_trtexec_and_ilogger_forms() -> None:
-    log = tb.parse_sparsity_log(TRTEXEC_LOG.splitlines())
+    log = logs.parse_sparsity_log(TRTEXEC_LOG.splitlines())
     assert log.eligible == ("conv1", "conv2", "conv3") and log.picked == ("conv2", "conv3") and log.seen
-    log = tb.parse_sparsity_log(ILOGGER_LOG)
+    log = logs.parse_sparsity_log(ILOGGER_LOG)
     assert log.eligible == ("/l0/fc1/MatMul + /l0/act/Mul", "/l0/fc2/MatMul", "/l1/fc1/MatMul")
     assert log.picked == ("/l0/fc1/MatMul + /l0/act/Mul",)
-    assert tb.parse_sparsity_log(["nothing about sparsity"]) == tb.SparsityLog((), (), False)
+    assert logs.parse_sparsity_log(["nothing about sparsity"]) == logs.SparsityLog((), (), False)
+
+
+def test_sparsity_mentions_are_verbatim_with_severity() -> None:
+    lines = [logs.LogLine("I", text) for text in ILOGGER_LOG] + [logs.LogLine("V", RTX_LAYERS)]
+    lines.append(logs.LogLine("W", "SPARSE_WEIGHTS set but no weight is 2:4"))
+    assert logs.sparsity_mentions(lines) == [
+        f"[I] {ILOGGER_LOG[1]}",
+        f"[I] {ILOGGER_LOG[2]}",
+        "[W] SPARSE_WEIGHTS set but no weight is 2:4",
+    ]
 
 
 def test_parse_inspector_detailed_and_names_only() -> None:
-    layers = tb.parse_inspector_json(INSPECTOR_JSON)
-    assert [layer.sparse for layer in layers] == [True, False, False]
+    layers = logs.parse_inspector_json(INSPECTOR_JSON)
+    assert [layer.sparse_tactic for layer in layers] == [True, False, False]
     assert layers[0].origin == "[ONNX Layer: /l0/fc1/MatMul]"
-    names_only = tb.parse_inspector_json(json.dumps({"Layers": ["a", "b"], "I/O Tensors": []}))
-    assert [(layer.name, layer.sparse) for layer in names_only] == [("a", False), ("b", False)]
+    names_only = logs.parse_inspector_json(json.dumps({"Layers": ["a", "b"], "I/O Tensors": []}))
+    assert [(layer.name, layer.sparse_tactic) for layer in names_only] == [("a", False), ("b", False)]
     with pytest.raises(GraphpruneError, match="not JSON"):
-        tb.parse_inspector_json("{oops")
+        logs.parse_inspector_json("{oops")
+
+
+def test_parse_builder_layers_and_io_from_a_captured_rtx_log() -> None:
+    lines = [logs.LogLine("I", "Layers: not the verbose list"), logs.LogLine("V", RTX_LAYERS)]
+    layers = logs.parse_builder_layers(lines)
+    assert [(layer.name[:9], layer.layer_type, layer.tactic) for layer in layers] == [
+        ("__mye1290", "shape_call", ""),
+        ("/layers.0", "gemm", "__myelin_CASK_STUB"),
+    ]
+    assert layers[1].origin.split("\x1f") == [
+        "[ONNX Layer: /layers.0.self_attn.v_proj/MatMul]",
+        "[ONNX Layer: /layers.0.self_attn.k_proj/MatMul]",
+    ]
+    assert not any(layer.sparse_tactic for layer in layers)
+    io = logs.parse_builder_io(lines)
+    assert [(t.name, t.mode, t.dtype, t.dims) for t in io] == [
+        ("input_ids", "Input", "Int64", (-1, -1)),
+        ("logits", "Output", "Float", (-1, -1, 256)),
+    ]
+    assert io[0].profiles == ({"min": [1, 1], "opt": [4, 64], "max": [8, 256]},)
+    assert io[1].profiles == ()
+
+
+# --- the verdict claims nothing the sources do not say -----------------------------------------------------
+
+
+def test_sparsity_verdict() -> None:
+    none = logs.SparsityLog((), (), False)
+    stub = [logs.LayerInfo("gemm0", "gemm", "__myelin_CASK_STUB", False, "")]
+    assert "dense build" in sparsity_verdict("TensorRT", False, logs.parse_sparsity_log(ILOGGER_LOG), [], "", None)
+    seen = sparsity_verdict("TensorRT", True, logs.parse_sparsity_log(ILOGGER_LOG), [], "", None)
+    assert seen.startswith("builder log: 1 of 3 layers eligible")
+    inspected = logs.parse_inspector_json(INSPECTOR_JSON)
+    assert sparsity_verdict("TensorRT", True, none, inspected, "engine inspector", None).startswith(
+        "1 layers have a sparse tactic (engine inspector)"
+    )
+    deferred = sparsity_verdict("TensorRT-RTX", True, none, stub, "builder log", RTX_DEFERRED)
+    assert f'("{RTX_DEFERRED}")' in deferred and "not known at build time" in deferred
+    assert "none of the 1 layers in the builder log has a sparse tactic" in deferred
+    assert sparsity_verdict("TensorRT", True, none, [], "", None).endswith("no layer is known to run sparse")
+
+
+# --- options, profiles, plans ------------------------------------------------------------------------------
 
 
 def test_parse_shapes() -> None:
-    ranges = tb.parse_shapes(["input_ids:1x16,8x128,32x512", "onnx::Shape_1:1,2,3"])
-    assert ranges["input_ids"] == tb.ShapeRange("input_ids", (1, 16), (8, 128), (32, 512))
+    ranges = parse_shapes(["input_ids:1x16,8x128,32x512", "onnx::Shape_1:1,2,3"])
+    assert ranges["input_ids"] == ShapeRange("input_ids", (1, 16), (8, 128), (32, 512))
     assert ranges["onnx::Shape_1"].opt == (2,)  # names may contain colons
     for bad in ["x", "x:1,2", "x:1x2,1,1", "x:4,2,8", ":1,1,1", "x:1,a,2"]:
         with pytest.raises(GraphpruneError, match="--shapes"):
-            tb.parse_shapes([bad])
+            parse_shapes([bad])
+
+
+def tiny_model(dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """``y = x @ w`` with ``x: [b, 8]`` (one dynamic, one fixed dimension) and ``w`` also listed as an input."""
+    weight = np.zeros((8, 8), np.float16 if dtype == TensorProto.FLOAT16 else np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    model = make_model([node], [tensor("x", dtype, ["b", 8])], [tensor("y", dtype, ["b", 8])], [init(weight, "w")])
+    model.graph.input.append(tensor("w", dtype, [8, 8]))  # an overridable initializer is not a runtime input
+    return model
+
+
+def test_check_profiles_against_the_onnx_inputs() -> None:
+    inputs = model_inputs(tiny_model())
+    assert inputs == {"x": (None, 8)}
+    check_profiles(inputs, parse_shapes(["x:1x8,4x8,16x8"]))
+    cases = {
+        "x:1x16,4x16,16x16": r"dimension 1 is fixed to 8 in the model \(\?x8\), the profile gives 16,16,16",
+        "x:1,4,16": r"rank 1, but the input has rank 2",
+        "y:1x8,1x8,1x8": r"not an input of the model \(inputs: \['x'\]\)",
+    }
+    for spec, message in cases.items():
+        with pytest.raises(GraphpruneError, match=message):
+            check_profiles(inputs, parse_shapes([spec]))
+    with pytest.raises(GraphpruneError, match=r"'x' has dynamic dimensions \(\?x8\).*--shapes x:1x8,1x8,1x8"):
+        check_profiles(inputs, {})
 
 
 @pytest.mark.parametrize(
-    ("version", "precision", "model", "typed", "flags"),
+    ("backend", "version", "precision", "model", "typed", "flags", "computes"),
     [
-        ("10.9.0", "fp16", "fp32", False, ("FP16", "SPARSE_WEIGHTS")),
-        ("10.9.0", "bf16", "fp32", False, ("BF16", "SPARSE_WEIGHTS")),
-        ("10.9.0", "int8-qdq", "int8-qdq", True, ("SPARSE_WEIGHTS",)),
-        ("10.9.0", "fp16", "fp16", True, ("SPARSE_WEIGHTS",)),
-        ("11.1.0", "fp16", "fp16", True, ("SPARSE_WEIGHTS",)),
-        ("11.1.0", "bf16", "bf16", True, ("SPARSE_WEIGHTS",)),
+        ("tensorrt", "10.9.0", None, "fp32", False, ("FP16", "SPARSE_WEIGHTS"), "fp16"),
+        ("tensorrt", "10.9.0", "bf16", "fp32", False, ("BF16", "SPARSE_WEIGHTS"), "bf16"),
+        ("tensorrt", "10.9.0", "int8-qdq", "int8-qdq", True, ("SPARSE_WEIGHTS",), "int8-qdq"),
+        ("tensorrt", "10.9.0", None, "fp16", True, ("SPARSE_WEIGHTS",), "fp16"),
+        ("tensorrt", "11.1.0", "fp16", "fp16", True, ("SPARSE_WEIGHTS",), "fp16"),
+        ("tensorrt", "11.1.0", None, "bf16", True, ("SPARSE_WEIGHTS",), "bf16"),
+        ("tensorrt", "11.1.0", None, "fp32", True, ("SPARSE_WEIGHTS",), "fp32"),
+        ("tensorrt-rtx", "1.7.1.116", None, "fp16", True, ("SPARSE_WEIGHTS",), "fp16"),
+        ("tensorrt-rtx", "1.7.1.116", "fp16", "fp32", True, ("SPARSE_WEIGHTS",), "fp32"),
     ],
 )
-def test_plan_build(version: str, precision: str, model: str, typed: bool, flags: tuple[str, ...]) -> None:
-    plan = tb.plan_build(version, precision, True, model)
-    assert (plan.strongly_typed, plan.flags) == (typed, flags)
-    assert "SPARSE_WEIGHTS" not in tb.plan_build(version, precision, False, model).flags
+def test_plan_build(
+    backend: str,
+    version: str,
+    precision: str | None,
+    model: str,
+    typed: bool,
+    flags: tuple[str, ...],
+    computes: str,
+) -> None:
+    plan = tb.plan_build(BACKENDS[backend], version, precision, True, model, "m.onnx")
+    assert (plan.strongly_typed, plan.flags, plan.precision) == (typed, flags, computes)
+    # Only a strongly typed FP32 build warns, in one line that points to `graphprune convert`.
+    if typed and model == "fp32":
+        (warning,) = plan.warnings
+        assert (
+            "sparse tensor cores need FP16, BF16 or INT8" in warning
+            and "graphprune convert m.onnx --fp16" in warning
+        )
+        assert "\n" not in warning
+    else:
+        assert plan.warnings == ()
+    dense = tb.plan_build(BACKENDS[backend], version, precision, False, model)
+    assert "SPARSE_WEIGHTS" not in dense.flags and dense.warnings == ()
 
 
 def test_plan_build_errors() -> None:
-    with pytest.raises(GraphpruneError, match="graphprune convert MODEL --fp16"):
-        tb.plan_build("11.0.0", "fp16", True, "fp32")
+    trt = BACKENDS["tensorrt"]
     with pytest.raises(GraphpruneError, match="too old"):
-        tb.plan_build("8.6.1", "fp16", True, "fp32")
+        tb.plan_build(trt, "8.6.1", "fp16", True, "fp32")
     with pytest.raises(GraphpruneError, match="already BF16"):
-        tb.plan_build("10.9.0", "fp16", True, "bf16")
+        tb.plan_build(trt, "10.9.0", "fp16", True, "bf16")
     with pytest.raises(GraphpruneError, match="unknown precision"):
-        tb.plan_build("10.9.0", "fp8", True, "fp32")
+        tb.plan_build(BACKENDS["tensorrt-rtx"], "1.7", "fp8", True, "fp32")
 
 
 def test_check_sparse_gpu() -> None:
@@ -127,221 +247,111 @@ def test_check_sparse_gpu() -> None:
         tb.check_sparse_gpu("Tesla T4", (7, 5))
 
 
-# --- TensorRT missing --------------------------------------------------------------------------------------
+# --- writing: all or nothing -------------------------------------------------------------------------------
+
+
+def test_commit_writes_all_files_or_none(tmp_path: Path) -> None:
+    engine, report = tmp_path / "m.engine", tmp_path / "m.engine.json"
+    outputs.commit({engine: b"ENGINE", report: b"{}"})
+    assert engine.read_bytes() == b"ENGINE" and report.read_bytes() == b"{}"
+    # The second file's folder does not exist: the first must keep its old content, no temporary may remain.
+    with pytest.raises(GraphpruneError, match="cannot write"):
+        outputs.commit({engine: b"NEW", tmp_path / "missing" / "m.json": b"{}"})
+    assert engine.read_bytes() == b"ENGINE"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json"]
+
+
+def test_check_writable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(GraphpruneError, match="cannot write"):
+        outputs.check_writable(tmp_path / "file" / "m.engine", force=False)
+    with pytest.raises(GraphpruneError, match="exists; pass --force"):
+        outputs.check_writable(tmp_path / "file", force=False)
+    with pytest.raises(GraphpruneError, match="is a directory"):
+        outputs.check_writable(tmp_path, force=True)
+    outputs.check_writable(tmp_path / "new" / "m.engine", force=False)
+    assert list((tmp_path / "new").iterdir()) == []  # the probe leaves nothing behind
+
+
+# --- no TensorRT at all ------------------------------------------------------------------------------------
 
 
 def test_missing_tensorrt_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
-    with pytest.raises(GraphpruneError, match="TensorRT is not installed"):
-        tb.import_tensorrt()
+    for module in ("tensorrt", "tensorrt_rtx_bindings"):
+        monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(GraphpruneError, match="no TensorRT is installed"):
+        load_backend()
+    with pytest.raises(
+        GraphpruneError, match=r'TensorRT-RTX is not installed.*pip install "graphprune\[trt-rtx\]"'
+    ):
+        load_backend("tensorrt-rtx")
+    with pytest.raises(GraphpruneError, match="unknown --backend 'trt'"):
+        load_backend("trt")
     onnx.save_model(tiny_model(), str(tmp_path / "m.onnx"))
     result = CliRunner().invoke(app, ["build", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.engine")])
     assert result.exit_code == 2
-    assert result.output.strip().startswith("error: TensorRT is not installed")
+    assert result.output.strip().startswith("error: no TensorRT is installed")
     assert len(result.output.strip().splitlines()) == 1  # one line, no traceback
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-# --- option plumbing with a fake tensorrt (NOT evidence that an engine builds) -----------------------------
+def test_default_backend_prefers_full_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the import order is under test: a bare STAND-IN module named ``tensorrt`` (full TensorRT cannot be
+    installed here), then none, then TensorRT-RTX's real module, if installed."""
+    stand_in = types.ModuleType("tensorrt")
+    stand_in.__version__ = "10.9.0"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in)
+    loaded = load_backend()
+    assert (loaded.backend.name, loaded.trt, loaded.label) == ("tensorrt", stand_in, "TensorRT 10.9.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    if importlib.util.find_spec("tensorrt_rtx_bindings") is not None:
+        assert load_backend().backend.name == "tensorrt-rtx"
 
 
-def tiny_model(dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
-    weight = np.zeros((8, 8), np.float16 if dtype == TensorProto.FLOAT16 else np.float32)
-    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
-    return make_model([node], [tensor("x", dtype, ["b", 8])], [tensor("y", dtype, ["b", 8])], [init(weight, "w")])
+# --- the CLI's sparsity table, from a MODELLED full-TensorRT report (no build on this machine logs these) ------
 
 
-def fake_tensorrt(version: str = "10.9.0", parse_ok: bool = True) -> tuple[types.ModuleType, dict[str, Any]]:
-    """A stand-in exposing the names build_engine uses, recording what it is asked to do."""
-    seen: dict[str, Any] = {"flags": [], "profiles": [], "pool": None, "cache_in": None, "network_flags": None}
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.BuilderFlag = enum.Enum("BuilderFlag", "FP16 BF16 INT8 SPARSE_WEIGHTS")
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1})
-    trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
-    trt.ProfilingVerbosity = enum.Enum("ProfilingVerbosity", "LAYER_NAMES_ONLY DETAILED NONE")
-    trt.LayerInformationFormat = enum.Enum("LayerInformationFormat", "ONELINE JSON")
-
-    class ILogger:
-        Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
-
-        def __init__(self) -> None:
-            pass
-
-    trt.ILogger = ILogger
-
-    class Input:
-        def __init__(self, name: str, shape: tuple[int, ...]) -> None:
-            self.name, self.shape = name, shape
-
-    class Network:
-        num_inputs = 1
-
-        def get_input(self, i: int) -> Input:
-            return Input("x", (-1, 8))
-
-    class Profile:
-        def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
-            seen["profiles"].append((name, lo, opt, hi))
-
-    class Cache:
-        def __init__(self, data: bytes) -> None:
-            self.data = data
-
-        def serialize(self) -> bytes:
-            return b"cache:" + self.data
-
-    class Config:
-        profiling_verbosity = None
-
-        def set_flag(self, flag: Any) -> None:
-            seen["flags"].append(flag.name)
-
-        def set_memory_pool_limit(self, pool: Any, size: int) -> None:
-            seen["pool"] = (pool.name, size)
-
-        def add_optimization_profile(self, profile: Profile) -> None:
-            seen["profile_added"] = True
-
-        def create_timing_cache(self, data: bytes) -> Cache:
-            seen["cache_in"] = data
-            return Cache(data)
-
-        def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> None:
-            self.cache = cache
-
-        def get_timing_cache(self) -> Cache:
-            return self.cache
-
-    class Builder:
-        def __init__(self, logger: Any) -> None:
-            self.logger = logger
-
-        def create_network(self, flags: int) -> Network:
-            seen["network_flags"] = flags
-            return Network()
-
-        def create_builder_config(self) -> Config:
-            seen["config"] = config = Config()
-            return config
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def build_serialized_network(self, network: Network, config: Config) -> bytes:
-            seen["verbosity"] = config.profiling_verbosity.name
-            for line in ILOGGER_LOG:
-                self.logger.log(ILogger.Severity.INFO, line)
-            self.logger.log(ILogger.Severity.WARNING, "modelled warning")
-            self.logger.log(ILogger.Severity.VERBOSE, "dropped")
-            return b"ENGINE"
-
-    class Error:
-        def desc(self) -> str:
-            return "modelled parser error"
-
-    class OnnxParser:
-        num_errors = 1
-
-        def __init__(self, network: Network, logger: Any) -> None:
-            pass
-
-        def parse_from_file(self, path: str) -> bool:
-            seen["parsed"] = path
-            return parse_ok
-
-        def get_error(self, i: int) -> Error:
-            return Error()
-
-    class Inspector:
-        def get_engine_information(self, fmt: Any) -> str:
-            return INSPECTOR_JSON
-
-    class Engine:
-        def create_engine_inspector(self) -> Inspector:
-            return Inspector()
-
-    class Runtime:
-        def __init__(self, logger: Any) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, data: bytes) -> Engine:
-            return Engine()
-
-    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
-    return trt, seen
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch):
-    def install(version: str = "10.9.0", parse_ok: bool = True, capability: tuple[int, int] = (9, 0)):
-        trt, seen = fake_tensorrt(version, parse_ok)
-        monkeypatch.setitem(sys.modules, "tensorrt", trt)
-        monkeypatch.setattr(tb, "cuda_compute_capability", lambda device=0: ("Fake GPU", capability))
-        return seen
-
-    return install
-
-
-def test_fake_build_plumbs_every_option(fake, tmp_path: Path) -> None:
-    seen = fake()
-    source, engine, cache = tmp_path / "m.onnx", tmp_path / "out" / "m.engine", tmp_path / "trt.cache"
-    onnx.save_model(tiny_model(), str(source))
-    cache.write_bytes(b"old")
-    report = tb.build_engine(source, engine, "fp16", True, ["x:1x8,4x8,16x8"], cache, 2.0)
-    assert seen["flags"] == ["FP16", "SPARSE_WEIGHTS"] and seen["network_flags"] == 0
-    assert seen["profiles"] == [("x", (1, 8), (4, 8), (16, 8))] and seen["profile_added"]
-    assert seen["pool"] == ("WORKSPACE", 2 * (1 << 30))
-    assert seen["verbosity"] == "DETAILED"
-    assert seen["cache_in"] == b"old" and cache.read_bytes() == b"cache:old"
-    assert engine.read_bytes() == b"ENGINE"
-    saved = json.loads(tb.report_path(engine).read_text())
-    assert saved["eligible_layers"] == report.eligible_layers == list(tb.parse_sparsity_log(ILOGGER_LOG).eligible)
-    assert saved["sparse_layers"] == ["/l0/fc1/MatMul + /l0/act/Mul"]
-    assert [layer["sparse"] for layer in saved["layers"]] == [True, False, False]
-    assert saved["warnings"] == ["modelled warning"]
-
-
-def test_fake_trt11_needs_a_half_onnx(fake, tmp_path: Path) -> None:
-    seen = fake("11.0.0")
-    source = tmp_path / "m.onnx"
-    onnx.save_model(tiny_model(), str(source))
-    with pytest.raises(GraphpruneError, match="strongly typed"):
-        tb.build_engine(source, tmp_path / "m.engine", "fp16", True, ["x:1x8,4x8,16x8"])
-    onnx.save_model(tiny_model(TensorProto.FLOAT16), str(source))
-    tb.build_engine(source, tmp_path / "m.engine", "fp16", True, ["x:1x8,4x8,16x8"])
-    assert seen["flags"] == ["SPARSE_WEIGHTS"] and seen["network_flags"] == 2  # 1 << STRONGLY_TYPED
-
-
-def test_fake_build_errors_are_one_line(fake, tmp_path: Path) -> None:
-    source = tmp_path / "m.onnx"
-    onnx.save_model(tiny_model(), str(source))
-    fake()
-    with pytest.raises(GraphpruneError, match="dynamic dimensions") as missing:
-        tb.build_engine(source, tmp_path / "m.engine")
-    assert "\n" not in str(missing.value)
-    with pytest.raises(GraphpruneError, match="not an input"):
-        tb.build_engine(source, tmp_path / "m.engine", shapes=["y:1x8,1x8,1x8"])
-    fake(parse_ok=False)
-    with pytest.raises(GraphpruneError, match="modelled parser error"):
-        tb.build_engine(source, tmp_path / "m.engine", shapes=["x:1x8,4x8,16x8"])
-    fake(capability=(7, 5))
-    with pytest.raises(GraphpruneError, match=r"compute capability 7\.5"):
-        tb.build_engine(source, tmp_path / "m.engine", shapes=["x:1x8,4x8,16x8"])
-
-
-def test_cli_build_prints_the_sparse_table(fake, tmp_path: Path) -> None:
-    fake()
-    source = tmp_path / "m.onnx"
-    onnx.save_model(tiny_model(), str(source))
-    args = ["build", str(source), "-o", str(tmp_path / "m.engine"), "--shapes", "x:1x8,4x8,16x8"]
-    result = CliRunner().invoke(app, args)
+def test_cli_renders_full_tensorrt_sparsity_lines_modelled(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    log = logs.parse_sparsity_log(ILOGGER_LOG)
+    layers = logs.parse_inspector_json(INSPECTOR_JSON)
+    report = BuildReport(
+        onnx="m.onnx",
+        engine=str(tmp_path / "m.engine"),
+        engine_bytes=2 << 20,
+        backend="tensorrt",
+        product="TensorRT",
+        version="10.9.0",
+        gpu="modelled GPU (sm_90)",
+        precision="fp16",
+        strongly_typed=True,
+        flags=["SPARSE_WEIGHTS"],
+        profiles=[],
+        build_seconds=1.0,
+        parser={"onnx_nodes": 3, "network_layers": 3},
+        sparsity=Sparsity(
+            True,
+            [f"[I] {line}" for line in ILOGGER_LOG[1:]],
+            list(log.eligible),
+            list(log.picked),
+            ["/l0/fc1/MatMul + /l0/act/Mul"],
+            sparsity_verdict("TensorRT", True, log, layers, "engine inspector", None),
+        ),
+        layers_source="engine inspector",
+    )
+    monkeypatch.setattr(tb, "build_engine", lambda *args, **kwargs: report)
+    result = CliRunner().invoke(app, ["build", "m.onnx", "-o", str(tmp_path / "m.engine")], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "1 of 3 eligible layers run sparse" in result.output
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 2 and "--force" in again.output
+    rows = [line for line in result.output.splitlines() if "/MatMul" in line]
+    assert len(rows) == 3
+    assert "yes" in rows[0].split("│")[-2] and "dense faster" in rows[1] and "dense faster" in rows[2]
+    assert "sparsity: builder log: 1 of 3 layers eligible for sparse math picked a sparse implementation" in (
+        result.output
+    )
 
 
-# --- real TensorRT / GPU -----------------------------------------------------------------------------------
+# --- full TensorRT on a GPU (not available to this project: skipped) ---------------------------------------
 
 
 def _has_cuda_driver() -> bool:
@@ -376,5 +386,17 @@ def test_real_tensorrt_build_reports_sparse_layers(tmp_path: Path) -> None:
         [init(weight, "w")],
     )
     onnx.save_model(model, str(tmp_path / "m.onnx"))
-    report = tb.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", "fp16", True)
-    assert report.eligible_layers, "TensorRT found no layer eligible for sparse math"
+    report = tb.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", backend="tensorrt")
+    assert report.sparsity.eligible_layers, "TensorRT found no layer eligible for sparse math"
+    assert set(report.sparsity.sparse_layers) <= set(report.sparsity.eligible_layers)
+    assert report.layers_source == "engine inspector"
+
+
+@pytest.mark.skipif(tb.has_cuda_gpu(), reason="a GPU is present: bench would run")
+def test_bench_tensorrt_without_a_gpu_is_one_line_before_building(tmp_path: Path) -> None:
+    onnx.save_model(tiny_model(), str(tmp_path / "m.onnx"))
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "m.onnx"), "--backend", "tensorrt-rtx"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: timing engines needs an NVIDIA GPU and its driver (none found here); `graphprune build` does not"
+    ]

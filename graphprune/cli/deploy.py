@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from graphprune.cli.app import app, console, user_errors
@@ -67,19 +68,28 @@ def convert(
 def build(
     model: Annotated[Path, typer.Argument(help="ONNX model to build, e.g. model.fp16.onnx.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Engine file to write, e.g. -o model.engine.")],
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="tensorrt (TensorRT 10/11: builds on the GPU it targets) or tensorrt-rtx (TensorRT for RTX: "
+            'builds ahead of time without a GPU; pip install "graphprune\\[trt-rtx]"), '
+            "e.g. --backend tensorrt-rtx. Default: whichever is installed, TensorRT first."
+        ),
+    ] = None,
     precision: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Math precision: fp16, bf16 or int8-qdq (a model with Q/DQ nodes), e.g. --precision fp16. "
-            "TensorRT 10 sets builder flags for an FP32 model; TensorRT 11 takes it from the ONNX file, "
-            "so convert first (graphprune convert --fp16)."
+            "Default: what the ONNX file holds. Only TensorRT 10 can lower an FP32 file with builder flags "
+            "(fp16 by default); TensorRT 11 and TensorRT-RTX take precision from the file, so convert first "
+            "(graphprune convert --fp16)."
         ),
-    ] = "fp16",
+    ] = None,
     sparse: Annotated[
         bool,
         typer.Option(
             "--sparse/--no-sparse",
-            help="Set TensorRT's SPARSE_WEIGHTS flag so 2:4 layers may use sparse kernels, e.g. --no-sparse "
+            help="Set the SPARSE_WEIGHTS builder flag so 2:4 layers may use sparse kernels, e.g. --no-sparse "
             "for the dense baseline.",
         ),
     ] = True,
@@ -93,7 +103,8 @@ def build(
     timing_cache: Annotated[
         Path | None,
         typer.Option(
-            help="Timing cache to load if present and save after the build, e.g. --timing-cache trt.cache."
+            help="Timing cache to load if present and save after the build, e.g. --timing-cache trt.cache "
+            "(TensorRT only: TensorRT-RTX has none, the option is ignored with a warning)."
         ),
     ] = None,
     workspace: Annotated[
@@ -101,35 +112,45 @@ def build(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists, e.g. --force.")] = False,
 ) -> None:
-    """Build a TensorRT engine with sparse weights and show which layers really run sparse.
+    """Build a TensorRT or TensorRT-RTX engine with sparse weights and report what the builder said about sparsity.
 
-    The report (eligible layers and those that picked a sparse kernel, from the build log and the engine
-    inspector) is printed and saved beside the engine as <engine>.json.
+    The report (backend and version, profiles, the builder's sparsity lines verbatim, each engine layer's tactic
+    where the builder or the engine inspector names it) is saved beside the engine as <engine>.json. No layer is
+    called sparse unless a log line or a tactic name says so: TensorRT-RTX chooses kernels when the engine is
+    loaded on the user's GPU, so its build cannot say which layers will run sparse. Engine and report are written
+    together at the end, or not at all.
 
-    Example: graphprune build model.fp16.onnx -o model.engine --shapes input_ids:1x16,8x128,32x512
+    Example: graphprune build model.fp16.onnx -o model.engine --backend tensorrt-rtx
+    --shapes input_ids:1x16,8x128,32x512 --shapes attention_mask:1x16,8x128,32x512
     """
     from graphprune.tensorrt.build import build_engine
 
-    if output.exists() and not force:
-        raise GraphpruneError(f"{output} exists; pass --force to overwrite it")
-    report = build_engine(model, output, precision, sparse, shapes or [], timing_cache, workspace)
-    table = Table(title=f"TensorRT {report.tensorrt} on {report.gpu}: {report.note}")
-    table.add_column("layer (TensorRT)", overflow="fold")
-    table.add_column("eligible for sparse math")
-    table.add_column("sparse kernel picked")
-    picked = set(report.sparse_layers)
-    for layer in report.eligible_layers:
-        table.add_row(
-            layer, "yes", "[green]yes[/green]" if layer in picked else "[yellow]no (dense faster)[/yellow]"
-        )
-    console.print(table)
-    console.print(
-        f"wrote {output} in {report.build_seconds:.1f} s: {len(report.sparse_layers)} of "
-        f"{len(report.eligible_layers)} eligible layers run sparse; report in {output}.json",
-        highlight=False,
+    report = build_engine(
+        model, output, precision, sparse, shapes or [], timing_cache, workspace, backend=backend, force=force
     )
-    if sparse and not report.eligible_layers:
-        console.print("[yellow]no layer was eligible for sparse math: run `graphprune check` to see why[/yellow]")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
+    facts = report.sparsity
+    if facts.eligible_layers:
+        table = Table(title=f"{report.product} {report.version} on {report.gpu}: {report.note}")
+        table.add_column("layer", overflow="fold")
+        table.add_column("eligible for sparse math")
+        table.add_column("sparse kernel picked")
+        picked = set(facts.sparse_layers)
+        for layer in facts.eligible_layers:
+            table.add_row(
+                escape(layer),
+                "yes",
+                "[green]yes[/green]" if layer in picked else "[yellow]no (dense faster)[/yellow]",
+            )
+        console.print(table)
+    console.print(f"sparsity: {escape(facts.verdict)}", highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {output} ({report.engine_bytes / 2**20:.1f} MiB) in {report.build_seconds:.1f} s with "
+        f"{report.product} {report.version}; report in {output}.json",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -140,7 +161,7 @@ def bench(
         str,
         typer.Option(
             help="torch: dense vs 2:4 GEMM per pruned weight with PyTorch semi-structured sparse tensors (no "
-            "TensorRT needed); tensorrt: dense vs sparse engine latency. E.g. --backend torch."
+            "TensorRT needed); tensorrt or tensorrt-rtx: dense vs sparse engine latency. E.g. --backend torch."
         ),
     ] = "torch",
     tokens: Annotated[
@@ -157,7 +178,10 @@ def bench(
             "--shapes input_ids:1x128,8x128,8x128."
         ),
     ] = None,
-    precision: Annotated[str, typer.Option(help="tensorrt backend: fp16, bf16 or int8-qdq.")] = "fp16",
+    precision: Annotated[
+        str | None,
+        typer.Option(help="tensorrt backends: fp16, bf16 or int8-qdq (default: what the ONNX file holds)."),
+    ] = None,
     iterations: Annotated[
         int, typer.Option(help="Timed repetitions per measurement, e.g. --iterations 100.")
     ] = 100,
@@ -170,10 +194,10 @@ def bench(
         raise GraphpruneError(f"--iterations must be positive, got {iterations}")
     if backend == "torch":
         _bench_torch(model, tokens, cutlass, iterations)
-    elif backend == "tensorrt":
-        _bench_tensorrt(model, shapes or [], precision, iterations)
+    elif backend in ("tensorrt", "tensorrt-rtx"):
+        _bench_tensorrt(model, backend, shapes or [], precision, iterations)
     else:
-        raise GraphpruneError(f"unknown --backend {backend!r}: choose torch or tensorrt")
+        raise GraphpruneError(f"unknown --backend {backend!r}: choose torch, tensorrt or tensorrt-rtx")
 
 
 def _bench_torch(model: Path, tokens: str, cutlass: bool, iterations: int) -> None:
@@ -195,17 +219,26 @@ def _bench_torch(model: Path, tokens: str, cutlass: bool, iterations: int) -> No
     typer.echo(markdown_table(results))
 
 
-def _bench_tensorrt(model: Path, shapes: list[str], precision: str, iterations: int) -> None:
-    from graphprune.tensorrt.build import build_engine, time_engine
+def _bench_tensorrt(model: Path, backend: str, shapes: list[str], precision: str | None, iterations: int) -> None:
+    from graphprune.tensorrt.build import build_engine, has_cuda_gpu
+    from graphprune.tensorrt.run import time_engine
 
+    if not has_cuda_gpu():
+        raise GraphpruneError(
+            "timing engines needs an NVIDIA GPU and its driver (none found here); `graphprune build` does not"
+        )
     with tempfile.TemporaryDirectory(prefix="graphprune-bench-") as tmp:
         timings = {}
         for sparse in (False, True):
             engine = Path(tmp) / f"{'sparse' if sparse else 'dense'}.engine"
-            build_engine(model, engine, precision, sparse, shapes, Path(tmp) / "timing.cache")
-            timings[sparse] = time_engine(engine, shapes, iterations)
+            report = build_engine(
+                model, engine, precision, sparse, shapes, Path(tmp) / "timing.cache", backend=backend
+            )
+            timings[sparse] = time_engine(engine, shapes, iterations, backend=backend)
     dense, sparse_t = timings[False], timings[True]
-    table = Table(title=f"{model.name}: dense vs sparse TensorRT engine ({precision})")
+    table = Table(
+        title=f"{model.name}: dense vs sparse {report.product} {report.version} engine ({report.precision})"
+    )
     for column in ("engine", "median ms", "p90 ms", "items/s"):
         table.add_column(column)
     for label, t in (("dense", dense), ("sparse", sparse_t)):

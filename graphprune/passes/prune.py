@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -116,7 +117,8 @@ class PrunePass(ir.passes.InPlacePass):
     With ``defer=True`` nothing is computed yet: each target's tensor becomes an ``ir.LazyTensor`` that reads,
     prunes and checks the weight when it is written (``save_model`` writes one tensor at a time), so a model
     with external data is pruned with one weight in memory at a time; the reports' sparsities are filled in
-    as the weights are written, and the post-condition is checked per weight at that moment.
+    as the weights are written, and the post-condition is checked per weight at that moment. ``on_weight`` is
+    then called as each weight is written (from the writer's threads, one call at a time).
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class PrunePass(ir.passes.InPlacePass):
         self.given_plan = plan
         self.defer = defer
         self._pruned: list[Target] = []
+        self._callback_lock = threading.Lock()
 
     def plan(self, model: ir.Model) -> Plan:
         """The targets this pass will prune and the weights it will leave, without touching the model."""
@@ -165,6 +168,7 @@ class PrunePass(ir.passes.InPlacePass):
             )
 
     def call(self, model: ir.Model) -> PruneResult:
+        self._pruned = []
         targets, skips = self.given_plan or self.plan(model)
         self.check_statistics(targets)  # statistics that don't match fail before any weight changes
         reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
@@ -228,7 +232,8 @@ class PrunePass(ir.passes.InPlacePass):
             if isinstance(pattern, NMPattern) and _groups_over(nonzero, target.k_axis, pattern):
                 raise PassPostconditionError(f"weight {target.name} breaks {pattern} along K after pruning")
             if self.on_weight:
-                self.on_weight(target.name)
+                with self._callback_lock:  # the model's writer may evaluate two weights at once
+                    self.on_weight(target.name)
             return weight.tensor(values)
 
         replace_tensor(stored[target.name], ir.LazyTensor(pruned, source.dtype, source.shape, name=source.name))

@@ -331,7 +331,8 @@ def _groups_over(nonzero: np.ndarray, k_axis: int, pattern: NMPattern) -> int:
     layout (no transposed copy: this runs on every weight a streaming apply writes)."""
     shape = nonzero.shape
     grouped = nonzero.reshape(*shape[:k_axis], shape[k_axis] // pattern.group, pattern.group, *shape[k_axis + 1 :])
-    return int(np.count_nonzero(np.count_nonzero(grouped, axis=k_axis + 1) > pattern.keep))
+    counter = np.uint8 if pattern.group < 256 else np.uint32  # a narrow sum is fast; M > 255 needs more bits
+    return int(np.count_nonzero(np.add.reduce(grouped, axis=k_axis + 1, dtype=counter) > pattern.keep))
 
 
 def _row_chunks(target: Target, pattern: Pattern) -> list[tuple[slice, ...]]:

@@ -7,8 +7,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphprune.algorithms.layout import from_canonical, to_canonical
-from graphprune.algorithms.masks import keep_top, mask_from_scores, nm_violations
+from graphprune.algorithms.masks import TIE_SEED, keep_top, mask_from_scores, nm_violations
 from graphprune.algorithms.pattern import NMPattern, Scope, Unstructured
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(value: int) -> int:
+    """The documented tie key, written independently with Python integers."""
+    z = (value + TIE_SEED) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def reference_keep(scores: np.ndarray, flat_index: np.ndarray, count: int) -> np.ndarray:
+    """Per row, the ``count`` largest scores, equal scores ordered by the larger tie key."""
+    keep = np.zeros(scores.shape, dtype=bool)
+    for row in range(scores.shape[0]):
+        order = sorted(
+            range(scores.shape[1]), key=lambda j: (-scores[row, j], -splitmix64(int(flat_index[row, j])))
+        )
+        keep[row, order[:count]] = True
+    return keep
 
 
 @st.composite
@@ -37,11 +58,9 @@ def test_nm_keeps_exactly_n_per_group_and_the_highest_scores(case: tuple[np.ndar
     kept_min = np.where(groups_mask, groups, np.inf).min(axis=1)
     dropped_max = np.where(groups_mask, -np.inf, groups).max(axis=1)
     assert (kept_min >= dropped_max).all()
-    # the documented tie rule: a stable sort by descending score keeps the earliest of equal scores
-    order = np.argsort(-groups, axis=1, kind="stable")[:, : pattern.keep]
-    expected = np.zeros_like(groups_mask)
-    np.put_along_axis(expected, order, True, axis=1)
-    np.testing.assert_array_equal(groups_mask, expected)
+    # the documented tie rule: equal scores are ordered by the tie key of their flat position
+    index = np.arange(scores.size).reshape(groups.shape)
+    np.testing.assert_array_equal(groups_mask, reference_keep(groups, index, pattern.keep))
 
 
 @given(
@@ -58,15 +77,16 @@ def test_unstructured_prunes_the_exact_count_per_group(
 ) -> None:
     scores = np.random.default_rng(seed).integers(0, levels, size=(rows, k)).astype(np.float32)
     mask = mask_from_scores(scores, Unstructured(sparsity, scope))
-    groups = {Scope.OUTPUT: (scores, mask), Scope.LAYER: (scores.reshape(1, -1), mask.reshape(1, -1))}
-    groups[Scope.INPUT] = (scores.T, mask.T)
-    s, m = groups[scope]
+    index = np.arange(scores.size).reshape(scores.shape)
+    groups = {
+        Scope.OUTPUT: (scores, mask, index),
+        Scope.LAYER: (scores.reshape(1, -1), mask.reshape(1, -1), index.reshape(1, -1)),
+        Scope.INPUT: (scores.T, mask.T, index.T),
+    }
+    s, m, i = groups[scope]
     n = s.shape[1]
     assert (m.sum(axis=1) == n - int(n * sparsity)).all()
-    order = np.argsort(-s, axis=1, kind="stable")[:, : n - int(n * sparsity)]
-    expected = np.zeros_like(m)
-    np.put_along_axis(expected, order, True, axis=1)
-    np.testing.assert_array_equal(m, expected)
+    np.testing.assert_array_equal(m, reference_keep(s, i, n - int(n * sparsity)))
 
 
 def test_nan_scores_are_pruned_first() -> None:

@@ -132,7 +132,10 @@ def test_saved_gram_matrices_serve_a_sparsegpt_prune(tmp_path) -> None:
     assert refused.exit_code == 2 and "Gram" in refused.output  # Σx² alone is not enough for SparseGPT
 
     assert (
-        runner.invoke(app, ["calibrate", str(path), "--calib", calib, "-o", stats, "--gram", "-q"]).exit_code == 0
+        runner.invoke(
+            app, ["calibrate", str(path), "--calib", calib, "-o", stats, "--gram", "-q", "--force"]
+        ).exit_code
+        == 0
     )
     from_stats = runner.invoke(app, [*base, "--stats", stats, "-o", str(tmp_path / "b.onnx")])
     assert from_stats.exit_code == 0, from_stats.output

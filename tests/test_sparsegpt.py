@@ -217,12 +217,13 @@ def test_float32_in_float32_out() -> None:
     assert sparsegpt(w.astype(np.float32), h, Unstructured(0.5, Scope.LAYER)).dtype == np.float32
 
 
-def test_tie_rule_keeps_earlier_positions() -> None:
+def test_tie_rules() -> None:
     # H = I: every saliency denominator is equal and the OBS updates vanish, so only the tie rule decides.
     w = np.ones((3, 8))
     h = np.eye(8)
     _, keep = sparsegpt_with_mask(w, h, NMPattern(2, 4))
-    np.testing.assert_array_equal(keep, np.tile([True, True, False, False], (3, 2)))
+    # N:M: each group's ties follow the masks' tie keys of the (rows, M) slice the solver masks at a time
+    np.testing.assert_array_equal(keep, np.tile(mask_from_scores(np.ones((3, 4)), NMPattern(2, 4)), (1, 2)))
     _, keep = sparsegpt_with_mask(w, h, Unstructured(0.5, Scope.OUTPUT))
     np.testing.assert_array_equal(keep, np.tile([True] * 4 + [False] * 4, (3, 1)))
     _, keep = sparsegpt_with_mask(w, h, Unstructured(0.5, Scope.LAYER))

@@ -56,4 +56,4 @@ def test_a_broken_mask_fails_while_writing_and_leaves_nothing(
     monkeypatch.setattr(prune_module, "nm_mask", lambda scores, pattern, axis=-1: np.ones(scores.shape, bool))
     with pytest.raises(GraphpruneError, match="breaks 2:4"):
         prune_file(source, CONFIGS[0], tmp_path / "out" / "pruned.onnx")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nothing: the writer also removes the folder it created for it

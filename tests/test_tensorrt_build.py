@@ -254,9 +254,11 @@ def test_commit_writes_all_files_or_none(tmp_path: Path) -> None:
     engine, report = tmp_path / "m.engine", tmp_path / "m.engine.json"
     outputs.commit({engine: b"ENGINE", report: b"{}"})
     assert engine.read_bytes() == b"ENGINE" and report.read_bytes() == b"{}"
-    # The second file's folder does not exist: the first must keep its old content, no temporary may remain.
-    with pytest.raises(GraphpruneError, match="cannot write"):
-        outputs.commit({engine: b"NEW", tmp_path / "missing" / "m.json": b"{}"})
+    # The second file cannot be written: the first must keep its old content, no temporary may remain.
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(GraphpruneError, match="is a directory"):
+        outputs.commit({engine: b"NEW", tmp_path / "taken": b"{}"})
+    (tmp_path / "taken").rmdir()
     assert engine.read_bytes() == b"ENGINE"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json"]
 
@@ -270,7 +272,7 @@ def test_check_writable(tmp_path: Path) -> None:
     with pytest.raises(GraphpruneError, match="is a directory"):
         outputs.check_writable(tmp_path, force=True)
     outputs.check_writable(tmp_path / "new" / "m.engine", force=False)
-    assert list((tmp_path / "new").iterdir()) == []  # the probe leaves nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe leaves nothing behind
 
 
 # --- no TensorRT at all ------------------------------------------------------------------------------------

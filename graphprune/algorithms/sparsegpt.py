@@ -25,9 +25,10 @@ Mask selection
   ``Scope.INPUT``) of n weights loses ``int(n · s)`` of them, as :mod:`~graphprune.algorithms.masks` counts,
   spread over the blocks by the cumulative rule ``c(i) = ⌊n_prune · i / K⌋`` (the block ``[i1, i2)`` prunes
   ``c(i2) - c(i1)``), so the layer ends with exactly the same number of zeros as a one-shot mask would.
-* Tie rule (that of :mod:`~graphprune.algorithms.masks`): among equal saliencies the earlier one is kept, i.e.
-  the later position is pruned first — in row-major order of the block for ``Scope.LAYER``, along K for
-  ``Scope.OUTPUT`` and N:M, along the rows for ``Scope.INPUT``.
+* Tie rules: N:M follows :mod:`~graphprune.algorithms.masks` (tie keys of the positions in the ``(rows, M)``
+  slice being masked); unstructured keeps the earlier of equal saliencies, i.e. the later position is pruned
+  first — in row-major order of the block for ``Scope.LAYER``, along K for ``Scope.OUTPUT``, along the rows
+  for ``Scope.INPUT`` (continuous saliencies rarely tie).
 """
 
 from __future__ import annotations

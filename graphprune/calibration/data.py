@@ -6,6 +6,7 @@ maps model input names to arrays. :func:`open_source` picks the source for what 
 
 from __future__ import annotations
 
+import contextlib
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -58,16 +59,23 @@ class NpzSource(Source):
         super().__init__()
         self.path = path
         self.batch_size = _check_batch_size(batch_size)
-        with zipfile.ZipFile(path) as zf:
-            headers = {}
+        headers = {}
+        with _archive(path) as zf:
             for member in _npy_members(zf, path):
                 with zf.open(member) as fp:
-                    headers[member[:-4]] = _read_header(fp, path, member)[0]
+                    shape, _, dtype = _read_header(fp, path, member)
+                    need = fp.tell() + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+                size = zf.getinfo(member).file_size
+                if size != need:  # a cut-off (or padded) member, found before any work rather than mid-run
+                    state = "truncated" if size < need else "longer than its header says"
+                    detail = f"{size} bytes, shape {list(shape)} needs {need}"
+                    raise GraphpruneError(f"{path}: array {member[:-4]!r} is {state} ({detail})")
+                headers[member[:-4]] = shape
         self.total = _common_length(headers, str(path))
 
     def __iter__(self) -> Iterator[Labelled]:
         assert self.total is not None
-        with zipfile.ZipFile(self.path) as zf:
+        with _archive(self.path) as zf:
             readers = {m[:-4]: _RowReader(zf.open(m), self.path, m) for m in _npy_members(zf, self.path)}
             try:
                 for start in range(0, self.total, self.batch_size):
@@ -92,8 +100,8 @@ class NpzDirSource(Source):
             try:
                 with np.load(f, allow_pickle=False) as z:
                     feed = {k: z[k] for k in z.files}
-            except (OSError, ValueError, zipfile.BadZipFile) as exc:
-                raise GraphpruneError(f"cannot read calibration file {f}: {exc}") from None
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                raise GraphpruneError(f"cannot read calibration file {f}: {_reason(exc)}") from None
             yield f.name, feed
 
 
@@ -182,6 +190,23 @@ def _common_length(shapes: Mapping[str, tuple[int, ...]], origin: str) -> int:
     return n
 
 
+@contextlib.contextmanager
+def _archive(path: Path) -> Iterator[zipfile.ZipFile]:
+    """The .npz as a zip archive; anything unreadable in it (not a zip, a bad CRC) is one line."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            yield zf
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise GraphpruneError(f"cannot read {path}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, zipfile.BadZipFile) or "pickle" in text:  # numpy's words for "not an .npz"
+        return f"not a valid .npz archive ({text})" if "pickle" not in text else "not a valid .npz archive"
+    return text
+
+
 def _npy_members(zf: zipfile.ZipFile, path: Path) -> list[str]:
     members = [m for m in zf.namelist() if m.endswith(".npy")]
     if not members:
@@ -206,7 +231,7 @@ class _RowReader:
     """Reads consecutive rows (along axis 0) of one ``.npy`` member without loading the rest."""
 
     def __init__(self, fp: BinaryIO, path: Path, member: str) -> None:
-        self.fp = fp
+        self.fp, self.path, self.member = fp, path, member
         self.shape, fortran, self.dtype = _read_header(fp, path, member)
         self.whole: np.ndarray | None = None
         if fortran:  # rows are not contiguous: load this (unusual) array once
@@ -220,6 +245,8 @@ class _RowReader:
             rows = self.whole[self.pos : self.pos + n]
         else:
             buf = self.fp.read(n * self.row_bytes)
+            if len(buf) != n * self.row_bytes:
+                raise GraphpruneError(f"{self.path}: array {self.member[:-4]!r} is truncated")
             rows = np.frombuffer(buf, dtype=self.dtype).reshape((n, *self.shape[1:]))
         self.pos += n
         return rows

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,24 @@ class CalibrationRequest:
     gram: bool = False  # also collect XᵀX (SparseGPT)
     optimize: bool = False  # let ONNX Runtime optimise the tapped graph
     gram_memory_gb: float = 4.0  # one-shot SparseGPT: Gram matrices held at once; more are spilled to disk
+
+    def __post_init__(self) -> None:  # every option fails here, before any model is loaded or run
+        for option, value in (("--seqlen", self.seqlen), ("--nsamples", self.nsamples)):
+            if value < 1:
+                raise GraphpruneError(f"{option} must be at least 1, got {value}")
+        if self.batch_size < 1:
+            raise GraphpruneError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not (math.isfinite(self.gram_memory_gb) and self.gram_memory_gb > 0):
+            raise GraphpruneError(f"--gram-memory must be a positive number of GiB, got {self.gram_memory_gb}")
+        for name, dims in self.shapes.items():
+            if any(d < 1 for d in dims):
+                shown = "x".join(map(str, dims))
+                raise GraphpruneError(f"--shape {name}={shown}: every dimension must be at least 1")
+
+    def files(self) -> list[Path]:
+        """The files (or directory) this request reads: no output may replace them."""
+        paths = [self.data] if isinstance(self.data, str | Path) else []
+        return [Path(p) for p in [*paths, self.tokenizer] if p]
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`graphprune.calibration.data.open_source`."""

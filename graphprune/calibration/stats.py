@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphprune.calibration.stats_checks import check_arrays, check_meta
 from graphprune.errors import GraphpruneError, a_few
 from graphprune.graph.targets import Target
 
@@ -25,8 +26,11 @@ VERSION = 1
 
 def fingerprint(targets: Sequence[Target]) -> str:
     """A digest of the targets' names, stored shapes and K axes (not of weight values: a pruned model matches)."""
-    entries = sorted((t.name, list(t.shape), t.k_axis) for t in targets)
-    return hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()[:32]
+    return _digest([(t.name, list(t.shape), t.k_axis) for t in targets])
+
+
+def _digest(entries: list[tuple[str, list[int], int]]) -> str:
+    return hashlib.sha256(json.dumps(sorted(entries), separators=(",", ":")).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,11 @@ class ActivationStats:
                     f"the statistics are corrupt: weight {t.name} has {np.shape(self.sumsq[t.name])} input "
                     f"statistics, expected ({t.k},)"
                 )
+            if not np.isfinite(self.sumsq[t.name]).all():
+                raise GraphpruneError(
+                    f"the activations reaching {t.name} are not finite (NaN or infinity) on the calibration "
+                    "data: check the data and the model's dtype"
+                )
         if not gram:
             return
         _refuse_missing(
@@ -158,19 +167,32 @@ class ActivationStats:
         """Read statistics written by :meth:`save`; with ``targets``, check that they match that model."""
         path = Path(path)
         try:
-            with np.load(path, allow_pickle=False) as f:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise GraphpruneError(f"{path} is a single .npy array, not a graphprune statistics file")
+            with loaded as f:
+                if "meta" not in f.files:
+                    raise GraphpruneError(f"{path} is not a graphprune statistics file (it has no metadata)")
                 meta = json.loads(str(f["meta"][()]))
-                if meta.get("format") != FORMAT:
+                if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                     raise GraphpruneError(f"{path} is not a graphprune statistics file")
                 if meta.get("version", 0) > VERSION:
                     raise GraphpruneError(f"{path} was written by a newer graphprune (format {meta['version']})")
+                check_meta(meta, path)
                 names: list[str] = meta["names"]
                 sumsq = {n: f[f"sumsq_{i}"] for i, n in enumerate(names)}
-                grams = {j: f[f"gram_{j}"] for j in set(meta["gram_of"].values())}
+                grams = {j: f[f"gram_{j}"] for j in set(meta.get("gram_of", {}).values())}
         except FileNotFoundError:
             raise GraphpruneError(f"statistics file not found: {path}") from None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-            raise GraphpruneError(f"cannot read statistics from {path}: {exc}") from None
+        except IsADirectoryError:
+            raise GraphpruneError(f"{path} is a directory, not a statistics file") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "pickle" in reason:  # what numpy says of a file that is not an .npz at all
+                reason = "not an .npz archive"
+            raise GraphpruneError(f"cannot read statistics from {path}: {reason}") from None
+        entries = [(n, list(s), k) for n, s, k in zip(names, meta["shapes"], meta["k_axes"], strict=True)]
+        check_arrays(meta, sumsq, grams, _digest(entries), path)
         stats = cls(
             sumsq=sumsq,
             rows=dict(zip(names, meta["rows"], strict=True)),

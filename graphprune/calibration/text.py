@@ -16,7 +16,7 @@ import numpy as np
 
 from graphprune.calibration.data import Labelled, Source
 from graphprune.calibration.signature import InputSpec
-from graphprune.errors import GraphpruneError
+from graphprune.errors import GraphpruneError, a_few
 
 FILLED = ("attention_mask", "position_ids")
 
@@ -30,7 +30,7 @@ def token_input(specs: Sequence[InputSpec]) -> InputSpec:
     if len(ints) != 1:
         raise GraphpruneError(
             "text calibration needs a model with one token-id input (input_ids); this one takes "
-            + "; ".join(s.describe() for s in specs)
+            + a_few([s.describe() for s in specs])
         )
     return ints[0]
 
@@ -57,7 +57,7 @@ class TextSource(Source):
         if others:
             raise GraphpruneError(
                 f"text calibration fills {self.ids_spec.name}, attention_mask and position_ids; the model also "
-                f"takes {', '.join(s.describe() for s in others)}: pass an .npz with every input instead"
+                f"takes {a_few([s.describe() for s in others])}: pass an .npz with every input instead"
             )
         self.fill = [s for s in specs if s.name in FILLED]
         self.seqlen, self.batch_size, self.total = seqlen, batch_size, nsamples

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from graphprune import artifacts
 from graphprune.errors import GraphpruneError
 
 app = typer.Typer(
@@ -33,12 +34,16 @@ def user_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with artifacts.command_scope():  # SIGTERM acts as SIGINT; the journal of written files starts empty
+                return func(*args, **kwargs)
         except GraphpruneError as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            console.print("[red]interrupted[/red]: nothing was written")
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            signal = "terminated" if isinstance(exc, artifacts.Terminated) else "interrupted"
+            console.print(
+                f"[red]{signal}[/red]: {escape(artifacts.interruption_note())}", highlight=False, soft_wrap=True
+            )
+            sys.exit(143 if signal == "terminated" else 130)
 
     return wrapper  # type: ignore[return-value]

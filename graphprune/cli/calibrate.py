@@ -21,6 +21,7 @@ from graphprune.cli.calib_options import (
     TokenizerOpt,
     calibration_request,
 )
+from graphprune.errors import GraphpruneError
 
 MAX_WARNINGS_SHOWN = 12
 
@@ -60,6 +61,7 @@ def calibrate_command(
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing statistics file.")] = False,
 ) -> None:
     """Run MODEL over calibration data in ONNX Runtime and save Σx² per input channel of every prunable weight.
 
@@ -67,11 +69,23 @@ def calibrate_command(
 
         graphprune calibrate model.onnx --calib corpus.txt --tokenizer tokenizer.json -o stats.npz
     """
+    from graphprune.artifacts import OutputPlan
     from graphprune.calibration import calibrate
     from graphprune.cli.progress import progress_bar
+    from graphprune.model_checks import check_model_file
 
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
     request = replace(request, gram=gram, optimize=optimize)
+    if output.is_dir():  # not "<dir>.npz" beside it: say so
+        raise GraphpruneError(f"{output} is a directory: give a file name for the statistics, e.g. -o stats.npz")
+    outputs = OutputPlan(request.files(), force)
+    outputs.read(model, "the input model")
+    target = outputs.file(
+        output if output.suffix == ".npz" else output.with_name(output.name + ".npz"), "statistics"
+    )
+    outputs.check()  # before calibrating
+    if model.is_file():
+        check_model_file(model)  # corrupt tensors in one line, before ONNX Runtime meets them
     with progress_bar("calibrating") if not quiet else nullcontext() as bar:
 
         def show(done: int, total: int | None) -> None:
@@ -86,6 +100,8 @@ def calibrate_command(
             "kept in the statistics file",
             highlight=False,
         )
-    written = stats.save(output)
+    with outputs.transaction() as files:
+        files.produce(target, stats.save, "statistics")
+    written = target
     rows = max(stats.rows.values(), default=0)
     console.print(f"statistics for {len(stats.sumsq)} weights ({rows} rows at most) written to {written}")

@@ -36,7 +36,8 @@ def convert(
     """
     import onnx_ir as ir
 
-    from graphprune.graph.model_io import check_output_path, load_model, save_model, to_proto
+    from graphprune.artifacts import OutputPlan
+    from graphprune.graph.model_io import load_model, to_proto
     from graphprune.passes.convert import ConvertToHalf
     from graphprune.tensorrt.eligibility import eligibility_report, summary
 
@@ -45,11 +46,15 @@ def convert(
     dtype = "bfloat16" if bf16 else "float16"
     suffix = "bf16" if bf16 else "fp16"
     output = output or model.with_name(f"{model.stem}.{suffix}.onnx")
-    check_output_path(model, output, force)
+    outputs = OutputPlan(force=force)
+    outputs.read(model, "the input model")
+    outputs.model(output)
+    outputs.check()
     result = ConvertToHalf(dtype).call(to_proto(load_model(model)))  # the converter works on protobufs
     converted = ir.from_proto(result.model)
     records = eligibility_report(converted)
-    save_model(converted, output)
+    with outputs.transaction() as files:
+        files.model(output, converted)
     stats = result.rounding
     console.print(
         f"wrote {output}: {len(result.converted)} tensors in {suffix}, "
@@ -123,8 +128,20 @@ def build(
     Example: graphprune build model.fp16.onnx -o model.engine --backend tensorrt-rtx
     --shapes input_ids:1x16,8x128,32x512 --shapes attention_mask:1x16,8x128,32x512
     """
-    from graphprune.tensorrt.build import build_engine
+    from graphprune.artifacts import OutputPlan
+    from graphprune.tensorrt.build import build_engine, report_path
 
+    outputs = OutputPlan(force=force)
+    outputs.read(model, "the input model")
+    if timing_cache is not None:  # read and rewritten on purpose by the build: only the engine may not clash
+        outputs.read(timing_cache, "the timing cache")
+    outputs.file(output, "engine")
+    outputs.file(report_path(output), "engine report")
+    outputs.check()  # the build commits the engine and its report through graphprune.artifacts
+    if model.is_file():
+        from graphprune.model_checks import check_model_file
+
+        check_model_file(model)  # corrupt tensors in one line, before TensorRT's parser meets them
     report = build_engine(
         model, output, precision, sparse, shapes or [], timing_cache, workspace, backend=backend, force=force
     )

@@ -88,21 +88,30 @@ def _compare(dense: Path, pruned: Path, calib: Path, batch_size: int) -> list[di
     import onnx_ir as ir
 
     from graphprune.calibration.data import open_source
-    from graphprune.calibration.signature import model_inputs
-    from graphprune.evaluate.compare import compare_outputs
+    from graphprune.calibration.signature import model_inputs, validate_feed
+    from graphprune.evaluate.compare import check_comparable, compare_outputs
     from graphprune.evaluate.perplexity import open_session
     from graphprune.graph.model_io import load_model
 
     model = ir.to_proto(load_model(dense))  # graph and signature only: external weights stay in their files
-    source = open_source(calib, model, model_inputs(model), batch_size=batch_size)
+    specs = model_inputs(model)
+    source = open_source(calib, model, specs, batch_size=batch_size)
     sessions = [open_session(p) for p in (dense, pruned)]
+    check_comparable(*sessions)
     names = [o.name for o in sessions[0].get_outputs()]
 
     def runner(session: Any) -> Any:
-        return lambda feed: dict(zip(names, session.run(names, dict(feed)), strict=True))
+        def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            try:
+                return dict(zip(names, session.run(names, dict(feed)), strict=True))
+            except Exception as exc:  # onnxruntime's own types: data the model cannot run on
+                reason = str(exc).splitlines()[0]
+                raise GraphpruneError(f"onnxruntime cannot run the model on --calib: {reason}") from None
+
+        return run
 
     with progress_bar("comparing outputs", source.total) as bar:
-        feeds = (feed for _, feed in source)
+        feeds = (validate_feed(feed, specs, label) for label, feed in source)
         results = compare_outputs(runner(sessions[0]), runner(sessions[1]), feeds, on_batch=bar.advance)
     return [r.to_dict() for r in results]
 
@@ -119,13 +128,9 @@ def _windows(
     from graphprune.evaluate.perplexity import find_bos, text_windows
 
     if token_windows is not None:
-        if not token_windows.is_file():
-            raise GraphpruneError(f"{token_windows}: no such file")
-        with np.load(token_windows) as data:
-            if "input_ids" not in data:
-                raise GraphpruneError(f"{token_windows}: no input_ids array")
-            ids = data["input_ids"][:count]
-        return ids, "as given in the windows file"
+        from graphprune.evaluate.perplexity import load_token_windows
+
+        return load_token_windows(token_windows, count), "as given in the windows file"
     assert text is not None
     if tokenizer is None:
         raise GraphpruneError("--text needs --tokenizer tokenizer.json")

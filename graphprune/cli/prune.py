@@ -148,6 +148,10 @@ def apply(
     chosen = method or (Method.WANDA if stats or calib else Method.MAGNITUDE)
     if stats and calib:
         raise GraphpruneError("give --stats (saved statistics) or --calib (data to calibrate on), not both")
+    if by_level and not sequential:
+        raise GraphpruneError("--by-level is a mode of --sequential: pass both")
+    if sequential and not calib:
+        raise GraphpruneError("--sequential needs calibration data: pass --calib DATA")
     saved = _load_stats(stats) if stats else None
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
     request = replace(request, gram_memory_gb=gram_memory)
@@ -172,6 +176,7 @@ def apply(
             on_weight=lambda name: bar.advance(),
             on_message=lambda text: console.print(f"[yellow]warning:[/yellow] {text}", highlight=False),
             on_group=on_group,
+            reads=[stats] if stats else [],
         )
     _print_summary(result, written)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from graphprune.errors import GraphpruneError, a_few
 
 
 @dataclass
@@ -71,7 +74,35 @@ def compare_outputs(
         for name, value in dense.items():
             if not np.issubdtype(value.dtype, np.floating) or value.ndim == 0:
                 continue
+            if name not in pruned or np.shape(pruned[name]) != value.shape:
+                got = np.shape(pruned[name]) if name in pruned else "nothing"
+                raise GraphpruneError(f"output {name}: the dense model gives {value.shape}, the pruned {got}")
             results.setdefault(name, OutputComparison(name)).add(value, pruned[name])
         if on_batch:
             on_batch(next(iter(batch.values())).shape[0])
     return list(results.values())
+
+
+def check_comparable(dense: Any, pruned: Any) -> None:
+    """Raise a one-line GraphpruneError unless two ONNX Runtime sessions take the same inputs (names, types,
+    ranks) and give the same outputs (names, types, ranks): only then can their outputs be compared."""
+    for kind in ("inputs", "outputs"):
+        a = {arg.name: arg for arg in getattr(dense, f"get_{kind}")()}
+        b = {arg.name: arg for arg in getattr(pruned, f"get_{kind}")()}
+        only_dense, only_pruned = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        if only_dense or only_pruned:
+            what = "; ".join(
+                f"only the {which} model has {a_few(names)}"
+                for which, names in (("dense", only_dense), ("pruned", only_pruned))
+                if names
+            )
+            raise GraphpruneError(f"the two models have different {kind}: {what}")
+        for name, arg in a.items():
+            other = b[name]
+            if arg.type != other.type:
+                raise GraphpruneError(
+                    f"{kind[:-1]} {name} is {arg.type} in the dense model, {other.type} in the pruned"
+                )
+            if arg.shape is not None and other.shape is not None and len(arg.shape) != len(other.shape):
+                ranks = f"rank {len(arg.shape)} in the dense model, {len(other.shape)} in the pruned"
+                raise GraphpruneError(f"{kind[:-1]} {name} has {ranks}")

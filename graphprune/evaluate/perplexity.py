@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphprune.errors import GraphpruneError
+from graphprune.errors import GraphpruneError, a_few
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -69,40 +69,67 @@ def perplexity(
     """exp(mean NLL of tokens 1..L of every window, each predicted from the tokens before it).
 
     ``windows`` is int64 ``(n, L + 1)``; the model sees tokens 0..L-1 of each window, one window per run.
-    With ``attention`` an all-ones ``attention_mask`` is fed when the model declares that input.
+    With ``attention`` an all-ones ``attention_mask`` is fed when the model declares that input; exports with a
+    key/value cache get empty caches (past length 0) and ``position_ids`` (see :class:`WindowFeeder`).
     The model's token input is ``input_ids`` (else its first input); its output ``logits`` (else its first),
     shaped ``(1, L, vocab)``.
     """
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
         raise GraphpruneError(f"windows must be (n, L + 1) with n >= 1 and L >= 1, got {windows.shape}")
+    if not np.issubdtype(windows.dtype, np.integer) or (windows < 0).any():
+        raise GraphpruneError(f"windows must hold non-negative integer token ids, got {windows.dtype} values")
     windows = windows.astype(np.int64, copy=False)
     session = open_session(model)
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    ids_name = "input_ids" if "input_ids" in inputs else inputs[0]
-    logits_name = "logits" if "logits" in outputs else outputs[0]
-    feeds_mask = attention and "attention_mask" in inputs
-    unfed = [name for name in inputs if name != ids_name and not (feeds_mask and name == "attention_mask")]
-    if unfed:
-        raise GraphpruneError(f"model takes inputs perplexity cannot fill: {', '.join(unfed)}")
-
+    feeder = WindowFeeder(session, attention)
     total, count = 0.0, 0
     n = windows.shape[0]
     for index, window in enumerate(windows):
         context, targets = window[None, :-1], window[1:]
-        feed = {ids_name: context}
-        if feeds_mask:
-            feed["attention_mask"] = np.ones_like(context)
-        (logits,) = session.run([logits_name], feed)
-        if logits.shape[:2] != context.shape:
-            raise GraphpruneError(f"logits shaped {logits.shape} for input {context.shape}")
+        try:
+            (logits,) = session.run([feeder.logits], feeder.feed(context))
+        except Exception as exc:  # onnxruntime's own exception types: a model that cannot run these ids
+            raise GraphpruneError(f"the model fails on window {index}: {str(exc).splitlines()[0]}") from None
+        if logits.shape[:2] != context.shape or logits.ndim != 3:
+            raise GraphpruneError(
+                f"logits shaped {logits.shape} for input {context.shape}: expected (1, L, vocab)"
+            )
+        if (targets >= logits.shape[2]).any():
+            raise GraphpruneError(
+                f"token id {int(targets.max())} is outside the model's vocabulary ({logits.shape[2]})"
+            )
         total += float(nll_from_logits(logits[0], targets).sum())
         count += targets.size
         del logits
         if progress is not None:
             progress(index + 1, n)
     return math.exp(total / count)
+
+
+def load_token_windows(path: Path, count: int | None = None) -> np.ndarray:
+    """The ``input_ids`` array ``(n, L + 1)`` of an ``.npz`` of token windows (at most ``count`` of them)."""
+    import zipfile
+
+    if not path.is_file():
+        raise GraphpruneError(f"{path}: no such file")
+    if count is not None and count < 1:
+        raise GraphpruneError(f"--windows must be at least 1, got {count}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise GraphpruneError(f"{path}: not an .npz archive (a single array); save it with np.savez")
+        with loaded as data:
+            if "input_ids" not in data.files:
+                raise GraphpruneError(
+                    f"{path}: no input_ids array (it holds {', '.join(data.files[:3]) or 'none'})"
+                )
+            ids = data["input_ids"][:count]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        reason = "not an .npz archive" if "pickle" in str(exc) else (str(exc).splitlines() or ["unreadable"])[0]
+        raise GraphpruneError(f"cannot read token windows from {path}: {reason}") from None
+    if ids.ndim != 2 or ids.shape[1] < 2 or ids.shape[0] == 0:
+        raise GraphpruneError(f"{path}: input_ids must be (n, L + 1) with n >= 1 and L >= 1, got {ids.shape}")
+    return ids
 
 
 def text_windows(
@@ -134,7 +161,10 @@ def find_bos(tokenizer_path: Path, name: str | None = None) -> tuple[int, str] |
 
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as exc:  # the tokenizers package raises plain Exceptions for unreadable files
+        raise GraphpruneError(f"cannot read tokenizer {tokenizer_path}: {str(exc).splitlines()[0]}") from None
     if name is None:
         config = tokenizer_path.with_name("tokenizer_config.json")
         if config.exists():
@@ -150,3 +180,70 @@ def find_bos(tokenizer_path: Path, name: str | None = None) -> tuple[int, str] |
     if token_id is None:
         raise GraphpruneError(f"BOS token {name!r} is not in the tokenizer {tokenizer_path}")
     return token_id, name
+
+
+_CACHE_PREFIXES = ("past_key_values", "past_key", "past_value", "past.", "cache.")
+_POSITIONS = ("position_ids", "cache_position")
+
+
+class WindowFeeder:
+    """The feed of one window for a causal LM session: token ids, and whatever else a decoder export takes.
+
+    Hugging Face / Optimum (``text-generation-with-past``) and onnxruntime-genai exports take the key/value cache
+    of earlier tokens (``past_key_values.N.key``/``.value`` ``[batch, kv_heads, past_len, head_dim]``): a whole
+    window is scored from an empty cache, past length 0, with positions 0..L-1 and an all-ones mask.
+    """
+
+    def __init__(self, session: ort.InferenceSession, attention: bool = True) -> None:
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = [o.name for o in session.get_outputs()]
+        self.ids = "input_ids" if "input_ids" in inputs else next(iter(inputs))
+        self.logits = "logits" if "logits" in outputs else outputs[0]
+        self.args = inputs
+        self.mask = attention and "attention_mask" in inputs
+        self.caches = [name for name in inputs if name.startswith(_CACHE_PREFIXES)]
+        self.positions = [name for name in inputs if name in _POSITIONS]
+        filled = {self.ids, *self.caches, *self.positions, *(["attention_mask"] if self.mask else [])}
+        unfed = [name for name in inputs if name not in filled]
+        if unfed:
+            raise GraphpruneError(f"model takes inputs perplexity cannot fill: {a_few(unfed)}")
+        for name in [self.ids, *self.positions, *(["attention_mask"] if self.mask else [])]:
+            if not np.issubdtype(_dtype(inputs[name]), np.integer):
+                raise GraphpruneError(f"model input {name} is {inputs[name].type}, expected integer ids")
+        self.empty = {name: self._empty_cache(inputs[name]) for name in self.caches}
+
+    def feed(self, context: np.ndarray) -> dict[str, np.ndarray]:
+        """``context`` is ``(1, L)`` int64 token ids."""
+        feed = {self.ids: context.astype(_dtype(self.args[self.ids]), copy=False), **self.empty}
+        if self.mask:
+            feed["attention_mask"] = np.ones(context.shape, _dtype(self.args["attention_mask"]))
+        for name in self.positions:
+            positions = np.arange(context.shape[1], dtype=_dtype(self.args[name]))
+            feed[name] = positions if len(self.args[name].shape or [0, 0]) == 1 else positions[None, :]
+        return feed
+
+    @staticmethod
+    def _empty_cache(arg: object) -> np.ndarray:
+        shape = getattr(arg, "shape", None)
+        name = getattr(arg, "name", "?")
+        if not shape:
+            raise GraphpruneError(f"cache input {name} has no declared shape: cannot make an empty cache for it")
+        # axis 0 is the batch (1), fixed axes keep their size, a dynamic one is the (empty) past length
+        dims = tuple(
+            1 if axis == 0 else (d if isinstance(d, int) and d > 0 else 0) for axis, d in enumerate(shape)
+        )
+        return np.zeros(dims, dtype=_dtype(arg))
+
+
+def _dtype(arg: object) -> np.dtype:
+    """numpy dtype of an ONNX Runtime input (``tensor(float16)`` -> float16)."""
+    text = str(getattr(arg, "type", "")).removeprefix("tensor(").removesuffix(")")
+    names = {"float": "float32", "double": "float64", "bool": "bool"}
+    try:
+        if text == "bfloat16":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(names.get(text, text))
+    except TypeError:
+        raise GraphpruneError(f"model input {getattr(arg, 'name', '?')} has an unsupported type {text}") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -14,6 +13,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from graphprune.errors import GraphpruneError
+from graphprune.model_checks import check_tensors
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay well below it.
 _INLINE_LIMIT = 1 << 30
@@ -39,7 +39,7 @@ def load_model(path: str | Path) -> ir.Model:
         if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
             raise GraphpruneError(f"{path}: not an ONNX model (no graph, IR version or opset)")
         _refuse_duplicate_initializers(proto.graph, path)
-        _check_external_sizes(proto, path.parent)
+        check_tensors(proto, path)  # bytes that cannot be their shape, external data outside: one line
         model = ir.serde.deserialize_model(proto)
     except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
         raise GraphpruneError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
@@ -120,15 +120,6 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}.pruned.onnx")
 
 
-def check_output_path(model_path: Path, output: Path, force: bool) -> None:
-    """Refuse an output that is the input, or that exists without ``force``."""
-    with contextlib.suppress(OSError):
-        if output.resolve() == model_path.resolve():
-            raise GraphpruneError(f"output {output} is the input model; choose another path with -o")
-    if output.exists() and not force:
-        raise GraphpruneError(f"{output} exists; pass --force to overwrite it")
-
-
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield graph
     for node in graph.node:
@@ -151,33 +142,6 @@ def _refuse_duplicate_initializers(graph: onnx.GraphProto, path: Path) -> None:
                     f"{'' if sub is graph else f' in subgraph {sub.name!r}'}"
                 )
             seen.add(init.name)
-
-
-def _check_external_sizes(model: onnx.ModelProto, base_dir: Path) -> None:
-    """A truncated data file still loads (short reads): check every external tensor fits in its file.
-
-    Inline tensors need no check: protobuf refuses a message whose length-delimited fields are cut short.
-    """
-    constants = [a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
-    for tensor in [*model.graph.initializer, *constants]:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        count = 1
-        for dim in tensor.dims:
-            count *= dim
-        need = int(info.get("length") or count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
-        data_file = base_dir / info.get("location", "")
-        if not data_file.resolve().is_relative_to(base_dir.resolve()):
-            raise GraphpruneError(
-                f"external data of tensor {tensor.name} is outside the model's directory: {info.get('location')}"
-            )
-        have = data_file.stat().st_size - int(info.get("offset") or 0) if data_file.is_file() else -1
-        if have < need:
-            raise GraphpruneError(
-                f"{data_file}: external data of tensor {tensor.name} needs {need} bytes, the file has "
-                f"{max(have, 0)}: missing, truncated or corrupt"
-            )
 
 
 def _first_line(exc: BaseException) -> str:

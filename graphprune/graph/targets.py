@@ -280,6 +280,8 @@ def _classify(graph: _Graph, name: str, value: ir.Value) -> Target | Skip | None
         inside = any(u.node is not None and not graph.in_main(u.node) for u in others)
         where = " inside a subgraph (If/Loop/Scan body)" if inside else ""
         return Skip(name, first_op, f"also used by {what}{where}, which would see the pruned values")
+    if 0 in shape:
+        return Skip(name, first_op, f"empty weight (shape {list(shape)}): nothing to prune")
     dtype = stored_dtype(value)
     quantized = any("DequantizeLinear" in u.through for u in multiplies)
     if quantized and not all(u.through[:1] == ("DequantizeLinear",) for u in multiplies):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,12 @@ class PruneConfig:
     include_head: bool = False
     percdamp: float = 0.01  # SparseGPT's dampening, a fraction of the mean diagonal of XᵀX
     blocksize: int = 128  # SparseGPT's column block
+
+    def __post_init__(self) -> None:  # options fail before any calibration, not after it
+        if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
+            raise GraphpruneError(f"--percdamp must be a finite number >= 0, got {self.percdamp}")
+        if self.blocksize < 1:
+            raise GraphpruneError(f"--blocksize must be at least 1, got {self.blocksize}")
 
     def solver_options(self) -> dict[str, float | int]:
         return {"percdamp": self.percdamp, "blocksize": self.blocksize}
@@ -263,7 +270,14 @@ class PrunePass(ir.passes.InPlacePass):
     def _reconstruct_weight(self, target: Target, stored: StoredWeight) -> np.ndarray:
         """SparseGPT: choose the mask and update the surviving weights from the Gram matrix of the inputs."""
         canonical = to_canonical(stored.values, target.k_axis, target.out_axis)[:, 0, :]
-        updated = sparsegpt(canonical, self.gram[target.name], self.config.pattern, **self.config.solver_options())
+        if not np.isfinite(canonical).all():
+            raise GraphpruneError(f"weight {target.name} holds NaN or infinite values: sparsegpt cannot prune it")
+        try:
+            updated = sparsegpt(
+                canonical, self.gram[target.name], self.config.pattern, **self.config.solver_options()
+            )
+        except ValueError as exc:  # the solver's word on this weight's data (e.g. a Gram that is not definite)
+            raise GraphpruneError(f"sparsegpt cannot prune {target.name}: {exc}") from None
         return from_canonical(updated[:, None, :], target.shape, target.k_axis, target.out_axis)
 
     def _scores(self, target: Target, weight: np.ndarray, k_axis: int) -> np.ndarray:

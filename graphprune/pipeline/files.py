@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,13 +10,12 @@ import numpy as np
 
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
+from graphprune.artifacts import OutputPlan
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import (
-    check_output_path,
     default_output,
     load_model,
-    save_model,
     uses_external_data,
 )
 from graphprune.graph.targets import Target
@@ -44,6 +40,7 @@ def prune_file(
     on_weight: Callable[[str], None] | None = None,
     on_message: Callable[[str], None] | None = None,
     on_group: Callable[[int, int], None] | None = None,
+    reads: Iterable[str | Path] = (),
 ) -> tuple[Path, PruneResult]:
     """Prune ``model_path`` into ``output`` (default ``<stem>.pruned.onnx``) and write the JSON report beside it.
 
@@ -54,10 +51,14 @@ def prune_file(
     Each weight is pruned while the model is written, one at a time (``PrunePass(defer=True)``): with external
     data only the graph and one weight are in memory, and an inline model never holds its pruned weights next to
     the serialised copy. ``sequential`` prunes in memory: later groups' calibration runs on the pruned weights.
+    ``reads`` names other files the caller read (a statistics file): no output may replace them.
     """
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
-    check_output_path(model_path, out, force)
+    outputs = OutputPlan([*reads, *(calibration.files() if calibration else ())], force)
+    outputs.read(model_path, "the input model")
+    out, report = outputs.model(out), outputs.file(report_path(out), "report")
+    outputs.check()  # before any work
     if sequential and calibration is None:
         raise GraphpruneError("--sequential needs calibration data: pass --calib DATA")
     model = load_model(model_path)
@@ -106,8 +107,9 @@ def prune_file(
         result = prune(model)
     for message in warnings if on_message else ():
         on_message(message)
-    save_model(model, out, external_data=True if external else None)  # keep the input's external layout
-    write_json(report_path(out), result.to_dict())
+    with outputs.transaction() as files:
+        files.model(out, model, external_data=True if external else None)  # keep the input's external layout
+        files.json(report, result.to_dict())
     return out, result
 
 
@@ -121,16 +123,3 @@ def check_file(
     """Verify the N:M pattern of every selected target of the model at ``model_path``."""
     model = load_model(model_path)
     return CheckPass(pattern, include, exclude, include_head)(model)
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write JSON atomically (temporary file beside it, then rename)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=1)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

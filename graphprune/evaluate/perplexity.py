@@ -18,6 +18,8 @@ from graphprune.errors import GraphpruneError, a_few
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+    from graphprune.calibration.signature import InputSpec
+
 Progress = Callable[[int, int], None]
 """Called as ``progress(windows_done, windows_total)`` after each window."""
 
@@ -182,57 +184,54 @@ def find_bos(tokenizer_path: Path, name: str | None = None) -> tuple[int, str] |
     return token_id, name
 
 
-_CACHE_PREFIXES = ("past_key_values", "past_key", "past_value", "past.", "cache.")
-_POSITIONS = ("position_ids", "cache_position")
-
-
 class WindowFeeder:
     """The feed of one window for a causal LM session: token ids, and whatever else a decoder export takes.
 
     Hugging Face / Optimum (``text-generation-with-past``) and onnxruntime-genai exports take the key/value cache
     of earlier tokens (``past_key_values.N.key``/``.value`` ``[batch, kv_heads, past_len, head_dim]``): a whole
-    window is scored from an empty cache, past length 0, with positions 0..L-1 and an all-ones mask.
+    window is scored from an empty cache, past length 0, with positions 0..L-1 and an all-ones mask, filled in by
+    :func:`graphprune.calibration.cache_inputs.complete_feed` as calibration fills them.
     """
 
     def __init__(self, session: ort.InferenceSession, attention: bool = True) -> None:
-        inputs = {i.name: i for i in session.get_inputs()}
+        from graphprune.calibration.cache_inputs import fillable
+
+        self.specs = session_specs(session)
+        by_name = {s.name: s for s in self.specs}
         outputs = [o.name for o in session.get_outputs()]
-        self.ids = "input_ids" if "input_ids" in inputs else next(iter(inputs))
+        self.ids = "input_ids" if "input_ids" in by_name else self.specs[0].name
         self.logits = "logits" if "logits" in outputs else outputs[0]
-        self.args = inputs
-        self.mask = attention and "attention_mask" in inputs
-        self.caches = [name for name in inputs if name.startswith(_CACHE_PREFIXES)]
-        self.positions = [name for name in inputs if name in _POSITIONS]
-        filled = {self.ids, *self.caches, *self.positions, *(["attention_mask"] if self.mask else [])}
-        unfed = [name for name in inputs if name not in filled]
+        self.mask = attention and "attention_mask" in by_name
+        given = [self.ids, *(["attention_mask"] if self.mask else [])]
+        unfed = [s.name for s in self.specs if s.name not in given and not fillable(s)]
         if unfed:
             raise GraphpruneError(f"model takes inputs perplexity cannot fill: {a_few(unfed)}")
-        for name in [self.ids, *self.positions, *(["attention_mask"] if self.mask else [])]:
-            if not np.issubdtype(_dtype(inputs[name]), np.integer):
-                raise GraphpruneError(f"model input {name} is {inputs[name].type}, expected integer ids")
-        self.empty = {name: self._empty_cache(inputs[name]) for name in self.caches}
+        for spec in self.specs:
+            integer = spec.name in given or spec.name in ("position_ids", "cache_position")
+            if integer and not np.issubdtype(spec.dtype, np.integer):
+                raise GraphpruneError(f"model input {spec.name} is {spec.dtype}, expected integer ids")
 
     def feed(self, context: np.ndarray) -> dict[str, np.ndarray]:
         """``context`` is ``(1, L)`` int64 token ids."""
-        feed = {self.ids: context.astype(_dtype(self.args[self.ids]), copy=False), **self.empty}
-        if self.mask:
-            feed["attention_mask"] = np.ones(context.shape, _dtype(self.args["attention_mask"]))
-        for name in self.positions:
-            positions = np.arange(context.shape[1], dtype=_dtype(self.args[name]))
-            feed[name] = positions if len(self.args[name].shape or [0, 0]) == 1 else positions[None, :]
-        return feed
+        from graphprune.calibration.cache_inputs import complete_feed
 
-    @staticmethod
-    def _empty_cache(arg: object) -> np.ndarray:
-        shape = getattr(arg, "shape", None)
-        name = getattr(arg, "name", "?")
-        if not shape:
-            raise GraphpruneError(f"cache input {name} has no declared shape: cannot make an empty cache for it")
-        # axis 0 is the batch (1), fixed axes keep their size, a dynamic one is the (empty) past length
-        dims = tuple(
-            1 if axis == 0 else (d if isinstance(d, int) and d > 0 else 0) for axis, d in enumerate(shape)
-        )
-        return np.zeros(dims, dtype=_dtype(arg))
+        by_name = {s.name: s for s in self.specs}
+        feed = {self.ids: context.astype(by_name[self.ids].dtype, copy=False)}
+        if self.mask:
+            feed["attention_mask"] = np.ones(context.shape, by_name["attention_mask"].dtype)
+        return complete_feed(feed, self.specs)
+
+
+def session_specs(session: ort.InferenceSession) -> list[InputSpec]:
+    """The inputs of an ONNX Runtime session as the calibration signature describes them."""
+    from graphprune.calibration.signature import InputSpec
+
+    specs = []
+    for arg in session.get_inputs():
+        shape = arg.shape
+        dims = None if shape is None else tuple(d if isinstance(d, int) else (d or None) for d in shape)
+        specs.append(InputSpec(arg.name, _dtype(arg), dims))
+    return specs
 
 
 def _dtype(arg: object) -> np.dtype:

@@ -200,6 +200,19 @@ def _archive(path: Path) -> Iterator[zipfile.ZipFile]:
         raise GraphpruneError(f"cannot read {path}: {_reason(exc)}") from None
 
 
+def open_npz(path: Path, what: str) -> np.lib.npyio.NpzFile:
+    """``np.load`` of an ``.npz`` archive (never pickles), or a one-line error: a plain ``.npy``, not a zip."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except IsADirectoryError:
+        raise GraphpruneError(f"{path} is a directory, not an .npz archive of {what}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise GraphpruneError(f"cannot read {what} from {path}: {_reason(exc)}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise GraphpruneError(f"{path} is a single .npy array, not an .npz archive of {what}")
+    return loaded
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, zipfile.BadZipFile) or "pickle" in text:  # numpy's words for "not an .npz"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphprune.calibration.data import open_npz
 from graphprune.calibration.stats_checks import check_arrays, check_meta
 from graphprune.errors import GraphpruneError, a_few
 from graphprune.graph.targets import Target
@@ -167,10 +168,7 @@ class ActivationStats:
         """Read statistics written by :meth:`save`; with ``targets``, check that they match that model."""
         path = Path(path)
         try:
-            loaded = np.load(path, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise GraphpruneError(f"{path} is a single .npy array, not a graphprune statistics file")
-            with loaded as f:
+            with open_npz(path, "statistics") as f:
                 if "meta" not in f.files:
                     raise GraphpruneError(f"{path} is not a graphprune statistics file (it has no metadata)")
                 meta = json.loads(str(f["meta"][()]))
@@ -184,8 +182,6 @@ class ActivationStats:
                 grams = {j: f[f"gram_{j}"] for j in set(meta.get("gram_of", {}).values())}
         except FileNotFoundError:
             raise GraphpruneError(f"statistics file not found: {path}") from None
-        except IsADirectoryError:
-            raise GraphpruneError(f"{path} is a directory, not a statistics file") from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "pickle" in reason:  # what numpy says of a file that is not an .npz at all

@@ -117,10 +117,9 @@ def load_token_windows(path: Path, count: int | None = None) -> np.ndarray:
     if count is not None and count < 1:
         raise GraphpruneError(f"--windows must be at least 1, got {count}")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise GraphpruneError(f"{path}: not an .npz archive (a single array); save it with np.savez")
-        with loaded as data:
+        from graphprune.calibration.data import open_npz
+
+        with open_npz(path, "token windows") as data:
             if "input_ids" not in data.files:
                 raise GraphpruneError(
                     f"{path}: no input_ids array (it holds {', '.join(data.files[:3]) or 'none'})"

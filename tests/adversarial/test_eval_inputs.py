@@ -207,7 +207,7 @@ def test_token_windows_that_are_not_an_npz(tmp_path: Path) -> None:
     np.save(tmp_path / "w.npy", np.ones((2, 5), np.int64))
     (tmp_path / "junk.npz").write_bytes(b"junk")
     np.savez(tmp_path / "other.npz", ids=np.ones((2, 5), np.int64))
-    for name, words in (("w.npy", ["not an .npz"]), ("junk.npz", ["not an .npz"]), ("other.npz", ["input_ids"])):
+    for name, words in (("w.npy", [".npz archive"]), ("junk.npz", [".npz archive"]), ("other.npz", ["input_ids"])):
         args = [
             "eval",
             str(tmp_path / "d.onnx"),

@@ -221,7 +221,7 @@ def unknown_op_model() -> onnx.ModelProto:
 @pytest.mark.parametrize(
     ("model", "args", "message"),
     [
-        ("junk", ["--shapes", "x:1x8,1x8,1x8"], "not an ONNX model"),
+        ("junk", ["--shapes", "x:1x8,1x8,1x8"], "not a readable ONNX model"),
         ("static", ["--shapes", "nope:1x8,2x8,4x8"], "'nope', not an input of the model"),
         ("static", ["--shapes", "x:1x16,2x16,4x16"], "dimension 1 is fixed to 8 in the model"),
         ("static", ["--shapes", "x:1,2,4"], "rank 1, but the input has rank 2"),

@@ -227,7 +227,7 @@ def unknown_op_model() -> onnx.ModelProto:
         ("static", ["--shapes", "x:1,2,4"], "rank 1, but the input has rank 2"),
         ("static", [], "'x' has dynamic dimensions"),
         ("static", ["--shapes", "x:1x8,2x8,4x8", "-o", "{tmp}/file/m.engine"], "cannot write"),
-        ("static", ["--shapes", "x:1x8,2x8,4x8", "-o", "{tmp}/m.onnx"], "exists; pass --force"),
+        ("static", ["--shapes", "x:1x8,2x8,4x8", "-o", "{tmp}/m.onnx"], "is the input model"),
         ("unknown_op", [], "could not parse"),
     ],
 )

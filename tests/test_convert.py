@@ -1,5 +1,8 @@
 """FP16/BF16 conversion: ONNX Runtime outputs near FP32, FP32 interface, every pruned zero kept.
 
+FP16 is ONNX Runtime's converter, BF16 our values on its graph decisions; the rounding tests below hold both to
+graphprune's rules (zeros stay, non-zeros stay non-zero, overflow saturates).
+
 Tolerances: tiny models here |y_half - y_fp32| <= 2e-2 + 2e-2 |y_fp32| (weights of size ~0.1-1, a few layers);
 paraphrase-MiniLM-L3-v2: max abs difference <= 5e-3 and cosine similarity >= 0.9999 per sentence embedding.
 ONNX Runtime's CPU provider runs some FP16 ops in FP32 behind its own casts (see graphprune.passes.convert).
@@ -26,7 +29,7 @@ from graphprune.errors import GraphpruneError
 from graphprune.graph.stored import stored_values
 from graphprune.graph.targets import find_targets
 from graphprune.graph.weights import read_weight
-from graphprune.passes.convert import ConvertToHalf, to_half
+from graphprune.passes.convert import convert, to_half
 from tests.onnx_builders import init, make_model, run, tensor
 
 PATTERN = NMPattern(2, 4)
@@ -136,10 +139,11 @@ def test_to_half_counts_underflow_and_overflow() -> None:
 
 def test_fp16_outputs_close_to_fp32_with_fp32_interface() -> None:
     model = block_model()
-    before = model.SerializeToString()
-    result = ConvertToHalf("float16").call(model)
-    assert model.SerializeToString() == before  # the pass never edits its input
-    converted = result.model
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    result = convert(model, "float16")
+    converted, model = result.model, original
+    assert converted is not original and result.modified  # converted in place, one tensor at a time
     onnx.checker.check_model(converted, full_check=True)
     assert [(i.name, i.type.tensor_type.elem_type) for i in converted.graph.input] == [("x", TensorProto.FLOAT)]
     assert [(o.name, o.type.tensor_type.elem_type) for o in converted.graph.output] == [
@@ -153,7 +157,7 @@ def test_fp16_outputs_close_to_fp32_with_fp32_interface() -> None:
 
 
 def test_matmul_weights_are_half_and_sensitive_ops_fp32() -> None:
-    result = ConvertToHalf().call(block_model())
+    result = convert(block_model())
     stored = {t.name: t.data_type for t in result.model.graph.initializer}
     assert stored["w1"] == stored["w2"] == stored["w3"] == TensorProto.FLOAT16
     # consumed only by FP32 ops: kept float32 and unrounded
@@ -161,14 +165,20 @@ def test_matmul_weights_are_half_and_sensitive_ops_fp32() -> None:
     assert {"ln", "pow", "mean", "sqrt", "softmax"} <= set(result.fp32_nodes)
     inferred = onnx.shape_inference.infer_shapes(result.model, check_type=True, strict_mode=True)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    assert types["h1"] == types["h2"] == types["h3"] == TensorProto.FLOAT16  # MatMuls compute in FP16
-    assert types["n1"] == types["sq"] == types["ms"] == TensorProto.FLOAT  # LayerNorm, Pow, ReduceMean in FP32
+    nodes = {n.name: n for n in result.model.graph.node}
+    for name in ("mm1", "mm2", "mm3"):  # MatMuls compute in FP16
+        assert types[nodes[name].output[0]] == TensorProto.FLOAT16
+    for name in ("ln", "pow", "mean", "sqrt", "softmax"):  # read FP32 and write FP32
+        node = nodes[name]
+        assert types[node.output[0]] == TensorProto.FLOAT
+        assert all(types.get(i, stored.get(i)) == TensorProto.FLOAT for i in node.input if i), name
 
 
 def test_every_pruned_zero_survives_and_24_holds_along_k() -> None:
     model = block_model()
-    result = ConvertToHalf().call(model)
-    before, after = weights_by_name(model), weights_by_name(result.model)
+    before = weights_by_name(model)
+    result = convert(model)
+    after = weights_by_name(result.model)
     for target in find_targets(ir.from_proto(result.model)).targets:
         w32, w16 = before[target.name], after[target.name]
         assert w16.dtype == np.float16
@@ -181,7 +191,7 @@ def test_every_pruned_zero_survives_and_24_holds_along_k() -> None:
 def test_ir_version_opsets_and_metadata_kept() -> None:
     model = block_model()
     model.ir_version = 7
-    converted = ConvertToHalf().call(model).model
+    converted = convert(model).model
     assert converted.ir_version == 7
     assert [(o.domain, o.version) for o in converted.opset_import] == [("", 17)]
     assert converted.producer_name == "graphprune-tests"
@@ -189,13 +199,20 @@ def test_ir_version_opsets_and_metadata_kept() -> None:
 
 
 def test_bf16_structure_zeros_and_emulated_outputs() -> None:
-    model = block_model()
-    result = ConvertToHalf("bfloat16").call(model)
+    model, original = block_model(), block_model()
+    result = convert(model, "bfloat16")
     onnx.checker.check_model(result.model, full_check=True)
     stored = {t.name: t for t in result.model.graph.initializer}
     assert stored["w1"].data_type == TensorProto.BFLOAT16
+    assert stored["ln_s"].data_type == TensorProto.FLOAT  # read only by LayerNorm: kept float32
     w = numpy_helper.to_array(stored["w1"]).astype(np.float32)
-    np.testing.assert_array_equal(w == 0, weights_by_name(model)["w1"] == 0)
+    w32 = weights_by_name(original)["w1"]
+    np.testing.assert_array_equal(w == 0, w32 == 0)
+    # our BF16 rounding of the FP32 value, not a rounding of ONNX Runtime's FP16 value
+    np.testing.assert_array_equal(w[w32 != 1e-9], w32.astype(ml_dtypes.bfloat16).astype(np.float32)[w32 != 1e-9])
+    types = [v.type.tensor_type.elem_type for v in result.model.graph.value_info]
+    assert TensorProto.FLOAT16 not in types and TensorProto.BFLOAT16 in types
+    model = original
     # ONNX Runtime's CPU provider has almost no BF16 kernels: run the BF16-rounded weights in FP32 instead.
     emulated = _bf16_as_fp32(result.model)
     for a, b in zip(run(model, feeds()), run(emulated, feeds()), strict=True):
@@ -246,7 +263,7 @@ def test_conv_model_and_constant_nodes_and_casts() -> None:
             [init(w, "w")],
         )
     )
-    result = ConvertToHalf().call(model)
+    result = convert(onnx.load_from_string(model.SerializeToString()))
     onnx.checker.check_model(result.model, full_check=True)
     feed = {"x": rng.standard_normal((1, 16, 6, 6)).astype(np.float32), "mask": np.ones((1, 8, 6, 6), np.int64)}
     (a,), (b,) = run(model, feed), run(result.model, feed)
@@ -258,6 +275,22 @@ def test_conv_model_and_constant_nodes_and_casts() -> None:
     assert len(nm_violations(to_canonical(stored, target.k_axis, target.out_axis), PATTERN)) == 0
 
 
+def test_constant_value_float_attributes_follow_the_conversion() -> None:
+    nodes = [
+        helper.make_node("Constant", [], ["scale"], value_float=0.5),
+        helper.make_node("Constant", [], ["shift"], value_floats=[1.0, -2.0]),
+        helper.make_node("Mul", ["x", "scale"], ["h"], name="mul"),
+        helper.make_node("Add", ["h", "shift"], ["y"], name="add"),
+    ]
+    model = make_model(nodes, [tensor("x", shape=[3, 2])], [tensor("y", shape=[3, 2])])
+    x = {"x": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    expected = run(model, x)[0]
+    result = convert(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    np.testing.assert_array_equal(run(result.model, x)[0], expected)  # exact in FP16 for these values
+    assert sorted(result.converted) == ["scale", "shift"]
+
+
 def test_resize_scales_stay_float32() -> None:
     nodes = [helper.make_node("Resize", ["x", "", "scales"], ["y"], name="resize", mode="nearest")]
     model = make_model(
@@ -266,7 +299,7 @@ def test_resize_scales_stay_float32() -> None:
         [tensor("y", shape=[1, 1, 4, 4])],
         [init(np.array([1, 1, 2, 2], np.float32), "scales")],
     )
-    result = ConvertToHalf().call(model)
+    result = convert(onnx.load_from_string(model.SerializeToString()))
     onnx.checker.check_model(result.model, full_check=True)
     assert {t.name: t.data_type for t in result.model.graph.initializer}["scales"] == TensorProto.FLOAT
     x = {"x": np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)}
@@ -286,7 +319,7 @@ def test_output_also_used_inside_the_graph() -> None:
         [tensor("h", shape=[2, 8]), tensor("p", shape=[2, 8]), tensor("r", shape=[2, 8])],
         [init(rng.standard_normal((8, 8)).astype(np.float32), "w")],
     )
-    result = ConvertToHalf().call(model)
+    result = convert(onnx.load_from_string(model.SerializeToString()))
     onnx.checker.check_model(result.model, full_check=True)
     feed = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
     for a, b in zip(run(model, feed), run(result.model, feed), strict=True):
@@ -300,16 +333,16 @@ def test_refuses_subgraphs_half_models_and_old_opsets_for_bf16() -> None:
         [node], [tensor("c", TensorProto.BOOL, []), tensor("x", shape=[1])], [tensor("y", shape=[1])]
     )
     with pytest.raises(GraphpruneError, match="subgraph"):
-        ConvertToHalf().call(model)
+        convert(model)
     half = block_model()
     half.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((64, 64), np.float16), "w1"))
     with pytest.raises(GraphpruneError, match="already stores half"):
-        ConvertToHalf().call(half)
+        convert(half)
     old = block_model()
     del old.opset_import[:]
     old.opset_import.append(helper.make_opsetid("", 12))
     with pytest.raises(GraphpruneError, match="opset 13"):
-        ConvertToHalf("bfloat16").call(old)
+        convert(old, "bfloat16")
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
@@ -332,6 +365,24 @@ def test_cli_convert_writes_atomically_and_never_touches_input(tmp_path) -> None
     assert both.exit_code == 2 and "one of" in both.output
 
 
+def test_cli_convert_keeps_external_data_external(tmp_path) -> None:
+    model = block_model()
+    source = tmp_path / "m.onnx"
+    onnx.save_model(
+        block_model(), str(source), save_as_external_data=True, location="m.onnx.data", size_threshold=0
+    )
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = CliRunner().invoke(app, ["convert", str(source), "--fp16"])
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    written = onnx.load(str(tmp_path / "m.fp16.onnx"), load_external_data=False)
+    w1 = next(t for t in written.graph.initializer if t.name == "w1")
+    assert w1.data_location == TensorProto.EXTERNAL and w1.data_type == TensorProto.FLOAT16
+    converted = onnx.load(str(tmp_path / "m.fp16.onnx"))
+    for a, b in zip(run(model, feeds()), run(converted, feeds()), strict=True):
+        assert close(b, a), float(np.abs(a - b).max())
+
+
 # --- a real model ------------------------------------------------------------------------------------------
 
 
@@ -345,7 +396,7 @@ def test_minilm_fp16_close_to_fp32_and_24_survives() -> None:
     except GraphpruneError as exc:  # no registry reachable (e.g. an offline GPU machine)
         pytest.skip(f"paraphrase-MiniLM-L3-v2 not available: {exc}")
     model = prune_24(onnx.load(str(path)))
-    result = ConvertToHalf().call(model)
+    result = convert(onnx.load_from_string(model.SerializeToString()))
     rng = np.random.default_rng(0)
     mask = np.ones((3, 24), np.int64)
     mask[1, 12:] = 0

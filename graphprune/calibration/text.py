@@ -91,5 +91,6 @@ def _tokenise(text: Path, tokenizer: Path) -> np.ndarray:
         tok = Tokenizer.from_file(str(tokenizer))
     except Exception as exc:
         raise GraphpruneError(f"cannot read tokenizer {tokenizer}: {str(exc).splitlines()[0]}") from None
+    tok.no_truncation()  # a tokenizer.json made for sentences (BERT's: 128 tokens) would cut the text short
     content = text.read_text(encoding="utf-8", errors="replace")
     return np.asarray(tok.encode(content, add_special_tokens=False).ids, dtype=np.int64)

@@ -7,16 +7,32 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from graphprune import artifacts
 from graphprune.errors import GraphpruneError
 
+# The order a user needs the commands in: prune, verify, measure; then the optional steps, then deployment.
+# A command that is not listed (yet) comes after these, in registration order.
+COMMAND_ORDER = ("apply", "check", "eval", "calibrate", "shrink", "convert", "build", "bench")
+
+
+class _OrderedGroup(TyperGroup):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = list(super().list_commands(ctx))
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda name: (rank.get(name, len(rank)), names.index(name)))
+
+
 app = typer.Typer(
     name="graphprune",
-    help="Prune ONNX models (Wanda, magnitude, SparseGPT; 2:4 or unstructured) for TensorRT deployment.",
+    cls=_OrderedGroup,
+    help="Prune ONNX models (Wanda, magnitude, SparseGPT; 2:4 or unstructured) for TensorRT deployment.\n\n"
+    "Typical flow: apply (prune) -> check (verify 2:4) -> eval (quality vs dense) -> convert (FP16) -> build.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from graphprune.cli.app import app, console, user_errors
+from graphprune.cli.app import app, console, out, user_errors
 from graphprune.cli.calib_options import (
     BatchSizeOpt,
     CalibOpt,
@@ -21,6 +21,8 @@ from graphprune.cli.calib_options import (
     TokenizerOpt,
     calibration_request,
 )
+from graphprune.cli.progress import display
+from graphprune.cli.tables import Col, fitted_table
 from graphprune.errors import GraphpruneError
 
 MAX_WARNINGS_SHOWN = 12
@@ -60,10 +62,14 @@ def calibrate_command(
             "written). The statistics are the same up to float rounding.",
         ),
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing statistics file.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, e.g. -q.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing statistics, e.g. --force.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON document on stdout instead of the table, e.g. --json."),
+    ] = False,
 ) -> None:
-    """Run MODEL over calibration data in ONNX Runtime and save Σx² per input channel of every prunable weight.
+    """Measure activations once (Σx² per input channel of every weight) and save them for any number of prunes.
 
     Example:
 
@@ -71,7 +77,6 @@ def calibrate_command(
     """
     from graphprune.artifacts import OutputPlan
     from graphprune.calibration import calibrate
-    from graphprune.cli.progress import progress_bar
     from graphprune.model_checks import check_model_file
 
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
@@ -86,12 +91,9 @@ def calibrate_command(
     outputs.check()  # before calibrating
     if model.is_file():
         check_model_file(model)  # corrupt tensors in one line, before ONNX Runtime meets them
-    with progress_bar("calibrating") if not quiet else nullcontext() as bar:
-
-        def show(done: int, total: int | None) -> None:
-            bar.progress.update(bar.task, completed=done, total=total)
-
-        stats = calibrate(model, request, progress=show if bar is not None else None)
+    with display(enabled=not quiet) as shown:
+        bar = shown.bar("calibrating", unit="samples")
+        stats = calibrate(model, request, progress=bar.update)
     for w in stats.warnings[:MAX_WARNINGS_SHOWN]:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
     if len(stats.warnings) > MAX_WARNINGS_SHOWN:
@@ -103,5 +105,15 @@ def calibrate_command(
     with outputs.transaction() as files:
         files.produce(target, stats.save, "statistics")
     written = target
-    rows = max(stats.rows.values(), default=0)
-    console.print(f"statistics for {len(stats.sumsq)} weights ({rows} rows at most) written to {written}")
+    weights = [
+        {"name": name, "k": int(values.shape[0]), "rows": int(stats.rows[name]), "gram": name in stats.gram}
+        for name, values in stats.sumsq.items()
+    ]
+    if as_json:
+        document = {"statistics": str(written), "weights": weights, "warnings": list(stats.warnings)}
+        typer.echo(json.dumps(document, indent=1))
+        return
+    rows = [[w["name"], str(w["k"]), str(w["rows"]), "yes" if w["gram"] else "no"] for w in weights]
+    columns = [Col("weight"), Col("K", "right"), Col("rows", "right"), Col("Gram")]
+    out.print(fitted_table(out, columns, rows))
+    out.print(f"statistics for {len(weights)} weights written to {written}", highlight=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +12,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from graphprune.cli.app import app, console, user_errors
+from graphprune.cli.app import app, console, out, user_errors
+from graphprune.cli.tables import Col, fitted_table
 from graphprune.errors import GraphpruneError
 
 
@@ -38,7 +41,7 @@ def convert(
 
     from graphprune.artifacts import OutputPlan
     from graphprune.graph.model_io import load_model, to_proto
-    from graphprune.passes.convert import ConvertToHalf
+    from graphprune.passes.convert import convert as convert_model
     from graphprune.tensorrt.eligibility import eligibility_report, summary
 
     if fp16 and bf16:
@@ -50,8 +53,8 @@ def convert(
     outputs.read(model, "the input model")
     outputs.model(output)
     outputs.check()
-    result = ConvertToHalf(dtype).call(to_proto(load_model(model)))  # the converter works on protobufs
-    converted = ir.from_proto(result.model)
+    result = convert_model(to_proto(load_model(model)), dtype)  # ONNX Runtime's converter works on protobufs
+    converted = ir.from_proto(result.model)  # wraps the converted tensors, copies none
     records = eligibility_report(converted)
     with outputs.transaction() as files:
         files.model(output, converted)
@@ -202,6 +205,10 @@ def bench(
     iterations: Annotated[
         int, typer.Option(help="Timed repetitions per measurement, e.g. --iterations 100.")
     ] = 100,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON document on stdout instead of the table, e.g. --json."),
+    ] = False,
 ) -> None:
     """Measure what 2:4 sparsity gains: dense vs sparse, same shapes, one run, with the ratio (needs a GPU).
 
@@ -210,33 +217,41 @@ def bench(
     if iterations <= 0:
         raise GraphpruneError(f"--iterations must be positive, got {iterations}")
     if backend == "torch":
-        _bench_torch(model, tokens, cutlass, iterations)
+        _bench_torch(model, tokens, cutlass, iterations, as_json)
     elif backend in ("tensorrt", "tensorrt-rtx"):
-        _bench_tensorrt(model, backend, shapes or [], precision, iterations)
+        _bench_tensorrt(model, backend, shapes or [], precision, iterations, as_json)
     else:
         raise GraphpruneError(f"unknown --backend {backend!r}: choose torch, tensorrt or tensorrt-rtx")
 
 
-def _bench_torch(model: Path, tokens: str, cutlass: bool, iterations: int) -> None:
+def _bench_torch(model: Path, tokens: str, cutlass: bool, iterations: int, as_json: bool) -> None:
     from graphprune.graph.model_io import load_model
-    from graphprune.tensorrt.bench_torch import (
-        bench_cases,
-        device_description,
-        markdown_table,
-        model_cases,
-        parse_tokens,
-    )
+    from graphprune.tensorrt.bench_torch import bench_cases, device_description, model_cases, parse_tokens
 
     counts = parse_tokens(tokens)
     cases = model_cases(load_model(model))
     if not cases:
         raise GraphpruneError(f"{model} has no weight that is 2:4 along K: prune it with --nm 2:4 first")
     results = bench_cases(cases, counts, "cutlass" if cutlass else "cusparselt", iterations)
-    console.print(f"{device_description()}, {'CUTLASS' if cutlass else 'cuSPARSELt'}", highlight=False)
-    typer.echo(markdown_table(results))
+    device = f"{device_description()}, {'CUTLASS' if cutlass else 'cuSPARSELt'}"
+    if as_json:
+        rows = [{**asdict(r), "dense_over_sparse": r.speedup} for r in results]
+        typer.echo(json.dumps({"device": device, "gemms": rows}, indent=1))
+        return
+    columns = [Col("weight"), Col("out x K", "right"), Col("tokens", "right"), Col("dense ms", "right")]
+    columns += [Col("2:4 ms", "right"), Col("dense/2:4", "right"), Col("note")]
+    table = []
+    for r in results:
+        sparse = f"{r.sparse_ms:.4f}" if r.sparse_ms else "-"
+        ratio = f"{r.speedup:.2f}x" if r.speedup else "-"
+        note = r.note or ("" if r.converts else "not semi-structured")
+        table.append([r.name, f"{r.out} x {r.k}", str(r.tokens), f"{r.dense_ms:.4f}", sparse, ratio, note])
+    out.print(fitted_table(out, columns, table, title=device))
 
 
-def _bench_tensorrt(model: Path, backend: str, shapes: list[str], precision: str | None, iterations: int) -> None:
+def _bench_tensorrt(
+    model: Path, backend: str, shapes: list[str], precision: str | None, iterations: int, as_json: bool
+) -> None:
     from graphprune.tensorrt.build import build_engine, has_cuda_gpu
     from graphprune.tensorrt.run import time_engine
 
@@ -253,12 +268,19 @@ def _bench_tensorrt(model: Path, backend: str, shapes: list[str], precision: str
             )
             timings[sparse] = time_engine(engine, shapes, iterations, backend=backend)
     dense, sparse_t = timings[False], timings[True]
-    table = Table(
-        title=f"{model.name}: dense vs sparse {report.product} {report.version} engine ({report.precision})"
-    )
-    for column in ("engine", "median ms", "p90 ms", "items/s"):
-        table.add_column(column)
-    for label, t in (("dense", dense), ("sparse", sparse_t)):
-        table.add_row(label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.throughput:.1f}")
-    console.print(table)
-    console.print(f"dense/sparse latency ratio: {dense.median_ms / sparse_t.median_ms:.2f}x", highlight=False)
+    ratio = dense.median_ms / sparse_t.median_ms
+    engine_name = f"{report.product} {report.version}"
+    if as_json:
+        pairs = (("dense", dense), ("sparse", sparse_t))
+        engines = {label: {**asdict(t), "throughput": t.throughput} for label, t in pairs}
+        document = {"engine": engine_name, "precision": report.precision, **engines, "dense_over_sparse": ratio}
+        typer.echo(json.dumps(document, indent=1))
+        return
+    columns = [Col("engine"), Col("median ms", "right"), Col("p90 ms", "right"), Col("items/s", "right")]
+    rows = [
+        [label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.throughput:.1f}"]
+        for label, t in (("dense", dense), ("sparse", sparse_t))
+    ]
+    title = f"{model.name}: dense vs sparse {engine_name} engine ({report.precision})"
+    out.print(fitted_table(out, columns, rows, title=title))
+    out.print(f"dense/sparse latency ratio: {ratio:.2f}x", highlight=False)

@@ -8,11 +8,13 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.table import Table
 
 from graphprune.cli.app import app, out, user_errors
-from graphprune.cli.progress import progress_bar
+from graphprune.cli.progress import Display, display
+from graphprune.cli.tables import Col, fitted_table
 from graphprune.errors import GraphpruneError
+
+DEFAULT_TEXT_WINDOWS = 64
 
 
 @app.command("eval")
@@ -23,8 +25,9 @@ def evaluate(
     calib: Annotated[
         Path | None,
         typer.Option(
-            help="Held-out inputs, in a calibration format: an .npz with one array per model input, or a "
-            "directory of .npz feeds. Example: --calib heldout.npz"
+            help="Held-out inputs to compare the outputs on, in a calibration format: an .npz with one array per "
+            "model input, a directory of .npz feeds, or a text file with --tokenizer (--windows windows of "
+            "--seqlen tokens at seeded random places, default 64). Example: --calib heldout.npz"
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per run for --calib. Example: --batch-size 4")] = 8,
@@ -34,7 +37,9 @@ def evaluate(
     ] = None,
     tokenizer: Annotated[
         Path | None,
-        typer.Option(help="A Hugging Face tokenizer.json for --text. Example: --tokenizer tokenizer.json"),
+        typer.Option(
+            help="A Hugging Face tokenizer.json for --text or a text --calib. Example: --tokenizer tokenizer.json"
+        ),
     ] = None,
     token_windows: Annotated[
         Path | None,
@@ -45,7 +50,11 @@ def evaluate(
     ] = None,
     seqlen: Annotated[int, typer.Option(help="Tokens per perplexity window. Example: --seqlen 512")] = 512,
     windows: Annotated[
-        int | None, typer.Option(help="Use only the first N non-overlapping windows. Example: --windows 32")
+        int | None,
+        typer.Option(
+            help="Perplexity: use only the first N non-overlapping windows; text --calib: draw N windows "
+            "(default 64). Example: --windows 32"
+        ),
     ] = None,
     offset: Annotated[int, typer.Option(help="Skip this many tokens of --text first. Example: --offset 1000")] = 0,
     bos: Annotated[
@@ -55,10 +64,16 @@ def evaluate(
             "beside it, or its template), else none. Example: --bos '<s>'"
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON for pipelines.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON document on stdout instead of the tables. Example: --json"),
+    ] = False,
 ) -> None:
-    """Compare a pruned model with its dense original: per output cosine similarity, relative L2 error and
-    top-1 agreement of the last axis (for logits) on --calib data, and perplexity of both on --text.
+    """Measure what pruning cost: the pruned model's outputs and perplexity next to the dense model's.
+
+    On --calib data: per output, the cosine similarity of pruned and dense outputs (1 = identical; for an
+    encoder, the embeddings), relative L2 error and top-1 agreement of the last axis (for logits). On --text
+    or --token-windows: perplexity of both models.
 
     Example: graphprune eval model.onnx model.pruned.onnx --text heldout.txt --tokenizer tokenizer.json
     """
@@ -70,21 +85,31 @@ def evaluate(
         if not path.is_file():
             raise GraphpruneError(f"{path}: no such model file")
     report: dict[str, Any] = {"dense": str(dense), "pruned": str(pruned)}
-    if calib is not None:
-        report["outputs"] = _compare(dense, pruned, calib, batch_size)
-    if text is not None or token_windows is not None:
-        ids, report["bos"] = _windows(text, tokenizer, token_windows, seqlen, windows, offset, bos)
-        report["windows"] = list(ids.shape)
-        for name, model in (("dense", dense), ("pruned", pruned)):
-            with progress_bar(f"perplexity ({name})", ids.shape[0]) as bar:
-                report[f"perplexity_{name}"] = perplexity(model, ids, progress=lambda done, total: bar.advance())
+    with display() as shown:
+        if calib is not None:
+            report["outputs"] = _compare(shown, dense, pruned, calib, batch_size, tokenizer, seqlen, windows)
+        if text is not None or token_windows is not None:
+            ids, report["bos"] = _windows(text, tokenizer, token_windows, seqlen, windows, offset, bos)
+            report["windows"] = list(ids.shape)
+            for name, model in (("dense", dense), ("pruned", pruned)):
+                bar = shown.bar(f"perplexity ({name})", ids.shape[0], unit="windows")
+                report[f"perplexity_{name}"] = perplexity(model, ids, progress=bar.update)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:
         _print(report)
 
 
-def _compare(dense: Path, pruned: Path, calib: Path, batch_size: int) -> list[dict[str, object]]:
+def _compare(
+    shown: Display,
+    dense: Path,
+    pruned: Path,
+    calib: Path,
+    batch_size: int,
+    tokenizer: Path | None,
+    seqlen: int,
+    windows: int | None,
+) -> list[dict[str, object]]:
     import onnx_ir as ir
 
     from graphprune.calibration.data import open_source
@@ -95,7 +120,15 @@ def _compare(dense: Path, pruned: Path, calib: Path, batch_size: int) -> list[di
 
     model = ir.to_proto(load_model(dense))  # graph and signature only: external weights stay in their files
     specs = model_inputs(model)
-    source = open_source(calib, model, specs, batch_size=batch_size)
+    source = open_source(
+        calib,
+        model,
+        specs,
+        batch_size=batch_size,
+        tokenizer=tokenizer,
+        seqlen=seqlen,
+        nsamples=windows or DEFAULT_TEXT_WINDOWS,
+    )
     sessions = [open_session(p) for p in (dense, pruned)]
     check_comparable(*sessions)
     names = [o.name for o in sessions[0].get_outputs()]
@@ -110,9 +143,9 @@ def _compare(dense: Path, pruned: Path, calib: Path, batch_size: int) -> list[di
 
         return run
 
-    with progress_bar("comparing outputs", source.total) as bar:
-        feeds = (validate_feed(feed, specs, label) for label, feed in source)
-        results = compare_outputs(runner(sessions[0]), runner(sessions[1]), feeds, on_batch=bar.advance)
+    bar = shown.bar("comparing outputs", source.total, unit="samples")
+    feeds = (validate_feed(feed, specs, label) for label, feed in source)
+    results = compare_outputs(runner(sessions[0]), runner(sessions[1]), feeds, on_batch=bar.advance)
     return [r.to_dict() for r in results]
 
 
@@ -140,25 +173,28 @@ def _windows(
     from tokenizers import Tokenizer
 
     found = find_bos(tokenizer, bos)
-    encoded = Tokenizer.from_file(str(tokenizer)).encode(text.read_text(), add_special_tokens=False)
+    tok = Tokenizer.from_file(str(tokenizer))
+    tok.no_truncation()  # a tokenizer.json made for sentences would cut the text short
+    encoded = tok.encode(text.read_text(), add_special_tokens=False)
     ids = text_windows(np.array(encoded.ids), seqlen, count, offset, found[0] if found else None)
     return ids, f"{found[1]} (id {found[0]})" if found else "none"
 
 
 def _print(report: dict[str, Any]) -> None:
     if "outputs" in report:
-        table = Table(title="outputs, pruned vs dense")
-        for column in ("output", "samples", "cosine", "relative L2", "top-1 agreement"):
-            table.add_column(column)
+        columns = [Col("output"), Col("samples", "right"), Col("cosine", "right"), Col("rel. L2", "right")]
+        columns.append(Col("top-1", "right"))
+        rows = []
         for row in report["outputs"]:
             top1 = row["top1_agreement"]
             cells = [f"{row['cosine']:.4f}", f"{row['relative_l2']:.4f}", "-" if top1 is None else f"{top1:.2%}"]
-            table.add_row(row["output"], str(row["samples"]), *cells)
-        out.print(table)
+            rows.append([row["output"], str(row["samples"]), *cells])
+        out.print(fitted_table(out, columns, rows, title="outputs, pruned vs dense (cosine 1 = identical)"))
     if "perplexity_dense" in report:
         count, length = report["windows"]
-        out.print(
-            f"perplexity on {count} windows of {length} tokens (BOS: {report['bos']}): "
-            f"dense {report['perplexity_dense']:.3f}, pruned {report['perplexity_pruned']:.3f}",
-            highlight=False,
-        )
+        rows = [
+            ["dense", f"{report['perplexity_dense']:.3f}"],
+            ["pruned", f"{report['perplexity_pruned']:.3f}"],
+        ]
+        title = f"perplexity on {count} windows of {length} tokens (BOS: {report['bos']})"
+        out.print(fitted_table(out, [Col("model"), Col("perplexity", "right")], rows, title=title))

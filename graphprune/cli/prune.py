@@ -9,7 +9,6 @@ from typing import Annotated
 
 import onnx_ir as ir
 import typer
-from rich.table import Table
 
 from graphprune.algorithms.pattern import NMPattern, Scope
 from graphprune.algorithms.scores import Method
@@ -27,14 +26,15 @@ from graphprune.cli.calib_options import (
     calibration_request,
 )
 from graphprune.cli.options import pattern_from_options
-from graphprune.cli.progress import progress_bar
+from graphprune.cli.progress import Bar, display
+from graphprune.cli.tables import Col, fitted_table
 from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model
 from graphprune.graph.targets import find_targets
 from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PruneResult
 from graphprune.pipeline.files import prune_file, report_path
-from graphprune.tensorrt.eligibility import Eligibility, eligibility_report, render_table, summary
+from graphprune.tensorrt.eligibility import Eligibility, eligibility_report, summary
 
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model to read (never modified). Example: model.onnx")]
 NmOpt = Annotated[
@@ -55,6 +55,14 @@ ExcludeOpt = Annotated[
         "--exclude",
         help="Leave weights whose name or node name matches this pattern dense (repeatable). "
         "Example: --exclude '*attn*'",
+    ),
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print one JSON document on stdout instead of the table (progress and warnings stay on stderr). "
+        "Example: --json",
     ),
 ]
 HeadOpt = Annotated[
@@ -139,10 +147,11 @@ def apply(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     include_head: HeadOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Prune a model's matrix weights and write a new model plus a JSON report.
+    """Prune a model's weights (2:4 by default) and write a new model plus a JSON report.
 
-    Example: graphprune apply model.onnx --nm 2:4
+    Example: graphprune apply model.onnx --nm 2:4 --calib corpus.txt --tokenizer tokenizer.json
     """
     pattern = pattern_from_options(nm, sparsity, scope)
     chosen = method or (Method.WANDA if stats or calib else Method.MAGNITUDE)
@@ -160,10 +169,18 @@ def apply(
     )
     unit = "level" if by_level else "block"
 
-    def on_group(done: int, total: int) -> None:  # the cost: one calibration segment per group
-        bar.describe(f"pruning: {unit} {min(done + 1, total)} of {total} calibrated on the pruned ones before it")
+    with display() as shown:
+        calibrating: list[Bar] = []  # opened on the first calibration batch: magnitude never calibrates
+        bar = shown.bar("pruning")
 
-    with progress_bar("pruning") as bar:
+        def on_calibration(done: int, total: int | None) -> None:
+            if not calibrating:
+                calibrating.append(shown.bar("calibrating", total, unit="samples"))
+            calibrating[0].update(done, total)
+
+        def on_group(done: int, total: int) -> None:  # the cost: one calibration segment per group
+            bar.describe(f"pruning {unit} {min(done + 1, total)}/{total}")
+
         written, result = prune_file(
             model,
             config,
@@ -177,8 +194,12 @@ def apply(
             on_message=lambda text: console.print(f"[yellow]warning:[/yellow] {text}", highlight=False),
             on_group=on_group,
             reads=[stats] if stats else [],
+            on_calibration=on_calibration,
         )
-    _print_summary(result, written)
+    if as_json:
+        typer.echo(json.dumps(_apply_dict(result, written), indent=1))
+    else:
+        _print_summary(result, written)
 
 
 @app.command()
@@ -189,7 +210,7 @@ def check(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     include_head: HeadOpt = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON for pipelines.")] = False,
+    as_json: JsonOpt = False,
     eligibility: Annotated[
         bool,
         typer.Option(
@@ -198,9 +219,11 @@ def check(
         ),
     ] = True,
 ) -> None:
-    """Verify every target's N:M pattern along its K axis; exit 1 on any violation (a deployment gate).
+    """Verify every weight's N:M pattern along K and TensorRT's sparse eligibility; exit 1 on a violation.
 
-    The same selection as `apply` (head left out unless --include-head). Example: graphprune check m.onnx --nm 2:4
+    The same selection as `apply` (head left out unless --include-head); a deployment gate.
+
+    Example: graphprune check model.pruned.onnx --nm 2:4
     """
     pattern = pattern_from_options(nm, None, Scope.OUTPUT)
     assert isinstance(pattern, NMPattern)
@@ -213,10 +236,7 @@ def check(
             verdict["tensorrt_eligibility"] = [asdict(r) for r in records]
         typer.echo(json.dumps(verdict, indent=1))
     else:
-        _print_check(result)
-        if records is not None:
-            out.print(render_table(records))
-            out.print(f"TensorRT sparse eligibility: {summary(records)}", highlight=False)
+        _print_check(result, records)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -233,29 +253,73 @@ def _load_stats(path: Path) -> ActivationStats:
     return ActivationStats.load(path)
 
 
+def _apply_dict(result: PruneResult, written: Path) -> dict:
+    """What the summary table shows, plus each skipped weight's reason."""
+    return {
+        "method": result.config.method.value,
+        "pattern": str(result.config.pattern),
+        "weights_found": len(result.weights),
+        "pruned": len(result.pruned),
+        "skipped": [{"name": w.name, "reason": w.skipped} for w in result.skipped],
+        "sparsity_achieved": result.achieved_sparsity(),
+        "model": str(written),
+        "report": str(report_path(written)),
+    }
+
+
 def _print_summary(result: PruneResult, written: Path) -> None:
-    table = Table(title=f"graphprune {result.config.method.value} {result.config.pattern}", show_header=False)
-    table.add_row("weights found", str(len(result.weights)))
-    table.add_row("pruned", str(len(result.pruned)))
-    table.add_row("skipped", str(len(result.skipped)))
-    table.add_row("sparsity achieved", f"{result.achieved_sparsity():.2%} of pruned weights")
-    table.add_row("model", str(written))
-    table.add_row("report", str(report_path(written)))
-    out.print(table)
+    summary = _apply_dict(result, written)
+    rows = [
+        ["weights found", str(summary["weights_found"])],
+        ["pruned", str(summary["pruned"])],
+        ["skipped", str(len(result.skipped))],
+        ["sparsity achieved", f"{summary['sparsity_achieved']:.2%} of pruned weights"],
+        ["model", summary["model"]],
+        ["report", summary["report"]],
+    ]
+    title = f"graphprune {summary['method']} {summary['pattern']}"
+    out.print(fitted_table(out, [Col(""), Col("")], rows, flex=1, title=title, show_header=False))
     for weight in result.skipped:
         out.print(f"  skipped {weight.name}: {weight.skipped}", highlight=False)
 
 
-def _print_check(result: CheckResult) -> None:
-    for weight in result.weights:
-        mark = "[green]ok[/green]" if weight.ok else "[red]VIOLATION[/red]"
-        detail = f" {weight.bad_groups}/{weight.total_groups} bad groups, first at {weight.first_bad}"
-        detail = "" if weight.ok else detail
-        out.print(f"{mark} {weight.name} (K axis {weight.k_axis}, {weight.sparsity:.1%} zeros){detail}")
+_STATUS = {"eligible": "[green]eligible[/green]", "too small to gain": "[yellow]too small[/yellow]"}
+
+
+def _print_check(result: CheckResult, records: list[Eligibility] | None) -> None:
+    """One row per weight: its zeros, the N:M verdict and, for 2:4, TensorRT's; reasons below the table."""
+    by_name = {r.name: r for r in records or []}
+    several_ops = len({w.op for w in result.weights}) > 1  # one op for all (MatMul) says nothing: room for names
+    columns = [Col("weight"), *([Col("op")] if several_ops else [])]
+    columns += [Col("out x K", "right"), Col("zeros", "right"), Col(str(result.pattern))]
+    if records is not None:
+        columns += [Col("precision"), Col("TensorRT")]
+    rows = []
+    for w in result.weights:
+        verdict = "[green]ok[/green]" if w.ok else f"[red]{w.bad_groups}/{w.total_groups} bad[/red]"
+        record = by_name.get(w.name)
+        shape = f"{record.out_channels} x {record.k}" if record else "-"
+        row = [w.name, *([w.op] if several_ops else []), shape, f"{w.sparsity:.1%}", verdict]
+        if records is not None:
+            row += (
+                [record.precision, _STATUS.get(record.status, "[red]ineligible[/red]")] if record else ["-", "-"]
+            )
+        rows.append(row)
+    out.print(fitted_table(out, columns, rows))
+    for w in result.violations:
+        out.print(f"[red]violation[/red] {w.name}: first bad group at stored index {w.first_bad}", highlight=False)
     for skip in result.skipped:
-        out.print(f"[dim]not checked {skip.name}: {skip.reason}[/dim]")
-    verdict = "passes" if result.ok else f"FAILS in {len(result.violations)} weights"
-    out.print(f"{result.pattern} check {verdict} ({len(result.weights)} weights checked)")
+        out.print(f"[dim]not checked {skip.name}: {skip.reason}[/dim]", highlight=False)
+    reasons: dict[str, list[str]] = {}
+    for record in records or []:
+        for reason in record.reasons:
+            reasons.setdefault(reason, []).append(record.name)
+    for reason, names in reasons.items():
+        out.print(f"[yellow]TensorRT[/yellow] ({len(names)} weights): {reason}", highlight=False)
+    verdict = "passes" if result.ok else f"[red]FAILS[/red] in {len(result.violations)} weights"
+    out.print(f"{result.pattern} check {verdict} ({len(result.weights)} weights checked)", highlight=False)
+    if records is not None:
+        out.print(f"TensorRT sparse eligibility: {summary(records)}", highlight=False)
 
 
 def _check_dict(result: CheckResult) -> dict:

@@ -1,42 +1,38 @@
 """Convert an FP32 ONNX model to FP16 or BF16 computation, keeping its interface and every pruned zero.
 
-What the pass does (``ConvertToHalf(dtype).call(model)``):
+FP16 is ONNX Runtime's converter (``onnxruntime.transformers.float16.convert_float_to_float16``) with
+``keep_io_types=True`` and our list of ops kept in FP32; BF16 reuses its graph decisions and rounds the values
+itself (:mod:`graphprune.passes.bf16`). What :func:`convert` does to a model:
 
-* Float32 initializers and Constant values become half precision, computation follows them: every float32 tensor
-  of the graph is computed in half precision, except in the ops kept in FP32 (below).
-* Graph inputs and outputs keep their float32 type and their names: a Cast to half follows each float input, a Cast
-  back to float32 precedes each float output.
-* Numerically sensitive ops stay in FP32 with Casts around them (:data:`DEFAULT_FP32_OPS`):
+* Float32 initializers and Constant values become half precision and computation follows them, except in the ops
+  kept in FP32 (:data:`FP32_OPS`), which get Casts around them. Initializers read only by those ops stay float32.
+* Graph inputs and outputs keep their float32 type and names (a Cast after each input, before each output).
+* Numerically sensitive ops stay in FP32: normalisations (mean and variance of a row), Softmax/LogSoftmax and the
+  Reduce* ops (long sums), Pow and Sqrt (the RMSNorm chain: ``x**2`` overflows FP16 once ``|x| > 256``, and LLM
+  hidden states have outliers far beyond that), Exp and Log (``exp(x)`` overflows FP16 for ``x > 11``), plus ONNX
+  Runtime's own default list (Range, TopK, Min, Max, CumSum, ...: ops without FP16 kernels there). MatMul, Gemm and
+  Conv -- the pruned ops -- always run in half precision.
+* Rounding (:func:`to_half`): zeros stay zeros (every pruned zero survives), a non-zero too small for the type
+  becomes the smallest subnormal of its sign, finite values beyond the range saturate to the largest finite value:
+  the set of non-zeros, the sparsity pattern, is exactly the input's. Counts are in :class:`ConvertResult`.
+* IR version, opset imports, producer and metadata are kept; the nodes are left in topological order.
 
-  - normalisations (LayerNormalization and friends): mean and variance of a row of activations;
-  - Softmax / LogSoftmax: a sum of exponentials over a whole row;
-  - ReduceMean / ReduceSum / ReduceSumSquare / ReduceL1 / ReduceL2 / ReduceLogSum(Exp) and CumSum: long sums;
-  - Pow and Sqrt: the RMSNorm chain ``Pow(x, 2) -> ReduceMean -> Add(eps) -> Sqrt``; ``x**2`` overflows FP16 as
-    soon as ``|x| > 256``, and LLM hidden states have outliers far beyond that;
-  - Exp and Log: ``exp(x)`` overflows FP16 for ``x > 11``, and log of FP16 subnormals is coarse.
+Memory: the model is converted in place, one tensor at a time (each initializer's FP32 bytes are replaced by its
+half-precision bytes before the next is read), and type inference runs on a copy without weight data, so a model
+over 2 GB is never serialised as one protobuf. A model loaded without its external data cannot be converted.
 
-  Erf, Tanh, Sigmoid and Gelu stay in half precision: their outputs are bounded and FP16 gives them about three
-  significant digits, which is what the matrix multiplications around them keep anyway. MatMul, Gemm and Conv (the
-  pruned ops) are the point of the conversion and always run in half precision.
-  Initializers consumed only by FP32 ops (LayerNorm scale and bias, the exponent of Pow) stay float32, unrounded.
-* Rounding of stored values (:func:`to_half`): zeros stay zeros (every pruned zero survives), a non-zero value too
-  small for the target type becomes the smallest subnormal of its sign instead of zero, so the set of non-zeros --
-  the sparsity pattern -- is exactly the input's; finite values beyond the range saturate to the largest finite
-  value instead of becoming infinity. The counts are in :class:`ConvertResult`.
-* IR version, opset imports, producer and metadata are copied unchanged. Value infos of float tensors are
-  rewritten with the new type.
+Not supported (one-line error): subgraphs (If/Loop/Scan bodies), models that already compute in half precision,
+tensors whose type ONNX inference cannot tell.
 
-Not supported (clear error): subgraphs (If/Loop/Scan bodies) and models whose float32 tensors have no inferable
-type.
-
-Note for testing on the CPU: ONNX Runtime's CPU provider has FP16 kernels for only some ops and runs the others in
-FP32 behind casts that it inserts itself, so a CPU run checks the rounding of weights and activations at op
-boundaries, not every op's FP16 arithmetic. It has almost no BF16 kernels.
+Testing on the CPU: ONNX Runtime's CPU provider has FP16 kernels for only some ops and runs the others in FP32
+behind casts it inserts itself, so a CPU run checks the rounding at op boundaries, not every op's FP16 arithmetic.
+It has almost no BF16 kernels.
 """
 
 from __future__ import annotations
 
-import copy
+import heapq
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
@@ -50,7 +46,8 @@ from graphprune.errors import GraphpruneError
 
 HalfType = Literal["float16", "bfloat16"]
 
-DEFAULT_FP32_OPS: frozenset[str] = frozenset(
+# Ours: ops whose FP16 arithmetic loses the result (see the module docstring).
+SENSITIVE_OPS: frozenset[str] = frozenset(
     {
         "LayerNormalization",
         "SimplifiedLayerNormalization",
@@ -77,24 +74,23 @@ DEFAULT_FP32_OPS: frozenset[str] = frozenset(
         "Log",
     }
 )
-
-# Inputs that the ONNX specification types as float32 whatever the data type of the rest of the node.
-_FLOAT32_ONLY_INPUTS: dict[str, frozenset[int]] = {"Resize": frozenset({2}), "Upsample": frozenset({1})}
-# Ops whose attribute, not an input, decides the float type they produce.
-_DTYPE_ATTRIBUTES: dict[str, str] = {
-    "Cast": "to",
-    "EyeLike": "dtype",
-    "RandomNormal": "dtype",
-    "RandomUniform": "dtype",
-    "RandomNormalLike": "dtype",
-    "RandomUniformLike": "dtype",
-    "Bernoulli": "dtype",
-}
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
-_ONNX_TYPE: dict[str, int] = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
-_NUMPY_TYPE: dict[str, type] = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+_HALF_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+_FP16_MIN_POSITIVE = float(np.finfo(np.float16).smallest_subnormal)
+_FP16_MAX = float(np.finfo(np.float16).max)
 
-HALF, FP32 = "half", "fp32"
+
+def _ort_float16():  # lazily: onnxruntime is an extra ([cpu] or [gpu])
+    try:
+        from onnxruntime.transformers import float16
+    except ImportError as exc:
+        raise GraphpruneError("convert needs onnxruntime: pip install 'graphprune[cpu]' (or '[gpu]')") from exc
+    return float16
+
+
+def fp32_ops() -> frozenset[str]:
+    """The ops kept in FP32: ours and ONNX Runtime's default block list."""
+    return SENSITIVE_OPS | frozenset(_ort_float16().DEFAULT_OP_BLOCK_LIST)
 
 
 @dataclass
@@ -113,342 +109,210 @@ class RoundingStats:
 
 @dataclass
 class ConvertResult:
-    """The converted model and what the conversion did."""
+    """The converted model (the input object, changed in place) and what the conversion did."""
 
     model: onnx.ModelProto
     dtype: HalfType
-    converted: list[str] = field(default_factory=list)  # initializers / Constant outputs stored in half precision
-    kept_fp32: list[str] = field(default_factory=list)  # initializers kept float32 (FP32-only consumers)
-    fp32_nodes: list[str] = field(default_factory=list)  # nodes kept in FP32
+    converted: list[str] = field(default_factory=list)  # initializers stored in half precision
+    kept_fp32: list[str] = field(default_factory=list)  # float32 initializers left as they are (FP32-only readers)
+    fp32_nodes: list[str] = field(default_factory=list)  # nodes computing in FP32
     casts_inserted: int = 0
     rounding: RoundingStats = field(default_factory=RoundingStats)
 
+    @property
+    def modified(self) -> bool:
+        return bool(self.converted or self.casts_inserted)
 
-def to_half(values: np.ndarray, dtype: HalfType) -> tuple[np.ndarray, RoundingStats]:
-    """Round float32 ``values`` to ``dtype``: zeros stay zeros, non-zeros stay non-zero, overflow saturates."""
-    target = _NUMPY_TYPE[dtype]
-    info = ml_dtypes.finfo(target)
+
+def rounding_stats(values: np.ndarray, dtype: HalfType) -> RoundingStats:
+    """How many of the float32 ``values`` plain rounding to ``dtype`` would zero (:func:`to_half` raises them to
+    the smallest subnormal) or make infinite (:func:`to_half` saturates them)."""
     src = np.asarray(values, dtype=np.float32)
     with np.errstate(over="ignore"):
-        out = src.astype(target)
-    finite = np.isfinite(src)
-    overflow = finite & ~np.isfinite(out)
-    if overflow.any():
-        out[overflow] = np.where(src[overflow] > 0, info.max, -info.max).astype(target)
-    lost = (src != 0) & (out == 0)
-    if lost.any():
-        tiny = np.asarray(info.smallest_subnormal, dtype=target)
-        out[lost] = np.where(src[lost] > 0, tiny, -tiny).astype(target)
-    return out, RoundingStats(int(src.size), int(lost.sum()), int(overflow.sum()))
+        plain = src.astype(np.float16 if dtype == "float16" else ml_dtypes.bfloat16)
+    lost = int(np.count_nonzero((src != 0) & (plain == 0)))
+    overflow = int(np.count_nonzero(np.isfinite(src) & ~np.isfinite(plain)))
+    return RoundingStats(int(src.size), lost, overflow)
 
 
-def half_tensor(tensor: TensorProto, dtype: HalfType) -> tuple[TensorProto, RoundingStats]:
-    """A float32 TensorProto rounded to ``dtype`` with :func:`to_half`, same name and dims."""
-    values, stats = to_half(numpy_helper.to_array(tensor), dtype)
-    if dtype == "float16":
-        converted = numpy_helper.from_array(values, tensor.name)
-    else:  # numpy_helper does not know ml_dtypes.bfloat16: raw bytes in little-endian order
-        converted = helper.make_tensor(
-            tensor.name, TensorProto.BFLOAT16, list(tensor.dims), values.view(np.uint16).tobytes(), raw=True
-        )
-    return converted, stats
+def to_half(values: np.ndarray, dtype: HalfType) -> tuple[np.ndarray, RoundingStats]:
+    """Round float32 ``values`` to ``dtype``: zeros stay zeros, non-zeros stay non-zero, overflow saturates.
+
+    FP16 is ONNX Runtime's rounding (clamp into the finite non-zero range, then round to nearest even); BF16 is
+    :func:`graphprune.passes.bf16.to_bfloat16`, the same rule for BF16's range.
+    """
+    src = np.asarray(values, dtype=np.float32)
+    stats = rounding_stats(src, dtype)
+    if dtype == "bfloat16":
+        from graphprune.passes.bf16 import to_bfloat16
+
+        return to_bfloat16(src), stats
+    return _ort_float16().convert_np_to_float16(src, _FP16_MIN_POSITIVE, _FP16_MAX), stats
 
 
-class ConvertToHalf:
-    """Graph pass: FP32 model -> FP16/BF16 model with FP32 interface (not in place: returns a new model)."""
+def convert(
+    model: onnx.ModelProto,
+    dtype: HalfType = "float16",
+    fp32_op_types: frozenset[str] | None = None,
+    fp32_nodes: frozenset[str] = frozenset(),
+) -> ConvertResult:
+    """Convert ``model`` in place to ``dtype`` computation with an FP32 interface; see the module docstring.
 
-    in_place = False
+    ``fp32_op_types`` defaults to :func:`fp32_ops`; ``fp32_nodes`` names further nodes to keep in FP32.
+    """
+    if dtype not in ("float16", "bfloat16"):
+        raise GraphpruneError(f"unsupported half type {dtype!r}: use float16 or bfloat16")
+    _check_supported(model, dtype)
+    blocked = fp32_ops() if fp32_op_types is None else fp32_op_types
+    _constants_as_tensors(model.graph)
+    inferred = _inferred_value_info(model)
+    nodes_before = len(model.graph.node)
+    stats = {
+        key: rounding_stats(numpy_helper.to_array(t), dtype)
+        for key, t in _float_tensors(model, nodes_before).items()
+    }
+    bf16 = None
+    if dtype == "bfloat16":
+        from graphprune.passes.bf16 import Bf16Values
 
-    def __init__(
-        self,
-        dtype: HalfType = "float16",
-        fp32_ops: frozenset[str] = DEFAULT_FP32_OPS,
-        fp32_nodes: frozenset[str] = frozenset(),
-    ) -> None:
-        if dtype not in _ONNX_TYPE:
-            raise GraphpruneError(f"unsupported half type {dtype!r}: use float16 or bfloat16")
-        self.dtype: HalfType = dtype
-        self.fp32_ops = fp32_ops
-        self.fp32_nodes = fp32_nodes
-
-    def call(self, model: onnx.ModelProto) -> ConvertResult:
-        _check_supported(model, self.dtype)
-        out = copy.deepcopy(model)
-        result = ConvertResult(out, self.dtype)
-        _Rewriter(out.graph, _float32_tensors(model), self, result).run()
-        return result
+        bf16 = Bf16Values.capture(model)  # our own rounding of the same values, kept aside at half the size
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred)
+    float16 = _ort_float16()
+    logging.getLogger(float16.__name__).setLevel(logging.WARNING)  # it logs every clamped value at DEBUG/INFO
+    float16.convert_float_to_float16(
+        model,
+        min_positive_val=_FP16_MIN_POSITIVE,
+        max_finite_val=_FP16_MAX,
+        keep_io_types=True,
+        disable_shape_infer=True,  # done above on a copy without weights: no >2 GB protobuf
+        op_block_list=sorted(blocked),
+        node_block_list=sorted(fp32_nodes),
+    )
+    result = ConvertResult(model, dtype, casts_inserted=len(model.graph.node) - nodes_before)
+    for (name, position), tensor in _float_tensors(model, nodes_before).items():
+        if (name, position) not in stats:  # ConstantOfShape's default fill, written by the converter
+            continue
+        if tensor.data_type == TensorProto.FLOAT:
+            result.kept_fp32.append(name)
+        else:
+            result.converted.append(name)
+            result.rounding.add(stats[(name, position)])
+    result.fp32_nodes = [
+        n.name or n.op_type for n in model.graph.node if n.op_type in blocked or n.name in fp32_nodes
+    ]
+    if bf16 is not None:
+        bf16.apply(model)
+    _sort_topologically(model.graph)  # after bf16.apply, which finds the original nodes by position
+    return result
 
 
 def _check_supported(model: onnx.ModelProto, dtype: HalfType) -> None:
-    for node in model.graph.node:
+    graph = model.graph
+    for node in graph.node:
         if node.op_type in _SUBGRAPH_OPS or any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute):
             raise GraphpruneError(
                 f"node {node.name or node.op_type!r} ({node.op_type}) has a subgraph: convert does not handle "
                 "If/Loop/Scan bodies yet"
             )
+        if node.op_type == "Cast" and any(a.name == "to" and a.i in _HALF_TYPES for a in node.attribute):
+            raise GraphpruneError(
+                f"node {node.name or node.op_type!r} casts to half precision: convert expects an FP32 model"
+            )
+    if any(t.data_type in _HALF_TYPES for t in graph.initializer):
+        raise GraphpruneError("the model already stores half-precision weights: convert expects an FP32 model")
+    for tensor in graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL and tensor.data_type == TensorProto.FLOAT:
+            raise GraphpruneError(
+                f"initializer {tensor.name!r} is external data that was not loaded: load the model with its data"
+            )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if dtype == "bfloat16" and opset < 13:
         raise GraphpruneError(f"bfloat16 needs opset 13 or newer, the model has opset {opset}: use --fp16")
-    if any(
-        i.data_type == TensorProto.FLOAT16 or i.data_type == TensorProto.BFLOAT16 for i in model.graph.initializer
-    ):
-        raise GraphpruneError("the model already stores half-precision weights: convert expects an FP32 model")
 
 
-def _float32_tensors(model: onnx.ModelProto) -> set[str]:
-    """Names of the float32 tensors of the graph, from the declared types and ONNX shape inference."""
-    light = _without_weight_data(model)
+def _constants_as_tensors(graph: onnx.GraphProto) -> None:
+    """Constant nodes with ``value_float(s)`` hold a tensor instead: ONNX Runtime's converter only rewrites tensor
+    attributes, so a float attribute would leave the Constant FP32 where the graph expects FP16."""
+    for node in graph.node:
+        if node.op_type != "Constant":
+            continue
+        for position, attr in enumerate(node.attribute):
+            if attr.name in ("value_float", "value_floats"):
+                values = np.array(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
+                node.attribute[position].CopyFrom(helper.make_attribute("value", numpy_helper.from_array(values)))
+
+
+def _float_tensors(model: onnx.ModelProto, nodes: int) -> dict[tuple[str, int], TensorProto]:
+    """Stored float values (float32 before conversion, float32 or half after) keyed by (initializer name, -1),
+    or (node output, attribute position) for the Constant values and ConstantOfShape fills of the first ``nodes``
+    nodes."""
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    found = {(t.name, -1): t for t in model.graph.initializer if t.data_type in floats}
+    for node in model.graph.node[:nodes]:
+        for position, attr in enumerate(node.attribute):
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in floats:
+                found[(node.output[0] if node.output else node.name, position)] = attr.t
+    return found
+
+
+def _inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Types of every intermediate tensor, inferred on a copy whose float weights are typed inputs (no data)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared = {i.name for i in graph.input}
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:  # data never decides a type; drop it
+            if tensor.name not in declared:
+                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:  # small integer tensors (shapes, axes) help inference
+            graph.initializer.append(tensor)
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False).graph
     except Exception as exc:  # inference errors are many and undocumented; report them as one line
         raise GraphpruneError(f"ONNX type inference failed on the model: {exc}".splitlines()[0]) from exc
-    graph = inferred.graph
-    known: dict[str, int] = {}
-    for info in [*graph.input, *graph.output, *graph.value_info]:
-        if info.type.HasField("tensor_type"):
-            known[info.name] = info.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        known[init.name] = init.data_type
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            known[node.output[0]] = _constant_type(node)
-    untyped = sorted({o for n in model.graph.node for o in n.output if o and known.get(o, 0) == 0})
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in [*inferred.input, *inferred.output, *inferred.value_info]
+    }
+    types.update((t.name, t.data_type) for t in model.graph.initializer)
+    untyped = sorted({o for n in model.graph.node for o in n.output if o and not types.get(o)})
     if untyped:
         raise GraphpruneError(
             f"ONNX type inference gives no type for {len(untyped)} tensor(s) (first: {untyped[0]!r}); "
             "convert needs every tensor's type"
         )
-    return {name for name, t in known.items() if t == TensorProto.FLOAT}
+    return [v for v in inferred.value_info if v.type.tensor_type.elem_type]
 
 
-def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose initializers are typed graph inputs: type inference without copying (possibly >2 GB) data."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model) if model.ByteSize() < (1 << 30) else _copy_without(model, light)
-    inputs = {i.name for i in light.graph.input}
-    for init in light.graph.initializer:
-        if init.name not in inputs:
-            light.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    del light.graph.initializer[:]
-    return light
-
-
-def _copy_without(model: onnx.ModelProto, light: onnx.ModelProto) -> None:
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.graph.node.extend(model.graph.node)
-    light.graph.input.extend(model.graph.input)
-    light.graph.output.extend(model.graph.output)
-    light.graph.value_info.extend(model.graph.value_info)
-    for init in model.graph.initializer:
-        light.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
-
-
-def _constant_type(node: onnx.NodeProto) -> int:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return attr.t.data_type
-        if attr.name in ("value_float", "value_floats"):
-            return TensorProto.FLOAT
-        if attr.name in ("value_int", "value_ints"):
-            return TensorProto.INT64
-        if attr.name in ("value_string", "value_strings"):
-            return TensorProto.STRING
-    return 0
-
-
-class _Rewriter:
-    """Decides the precision of every float32 tensor and rewrites the graph in place (on a copy)."""
-
-    def __init__(self, graph: onnx.GraphProto, floats: set[str], options: ConvertToHalf, result: ConvertResult):
-        self.g = graph
-        self.floats = floats
-        self.opt = options
-        self.res = result
-        self.half_type = _ONNX_TYPE[options.dtype]
-        self.inits = {i.name: i for i in graph.initializer}
-        self.constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-        self.taken = {o for n in graph.node for o in n.output} | set(self.inits) | {i.name for i in graph.input}
-        self.casts: dict[tuple[str, str], str] = {}
-        self.new_nodes: list[onnx.NodeProto] = []
-        self.fp32_copies: dict[str, np.ndarray] = {}
-
-    # --- which precision each consumer slot wants and each tensor has -------------------------------------
-    def _fp32_node(self, node: onnx.NodeProto) -> bool:
-        return node.op_type in self.opt.fp32_ops or (bool(node.name) and node.name in self.opt.fp32_nodes)
-
-    def _wanted(self, node: onnx.NodeProto, index: int) -> str:
-        if self._fp32_node(node) or index in _FLOAT32_ONLY_INPUTS.get(node.op_type, ()):
-            return FP32
-        return HALF
-
-    def run(self) -> None:
-        g = self.g
-        consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-        for node in g.node:
-            for i, name in enumerate(node.input):
-                if name in self.floats:
-                    consumers[name].append((node, i))
-        graph_outputs = {o.name for o in g.output}
-        native = self._native_precisions(consumers, graph_outputs)
-        self._convert_storage(native, consumers)
-        self._convert_dtype_attributes(native)
-        for node in list(g.node):
-            for i, name in enumerate(node.input):
-                if name in self.floats and name in native:
-                    want = self._wanted(node, i)
-                    if want != native[name]:
-                        node.input[i] = self._version(name, want)
-        self._restore_output_types(native)
-        self.res.fp32_nodes = [n.name or n.op_type for n in g.node if self._fp32_node(n)]
-        self._splice_new_nodes()
-        self._retype_value_info(native)
-
-    def _native_precisions(
-        self, consumers: dict[str, list[tuple[onnx.NodeProto, int]]], graph_outputs: set[str]
-    ) -> dict[str, str]:
-        """The precision in which each float32 tensor is produced after conversion."""
-        native: dict[str, str] = {}
-        for inp in self.g.input:
-            if inp.name in self.floats and inp.name not in self.inits:
-                native[inp.name] = FP32
-        for name in self.floats:
-            if name in self.inits or name in self.constants:
-                wants = {self._wanted(n, i) for n, i in consumers.get(name, [])}
-                only_fp32 = wants == {FP32} or (not wants and name in graph_outputs)
-                native[name] = FP32 if only_fp32 else HALF
-        for node in self.g.node:
-            if node.op_type == "Constant":
-                continue
-            for out in node.output:
-                if out in self.floats:
-                    native[out] = FP32 if self._fp32_node(node) else HALF
-                    if node.op_type == "Cast":  # a Cast to float feeding only FP32 consumers need not round
-                        wants = {self._wanted(n, i) for n, i in consumers.get(out, [])}
-                        if wants == {FP32} or (not wants and out in graph_outputs):
-                            native[out] = FP32
-        return native
-
-    # --- storage: initializers and Constant values -------------------------------------------------------
-    def _convert_storage(
-        self, native: dict[str, str], consumers: dict[str, list[tuple[onnx.NodeProto, int]]]
-    ) -> None:
-        for index, init in enumerate(self.g.initializer):
-            if init.name in self.floats and native.get(init.name) == HALF:
-                converted, stats = half_tensor(init, self.opt.dtype)
-                self.g.initializer[index].CopyFrom(converted)
-                self.res.converted.append(init.name)
-                self.res.rounding.add(stats)
-            elif init.name in self.floats:
-                self.res.kept_fp32.append(init.name)
-        for name, node in self.constants.items():
-            if name in self.floats and native.get(name) == HALF:
-                tensor = _constant_tensor(node)
-                converted, stats = half_tensor(tensor, self.opt.dtype)
-                del node.attribute[:]
-                node.attribute.append(helper.make_attribute("value", converted))
-                self.res.converted.append(name)
-                self.res.rounding.add(stats)
-
-    def _convert_dtype_attributes(self, native: dict[str, str]) -> None:
-        for node in self.g.node:
-            if node.op_type == "ConstantOfShape" and node.output[0] in self.floats:
-                if native[node.output[0]] == HALF:
-                    self._half_constant_of_shape(node)
-                continue
-            attr_name = _DTYPE_ATTRIBUTES.get(node.op_type)
-            if attr_name is None or not node.output or native.get(node.output[0]) != HALF:
-                continue
-            attr = next((a for a in node.attribute if a.name == attr_name), None)
-            if attr is None:  # Random* default to float32
-                node.attribute.append(helper.make_attribute(attr_name, self.half_type))
-            elif attr.i == TensorProto.FLOAT:
-                attr.i = self.half_type
-
-    def _half_constant_of_shape(self, node: onnx.NodeProto) -> None:
-        attr = next((a for a in node.attribute if a.name == "value"), None)
-        tensor = attr.t if attr is not None else numpy_helper.from_array(np.zeros(1, np.float32), "value")
-        converted, stats = half_tensor(tensor, self.opt.dtype)
-        self.res.rounding.add(stats)
-        if attr is not None:
-            attr.t.CopyFrom(converted)
-        else:
-            node.attribute.append(helper.make_attribute("value", converted))
-
-    # --- casts -------------------------------------------------------------------------------------------
-    def _version(self, name: str, want: str) -> str:
-        """Name of ``name`` in precision ``want``, creating the Cast (or float32 initializer copy) once."""
-        key = (name, want)
-        if key in self.casts:
-            return self.casts[key]
-        new = self._fresh(f"{name}__{want}")
-        if want == FP32 and name in self.fp32_copies:
-            self.g.initializer.append(numpy_helper.from_array(self.fp32_copies[name], new))
-            self.res.kept_fp32.append(new)
-        else:
-            to = TensorProto.FLOAT if want == FP32 else self.half_type
-            self.new_nodes.append(helper.make_node("Cast", [name], [new], name=self._fresh(f"{new}/Cast"), to=to))
-            self.res.casts_inserted += 1
-        self.casts[key] = new
-        return new
-
-    def _restore_output_types(self, native: dict[str, str]) -> None:
-        """A float output computed in half precision: rename it inside the graph, Cast back under its own name."""
-        for out in self.g.output:
-            if out.name not in self.floats or native.get(out.name) != HALF:
-                continue
-            inner = self._fresh(f"{out.name}__{HALF}")
-            for node in self.g.node:
-                node.output[:] = [inner if o == out.name else o for o in node.output]
-                node.input[:] = [inner if i == out.name else i for i in node.input]
-            for node in self.new_nodes:
-                node.input[:] = [inner if i == out.name else i for i in node.input]
-            if out.name in self.inits:  # an initializer that is also a graph output
-                for init in self.g.initializer:
-                    if init.name == out.name:
-                        init.name = inner
-            native[inner] = HALF
-            self.new_nodes.append(
-                helper.make_node("Cast", [inner], [out.name], name=self._fresh(f"{out.name}/Cast"), to=1)
-            )
-            self.res.casts_inserted += 1
-
-    def _splice_new_nodes(self) -> None:
-        """Insert each Cast right after the producer of its input (graph inputs and stored values: at the top)."""
-        position = {o: i for i, n in enumerate(self.g.node) for o in n.output}
-        buckets: dict[int, list[onnx.NodeProto]] = defaultdict(list)
-        for node in self.new_nodes:
-            buckets[position.get(node.input[0], -1)].append(node)
-        nodes = list(buckets.get(-1, []))
-        for i, node in enumerate(self.g.node):
-            nodes.append(node)
-            nodes.extend(buckets.get(i, []))
-        del self.g.node[:]
-        self.g.node.extend(nodes)
-
-    def _retype_value_info(self, native: dict[str, str]) -> None:
-        for info in self.g.value_info:
-            if info.name in self.floats and native.get(info.name) == HALF:
-                info.type.tensor_type.elem_type = self.half_type
-        for inp in self.g.input:  # an initializer listed as graph input (IR < 4) follows its storage type
-            if inp.name in self.inits and native.get(inp.name) == HALF:
-                inp.type.tensor_type.elem_type = self.half_type
-
-    def _fresh(self, base: str) -> str:
-        name, n = base, 1
-        while name in self.taken:
-            n += 1
-            name = f"{base}_{n}"
-        self.taken.add(name)
-        return name
-
-
-def _constant_tensor(node: onnx.NodeProto) -> TensorProto:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return attr.t
-        if attr.name == "value_float":
-            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32), "value")
-        if attr.name == "value_floats":
-            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32), "value")
-    raise GraphpruneError(f"Constant node {node.name!r} has no float value")
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """ONNX Runtime's converter appends its Casts at the end: order the nodes again (Kahn's algorithm, taking the
+    earliest ready node first, so an order that was already valid is kept)."""
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = defaultdict(list)
+    for i, node in enumerate(nodes):
+        for dep in {producer[name] for name in node.input if name in producer}:
+            waiting[i] += 1
+            readers[dep].append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for reader in readers[i]:
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(order) != len(nodes):
+        raise GraphpruneError("the converted graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)

@@ -41,6 +41,7 @@ def prune_file(
     on_message: Callable[[str], None] | None = None,
     on_group: Callable[[int, int], None] | None = None,
     reads: Iterable[str | Path] = (),
+    on_calibration: Callable[[int, int | None], None] | None = None,
 ) -> tuple[Path, PruneResult]:
     """Prune ``model_path`` into ``output`` (default ``<stem>.pruned.onnx``) and write the JSON report beside it.
 
@@ -52,6 +53,8 @@ def prune_file(
     data only the graph and one weight are in memory, and an inline model never holds its pruned weights next to
     the serialised copy. ``sequential`` prunes in memory: later groups' calibration runs on the pruned weights.
     ``reads`` names other files the caller read (a statistics file): no output may replace them.
+    Callbacks: ``on_plan(weights)``, ``on_weight(name)`` after each weight, ``on_group(done, groups)`` per
+    sequential group, ``on_calibration(samples_done, samples_total)`` per one-shot calibration batch.
     """
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
@@ -96,7 +99,8 @@ def prune_file(
             request = replace(calibration, gram=config.method is Method.SPARSEGPT)
 
             def calibrate_chunk(chunk: list[Target]) -> ActivationStats:
-                return calibrate(model_path, request, chunk)  # ONNX Runtime reads the stored weights
+                # ONNX Runtime reads the stored weights
+                return calibrate(model_path, request, chunk, progress=on_calibration)
 
             if config.method is Method.SPARSEGPT:
                 stats = calibrate_within(targets, int(calibration.gram_memory_gb * GIB), calibrate_chunk)

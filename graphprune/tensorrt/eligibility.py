@@ -24,7 +24,6 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
-from rich.table import Table
 
 from graphprune.algorithms.layout import to_canonical
 from graphprune.algorithms.masks import nm_violations
@@ -161,28 +160,6 @@ def _precision(target: Target, chain: list[ir.Value]) -> str:
         if producer is not None and producer.op_type == "Cast":
             return _ONNX_PRECISION.get(producer.attributes.get_int("to", 0), "other")
     return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(target.dtype, target.dtype)
-
-
-_STYLE = {"eligible": "green", "too small to gain": "yellow", "ineligible": "red"}
-
-
-def render_table(records: list[Eligibility], title: str = "Sparse eligibility (TensorRT, 2:4)") -> Table:
-    """A rich table: one row per target, the status coloured, the reasons spelled out."""
-    table = Table(title=title, show_lines=False)
-    for column in ("weight", "ONNX op -> TensorRT", "out x K", "precision", "2:4 along K", "status", "why"):
-        table.add_column(column, overflow="fold")
-    for r in records:
-        pattern = "yes" if r.pattern_ok else ("no" if r.k % 4 == 0 else "n/a")
-        table.add_row(
-            r.name,
-            f"{r.op} -> {r.trt_layer}",
-            f"{r.out_channels} x {r.k}",
-            r.precision,
-            pattern,
-            f"[{_STYLE[r.status]}]{r.status}[/{_STYLE[r.status]}]",
-            "; ".join(r.reasons),
-        )
-    return table
 
 
 def summary(records: list[Eligibility]) -> str:

@@ -9,8 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[cpu]"
+log=.venv/quickstart-install.log
+{ .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e ".[cpu]"; } >"$log" 2>&1 \
+    || { tail -20 "$log"; echo "pip install failed; the whole log is in $log" >&2; exit 1; }
 gp=.venv/bin/graphprune
 
 asset() { .venv/bin/python -m graphprune.demo "$1" | cut -f2; }
@@ -35,3 +36,5 @@ $gp eval "$model" out/minilm.magnitude.onnx --calib "$heldout" "${text[@]}" --wi
 step "3. FP16 for TensorRT, then the deployment gate"
 $gp convert out/minilm.wanda.onnx --fp16 -o out/minilm.fp16.onnx --force
 $gp check out/minilm.fp16.onnx --nm 2:4
+echo
+echo "done in ${SECONDS} s; the models are in out/. Next: graphprune --help, and README.md for your own model."

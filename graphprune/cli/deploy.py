@@ -63,7 +63,7 @@ def convert(
         f"wrote {output}: {len(result.converted)} tensors in {suffix}, "
         f"{len(result.fp32_nodes)} nodes kept in FP32, "
         f"{result.casts_inserted} casts; {stats.raised_from_zero} tiny non-zeros kept non-zero, "
-        f"{stats.saturated} values saturated",
+        f"{stats.saturated} saturated to the largest finite value",
         highlight=False,
     )
     console.print(

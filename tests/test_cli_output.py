@@ -211,3 +211,23 @@ def test_prune_file_reports_calibration_progress_through_its_callback(model_path
         "-o", tmp_path / "q.onnx",
     )  # fmt: skip
     assert code == 0 and "samples/s" not in output  # the transient display leaves nothing behind
+
+
+@pytest.mark.gpu
+def test_bench_torch_table_and_json_on_a_gpu(model_path: Path, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs PyTorch with a CUDA GPU of compute capability >= 8.0")
+    pruned = tmp_path / "p.onnx"
+    assert invoke("apply", model_path, "--include-head", "-o", pruned)[0] == 0
+    args = ["bench", pruned, "--backend", "torch", "--tokens", "256", "--iterations", "5"]
+    code, table, _ = invoke(*args)
+    assert code == 0
+    assert_fits_80(table)
+    document = json.loads(invoke(*args, "--json")[1])
+    assert sorted(g["name"] for g in document["gemms"]) == sorted(NAMES)
+    for gemm in document["gemms"]:
+        assert gemm["tokens"] == 256 and gemm["dense_ms"] > 0
+        if gemm["sparse_ms"]:
+            assert gemm["dense_over_sparse"] == pytest.approx(gemm["dense_ms"] / gemm["sparse_ms"])
+    assert len(table_rows(table)) == len(NAMES)

@@ -257,38 +257,22 @@ def _float_tensors(model: onnx.ModelProto, nodes: int) -> dict[tuple[str, int], 
 
 
 def _inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """Types of every intermediate tensor, inferred on a copy whose float weights are typed inputs (no data)."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    graph = light.graph
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    declared = {i.name for i in graph.input}
-    for tensor in model.graph.initializer:
-        if tensor.data_type == TensorProto.FLOAT:  # data never decides a type; drop it
-            if tensor.name not in declared:
-                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        else:  # small integer tensors (shapes, axes) help inference
-            graph.initializer.append(tensor)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False).graph
-    except Exception as exc:  # inference errors are many and undocumented; report them as one line
-        raise GraphpruneError(f"ONNX type inference failed on the model: {exc}".splitlines()[0]) from exc
-    types = {
-        v.name: v.type.tensor_type.elem_type for v in [*inferred.input, *inferred.output, *inferred.value_info]
-    }
-    types.update((t.name, t.data_type) for t in model.graph.initializer)
-    untyped = sorted({o for n in model.graph.node for o in n.output if o and not types.get(o)})
+    """Types of every intermediate tensor, from onnx-ir's shape inference (which hands ONNX a copy without the
+    weights' data: no >2 GB protobuf); one-line error for a tensor whose type stays unknown."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    graph_model = ir.from_proto(model)  # wraps the TensorProtos, copies no weight
+    ShapeInferencePass(check_type=False, strict_mode=False)(graph_model)
+    outputs = [v for node in graph_model.graph for v in node.outputs if v.name]
+    untyped = sorted(v.name for v in outputs if v.dtype is None)
     if untyped:
         raise GraphpruneError(
             f"ONNX type inference gives no type for {len(untyped)} tensor(s) (first: {untyped[0]!r}); "
             "convert needs every tensor's type"
         )
-    return [v for v in inferred.value_info if v.type.tensor_type.elem_type]
+    graph_outputs = {v.name for v in graph_model.graph.outputs}
+    return [ir.serde.serialize_value(v) for v in outputs if v.name not in graph_outputs]
 
 
 def _sort_topologically(graph: onnx.GraphProto) -> None:

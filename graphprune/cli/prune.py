@@ -306,20 +306,26 @@ def _print_check(result: CheckResult, records: list[Eligibility] | None) -> None
             )
         rows.append(row)
     out.print(fitted_table(out, columns, rows))
-    for w in result.violations:
-        out.print(f"[red]violation[/red] {w.name}: first bad group at stored index {w.first_bad}", highlight=False)
     for skip in result.skipped:
         out.print(f"[dim]not checked {skip.name}: {skip.reason}[/dim]", highlight=False)
-    reasons: dict[str, list[str]] = {}
-    for record in records or []:
-        for reason in record.reasons:
-            reasons.setdefault(reason, []).append(record.name)
-    for reason, names in reasons.items():
-        out.print(f"[yellow]TensorRT[/yellow] ({len(names)} weights): {reason}", highlight=False)
+    _print_reasons(records or [])
     verdict = "passes" if result.ok else f"[red]FAILS[/red] in {len(result.violations)} weights"
     out.print(f"{result.pattern} check {verdict} ({len(result.weights)} weights checked)", highlight=False)
     if records is not None:
         out.print(f"TensorRT sparse eligibility: {summary(records)}", highlight=False)
+
+
+def _print_reasons(records: list[Eligibility]) -> None:
+    """Why weights are not eligible, one line per kind of reason (the text before its first ": "), the full
+    text when every weight of the kind has the same one; --json has each weight's own."""
+    kinds: dict[str, list[str]] = {}
+    for record in records:
+        for reason in record.reasons:
+            kinds.setdefault(reason.split(": ")[0], []).append(reason)
+    for kind, texts in kinds.items():
+        text = texts[0] if len(set(texts)) == 1 else f"{kind} (per weight in --json)"
+        count = f"{len(texts)} weight{'s' if len(texts) > 1 else ''}"
+        out.print(f"[yellow]TensorRT[/yellow], {count}: {text}", highlight=False)
 
 
 def _check_dict(result: CheckResult) -> dict:

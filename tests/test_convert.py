@@ -338,6 +338,10 @@ def test_refuses_subgraphs_half_models_and_old_opsets_for_bf16() -> None:
     half.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((64, 64), np.float16), "w1"))
     with pytest.raises(GraphpruneError, match="already stores half"):
         convert(half)
+    half_io = block_model()
+    half_io.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    with pytest.raises(GraphpruneError, match="already half precision"):
+        convert(half_io)
     old = block_model()
     del old.opset_import[:]
     old.opset_import.append(helper.make_opsetid("", 12))

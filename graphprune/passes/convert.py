@@ -5,7 +5,7 @@ FP16 is ONNX Runtime's converter (``onnxruntime.transformers.float16.convert_flo
 itself (:mod:`graphprune.passes.bf16`). What :func:`convert` does to a model:
 
 * Float32 initializers and Constant values become half precision and computation follows them, except in the ops
-  kept in FP32 (:data:`FP32_OPS`), which get Casts around them. Initializers read only by those ops stay float32.
+  kept in FP32 (:func:`fp32_ops`), which get Casts around them. Initializers read only by those ops stay float32.
 * Graph inputs and outputs keep their float32 type and names (a Cast after each input, before each output).
 * Numerically sensitive ops stay in FP32: normalisations (mean and variance of a row), Softmax/LogSoftmax and the
   Reduce* ops (long sums), Pow and Sqrt (the RMSNorm chain: ``x**2`` overflows FP16 once ``|x| > 256``, and LLM
@@ -18,8 +18,10 @@ itself (:mod:`graphprune.passes.bf16`). What :func:`convert` does to a model:
 * IR version, opset imports, producer and metadata are kept; the nodes are left in topological order.
 
 Memory: the model is converted in place, one tensor at a time (each initializer's FP32 bytes are replaced by its
-half-precision bytes before the next is read), and type inference runs on a copy without weight data, so a model
-over 2 GB is never serialised as one protobuf. A model loaded without its external data cannot be converted.
+half-precision bytes before the next is read), and type inference is onnx-ir's, which hands ONNX a copy without
+the weights' data, so a model over 2 GB is never serialised as one protobuf (a 2.4 GB model with external data
+converts with a peak of 1.8x its size). The weights must be in memory: a model loaded without its external data
+is refused with a one-line error.
 
 Not supported (one-line error): subgraphs (If/Loop/Scan bodies), models that already compute in half precision,
 tensors whose type ONNX inference cannot tell.
@@ -221,6 +223,9 @@ def _check_supported(model: onnx.ModelProto, dtype: HalfType) -> None:
             )
     if any(t.data_type in _HALF_TYPES for t in graph.initializer):
         raise GraphpruneError("the model already stores half-precision weights: convert expects an FP32 model")
+    for value in [*graph.input, *graph.output]:
+        if value.type.tensor_type.elem_type in _HALF_TYPES:
+            raise GraphpruneError(f"{value.name!r} is already half precision: convert expects an FP32 model")
     for tensor in graph.initializer:
         if tensor.data_location == TensorProto.EXTERNAL and tensor.data_type == TensorProto.FLOAT:
             raise GraphpruneError(

@@ -231,3 +231,33 @@ def test_bench_torch_table_and_json_on_a_gpu(model_path: Path, tmp_path: Path) -
         if gemm["sparse_ms"]:
             assert gemm["dense_over_sparse"] == pytest.approx(gemm["dense_ms"] / gemm["sparse_ms"])
     assert len(table_rows(table)) == len(NAMES)
+
+
+def test_eval_on_text_windows_matches_numpy(tmp_path: Path) -> None:
+    """eval --calib TEXT --tokenizer: the quickstart's comparison, on seeded windows drawn as documented."""
+    import random
+
+    from tests.test_eval_cli import WORDS, word_tokenizer
+    from tests.test_evaluate import VOCAB, bigram_model
+
+    rng = np.random.default_rng(7)
+    dense_table = rng.standard_normal((VOCAB, VOCAB))
+    pruned_table = np.where(rng.random((VOCAB, VOCAB)) < 0.5, dense_table, 0.0)
+    for name, table in (("dense", dense_table), ("pruned", pruned_table)):
+        onnx.save(bigram_model(table, with_mask=False), str(tmp_path / f"{name}.onnx"))
+    ids = rng.integers(1, VOCAB, size=200)
+    (tmp_path / "heldout.txt").write_text(" ".join(WORDS[i - 1] for i in ids))
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json")
+    args = ["eval", tmp_path / "dense.onnx", tmp_path / "pruned.onnx", "--calib", tmp_path / "heldout.txt"]
+    args += ["--tokenizer", tokenizer, "--seqlen", "8", "--windows", "5", "--batch-size", "2"]
+    code, table, _ = invoke(*args)
+    assert code == 0
+    assert_fits_80(table)
+    (row,) = json.loads(invoke(*args, "--json")[1])["outputs"]
+    draw = random.Random(0)  # the reference loaders' rule: seeded randint starts, no special tokens
+    windows = np.stack([ids[s : s + 8] for s in [draw.randint(0, len(ids) - 8 - 1) for _ in range(5)]])
+    a = dense_table.astype(np.float32)[windows].astype(np.float64).reshape(5, -1)
+    b = pruned_table.astype(np.float32)[windows].astype(np.float64).reshape(5, -1)
+    cosine = np.mean((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    assert row["samples"] == 5 and row["cosine"] == pytest.approx(cosine, rel=1e-6)
+    assert f"{row['cosine']:.4f}" in table

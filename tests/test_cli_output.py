@@ -237,17 +237,10 @@ def test_eval_on_text_windows_matches_numpy(tmp_path: Path) -> None:
     """eval --calib TEXT --tokenizer: the quickstart's comparison, on seeded windows drawn as documented."""
     import random
 
-    from tests.test_eval_cli import WORDS, word_tokenizer
-    from tests.test_evaluate import VOCAB, bigram_model
+    from tests.test_eval_cli import bigram_pair_and_text
 
     rng = np.random.default_rng(7)
-    dense_table = rng.standard_normal((VOCAB, VOCAB))
-    pruned_table = np.where(rng.random((VOCAB, VOCAB)) < 0.5, dense_table, 0.0)
-    for name, table in (("dense", dense_table), ("pruned", pruned_table)):
-        onnx.save(bigram_model(table, with_mask=False), str(tmp_path / f"{name}.onnx"))
-    ids = rng.integers(1, VOCAB, size=200)
-    (tmp_path / "heldout.txt").write_text(" ".join(WORDS[i - 1] for i in ids))
-    tokenizer = word_tokenizer(tmp_path / "tokenizer.json")
+    dense_table, pruned_table, ids, tokenizer = bigram_pair_and_text(tmp_path, rng, 1.0, 200, with_mask=False)
     args = ["eval", tmp_path / "dense.onnx", tmp_path / "pruned.onnx", "--calib", tmp_path / "heldout.txt"]
     args += ["--tokenizer", tokenizer, "--seqlen", "8", "--windows", "5", "--batch-size", "2"]
     code, table, _ = invoke(*args)

@@ -27,15 +27,23 @@ def word_tokenizer(path: Path) -> Path:
     return path
 
 
-def test_perplexity_of_both_models_matches_numpy(tmp_path: Path) -> None:
-    rng = np.random.default_rng(5)
-    dense_table = rng.standard_normal((VOCAB, VOCAB)) * 2
+def bigram_pair_and_text(
+    tmp_path: Path, rng: np.random.Generator, scale: float, words: int, with_mask: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Path]:
+    """dense.onnx and pruned.onnx (half of the dense table zeroed), heldout.txt of ``words`` random words and
+    tokenizer.json in ``tmp_path``: (dense table, pruned table, the words' ids, the tokenizer)."""
+    dense_table = rng.standard_normal((VOCAB, VOCAB)) * scale
     pruned_table = np.where(rng.random((VOCAB, VOCAB)) < 0.5, dense_table, 0.0)
     for name, table in (("dense", dense_table), ("pruned", pruned_table)):
-        onnx.save(bigram_model(table, with_mask=True), str(tmp_path / f"{name}.onnx"))
-    ids = rng.integers(1, VOCAB, size=300)
+        onnx.save(bigram_model(table, with_mask=with_mask), str(tmp_path / f"{name}.onnx"))
+    ids = rng.integers(1, VOCAB, size=words)
     (tmp_path / "heldout.txt").write_text(" ".join(WORDS[i - 1] for i in ids))
-    tokenizer = word_tokenizer(tmp_path / "tokenizer.json")
+    return dense_table, pruned_table, ids, word_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_perplexity_of_both_models_matches_numpy(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    dense_table, pruned_table, ids, tokenizer = bigram_pair_and_text(tmp_path, rng, 2.0, 300, with_mask=True)
 
     result = runner.invoke(
         app,

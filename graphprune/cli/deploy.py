@@ -40,7 +40,7 @@ def convert(
     import onnx_ir as ir
 
     from graphprune.artifacts import OutputPlan
-    from graphprune.graph.model_io import load_model, to_proto
+    from graphprune.graph.model_io import load_model, to_proto, uses_external_data
     from graphprune.passes.convert import convert as convert_model
     from graphprune.tensorrt.eligibility import eligibility_report, summary
 
@@ -53,11 +53,14 @@ def convert(
     outputs.read(model, "the input model")
     outputs.model(output)
     outputs.check()
-    result = convert_model(to_proto(load_model(model)), dtype)  # ONNX Runtime's converter works on protobufs
+    loaded = load_model(model)
+    external = uses_external_data(loaded)
+    result = convert_model(to_proto(loaded), dtype)  # ONNX Runtime's converter works on protobufs
+    del loaded
     converted = ir.from_proto(result.model)  # wraps the converted tensors, copies none
     records = eligibility_report(converted)
     with outputs.transaction() as files:
-        files.model(output, converted)
+        files.model(output, converted, external_data=True if external else None)  # keep the input's layout
     stats = result.rounding
     console.print(
         f"wrote {output}: {len(result.converted)} tensors in {suffix}, "

@@ -1,6 +1,6 @@
-"""SmolLM2-135M with 25% of its MLP neurons removed: ONNX Runtime CPU latency and file size against the dense model.
+"""SmolLM2-135M, 25% of MLP neurons removed: ONNX Runtime CPU latency and file size against the dense model.
 
-Both models run the same 8×512-token batch (the first 8 Brown held-out windows) in one process, alternately, after
+Both models run the same 8x512-token batch (the first 8 Brown held-out windows) in one process, alternately, after
 one warm-up run each; the ratio is of the medians. The shrunk model is written by ``shrink --units mlp --ratio 0.25
 --method l2`` (latency and size do not depend on which units go).
 
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    windows = np.load(REFERENCE / "smollm2_brown_eval.npz")["input_ids"][:8, 1:]  # 8 × 512, BOS dropped
+    windows = np.load(REFERENCE / "smollm2_brown_eval.npz")["input_ids"][:8, 1:]  # 8 x 512, BOS dropped
     feed = {"input_ids": windows.astype(np.int64), "attention_mask": np.ones_like(windows, dtype=np.int64)}
     with tempfile.TemporaryDirectory(prefix="graphprune-shrink-bench-") as tmp:
         small_path = Path(tmp) / "shrunk.onnx"

@@ -71,13 +71,12 @@ class Slot:
 
 
 @dataclass(frozen=True)
-class ShapeEdit:
-    """An entry of a shape constant that counts the group's units (a head count in a Reshape's shape)."""
+class ShapeEntry:
+    """Entry ``position`` of the target shape of a Reshape/Expand ``node`` that equals ``units x per``."""
 
-    value: ir.Value  # the int64 shape initializer
-    index: int
-    per_unit: int  # the entry is ``units * per_unit``
     node: ir.Node
+    position: int
+    per: int
 
 
 @dataclass
@@ -89,7 +88,7 @@ class Group:
     width: int  # number of units
     unit_size: int  # channels per unit along every slot (1 for neurons and filters; head_dim for heads)
     slots: list[Slot]
-    shape_edits: list[ShapeEdit] = field(default_factory=list)
+    shape_edits: list[ShapeEntry] = field(default_factory=list)
     # activations entering each consumer node, with the channel axis (negative) they carry the channels on
     consumer_inputs: list[tuple[ir.Node, ir.Value, int]] = field(default_factory=list)
     # values inside the region whose stored shape metadata changes with the width
@@ -363,6 +362,14 @@ def find_groups(model: ir.Model, units: Iterable[str] = ("mlp", "heads", "channe
     skips: list[GroupSkip] = []
     claimed: set[ir.Node] = set()
     head_nodes: set[ir.Node] = set()
+    if "heads" in wanted:
+        from graphprune.graph.heads import find_head_groups
+
+        head_scan = find_head_groups(model)
+        groups += head_scan.groups
+        skips += head_scan.skips
+        for g in head_scan.groups:
+            head_nodes |= {s.node for s in g.slots}
     for node in model.graph:
         found = producer_slots(node)
         if found is None or node in claimed or node in head_nodes:

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from graphprune.algorithms.structured import channels_of_units
 from graphprune.graph.groups import Group, Slot, stored
+from graphprune.graph.heads import set_shape_entry
 
 
 @dataclass
@@ -74,7 +75,7 @@ class ShrinkPass:
                     _join_groups(self.removals, node, *created)
         for r in self.removals:
             if len(r.units):
-                _remove_units(r.group, np.asarray(r.units))
+                _remove_units(model.graph, r.group, np.asarray(r.units))
         reports = [
             GroupReport(
                 r.group.name,
@@ -100,7 +101,7 @@ def _join_groups(removals: Sequence[Removal], node: ir.Node, reader: ir.Node, bi
                 r.group.region.append(reader.outputs[0])
 
 
-def _remove_units(group: Group, units: np.ndarray) -> None:
+def _remove_units(graph: ir.Graph, group: Group, units: np.ndarray) -> None:
     for i, slot in enumerate(group.slots):
         assert slot.value.const_value is not None
         array = slot.value.const_value.numpy()
@@ -108,11 +109,8 @@ def _remove_units(group: Group, units: np.ndarray) -> None:
         keep = np.setdiff1d(np.arange(array.shape[slot.axis]), drop)
         _set_tensor(slot.value, np.take(array, keep, axis=slot.axis))
     left = group.width - len(units)
-    for edit in group.shape_edits:
-        assert edit.value.const_value is not None
-        shape = edit.value.const_value.numpy().copy()
-        shape[edit.index] = left * edit.per_unit
-        _set_tensor(edit.value, shape)
+    for entry in group.shape_edits:
+        set_shape_entry(graph, entry, left * entry.per)
     for value in group.region:
         value.shape = None
     group.width = left

@@ -99,7 +99,7 @@ def shrink(
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
     with progress_bar("shrinking") as bar:
         written, report = shrink_file(
-            model, config, output, force, request if config.needs_data else None, on_stage=bar.describe
+            model, config, output, force, request if calib and config.needs_data else None, on_stage=bar.describe
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))

@@ -375,7 +375,7 @@ def find_groups(model: ir.Model, units: Iterable[str] = ("mlp", "heads", "channe
         if found is None or node in claimed or node in head_nodes:
             continue
         kind = "channels" if node.op_type == "Conv" else "mlp"
-        name = node.name or found[1][0][0].name or "?"
+        name = f"output of {node.name or found[1][0][0].name or '?'}"
         try:
             region = grow_group(node)
         except Unprovable as why:
@@ -390,7 +390,7 @@ def find_groups(model: ir.Model, units: Iterable[str] = ("mlp", "heads", "channe
         consumers = sorted(n.name or "?" for n in region.consumers)
         groups.append(
             Group(
-                name=",".join(consumers),
+                name=f"{kind} into {','.join(consumers)}",
                 kind=kind,
                 width=region.width,
                 unit_size=1,

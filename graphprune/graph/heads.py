@@ -258,8 +258,34 @@ def _visit(region: _HeadRegion, node: ir.Node, via: ir.Value) -> None:
             raise Unprovable(f"Concat {node.name} joins along the head axis")
         for v in [*node.inputs, node.outputs[0]]:
             region.add(v, state)  # type: ignore[arg-type]
+    elif op == "Shape" and forward:
+        _shape_read(node, via, state)
     else:
         raise Unprovable(f"heads are read by {op} {node.name}")
+
+
+def _shape_read(node: ir.Node, via: ir.Value, state: State) -> None:
+    """A Shape of a head tensor is harmless when only entries other than the head count are picked from it."""
+    rank = len(_dims(via) or [])
+    head = rank + state.axis
+    if "start" in node.attributes or "end" in node.attributes:
+        raise Unprovable(f"Shape {node.name} takes a range of a head tensor's shape")
+    for use in node.outputs[0].uses():
+        user = use.node
+        consts = [
+            v.const_value.numpy().reshape(-1) if v is not None and v.const_value is not None else None
+            for v in user.inputs[1:]
+        ]
+        if user.op_type == "Gather" and use.idx == 0 and consts and consts[0] is not None:
+            picked = {int(i) % rank for i in consts[0]}
+        elif user.op_type == "Slice" and use.idx == 0 and len(consts) >= 2 and all(c is not None for c in consts):
+            start, end = (int(np.clip(c[0] + rank if c[0] < 0 else c[0], 0, rank)) for c in consts[:2])
+            step = int(consts[3][0]) if len(consts) > 3 else 1
+            picked = set(range(start, end, step))
+        else:
+            raise Unprovable(f"the shape of a head tensor is read by {user.op_type} {user.name}")
+        if head in picked:
+            raise Unprovable(f"{user.op_type} {user.name} reads the head count from a shape")
 
 
 def _grow(seed: ir.Node, units: int, per: int) -> _HeadRegion:
@@ -323,7 +349,7 @@ def find_head_groups(model: ir.Model) -> GroupScan:
         unit_sizes = {i: p for i, (_, p) in enumerate(region.slots)}
         groups.append(
             Group(
-                name=f"heads {node.name}",
+                name=f"heads into {node.name}",
                 kind="heads",
                 width=units,
                 unit_size=per,

@@ -9,6 +9,7 @@ each round when the method uses data.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,6 +172,8 @@ def _shrink_groups(
     stage: Progress,
 ) -> None:
     assert config.ratio is not None
+    if "heads" in config.units:
+        _prepare_for_heads(model)
     scan = find_groups(model, config.units)
     report.skipped = scan.skips
     groups = scan.groups
@@ -217,6 +220,16 @@ def _shrink_groups(
         record.removed.sort()
         record.parameters_after = g.parameters()
     report.groups = records
+
+
+def _prepare_for_heads(model: ir.Model) -> None:
+    """Head shapes are proved from recorded tensor shapes and constant shape entries: infer the first, lift the
+    second from Constant nodes to initializers (where the head count can be rewritten)."""
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
+
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    with contextlib.suppress(Exception):  # best effort: without recorded shapes heads are skipped, with why
+        ShapeInferencePass()(model)
 
 
 def _channel_first(array: np.ndarray, axis: int, consumer: bool) -> np.ndarray:

@@ -37,7 +37,7 @@ def bert(tmp_path: Path) -> tuple[Path, object]:
 
 
 def test_shrink_writes_a_smaller_model_and_report_that_check_eval_and_apply_accept(bert, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    model, net = bert
+    model, _ = bert
     before = model.read_bytes()
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=_w(32, 8, scale=1.0))

@@ -412,3 +412,15 @@ def test_removal_count_and_units_helpers() -> None:
     with pytest.raises(ValueError):
         st.units_to_remove(np.zeros(3), 3)
     assert TensorProto.FLOAT  # the builders' element type
+
+
+def test_per_layer_ratios_override_the_uniform_one_by_group_name() -> None:
+    model, _, _ = residual_stack(hidden=12)
+    m = ir.from_proto(model)
+    config = ShrinkConfig(ratio=0.25, overrides=(("mlp into w2_0", 0.5), ("*w2_2", 0.0)))
+    report = shrink_model(m, config)
+    assert {g.name: len(g.removed) for g in report.groups} == {
+        "mlp into w2_0": 6,
+        "mlp into w2_1": 3,
+        "mlp into w2_2": 0,
+    }

@@ -71,6 +71,8 @@ def test_shrink_writes_a_smaller_model_and_report_that_check_eval_and_apply_acce
         ([], "nothing to remove"),
         (["--ratio", "0.2", "--units", "mlp,bogus"], "invalid --units"),
         (["--ratio", "0.2", "--method", "wanda"], "need calibration data"),
+        (["--ratio", "0.2", "--ratio-for", "oops"], "invalid --ratio-for"),
+        (["--ratio", "0.2", "--ratio-for", "mlp*=1.0"], "invalid --ratio-for"),
     ],
 )
 def test_bad_options_are_one_line_errors(bert, tmp_path: Path, options: list[str], needle: str) -> None:  # type: ignore[no-untyped-def]

@@ -23,6 +23,7 @@ from graphprune.cli.calib_options import (
     calibration_request,
 )
 from graphprune.cli.progress import progress_bar
+from graphprune.errors import GraphpruneError
 from graphprune.pipeline.files import report_path
 from graphprune.pipeline.shrink import UNIT_KINDS, ShrinkConfig, ShrinkReport, shrink_file
 
@@ -36,6 +37,15 @@ def shrink(
         typer.Option(
             help="Fraction of the units of every group to remove, 0 < R < 1 (the same in every group; rounded to "
             "the nearest whole unit). Example: --ratio 0.25"
+        ),
+    ] = None,
+    ratio_for: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ratio-for",
+            help="A different ratio for the groups whose name (as the report lists them) matches a shell pattern; "
+            "repeatable, the first match wins, 0 leaves them whole. "
+            "Example: --ratio-for 'mlp into *linear_6*=0.5'",
         ),
     ] = None,
     units: Annotated[
@@ -94,6 +104,7 @@ def shrink(
         method=method,
         blocks=blocks,
         steps=steps,
+        overrides=tuple(_override(text) for text in ratio_for or ()),
     )
     config.validate()
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
@@ -105,6 +116,16 @@ def shrink(
         typer.echo(json.dumps(report.to_dict(), indent=1))
     else:
         _print(report, written)
+
+
+def _override(text: str) -> tuple[str, float]:
+    pattern, sep, value = text.rpartition("=")
+    try:
+        if not sep or not pattern:
+            raise ValueError
+        return pattern, float(value)
+    except ValueError:
+        raise GraphpruneError(f"invalid --ratio-for {text!r}: expected PATTERN=RATIO, e.g. 'heads*=0.5'") from None
 
 
 def _print(report: ShrinkReport, written: Path) -> None:

@@ -387,7 +387,7 @@ def find_groups(model: ir.Model, units: Iterable[str] = ("mlp", "heads", "channe
             continue
         if region.consumers & head_nodes or region.producers & head_nodes:
             continue
-        consumers = sorted(n.name or "?" for n in region.consumers)
+        consumers = sorted(n.name or n.inputs[1].name or "?" for n in region.consumers)  # type: ignore[union-attr]
         groups.append(
             Group(
                 name=f"{kind} into {','.join(consumers)}",

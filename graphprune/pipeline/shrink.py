@@ -10,6 +10,7 @@ each round when the method uses data.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,12 +39,26 @@ class ShrinkConfig:
     method: StructuredMethod = StructuredMethod.L2
     blocks: int = 0
     steps: int = 1
+    # per-layer ratios: (shell pattern on the group name, ratio in [0, 1)); the first match wins over ``ratio``
+    overrides: tuple[tuple[str, float], ...] = ()
+
+    def ratio_for(self, group_name: str) -> float:
+        for pattern, ratio in self.overrides:
+            if fnmatch.fnmatchcase(group_name, pattern):
+                return ratio
+        assert self.ratio is not None
+        return self.ratio
 
     def validate(self) -> None:
         if self.ratio is None and not self.blocks:
             raise GraphpruneError("nothing to remove: give --ratio R (0 < R < 1) and/or --blocks N")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
             raise GraphpruneError(f"invalid --ratio {self.ratio}: need 0 < R < 1 (for example 0.25)")
+        for pattern, ratio in self.overrides:
+            if not 0.0 <= ratio < 1.0:
+                raise GraphpruneError(f"invalid --ratio-for {pattern}={ratio}: need 0 <= R < 1")
+        if self.overrides and self.ratio is None:
+            raise GraphpruneError("--ratio-for needs --ratio for the groups it does not name")
         if self.blocks < 0:
             raise GraphpruneError(f"invalid --blocks {self.blocks}: need N >= 0")
         if self.steps < 1:
@@ -184,9 +199,10 @@ def _shrink_groups(
             + (f": {len(scan.skips)} candidates skipped ({reasons})" if reasons else "")
         )
     for g in groups:
-        if st.removal_count(g.width, config.ratio) >= g.width:
+        if st.removal_count(g.width, config.ratio_for(g.name)) >= g.width:
             raise GraphpruneError(
-                f"group {g.name} ({g.kind}) has {g.width} units: --ratio {config.ratio:g} would remove all of them"
+                f"group {g.name} ({g.kind}) has {g.width} units: a ratio of {config.ratio_for(g.name):g} would "
+                "remove all of them"
             )
     records = [
         GroupRecord(g.name, g.kind, g.width, g.width, g.unit_size, [], g.parameters(), g.parameters())
@@ -194,7 +210,7 @@ def _shrink_groups(
     ]
     alive = [np.arange(g.width) for g in groups]
     for step in range(1, config.steps + 1):
-        goal = config.ratio * step / config.steps
+        fraction = step / config.steps
         moments = None
         if config.method is not StructuredMethod.L2:
             assert measure is not None
@@ -205,7 +221,7 @@ def _shrink_groups(
         removals = []
         for i, g in enumerate(groups):
             original = records[i].units_before
-            count = st.removal_count(original, goal) - (original - g.width)
+            count = st.removal_count(original, config.ratio_for(g.name) * fraction) - (original - g.width)
             if count <= 0:
                 continue
             units = st.units_to_remove(_scores(g, config.method, moments), count)

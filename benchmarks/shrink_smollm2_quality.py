@@ -54,8 +54,7 @@ def main() -> None:
 
     calibration = CalibrationRequest(data=str(REFERENCE / "smollm2_brown_calib.npz"), batch_size=8)
     windows = np.load(REFERENCE / "smollm2_brown_eval.npz")["input_ids"]
-    proto = load_model(args.model)
-    dense = ir.from_proto(proto)
+    dense = load_model(args.model)
     taps = channel_taps(find_groups(dense, ("mlp",)).groups)
     pairs = [(b.input.name, b.output.name) for b in find_blocks(dense)]
     t0 = time.perf_counter()
@@ -83,12 +82,12 @@ def main() -> None:
     dense_ppl = next(r["brown_heldout_ppl"] for r in reference["results"] if r["method"] == "dense")
     with tempfile.TemporaryDirectory(prefix="graphprune-shrink-quality-") as tmp:
         for config, use_cache in runs:
-            model = ir.from_proto(proto)
+            model = load_model(args.model)  # a fresh dense copy
             t = time.perf_counter()
             report = shrink_model(model, config, calibration, measure=cached if use_cache else None)  # type: ignore[arg-type]
             seconds = time.perf_counter() - t
             path = Path(tmp) / "shrunk.onnx"
-            save_model(ir.to_proto(model), path)
+            save_model(model, path)
             ppl = perplexity(path, windows)
             row = {
                 "units": "blocks" if config.blocks else "mlp",

@@ -20,6 +20,7 @@ from graphprune.calibration.providers import import_ort, resolve_providers, sess
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.signature import model_inputs, validate_feed
 from graphprune.errors import GraphpruneError
+from graphprune.graph.model_io import to_proto
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def collect_moments(
             terms = [taps.reduce("ReduceSumSquare", x, [-1]) for x in (xa, xb)]
             for part, value in zip(("dot", "na", "nb"), [dot, *terms], strict=True):
                 fetch.append((part, (a, b), taps.output(taps.op("Reshape", [value, taps.ints([-1])]))))
-        proto = ir.to_proto(model)
+        proto = to_proto(model)  # every tensor's bytes inside, external ones read from their files
     finally:
         taps.remove()
     specs = model_inputs(proto)

@@ -69,15 +69,15 @@ def main() -> None:
     results: list[dict] = []
     runs: list[tuple[ShrinkConfig, bool]] = []
     for ratio in args.ratios:
-        runs += [
-            (ShrinkConfig(ratio=ratio, units=("mlp",), method=StructuredMethod(m)), True) for m in args.methods
-        ]
+        for m in args.methods:
+            runs.append((ShrinkConfig(ratio=ratio, units=("mlp",), method=StructuredMethod(m)), True))
         if args.steps > 1:
             runs += [
                 (ShrinkConfig(ratio=ratio, units=("mlp",), method=StructuredMethod(m), steps=args.steps), False)
                 for m in ("wanda", "flap")
             ]
-    runs += [(ShrinkConfig(blocks=n), True) for n in args.blocks]
+        if ratio == args.ratios[0]:  # the blocks right after the first ratio: most wanted first
+            runs += [(ShrinkConfig(blocks=n), True) for n in args.blocks]
     reference = json.loads((REFERENCE / "smollm2_brown_reference.json").read_text())
     dense_ppl = next(r["brown_heldout_ppl"] for r in reference["results"] if r["method"] == "dense")
     with tempfile.TemporaryDirectory(prefix="graphprune-shrink-quality-") as tmp:

@@ -424,3 +424,39 @@ def test_per_layer_ratios_override_the_uniform_one_by_group_name() -> None:
         "mlp into w2_1": 3,
         "mlp into w2_2": 0,
     }
+
+
+def test_a_post_norm_block_is_bypassed_with_its_norm() -> None:
+    """BERT-style x -> LayerNorm(x + f(x)): the norm belongs to the block, the last block's too."""
+    d, hidden = 8, 12
+    nodes, inits, weights = [], [init(np.ones(d, np.float32), "gamma"), init(np.zeros(d, np.float32), "beta")], []
+    x = "x"
+    for i in range(3):
+        w1, w2 = _w(d, hidden), _w(hidden, d) * (0.05 if i == 2 else 1.0)
+        weights.append((w1, w2))
+        inits += [init(w1, f"w1_{i}"), init(w2, f"w2_{i}")]
+        nodes += [
+            helper.make_node("MatMul", [x, f"w1_{i}"], [f"h{i}"]),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+            helper.make_node("MatMul", [f"r{i}", f"w2_{i}"], [f"m{i}"]),
+            helper.make_node("Add", [x, f"m{i}"], [f"a{i}"]),
+            helper.make_node("LayerNormalization", [f"a{i}", "gamma", "beta"], [f"x{i + 1}"], epsilon=1e-5),
+        ]
+        x = f"x{i + 1}"
+    nodes.append(helper.make_node("Mul", [x, "two"], ["y"]))
+    inits.append(init(np.array(2.0, np.float32), "two"))
+    model = make_model(nodes, [tensor("x", shape=["b", d])], [tensor("y", shape=["b", d])], inits)
+
+    def forward(x: np.ndarray, skip: set[int]) -> np.ndarray:
+        for i, (w1, w2) in enumerate(weights):
+            if i not in skip:
+                a = x + np.maximum(x @ w1, 0) @ w2
+                x = (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-5)
+        return 2 * x
+
+    m = ir.from_proto(model)
+    calib = {"x": _w(32, d, scale=1.0)}
+    report = shrink_model(m, ShrinkConfig(blocks=1), CalibrationRequest(data=calib, batch_size=8))
+    assert [b.index for b in report.blocks if b.removed] == [2]
+    feed = {"x": _w(4, d, scale=1.0)}
+    np.testing.assert_allclose(run(ir.to_proto(m), feed)[0], forward(feed["x"], {2}), rtol=1e-4, atol=1e-4)

@@ -63,11 +63,40 @@ def find_blocks(model: ir.Model) -> list[Block]:
     if not chain:
         return []
     period = _period([w for _, _, w in chain])
-    blocks = []
-    for i in range(0, len(chain), period):
-        run = chain[i : i + period]
-        blocks.append(Block(i // period, run[0][1], run[-1][0].outputs[0], tuple(n for n, _, _ in run)))
-    return blocks
+    starts = list(range(0, len(chain), period))
+    # A block ends where the next one's skip input is taken: after the last Add in a pre-norm network, after the
+    # norm that follows it in a post-norm one (BERT). The last block ends after the same ops as the others.
+    outputs = [chain[i + period][1] for i in starts[:-1]]
+    tail = _ops_between(chain[starts[-2] + period - 1][0].outputs[0], outputs[-1]) if len(starts) > 1 else []
+    outputs.append(_follow(chain[-1][0].outputs[0], tail))
+    return [
+        Block(k, chain[i][1], out, tuple(n for n, _, _ in chain[i : i + period]))
+        for k, (i, out) in enumerate(zip(starts, outputs, strict=True))
+    ]
+
+
+def _ops_between(start: ir.Value, end: ir.Value) -> list[str]:
+    """Op types on the single-use path from ``start`` to ``end`` (empty when it is not such a path)."""
+    ops: list[str] = []
+    value = start
+    while value is not end:
+        uses = [u for u in value.uses() if u.idx == 0]
+        if len(uses) != 1 or len(ops) > 8:
+            return []
+        ops.append(uses[0].node.op_type)
+        value = uses[0].node.outputs[0]
+    return ops
+
+
+def _follow(start: ir.Value, ops: list[str]) -> ir.Value:
+    """Follow ``ops`` forward from ``start`` through first inputs; stop early where the graph differs."""
+    value = start
+    for op in ops:
+        uses = [u for u in value.uses() if u.idx == 0 and u.node.op_type == op]
+        if len(uses) != 1:
+            return start
+        value = uses[0].node.outputs[0]
+    return value
 
 
 def _longest_chain(residual: list[tuple[ir.Node, ir.Value, int]]) -> list[tuple[ir.Node, ir.Value, int]]:

@@ -18,7 +18,6 @@ from graphprune.cli.calib_options import (
     ProviderOpt,
     SeedOpt,
     SeqlenOpt,
-    ShapeOpt,
     TokenizerOpt,
     calibration_request,
 )
@@ -84,7 +83,6 @@ def shrink(
     nsamples: NsamplesOpt = 128,
     seed: SeedOpt = 0,
     batch_size: BatchSizeOpt = 8,
-    shape: ShapeOpt = None,
     provider: ProviderOpt = "cpu",
     output: Annotated[
         Path | None,
@@ -107,7 +105,7 @@ def shrink(
         overrides=tuple(_override(text) for text in ratio_for or ()),
     )
     config.validate()
-    request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
+    request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, None, provider)
     with progress_bar("shrinking") as bar:
         written, report = shrink_file(
             model, config, output, force, request if calib and config.needs_data else None, on_stage=bar.describe

@@ -319,29 +319,43 @@ def test_a_shared_weight_is_skipped() -> None:
     assert not scan.groups and any("shared" in s.reason for s in scan.skips)
 
 
-def residual_stack(d: int = 8, hidden: int = 12, small: int = 1) -> tuple[onnx.ModelProto, dict, object]:
-    """Three residual MLP blocks x + relu(x W1) W2; block ``small``'s branch is nearly zero."""
-    nodes, inits, weights = [], [], []
+def residual_stack(
+    d: int = 8, hidden: int = 12, small: int = 1, post_norm: bool = False
+) -> tuple[onnx.ModelProto, dict, object]:
+    """Three residual MLP blocks x + relu(x W1) W2 (then LayerNorm when ``post_norm``, as BERT), output 2·x.
+
+    Block ``small``'s branch is nearly zero.
+    """
+    nodes, inits, weights = [], [init(np.array(2.0, np.float32), "two")], []
+    if post_norm:
+        inits += [init(np.ones(d, np.float32), "gamma"), init(np.zeros(d, np.float32), "beta")]
     x = "x"
     for i in range(3):
         w1, w2 = _w(d, hidden), _w(hidden, d) * (0.05 if i == small else 1.0)
         weights.append((w1, w2))
         inits += [init(w1, f"w1_{i}"), init(w2, f"w2_{i}")]
+        added = f"a{i}" if post_norm else f"x{i + 1}"
         nodes += [
             helper.make_node("MatMul", [x, f"w1_{i}"], [f"h{i}"]),
             helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
             helper.make_node("MatMul", [f"r{i}", f"w2_{i}"], [f"m{i}"]),
-            helper.make_node("Add", [x, f"m{i}"], [f"x{i + 1}"]),
+            helper.make_node("Add", [x, f"m{i}"], [added]),
         ]
+        if post_norm:
+            nodes.append(
+                helper.make_node("LayerNormalization", [added, "gamma", "beta"], [f"x{i + 1}"], epsilon=1e-5)
+            )
         x = f"x{i + 1}"
-    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    nodes.append(helper.make_node("Mul", [x, "two"], ["y"]))
     model = make_model(nodes, [tensor("x", shape=["b", d])], [tensor("y", shape=["b", d])], inits)
 
     def forward(x: np.ndarray, skip: set[int]) -> np.ndarray:
         for i, (w1, w2) in enumerate(weights):
             if i not in skip:
                 x = x + np.maximum(x @ w1, 0) @ w2
-        return x
+                if post_norm:
+                    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+        return 2 * x
 
     return model, weights, forward  # type: ignore[return-value]
 
@@ -358,7 +372,7 @@ def test_blocks_with_the_lowest_influence_are_bypassed_and_their_weights_deleted
     cos = (x1 * x2).sum(1) / np.linalg.norm(x1, axis=1) / np.linalg.norm(x2, axis=1)
     assert report.blocks[1].influence == pytest.approx(float(np.mean(1 - cos)), rel=1e-3)
     small = ir.to_proto(m)
-    assert {t.name for t in small.graph.initializer} == {"w1_0", "w2_0", "w1_2", "w2_2"}
+    assert {t.name for t in small.graph.initializer} == {"w1_0", "w2_0", "w1_2", "w2_2", "two"}
     feed = {"x": _w(5, 8, scale=1.0)}
     np.testing.assert_allclose(run(small, feed)[0], forward(feed["x"], {1}), rtol=1e-5, atol=1e-5)
     assert report.parameters_after == report.parameters_before - 2 * 8 * 12
@@ -374,7 +388,7 @@ def test_block_removal_of_the_last_block_keeps_the_output_name() -> None:
     small = ir.to_proto(m)
     assert [o.name for o in small.graph.output] == ["y"]
     feed = {"x": _w(3, 8, scale=1.0)}
-    np.testing.assert_allclose(run(small, feed)[0], forward(feed["x"], {2}), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(small, feed)[0], forward(feed["x"], {2}) / 2, rtol=1e-5, atol=1e-5)
 
 
 def test_flap_on_a_conv_chain_adds_biases_that_shrink_with_the_next_group() -> None:
@@ -428,35 +442,10 @@ def test_per_layer_ratios_override_the_uniform_one_by_group_name() -> None:
 
 def test_a_post_norm_block_is_bypassed_with_its_norm() -> None:
     """BERT-style x -> LayerNorm(x + f(x)): the norm belongs to the block, the last block's too."""
-    d, hidden = 8, 12
-    nodes, inits, weights = [], [init(np.ones(d, np.float32), "gamma"), init(np.zeros(d, np.float32), "beta")], []
-    x = "x"
-    for i in range(3):
-        w1, w2 = _w(d, hidden), _w(hidden, d) * (0.05 if i == 2 else 1.0)
-        weights.append((w1, w2))
-        inits += [init(w1, f"w1_{i}"), init(w2, f"w2_{i}")]
-        nodes += [
-            helper.make_node("MatMul", [x, f"w1_{i}"], [f"h{i}"]),
-            helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
-            helper.make_node("MatMul", [f"r{i}", f"w2_{i}"], [f"m{i}"]),
-            helper.make_node("Add", [x, f"m{i}"], [f"a{i}"]),
-            helper.make_node("LayerNormalization", [f"a{i}", "gamma", "beta"], [f"x{i + 1}"], epsilon=1e-5),
-        ]
-        x = f"x{i + 1}"
-    nodes.append(helper.make_node("Mul", [x, "two"], ["y"]))
-    inits.append(init(np.array(2.0, np.float32), "two"))
-    model = make_model(nodes, [tensor("x", shape=["b", d])], [tensor("y", shape=["b", d])], inits)
-
-    def forward(x: np.ndarray, skip: set[int]) -> np.ndarray:
-        for i, (w1, w2) in enumerate(weights):
-            if i not in skip:
-                a = x + np.maximum(x @ w1, 0) @ w2
-                x = (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-5)
-        return 2 * x
-
+    model, _, forward = residual_stack(small=2, post_norm=True)
     m = ir.from_proto(model)
-    calib = {"x": _w(32, d, scale=1.0)}
+    calib = {"x": _w(32, 8, scale=1.0)}
     report = shrink_model(m, ShrinkConfig(blocks=1), CalibrationRequest(data=calib, batch_size=8))
     assert [b.index for b in report.blocks if b.removed] == [2]
-    feed = {"x": _w(4, d, scale=1.0)}
+    feed = {"x": _w(4, 8, scale=1.0)}
     np.testing.assert_allclose(run(ir.to_proto(m), feed)[0], forward(feed["x"], {2}), rtol=1e-4, atol=1e-4)

@@ -301,16 +301,21 @@ def shrink_file(
     on_stage: Progress | None = None,
 ) -> tuple[Path, ShrinkReport]:
     """Shrink ``model_path`` into ``output`` (default ``<stem>.shrunk.onnx``) and write the report beside it."""
-    from graphprune.graph.model_io import check_output_path, load_model, save_model, uses_external_data
-    from graphprune.pipeline.files import report_path, write_json
+    from graphprune.artifacts import OutputPlan
+    from graphprune.graph.model_io import load_model, uses_external_data
+    from graphprune.pipeline.files import report_path
 
     config.validate()
     model_path = Path(model_path)
     out = Path(output) if output is not None else model_path.with_name(f"{model_path.stem}.shrunk.onnx")
-    check_output_path(model_path, out, force)
+    outputs = OutputPlan(calibration.files() if calibration else (), force)
+    outputs.read(model_path, "the input model")
+    out, report_file = outputs.model(out), outputs.file(report_path(out), "report")
+    outputs.check()  # before any work
     model = load_model(model_path)
     external = uses_external_data(model)
     report = shrink_model(model, config, calibration, on_stage)
-    save_model(model, out, external_data=True if external else None)  # keep the input's layout
-    write_json(report_path(out), report.to_dict())
+    with outputs.transaction() as files:
+        files.model(out, model, external_data=True if external else None)  # keep the input's layout
+        files.json(report_file, report.to_dict())
     return out, report

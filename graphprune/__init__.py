@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from graphprune.algorithms.pattern import NMPattern, Scope, Unstructured
     from graphprune.algorithms.scores import Method
+    from graphprune.algorithms.structured import StructuredMethod
     from graphprune.calibration import ActivationStats, calibrate
     from graphprune.calibration.request import CalibrationRequest
     from graphprune.errors import GraphpruneError
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from graphprune.passes.check import CheckPass, CheckResult
     from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult
     from graphprune.pipeline.files import check_file, prune_file
+    from graphprune.pipeline.shrink import ShrinkConfig, ShrinkReport, shrink_file, shrink_model
 
 # Where each public name lives: imported on first use, so ``import graphprune`` (and the command line's start)
 # does not pay for onnx-ir, ONNX Runtime and calibration until they are needed.
@@ -51,6 +53,11 @@ _HOME = {
     "PruneResult": "graphprune.passes.prune",
     "check_file": "graphprune.pipeline.files",
     "prune_file": "graphprune.pipeline.files",
+    "StructuredMethod": "graphprune.algorithms.structured",
+    "ShrinkConfig": "graphprune.pipeline.shrink",
+    "ShrinkReport": "graphprune.pipeline.shrink",
+    "shrink_file": "graphprune.pipeline.shrink",
+    "shrink_model": "graphprune.pipeline.shrink",
 }
 
 
@@ -75,7 +82,10 @@ __all__ = [
     "PrunePass",
     "PruneResult",
     "Scope",
+    "ShrinkConfig",
+    "ShrinkReport",
     "Skip",
+    "StructuredMethod",
     "Target",
     "TargetScan",
     "Unstructured",
@@ -85,4 +95,6 @@ __all__ = [
     "load_model",
     "prune_file",
     "save_model",
+    "shrink_file",
+    "shrink_model",
 ]

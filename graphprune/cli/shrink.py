@@ -1,0 +1,153 @@
+"""``graphprune shrink``: structured pruning to a smaller dense model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from graphprune.algorithms.structured import StructuredMethod
+from graphprune.cli.app import app, out, user_errors
+from graphprune.cli.calib_options import (
+    BatchSizeOpt,
+    CalibOpt,
+    NsamplesOpt,
+    ProviderOpt,
+    SeedOpt,
+    SeqlenOpt,
+    TokenizerOpt,
+    calibration_request,
+)
+from graphprune.cli.progress import progress_bar
+from graphprune.errors import GraphpruneError
+from graphprune.pipeline.files import report_path
+from graphprune.pipeline.shrink import UNIT_KINDS, ShrinkConfig, ShrinkReport, shrink_file
+
+
+@app.command()
+@user_errors
+def shrink(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to read (never modified). Example: model.onnx")],
+    ratio: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of the units of every group to remove, 0 < R < 1 (the same in every group; rounded to "
+            "the nearest whole unit). Example: --ratio 0.25"
+        ),
+    ] = None,
+    ratio_for: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ratio-for",
+            help="A different ratio for the groups whose name (as the report lists them) matches a shell pattern; "
+            "repeatable, the first match wins, 0 leaves them whole. "
+            "Example: --ratio-for 'mlp into *linear_6*=0.5'",
+        ),
+    ] = None,
+    units: Annotated[
+        str,
+        typer.Option(
+            help="Which units to remove, comma-separated: mlp (hidden neurons of MLPs: gate/up → down, "
+            "MatMul+Add → Gelu → MatMul+Add), heads (attention heads, whole KV groups under GQA), channels "
+            "(Conv filters → the next Conv's input channels). Example: --units mlp"
+        ),
+    ] = ",".join(UNIT_KINDS),
+    method: Annotated[
+        StructuredMethod,
+        typer.Option(
+            help="Score: l2 (norm of the unit's weights, no data); wanda (Σ |W|·‖X‖ over the unit); flap "
+            "(Var(X)·‖W‖², and the removed channels' mean contribution folded into the next layer's bias). "
+            "wanda and flap need --calib. Example: --method flap"
+        ),
+    ] = StructuredMethod.L2,
+    blocks: Annotated[
+        int,
+        typer.Option(
+            help="Also bypass this many residual blocks, those whose output is most like their input on the "
+            "calibration data (block influence 1 - cos, as ShortGPT); needs --calib. Example: --blocks 4"
+        ),
+    ] = 0,
+    steps: Annotated[
+        int,
+        typer.Option(
+            help="Reach --ratio in this many rounds, re-calibrating the shrunk model before each. "
+            "Example: --steps 4"
+        ),
+    ] = 1,
+    calib: CalibOpt = None,
+    tokenizer: TokenizerOpt = None,
+    seqlen: SeqlenOpt = 512,
+    nsamples: NsamplesOpt = 128,
+    seed: SeedOpt = 0,
+    batch_size: BatchSizeOpt = 8,
+    provider: ProviderOpt = "cpu",
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output model path. Default: <stem>.shrunk.onnx beside the input"),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Remove whole neurons, heads, filters or blocks and write a smaller dense model plus a JSON report.
+
+    The LM head and the embeddings are never touched (they read or write the residual stream, not a unit).
+    Example: graphprune shrink model.onnx --ratio 0.25 --units mlp --method flap --calib calib.npz -o small.onnx
+    """
+    config = ShrinkConfig(
+        ratio=ratio,
+        units=tuple(u.strip() for u in units.split(",") if u.strip()),
+        method=method,
+        blocks=blocks,
+        steps=steps,
+        overrides=tuple(_override(text) for text in ratio_for or ()),
+    )
+    config.validate()
+    request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, None, provider)
+    with progress_bar("shrinking") as bar:
+        written, report = shrink_file(
+            model, config, output, force, request if calib and config.needs_data else None, on_stage=bar.describe
+        )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        _print(report, written)
+
+
+def _override(text: str) -> tuple[str, float]:
+    pattern, sep, value = text.rpartition("=")
+    try:
+        if not sep or not pattern:
+            raise ValueError
+        return pattern, float(value)
+    except ValueError:
+        raise GraphpruneError(f"invalid --ratio-for {text!r}: expected PATTERN=RATIO, e.g. 'heads*=0.5'") from None
+
+
+def _print(report: ShrinkReport, written: Path) -> None:
+    table = Table(title=f"graphprune shrink ({report.config.method.value})")
+    for column in ("group", "kind", "units", "removed", "parameters"):
+        table.add_column(column)
+    for g in report.groups:
+        table.add_row(
+            g.name,
+            g.kind,
+            f"{g.units_before} → {g.units_after}",
+            str(len(g.removed)),
+            f"{g.parameters_before:,} → {g.parameters_after:,}" + (" (+bias)" if g.compensated else ""),
+        )
+    if report.groups:
+        out.print(table)
+    gone = [b for b in report.blocks if b.removed]
+    if gone:
+        shown = ", ".join(f"{b.index} ({b.influence:.4f})" for b in gone)
+        out.print(f"blocks bypassed (influence): {shown}", highlight=False)
+    for s in report.skipped:
+        out.print(f"[dim]skipped {s.name}: {s.reason}[/dim]", highlight=False)
+    for w in report.warnings:
+        out.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    before, after = report.parameters_before, report.parameters_after
+    out.print(f"parameters {before:,} → {after:,} ({1 - after / max(before, 1):.1%} fewer)", highlight=False)
+    out.print(f"model {written}\nreport {report_path(written)}", highlight=False)

@@ -1,0 +1,451 @@
+"""Structured pruning: every unit kind built as a tiny model, checked against ONNX Runtime and numpy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from graphprune.algorithms import structured as st
+from graphprune.algorithms.structured import StructuredMethod
+from graphprune.calibration.request import CalibrationRequest
+from graphprune.graph.groups import find_groups
+from graphprune.passes.shrink import Removal, ShrinkPass
+from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
+from tests.onnx_builders import init, make_model, run, tensor
+
+RNG = np.random.default_rng(0)
+
+
+@dataclass
+class Net:
+    """A tiny model, the names of its weights, and a numpy forward pass given (possibly sliced) weights."""
+
+    model: onnx.ModelProto
+    weights: dict[str, np.ndarray]
+    feed: dict[str, np.ndarray]
+    forward: object  # (weights dict) -> output array
+    # per group kind: weight name -> axis that carries the group's channels
+    channel_axes: dict[str, int] = field(default_factory=dict)
+
+
+def _w(*shape: int, scale: float = 0.5) -> np.ndarray:
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def _gelu_erf(x: np.ndarray) -> np.ndarray:
+    from math import erf, sqrt
+
+    return (0.5 * x * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))).astype(np.float32)
+
+
+def llama_mlp(d: int = 8, hidden: int = 12) -> Net:
+    """x + down(silu(x @ gate) * (x @ up)), with Sigmoid·x spelled out as the exporter does."""
+    w = {"gate": _w(d, hidden), "up": _w(d, hidden), "down": _w(hidden, d)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "gate"], ["g"], name="gate_proj"),
+        helper.make_node("Sigmoid", ["g"], ["sg"]),
+        helper.make_node("Mul", ["g", "sg"], ["silu"]),
+        helper.make_node("MatMul", ["x", "up"], ["u"], name="up_proj"),
+        helper.make_node("Mul", ["silu", "u"], ["h"]),
+        helper.make_node("MatMul", ["h", "down"], ["m"], name="down_proj"),
+        helper.make_node("Add", ["x", "m"], ["y"]),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("x", shape=["b", "s", d])],
+        [tensor("y", shape=["b", "s", d])],
+        [init(v, k) for k, v in w.items()],
+    )
+
+    def forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        return x + (_silu(x @ p["gate"]) * (x @ p["up"])) @ p["down"]
+
+    return Net(model, w, {"x": _w(2, 5, d, scale=1.0)}, forward, {"gate": 1, "up": 1, "down": 0})
+
+
+def bert_mlp(d: int = 8, hidden: int = 16) -> Net:
+    """MatMul+Add → Gelu (Erf expansion) → MatMul+Add."""
+    w = {"w1": _w(d, hidden), "b1": _w(hidden), "w2": _w(hidden, d), "b2": _w(d)}
+    consts = {"half": np.float32(0.5), "one": np.float32(1.0), "sqrt2": np.float32(np.sqrt(2.0))}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"]),
+        helper.make_node("Add", ["a", "b1"], ["h"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["hs"]),
+        helper.make_node("Erf", ["hs"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]),
+        helper.make_node("Mul", ["h", "e1"], ["he"]),
+        helper.make_node("Mul", ["he", "half"], ["g"]),
+        helper.make_node("MatMul", ["g", "w2"], ["o"], name="output_dense"),
+        helper.make_node("Add", ["o", "b2"], ["y"]),
+    ]
+    inits = [init(v, k) for k, v in w.items()] + [init(np.array(v), k) for k, v in consts.items()]
+    model = make_model(nodes, [tensor("x", shape=["b", d])], [tensor("y", shape=["b", d])], inits)
+
+    def forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        return _gelu_erf(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    return Net(model, w, {"x": _w(6, d, scale=1.0)}, forward, {"w1": 1, "b1": 0, "w2": 0})
+
+
+def gemm_mlp(d: int = 6, hidden: int = 10) -> Net:
+    """Gemm(transB=1) → Relu → Gemm(transB=1), PyTorch's Linear layout."""
+    w = {"w1": _w(hidden, d), "b1": _w(hidden), "w2": _w(d, hidden), "b2": _w(d)}
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1),
+    ]
+    model = make_model(
+        nodes, [tensor("x", shape=[4, d])], [tensor("y", shape=[4, d])], [init(v, k) for k, v in w.items()]
+    )
+
+    def forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        return np.maximum(x @ p["w1"].T + p["b1"], 0) @ p["w2"].T + p["b2"]
+
+    return Net(model, w, {"x": _w(4, d, scale=1.0)}, forward, {"w1": 0, "b1": 0, "w2": 1})
+
+
+def _conv_np(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """3x3 convolution, stride 1, padding 1, NCHW."""
+    n, _, h, wd = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, w.shape[0], h, wd), dtype=np.float64)
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("nchw,oc->nohw", xp[:, :, i : i + h, j : j + wd], w[:, :, i, j])
+    if b is not None:
+        out += b[None, :, None, None]
+    return out.astype(np.float32)
+
+
+def cnn(cin: int = 3, mid: int = 6, cout: int = 4) -> Net:
+    """Conv → BatchNormalization → Relu → Conv: the first Conv's filters are the units."""
+    w = {
+        "c1": _w(mid, cin, 3, 3),
+        "c1b": _w(mid),
+        "scale": (1 + _w(mid, scale=0.1)),
+        "shift": _w(mid),
+        "mean": _w(mid),
+        "var": np.abs(_w(mid)) + 0.5,
+        "c2": _w(cout, mid, 3, 3),
+        "c2b": _w(cout),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "c1", "c1b"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["a", "scale", "shift", "mean", "var"], ["n"], epsilon=1e-5),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("Conv", ["r", "c2", "c2b"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("x", shape=[2, cin, 5, 5])],
+        [tensor("y", shape=[2, cout, 5, 5])],
+        [init(v, k) for k, v in w.items()],
+    )
+
+    def forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        a = _conv_np(x, p["c1"], p["c1b"])
+        inv = p["scale"] / np.sqrt(p["var"] + 1e-5)
+        n = (a - p["mean"][None, :, None, None]) * inv[None, :, None, None] + p["shift"][None, :, None, None]
+        return _conv_np(np.maximum(n, 0), p["c2"], p["c2b"])
+
+    axes = {"c1": 0, "c1b": 0, "scale": 0, "shift": 0, "mean": 0, "var": 0, "c2": 1}
+    return Net(model, w, {"x": _w(2, cin, 5, 5, scale=1.0)}, forward, axes)
+
+
+NETS = {"llama_mlp": llama_mlp, "bert_mlp": bert_mlp, "gemm_mlp": gemm_mlp, "cnn": cnn}
+
+
+def _shrunk(model: onnx.ModelProto, units: list[int]) -> onnx.ModelProto:
+    m = ir.from_proto(model)
+    scan = find_groups(m)
+    assert len(scan.groups) == 1, scan.skips
+    ShrinkPass([Removal(scan.groups[0], np.array(units))]).call(m)
+    return ir.to_proto(m)
+
+
+def _sliced(net: Net, units: list[int]) -> dict[str, np.ndarray]:
+    return {
+        k: np.delete(v, units, axis=net.channel_axes[k]) if k in net.channel_axes else v
+        for k, v in net.weights.items()
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(NETS))
+def test_one_group_found_with_every_coupled_tensor(kind: str) -> None:
+    net = NETS[kind]()
+    scan = find_groups(ir.from_proto(net.model))
+    assert len(scan.groups) == 1
+    group = scan.groups[0]
+    assert {s.value.name: s.axis for s in group.slots} == net.channel_axes
+    assert group.kind == ("channels" if kind == "cnn" else "mlp")
+
+
+@pytest.mark.parametrize("kind", sorted(NETS))
+def test_removing_all_zero_channels_is_bit_identical(kind: str) -> None:
+    net = NETS[kind]()
+    units = [1, 4]
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(net.model)
+    for t in zeroed.graph.initializer:
+        if t.name in net.channel_axes and net.channel_axes[t.name] is not None:
+            array = onnx.numpy_helper.to_array(t).copy()
+            index = [slice(None)] * array.ndim
+            index[net.channel_axes[t.name]] = units  # type: ignore[call-overload]
+            if t.name in ("scale", "var"):
+                continue  # BatchNormalization's scale and variance: any value, the consumer rows are zero
+            array[tuple(index)] = 0
+            t.CopyFrom(onnx.numpy_helper.from_array(array, t.name))
+    before = run(zeroed, net.feed)[0]
+    after = run(_shrunk(zeroed, units), net.feed)[0]
+    np.testing.assert_array_equal(after, before)
+
+
+@pytest.mark.parametrize("kind", sorted(NETS))
+def test_removing_real_channels_equals_numpy_of_the_smaller_network(kind: str) -> None:
+    net = NETS[kind]()
+    units = [0, 3]
+    small = _shrunk(net.model, units)
+    expected = net.forward(_sliced(net, units), *net.feed.values())  # type: ignore[operator]
+    np.testing.assert_allclose(run(small, net.feed)[0], expected, rtol=1e-4, atol=1e-5)
+    onnx.checker.check_model(small)
+    sizes = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    for name, axis in net.channel_axes.items():
+        assert sizes[name][axis] == net.weights[name].shape[axis] - 2
+
+
+def test_flap_compensation_equals_the_mean_contribution_it_replaces() -> None:
+    net = bert_mlp()
+    calib = {"x": _w(64, 8, scale=1.0)}
+    m = ir.from_proto(net.model)
+    report = shrink_model(
+        m, ShrinkConfig(ratio=0.25, method=StructuredMethod.FLAP), CalibrationRequest(data=calib, batch_size=16)
+    )
+    (record,) = report.groups
+    removed = record.removed
+    assert len(removed) == 4 and record.compensated
+    # numpy: the consumer's input on the calibration data, its removed channels' mean contribution
+    g = _gelu_erf(calib["x"] @ net.weights["w1"] + net.weights["b1"])
+    contribution = (g[:, removed] @ net.weights["w2"][removed]).mean(axis=0)
+    b2 = next(v for k, v in m.graph.initializers.items() if k == "b2").const_value.numpy()
+    np.testing.assert_allclose(b2 - net.weights["b2"], contribution, rtol=1e-4, atol=1e-6)
+    # and FLAP ranks by Var(X_j)·‖W_j,:‖²
+    variance = g.astype(np.float64).var(axis=0)
+    score = variance * (net.weights["w2"].astype(np.float64) ** 2).sum(axis=1)
+    assert sorted(removed) == sorted(np.argsort(score)[:4].tolist())
+    # the mean of the shrunk model's output on the calibration data is the dense one's
+    dense = run(net.model, calib)[0].mean(axis=0)
+    shrunk = run(ir.to_proto(m), calib)[0].mean(axis=0)
+    np.testing.assert_allclose(shrunk, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_flap_adds_a_bias_where_the_consumer_has_none() -> None:
+    net = llama_mlp()
+    calib = {"x": _w(4, 16, 8, scale=1.0)}
+    m = ir.from_proto(net.model)
+    report = shrink_model(
+        m, ShrinkConfig(ratio=0.5, method=StructuredMethod.FLAP), CalibrationRequest(data=calib, batch_size=2)
+    )
+    removed = report.groups[0].removed
+    x = calib["x"].reshape(-1, 8)
+    h = _silu(x @ net.weights["gate"]) * (x @ net.weights["up"])
+    contribution = (h[:, removed] @ net.weights["down"][removed]).mean(axis=0)
+    keep = _sliced(net, removed)
+    expected = net.forward(keep, net.feed["x"]) + contribution  # type: ignore[operator]
+    np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_wanda_ranks_by_activation_norm_times_weight_magnitude() -> None:
+    net = llama_mlp()
+    calib = {"x": _w(4, 16, 8, scale=1.0)}
+    m = ir.from_proto(net.model)
+    report = shrink_model(
+        m, ShrinkConfig(ratio=0.25, method=StructuredMethod.WANDA), CalibrationRequest(data=calib, batch_size=4)
+    )
+    x = calib["x"].reshape(-1, 8).astype(np.float64)
+    h = _silu(x @ net.weights["gate"]) * (x @ net.weights["up"])
+    score = np.sqrt((h**2).sum(axis=0)) * np.abs(net.weights["down"]).sum(axis=1)
+    assert report.groups[0].removed == sorted(np.argsort(score)[:3].tolist())
+
+
+def test_l2_ranks_by_the_group_norm_and_keeps_the_earlier_unit_on_ties() -> None:
+    net = gemm_mlp()
+    w = net.weights
+    norm = (w["w1"].astype(np.float64) ** 2).sum(axis=1) + (w["w2"].astype(np.float64) ** 2).sum(axis=0)
+    m = ir.from_proto(net.model)
+    report = shrink_model(m, ShrinkConfig(ratio=0.3))
+    assert report.groups[0].removed == sorted(np.argsort(norm)[:3].tolist())
+    assert st.units_to_remove(np.array([1.0, 0.5, 1.0, 0.5]), 1).tolist() == [3]
+
+
+def test_steps_reach_the_ratio_in_rounds() -> None:
+    net = llama_mlp(hidden=16)
+    calib = {"x": _w(4, 16, 8, scale=1.0)}
+    m = ir.from_proto(net.model)
+    report = shrink_model(
+        m,
+        ShrinkConfig(ratio=0.5, method=StructuredMethod.WANDA, steps=2),
+        CalibrationRequest(data=calib, batch_size=4),
+    )
+    assert report.groups[0].units_after == 8 and len(set(report.groups[0].removed)) == 8
+    expected = net.forward(_sliced(net, report.groups[0].removed), net.feed["x"])  # type: ignore[operator]
+    np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_channel_read_by_another_op_is_skipped_with_its_reason() -> None:
+    net = llama_mlp()
+    model = net.model
+    model.graph.node.append(helper.make_node("ReduceMean", ["h"], ["hm"], axes=[-1]))
+    model.graph.output.append(tensor("hm", shape=None))
+    scan = find_groups(ir.from_proto(model))
+    assert not scan.groups
+    assert any("ReduceMean" in s.reason for s in scan.skips)
+
+
+def test_a_shared_weight_is_skipped() -> None:
+    net = gemm_mlp()
+    net.model.graph.node.append(helper.make_node("Identity", ["w1"], ["w1_copy"]))
+    net.model.graph.output.append(tensor("w1_copy", shape=None))
+    scan = find_groups(ir.from_proto(net.model))
+    assert not scan.groups and any("shared" in s.reason for s in scan.skips)
+
+
+def residual_stack(
+    d: int = 8, hidden: int = 12, small: int = 1, post_norm: bool = False
+) -> tuple[onnx.ModelProto, dict, object]:
+    """Three residual MLP blocks x + relu(x W1) W2 (then LayerNorm when ``post_norm``, as BERT), output 2·x.
+
+    Block ``small``'s branch is nearly zero.
+    """
+    nodes, inits, weights = [], [init(np.array(2.0, np.float32), "two")], []
+    if post_norm:
+        inits += [init(np.ones(d, np.float32), "gamma"), init(np.zeros(d, np.float32), "beta")]
+    x = "x"
+    for i in range(3):
+        w1, w2 = _w(d, hidden), _w(hidden, d) * (0.05 if i == small else 1.0)
+        weights.append((w1, w2))
+        inits += [init(w1, f"w1_{i}"), init(w2, f"w2_{i}")]
+        added = f"a{i}" if post_norm else f"x{i + 1}"
+        nodes += [
+            helper.make_node("MatMul", [x, f"w1_{i}"], [f"h{i}"]),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+            helper.make_node("MatMul", [f"r{i}", f"w2_{i}"], [f"m{i}"]),
+            helper.make_node("Add", [x, f"m{i}"], [added]),
+        ]
+        if post_norm:
+            nodes.append(
+                helper.make_node("LayerNormalization", [added, "gamma", "beta"], [f"x{i + 1}"], epsilon=1e-5)
+            )
+        x = f"x{i + 1}"
+    nodes.append(helper.make_node("Mul", [x, "two"], ["y"]))
+    model = make_model(nodes, [tensor("x", shape=["b", d])], [tensor("y", shape=["b", d])], inits)
+
+    def forward(x: np.ndarray, skip: set[int]) -> np.ndarray:
+        for i, (w1, w2) in enumerate(weights):
+            if i not in skip:
+                x = x + np.maximum(x @ w1, 0) @ w2
+                if post_norm:
+                    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+        return 2 * x
+
+    return model, weights, forward  # type: ignore[return-value]
+
+
+def test_blocks_with_the_lowest_influence_are_bypassed_and_their_weights_deleted() -> None:
+    model, _, forward = residual_stack(small=1)
+    calib = {"x": _w(32, 8, scale=1.0)}
+    m = ir.from_proto(model)
+    report = shrink_model(m, ShrinkConfig(blocks=1), CalibrationRequest(data=calib, batch_size=8))
+    assert [b.index for b in report.blocks if b.removed] == [1]
+    # influence is 1 - cos(block input, block output), averaged over rows
+    x1 = forward(calib["x"], {1, 2})
+    x2 = forward(calib["x"], {2})
+    cos = (x1 * x2).sum(1) / np.linalg.norm(x1, axis=1) / np.linalg.norm(x2, axis=1)
+    assert report.blocks[1].influence == pytest.approx(float(np.mean(1 - cos)), rel=1e-3)
+    small = ir.to_proto(m)
+    assert {t.name for t in small.graph.initializer} == {"w1_0", "w2_0", "w1_2", "w2_2", "two"}
+    feed = {"x": _w(5, 8, scale=1.0)}
+    np.testing.assert_allclose(run(small, feed)[0], forward(feed["x"], {1}), rtol=1e-5, atol=1e-5)
+    assert report.parameters_after == report.parameters_before - 2 * 8 * 12
+
+
+def test_block_removal_of_the_last_block_keeps_the_output_name() -> None:
+    model, _, forward = residual_stack(small=2)
+    model.graph.node.pop()  # the last Add writes the output directly
+    model.graph.node[-1].output[0] = "y"
+    m = ir.from_proto(model)
+    calib = {"x": _w(16, 8, scale=1.0)}
+    shrink_model(m, ShrinkConfig(blocks=1), CalibrationRequest(data=calib, batch_size=8))
+    small = ir.to_proto(m)
+    assert [o.name for o in small.graph.output] == ["y"]
+    feed = {"x": _w(3, 8, scale=1.0)}
+    np.testing.assert_allclose(run(small, feed)[0], forward(feed["x"], {2}) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_flap_on_a_conv_chain_adds_biases_that_shrink_with_the_next_group() -> None:
+    """Conv → Relu → Conv(no bias) → Relu → Conv: the middle Conv gets a bias and loses output channels too."""
+    w = {"c1": _w(6, 2, 3, 3), "c2": _w(6, 6, 3, 3), "c3": _w(3, 6, 3, 3)}
+    nodes = [
+        helper.make_node("Conv", ["x", "c1"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("Conv", ["ra", "c2"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b"], ["rb"]),
+        helper.make_node("Conv", ["rb", "c3"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("x", shape=["n", 2, 4, 4])],
+        [tensor("y", shape=["n", 3, 4, 4])],
+        [init(v, k) for k, v in w.items()],
+    )
+    m = ir.from_proto(model)
+    calib = {"x": _w(8, 2, 4, 4, scale=1.0)}
+    report = shrink_model(
+        m, ShrinkConfig(ratio=0.5, method=StructuredMethod.FLAP), CalibrationRequest(data=calib, batch_size=4)
+    )
+    assert [len(g.removed) for g in report.groups] == [3, 3]
+    small = ir.to_proto(m)
+    onnx.checker.check_model(small)
+    assert run(small, {"x": calib["x"][:1]})[0].shape == (1, 3, 4, 4)
+    shapes = {t.name: tuple(t.dims) for t in small.graph.initializer}
+    assert shapes["c2"] == (3, 3, 3, 3) and sorted(v for k, v in shapes.items() if "bias" in k) == [(3,), (3,)]
+
+
+def test_removal_count_and_units_helpers() -> None:
+    assert st.removal_count(1536, 0.25) == 384
+    assert st.channels_of_units(np.array([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
+    with pytest.raises(ValueError):
+        st.units_to_remove(np.zeros(3), 3)
+    assert TensorProto.FLOAT  # the builders' element type
+
+
+def test_per_layer_ratios_override_the_uniform_one_by_group_name() -> None:
+    model, _, _ = residual_stack(hidden=12)
+    m = ir.from_proto(model)
+    config = ShrinkConfig(ratio=0.25, overrides=(("mlp into w2_0", 0.5), ("*w2_2", 0.0)))
+    report = shrink_model(m, config)
+    assert {g.name: len(g.removed) for g in report.groups} == {
+        "mlp into w2_0": 6,
+        "mlp into w2_1": 3,
+        "mlp into w2_2": 0,
+    }
+
+
+def test_a_post_norm_block_is_bypassed_with_its_norm() -> None:
+    """BERT-style x -> LayerNorm(x + f(x)): the norm belongs to the block, the last block's too."""
+    model, _, forward = residual_stack(small=2, post_norm=True)
+    m = ir.from_proto(model)
+    calib = {"x": _w(32, 8, scale=1.0)}
+    report = shrink_model(m, ShrinkConfig(blocks=1), CalibrationRequest(data=calib, batch_size=8))
+    assert [b.index for b in report.blocks if b.removed] == [2]
+    feed = {"x": _w(4, 8, scale=1.0)}
+    np.testing.assert_allclose(run(ir.to_proto(m), feed)[0], forward(feed["x"], {2}), rtol=1e-4, atol=1e-4)

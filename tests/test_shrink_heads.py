@@ -1,0 +1,167 @@
+"""Attention heads as units: multi-head and grouped-query attention, against ONNX Runtime and numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from graphprune.graph.groups import find_groups
+from graphprune.passes.shrink import Removal, ShrinkPass
+from tests.onnx_builders import init, make_model, run, tensor
+
+RNG = np.random.default_rng(1)
+SEQ = 5
+
+
+def _w(*shape: int) -> np.ndarray:
+    return (RNG.standard_normal(shape) * 0.5).astype(np.float32)
+
+
+def attention(heads: int, kv_heads: int, head_dim: int, d: int = 8) -> tuple[onnx.ModelProto, dict]:
+    """x + O(softmax(Q Kᵀ / √hd) V): Q/K/V reshaped by constant shapes; GQA repeats K/V by Unsqueeze+Expand."""
+    rep = heads // kv_heads
+    w = {
+        "wq": _w(d, heads * head_dim),
+        "bq": _w(heads * head_dim),
+        "wk": _w(d, kv_heads * head_dim),
+        "wv": _w(d, kv_heads * head_dim),
+        "wo": _w(heads * head_dim, d),
+    }
+    consts = {
+        "q_shape": np.array([0, 0, heads, head_dim], np.int64),
+        "kv_shape": np.array([0, 0, kv_heads, head_dim], np.int64),
+        "merge": np.array([0, 0, heads * head_dim], np.int64),
+        "scale": np.array(1 / np.sqrt(head_dim), np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q0"], name="q_proj"),
+        helper.make_node("Add", ["q0", "bq"], ["q1"]),
+        helper.make_node("Reshape", ["q1", "q_shape"], ["q2"]),
+        helper.make_node("Transpose", ["q2"], ["q"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["x", "wk"], ["k0"], name="k_proj"),
+        helper.make_node("Reshape", ["k0", "kv_shape"], ["k1"]),
+        helper.make_node("Transpose", ["k1"], ["k2"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["x", "wv"], ["v0"], name="v_proj"),
+        helper.make_node("Reshape", ["v0", "kv_shape"], ["v1"]),
+        helper.make_node("Transpose", ["v1"], ["v2"], perm=[0, 2, 1, 3]),
+    ]
+    if rep > 1:
+        consts["unsq"] = np.array([2], np.int64)
+        consts["expand"] = np.array([1, 1, rep, 1, 1], np.int64)
+        consts["repeat"] = np.array([0, heads, SEQ, head_dim], np.int64)
+        for t in ("k", "v"):
+            nodes += [
+                helper.make_node("Unsqueeze", [f"{t}2", "unsq"], [f"{t}3"]),
+                helper.make_node("Expand", [f"{t}3", "expand"], [f"{t}4"]),
+                helper.make_node("Reshape", [f"{t}4", "repeat"], [f"{t}5"]),
+            ]
+        k, v = "k5", "v5"
+    else:
+        k, v = "k2", "v2"
+    nodes += [
+        helper.make_node("Transpose", [k], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["s0"]),
+        helper.make_node("Mul", ["s0", "scale"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", v], ["a0"]),
+        helper.make_node("Transpose", ["a0"], ["a1"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["a1", "merge"], ["a"]),
+        helper.make_node("MatMul", ["a", "wo"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["x", "o"], ["y"]),
+    ]
+    inits = [init(v, k) for k, v in w.items()] + [init(v, k) for k, v in consts.items()]
+    model = make_model(nodes, [tensor("x", shape=["b", SEQ, d])], [tensor("y", shape=["b", SEQ, d])], inits)
+    return onnx.shape_inference.infer_shapes(model), w
+
+
+def attention_np(w: dict, x: np.ndarray, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+    b, s, _ = x.shape
+    q = (x @ w["wq"] + w["bq"]).reshape(b, s, heads, head_dim).transpose(0, 2, 1, 3)
+    k = (x @ w["wk"]).reshape(b, s, kv_heads, head_dim).transpose(0, 2, 1, 3)
+    v = (x @ w["wv"]).reshape(b, s, kv_heads, head_dim).transpose(0, 2, 1, 3)
+    k, v = (np.repeat(t, heads // kv_heads, axis=1) for t in (k, v))
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    a = (p @ v).transpose(0, 2, 1, 3).reshape(b, s, heads * head_dim)
+    return x + a @ w["wo"]
+
+
+def _drop(w: dict, q_heads: list[int], kv_heads: list[int], head_dim: int) -> dict:
+    def cols(heads: list[int]) -> list[int]:
+        return [h * head_dim + i for h in heads for i in range(head_dim)]
+
+    return {
+        "wq": np.delete(w["wq"], cols(q_heads), axis=1),
+        "bq": np.delete(w["bq"], cols(q_heads)),
+        "wk": np.delete(w["wk"], cols(kv_heads), axis=1),
+        "wv": np.delete(w["wv"], cols(kv_heads), axis=1),
+        "wo": np.delete(w["wo"], cols(q_heads), axis=0),
+    }
+
+
+def _shrink(model: onnx.ModelProto, units: list[int]) -> tuple[onnx.ModelProto, object]:
+    m = ir.from_proto(model)
+    scan = find_groups(m, ("heads",))
+    assert len(scan.groups) == 1, scan.skips
+    group = scan.groups[0]
+    ShrinkPass([Removal(group, np.array(units))]).call(m)
+    return ir.to_proto(m), group
+
+
+def test_multi_head_attention_removes_whole_heads_and_rewrites_head_counts() -> None:
+    model, w = attention(heads=4, kv_heads=4, head_dim=2)
+    x = _w(3, SEQ, 8)
+    small, group = _shrink(model, [1, 3])
+    assert group.kind == "heads" and group.width == 2  # type: ignore[attr-defined]
+    expected = attention_np(_drop(w, [1, 3], [1, 3], 2), x, 2, 2, 2)
+    np.testing.assert_allclose(run(small, {"x": x})[0], expected, rtol=1e-4, atol=1e-5)
+    shapes = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in small.graph.initializer if "shape" in t.name}
+    assert [0, 0, 2, 2] in shapes.values() and not any(v == [0, 0, 4, 2] for v in shapes.values())
+
+
+def test_removing_all_zero_heads_is_bit_identical() -> None:
+    model, _ = attention(heads=4, kv_heads=4, head_dim=2)
+    for t in model.graph.initializer:
+        if t.name == "wo":
+            array = onnx.numpy_helper.to_array(t).copy()
+            array[2:4] = 0  # head 1's rows of O: the head contributes nothing
+            t.CopyFrom(onnx.numpy_helper.from_array(array, "wo"))
+    x = _w(2, SEQ, 8)
+    before = run(model, {"x": x})[0]
+    small, _ = _shrink(model, [1])
+    np.testing.assert_array_equal(run(small, {"x": x})[0], before)
+
+
+def test_grouped_query_attention_removes_kv_groups_with_their_query_heads() -> None:
+    model, w = attention(heads=4, kv_heads=2, head_dim=2)
+    x = _w(2, SEQ, 8)
+    np.testing.assert_allclose(run(model, {"x": x})[0], attention_np(w, x, 4, 2, 2), rtol=1e-4, atol=1e-5)
+    small, group = _shrink(model, [0])  # KV group 0: key/value head 0 and query heads 0 and 1
+    assert group.width == 1 and group.unit_size == 4  # type: ignore[attr-defined]  # 2 KV groups, 1 left
+    expected = attention_np(_drop(w, [0, 1], [0], 2), x, 2, 1, 2)
+    np.testing.assert_allclose(run(small, {"x": x})[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_head_count_hidden_in_a_dynamic_shape_is_skipped_with_its_reason() -> None:
+    model, _ = attention(heads=4, kv_heads=4, head_dim=2)
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.input[1] == "q_shape":  # the head count now comes from a Shape op
+            node.input[1] = "dyn"
+    model.graph.node.insert(0, helper.make_node("Shape", ["q1_like"], ["dyn"]))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "q_shape_x"], ["q1_like"]))
+    model.graph.initializer.append(init(np.array([0, 0, 4, 2], np.int64), "q_shape_x"))
+    model = onnx.shape_inference.infer_shapes(model)
+    scan = find_groups(ir.from_proto(model), ("heads",))
+    assert not scan.groups
+    assert scan.skips and all(s.reason for s in scan.skips)
+
+
+@pytest.mark.parametrize("units", [("mlp",), ("heads",)])
+def test_unit_kinds_select_what_is_found(units: tuple[str, ...]) -> None:
+    model, _ = attention(heads=4, kv_heads=4, head_dim=2)
+    kinds = {g.kind for g in find_groups(ir.from_proto(model), units).groups}
+    assert kinds == ({"heads"} if units == ("heads",) else set())

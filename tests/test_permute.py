@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -133,7 +134,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_groups_are_found_and_a_permutation_keeps_the_outputs(case: str) -> None:
     build, expected, x_shape = CASES[case]
-    model = build()
+    model = ir.from_proto(build())
     groups, weights = find_channel_groups(model)
     found = {g.reader: (g.writers, g.biases, g.period) for g in groups.values()}
     assert found == expected
@@ -149,14 +150,14 @@ def test_groups_are_found_and_a_permutation_keeps_the_outputs(case: str) -> None
 
 
 def test_channels_read_outside_the_group_are_left_alone() -> None:
-    model = llama_mlp()
-    model.graph.output.append(tensor("silu"))  # the activation is also a model output: reordering it shows
-    assert find_channel_groups(model)[0] == {}
+    proto = llama_mlp()
+    proto.graph.output.append(tensor("silu"))  # the activation is also a model output: reordering it shows
+    assert find_channel_groups(ir.from_proto(proto))[0] == {}
 
 
 def test_the_residual_stream_is_not_a_group() -> None:
     """Q/K/V read the residual stream through a normalisation: no writer reaches them through exact ops."""
-    groups, _ = find_channel_groups(attention(4))
+    groups, _ = find_channel_groups(ir.from_proto(attention(4)))
     assert set(groups) == {"wo"}
 
 
@@ -194,13 +195,13 @@ def test_prune_with_permute_keeps_more_importance_and_stored_nm(tmp_path) -> Non
 
 def test_the_pass_reorders_the_statistics_with_the_weights() -> None:
     """Wanda with --permute equals Wanda 2:4 of the reordered dense weight on the reordered activations."""
-    model = llama_mlp()
+    model = ir.from_proto(llama_mlp())
     original = {name: initializer(model, name) for name in ("gate", "up", "down")}
     x = RNG.standard_normal((16, 8))
     h = _hidden(original, x)  # the dense MLP's intermediate activations, original order
     stats = SimpleNamespace(sumsq={"down": (h**2).sum(axis=0)}, gram={})
     config = PruneConfig(PATTERN, Method.WANDA, include=("down",), include_head=True, permute=True)
-    (report,) = PrunePass(config, stats).call(model).pruned
+    (report,) = PrunePass(config, stats)(model).pruned
     assert report.permutation is not None and report.permutation["kept_after"] > report.permutation["kept_before"]
 
     gate = initializer(model, "gate")  # the order written, read back from gate's columns

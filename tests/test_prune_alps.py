@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from typer.testing import CliRunner
 
@@ -57,7 +58,8 @@ def test_alps_writes_its_solution_into_the_stored_layout_and_beats_sparsegpt() -
 
 
 def test_sequential_alps_calibrates_each_block_on_the_pruned_ones_before_it(blocks) -> None:
-    model, w = blocks
+    proto, w = blocks
+    model = ir.from_proto(proto)
     x = RNG.standard_normal((64, 8)).astype(np.float32)
     prune_sequentially(model, PruneConfig(PATTERN, Method.ALPS, include_head=True), [{"x": x[:40]}, {"x": x[40:]}])
 

@@ -79,7 +79,9 @@ def find_channel_groups(model: ir.Model) -> tuple[dict[str, ChannelGroup], dict[
     cached = _CACHE.get("groups")
     if cached is None or cached[0] != key:
         if not any(v.shape is not None for n in model.graph for v in n.outputs if not v.is_graph_output()):
-            ir.passes.common.ShapeInferencePass()(model)
+            from onnx_ir.passes.common import ShapeInferencePass
+
+            ShapeInferencePass()(model)
         targets = find_targets(model, include_head=True).targets
         cached = (key, _Finder(model.graph, targets).groups(), {t.name: t for t in targets})
         _CACHE["groups"] = cached

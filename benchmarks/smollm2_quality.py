@@ -8,9 +8,9 @@ time and peak RSS are measured there, calibration included), each evaluation as 
     python benchmarks/smollm2_quality.py --runs wanda:2:4:sequential sparsegpt:0.5:sequential
     python benchmarks/smollm2_quality.py --table                # the markdown table of every result so far
 
-A run is METHOD:PATTERN:MODE with PATTERN an N:M pattern or an unstructured sparsity, MODE one-shot,
+A run is METHOD:PATTERN:MODE[:permute] with PATTERN an N:M pattern or an unstructured sparsity, MODE one-shot,
 sequential (block by block, as the reference) or by-level (magnitude needs no calibration: its mode is
-ignored). Results are appended to ``--results``.
+ignored); ``permute`` adds ``apply --permute`` (N:M only). Results are appended to ``--results``.
 """
 
 from __future__ import annotations
@@ -42,19 +42,26 @@ DEFAULT_RUNS = [
 ]
 
 
-def parse_run(text: str) -> dict[str, str]:
+def parse_run(text: str) -> dict:
     parts = text.split(":")
     if parts == ["dense"]:
-        return {"method": "dense", "pattern": "dense", "mode": "-"}
+        return {"method": "dense", "pattern": "dense", "mode": "-", "permute": False}
+    permute = parts[-1] == "permute"
+    if permute:
+        parts.pop()
     method, rest = parts[0], parts[1:]
     mode = rest.pop() if rest and rest[-1] in ("one-shot", "sequential", "by-level") else "one-shot"
     if method == "magnitude":
         mode = "-"
     pattern = ":".join(rest)
-    return {"method": method, "pattern": pattern, "mode": mode}
+    return {"method": method, "pattern": pattern, "mode": mode, "permute": permute}
 
 
-def apply_args(run: dict[str, str], model: Path, calib: Path, out: Path) -> list[str]:
+def run_key(run: dict) -> tuple:
+    return (run["method"], run["pattern"], run["mode"], bool(run.get("permute")))
+
+
+def apply_args(run: dict, model: Path, calib: Path, out: Path) -> list[str]:
     pattern = ["--nm", run["pattern"]] if ":" in run["pattern"] else ["--sparsity", run["pattern"]]
     args = ["apply", str(model), *pattern, "--method", run["method"], "-o", str(out), "--force"]
     if run["method"] == "magnitude":
@@ -65,11 +72,16 @@ def apply_args(run: dict[str, str], model: Path, calib: Path, out: Path) -> list
         args.append("--sequential")
     if run["mode"] == "by-level":
         args.append("--by-level")
+    if run.get("permute"):
+        args.append("--permute")
     return args
 
 
-def timed(args: list[str], threads: int | None) -> tuple[float, float, str]:
-    """Run ``graphprune ARGS`` in a child; wall seconds, the child's peak RSS in MB, and its output."""
+def timed(args: list[str], threads: int | None) -> tuple[float, float, float, str]:
+    """Run ``graphprune ARGS`` in a child; wall seconds, CPU seconds, the child's peak RSS in MB, its output.
+
+    CPU seconds (user + system, all threads) compare runs fairly on a shared machine, where wall time
+    depends on what else runs."""
     env = dict(os.environ)
     if threads:
         env.update(
@@ -86,7 +98,7 @@ def timed(args: list[str], threads: int | None) -> tuple[float, float, str]:
         stdout, stderr = out.read().decode(), err.read().decode()
     if child.returncode:
         raise SystemExit(f"graphprune {' '.join(args)} failed:\n{stdout}\n{stderr}")
-    return seconds, usage.ru_maxrss / 1024, stdout
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, stdout
 
 
 def perplexity(model: Path, eval_windows: Path) -> float:
@@ -112,17 +124,24 @@ def reference_key(method: str, pattern: str) -> tuple[str, str, float]:
 def table(results: list[dict], reference: list[dict]) -> str:
     ref = {(r["method"], r["pattern"], round(r["sparsity"], 6)): r["brown_heldout_ppl"] for r in reference}
     lines = [
-        "| method | pattern | calibration | graphprune ppl | reference ppl | ratio | prune s | peak MB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| method | pattern | calibration | permute | graphprune ppl | reference ppl | ratio | prune s | CPU s "
+        "| peak MB |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    methods, modes = ["dense", "magnitude", "wanda", "sparsegpt"], ["-", "sequential", "by-level", "one-shot"]
-    ordered = sorted(results, key=lambda r: (methods.index(r["method"]), r["pattern"], modes.index(r["mode"])))
+    methods = ["dense", "magnitude", "wanda", "sparsegpt", "alps"]
+    modes = ["-", "sequential", "by-level", "one-shot"]
+    ordered = sorted(
+        results,
+        key=lambda r: (methods.index(r["method"]), r["pattern"], modes.index(r["mode"]), bool(r.get("permute"))),
+    )
     for r in ordered:
         theirs = ref.get(reference_key(r["method"], r["pattern"]))
         ratio = f"{r['ppl'] / theirs:.3f}" if theirs else "-"
+        permute = "yes" if r.get("permute") else "-"
+        cpu = f"{r['cpu_seconds']:.0f}" if r.get("cpu_seconds") else "-"
         lines.append(
-            f"| {r['method']} | {r['pattern']} | {r['mode']} | {r['ppl']:.2f} | {theirs or '-'} | {ratio} | "
-            f"{r['seconds']:.0f} | {r['peak_mb']:.0f} |"
+            f"| {r['method']} | {r['pattern']} | {r['mode']} | {permute} | {r['ppl']:.2f} | {theirs or '-'} | "
+            f"{ratio} | {r['seconds']:.0f} | {cpu} | {r['peak_mb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -149,17 +168,19 @@ def main() -> int:
         for text in args.runs:
             run = parse_run(text)
             if run["method"] == "dense":
-                seconds, peak, pruned = 0.0, 0.0, args.model
+                seconds, cpu, peak, pruned = 0.0, 0.0, 0.0, args.model
             else:
                 pruned = args.workdir / f"{text.replace(':', '_')}.onnx"
-                seconds, peak, _ = timed(apply_args(run, args.model, args.calib, pruned), args.threads)
-            run.update(ppl=perplexity(pruned, args.eval), seconds=seconds, peak_mb=peak, threads=args.threads)
+                seconds, cpu, peak, _ = timed(apply_args(run, args.model, args.calib, pruned), args.threads)
+            run.update(
+                ppl=perplexity(pruned, args.eval),
+                seconds=seconds,
+                cpu_seconds=cpu,
+                peak_mb=peak,
+                threads=args.threads,
+            )
             print(json.dumps(run), flush=True)
-            results = [
-                r
-                for r in results
-                if (r["method"], r["pattern"], r["mode"]) != (run["method"], run["pattern"], run["mode"])
-            ]
+            results = [r for r in results if run_key(r) != run_key(run)]
             results.append(run)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1) + "\n")

@@ -33,3 +33,9 @@ class Method(str, Enum):
     MAGNITUDE = "magnitude"  # |W|
     WANDA = "wanda"  # |W|·‖X‖, needs activation statistics
     SPARSEGPT = "sparsegpt"  # second-order, with weight reconstruction; needs Gram matrices
+    ALPS = "alps"  # ADMM on the Gram matrix, then a least-squares refit of the kept weights; needs Gram matrices
+
+    @property
+    def reconstructs(self) -> bool:
+        """Solves for new kept weights from the Gram matrices XᵀX (which calibration must then collect)."""
+        return self in (Method.SPARSEGPT, Method.ALPS)

@@ -50,7 +50,7 @@ def calibrate_command(
         bool,
         typer.Option(
             "--gram",
-            help="Also collect the Gram matrices XᵀX that `apply --method sparsegpt --stats` needs: one KxK "
+            help="Also collect the Gram matrices XᵀX that `apply --method sparsegpt|alps --stats` needs: one KxK "
             "float64 matrix per distinct input (8 MB at K=1024, 128 MB at K=4096), all in memory, e.g. --gram.",
         ),
     ] = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -11,9 +12,11 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
+from graphprune.algorithms.alps import PreparedGram, alps
 from graphprune.algorithms.layout import from_canonical, to_canonical
 from graphprune.algorithms.masks import mask_from_scores, nm_mask
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
+from graphprune.algorithms.permutation import search_permutation
 from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
 from graphprune.algorithms.sparsegpt import sparsegpt
 from graphprune.calibration.stats import ActivationStats
@@ -24,6 +27,13 @@ from graphprune.graph.targets import Skip, Target, find_targets
 from graphprune.graph.weights import StoredWeight, read_weight
 from graphprune.passes.base import PassPostconditionError, PassPreconditionError
 from graphprune.passes.check import CheckPass
+from graphprune.passes.permute import (
+    ChannelGroup,
+    PermutedGroup,
+    find_channel_groups,
+    full_order,
+    write_permutation,
+)
 
 # Masks of N:M and per-output-neuron patterns are independent per row: score this many elements at a time, so
 # the temporaries stay small next to the model even for the largest weights.
@@ -39,8 +49,9 @@ class PruneConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     include_head: bool = False
-    percdamp: float = 0.01  # SparseGPT's dampening, a fraction of the mean diagonal of XᵀX
+    percdamp: float = 0.01  # SparseGPT's and ALPS's dampening, a fraction of the mean diagonal of XᵀX
     blocksize: int = 128  # SparseGPT's column block
+    permute: bool = False  # N:M: reorder channels where the graph absorbs it exactly (passes/permute.py)
 
     def __post_init__(self) -> None:  # options fail before any calibration, not after it
         if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
@@ -65,6 +76,7 @@ class WeightReport:
     pattern: str | None = None
     sparsity: float | None = None  # fraction of zeros after pruning
     skipped: str | None = None  # the reason, for a weight left alone
+    permutation: dict | None = None  # the channel permutation written before pruning this weight (its K)
 
 
 @dataclass
@@ -99,6 +111,7 @@ class PruneResult(ir.passes.PassResult):
             "pruned": len(self.pruned),
             "skipped": len(self.skipped),
             "sparsity_achieved": round(self.achieved_sparsity(), 6),
+            "permuted_groups": [w.permutation for w in self.weights if w.permutation],
             "weights": [asdict(w) for w in self.weights],
         }
 
@@ -147,6 +160,8 @@ class PrunePass(ir.passes.InPlacePass):
         self.defer = defer
         self._pruned: list[Target] = []
         self._callback_lock = threading.Lock()
+        self._prepared: tuple[np.ndarray, PreparedGram] | None = None  # ALPS: the last Gram matrix, prepared
+        self.rewritten: list[str] = []  # stored tensors a permutation rewrote (beyond the pruned targets)
 
     def plan(self, model: ir.Model) -> Plan:
         """The targets this pass will prune and the weights it will leave, without touching the model."""
@@ -164,8 +179,8 @@ class PrunePass(ir.passes.InPlacePass):
                 "read inside an If/Loop/Scan body, where calibration cannot measure its inputs; "
                 "use --method magnitude"
             )
-        if self.config.method is Method.SPARSEGPT:
-            return _sparsegpt_unfit(target)
+        if self.config.method.reconstructs:
+            return _reconstruction_unfit(target, self.config.method)
         return ""
 
     def requires(self, model: ir.Model) -> None:
@@ -204,13 +219,22 @@ class PrunePass(ir.passes.InPlacePass):
         """Prune these planned targets in place (sequential calibration calls this group by group)."""
         stored = stored_values(model.graph)
         reports = []
-        for target in targets:
+        groups: dict[str, ChannelGroup] = {}
+        weights: dict[str, Target] = {}
+        if self.config.permute and isinstance(self.config.pattern, NMPattern):
+            groups, weights = find_channel_groups(model)
+        for target in self._by_gram(targets):
+            permuted = (
+                self._permute(model, groups[target.name], weights, stored) if target.name in groups else None
+            )
             if self.defer:
                 reports.append(self._defer(stored, target))
+                reports[-1].permutation = permuted
                 continue
             weight = read_weight(stored, target)
             weight.write(self._pruned_values(target, weight))
             reports.append(self._report(target, weight))
+            reports[-1].permutation = permuted
             if self.on_weight:
                 self.on_weight(target.name)
         self._pruned = [*self._pruned, *targets]
@@ -247,7 +271,7 @@ class PrunePass(ir.passes.InPlacePass):
         return report
 
     def _pruned_values(self, target: Target, stored: StoredWeight) -> np.ndarray:
-        if self.config.method is Method.SPARSEGPT:
+        if self.config.method.reconstructs:
             return self._reconstruct_weight(target, stored)
         return self._prune_weight(target, stored)
 
@@ -268,17 +292,67 @@ class PrunePass(ir.passes.InPlacePass):
         return values
 
     def _reconstruct_weight(self, target: Target, stored: StoredWeight) -> np.ndarray:
-        """SparseGPT: choose the mask and update the surviving weights from the Gram matrix of the inputs."""
+        """SparseGPT or ALPS: choose the mask and update the kept weights from the Gram matrix of the inputs."""
         canonical = to_canonical(stored.values, target.k_axis, target.out_axis)[:, 0, :]
         if not np.isfinite(canonical).all():
-            raise GraphpruneError(f"weight {target.name} holds NaN or infinite values: sparsegpt cannot prune it")
-        try:
-            updated = sparsegpt(
-                canonical, self.gram[target.name], self.config.pattern, **self.config.solver_options()
+            raise GraphpruneError(
+                f"weight {target.name} holds NaN or infinite values: {self.config.method.value} cannot prune it"
             )
+        gram = self.gram[target.name]
+        try:
+            if self.config.method is Method.ALPS:
+                if self._prepared is None or self._prepared[0] is not gram:  # Q/K/V, gate/up share one
+                    self._prepared = (gram, PreparedGram(gram, self.config.percdamp))
+                updated = alps(canonical, self._prepared[1], self.config.pattern)
+            else:
+                updated = sparsegpt(canonical, gram, self.config.pattern, **self.config.solver_options())
         except ValueError as exc:  # the solver's word on this weight's data (e.g. a Gram that is not definite)
-            raise GraphpruneError(f"sparsegpt cannot prune {target.name}: {exc}") from None
+            raise GraphpruneError(f"{self.config.method.value} cannot prune {target.name}: {exc}") from None
         return from_canonical(updated[:, None, :], target.shape, target.k_axis, target.out_axis)
+
+    def _permute(
+        self, model: ir.Model, group: ChannelGroup, weights: dict[str, Target], stored: Mapping[str, ir.Value]
+    ) -> dict:
+        """Search the reader's best channel order, write it into the model, and reorder its statistics alike.
+
+        The order is scored with the reader's |W|·‖X‖ (Wanda's score; SparseGPT and ALPS choose their masks
+        from a saliency of the same kind), |W| for magnitude; a period shorter than K (heads) stacks the blocks.
+        """
+        reader = weights[group.reader]
+        w = to_canonical(read_weight(stored, reader).effective(), reader.k_axis, reader.out_axis)[:, 0, :]
+        sumsq = self.input_sumsq.get(reader.name) if self.input_sumsq is not None else None
+        scores = self._order_scores(w, sumsq)
+        found = search_permutation(scores.reshape(-1, group.period), self.config.pattern)
+        if found.kept > found.identity_kept:
+            self.rewritten += write_permutation(model, group, found.order, weights)
+            index = full_order(found.order, reader.k)
+            if sumsq is not None:
+                self.input_sumsq = ChainMap({reader.name: sumsq[index]}, self.input_sumsq)
+            if reader.name in self.gram:
+                gram = self.gram[reader.name]
+                self.gram = ChainMap({reader.name: gram[np.ix_(index, index)]}, self.gram)
+        total = found.total or 1.0
+        return asdict(
+            PermutedGroup(
+                group.reader, list(group.writers), list(group.biases), group.kind, group.period,
+                round(found.identity_kept / total, 6), round(max(found.kept, found.identity_kept) / total, 6),
+                round(max(found.recovered, 0.0), 6),
+            )
+        )  # fmt: skip
+
+    def _order_scores(self, w: np.ndarray, sumsq: np.ndarray | None) -> np.ndarray:
+        if self.config.method is Method.MAGNITUDE or sumsq is None:
+            return magnitude_scores(w)
+        return wanda_scores(w, sumsq)
+
+    def _by_gram(self, targets: list[Target]) -> list[Target]:
+        """ALPS: the weights that share a Gram matrix one after another, so that one preparation serves them."""
+        if self.config.method is not Method.ALPS:
+            return targets
+        first: dict[int, int] = {}
+        for i, t in enumerate(targets):
+            first.setdefault(id(self.gram.get(t.name)), i)
+        return sorted(targets, key=lambda t: first[id(self.gram.get(t.name))])
 
     def _scores(self, target: Target, weight: np.ndarray, k_axis: int) -> np.ndarray:
         if self.config.method is Method.MAGNITUDE:
@@ -298,7 +372,7 @@ class PrunePass(ir.passes.InPlacePass):
                 f"{method.value} needs activation statistics: pass --calib DATA or --stats FILE"
             )
         stats = ActivationStats.from_sumsq(self.input_sumsq, targets, self.gram)
-        stats.check(targets, gram=method is Method.SPARSEGPT)  # the one validation of statistics
+        stats.check(targets, gram=method.reconstructs)  # the one validation of statistics
 
     def _report(self, target: Target, stored: StoredWeight) -> WeightReport:
         effective = stored.effective()
@@ -315,13 +389,15 @@ class PrunePass(ir.passes.InPlacePass):
         )
 
 
-def _sparsegpt_unfit(target: Target) -> str:
-    """Why SparseGPT's update cannot be written into this weight ('' when it can)."""
+def _reconstruction_unfit(target: Target, method: Method) -> str:
+    """Why SparseGPT's or ALPS's update cannot be written into this weight ('' when it can)."""
     if "DequantizeLinear" in target.through:
-        return "sparsegpt updates weights, which a quantized (DequantizeLinear) weight cannot store; use wanda"
+        return (
+            f"{method.value} updates weights, which a quantized (DequantizeLinear) weight cannot store; use wanda"
+        )
     kernel = int(np.prod(target.shape)) // (target.shape[target.k_axis] * target.shape[target.out_axis])
     if kernel != 1:
-        return "sparsegpt handles Conv with 1x1 kernels only; use wanda or magnitude for this weight"
+        return f"{method.value} handles Conv with 1x1 kernels only; use wanda or magnitude for this weight"
     return ""
 
 

@@ -96,13 +96,13 @@ def prune_file(
             from graphprune.calibration import ActivationStats, calibrate
             from graphprune.calibration.gram_budget import GIB, calibrate_within
 
-            request = replace(calibration, gram=config.method is Method.SPARSEGPT)
+            request = replace(calibration, gram=config.method.reconstructs)
 
             def calibrate_chunk(chunk: list[Target]) -> ActivationStats:
                 # ONNX Runtime reads the stored weights
                 return calibrate(model_path, request, chunk, progress=on_calibration)
 
-            if config.method is Method.SPARSEGPT:
+            if config.method.reconstructs:
                 stats = calibrate_within(targets, int(calibration.gram_memory_gb * GIB), calibrate_chunk)
             else:
                 stats = calibrate_chunk(targets)

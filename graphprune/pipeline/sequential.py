@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.algorithms.scores import Method
 from graphprune.calibration.run import Accumulator
 from graphprune.calibration.session import Session, cut, values_by_name
 from graphprune.calibration.stats import ActivationStats
@@ -228,7 +227,7 @@ def prune_sequentially(
     if not targets:
         raise GraphpruneError("the model has no prunable weights for this pattern and selection")
     reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
-    gram = config.method is Method.SPARSEGPT
+    gram = config.method.reconstructs
     engine = SequentialCalibration(model, batches, list(providers), gram, group_by, on_group)
 
     def prune_group(group: list[Target], stats: ActivationStats) -> None:

@@ -1,0 +1,298 @@
+"""Write channel permutations into a graph where they are exact, so that N:M masks keep more importance.
+
+A *channel group* is a set of channels that some weights write (their output columns, and the biases added
+to them) and one weight reads (its K rows), with only channel-preserving ops in between. Reordering the
+channels of all of them together leaves every output of the model unchanged, and gives the reader's N:M
+groups along K a new composition. Found by walking back from a reader's activation on the onnx-ir graph:
+
+* elementwise ops (activation functions, ``Mul``/``Add``/``Sub``/``Div`` of two tensors of the group or of a
+  tensor and a constant that is a scalar, broadcasts along the channels, or is a bias the group then permutes);
+* ``Reshape``/``Transpose``/``Unsqueeze``/``Squeeze``/``Expand`` that keep the channel axis last, and
+  ``MatMul(P, V)`` with V from the group (attention: probabilities times values);
+* writers: ``MatMul``/``Gemm`` with a stored weight (and a ``Gemm`` bias).
+
+Where a ``Reshape`` splits the channels into heads (``[.., H·d] -> [.., H, d]``) the permutation has to be the
+same in every block of d channels: the *period* of the group is the gcd of every channel-axis length on the
+way (the whole axis for an MLP, the head size for attention). Channels inside a head, and an MLP's
+intermediate channels, are found this way; the residual stream (embeddings, norms) is not (a ``Gather`` or a
+``ReduceMean`` ends the walk). Every tensor of the group must be read only inside the group, and every shape on
+the way known (the exporter's value_info, or ONNX shape inference), or the group is left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.graph.stored import read_array, replace_tensor, stored_tensor, stored_values
+from graphprune.graph.targets import Target, find_targets
+from graphprune.graph.weights import read_weight
+
+ELEMENTWISE_UNARY = frozenset(
+    {"Sigmoid", "Relu", "Tanh", "Erf", "Neg", "Gelu", "Softplus", "HardSigmoid", "HardSwish", "Identity", "Cast"}
+)
+ELEMENTWISE_BINARY = frozenset({"Mul", "Add", "Sub", "Div"})
+RESHAPING = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand"})
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that ``writers`` write (output axis; ``biases`` along their last axis) and ``reader`` reads (K)."""
+
+    reader: str
+    writers: tuple[str, ...]
+    biases: tuple[str, ...]
+    channels: int  # the reader's K
+    period: int  # the permutation repeats in every block of this many channels (heads); == channels for an MLP
+
+    @property
+    def kind(self) -> str:
+        return "mlp channels" if self.period == self.channels else f"channels inside heads of {self.period}"
+
+
+@dataclass
+class PermutedGroup:
+    """The report of one permutation written into the model."""
+
+    reader: str
+    writers: list[str]
+    biases: list[str]
+    kind: str
+    period: int
+    kept_before: float  # importance kept by the N:M mask in the original order (fraction of the total)
+    kept_after: float
+    recovered: float  # share of the importance the original order's mask loses that the permutation keeps
+
+
+def find_channel_groups(model: ir.Model) -> tuple[dict[str, ChannelGroup], dict[str, Target]]:
+    """Every exact channel group of the model by reader name, and the model's weights by name.
+
+    Shapes come from the model (an exporter's value_info); where the model carries none, ONNX shape inference
+    fills them in (on the graph's values only). Cached for the last graph structure seen (sequential pruning
+    asks once per block; the answer depends on the wiring alone, which pruning and permuting leave as it is).
+    """
+    key = _fingerprint(model)
+    cached = _CACHE.get("groups")
+    if cached is None or cached[0] != key:
+        if not any(v.shape is not None for n in model.graph for v in n.outputs if not v.is_graph_output()):
+            from onnx_ir.passes.common import ShapeInferencePass
+
+            ShapeInferencePass()(model)
+        targets = find_targets(model, include_head=True).targets
+        cached = (key, _Finder(model.graph, targets).groups(), {t.name: t for t in targets})
+        _CACHE["groups"] = cached
+    return cached[1], cached[2]
+
+
+def full_order(order: np.ndarray, length: int) -> np.ndarray:
+    """A period-p order (``len(order) == p``) repeated over ``length`` channels: block b maps to b·p + order."""
+    period = len(order)
+    return (np.arange(0, length, period)[:, None] + order[None, :]).reshape(-1)
+
+
+def write_permutation(
+    model: ir.Model, group: ChannelGroup, order: np.ndarray, targets: dict[str, Target]
+) -> list[str]:
+    """Reorder the group's channels in the stored weights (new channel i is old channel ``order[i]``, in every
+    period); returns the names of the tensors rewritten."""
+    stored = stored_values(model.graph)
+    moves = [(group.reader, targets[group.reader].k_axis)]
+    moves += [(name, targets[name].out_axis) for name in group.writers]
+    for name, axis in moves:
+        weight = read_weight(stored, targets[name])
+        index = full_order(order, weight.values.shape[axis])
+        weight.write(np.ascontiguousarray(np.take(weight.values, index, axis=axis)))
+    for name in group.biases:
+        old = stored_tensor(stored[name])
+        values = read_array(old)
+        permuted = np.take(values, full_order(order, values.shape[-1]), axis=-1)
+        replace_tensor(stored[name], ir.Tensor(np.ascontiguousarray(permuted), dtype=old.dtype, name=old.name))
+    return [name for name, _ in moves] + list(group.biases)
+
+
+_CACHE: dict[str, tuple[str, dict[str, ChannelGroup], dict[str, Target]]] = {}
+
+
+def _fingerprint(model: ir.Model) -> str:
+    """The graph's structure (ops and wiring, not weight values): what the groups depend on."""
+    digest = hashlib.sha1()
+    for node in model.graph:
+        inputs = ",".join(v.name if v is not None else "" for v in node.inputs)
+        digest.update(f"{node.op_type}|{inputs}|{','.join(v.name for v in node.outputs)};".encode())
+    for name, value in model.graph.initializers.items():
+        digest.update(f"{name}:{value.shape};".encode())
+    return digest.hexdigest()
+
+
+class _Reject(Exception):
+    """The walk met something a permutation cannot pass exactly."""
+
+
+class _Finder:
+    def __init__(self, graph: ir.Graph, targets: list[Target]) -> None:
+        self.graph = graph
+        self.targets = {t.name: t for t in targets}
+        # A writer: the node that multiplies by a stored target weight, found by its first output.
+        self.writer_of: dict[str, Target] = {}
+        for t in targets:
+            if len(t.consumers) == 1 and "DequantizeLinear" not in t.through:
+                self.writer_of[t.consumers[0].output] = t
+        self.values: dict[str, ir.Value] = dict(graph.initializers)
+        for node in graph:  # the main graph: subgraph bodies are not walked
+            for value in node.outputs:
+                self.values[value.name] = value
+        for value in graph.inputs:
+            self.values[value.name] = value
+
+    def groups(self) -> dict[str, ChannelGroup]:
+        found = {}
+        for t in self.targets.values():
+            c = t.consumers[0]
+            if len(t.consumers) != 1 or "DequantizeLinear" in t.through or c.op == "Conv" or c.in_subgraph:
+                continue
+            consumer = t.consumers[0]
+            activation = self.values.get(consumer.activation)
+            if activation is None or not _last_axis(activation, consumer.activation_axis):
+                continue
+            try:
+                group = self._walk(t, activation)
+            except _Reject:
+                continue
+            if group is not None:
+                found[t.name] = group
+        return found
+
+    def _walk(self, reader: Target, activation: ir.Value) -> ChannelGroup | None:
+        region: set[str] = set()  # values of the group
+        nodes: set[int] = set()  # nodes inside the group (not the writers)
+        writers: list[str] = []
+        biases: list[str] = []
+        lengths: list[int] = []
+        stack = [activation]
+        while stack:
+            value = stack.pop()
+            if value.name in region:
+                continue
+            region.add(value.name)
+            lengths.append(_last_dim(value))
+            if value.name in self.writer_of:
+                writer = self.writer_of[value.name]
+                writers.append(writer.name)
+                node = value.producer()
+                if (
+                    node is not None
+                    and node.op_type == "Gemm"
+                    and len(node.inputs) > 2
+                    and node.inputs[2] is not None
+                ):
+                    bias = node.inputs[2]
+                    if not bias.is_initializer():
+                        raise _Reject
+                    if not _broadcast_only(bias):
+                        biases.append(bias.name)
+                continue
+            node = value.producer()
+            if node is None or node.outputs[0] is not value:
+                raise _Reject
+            nodes.add(id(node))
+            stack.extend(self._inputs_in_group(node, value, biases))
+        if not writers:
+            return None
+        # Every value of the group is read only by the group's nodes or by the reader; no graph outputs.
+        reader_output = reader.consumers[0].output
+        for name in region:
+            value = self.values[name]
+            if value.is_graph_output():
+                return None
+            for use in value.uses():
+                is_reader = value is activation and use.node.outputs[0].name == reader_output
+                if id(use.node) not in nodes and not is_reader:
+                    return None
+        for name in biases:
+            if len(self.graph.initializers[name].uses()) != 1:
+                return None
+        period = 0
+        for length in [*lengths, reader.k]:
+            period = math.gcd(period, length)
+        if period == 0:
+            return None
+        return ChannelGroup(reader.name, tuple(sorted(writers)), tuple(sorted(set(biases))), reader.k, period)
+
+    def _inputs_in_group(self, node: ir.Node, value: ir.Value, biases: list[str]) -> list[ir.Value]:
+        """The inputs of ``node`` that carry the group's channels (raises _Reject where it cannot pass)."""
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            raise _Reject
+        if op in ELEMENTWISE_UNARY:
+            return [_required(node.inputs[0])]
+        if op in ELEMENTWISE_BINARY:
+            carried = []
+            for x in node.inputs:
+                x = _required(x)
+                if x.const_value is not None or x.is_initializer():
+                    if _broadcast_only(x):
+                        continue
+                    if _last_dim(x) == _last_dim(value) and x.is_initializer():
+                        biases.append(x.name)
+                        continue
+                    raise _Reject
+                carried.append(x)
+            return carried
+        if op in RESHAPING:
+            source = _required(node.inputs[0])
+            if op == "Transpose":
+                perm = node.attributes.get_ints("perm", None)
+                if perm is None or perm[-1] != len(perm) - 1:
+                    raise _Reject
+            elif op != "Reshape" and _last_dim(source) != _last_dim(value):
+                raise _Reject  # Unsqueeze/Squeeze/Expand must leave the channel axis as it is
+            return [source]
+        if op == "MatMul":
+            a, b = _required(node.inputs[0]), _required(node.inputs[1])
+            if b.const_value is not None or b.is_initializer():
+                raise _Reject
+            if _rank(b) is None or _rank(b) < 2:
+                raise _Reject
+            del a  # probabilities: contracted against b's second-to-last axis, not part of the group
+            return [b]
+        raise _Reject
+
+
+def _required(value: ir.Value | None) -> ir.Value:
+    if value is None:
+        raise _Reject
+    return value
+
+
+def _rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def _last_dim(value: ir.Value) -> int:
+    """The static length of the last axis; rejects an unknown one."""
+    shape = value.shape
+    if shape is None and value.const_value is not None:
+        shape = value.const_value.shape
+    if shape is None or len(shape) == 0:
+        raise _Reject
+    dim = shape[-1]
+    if not isinstance(dim, int):
+        raise _Reject
+    return dim
+
+
+def _broadcast_only(constant: ir.Value) -> bool:
+    """A constant that is the same for every channel: a scalar, or a last axis of length 1."""
+    shape = constant.shape if constant.shape is not None else getattr(constant.const_value, "shape", None)
+    if shape is None:
+        return False
+    return len(shape) == 0 or shape[-1] == 1
+
+
+def _last_axis(value: ir.Value, axis: int) -> bool:
+    rank = _rank(value)
+    return axis == -1 or (rank is not None and axis == rank - 1)

@@ -1,0 +1,217 @@
+"""Channel permutations written into graphs: ONNX Runtime's output of the permuted dense model equals the
+original's, and pruning with --permute leaves N:M along K in the stored layout of the written file."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from graphprune.algorithms.masks import nm_violations
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.algorithms.scores import Method
+from graphprune.passes.permute import find_channel_groups, write_permutation
+from graphprune.passes.prune import PruneConfig, PrunePass
+from tests.onnx_builders import init, initializer, make_model, run, tensor
+from tests.test_sequential import wanda_numpy
+
+RNG = np.random.default_rng(31)
+PATTERN = NMPattern(2, 4)
+
+
+def weight(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def llama_mlp() -> onnx.ModelProto:
+    """down(silu(x gate) * (x up)) with [K, N] MatMul weights, and a residual add."""
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "gate"], ["g"]),
+            helper.make_node("Sigmoid", ["g"], ["sg"]),
+            helper.make_node("Mul", ["g", "sg"], ["silu"]),
+            helper.make_node("MatMul", ["x", "up"], ["u"]),
+            helper.make_node("Mul", ["silu", "u"], ["h"]),
+            helper.make_node("MatMul", ["h", "down"], ["d"]),
+            helper.make_node("Add", ["x", "d"], ["y"]),
+        ],
+        [tensor("x", shape=["b", 3, 8])],
+        [tensor("y")],
+        [init(weight(8, 16), "gate"), init(weight(8, 16), "up"), init(weight(16, 8), "down")],
+    )
+
+
+def bert_mlp() -> onnx.ModelProto:
+    """fc2(gelu(x fc1ᵀ + b1)) with Gemm(transB) fc1 and a biased MatMul fc2, GELU written out with Erf."""
+    return make_model(
+        [
+            helper.make_node("Gemm", ["x", "fc1", "b1"], ["a"], transB=1),
+            helper.make_node("Div", ["a", "sqrt2"], ["a2"]),
+            helper.make_node("Erf", ["a2"], ["e"]),
+            helper.make_node("Add", ["e", "one"], ["e1"]),
+            helper.make_node("Mul", ["a", "e1"], ["m"]),
+            helper.make_node("Mul", ["m", "half"], ["gelu"]),
+            helper.make_node("MatMul", ["gelu", "fc2"], ["f"]),
+            helper.make_node("Add", ["f", "b2"], ["y"]),
+        ],
+        [tensor("x", shape=["b", 8])],
+        [tensor("y")],
+        [
+            init(weight(16, 8), "fc1"),
+            init(weight(16), "b1"),
+            init(np.array(np.sqrt(2.0), np.float32), "sqrt2"),
+            init(np.array(1.0, np.float32), "one"),
+            init(np.array(0.5, np.float32), "half"),
+            init(weight(16, 8), "fc2"),
+            init(weight(8), "b2"),
+        ],
+    )
+
+
+def attention(kv_heads: int, heads: int = 4, d: int = 8, hidden: int = 16) -> onnx.ModelProto:
+    """Softmax(Q Kᵀ) V with heads of d channels, Q/K/V/O as [K, N] MatMuls; GQA repeats the K/V heads."""
+    group = heads // kv_heads
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("Reshape", ["q", "q_shape"], ["q4"]),
+        helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("Reshape", ["k", "kv_shape"], ["k4"]),
+        helper.make_node("Transpose", ["k4"], ["kh"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["x", "wv"], ["v"]),
+        helper.make_node("Reshape", ["v", "kv_shape"], ["v4"]),
+        helper.make_node("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3]),
+    ]
+    inits = [
+        init(weight(hidden, heads * d), "wq"),
+        init(weight(hidden, kv_heads * d), "wk"),
+        init(weight(hidden, kv_heads * d), "wv"),
+        init(weight(heads * d, hidden), "wo"),
+        init(np.array([0, 0, heads, d], np.int64), "q_shape"),
+        init(np.array([0, 0, kv_heads, d], np.int64), "kv_shape"),
+        init(np.array([0, 0, heads * d], np.int64), "merged"),
+    ]
+    k_in, v_in = "kh", "vh"
+    if group > 1:  # repeat_kv: [b, kv, s, d] -> [b, kv, group, s, d] -> [b, heads, s, d]
+        for name in ("kh", "vh"):
+            nodes += [
+                helper.make_node("Unsqueeze", [name, "axis2"], [f"{name}5"]),
+                helper.make_node("Expand", [f"{name}5", f"{name}_expand"], [f"{name}x"]),
+                helper.make_node("Reshape", [f"{name}x", f"{name}_heads"], [f"{name}r"]),
+            ]
+        inits += [
+            init(np.array([2], np.int64), "axis2"),
+            init(np.array([1, 1, group, 1, 1], np.int64), "kh_expand"),
+            init(np.array([1, 1, group, 1, 1], np.int64), "vh_expand"),
+            init(np.array([0, heads, d, -1], np.int64), "kh_heads"),
+            init(np.array([0, heads, -1, d], np.int64), "vh_heads"),
+        ]
+        k_in, v_in = "khr", "vhr"
+    nodes += [
+        helper.make_node("MatMul", ["qh", k_in], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", v_in], ["ctx"]),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx_t", "merged"], ["ctx_m"]),
+        helper.make_node("MatMul", ["ctx_m", "wo"], ["y"]),
+    ]
+    return make_model(nodes, [tensor("x", shape=[2, 5, hidden])], [tensor("y")], inits)
+
+
+CASES = {
+    "llama-mlp": (llama_mlp, {"down": (("gate", "up"), (), 16)}, (2, 3, 8)),
+    "bert-mlp": (bert_mlp, {"fc2": (("fc1",), ("b1",), 16)}, (4, 8)),
+    "attention-mha": (lambda: attention(4), {"wo": (("wv",), (), 8)}, (2, 5, 16)),
+    "attention-gqa": (lambda: attention(2), {"wo": (("wv",), (), 8)}, (2, 5, 16)),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_groups_are_found_and_a_permutation_keeps_the_outputs(case: str) -> None:
+    build, expected, x_shape = CASES[case]
+    model = ir.from_proto(build())
+    groups, weights = find_channel_groups(model)
+    found = {g.reader: (g.writers, g.biases, g.period) for g in groups.values()}
+    assert found == expected
+
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    (before,) = run(model, {"x": x})
+    for group in groups.values():
+        order = RNG.permutation(group.period)
+        assert not np.array_equal(order, np.arange(group.period))
+        write_permutation(model, group, order, weights)
+    (after,) = run(model, {"x": x})
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_read_outside_the_group_are_left_alone() -> None:
+    proto = llama_mlp()
+    proto.graph.output.append(tensor("silu"))  # the activation is also a model output: reordering it shows
+    assert find_channel_groups(ir.from_proto(proto))[0] == {}
+
+
+def test_the_residual_stream_is_not_a_group() -> None:
+    """Q/K/V read the residual stream through a normalisation: no writer reaches them through exact ops."""
+    groups, _ = find_channel_groups(ir.from_proto(attention(4)))
+    assert set(groups) == {"wo"}
+
+
+def test_prune_with_permute_keeps_more_importance_and_stored_nm(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from graphprune.cli import app
+
+    model = llama_mlp()
+    # Make the in-order groups of down's K bad: channels 0-7 important, 8-15 weak, so groups 0-1 lose a lot.
+    down = initializer(model, "down").copy()
+    down[8:] *= 0.05
+    for t in model.graph.initializer:
+        if t.name == "down":
+            t.CopyFrom(onnx.numpy_helper.from_array(down, "down"))
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((8, 3, 8)).astype(np.float32))
+    out = tmp_path / "pruned.onnx"
+    calib = str(tmp_path / "calib.npz")
+    args = ["apply", str(path), "--nm", "2:4", "--calib", calib, "--permute", "--include-head", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "pruned.report.json").read_text())
+    (group,) = report["permuted_groups"]
+    assert group["reader"] == "down" and group["writers"] == ["gate", "up"]
+    assert group["kept_after"] > group["kept_before"]
+
+    pruned = onnx.load(str(out))
+    for name in ("gate", "up", "down"):  # MatMul B [K, N]: K is axis 0 in the stored layout
+        assert nm_violations(initializer(pruned, name).T, PATTERN).size == 0
+    check = CliRunner().invoke(app, ["check", str(out), "--include-head", "--no-eligibility"])
+    assert check.exit_code == 0, check.output
+
+
+def test_the_pass_reorders_the_statistics_with_the_weights() -> None:
+    """Wanda with --permute equals Wanda 2:4 of the reordered dense weight on the reordered activations."""
+    model = ir.from_proto(llama_mlp())
+    original = {name: initializer(model, name) for name in ("gate", "up", "down")}
+    x = RNG.standard_normal((16, 8))
+    h = _hidden(original, x)  # the dense MLP's intermediate activations, original order
+    stats = SimpleNamespace(sumsq={"down": (h**2).sum(axis=0)}, gram={})
+    config = PruneConfig(PATTERN, Method.WANDA, include=("down",), include_head=True, permute=True)
+    (report,) = PrunePass(config, stats)(model).pruned
+    assert report.permutation is not None and report.permutation["kept_after"] > report.permutation["kept_before"]
+
+    gate = initializer(model, "gate")  # the order written, read back from gate's columns
+    order = [int(np.flatnonzero((original["gate"] == gate[:, [j]]).all(axis=0))[0]) for j in range(16)]
+    assert sorted(order) != order and sorted(order) == list(range(16))
+    np.testing.assert_array_equal(initializer(model, "up"), original["up"][:, order])
+    expected = wanda_numpy(original["down"][order], h[:, order])
+    np.testing.assert_array_equal(initializer(model, "down"), expected.astype(np.float32))
+
+
+def _hidden(weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    g = x @ weights["gate"].astype(np.float64)
+    return g / (1 + np.exp(-g)) * (x @ weights["up"].astype(np.float64))

@@ -1,0 +1,103 @@
+"""ALPS through the pruning pass, one-shot and sequential, and from saved Gram statistics."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from typer.testing import CliRunner
+
+from graphprune.algorithms.alps import alps
+from graphprune.algorithms.masks import nm_violations
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.algorithms.scores import Method
+from graphprune.cli import app
+from graphprune.passes.prune import PruneConfig, PrunePass
+from graphprune.pipeline.sequential import prune_sequentially
+from tests import test_sequential
+from tests.onnx_builders import initializer, run
+from tests.test_alps import correlated_inputs
+from tests.test_prune_sparsegpt import linear_model
+
+RNG = np.random.default_rng(12)
+PATTERN = NMPattern(2, 4)
+
+
+@pytest.fixture
+def blocks():
+    """test_sequential's two residual blocks, leaving its random stream as it was: its own tests' data (and an
+    assertion there that holds for that data only) must not depend on which test files ran before."""
+    state = test_sequential.RNG.bit_generator.state
+    try:
+        yield test_sequential.residual_blocks_model()
+    finally:
+        test_sequential.RNG.bit_generator.state = state
+
+
+def test_alps_writes_its_solution_into_the_stored_layout_and_beats_sparsegpt() -> None:
+    w = RNG.standard_normal((24, 32)).astype(np.float32)  # stored [N, K] behind a Transpose
+    x = correlated_inputs(RNG, 32).astype(np.float32)
+    gram = x.astype(np.float64).T @ x.astype(np.float64)
+    stats = SimpleNamespace(sumsq={"w": np.diag(gram).copy()}, gram={"w": gram})
+    pruned = {}
+    for method in (Method.ALPS, Method.SPARSEGPT):
+        model = linear_model(w)
+        result = PrunePass(PruneConfig(PATTERN, method, include_head=True), stats).call(model)
+        assert result.pruned[0].method == method.value
+        pruned[method] = model
+    stored = initializer(pruned[Method.ALPS], "w")
+    np.testing.assert_allclose(stored, alps(w, gram, PATTERN), rtol=1e-6, atol=1e-6)
+    assert nm_violations(stored, PATTERN).size == 0
+
+    dense = x @ w.T
+    errors = {m: np.linalg.norm(run(model, {"x": x})[0] - dense) for m, model in pruned.items()}
+    assert errors[Method.ALPS] <= errors[Method.SPARSEGPT]
+
+
+def test_sequential_alps_calibrates_each_block_on_the_pruned_ones_before_it(blocks) -> None:
+    proto, w = blocks
+    model = ir.from_proto(proto)
+    x = RNG.standard_normal((64, 8)).astype(np.float32)
+    prune_sequentially(model, PruneConfig(PATTERN, Method.ALPS, include_head=True), [{"x": x[:40]}, {"x": x[40:]}])
+
+    def reference(weight_kn: np.ndarray, inputs: np.ndarray) -> np.ndarray:  # MatMul B [K, N]: canonical is Bᵀ
+        inputs = inputs.astype(np.float64)
+        return alps(weight_kn.T, inputs.T @ inputs, PATTERN).T
+
+    a1 = reference(w["a1"], x)
+    b1 = reference(w["b1"], np.maximum(x @ w["a1"], 0))  # inside a block: A still dense
+    h1 = x + np.maximum(x @ a1, 0) @ b1
+    a2 = reference(w["a2"], h1)
+    b2 = reference(w["b2"], np.maximum(h1 @ w["a2"], 0))
+    for name, expected in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2)):
+        got = initializer(model, name)
+        np.testing.assert_array_equal(got != 0, expected != 0)
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_saved_gram_matrices_serve_alps_as_calibrating_in_one_go(tmp_path, blocks) -> None:
+    model, _ = blocks
+    path = tmp_path / "blocks.onnx"
+    path.write_bytes(model.SerializeToString())
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((16, 8)).astype(np.float32))
+    runner = CliRunner()
+    stats, calib = str(tmp_path / "stats.npz"), str(tmp_path / "calib.npz")
+    saved = runner.invoke(app, ["calibrate", str(path), "--calib", calib, "-o", stats, "--gram", "-q"])
+    assert saved.exit_code == 0, saved.output
+    written = {}
+    for source in (["--stats", stats], ["--calib", calib]):
+        out = tmp_path / f"{source[0][2:]}.onnx"
+        result = runner.invoke(
+            app, ["apply", str(path), "--method", "alps", "--include-head", *source, "-o", str(out)]
+        )
+        assert result.exit_code == 0, result.output
+        written[source[0]] = onnx.load(str(out))
+    for name in ("a1", "b1", "a2", "b2"):
+        stored = initializer(written["--stats"], name)
+        np.testing.assert_array_equal(stored, initializer(written["--calib"], name))
+        assert nm_violations(stored.T, PATTERN).size == 0  # K is axis 0 of a MatMul B
+    check = runner.invoke(app, ["check", str(tmp_path / "stats.onnx"), "--include-head", "--no-eligibility"])
+    assert check.exit_code == 0, check.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rich.progress import (
     BarColumn,
@@ -17,6 +18,9 @@ from rich.progress import (
 )
 
 from graphprune.cli.app import console
+
+if TYPE_CHECKING:
+    from graphprune.pipeline.segments import SegmentProgress
 
 
 @dataclass
@@ -33,6 +37,23 @@ class Bar:
     def describe(self, text: str) -> None:
         self.progress.update(self.task, description=text)
 
+    def set_detail(self, text: str) -> None:
+        """Text after the bar: throughput, memory in use."""
+        self.progress.update(self.task, detail=text)
+
+
+def segment_detail(step: SegmentProgress) -> str:
+    """A segment-wise run's figures: calibration tokens per second, memory in use, activations spilled."""
+    parts = [f"{step.tokens_per_second:,.0f} tok/s"] if step.tokens_per_second else []
+    parts.append(f"RSS {_size(step.memory_bytes)}")
+    if step.spilled_bytes:
+        parts.append(f"spilled {_size(step.spilled_bytes)}")
+    return ", ".join(parts)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
 
 @contextmanager
 def progress_bar(description: str, total: int | None = None) -> Iterator[Bar]:
@@ -43,7 +64,8 @@ def progress_bar(description: str, total: int | None = None) -> Iterator[Bar]:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[detail]}"),
         console=console,
         transient=True,
     ) as progress:
-        yield Bar(progress, progress.add_task(description, total=total))
+        yield Bar(progress, progress.add_task(description, total=total, detail=""))

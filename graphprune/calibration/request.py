@@ -33,6 +33,7 @@ class CalibrationRequest:
     gram: bool = False  # also collect XᵀX (SparseGPT)
     optimize: bool = False  # let ONNX Runtime optimise the tapped graph
     gram_memory_gb: float = 4.0  # one-shot SparseGPT: Gram matrices held at once; more are spilled to disk
+    max_memory: int | None = None  # bytes: run segment-wise (pipeline/segments.py) within this budget
 
     def __post_init__(self) -> None:  # every option fails here, before any model is loaded or run
         for option, value in (("--seqlen", self.seqlen), ("--nsamples", self.nsamples)):

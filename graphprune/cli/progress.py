@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rich.progress import (
     BarColumn,
@@ -25,6 +26,9 @@ from rich.progress import (
 from rich.text import Text
 
 from graphprune.cli.app import console
+
+if TYPE_CHECKING:
+    from graphprune.pipeline.segments import SegmentProgress
 
 
 class _Rate(ProgressColumn):
@@ -62,6 +66,10 @@ class Bar:
         task = self.progress.tasks[self.task]
         self.progress.update(self.task, completed=task.total or task.completed, visible=False)
 
+    def set_detail(self, text: str) -> None:
+        """Text after the bar: throughput, memory in use."""
+        self.progress.update(self.task, detail=text)
+
 
 @dataclass
 class Display:
@@ -69,7 +77,20 @@ class Display:
 
     def bar(self, description: str, total: int | None = None, unit: str = "") -> Bar:
         """A new line of the display (added below the others)."""
-        return Bar(self.progress, self.progress.add_task(description, total=total, unit=unit))
+        return Bar(self.progress, self.progress.add_task(description, total=total, unit=unit, detail=""))
+
+
+def segment_detail(step: SegmentProgress) -> str:
+    """A segment-wise run's figures: calibration tokens per second, memory in use, activations spilled."""
+    parts = [f"{step.tokens_per_second:,.0f} tok/s"] if step.tokens_per_second else []
+    parts.append(f"RSS {_size(step.memory_bytes)}")
+    if step.spilled_bytes:
+        parts.append(f"spilled {_size(step.spilled_bytes)}")
+    return ", ".join(parts)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 @contextmanager
@@ -82,6 +103,7 @@ def display(enabled: bool = True) -> Iterator[Display]:
         _Rate(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[detail]}"),
         console=console,
         transient=True,
         disable=not enabled,

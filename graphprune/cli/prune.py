@@ -26,14 +26,16 @@ from graphprune.cli.calib_options import (
     calibration_request,
 )
 from graphprune.cli.options import pattern_from_options
-from graphprune.cli.progress import Bar, display
+from graphprune.cli.progress import Bar, display, segment_detail
 from graphprune.cli.tables import Col, fitted_table
 from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model
 from graphprune.graph.targets import find_targets
 from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PruneResult
+from graphprune.pipeline.boundary import parse_memory_size
 from graphprune.pipeline.files import prune_file, report_path
+from graphprune.pipeline.segments import SegmentProgress
 from graphprune.tensorrt.eligibility import Eligibility, eligibility_report, summary
 
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model to read (never modified). Example: model.onnx")]
@@ -142,6 +144,18 @@ def apply(
             "several passes and the matrices spilled to a temporary directory. Example: --gram-memory 8"
         ),
     ] = 4.0,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget of calibration on a model with external data: calibrate segment by segment (each "
+            "segment's ONNX Runtime session holds only its own weights, read from the data file), keep the "
+            "activations that cross segments in memory within what the budget leaves after the largest segment "
+            "and spill the rest to a temporary directory, and write pruned weights into the output as they are "
+            "pruned. Without --sequential the statistics are one-shot (dense model). --sequential on such a model "
+            "always runs segment by segment. Units: KB/MB/GB (powers of 1000), KiB/MiB/GiB. Example: "
+            "--max-memory 8GB"
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Output model path. Default: <stem>.pruned.onnx beside the input"),
@@ -176,7 +190,8 @@ def apply(
         raise GraphpruneError("--sequential needs calibration data: pass --calib DATA")
     saved = _load_stats(stats) if stats else None
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
-    request = replace(request, gram_memory_gb=gram_memory)
+    budget = parse_memory_size(max_memory) if max_memory is not None else None
+    request = replace(request, gram_memory_gb=gram_memory, max_memory=budget)
     if permute and not isinstance(pattern, NMPattern):
         raise GraphpruneError("--permute reorders channels for N:M groups: give --nm (for example --nm 2:4)")
     config = PruneConfig(
@@ -196,6 +211,10 @@ def apply(
         def on_group(done: int, total: int) -> None:  # the cost: one calibration segment per group
             bar.describe(f"pruning {unit} {min(done + 1, total)}/{total}")
 
+        def on_segment(step: SegmentProgress) -> None:
+            bar.describe(f"pruning: segment {min(step.done + 1, step.total)} of {step.total}")
+            bar.set_detail(segment_detail(step))
+
         written, result = prune_file(
             model,
             config,
@@ -210,6 +229,7 @@ def apply(
             on_group=on_group,
             reads=[stats] if stats else [],
             on_calibration=on_calibration,
+            on_segment=on_segment,
         )
     if as_json:
         typer.echo(json.dumps(_apply_dict(result, written), indent=1))

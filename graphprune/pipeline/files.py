@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from graphprune.graph.model_io import (
 from graphprune.graph.targets import Target
 from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, Statistics
+
+if TYPE_CHECKING:
+    from graphprune.pipeline.segments import SegmentProgress
 
 
 def report_path(output: Path) -> Path:
@@ -42,6 +46,7 @@ def prune_file(
     on_group: Callable[[int, int], None] | None = None,
     reads: Iterable[str | Path] = (),
     on_calibration: Callable[[int, int | None], None] | None = None,
+    on_segment: Callable[[SegmentProgress], None] | None = None,
 ) -> tuple[Path, PruneResult]:
     """Prune ``model_path`` into ``output`` (default ``<stem>.pruned.onnx``) and write the JSON report beside it.
 
@@ -51,10 +56,13 @@ def prune_file(
 
     Each weight is pruned while the model is written, one at a time (``PrunePass(defer=True)``): with external
     data only the graph and one weight are in memory, and an inline model never holds its pruned weights next to
-    the serialised copy. ``sequential`` prunes in memory: later groups' calibration runs on the pruned weights.
+    the serialised copy. ``sequential`` prunes in memory: later groups' calibration runs on the pruned weights;
+    a model with external data calibrated ``sequential`` or within ``calibration.max_memory`` runs segment by
+    segment instead and never holds all its weights (:mod:`graphprune.pipeline.segments`).
     ``reads`` names other files the caller read (a statistics file): no output may replace them.
     Callbacks: ``on_plan(weights)``, ``on_weight(name)`` after each weight, ``on_group(done, groups)`` per
-    sequential group, ``on_calibration(samples_done, samples_total)`` per one-shot calibration batch.
+    sequential group, ``on_calibration(samples_done, samples_total)`` per one-shot calibration batch,
+    ``on_segment(step)`` per segment of a segment-wise run.
     """
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
@@ -75,7 +83,32 @@ def prune_file(
     if on_plan:
         on_plan(len(targets))
     warnings: list[str] = []
-    if sequential and calibration is not None:
+    # Calibrated segment by segment, the model is written as it is pruned (pipeline/segments.py).
+    by_segment = calibration is not None and (sequential is not None or calibration.max_memory is not None)
+    streamed = by_segment and external
+    staged = None
+    if streamed and calibration is not None:
+        from graphprune.pipeline.segments import prune_in_segments
+        from graphprune.pipeline.streaming import StagedOutput
+
+        staged = StagedOutput(out)
+        try:
+            result, warnings, _ = prune_in_segments(
+                model,
+                model_path.parent,
+                out,
+                config,
+                calibration,
+                sequential or "oneshot",
+                (targets, skips),
+                on_weight,
+                on_segment,
+                staged,
+            )
+        except BaseException:
+            staged.close()
+            raise
+    elif sequential and calibration is not None:
         from graphprune.calibration.providers import resolve_providers
         from graphprune.pipeline.sequential import prune_sequentially
 
@@ -111,9 +144,16 @@ def prune_file(
         result = prune(model)
     for message in warnings if on_message else ():
         on_message(message)
-    with outputs.transaction() as files:
-        files.model(out, model, external_data=True if external else None)  # keep the input's external layout
-        files.json(report, result.to_dict())
+    try:
+        with outputs.transaction() as files:
+            if staged is None:
+                files.model(out, model, external_data=True if external else None)  # the input's external layout
+            else:  # written while it was pruned: lands with the report
+                staged.commit(staged.model)
+            files.json(report, result.to_dict())
+    finally:
+        if staged is not None:
+            staged.close()
     return out, result
 
 

@@ -28,6 +28,7 @@ from graphprune.errors import GraphpruneError
 from graphprune.graph.targets import Skip, Target
 from graphprune.graph.types import value_types
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
+from graphprune.pipeline.boundary import BoundaryTensors
 
 Feed = Mapping[str, np.ndarray]
 PruneGroup = Callable[[list[Target], ActivationStats], None]
@@ -125,6 +126,11 @@ class SequentialCalibration:
     group_by: str = "block"  # or "level": each level on the pruned levels before it ("true sequential")
     on_group: Callable[[int, int], None] | None = None  # (groups done, groups in all)
     warnings: list[str] = field(default_factory=list)
+    # Hooks of segment-wise execution (pipeline/segments.py): where boundary tensors live (spilled to disk above
+    # a budget), and whether nodes downstream of a pruned group run again (False: one-shot, every group
+    # calibrated on the dense model).
+    store: BoundaryTensors = field(default_factory=BoundaryTensors)
+    rerun_pruned: bool = True
 
     def run(self, targets: Sequence[Target], prune_group: PruneGroup) -> int:
         """Calibrate and prune every group in order; returns the number of groups."""
@@ -137,14 +143,20 @@ class SequentialCalibration:
         self._types = value_types(self.model)  # pruning changes no type: inferred once
         self._executed: set[ir.Node] = set()
         self._inputs = [v for v in graph.inputs if v.name in self.batches[0]]
-        self._cache: dict[ir.Value, list[np.ndarray]] = {
-            v: [batch[str(v.name)] for batch in self.batches] for v in self._inputs
-        }
-        for done, group in enumerate(groups):
-            stats = self._calibrate(group)
-            prune_group(group, stats)
-            if self.on_group:
-                self.on_group(done + 1, len(groups))
+        self._cache = self.store  # per-batch arrays by name
+        self._held: dict[str, ir.Value] = {}  # the values whose arrays the store holds
+        for v in self._inputs:
+            self._held[str(v.name)] = v
+            for batch in self.batches:
+                self._cache.append(str(v.name), batch[str(v.name)])
+        try:
+            for done, group in enumerate(groups):
+                stats = self._calibrate(group)
+                prune_group(group, stats)
+                if self.on_group:
+                    self.on_group(done + 1, len(groups))
+        finally:
+            self._cache.close()
         return len(groups)
 
     def _calibrate(self, group: list[Target]) -> ActivationStats:
@@ -155,23 +167,22 @@ class SequentialCalibration:
                 v for node in plan.nodes for v in node.inputs if v is not None and v.producer() not in plan.nodes
             ]
             keep = self._advance(wanted, group_nodes)
-            carriers = {value: self._carrier(value) for value in self._cache}
+            carriers = {value: self._carrier(value) for value in self._held.values()}
             segment = tapped_model(self.model, plan, keep, carriers)
         session = Session(segment, self.providers)
         inputs = [i.name for i in segment.proto.graph.input]
         names = [*plan.output_names, *(str(v.name) for v in keep)]
-        by_name = {str(v.name): v for v in self._cache}
         accumulator = Accumulator(plan)
-        kept: dict[ir.Value, list[np.ndarray]] = {v: [] for v in keep}
         for b in range(len(self.batches)):
             try:
-                outputs = session.run(names, {name: self._cache[by_name[name]][b] for name in inputs})
+                outputs = session.run(names, {name: self._cache.get(name, b) for name in inputs})
             except Exception as exc:
                 raise GraphpruneError(f"onnxruntime failed on a segment: {str(exc).splitlines()[0]}") from None
             accumulator.add(outputs[: len(plan.output_names)])
             for value, array in zip(keep, outputs[len(plan.output_names) :], strict=True):
-                kept[value].append(array)
-        self._cache.update(kept)
+                self._cache.append(str(value.name), array)
+                self._held[str(value.name)] = value
+        del session  # the segment's weights go with it
         self._forget_consumed()
         return accumulator.result(group, [])
 
@@ -183,9 +194,9 @@ class SequentialCalibration:
         consumers are *stale* once the group is pruned, so they run again in a later segment. Values computed
         from stored tensors alone are never kept (see :func:`constant_values`).
         """
-        order = cut(self.model.graph, activations, self._cache)
+        order = cut(self.model.graph, activations, self._held.values())
         stale: set[ir.Node] = set()
-        for node in order:
+        for node in order if self.rerun_pruned else ():
             if node in group_nodes or any(v is not None and v.producer() in stale for v in node.inputs):
                 stale.add(node)
         fresh = [node for node in order if node not in stale]
@@ -195,16 +206,17 @@ class SequentialCalibration:
 
     def _carrier(self, value: ir.Value) -> ir.Value:
         """A typed graph input that carries ``value``'s cached arrays into a segment."""
-        first = self._cache[value][0]
-        dtype = ir.DataType.from_numpy(first.dtype)
-        dims = [f"{value.name}_d{i}" for i in range(first.ndim)]
+        dtype_np, rank = self._cache.spec(str(value.name))
+        dtype = ir.DataType.from_numpy(dtype_np)
+        dims = [f"{value.name}_d{i}" for i in range(rank)]
         return ir.Value(name=value.name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
 
     def _forget_consumed(self) -> None:
         """Drop cached values that no node still to run reads; graph inputs stay for later segments."""
-        for value in list(self._cache):
+        for name, value in list(self._held.items()):
             if value not in self._inputs and all(use.node in self._executed for use in value.uses()):
-                del self._cache[value]
+                self._cache.drop(name)
+                del self._held[name]
 
 
 def prune_sequentially(

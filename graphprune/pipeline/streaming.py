@@ -1,0 +1,86 @@
+"""Tensors streamed one at a time between external data files, and an output staged so a failure leaves nothing.
+
+:class:`StagedOutput` appends tensors to the output's data file as they are produced, copies others over a chunk
+at a time and, on :meth:`StagedOutput.commit`, moves the data file and then the model file into place (a model
+never points at data that is not there yet). Until then everything lives in a hidden staging directory beside the
+output, removed however the run ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+import onnx
+
+_ALIGN = 4096  # tensor offsets in the data file: page-aligned, so each tensor can be memory-mapped
+_COPY_CHUNK = 64 << 20
+
+
+class StagedOutput:
+    """The output model and its data file ``<name>.data``, written in a staging directory until committed."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.data_name = f"{output.name}.data"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        self.data_path = self.staging / self.data_name
+        self._stream = self.data_path.open("wb")
+        self._offset = 0
+        self.model: onnx.ModelProto | None = None  # the graph to commit, once everything is written
+
+    def __enter__(self) -> StagedOutput:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def append_bytes(self, data: bytes) -> tuple[int, int]:
+        """Append one tensor's bytes; returns their offset and length, readable at once through the file."""
+        offset = self._start()
+        self._stream.write(data)
+        self._offset += len(data)
+        self._stream.flush()
+        return offset, len(data)
+
+    def copy_range(self, source: Path, source_offset: int, length: int) -> tuple[int, int]:
+        """Copy ``length`` bytes of ``source`` from ``source_offset`` in chunks; returns where they went."""
+        offset = self._start()
+        with source.open("rb") as stream:
+            stream.seek(source_offset)
+            left = length
+            while left:
+                chunk = stream.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    raise OSError(f"{source}: external data is truncated")
+                self._stream.write(chunk)
+                left -= len(chunk)
+        self._offset += length
+        self._stream.flush()
+        return offset, length
+
+    def commit(self, model: onnx.ModelProto) -> None:
+        """Write the model proto (its large tensors point into the data file) and move both into place."""
+        self._stream.close()
+        staged = self.staging / self.output.name
+        staged.write_bytes(model.SerializeToString())
+        os.replace(self.data_path, self.output.parent / self.data_name)
+        os.replace(staged, self.output)
+
+    def close(self) -> None:
+        """Remove the staging directory (after a commit it holds nothing)."""
+        self._stream.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _start(self) -> int:
+        pad = -self._offset % _ALIGN
+        if pad:
+            self._stream.write(b"\0" * pad)
+            self._offset += pad
+        return self._offset

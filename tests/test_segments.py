@@ -1,0 +1,287 @@
+"""Segment-wise pruning of external-data models: the same weights as the in-memory engines, within a budget."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.algorithms.scores import Method
+from graphprune.calibration.request import CalibrationRequest
+from graphprune.cli import app
+from graphprune.errors import GraphpruneError
+from graphprune.graph.model_io import load_model, to_proto, uses_external_data
+from graphprune.passes.prune import PruneConfig, PrunePass
+from graphprune.pipeline.boundary import BoundaryTensors, parse_memory_size
+from graphprune.pipeline.files import prune_file
+from graphprune.pipeline.segments import SegmentProgress, prune_in_segments
+from graphprune.pipeline.sequential import prune_sequentially
+from tests.onnx_builders import init, initializer, make_model, run, tensor
+
+RNG = np.random.default_rng(14)
+VOCAB, HIDDEN, BLOCKS = 32, 8, 3
+WANDA = PruneConfig(NMPattern(2, 4), Method.WANDA)
+
+
+def decoder_like() -> onnx.ModelProto:
+    """input_ids -> embedding -> three residual blocks h + relu(h A) B -> head: a tiny LM in the 7B's shape."""
+    weights = {"embed": RNG.standard_normal((VOCAB, HIDDEN)).astype(np.float32)}
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["h0"], axis=0)]
+    for i in range(1, BLOCKS + 1):
+        weights[f"a{i}"] = RNG.standard_normal((HIDDEN, 2 * HIDDEN)).astype(np.float32)
+        weights[f"b{i}"] = RNG.standard_normal((2 * HIDDEN, HIDDEN)).astype(np.float32)
+        nodes += [
+            helper.make_node("MatMul", [f"h{i - 1}", f"a{i}"], [f"u{i}"]),
+            helper.make_node("Relu", [f"u{i}"], [f"r{i}"]),
+            helper.make_node("MatMul", [f"r{i}", f"b{i}"], [f"v{i}"]),
+            helper.make_node("Add", [f"h{i - 1}", f"v{i}"], [f"h{i}"]),
+        ]
+    weights["head"] = RNG.standard_normal((HIDDEN, VOCAB)).astype(np.float32)
+    nodes.append(helper.make_node("MatMul", [f"h{BLOCKS}", "head"], ["logits"]))
+    return make_model(
+        nodes,
+        [tensor("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [tensor("logits")],
+        [init(w, name) for name, w in weights.items()],
+    )
+
+
+def save_external(model: onnx.ModelProto, path: Path) -> Path:
+    """Every tensor in ``<name>.data``, as a large model's would be."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=0)
+    return path
+
+
+@pytest.fixture
+def external_model(tmp_path: Path) -> Path:
+    return save_external(decoder_like(), tmp_path / "in" / "model.onnx")
+
+
+def feeds() -> list[dict[str, np.ndarray]]:
+    ids = RNG.integers(0, VOCAB, size=(6, 10), dtype=np.int64)
+    return [{"input_ids": ids[:2]}, {"input_ids": ids[2:4]}, {"input_ids": ids[4:]}]
+
+
+def request(data: list, max_memory: int | None = None) -> CalibrationRequest:
+    return CalibrationRequest(data=data, batch_size=2, max_memory=max_memory)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def segment_run(path: Path, out: Path, data: list, mode: str, max_memory: int | None = None, **callbacks):
+    model = load_model(path)  # its weights are read lazily
+    assert uses_external_data(model)
+    plan = PrunePass(WANDA).plan(model)
+    return prune_in_segments(model, path.parent, out, WANDA, request(data, max_memory), mode, plan, **callbacks)
+
+
+def weights_of(path: Path) -> dict[str, np.ndarray]:
+    model = to_proto(load_model(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("mode", ["block", "level"])
+def test_segments_prune_exactly_as_the_in_memory_sequential_engine(external_model: Path, mode: str) -> None:
+    data = feeds()
+    reference = load_model(external_model)
+    batches, _ = request(data).batches(to_proto(reference))
+    expected, _ = prune_sequentially(reference, WANDA, batches, group_by=mode)
+    reference = to_proto(reference)
+    before = digest(external_model.with_name("model.onnx.data"))
+
+    out = external_model.parent.parent / "out" / "pruned.onnx"
+    result, warnings, memory = segment_run(external_model, out, data, mode)
+
+    assert warnings == [] and memory.spilled_bytes == 0
+    assert (
+        [w.name for w in result.pruned]
+        == [w.name for w in expected.pruned]
+        == ["a1", "a2", "a3", "b1", "b2", "b3"]
+    )
+    got = weights_of(out)
+    for tensor_ in reference.graph.initializer:  # pruned ones equal bit for bit, the dense ones copied unchanged
+        np.testing.assert_array_equal(got[tensor_.name], initializer(reference, tensor_.name))
+    assert digest(external_model.with_name("model.onnx.data")) == before  # the input is never modified
+    # the output keeps its weights in its own data file and runs like the in-memory result
+    assert {
+        e.value
+        for t in onnx.load(str(out), load_external_data=False).graph.initializer
+        for e in t.external_data
+        if e.key == "location"
+    } == {"pruned.onnx.data"}
+    ids = {"input_ids": RNG.integers(0, VOCAB, size=(1, 7), dtype=np.int64)}
+    np.testing.assert_array_equal(run(to_proto(load_model(out)), ids)[0], run(reference, ids)[0])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pruned.onnx", "pruned.onnx.data"]
+
+
+def test_oneshot_segments_equal_todays_one_shot_calibration(tmp_path: Path, external_model: Path) -> None:
+    data = feeds()
+    inline = tmp_path / "inline.onnx"
+    onnx.save_model(decoder_like_copy(external_model), str(inline))
+    prune_file(inline, WANDA, tmp_path / "oneshot.onnx", calibration=request(data))
+
+    segment_run(external_model, tmp_path / "segments.onnx", data, "oneshot")
+
+    expected, got = weights_of(tmp_path / "oneshot.onnx"), weights_of(tmp_path / "segments.onnx")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+    # and it is one-shot: block 2 scored on the dense block 1, which the sequential run does not do
+    sequential = tmp_path / "sequential.onnx"
+    segment_run(external_model, sequential, data, "block")
+    assert not np.array_equal(weights_of(sequential)["a2"], got["a2"])
+
+
+def decoder_like_copy(path: Path) -> onnx.ModelProto:
+    return to_proto(load_model(path))  # the same weights, loaded whole: saved inline it runs one-shot as today
+
+
+@pytest.mark.parametrize("mode", ["block", "oneshot"])
+def test_spilled_and_unspilled_runs_write_the_same_model(tmp_path: Path, external_model: Path, mode: str) -> None:
+    data = feeds()
+    segment_run(external_model, tmp_path / "memory.onnx", data, mode)
+    _, warnings, memory = segment_run(external_model, tmp_path / "disk.onnx", data, mode, max_memory=1)
+
+    assert memory.budget_bytes == 0 and memory.peak_held_bytes == 0  # the budget holds by construction
+    assert "input_ids" in memory.spilled and "h1" in memory.spilled and memory.spilled_bytes > 0
+    assert any("spilled to disk" in w for w in warnings)
+    assert (tmp_path / "memory.onnx.data").read_bytes() == (tmp_path / "disk.onnx.data").read_bytes()
+
+
+def test_boundary_tensors_stay_within_their_budget_and_read_back_spilled_ones() -> None:
+    arrays = [RNG.standard_normal((4, 8)).astype(np.float32) for _ in range(5)]  # 128 bytes each
+    store = BoundaryTensors(budget=300)
+    for i, array in enumerate(arrays):
+        store.append(f"t{i % 2}", array)
+        assert store.held_bytes <= 300
+    assert store.peak_held_bytes == 256 and store.spilled_bytes == 3 * 128 and store.spilled == {"t0", "t1"}
+    for i, array in enumerate(arrays):
+        np.testing.assert_array_equal(store.get(f"t{i % 2}", i // 2), array)
+    spill_dir = store._dir
+    assert spill_dir is not None and len(list(spill_dir.iterdir())) == 3
+    store.drop("t0")
+    assert store.held_bytes == 128 and len(list(spill_dir.iterdir())) == 1
+    store.close()
+    assert not spill_dir.exists() and store.names() == []
+
+
+def test_progress_reports_each_segment_with_tokens_and_memory(tmp_path: Path, external_model: Path) -> None:
+    seen: list[SegmentProgress] = []
+    segment_run(external_model, tmp_path / "out.onnx", feeds(), "block", on_progress=seen.append)
+    assert [(p.done, p.total) for p in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert all(p.tokens_per_second and p.tokens_per_second > 0 for p in seen)
+    assert all(p.memory_bytes > 0 and p.spilled_bytes == 0 for p in seen)
+
+
+def test_an_interrupted_run_leaves_nothing_behind(tmp_path: Path, external_model: Path) -> None:
+    out = tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    pruned = []
+
+    def interrupt(name: str) -> None:
+        pruned.append(name)
+        if len(pruned) == 3:
+            raise KeyboardInterrupt
+
+    spill_dirs = set(Path(__import__("tempfile").gettempdir()).glob("graphprune-spill-*"))
+    with pytest.raises(KeyboardInterrupt):
+        segment_run(external_model, out, feeds(), "block", max_memory=1, on_weight=interrupt)
+    assert list(out.parent.iterdir()) == []  # no model, no data file, no staging directory
+    assert set(Path(__import__("tempfile").gettempdir()).glob("graphprune-spill-*")) == spill_dirs
+
+
+def test_prune_file_runs_external_models_segment_wise(tmp_path: Path, external_model: Path) -> None:
+    data = feeds()
+    reference = load_model(external_model)
+    batches, _ = request(data).batches(to_proto(reference))
+    prune_sequentially(reference, WANDA, batches)
+    seen: list[SegmentProgress] = []
+
+    out, result = prune_file(
+        external_model,
+        WANDA,
+        tmp_path / "p.onnx",
+        calibration=request(data),
+        sequential="block",
+        on_segment=seen.append,
+    )
+
+    assert len(result.pruned) == 6 and len(seen) == 3 and (tmp_path / "p.report.json").exists()
+    got = weights_of(out)
+    for name in ("a1", "b3", "head", "embed"):
+        np.testing.assert_array_equal(got[name], initializer(reference, name))
+
+
+@pytest.mark.parametrize("text", ["8GB", "8 gb", "512MB", "1.5GiB", "100"])
+def test_memory_sizes_parse_with_units(text: str) -> None:
+    expected = {"8GB": 8e9, "8 gb": 8e9, "512MB": 512e6, "1.5GiB": 1.5 * 2**30, "100": 100}[text]
+    assert parse_memory_size(text) == int(expected)
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-1GB", "8XB", "eight", "0", "inf"])
+def test_bad_memory_sizes_are_one_line_errors(text: str) -> None:
+    with pytest.raises(GraphpruneError, match="--max-memory"):
+        parse_memory_size(text)
+
+
+def test_cli_max_memory(tmp_path: Path, external_model: Path) -> None:
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.concatenate([f["input_ids"] for f in feeds()]))
+    runner = CliRunner()
+    bad = runner.invoke(app, ["apply", str(external_model), "--calib", str(calib), "--max-memory", "lots"])
+    assert bad.exit_code == 2 and "--max-memory 'lots'" in bad.output and "Traceback" not in bad.output
+    assert not external_model.with_name("model.pruned.onnx").exists()
+
+    args = ["apply", str(external_model), "--calib", str(calib), "--batch-size", "2", "--sequential"]
+    spilled = runner.invoke(app, [*args, "--max-memory", "1KB", "-o", str(tmp_path / "small.onnx")])
+    plain = runner.invoke(app, [*args, "-o", str(tmp_path / "plain.onnx")])
+    assert spilled.exit_code == 0 and plain.exit_code == 0, spilled.output + plain.output
+    assert (tmp_path / "small.onnx.data").read_bytes() == (tmp_path / "plain.onnx.data").read_bytes()
+    check = runner.invoke(app, ["check", str(tmp_path / "small.onnx"), "--nm", "2:4", "--json"])
+    assert check.exit_code == 0, check.output
+
+
+def test_a_missing_cuda_provider_is_one_line_and_writes_nothing(tmp_path: Path, external_model: Path) -> None:
+    if _cuda_available():
+        pytest.skip("this onnxruntime has CUDA")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=feeds()[0]["input_ids"])
+    out = tmp_path / "out.onnx"
+    args = ["apply", str(external_model), "--calib", str(calib), "--sequential", "--provider", "cuda"]
+    result = CliRunner().invoke(app, [*args, "-o", str(out)])
+    text = result.output.replace("\n", "")
+    assert result.exit_code == 2 and "CUDAExecutionProvider" in text and "onnxruntime-gpu" in text
+    assert len(result.output.strip().splitlines()) <= 3 and "Traceback" not in result.output  # one (wrapped) line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "in"]
+
+
+def _cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs onnxruntime-gpu and a CUDA GPU")
+def test_segments_on_cuda_give_the_cpu_statistics(tmp_path: Path, external_model: Path) -> None:
+    data = feeds()
+    plan = PrunePass(WANDA).plan(load_model(external_model))
+    cpu_request = request(data)
+    gpu_request = replace(cpu_request, provider="cuda")
+    collected = {}
+    for name, req in (("cpu", cpu_request), ("cuda", gpu_request)):
+        fresh = load_model(external_model)
+        prune_in_segments(fresh, external_model.parent, tmp_path / f"{name}.onnx", WANDA, req, "block", plan)
+        collected[name] = weights_of(tmp_path / f"{name}.onnx")
+    for name, weight in collected["cpu"].items():  # float sums differ in the last bits; masks must not
+        np.testing.assert_array_equal(collected["cuda"][name] != 0, weight != 0)

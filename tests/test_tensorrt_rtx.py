@@ -270,3 +270,15 @@ def test_minilm_engine_matches_onnxruntime_fp16_on_a_gpu(minilm_fp16: Path, mini
     ours = run_engine(engine, feeds, backend="tensorrt-rtx")[minilm.embedding_output].astype(np.float64)
     cosine = (ours * reference).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(reference, axis=1))
     assert cosine.min() >= 0.999, cosine
+
+
+def test_build_json_prints_the_report_it_saves(tmp_path: Path) -> None:
+    source = tmp_path / "m.onnx"
+    onnx.save_model(static_model(), str(source))
+    engine = tmp_path / "m.engine"
+    args = ["build", str(source), "-o", str(engine), "--backend", "tensorrt-rtx", "--json"]
+    result = CliRunner().invoke(app, [*args, "--shapes", "x:1x8,2x8,4x8"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed == json.loads((tmp_path / "m.engine.json").read_text())
+    assert printed["engine_bytes"] == engine.stat().st_size > 0

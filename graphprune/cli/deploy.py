@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from graphprune.cli.app import app, console, out, user_errors
 from graphprune.cli.tables import Col, fitted_table
@@ -122,6 +121,9 @@ def build(
         float | None, typer.Option(help="Workspace memory-pool limit in GiB, e.g. --workspace 4.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists, e.g. --force.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the engine report (as saved in <engine>.json) on stdout.")
+    ] = False,
 ) -> None:
     """Build a TensorRT or TensorRT-RTX engine with sparse weights and report what the builder said about sparsity.
 
@@ -153,20 +155,15 @@ def build(
     )
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
+    if as_json:
+        typer.echo(report.to_json())
+        return
     facts = report.sparsity
     if facts.eligible_layers:
-        table = Table(title=f"{report.product} {report.version} on {report.gpu}: {report.note}")
-        table.add_column("layer", overflow="fold")
-        table.add_column("eligible for sparse math")
-        table.add_column("sparse kernel picked")
         picked = set(facts.sparse_layers)
-        for layer in facts.eligible_layers:
-            table.add_row(
-                escape(layer),
-                "yes",
-                "[green]yes[/green]" if layer in picked else "[yellow]no (dense faster)[/yellow]",
-            )
-        console.print(table)
+        rows = [[layer, "yes" if layer in picked else "no (dense faster)"] for layer in facts.eligible_layers]
+        title = f"{report.product} {report.version} on {report.gpu}: {report.note}"
+        console.print(fitted_table(console, [Col("eligible layer"), Col("sparse kernel")], rows, title=title))
     console.print(f"sparsity: {escape(facts.verdict)}", highlight=False, soft_wrap=True)
     console.print(
         f"wrote {output} ({report.engine_bytes / 2**20:.1f} MiB) in {report.build_seconds:.1f} s with "

@@ -27,7 +27,7 @@ class CalibrationRequest:
     seqlen: int = 512
     nsamples: int = 128
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 1  # one window per run: activations of one window, not eight, in memory (BENCHMARKS.md)
     shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     provider: str = "cpu"
     gram: bool = False  # also collect XᵀX (SparseGPT)

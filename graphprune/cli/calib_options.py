@@ -27,7 +27,12 @@ NsamplesOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for text windows and synthetic inputs, e.g. --seed 0.")]
 BatchSizeOpt = Annotated[
-    int, typer.Option("--batch-size", help="Samples per ONNX Runtime run (.npz, text), e.g. --batch-size 8.")
+    int,
+    typer.Option(
+        "--batch-size",
+        help="Samples per ONNX Runtime run (.npz, text). Default 1: one window's activations in memory; more "
+        "can be faster on many cores but holds that many windows' activations, e.g. --batch-size 8.",
+    ),
 ]
 ShapeOpt = Annotated[
     list[str] | None,

@@ -43,7 +43,7 @@ def calibrate_command(
     seqlen: SeqlenOpt = 512,
     nsamples: NsamplesOpt = 128,
     seed: SeedOpt = 0,
-    batch_size: BatchSizeOpt = 8,
+    batch_size: BatchSizeOpt = 1,
     shape: ShapeOpt = None,
     provider: ProviderOpt = "cpu",
     gram: Annotated[

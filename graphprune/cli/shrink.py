@@ -82,7 +82,7 @@ def shrink(
     seqlen: SeqlenOpt = 512,
     nsamples: NsamplesOpt = 128,
     seed: SeedOpt = 0,
-    batch_size: BatchSizeOpt = 8,
+    batch_size: BatchSizeOpt = 1,
     provider: ProviderOpt = "cpu",
     output: Annotated[
         Path | None,

@@ -47,6 +47,9 @@ def test_shrink_writes_a_smaller_model_and_report_that_check_eval_and_apply_acce
     )
     assert result.exit_code == 0, result.output
     assert model.read_bytes() == before  # the input is never modified
+    table_rows = [line for line in result.stdout.splitlines() if "16 → 12" in line]
+    assert len(table_rows) == 1 and "mlp" in table_rows[0]  # the group's row: kind and units before → after
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
     report = json.loads(out.with_name("small.report.json").read_text())
     (group,) = report["groups"]
     assert group["units_before"] == 16 and group["units_after"] == 12 and len(group["removed"]) == 4

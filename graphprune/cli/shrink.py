@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.cli.app import app, out, user_errors
@@ -22,6 +21,7 @@ from graphprune.cli.calib_options import (
     calibration_request,
 )
 from graphprune.cli.progress import progress_bar
+from graphprune.cli.tables import Col, fitted_table
 from graphprune.errors import GraphpruneError
 from graphprune.pipeline.files import report_path
 from graphprune.pipeline.shrink import UNIT_KINDS, ShrinkConfig, ShrinkReport, shrink_file
@@ -127,19 +127,20 @@ def _override(text: str) -> tuple[str, float]:
 
 
 def _print(report: ShrinkReport, written: Path) -> None:
-    table = Table(title=f"graphprune shrink ({report.config.method.value})")
-    for column in ("group", "kind", "units", "removed", "parameters"):
-        table.add_column(column)
-    for g in report.groups:
-        table.add_row(
+    rows = [
+        [
             g.name,
             g.kind,
             f"{g.units_before} → {g.units_after}",
             str(len(g.removed)),
             f"{g.parameters_before:,} → {g.parameters_after:,}" + (" (+bias)" if g.compensated else ""),
-        )
-    if report.groups:
-        out.print(table)
+        ]
+        for g in report.groups
+    ]
+    if rows:
+        columns = [Col("group"), Col("kind"), Col("units"), Col("removed", "right"), Col("parameters")]
+        title = f"graphprune shrink ({report.config.method.value})"
+        out.print(fitted_table(out, columns, rows, title=title))
     gone = [b for b in report.blocks if b.removed]
     if gone:
         shown = ", ".join(f"{b.index} ({b.influence:.4f})" for b in gone)

@@ -241,6 +241,19 @@ class Transaction:
             if not extra.is_file():
                 raise GraphpruneError(f"{path}: the model writer left a directory {extra.name}, expected files")
 
+    def streamed_model(self, path: Path, model_file: Path, data_files: list[Path]) -> None:
+        """Commit a model written elsewhere with the other files: a streamed output whose data file grew while it
+        was pruned (``pipeline/streaming.py``). The data files must already carry the names the model points at,
+        chosen by :func:`fresh_data_name` when the run started; they are moved at commit, never copied, and a
+        file of the same name that appeared meanwhile is never replaced (the commit fails instead)."""
+        for data in data_files:
+            if os.path.lexists(path.parent / data.name):
+                raise GraphpruneError(
+                    f"{path.parent / data.name} appeared while the model was written; nothing was written"
+                )
+        self.staged[path] = model_file
+        self.staged_data[path] = list(data_files)
+
     def json(self, path: Path, data: object, kind: str = "report") -> None:
         self.produce(path, lambda staged: staged.write_text(json.dumps(data, indent=1) + "\n"), kind)
 
@@ -347,6 +360,12 @@ def _data_file_candidates(model: Path) -> list[Path]:
     with contextlib.suppress(OSError):
         return [p for p in model.parent.iterdir() if pattern.fullmatch(p.name)]
     return []
+
+
+def fresh_data_name(model: Path) -> str:
+    """The external-data file name a model written to ``model`` gets: ``<name>.data``, else ``<name>.N.data``,
+    a name no file has yet (a user's file of that name is never replaced)."""
+    return f"{_fresh_data_stem(model)}.data"
 
 
 def _fresh_data_stem(model: Path) -> str:

@@ -222,6 +222,69 @@ def test_prune_file_runs_external_models_segment_wise(tmp_path: Path, external_m
         np.testing.assert_array_equal(got[name], initializer(reference, name))
 
 
+def test_a_users_data_file_of_the_outputs_name_survives_a_segment_wise_run(
+    tmp_path: Path, external_model: Path
+) -> None:
+    """The output's data file gets the one writer's fresh name; the user's ``pruned.onnx.data`` is not touched."""
+    data = feeds()
+    reference, _ = prune_file(
+        external_model, WANDA, tmp_path / "ref.onnx", calibration=request(data), sequential="block"
+    )
+    out = tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    users = out.with_name("pruned.onnx.data")
+    users.write_bytes(b"the user's own file")
+
+    prune_file(external_model, WANDA, out, calibration=request(data), sequential="block")
+
+    assert users.read_bytes() == b"the user's own file"
+    proto = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"pruned.onnx.1.data"}
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "pruned.onnx",
+        "pruned.onnx.1.data",
+        "pruned.onnx.data",
+        "pruned.report.json",
+    ]
+    expected, got = weights_of(reference), weights_of(out)
+    assert expected.keys() == got.keys()
+    for name, weight in expected.items():
+        np.testing.assert_array_equal(got[name], weight)
+    ids = feeds()[0]
+    np.testing.assert_allclose(run(onnx.load(str(out)), ids)[0], run(onnx.load(str(reference)), ids)[0])
+
+
+def test_a_failed_segment_wise_run_over_an_existing_output_keeps_it_whole(
+    tmp_path: Path, external_model: Path
+) -> None:
+    """--force over an earlier output: a failure leaves the old model and its data as they were, a success
+    replaces both and removes the old data file."""
+    data = feeds()
+    out = tmp_path / "pruned.onnx"
+    prune_file(external_model, WANDA, out, calibration=request(data), sequential="block")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+    def fail(name: str) -> None:
+        raise GraphpruneError("stop")
+
+    with pytest.raises(GraphpruneError, match="stop"):
+        prune_file(
+            external_model, WANDA, out, calibration=request(data), sequential="level", force=True, on_weight=fail
+        )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "in"} == before
+
+    prune_file(external_model, WANDA, out, calibration=request(data), sequential="level", force=True)
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != "in")
+    assert names == ["pruned.onnx", "pruned.onnx.1.data", "pruned.report.json"]  # the old data file is gone
+    expected = load_model(external_model)
+    batches, _ = request(data).batches(to_proto(expected))
+    prune_sequentially(expected, WANDA, batches, group_by="level")
+    got = weights_of(out)
+    for name in ("a1", "b3"):
+        np.testing.assert_array_equal(got[name], initializer(expected, name))
+
+
 @pytest.mark.parametrize("text", ["8GB", "8 gb", "512MB", "1.5GiB", "100"])
 def test_memory_sizes_parse_with_units(text: str) -> None:
     expected = {"8GB": 8e9, "8 gb": 8e9, "512MB": 512e6, "1.5GiB": 1.5 * 2**30, "100": 100}[text]

@@ -149,7 +149,7 @@ def prune_file(
             if staged is None:
                 files.model(out, model, external_data=True if external else None)  # the input's external layout
             else:  # written while it was pruned: lands with the report
-                staged.commit(staged.model)
+                files.streamed_model(out, *staged.stage(staged.model))
             files.json(report, result.to_dict())
     finally:
         if staged is not None:

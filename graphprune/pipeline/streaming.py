@@ -8,7 +8,6 @@ output, removed however the run ends.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,17 +15,20 @@ from types import TracebackType
 
 import onnx
 
+from graphprune.artifacts import OutputPlan, fresh_data_name
+
 _ALIGN = 4096  # tensor offsets in the data file: page-aligned, so each tensor can be memory-mapped
 _COPY_CHUNK = 64 << 20
 
 
 class StagedOutput:
-    """The output model and its data file ``<name>.data``, written in a staging directory until committed."""
+    """The output model and its data file (``<name>.data``, else ``<name>.N.data``: a name no file has yet),
+    written in a staging directory until a writer transaction commits them."""
 
     def __init__(self, output: Path) -> None:
         self.output = output
-        self.data_name = f"{output.name}.data"
         output.parent.mkdir(parents=True, exist_ok=True)
+        self.data_name = fresh_data_name(output)  # tensors point at it: chosen before the first is written
         self.staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
         self.data_path = self.staging / self.data_name
         self._stream = self.data_path.open("wb")
@@ -65,13 +67,21 @@ class StagedOutput:
         self._stream.flush()
         return offset, length
 
-    def commit(self, model: onnx.ModelProto) -> None:
-        """Write the model proto (its large tensors point into the data file) and move both into place."""
+    def stage(self, model: onnx.ModelProto) -> tuple[Path, list[Path]]:
+        """Close the data file and write the model proto (its large tensors point into the data file) beside it;
+        returns both, for :meth:`graphprune.artifacts.Transaction.streamed_model`."""
         self._stream.close()
         staged = self.staging / self.output.name
         staged.write_bytes(model.SerializeToString())
-        os.replace(self.data_path, self.output.parent / self.data_name)
-        os.replace(staged, self.output)
+        return staged, [self.data_path]
+
+    def commit(self, model: onnx.ModelProto) -> None:
+        """Stage the model and commit it alone through the one writer (a library call: an existing output at
+        the same path is replaced, its old data file removed)."""
+        plan = OutputPlan(force=True)
+        output = plan.model(self.output)
+        with plan.transaction() as files:
+            files.streamed_model(output, *self.stage(model))
 
     def close(self) -> None:
         """Remove the staging directory (after a commit it holds nothing)."""

@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.text import Text
 
 from graphprune.cli.app import console
+from graphprune.pipeline.boundary import format_size as _size
 
 if TYPE_CHECKING:
     from graphprune.pipeline.segments import SegmentProgress
@@ -87,10 +88,6 @@ def segment_detail(step: SegmentProgress) -> str:
     if step.spilled_bytes:
         parts.append(f"spilled {_size(step.spilled_bytes)}")
     return ", ".join(parts)
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 @contextmanager

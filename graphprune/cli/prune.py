@@ -147,12 +147,15 @@ def apply(
     max_memory: Annotated[
         str | None,
         typer.Option(
-            help="Memory budget of calibration on a model with external data: calibrate segment by segment (each "
-            "segment's ONNX Runtime session holds only its own weights, read from the data file), keep the "
-            "activations that cross segments in memory within what the budget leaves after the largest segment "
-            "and spill the rest to a temporary directory, and write pruned weights into the output as they are "
-            "pruned. Without --sequential the statistics are one-shot (dense model). --sequential on such a model "
-            "always runs segment by segment. Units: KB/MB/GB (powers of 1000), KiB/MiB/GiB. Example: "
+            help="Memory budget, for a model whose weights are in external data files. With --calib: calibrate "
+            "segment by segment (each segment's ONNX Runtime session holds only its own weights, read from the "
+            "data file), keep the activations that cross segments in memory within what the budget leaves after "
+            "the largest segment and spill the rest to a temporary directory, and write pruned weights into the "
+            "output as they are pruned; without --sequential the statistics are one-shot (dense model). "
+            "--sequential on such a model always runs segment by segment. Magnitude and --stats runs stream the "
+            "weights one at a time anyway; an error if the statistics and the largest weight exceed the budget. "
+            "A model with inline weights loads whole: a warning that the budget is not enforced, or an error "
+            "when its weights alone exceed it. Units: KB/MB/GB (powers of 1000), KiB/MiB/GiB. Example: "
             "--max-memory 8GB"
         ),
     ] = None,
@@ -230,6 +233,7 @@ def apply(
             reads=[stats] if stats else [],
             on_calibration=on_calibration,
             on_segment=on_segment,
+            max_memory=budget,
         )
     if as_json:
         typer.echo(json.dumps(_apply_dict(result, written), indent=1))

@@ -128,3 +128,8 @@ def parse_memory_size(text: str) -> int:
     if unit not in _UNITS or not value > 0 or value == float("inf"):
         raise GraphpruneError(f"--max-memory {text!r}: give a positive size with a unit, e.g. 8GB, 512MB or 16GiB")
     return int(value * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    """Bytes as a short size in powers of 1000, as ``--max-memory`` reads them: 8.0 GB, 512 MB, 4 kB."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"

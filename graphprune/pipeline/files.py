@@ -22,6 +22,7 @@ from graphprune.graph.model_io import (
 from graphprune.graph.targets import Target
 from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, Statistics
+from graphprune.pipeline.budget import budget_warnings, statistics_bytes
 
 if TYPE_CHECKING:
     from graphprune.pipeline.segments import SegmentProgress
@@ -47,6 +48,7 @@ def prune_file(
     reads: Iterable[str | Path] = (),
     on_calibration: Callable[[int, int | None], None] | None = None,
     on_segment: Callable[[SegmentProgress], None] | None = None,
+    max_memory: int | None = None,
 ) -> tuple[Path, PruneResult]:
     """Prune ``model_path`` into ``output`` (default ``<stem>.pruned.onnx``) and write the JSON report beside it.
 
@@ -59,6 +61,9 @@ def prune_file(
     the serialised copy. ``sequential`` prunes in memory: later groups' calibration runs on the pruned weights;
     a model with external data calibrated ``sequential`` or within ``calibration.max_memory`` runs segment by
     segment instead and never holds all its weights (:mod:`graphprune.pipeline.segments`).
+    ``max_memory`` (bytes; default ``calibration.max_memory``) is honoured where it can be, and otherwise warned
+    about or refused before any work (:mod:`graphprune.pipeline.budget`). Magnitude reads no activations: given
+    calibration data, it says so and does not calibrate.
     ``reads`` names other files the caller read (a statistics file): no output may replace them.
     Callbacks: ``on_plan(weights)``, ``on_weight(name)`` after each weight, ``on_group(done, groups)`` per
     sequential group, ``on_calibration(samples_done, samples_total)`` per one-shot calibration batch,
@@ -82,6 +87,14 @@ def prune_file(
         raise GraphpruneError(f"nothing to prune in {model_path}{detail}")
     if on_plan:
         on_plan(len(targets))
+    notes: list[str] = []
+    if calibration is not None and config.method is Method.MAGNITUDE:  # masks from |W| alone
+        notes.append("--method magnitude uses no activations: the calibration data is not read")
+        calibration, sequential = None, None
+    budget = max_memory if max_memory is not None else calibration.max_memory if calibration else None
+    if calibration is not None and budget != calibration.max_memory:
+        calibration = replace(calibration, max_memory=budget)
+    notes += budget_warnings(model, model_path, budget, calibration is not None, targets, statistics_bytes(stats))
     warnings: list[str] = []
     # Calibrated segment by segment, the model is written as it is pruned (pipeline/segments.py).
     by_segment = calibration is not None and (sequential is not None or calibration.max_memory is not None)
@@ -142,7 +155,7 @@ def prune_file(
             warnings = stats.warnings
         prune = PrunePass(config, stats, on_weight, plan=(targets, skips), defer=True)
         result = prune(model)
-    for message in warnings if on_message else ():
+    for message in notes + warnings if on_message else ():
         on_message(message)
     try:
         with outputs.transaction() as files:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphprune.algorithms.arrays import choose_ops
 from graphprune.algorithms.masks import nm_mask
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 
@@ -48,6 +49,7 @@ from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructure
 # products switch to float32, as the reference runs all of its updates; the accumulated rounding stays far
 # below the pruning error itself (float32 ~1e-7 relative per step, H⁻¹ itself still exact to float64).
 FLOAT64_MAX_K = 4096
+NOT_POSITIVE_DEFINITE = "the dampened Gram matrix is not positive definite; raise percdamp or check the statistics"
 
 
 def sparsegpt(
@@ -57,13 +59,16 @@ def sparsegpt(
     percdamp: float = 0.01,
     blocksize: int = 128,
     compute_dtype: np.dtype | type | None = None,
+    device: str = "auto",
 ) -> np.ndarray:
     """Pruned and updated copy of ``weight`` ``(out, K)``, in its dtype, zero where pruned.
 
     ``gram`` is ``Σ xᵀx`` ``(K, K)`` over the calibration rows (any common scale gives the same result).
-    ``compute_dtype`` overrides the automatic choice (float64 up to K = 4096, float32 beyond).
+    ``compute_dtype`` overrides the automatic choice (float64 up to K = 4096, float32 beyond). ``device``:
+    ``"auto"`` runs on a CUDA GPU through PyTorch when both are present (:mod:`.sparsegpt_torch`), else numpy;
+    ``"numpy"``; or a torch device (``"cpu"``, ``"cuda:1"``), as :func:`~graphprune.algorithms.arrays.choose_ops`.
     """
-    return sparsegpt_with_mask(weight, gram, pattern, percdamp, blocksize, compute_dtype)[0]
+    return sparsegpt_with_mask(weight, gram, pattern, percdamp, blocksize, compute_dtype, device)[0]
 
 
 def sparsegpt_with_mask(
@@ -73,6 +78,7 @@ def sparsegpt_with_mask(
     percdamp: float = 0.01,
     blocksize: int = 128,
     compute_dtype: np.dtype | type | None = None,
+    device: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """As :func:`sparsegpt`, plus the boolean keep-mask (True = kept) the solver chose."""
     rows, k = _check_inputs(weight, gram, pattern, percdamp, blocksize)
@@ -82,24 +88,20 @@ def sparsegpt_with_mask(
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"compute_dtype must be float32 or float64, got {dtype}")
 
+    if rows == 0 or k == 0:
+        return weight.copy(), np.ones((rows, k), dtype=bool)
+    ops = choose_ops(device)
+    if ops.name == "torch":
+        from graphprune.algorithms.sparsegpt_torch import sparsegpt_torch_with_mask
+
+        return sparsegpt_torch_with_mask(weight, gram, pattern, percdamp, blocksize, dtype, ops)
+
     w = np.array(weight, dtype=dtype, copy=True)
     keep = np.ones((rows, k), dtype=bool)
-    if rows == 0 or k == 0:
-        return weight.copy(), keep
-
     hinv_u = _inverse_cholesky_upper(gram, w, percdamp)  # float64, zeroes dead columns of w in place
     d_all = np.diag(hinv_u).copy()
     hinv_w = hinv_u.astype(dtype, copy=False)
-
-    if isinstance(pattern, NMPattern):
-        blocksize = max(pattern.group, blocksize - blocksize % pattern.group)
-        n_prune = 0
-    elif pattern.scope is Scope.LAYER:
-        n_prune = int(rows * k * pattern.sparsity)
-    elif pattern.scope is Scope.OUTPUT:
-        n_prune = int(k * pattern.sparsity)
-    else:
-        n_prune = int(rows * pattern.sparsity)
+    blocksize, n_prune = block_plan(pattern, rows, k, blocksize)
 
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
@@ -126,6 +128,18 @@ def sparsegpt_with_mask(
         if i2 < k:
             w[:, i2:] -= err1 @ hinv_w[i1:i2, i2:]
     return w.astype(weight.dtype, copy=False), keep
+
+
+def block_plan(pattern: Pattern, rows: int, k: int, blocksize: int) -> tuple[int, int]:
+    """The column block size (N:M: a multiple of the group, so no group straddles a block) and how many weights
+    each unstructured comparison group loses in all (0 for N:M)."""
+    if isinstance(pattern, NMPattern):
+        return max(pattern.group, blocksize - blocksize % pattern.group), 0
+    if pattern.scope is Scope.LAYER:
+        return blocksize, int(rows * k * pattern.sparsity)
+    if pattern.scope is Scope.OUTPUT:
+        return blocksize, int(k * pattern.sparsity)
+    return blocksize, int(rows * pattern.sparsity)
 
 
 def sparsegpt_reconstruction_error(weight: np.ndarray, weight_hat: np.ndarray, gram: np.ndarray) -> float:
@@ -174,9 +188,7 @@ def _inverse_cholesky_upper(gram: np.ndarray, w: np.ndarray, percdamp: float) ->
     try:
         lower = np.linalg.cholesky(h[::-1, ::-1])
     except np.linalg.LinAlgError as exc:
-        raise ValueError(
-            "the dampened Gram matrix is not positive definite; raise percdamp or check the statistics"
-        ) from exc
+        raise ValueError(NOT_POSITIVE_DEFINITE) from exc
     return np.ascontiguousarray(_lower_triangular_inverse(lower)[::-1, ::-1])
 
 

@@ -1,0 +1,94 @@
+"""SparseGPT on PyTorch: the solver of :mod:`graphprune.algorithms.sparsegpt`, step for step, on a torch device.
+
+Chosen by ``sparsegpt(..., device="auto")`` when torch sees a CUDA GPU (:func:`~graphprune.algorithms.arrays.
+choose_ops`, the helper the torch ALPS path uses); ``device="cpu"`` runs it on the CPU, as the tests do to compare
+it with numpy. The maths is the numpy solver's: dead inputs, dampening, the upper Cholesky factor of ``H⁻¹`` (by
+one factorisation of the reversed H and a triangular solve), column blocks with rank-1 OBS updates inside and one
+lazy product per block, in float64 up to K = 4096 and float32 beyond. Masks:
+
+* N:M: chosen on the device, by ``topk`` over each group of columns (:meth:`TorchOps.keep_mask`); without ties
+  (continuous saliencies) the same as numpy's, whose tie rule ``topk`` does not follow;
+* unstructured: each block's share chosen by the numpy code itself, on the block's saliencies copied to the CPU
+  (one copy per block of ``blocksize`` columns), so counts and tie rules are exactly numpy's.
+
+torch is imported by the caller's :func:`choose_ops`, not here, so the package runs without it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from graphprune.algorithms.pattern import NMPattern, Pattern
+from graphprune.algorithms.sparsegpt import NOT_POSITIVE_DEFINITE, _block_unstructured_keep, _saliency, block_plan
+
+if TYPE_CHECKING:
+    from graphprune.algorithms.arrays import TorchOps
+
+
+def sparsegpt_torch_with_mask(
+    weight: np.ndarray,
+    gram: np.ndarray,
+    pattern: Pattern,
+    percdamp: float,
+    blocksize: int,
+    dtype: np.dtype,
+    ops: TorchOps,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pruned and updated copy of ``weight`` ``(out, K)`` and its keep-mask; inputs already checked by the caller.
+
+    ``dtype`` (float32 or float64) is the compute precision of the weight updates; H⁻¹ is always float64.
+    """
+    torch = ops.torch
+    rows, k = weight.shape
+    w = ops.asarray(np.asarray(weight, dtype=np.float64), dtype.type)
+    hinv_u = _inverse_cholesky_upper(torch, ops.asarray(gram, np.float64), w, percdamp)
+    d_all = hinv_u.diagonal().clone()
+    hinv_w = hinv_u.to(w.dtype)
+    keep = torch.ones((rows, k), dtype=torch.bool, device=ops.device)
+
+    blocksize, n_prune = block_plan(pattern, rows, k, blocksize)
+
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = hinv_w[i1:i2, i1:i2]
+        d1 = d_all[i1:i2]
+        if isinstance(pattern, NMPattern):
+            keep1 = torch.ones(w1.shape, dtype=torch.bool, device=ops.device)
+        else:  # numpy's counts and tie rule, on the block's current weights (one copy to the CPU per block)
+            chosen = _block_unstructured_keep(
+                ops.to_numpy(w1), ops.to_numpy(d1), pattern.scope, n_prune, i1, i2, k
+            )
+            keep1 = torch.as_tensor(chosen, device=ops.device)
+        for i in range(i2 - i1):
+            if isinstance(pattern, NMPattern) and i % pattern.group == 0:
+                g = slice(i, i + pattern.group)
+                keep1[:, g] = ops.keep_mask(_saliency(w1[:, g], d1[g]), pattern)
+            e = torch.where(keep1[:, i], 0.0, w1[:, i] / u1[i, i])
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)  # W[:, i:] -= e ⊗ U[i, i:]
+            err1[:, i] = e
+        w1[~keep1] = 0.0
+        w[:, i1:i2] = w1
+        keep[:, i1:i2] = keep1
+        if i2 < k:
+            w[:, i2:].sub_(err1 @ hinv_w[i1:i2, i2:])
+    return ops.to_numpy(w).astype(weight.dtype, copy=False), ops.to_numpy(keep)
+
+
+def _inverse_cholesky_upper(torch: Any, h: Any, w: Any, percdamp: float) -> Any:
+    """Upper U with ``Uᵀ U = (H + λI)⁻¹`` in float64 (numpy's construction); zeroes w's dead columns in place."""
+    h = 0.5 * (h + h.T)
+    diag = h.diagonal()  # a writable view
+    dead = diag == 0.0
+    diag[dead] = 1.0
+    w[:, dead] = 0.0
+    diag += percdamp * diag.mean()
+    # J H J = L Lᵀ (J: reversal) gives U = J L⁻¹ J, the upper factor of H⁻¹, without forming H⁻¹.
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if int(info) != 0:
+        raise ValueError(NOT_POSITIVE_DEFINITE)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1).contiguous()

@@ -282,11 +282,12 @@ class PrunePass(ir.passes.InPlacePass):
         pattern = self.config.pattern
         for rows in _row_chunks(target, pattern):
             chunk = effective[rows]
+            k_range = rows[target.k_axis]  # a chunk may cover part of K: its statistics are that part
             if isinstance(pattern, NMPattern):  # groups along K in the stored layout: no transposed copies
-                keep = nm_mask(self._scores(target, chunk, target.k_axis), pattern, axis=target.k_axis)
+                keep = nm_mask(self._scores(target, chunk, target.k_axis, k_range), pattern, axis=target.k_axis)
             else:
                 canonical = to_canonical(chunk, target.k_axis, target.out_axis)
-                mask = mask_from_scores(self._scores(target, canonical, -1), pattern)
+                mask = mask_from_scores(self._scores(target, canonical, -1, k_range), pattern)
                 keep = from_canonical(mask, chunk.shape, target.k_axis, target.out_axis)
             _clear(values[rows], keep, np.broadcast_to(zero, values.shape)[rows])
         return values
@@ -354,12 +355,13 @@ class PrunePass(ir.passes.InPlacePass):
             first.setdefault(id(self.gram.get(t.name)), i)
         return sorted(targets, key=lambda t: first[id(self.gram.get(t.name))])
 
-    def _scores(self, target: Target, weight: np.ndarray, k_axis: int) -> np.ndarray:
+    def _scores(self, target: Target, weight: np.ndarray, k_axis: int, k_range: slice = slice(None)) -> np.ndarray:
+        """Scores of ``weight``, the part ``k_range`` of the target's K (a chunk of a large weight)."""
         if self.config.method is Method.MAGNITUDE:
             return magnitude_scores(weight)
         if self.config.method is Method.WANDA:
             assert self.input_sumsq is not None
-            return wanda_scores(weight, self.input_sumsq[target.name], axis=k_axis)
+            return wanda_scores(weight, self.input_sumsq[target.name][k_range], axis=k_axis)
         raise GraphpruneError(f"method {self.config.method.value} is not available in this pass")
 
     def check_statistics(self, targets: list[Target]) -> None:

@@ -57,3 +57,28 @@ def test_a_broken_mask_fails_while_writing_and_leaves_nothing(
     with pytest.raises(GraphpruneError, match="breaks 2:4"):
         prune_file(source, CONFIGS[0], tmp_path / "out" / "pruned.onnx")
     assert not (tmp_path / "out").exists()  # nothing: the writer also removes the folder it created for it
+
+
+def test_wanda_scores_each_chunk_of_a_large_weight_with_its_own_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A weight above the chunk size is masked a few rows of K at a time (K is a MatMul weight's first stored
+    axis); each chunk's |W|·‖X‖ takes its own part of Σx² (the 27 GB model's weights failed here)."""
+    from onnx import helper
+
+    from graphprune.algorithms.scores import Method
+    from tests.onnx_builders import init, initializer, make_ir_model, reference_nm_mask, tensor
+
+    monkeypatch.setattr(prune_module, "_CHUNK_ELEMENTS", 64)  # a 32x16 weight: chunks of 4 rows of K
+    rng = np.random.default_rng(4096)
+    weight = rng.standard_normal((32, 16)).astype(np.float32)
+    sumsq = rng.uniform(0.01, 100.0, 32)  # scales far apart: the mask differs from magnitude's
+    model = make_ir_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], [tensor("x", shape=["n", 32])], [tensor("y")],
+        [init(weight, "w")],
+    )  # fmt: skip
+    PrunePass(PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True), {"w": sumsq})(model)
+    scores = np.abs(weight) * np.sqrt(sumsq)[:, None].astype(np.float32)
+    expected = weight * reference_nm_mask(scores, 0, 2, 4)
+    np.testing.assert_array_equal(initializer(model, "w"), expected)
+    assert (reference_nm_mask(weight, 0, 2, 4) != (expected != 0)).any()  # not what magnitude would keep

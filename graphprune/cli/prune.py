@@ -99,8 +99,9 @@ def apply(
             help="Score: magnitude |W|; wanda |W|·‖X‖; sparsegpt (second order, updates the kept weights; "
             "memory: one KxK float64 Gram matrix per distinct input of a group, e.g. 8 MB at K=1024, 128 MB "
             "at K=4096); alps (ADMM on the same Gram matrices, then a least-squares refit of the kept weights: "
-            "lower error than sparsegpt, a few times its time; runs on a CUDA GPU through PyTorch when both are "
-            "present). wanda, sparsegpt and alps need --calib or --stats (alps and sparsegpt: saved with --gram). "
+            "lower error than sparsegpt, a few times its time). sparsegpt and alps run on a CUDA GPU through "
+            "PyTorch when both are present. wanda, sparsegpt and alps need --calib or --stats (alps and "
+            "sparsegpt: saved with --gram). "
             "Default: wanda with --calib or --stats, else magnitude. Example: --method alps"
         ),
     ] = None,

@@ -33,6 +33,8 @@ Mask selection
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from graphprune.algorithms.arrays import choose_ops
@@ -101,33 +103,68 @@ def sparsegpt_with_mask(
     hinv_u = _inverse_cholesky_upper(gram, w, percdamp)  # float64, zeroes dead columns of w in place
     d_all = np.diag(hinv_u).copy()
     hinv_w = hinv_u.astype(dtype, copy=False)
-    blocksize, n_prune = block_plan(pattern, rows, k, blocksize)
+    obs_blocks(w, keep, hinv_w, d_all, pattern, blocksize, NumpyBackend(dtype))
+    return w.astype(weight.dtype, copy=False), keep
 
+
+class NumpyBackend:
+    """The calls of :func:`obs_blocks` that differ between numpy and torch (``sparsegpt_torch.TorchBackend``)."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+
+    def copy(self, x: np.ndarray) -> np.ndarray:
+        return x.copy()
+
+    def zeros_like(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros_like(x)
+
+    def all_kept(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.ones(shape, dtype=bool)
+
+    def block_keep(
+        self, w1: np.ndarray, d1: np.ndarray, scope: Scope, n_prune: int, i1: int, i2: int, k: int
+    ) -> np.ndarray:
+        return _block_unstructured_keep(w1, d1, scope, n_prune, i1, i2, k)
+
+    def group_keep(self, scores: np.ndarray, pattern: NMPattern) -> np.ndarray:
+        return nm_mask(scores, pattern)
+
+    def errors(self, kept: np.ndarray, column: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return np.where(kept, 0.0, column / d).astype(self.dtype, copy=False)
+
+    def subtract_outer(self, target: np.ndarray, e: np.ndarray, row: np.ndarray) -> None:
+        target -= np.outer(e, row)
+
+
+def obs_blocks(w: Any, keep: Any, hinv_w: Any, d_all: Any, pattern: Pattern, blocksize: int, backend: Any) -> None:
+    """Step 4 of the module docstring, in place on ``w`` and ``keep`` (numpy arrays or torch tensors alike):
+    the columns in blocks, the OBS updates column by column inside a block, one lazy product per block."""
+    rows, k = w.shape
+    blocksize, n_prune = block_plan(pattern, rows, k, blocksize)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
-        w1 = w[:, i1:i2].copy()
-        err1 = np.zeros_like(w1)
+        w1 = backend.copy(w[:, i1:i2])
+        err1 = backend.zeros_like(w1)
         u1 = hinv_w[i1:i2, i1:i2]
         d1 = d_all[i1:i2]
         if isinstance(pattern, NMPattern):
-            keep1 = np.ones(w1.shape, dtype=bool)
+            keep1 = backend.all_kept(w1.shape)
         else:
-            keep1 = _block_unstructured_keep(w1, d1, pattern.scope, n_prune, i1, i2, k)
+            keep1 = backend.block_keep(w1, d1, pattern.scope, n_prune, i1, i2, k)
         for i in range(i2 - i1):
             if isinstance(pattern, NMPattern) and i % pattern.group == 0:
                 g = slice(i, i + pattern.group)
-                keep1[:, g] = nm_mask(_saliency(w1[:, g], d1[g]), pattern)
-            col = w1[:, i]
-            e = np.where(keep1[:, i], 0.0, col / u1[i, i]).astype(dtype, copy=False)
+                keep1[:, g] = backend.group_keep(_saliency(w1[:, g], d1[g]), pattern)
+            e = backend.errors(keep1[:, i], w1[:, i], u1[i, i])
             # Column i itself becomes q (kept entries: e = 0; pruned: w - w/d·d = 0, forced exactly below).
-            w1[:, i:] -= np.outer(e, u1[i, i:])
+            backend.subtract_outer(w1[:, i:], e, u1[i, i:])
             err1[:, i] = e
         w1[~keep1] = 0.0
         w[:, i1:i2] = w1
         keep[:, i1:i2] = keep1
         if i2 < k:
             w[:, i2:] -= err1 @ hinv_w[i1:i2, i2:]
-    return w.astype(weight.dtype, copy=False), keep
 
 
 def block_plan(pattern: Pattern, rows: int, k: int, blocksize: int) -> tuple[int, int]:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from graphprune.algorithms.pattern import NMPattern, Pattern
-from graphprune.algorithms.sparsegpt import NOT_POSITIVE_DEFINITE, _block_unstructured_keep, _saliency, block_plan
+from graphprune.algorithms.pattern import NMPattern, Pattern, Scope
+from graphprune.algorithms.sparsegpt import NOT_POSITIVE_DEFINITE, _block_unstructured_keep, obs_blocks
 
 if TYPE_CHECKING:
     from graphprune.algorithms.arrays import TorchOps
@@ -48,34 +48,39 @@ def sparsegpt_torch_with_mask(
     hinv_w = hinv_u.to(w.dtype)
     keep = torch.ones((rows, k), dtype=torch.bool, device=ops.device)
 
-    blocksize, n_prune = block_plan(pattern, rows, k, blocksize)
-
-    for i1 in range(0, k, blocksize):
-        i2 = min(i1 + blocksize, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = hinv_w[i1:i2, i1:i2]
-        d1 = d_all[i1:i2]
-        if isinstance(pattern, NMPattern):
-            keep1 = torch.ones(w1.shape, dtype=torch.bool, device=ops.device)
-        else:  # numpy's counts and tie rule, on the block's current weights (one copy to the CPU per block)
-            chosen = _block_unstructured_keep(
-                ops.to_numpy(w1), ops.to_numpy(d1), pattern.scope, n_prune, i1, i2, k
-            )
-            keep1 = torch.as_tensor(chosen, device=ops.device)
-        for i in range(i2 - i1):
-            if isinstance(pattern, NMPattern) and i % pattern.group == 0:
-                g = slice(i, i + pattern.group)
-                keep1[:, g] = ops.keep_mask(_saliency(w1[:, g], d1[g]), pattern)
-            e = torch.where(keep1[:, i], 0.0, w1[:, i] / u1[i, i])
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)  # W[:, i:] -= e ⊗ U[i, i:]
-            err1[:, i] = e
-        w1[~keep1] = 0.0
-        w[:, i1:i2] = w1
-        keep[:, i1:i2] = keep1
-        if i2 < k:
-            w[:, i2:].sub_(err1 @ hinv_w[i1:i2, i2:])
+    obs_blocks(w, keep, hinv_w, d_all, pattern, blocksize, TorchBackend(ops))
     return ops.to_numpy(w).astype(weight.dtype, copy=False), ops.to_numpy(keep)
+
+
+class TorchBackend:
+    """:func:`~graphprune.algorithms.sparsegpt.obs_blocks`' calls on torch tensors (see ``NumpyBackend``)."""
+
+    def __init__(self, ops: TorchOps) -> None:
+        self.ops = ops
+        self.torch = ops.torch
+
+    def copy(self, x: Any) -> Any:
+        return x.clone()
+
+    def zeros_like(self, x: Any) -> Any:
+        return self.torch.zeros_like(x)
+
+    def all_kept(self, shape: tuple[int, ...]) -> Any:
+        return self.torch.ones(shape, dtype=self.torch.bool, device=self.ops.device)
+
+    def block_keep(self, w1: Any, d1: Any, scope: Scope, n_prune: int, i1: int, i2: int, k: int) -> Any:
+        """numpy's counts and tie rule, on the block's current weights (one copy to the CPU per block)."""
+        chosen = _block_unstructured_keep(self.ops.to_numpy(w1), self.ops.to_numpy(d1), scope, n_prune, i1, i2, k)
+        return self.torch.as_tensor(chosen, device=self.ops.device)
+
+    def group_keep(self, scores: Any, pattern: NMPattern) -> Any:
+        return self.ops.keep_mask(scores, pattern)  # topk on the device
+
+    def errors(self, kept: Any, column: Any, d: Any) -> Any:
+        return self.torch.where(kept, 0.0, column / d)
+
+    def subtract_outer(self, target: Any, e: Any, row: Any) -> None:
+        target.addr_(e, row, alpha=-1.0)
 
 
 def _inverse_cholesky_upper(torch: Any, h: Any, w: Any, percdamp: float) -> Any:

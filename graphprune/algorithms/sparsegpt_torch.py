@@ -3,8 +3,9 @@
 Chosen by ``sparsegpt(..., device="auto")`` when torch sees a CUDA GPU (:func:`~graphprune.algorithms.arrays.
 choose_ops`, the helper the torch ALPS path uses); ``device="cpu"`` runs it on the CPU, as the tests do to compare
 it with numpy. The maths is the numpy solver's: dead inputs, dampening, the upper Cholesky factor of ``H⁻¹`` (by
-one factorisation of the reversed H and a triangular solve), column blocks with rank-1 OBS updates inside and one
-lazy product per block, in float64 up to K = 4096 and float32 beyond. Masks:
+one factorisation of the reversed H and a triangular solve), and the same block loop
+(:func:`~graphprune.algorithms.sparsegpt.obs_blocks`: rank-1 OBS updates inside a block, one lazy product per
+block) run on tensors, in float64 up to K = 4096 and float32 beyond. Masks:
 
 * N:M: chosen on the device, by ``topk`` over each group of columns (:meth:`TorchOps.keep_mask`); without ties
   (continuous saliencies) the same as numpy's, whose tie rule ``topk`` does not follow;

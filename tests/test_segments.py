@@ -200,6 +200,23 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path: Path, external_model
     assert set(Path(__import__("tempfile").gettempdir()).glob("graphprune-spill-*")) == spill_dirs
 
 
+def test_a_failed_run_removes_the_folders_it_made_for_its_output(tmp_path: Path, external_model: Path) -> None:
+    out = tmp_path / "new" / "deeper" / "pruned.onnx"
+
+    def fail(name: str) -> None:
+        raise GraphpruneError("stop")
+
+    with pytest.raises(GraphpruneError, match="stop"):
+        prune_file(external_model, WANDA, out, calibration=request(feeds()), sequential="block", on_weight=fail)
+    assert not (tmp_path / "new").exists()
+    prune_file(external_model, WANDA, out, calibration=request(feeds()), sequential="block")
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "pruned.onnx",
+        "pruned.onnx.data",
+        "pruned.report.json",
+    ]
+
+
 def test_prune_file_runs_external_models_segment_wise(tmp_path: Path, external_model: Path) -> None:
     data = feeds()
     reference = load_model(external_model)

@@ -8,6 +8,7 @@ output, removed however the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,6 +28,7 @@ class StagedOutput:
 
     def __init__(self, output: Path) -> None:
         self.output = output
+        self._created = [d for d in (output.parent, *output.parent.parents) if not d.exists()]  # removed if empty
         output.parent.mkdir(parents=True, exist_ok=True)
         self.data_name = fresh_data_name(output)  # tensors point at it: chosen before the first is written
         self.staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -84,9 +86,13 @@ class StagedOutput:
             files.streamed_model(output, *self.stage(model))
 
     def close(self) -> None:
-        """Remove the staging directory (after a commit it holds nothing)."""
+        """Remove the staging directory (after a commit it holds nothing) and the folders made for an output
+        that was never committed."""
         self._stream.close()
         shutil.rmtree(self.staging, ignore_errors=True)
+        for directory in self._created:  # innermost first; a committed output's folder is not empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
     def _start(self) -> int:
         pad = -self._offset % _ALIGN

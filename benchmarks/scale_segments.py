@@ -299,7 +299,7 @@ def run_vocab(workdir: Path, compare: bool) -> bool:
     write_calibration(calib, 8, 512, VOCAB_262K.vocab)
     base = ["apply", str(model), "--nm", "2:4", "--method", "wanda", "--calib", str(calib), "--batch-size", "8"]
     cases = {"segments": ["--max-memory", "2GB"], **({"one-shot": []} if compare else {})}
-    peaks = {}
+    peaks, seconds = {}, {}
     for name, extra in cases.items():
         output = workdir / "out" / f"{name}.onnx"
         result = graphprune([*base, *extra, "-o", str(output), "--force"])
@@ -307,14 +307,20 @@ def run_vocab(workdir: Path, compare: bool) -> bool:
             raise RuntimeError(f"{name} failed: {result['stdout']}")
         peaks[name] = result["peak_bytes"]
         print(
-            f"{name:>9}: {result['seconds']:6.1f} s, peak RSS {result['peak_bytes'] / GB:.2f} GB "
-            f"= {result['peak_bytes'] / size:.2f}x the weights ({size / GB:.2f} GB)"
+            f"{name:>9}: {_timing(result)}, peak RSS {result['peak_bytes'] / GB:.2f} GB "
+            f"= {result['peak_bytes'] / size:.2f}x the weights ({size / GB:.2f} GB)",
+            flush=True,
         )
+        seconds[name] = result["seconds"]
     same = True
     if compare:
         one, seg = workdir / "out" / "one-shot.onnx", workdir / "out" / "segments.onnx"
         same = one.with_name(one.name + ".data").read_bytes() == seg.with_name(seg.name + ".data").read_bytes()
         print(f"segment-wise one-shot writes the same weights as one-shot: {same}")
+        print(
+            f"segment-wise / one-shot: {peaks['segments'] / peaks['one-shot']:.2f}x the peak RSS, "
+            f"{seconds['segments'] / seconds['one-shot']:.2f}x the time"
+        )
     ok = peaks["segments"] <= 2 * size and same
     print(f"target: segment-wise peak <= 2x the weights: {'met' if ok else 'MISSED'}")
     return ok

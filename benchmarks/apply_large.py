@@ -257,21 +257,23 @@ def child(case: str, model_path: Path, output: Path, profile: Path | None) -> No
             )
 
     rss_before = _proc_status_kib("VmRSS")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     if profile is not None:
         import cProfile
 
         cProfile.runctx("operation()", globals(), {"operation": operation}, str(profile))
     else:
         operation()
-    seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "rss_before_kib": rss_before, "peak_kib": _proc_status_kib("VmHWM")}))
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    peak = _proc_status_kib("VmHWM")
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_before_kib": rss_before, "peak_kib": peak}))
 
 
 @dataclass
 class Measurement:
     case: str
     seconds: float  # the operation only
+    cpu_seconds: float  # the operation's user+sys time, all threads
     wall_seconds: float  # the whole process, interpreter start and imports included
     peak_bytes: int  # maximum resident set size of the process
     rss_before_bytes: int  # resident set size after imports, before the operation
@@ -290,7 +292,14 @@ def measure(case: str, model_path: Path, output: Path, profile: Path | None = No
     result = json.loads(done.stdout.strip().splitlines()[-1])
     # The child's own VmHWM, not the rusage of os.wait4: Linux carries the parent's RSS at fork into a child's
     # ru_maxrss, and this process may be large after generating the model and running it in ONNX Runtime.
-    return Measurement(case, result["seconds"], wall, result["peak_kib"] * 1024, result["rss_before_kib"] * 1024)
+    return Measurement(
+        case,
+        result["seconds"],
+        result["cpu_seconds"],
+        wall,
+        result["peak_kib"] * 1024,
+        result["rss_before_kib"] * 1024,
+    )
 
 
 def remove_model(path: Path) -> None:
@@ -358,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 m = measure(case, model_path, output)
                 results[case].append(m)
                 print(
-                    f"round {round_ + 1} {case:>10}: {m.seconds:6.2f} s (process {m.wall_seconds:6.2f} s), "
+                    f"round {round_ + 1} {case:>10}: {m.seconds:6.2f} s, CPU {m.cpu_seconds:6.2f} s "
+                    f"(process {m.wall_seconds:6.2f} s, load {os.getloadavg()[0]:.1f}), "
                     f"peak RSS {_mb(m.peak_bytes)}",
                     flush=True,
                 )
@@ -385,13 +395,17 @@ def report(results: dict[str, list[Measurement]], size: int, shape: Shape, repea
         f"model: {shape.blocks} LLaMA-like blocks (hidden {shape.hidden}, MLP {shape.mlp}, vocab {shape.vocab}), "
         f"{_mb(size)} on disk (float32, external data); medians of {repeats} rounds"
     )
-    print(f"{'case':>10} {'time':>8} {'x base':>7} {'process':>8} {'peak RSS':>10} {'x size':>7} {'RSS pre':>8}")
+    print(
+        f"{'case':>10} {'time':>8} {'x base':>7} {'CPU':>8} {'process':>8} {'peak RSS':>10} {'x size':>7} "
+        f"{'RSS pre':>8}"
+    )
     ok = True
     for case in results:
         seconds, peak = median(case, "seconds"), median(case, "peak_bytes")
         time_ratio, memory_ratio = seconds / base_time, peak / size
         print(
-            f"{case:>10} {seconds:7.2f}s {time_ratio:6.2f}x {median(case, 'wall_seconds'):7.2f}s "
+            f"{case:>10} {seconds:7.2f}s {time_ratio:6.2f}x {median(case, 'cpu_seconds'):7.2f}s "
+            f"{median(case, 'wall_seconds'):7.2f}s "
             f"{_mb(peak):>10} {memory_ratio:6.2f}x {_mb(median(case, 'rss_before_bytes')):>8}"
         )
         if case in TARGETS:

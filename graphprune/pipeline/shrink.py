@@ -9,7 +9,6 @@ each round when the method uses data.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.graph.blocks import bypass_blocks, find_blocks
 from graphprune.graph.groups import Group, GroupSkip, find_groups
+from graphprune.graph.head_layout import prepare_for_heads
 from graphprune.passes.shrink import Removal, ShrinkPass, parameter_count
 
 UNIT_KINDS = ("mlp", "heads", "channels")
@@ -188,7 +188,7 @@ def _shrink_groups(
 ) -> None:
     assert config.ratio is not None
     if "heads" in config.units:
-        _prepare_for_heads(model)
+        prepare_for_heads(model)
     scan = find_groups(model, config.units)
     report.skipped = scan.skips
     groups = scan.groups
@@ -236,16 +236,6 @@ def _shrink_groups(
         record.removed.sort()
         record.parameters_after = g.parameters()
     report.groups = records
-
-
-def _prepare_for_heads(model: ir.Model) -> None:
-    """Head shapes are proved from recorded tensor shapes and constant shape entries: infer the first, lift the
-    second from Constant nodes to initializers (where the head count can be rewritten)."""
-    from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
-
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    with contextlib.suppress(Exception):  # best effort: without recorded shapes heads are skipped, with why
-        ShapeInferencePass()(model)
 
 
 def _channel_first(array: np.ndarray, axis: int, consumer: bool) -> np.ndarray:

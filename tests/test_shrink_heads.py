@@ -231,7 +231,7 @@ def exporter_style(model: onnx.ModelProto, near_miss: bool = False) -> onnx.Mode
 def test_exporter_key_transpose_is_folded_exactly_and_its_heads_removed(
     heads: int, kv_heads: int, drop_q: list[int], drop_kv: list[int]
 ) -> None:
-    from graphprune.graph.head_layout import prepare_for_heads
+    from graphprune.graph.prepare import prepare_graph
 
     dense, w = attention(heads=heads, kv_heads=kv_heads, head_dim=2)
     model = exporter_style(dense)
@@ -240,7 +240,7 @@ def test_exporter_key_transpose_is_folded_exactly_and_its_heads_removed(
     np.testing.assert_allclose(before, attention_np(w, x, heads, kv_heads, 2), rtol=1e-4, atol=1e-5)
     m = ir.from_proto(model)
     assert not find_groups(m, ("heads",)).groups  # the raw layout: skipped, the head count is read at run time
-    prepare_for_heads(m)
+    prepare_graph(m, heads=True)
     assert sum(n.op_type == "Shape" for n in m.graph) == 1  # Shape(k) and its slices went with the fold
     np.testing.assert_array_equal(run(m, {"x": x})[0], before)  # the fold alone: bit-identical
     scan = find_groups(m, ("heads",))
@@ -252,13 +252,13 @@ def test_exporter_key_transpose_is_folded_exactly_and_its_heads_removed(
 
 
 def test_a_key_reshape_not_proven_from_the_keys_own_shape_is_left_alone_and_its_heads_skipped() -> None:
-    from graphprune.graph.head_layout import fold_key_transposes, prepare_for_heads
+    from graphprune.graph.prepare import fold_key_transposes, prepare_graph
 
     model = exporter_style(attention(heads=4, kv_heads=4, head_dim=2)[0], near_miss=True)
     m = ir.from_proto(model)
     x = _w(2, SEQ, 8)
     before = run(m, {"x": x})[0]
-    prepare_for_heads(m)
+    prepare_graph(m, heads=True)
     assert fold_key_transposes(m) == 0
     np.testing.assert_array_equal(run(m, {"x": x})[0], before)
     scan = find_groups(m, ("heads",))

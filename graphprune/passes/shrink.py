@@ -111,6 +111,8 @@ def _remove_units(graph: ir.Graph, group: Group, units: np.ndarray) -> None:
     left = group.width - len(units)
     for entry in group.shape_edits:
         set_shape_entry(graph, entry, left * entry.per)
+    for conv in group.depthwise:  # one filter per channel: as many groups as channels left
+        conv.attributes["group"] = ir.AttrInt64("group", left)
     for value in group.region:
         value.shape = None
     group.width = left

@@ -24,7 +24,7 @@ from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.graph.blocks import bypass_blocks, find_blocks
 from graphprune.graph.groups import Group, GroupSkip, find_groups
-from graphprune.graph.head_layout import prepare_for_heads
+from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass, parameter_count
 
 UNIT_KINDS = ("mlp", "heads", "channels")
@@ -187,8 +187,7 @@ def _shrink_groups(
     stage: Progress,
 ) -> None:
     assert config.ratio is not None
-    if "heads" in config.units:
-        prepare_for_heads(model)
+    prepare_graph(model, heads="heads" in config.units)
     scan = find_groups(model, config.units)
     report.skipped = scan.skips
     groups = scan.groups

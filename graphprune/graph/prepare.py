@@ -1,4 +1,9 @@
-"""Exact rewrites that make an exporter's attention layout readable by the head finder.
+"""Exact rewrites that make a graph's structured units provable, run before the group finders.
+
+:func:`prepare_graph` lifts Constant nodes to initializers (weights exported as Constant nodes become stored,
+slicable tensors), folds Reshapes of constants into constants (a per-channel bias reshaped to ``[1, C, 1, 1]``),
+records shapes by inference and, for heads, folds the exporters' key transposes. Each step leaves what the model
+computes unchanged.
 
 PyTorch's dynamo exporter (onnxscript's ``aten::matmul``/SDPA lowering) transposes the keys of a 4-D attention
 ``[batch, heads, seq, head_dim]`` as Reshape to ``[-1, seq, head_dim]`` → Transpose ``(0, 2, 1)`` → Reshape back
@@ -17,6 +22,8 @@ from __future__ import annotations
 import contextlib
 
 import onnx_ir as ir
+
+from graphprune.graph.groups import stored
 
 _Entry = int | tuple[str, int]  # a constant entry, or ("dim", i): dimension i of the tensor being reshaped
 
@@ -141,13 +148,45 @@ def fold_key_transposes(model: ir.Model) -> int:
     return folded
 
 
-def prepare_for_heads(model: ir.Model) -> None:
-    """Make attention heads provable in place: lift Constant nodes to initializers (where a head count can be
-    rewritten), record shapes by inference (head axes are followed through recorded shapes), then fold the
-    exporters' key transposes (:func:`fold_key_transposes`). Each step leaves the computation unchanged."""
+def fold_constant_reshapes(model: ir.Model) -> int:
+    """Replace each Reshape whose data and shape are both stored constants by the reshaped constant; the count.
+
+    Exporters (PaddlePaddle's, for one) write a convolution's bias as ``Reshape(bias, [1, C, 1, 1])`` feeding an
+    ``Add``; as a constant it becomes a per-channel slot of its group. Only the one-use case is folded, so the
+    original constant can go."""
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Reshape" or node.graph is not graph or len(node.inputs) < 2:
+            continue
+        data, shape = node.inputs[0], node.inputs[1]
+        if not stored(data) or _ints(shape) is None or len(data.uses()) != 1:  # type: ignore[arg-type]
+            continue
+        array = data.const_value.numpy()  # type: ignore[union-attr]
+        allowzero = "allowzero" in node.attributes and node.attributes["allowzero"].value
+        target = [array.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(_ints(shape))]  # type: ignore[arg-type]
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        value = ir.Value(name=out.name, const_value=ir.tensor(array.reshape(target), name=out.name))
+        value.shape, value.dtype = ir.Shape(array.reshape(target).shape), out.dtype
+        out.replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        graph.register_initializer(value)
+        _drop_dead(graph, [data, shape])
+        folded += 1
+    return folded
+
+
+def prepare_graph(model: ir.Model, heads: bool = False) -> None:
+    """Make structured units provable in place: lift Constant nodes to initializers (stored tensors can be sliced,
+    a head count rewritten), fold constant Reshapes, record shapes by inference (head and pooling axes are
+    followed through recorded shapes) and, with ``heads``, fold the exporters' key transposes."""
     from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
 
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    with contextlib.suppress(Exception):  # best effort: without recorded shapes heads are skipped, with why
+    fold_constant_reshapes(model)
+    with contextlib.suppress(Exception):  # best effort: without recorded shapes some units are skipped, with why
         ShapeInferencePass()(model)
-    fold_key_transposes(model)
+    if heads:
+        fold_key_transposes(model)

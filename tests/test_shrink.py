@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 from graphprune.algorithms import structured as st
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.request import CalibrationRequest
+from graphprune.errors import GraphpruneError
 from graphprune.graph.groups import find_groups
 from graphprune.passes.shrink import Removal, ShrinkPass
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
@@ -426,6 +427,21 @@ def test_removal_count_and_units_helpers() -> None:
     with pytest.raises(ValueError):
         st.units_to_remove(np.zeros(3), 3)
     assert TensorProto.FLOAT  # the builders' element type
+
+
+def test_round_to_leaves_a_multiple_of_n_units_in_every_group() -> None:
+    # the nearest multiple of 8 to what the ratio leaves; groups of 8 units or fewer stay whole
+    assert [st.removal_count(n, 0.3, 8) for n in (1536, 22, 16, 8, 6)] == [464, 6, 8, 0, 0]
+    assert st.removal_count(100, 0.0, 8) == 0 and st.removal_count(100, 0.3, 1) == 30
+    net = llama_mlp(hidden=24)
+    m = ir.from_proto(net.model)
+    report = shrink_model(m, ShrinkConfig(ratio=0.25, round_to=8))  # 18 left by the ratio: 16 by the multiple
+    (record,) = report.groups
+    assert record.units_after == 16 and len(record.removed) == 8
+    expected = net.forward(_sliced(net, record.removed), net.feed["x"])  # type: ignore[operator]
+    np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(GraphpruneError, match="--round-to"):
+        ShrinkConfig(ratio=0.25, round_to=0).validate()
 
 
 def test_per_layer_ratios_override_the_uniform_one_by_group_name() -> None:

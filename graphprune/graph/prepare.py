@@ -169,7 +169,7 @@ def fold_constant_reshapes(model: ir.Model) -> int:
         if out.is_graph_output():
             continue
         value = ir.Value(name=out.name, const_value=ir.tensor(array.reshape(target), name=out.name))
-        value.shape, value.dtype = ir.Shape(array.reshape(target).shape), out.dtype
+        value.shape, value.dtype = ir.Shape(array.reshape(target).shape), value.const_value.dtype  # type: ignore[union-attr]
         out.replace_all_uses_with(value)
         graph.remove(node, safe=True)
         graph.register_initializer(value)

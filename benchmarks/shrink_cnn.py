@@ -12,7 +12,10 @@ seconds of those runs and the load average around them.
 
 Needs Pillow for the rendering (``pip install pillow``; not a graphprune dependency).
 
-    nice -n 10 python benchmarks/shrink_cnn.py [--ratio 0.3] [--methods l2 flap] [--repeats 9]
+    nice -n 10 python benchmarks/shrink_cnn.py [--ratios 0.3] [--methods l2 flap] [--round-to 1 8] [--repeats 9]
+
+``--round-to 8`` leaves a multiple of 8 channels in every group: ONNX Runtime's CPU convolutions use their fast
+blocked (NCHWc) layout only then, so without it a smaller model can be slower.
 """
 
 from __future__ import annotations
@@ -138,7 +141,8 @@ def _agreement(kind: str, dense: np.ndarray, small: np.ndarray, labels: np.ndarr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.3])
+    parser.add_argument("--round-to", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--methods", nargs="*", default=["l2", "flap"])
     parser.add_argument("--models", nargs="*", default=["cls", "det"])
     parser.add_argument("--repeats", type=int, default=9)
@@ -164,9 +168,12 @@ def main() -> None:
         dense_session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (dense_out,) = dense_session.run(None, feed)
         with tempfile.TemporaryDirectory(prefix="graphprune-shrink-cnn-") as tmp:
-            for method in args.methods:
-                out = Path(tmp) / f"{kind}-{method}.onnx"
-                config = ShrinkConfig(ratio=args.ratio, units=("channels",), method=StructuredMethod(method))
+            runs = [(r, m, n) for r in args.ratios for m in args.methods for n in args.round_to]
+            for ratio, method, multiple in runs:
+                out = Path(tmp) / f"{kind}-{method}-{ratio}-{multiple}.onnx"
+                config = ShrinkConfig(
+                    ratio=ratio, units=("channels",), method=StructuredMethod(method), round_to=multiple
+                )
                 wall, cpu = time.perf_counter(), time.process_time()
                 request = CalibrationRequest(data={"x": calib}, batch_size=8)
                 _, report = shrink_file(path, config, out, calibration=request)
@@ -180,7 +187,8 @@ def main() -> None:
                 row = {
                     "model": path.name,
                     "method": method,
-                    "ratio": args.ratio,
+                    "ratio": ratio,
+                    "round_to": multiple,
                     "batch": list(held.shape),
                     "groups_shrunk": len(report.groups),
                     "groups_skipped": len(report.skipped),
@@ -197,8 +205,9 @@ def main() -> None:
                 }
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"results": results}, indent=1) + "\n")
+                out.unlink()
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

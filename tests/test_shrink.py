@@ -15,6 +15,7 @@ from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.graph.groups import find_groups
+from graphprune.passes.base import PassPreconditionError
 from graphprune.passes.shrink import Removal, ShrinkPass
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
 from tests.onnx_builders import init, make_model, run, tensor
@@ -170,7 +171,7 @@ def _shrunk(model: onnx.ModelProto, units: list[int]) -> onnx.ModelProto:
     m = ir.from_proto(model)
     scan = find_groups(m)
     assert len(scan.groups) == 1, scan.skips
-    ShrinkPass([Removal(scan.groups[0], np.array(units))]).call(m)
+    ShrinkPass([Removal(scan.groups[0], np.array(units))])(m)
     return ir.to_proto(m)
 
 
@@ -465,3 +466,20 @@ def test_a_post_norm_block_is_bypassed_with_its_norm() -> None:
     assert [b.index for b in report.blocks if b.removed] == [2]
     feed = {"x": _w(4, 8, scale=1.0)}
     np.testing.assert_allclose(run(ir.to_proto(m), feed)[0], forward(feed["x"], {2}), rtol=1e-4, atol=1e-4)
+
+
+def test_shrink_pass_is_an_onnx_ir_pass_with_conditions() -> None:
+    net = llama_mlp()
+    m = ir.from_proto(net.model)
+    (group,) = find_groups(m).groups
+    assert isinstance(ShrinkPass([]), ir.passes.InPlacePass)
+    for units, needle in (([12], "outside"), ([1, 1], "twice"), (list(range(12)), "cannot remove all")):
+        with pytest.raises(PassPreconditionError, match=needle):
+            ShrinkPass([Removal(group, np.array(units))])(m)
+    result = ir.passes.Sequential(ShrinkPass([Removal(group, np.array([2, 5]))]))(m)
+    assert result.modified and result.model is m and group.width == 10
+    expected = net.forward(_sliced(net, [2, 5]), net.feed["x"])  # type: ignore[operator]
+    np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], expected, rtol=1e-4, atol=1e-5)
+    other = ir.from_proto(net.model)  # a group found in one model is refused by another
+    with pytest.raises(PassPreconditionError, match="not in this model"):
+        ShrinkPass([Removal(group, np.array([0]))])(other)

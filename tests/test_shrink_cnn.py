@@ -203,7 +203,7 @@ def test_removing_all_zero_channels_is_bit_identical(which: str) -> None:
             w[name][tuple(index)] = 0
     model = mobilenet_block(w)
     m = _prepared(model)
-    ShrinkPass([Removal(_groups(m)[which], np.array(units))]).call(m)  # type: ignore[arg-type]
+    ShrinkPass([Removal(_groups(m)[which], np.array(units))])(m)  # type: ignore[arg-type]
     np.testing.assert_array_equal(run(m, {"x": X})[0], run(model, {"x": X})[0])
 
 
@@ -211,7 +211,7 @@ def test_removing_real_channels_equals_numpy_of_the_smaller_network() -> None:
     w = _weights()
     m = _prepared(mobilenet_block(w))
     groups = _groups(m)
-    ShrinkPass([Removal(groups["main"], np.array([0, 3])), Removal(groups["squeeze"], np.array([1]))]).call(m)  # type: ignore[arg-type]
+    ShrinkPass([Removal(groups["main"], np.array([0, 3])), Removal(groups["squeeze"], np.array([1]))])(m)  # type: ignore[arg-type]
     small = _sliced(_sliced(w, MAIN, [0, 3]), SQUEEZE, [1])
     proto = ir.to_proto(m)
     onnx.checker.check_model(proto)

@@ -109,7 +109,7 @@ def _shrink(model: onnx.ModelProto, units: list[int]) -> tuple[onnx.ModelProto, 
     scan = find_groups(m, ("heads",))
     assert len(scan.groups) == 1, scan.skips
     group = scan.groups[0]
-    ShrinkPass([Removal(group, np.array(units))]).call(m)
+    ShrinkPass([Removal(group, np.array(units))])(m)
     return ir.to_proto(m), group
 
 
@@ -246,7 +246,7 @@ def test_exporter_key_transpose_is_folded_exactly_and_its_heads_removed(
     scan = find_groups(m, ("heads",))
     assert len(scan.groups) == 1, scan.skips
     units = [0] if kv_heads < heads else [1, 3]
-    ShrinkPass([Removal(scan.groups[0], np.array(units))]).call(m)
+    ShrinkPass([Removal(scan.groups[0], np.array(units))])(m)
     expected = attention_np(_drop(w, drop_q, drop_kv, 2), x, heads - len(drop_q), kv_heads - len(drop_kv), 2)
     np.testing.assert_allclose(run(m, {"x": x})[0], expected, rtol=1e-4, atol=1e-5)
 

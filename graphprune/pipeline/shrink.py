@@ -234,7 +234,7 @@ def _shrink_groups(
             records[i].removed += alive[i][units].tolist()
             records[i].compensated |= bool(bias)
             alive[i] = np.delete(alive[i], units)
-        ShrinkPass(removals).call(model)
+        ShrinkPass(removals)(model)
     for record, g in zip(records, groups, strict=True):
         record.units_after = g.width
         record.removed.sort()

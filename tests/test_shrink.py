@@ -483,3 +483,27 @@ def test_shrink_pass_is_an_onnx_ir_pass_with_conditions() -> None:
     other = ir.from_proto(net.model)  # a group found in one model is refused by another
     with pytest.raises(PassPreconditionError, match="not in this model"):
         ShrinkPass([Removal(group, np.array([0]))])(other)
+
+
+def test_moments_run_on_a_weightless_session_model_and_equal_numpy() -> None:
+    from graphprune.calibration.moments import ChannelTap, _moment_taps, collect_moments
+    from graphprune.calibration.taps import tapped_model
+
+    net = bert_mlp(d=64, hidden=256)  # 128 KiB of weights
+    m = ir.from_proto(net.model)
+    calib = {"x": _w(48, 64, scale=1.0)}
+    taps = [ChannelTap("g", -1, 256)]
+    with _moment_taps(m, taps, [("x", "y")]) as (plan, _):
+        session = tapped_model(m, plan)
+    weight_bytes = sum(v.const_value.nbytes for v in m.graph.initializers.values())  # type: ignore[union-attr]
+    assert session.proto.ByteSize() < weight_bytes / 10  # the weights travel as OrtValues, not in the protobuf
+    assert not any(n.name and "graphprune" in n.name for n in m.graph)  # the taps are gone from the model again
+    moments = collect_moments(m, taps, [("x", "y")], CalibrationRequest(data=calib, batch_size=16))
+    w = net.weights
+    g = _gelu_erf(calib["x"] @ w["w1"] + w["b1"]).astype(np.float64)
+    np.testing.assert_allclose(moments.sums["g"], g.sum(0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(moments.sumsq["g"], (g**2).sum(0), rtol=1e-4)
+    assert moments.rows["g"] == 48
+    y = g @ w["w2"] + w["b2"]
+    cos = (calib["x"] * y).sum(1) / np.linalg.norm(calib["x"], axis=1) / np.linalg.norm(y, axis=1)
+    np.testing.assert_allclose(moments.influence(("x", "y")), np.mean(1 - cos), rtol=1e-4)

@@ -264,6 +264,8 @@ def test_flap_adds_a_bias_where_the_consumer_has_none() -> None:
     keep = _sliced(net, removed)
     expected = net.forward(keep, net.feed["x"]) + contribution  # type: ignore[operator]
     np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], expected, rtol=1e-4, atol=1e-5)
+    # the report counts the new bias: the three sliced weights plus one value per output
+    assert report.parameters_after == sum(v.size for v in keep.values()) + 8
 
 
 def test_wanda_ranks_by_activation_norm_times_weight_magnitude() -> None:

@@ -177,6 +177,7 @@ def add_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> tuple[ir.Node
         name=f"{out.name}_graphprune_bias", const_value=ir.tensor(np.asarray(delta, dtype).reshape(-1))
     )
     value.const_value.name = value.name  # type: ignore[union-attr]
+    value.shape, value.dtype = ir.Shape([delta.size]), value.const_value.dtype  # type: ignore[union-attr]
     graph.register_initializer(value)
     if op in ("Conv", "Gemm"):
         node.resize_inputs(3)

@@ -11,6 +11,7 @@ Default model: paraphrase-MiniLM-L3-v2 from PyPI; all-MiniLM-L6-v2 is exported (
     nice -n 10 python benchmarks/shrink_minilm.py [--ratio 0.25] [--repeats 9]
     nice -n 10 python benchmarks/shrink_minilm.py --model /tmp/graphprune-all-minilm-l6/model.onnx \
         --output sentence_embedding --json benchmarks/results/shrink_all_minilm_l6.json
+    nice -n 10 python benchmarks/shrink_minilm.py --model ... --ablation --json ...  # methods x unit kinds
 """
 
 from __future__ import annotations
@@ -54,6 +55,27 @@ def _since(wall: float, cpu: float) -> dict[str, float]:
     return {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
 
 
+def ablation(
+    model: Path, args: argparse.Namespace, calib: dict, held: dict, dense: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Mean cosine to the dense embeddings for each method and unit kind alone (one round each)."""
+    import onnxruntime as ort
+
+    table: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="graphprune-shrink-ablation-") as tmp:
+        for units in (("mlp",), ("heads",), ("mlp", "heads")):
+            for method in StructuredMethod:
+                path = Path(tmp) / "m.onnx"
+                config = ShrinkConfig(ratio=args.ratio, units=units, method=method)
+                shrink_file(
+                    model, config, path, force=True, calibration=CalibrationRequest(data=calib, batch_size=16)
+                )
+                (e,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([args.output], held)
+                e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+                table.setdefault("+".join(units), {})[method.value] = round(float((dense * e).sum(-1).mean()), 4)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
@@ -62,6 +84,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=4, help="also shrink in this many calibrated rounds")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "shrink_minilm.json")
+    parser.add_argument(
+        "--ablation", action="store_true", help="instead: mean cosine per method (l2, wanda, flap) and unit kind"
+    )
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -73,6 +98,17 @@ def main() -> None:
         return [p for p in text.split("\n\n") if len(p) > 80][:64]
 
     calib, held = feeds(tokenizer, paragraphs(calibration)), feeds(tokenizer, paragraphs(heldout))
+    if args.ablation:
+        (dense,) = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run([args.output], held)
+        dense = dense / np.linalg.norm(dense, axis=-1, keepdims=True)
+        table = {
+            "model": str(model),
+            "ratio": args.ratio,
+            "mean_cosine": ablation(model, args, calib, held, dense),
+        }
+        print(json.dumps(table, indent=1))
+        args.json.write_text(json.dumps(table, indent=1) + "\n")
+        return
     with tempfile.TemporaryDirectory(prefix="graphprune-shrink-minilm-") as tmp:
         small = Path(tmp) / "small.onnx"
         config = ShrinkConfig(ratio=args.ratio, units=("mlp", "heads"), method=StructuredMethod.FLAP)

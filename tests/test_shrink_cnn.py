@@ -258,3 +258,33 @@ def test_flap_folds_the_removed_channels_mean_contribution_into_the_last_conv() 
     contribution = np.einsum("c,oc->o", mp[:, main.removed].mean(axis=(0, 2, 3)), w["c2"][:, main.removed, 0, 0])
     conv = next(n for n in m.graph if n.op_type == "Conv" and n.inputs[1].name == "c2")
     np.testing.assert_allclose(conv.inputs[2].const_value.numpy(), contribution, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_rapidocr_classifier_shrinks_exactly_against_its_zeroed_twin() -> None:
+    """A trained CNN nobody here wrote (PyPI rapidocr-onnxruntime): removing channels of every provable group
+    equals the dense model with those channels' consumer weights zeroed."""
+    from graphprune import demo
+    from graphprune.graph.model_io import load_model
+
+    path = demo.rapidocr_cls()
+    m, twin = load_model(path), load_model(path)
+    prepare_graph(m)
+    prepare_graph(twin)
+    scan = find_groups(m, ("channels",))
+    assert len(scan.groups) == 25 and [s.reason for s in scan.skips] == ["channels are read by Shape Shape@0"]
+    assert any(g.depthwise for g in scan.groups)
+    removals = []
+    for group, zeroed in zip(scan.groups, find_groups(twin, ("channels",)).groups, strict=True):
+        units = np.arange(0, group.width, 3)[: group.width - 1]  # every third channel, one always left
+        removals.append(Removal(group, units))
+        for slot in zeroed.consumers:
+            w = slot.value.const_value.numpy().copy()  # type: ignore[union-attr]
+            index = [slice(None)] * w.ndim
+            index[slot.axis] = units  # type: ignore[call-overload]
+            w[tuple(index)] = 0
+            slot.value.const_value = ir.tensor(w, name=slot.value.name)
+    ShrinkPass(removals)(m)
+    x = RNG.standard_normal((2, 3, 48, 192)).astype(np.float32)
+    np.testing.assert_allclose(run(m, {"x": x})[0], run(twin, {"x": x})[0], rtol=1e-4, atol=1e-5)
+    assert sum(g.width for g in scan.groups) < 0.7 * 1138

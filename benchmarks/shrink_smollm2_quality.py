@@ -9,7 +9,7 @@ shrunk model) to compare with one round. ``--moments FILE`` keeps the dense mode
 (computed and saved when the file is missing). Rows are merged into the JSON by configuration.
 
     nice -n 10 python benchmarks/shrink_smollm2_quality.py [--ratios 0.25] [--blocks 2 4 6] [--steps 0]
-        [--moments /tmp/smollm2-moments.npz]
+        [--moments /tmp/smollm2-moments.npz] [--heads 0.34]
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--step-methods", nargs="*", default=["wanda", "flap"])
     parser.add_argument("--moments", type=Path, default=None, help="cache of the dense model's moments (.npz)")
     parser.add_argument(
+        "--heads", type=float, nargs="*", default=[], help="also remove this ratio of heads (KV groups) with flap"
+    )
+    parser.add_argument(
         "--json", type=Path, default=Path(__file__).parent / "results" / "shrink_smollm2_quality.json"
     )
     args = parser.parse_args()
@@ -92,7 +95,7 @@ def main() -> None:
         return measure
 
     results: list[dict] = previous.get("results", [])
-    runs: list[tuple[ShrinkConfig, bool]] = []
+    runs: list[tuple[ShrinkConfig, bool | None]] = []  # True: the cached moments; None: calibrate afresh
     for ratio in args.ratios:
         for m in args.methods:
             runs.append((ShrinkConfig(ratio=ratio, units=("mlp",), method=StructuredMethod(m)), True))
@@ -103,6 +106,7 @@ def main() -> None:
             ]
         if ratio == args.ratios[0]:  # the blocks right after the first ratio: most wanted first
             runs += [(ShrinkConfig(blocks=n), True) for n in args.blocks]
+    runs += [(ShrinkConfig(ratio=r, units=("heads",), method=StructuredMethod.FLAP), None) for r in args.heads]
     reference = json.loads((REFERENCE / "smollm2_brown_reference.json").read_text())
     dense_ppl = next(r["brown_heldout_ppl"] for r in reference["results"] if r["method"] == "dense")
     with tempfile.TemporaryDirectory(prefix="graphprune-shrink-quality-") as tmp:
@@ -110,14 +114,14 @@ def main() -> None:
             model = load_model(args.model)  # a fresh dense copy
             t = time.perf_counter()
             t_cpu = time.process_time()
-            measure = cached if use_cache else dense_then_calibrated()
+            measure = None if use_cache is None else cached if use_cache else dense_then_calibrated()
             report = shrink_model(model, config, calibration, measure=measure)  # type: ignore[arg-type]
             seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - t_cpu
             path = Path(tmp) / "shrunk.onnx"
             save_model(model, path)
             ppl = perplexity(path, windows)
             row = {
-                "units": "blocks" if config.blocks else "mlp",
+                "units": "blocks" if config.blocks else config.units[0],
                 "method": "block influence" if config.blocks else config.method.value,
                 "ratio": config.ratio,
                 "blocks": config.blocks,
@@ -147,7 +151,7 @@ def main() -> None:
 
 
 def _key(row: dict) -> tuple:
-    return row["units"], row["method"], row["ratio"], row["blocks"], row["steps"]
+    return row["units"], row["method"], row["ratio"], row["blocks"], row["steps"]  # "units": mlp, heads, blocks
 
 
 def save_moments(moments: Moments, path: Path) -> None:

@@ -3,10 +3,13 @@
 Calibration is the reference's 64x512 Brown windows; evaluation its 32 held-out windows (see
 /work/shared/reference/README.md). One tapped ONNX Runtime pass over the dense model measures every MLP input's
 channel moments and every block's influence; each configuration then shrinks a fresh copy of the dense model from
-those figures (single round, as FLAP and ShortGPT do) and is evaluated. ``--steps K`` adds K-round runs of wanda
-and flap at the given ratios (re-calibrating between rounds) to compare with one round.
+those figures (single round, as FLAP and ShortGPT do) and is evaluated. ``--steps K`` adds K-round runs of
+``--step-methods`` at the given ratios (round 1 reuses the dense model's moments, rounds 2..K re-calibrate the
+shrunk model) to compare with one round. ``--moments FILE`` keeps the dense model's moments between invocations
+(computed and saved when the file is missing). Rows are merged into the JSON by configuration.
 
     nice -n 10 python benchmarks/shrink_smollm2_quality.py [--ratios 0.25] [--blocks 2 4 6] [--steps 0]
+        [--moments /tmp/smollm2-moments.npz] [--heads 0.34]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from graphprune.evaluate.perplexity import perplexity
 from graphprune.graph.blocks import find_blocks
 from graphprune.graph.groups import find_groups
 from graphprune.graph.model_io import load_model, save_model
-from graphprune.pipeline.shrink import ShrinkConfig, channel_taps, shrink_model
+from graphprune.pipeline.shrink import Measure, ShrinkConfig, channel_taps, shrink_model
 
 REFERENCE = Path("/work/shared/reference")
 
@@ -46,7 +49,12 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.25, 0.1, 0.4])
     parser.add_argument("--blocks", type=int, nargs="*", default=[2, 4, 6])
     parser.add_argument("--methods", nargs="*", default=["l2", "wanda", "flap"])
-    parser.add_argument("--steps", type=int, default=0, help="also run wanda and flap in this many rounds")
+    parser.add_argument("--steps", type=int, default=0, help="also run --step-methods in this many rounds")
+    parser.add_argument("--step-methods", nargs="*", default=["wanda", "flap"])
+    parser.add_argument("--moments", type=Path, default=None, help="cache of the dense model's moments (.npz)")
+    parser.add_argument(
+        "--heads", type=float, nargs="*", default=[], help="also remove this ratio of heads (KV groups) with flap"
+    )
     parser.add_argument(
         "--json", type=Path, default=Path(__file__).parent / "results" / "shrink_smollm2_quality.json"
     )
@@ -54,43 +62,66 @@ def main() -> None:
 
     calibration = CalibrationRequest(data=str(REFERENCE / "smollm2_brown_calib.npz"), batch_size=8)
     windows = np.load(REFERENCE / "smollm2_brown_eval.npz")["input_ids"]
-    dense = load_model(args.model)
-    taps = channel_taps(find_groups(dense, ("mlp",)).groups)
-    pairs = [(b.input.name, b.output.name) for b in find_blocks(dense)]
-    t0 = time.perf_counter()
-    moments = collect_moments(dense, taps, pairs, calibration)  # type: ignore[arg-type]
-    calib_seconds = time.perf_counter() - t0
-    print(f"calibrated {len(taps)} MLP inputs and {len(pairs)} blocks in {calib_seconds:.0f} s", flush=True)
-    del dense
+    previous = json.loads(args.json.read_text()) if args.json.exists() else {}
+    if args.moments is not None and args.moments.exists():
+        moments = load_moments(args.moments)
+        calib_seconds = previous.get("calibration_seconds")
+        print(f"dense moments from {args.moments}", flush=True)
+    else:
+        dense = load_model(args.model)
+        taps = channel_taps(find_groups(dense, ("mlp",)).groups)
+        pairs = [(b.input.name, b.output.name) for b in find_blocks(dense)]
+        t0 = time.perf_counter()
+        moments = collect_moments(dense, taps, pairs, calibration)  # type: ignore[arg-type]
+        calib_seconds = round(time.perf_counter() - t0, 1)
+        print(f"calibrated {len(taps)} MLP inputs and {len(pairs)} blocks in {calib_seconds:.0f} s", flush=True)
+        del dense
+        if args.moments is not None:
+            save_moments(moments, args.moments)
 
     def cached(model: ir.Model, channels: list[ChannelTap], wanted: list[tuple[str, str]]) -> Moments:
         return moments
 
-    results: list[dict] = []
-    runs: list[tuple[ShrinkConfig, bool]] = []
+    def dense_then_calibrated() -> Measure:
+        """Round 1 sees the dense model (its moments are cached); later rounds calibrate the shrunk model."""
+        calls = []
+
+        def measure(model: ir.Model, channels: list[ChannelTap], wanted: list[tuple[str, str]]) -> Moments:
+            calls.append(1)
+            if len(calls) == 1:
+                return moments
+            return collect_moments(model, channels, wanted, calibration)
+
+        return measure
+
+    results: list[dict] = previous.get("results", [])
+    runs: list[tuple[ShrinkConfig, bool | None]] = []  # True: the cached moments; None: calibrate afresh
     for ratio in args.ratios:
         for m in args.methods:
             runs.append((ShrinkConfig(ratio=ratio, units=("mlp",), method=StructuredMethod(m)), True))
         if args.steps > 1:
             runs += [
                 (ShrinkConfig(ratio=ratio, units=("mlp",), method=StructuredMethod(m), steps=args.steps), False)
-                for m in ("wanda", "flap")
+                for m in args.step_methods
             ]
         if ratio == args.ratios[0]:  # the blocks right after the first ratio: most wanted first
             runs += [(ShrinkConfig(blocks=n), True) for n in args.blocks]
+    runs += [(ShrinkConfig(ratio=r, units=("heads",), method=StructuredMethod.FLAP), None) for r in args.heads]
     reference = json.loads((REFERENCE / "smollm2_brown_reference.json").read_text())
     dense_ppl = next(r["brown_heldout_ppl"] for r in reference["results"] if r["method"] == "dense")
     with tempfile.TemporaryDirectory(prefix="graphprune-shrink-quality-") as tmp:
         for config, use_cache in runs:
             model = load_model(args.model)  # a fresh dense copy
             t = time.perf_counter()
-            report = shrink_model(model, config, calibration, measure=cached if use_cache else None)  # type: ignore[arg-type]
-            seconds = time.perf_counter() - t
+            t_cpu = time.process_time()
+            measure = None if use_cache is None else cached if use_cache else dense_then_calibrated()
+            report = shrink_model(model, config, calibration, measure=measure)  # type: ignore[arg-type]
+            seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - t_cpu
             path = Path(tmp) / "shrunk.onnx"
             save_model(model, path)
             ppl = perplexity(path, windows)
             row = {
-                "units": "blocks" if config.blocks else "mlp",
+                "units": "blocks" if config.blocks else config.units[0],
                 "method": "block influence" if config.blocks else config.method.value,
                 "ratio": config.ratio,
                 "blocks": config.blocks,
@@ -99,9 +130,10 @@ def main() -> None:
                 "parameters": report.parameters_after,
                 "parameters_dense": report.parameters_before,
                 "shrink_seconds": round(seconds, 1),
+                "shrink_cpu_seconds": round(cpu_seconds, 1),
                 "blocks_removed": [b.index for b in report.blocks if b.removed],
             }
-            results.append(row)
+            results = [r for r in results if _key(r) != _key(row)] + [row]
             print(json.dumps(row), flush=True)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(
@@ -109,13 +141,44 @@ def main() -> None:
                     {
                         "model": str(args.model),
                         "dense_ppl_reference": dense_ppl,
-                        "calibration_seconds": round(calib_seconds, 1),
+                        "calibration_seconds": calib_seconds,
                         "results": results,
                     },
                     indent=1,
                 )
                 + "\n"
             )
+
+
+def _key(row: dict) -> tuple:
+    return row["units"], row["method"], row["ratio"], row["blocks"], row["steps"]  # "units": mlp, heads, blocks
+
+
+def save_moments(moments: Moments, path: Path) -> None:
+    """The dense moments as one .npz (per-batch pair terms concatenated: influence concatenates them anyway)."""
+    arrays: dict[str, np.ndarray] = {}
+    taps = sorted(moments.sums)
+    for i, name in enumerate(taps):
+        arrays[f"sums_{i}"], arrays[f"sumsq_{i}"] = moments.sums[name], moments.sumsq[name]
+        arrays[f"rows_{i}"] = np.array(moments.rows[name])
+    pairs = list(moments.pair_terms)
+    for i, pair in enumerate(pairs):
+        for part, terms in zip(("dot", "na", "nb"), zip(*moments.pair_terms[pair], strict=True), strict=True):
+            arrays[f"{part}_{i}"] = np.concatenate(terms)
+    index = {"taps": taps, "pairs": pairs, "warnings": moments.warnings}
+    np.savez(path, index=np.array(json.dumps(index)), **arrays)
+
+
+def load_moments(path: Path) -> Moments:
+    data = np.load(path)
+    index = json.loads(str(data["index"]))
+    out = Moments(warnings=index["warnings"])
+    for i, name in enumerate(index["taps"]):
+        out.sums[name], out.sumsq[name] = data[f"sums_{i}"], data[f"sumsq_{i}"]
+        out.rows[name] = int(data[f"rows_{i}"])
+    for i, pair in enumerate(index["pairs"]):
+        out.pair_terms[tuple(pair)] = [[data[f"{part}_{i}"] for part in ("dot", "na", "nb")]]
+    return out
 
 
 if __name__ == "__main__":

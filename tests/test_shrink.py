@@ -13,7 +13,9 @@ from onnx import TensorProto, helper
 from graphprune.algorithms import structured as st
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.request import CalibrationRequest
+from graphprune.errors import GraphpruneError
 from graphprune.graph.groups import find_groups
+from graphprune.passes.base import PassPreconditionError
 from graphprune.passes.shrink import Removal, ShrinkPass
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
 from tests.onnx_builders import init, make_model, run, tensor
@@ -169,7 +171,7 @@ def _shrunk(model: onnx.ModelProto, units: list[int]) -> onnx.ModelProto:
     m = ir.from_proto(model)
     scan = find_groups(m)
     assert len(scan.groups) == 1, scan.skips
-    ShrinkPass([Removal(scan.groups[0], np.array(units))]).call(m)
+    ShrinkPass([Removal(scan.groups[0], np.array(units))])(m)
     return ir.to_proto(m)
 
 
@@ -262,6 +264,8 @@ def test_flap_adds_a_bias_where_the_consumer_has_none() -> None:
     keep = _sliced(net, removed)
     expected = net.forward(keep, net.feed["x"]) + contribution  # type: ignore[operator]
     np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], expected, rtol=1e-4, atol=1e-5)
+    # the report counts the new bias: the three sliced weights plus one value per output
+    assert report.parameters_after == sum(v.size for v in keep.values()) + 8
 
 
 def test_wanda_ranks_by_activation_norm_times_weight_magnitude() -> None:
@@ -428,6 +432,21 @@ def test_removal_count_and_units_helpers() -> None:
     assert TensorProto.FLOAT  # the builders' element type
 
 
+def test_round_to_leaves_a_multiple_of_n_units_in_every_group() -> None:
+    # the nearest multiple of 8 to what the ratio leaves; groups of 8 units or fewer stay whole
+    assert [st.removal_count(n, 0.3, 8) for n in (1536, 22, 16, 8, 6)] == [464, 6, 8, 0, 0]
+    assert st.removal_count(100, 0.0, 8) == 0 and st.removal_count(100, 0.3, 1) == 30
+    net = llama_mlp(hidden=24)
+    m = ir.from_proto(net.model)
+    report = shrink_model(m, ShrinkConfig(ratio=0.25, round_to=8))  # 18 left by the ratio: 16 by the multiple
+    (record,) = report.groups
+    assert record.units_after == 16 and len(record.removed) == 8
+    expected = net.forward(_sliced(net, record.removed), net.feed["x"])  # type: ignore[operator]
+    np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(GraphpruneError, match="--round-to"):
+        ShrinkConfig(ratio=0.25, round_to=0).validate()
+
+
 def test_per_layer_ratios_override_the_uniform_one_by_group_name() -> None:
     model, _, _ = residual_stack(hidden=12)
     m = ir.from_proto(model)
@@ -449,3 +468,44 @@ def test_a_post_norm_block_is_bypassed_with_its_norm() -> None:
     assert [b.index for b in report.blocks if b.removed] == [2]
     feed = {"x": _w(4, 8, scale=1.0)}
     np.testing.assert_allclose(run(ir.to_proto(m), feed)[0], forward(feed["x"], {2}), rtol=1e-4, atol=1e-4)
+
+
+def test_shrink_pass_is_an_onnx_ir_pass_with_conditions() -> None:
+    net = llama_mlp()
+    m = ir.from_proto(net.model)
+    (group,) = find_groups(m).groups
+    assert isinstance(ShrinkPass([]), ir.passes.InPlacePass)
+    for units, needle in (([12], "outside"), ([1, 1], "twice"), (list(range(12)), "cannot remove all")):
+        with pytest.raises(PassPreconditionError, match=needle):
+            ShrinkPass([Removal(group, np.array(units))])(m)
+    result = ir.passes.Sequential(ShrinkPass([Removal(group, np.array([2, 5]))]))(m)
+    assert result.modified and result.model is m and group.width == 10
+    expected = net.forward(_sliced(net, [2, 5]), net.feed["x"])  # type: ignore[operator]
+    np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], expected, rtol=1e-4, atol=1e-5)
+    other = ir.from_proto(net.model)  # a group found in one model is refused by another
+    with pytest.raises(PassPreconditionError, match="not in this model"):
+        ShrinkPass([Removal(group, np.array([0]))])(other)
+
+
+def test_moments_run_on_a_weightless_session_model_and_equal_numpy() -> None:
+    from graphprune.calibration.moments import ChannelTap, _moment_taps, collect_moments
+    from graphprune.calibration.taps import tapped_model
+
+    net = bert_mlp(d=64, hidden=256)  # 128 KiB of weights
+    m = ir.from_proto(net.model)
+    calib = {"x": _w(48, 64, scale=1.0)}
+    taps = [ChannelTap("g", -1, 256)]
+    with _moment_taps(m, taps, [("x", "y")]) as (plan, _):
+        session = tapped_model(m, plan)
+    weight_bytes = sum(v.const_value.nbytes for v in m.graph.initializers.values())  # type: ignore[union-attr]
+    assert session.proto.ByteSize() < weight_bytes / 10  # the weights travel as OrtValues, not in the protobuf
+    assert not any(n.name and "graphprune" in n.name for n in m.graph)  # the taps are gone from the model again
+    moments = collect_moments(m, taps, [("x", "y")], CalibrationRequest(data=calib, batch_size=16))
+    w = net.weights
+    g = _gelu_erf(calib["x"] @ w["w1"] + w["b1"]).astype(np.float64)
+    np.testing.assert_allclose(moments.sums["g"], g.sum(0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(moments.sumsq["g"], (g**2).sum(0), rtol=1e-4)
+    assert moments.rows["g"] == 48
+    y = g @ w["w2"] + w["b2"]
+    cos = (calib["x"] * y).sum(1) / np.linalg.norm(calib["x"], axis=1) / np.linalg.norm(y, axis=1)
+    np.testing.assert_allclose(moments.influence(("x", "y")), np.mean(1 - cos), rtol=1e-4)

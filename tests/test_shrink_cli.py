@@ -71,7 +71,12 @@ def test_shrink_writes_a_smaller_model_and_report_that_check_eval_and_apply_acce
     [
         (["--ratio", "1.5"], "invalid --ratio 1.5"),
         (["--ratio", "0"], "invalid --ratio 0"),
+        (["--ratio", "-0.25"], "invalid --ratio -0.25"),
+        (["--ratio", "1"], "invalid --ratio 1"),
         ([], "nothing to remove"),
+        (["--ratio", "0.2", "--steps", "0"], "invalid --steps 0"),
+        (["--ratio", "0.2", "--round-to", "0"], "invalid --round-to 0"),
+        (["--blocks", "-1"], "invalid --blocks -1"),
         (["--ratio", "0.2", "--units", "mlp,bogus"], "invalid --units"),
         (["--ratio", "0.2", "--method", "wanda"], "need calibration data"),
         (["--ratio", "0.2", "--ratio-for", "oops"], "invalid --ratio-for"),
@@ -80,11 +85,12 @@ def test_shrink_writes_a_smaller_model_and_report_that_check_eval_and_apply_acce
 )
 def test_bad_options_are_one_line_errors(bert, tmp_path: Path, options: list[str], needle: str) -> None:  # type: ignore[no-untyped-def]
     model, _ = bert
+    before = Path(model).read_bytes()
     out = tmp_path / "out.onnx"
     result = runner.invoke(app, ["shrink", str(model), *options, "-o", str(out)])
     assert result.exit_code == 2
     assert needle in result.output and len(result.output.strip().splitlines()) == 1
-    assert not out.exists()
+    assert not out.exists() and Path(model).read_bytes() == before
 
 
 def test_too_many_blocks_is_refused(tmp_path: Path) -> None:
@@ -92,10 +98,13 @@ def test_too_many_blocks_is_refused(tmp_path: Path) -> None:
     path = _save(model, tmp_path / "res.onnx")
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=_w(8, 8, scale=1.0))
+    before = path.read_bytes()
     result = runner.invoke(
         app, ["shrink", str(path), "--blocks", "3", "--calib", str(calib), "-o", str(tmp_path / "o.onnx")]
     )
     assert result.exit_code == 2 and "has 3 residual blocks; at most 2 can go" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "o.onnx").exists() and path.read_bytes() == before
 
 
 def test_a_model_without_structured_units_is_refused(tmp_path: Path) -> None:
@@ -113,9 +122,11 @@ def test_a_model_without_structured_units_is_refused(tmp_path: Path) -> None:
 def test_a_unit_that_would_lose_all_its_channels_is_refused_by_name(tmp_path: Path) -> None:
     net = bert_mlp(d=4, hidden=2)
     path = _save(net.model, tmp_path / "tiny.onnx")
+    before = path.read_bytes()
     result = runner.invoke(app, ["shrink", str(path), "--ratio", "0.8", "-o", str(tmp_path / "o.onnx")])
-    assert result.exit_code == 2
-    assert "would remove all of them" in result.output and "mlp into" in result.output
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "would remove all of them" in result.output and "mlp into output_dense" in result.output
+    assert not (tmp_path / "o.onnx").exists() and path.read_bytes() == before
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import helper
+from onnx_ir.passes.common import TopologicalSortPass
 
 from graphprune.graph.groups import find_groups
 from graphprune.passes.shrink import Removal, ShrinkPass
@@ -108,7 +109,7 @@ def _shrink(model: onnx.ModelProto, units: list[int]) -> tuple[onnx.ModelProto, 
     scan = find_groups(m, ("heads",))
     assert len(scan.groups) == 1, scan.skips
     group = scan.groups[0]
-    ShrinkPass([Removal(group, np.array(units))]).call(m)
+    ShrinkPass([Removal(group, np.array(units))])(m)
     return ir.to_proto(m), group
 
 
@@ -165,3 +166,100 @@ def test_unit_kinds_select_what_is_found(units: tuple[str, ...]) -> None:
     model, _ = attention(heads=4, kv_heads=4, head_dim=2)
     kinds = {g.kind for g in find_groups(ir.from_proto(model), units).groups}
     assert kinds == ({"heads"} if units == ("heads",) else set())
+
+
+INT_MAX, INT_MIN = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+
+
+def exporter_style(model: onnx.ModelProto, near_miss: bool = False) -> onnx.ModelProto:
+    """The dynamo exporter's layout: Q/K/V reshaped to ``[b, s, -1, head_dim]`` with b, s read from a Shape, and
+    Kᵀ as Reshape ``[-1, s, hd]`` → Transpose(0, 2, 1) → Reshape ``Shape(k)[:-2] + [hd, s]``, every entry of
+    both read at run time from ``Shape(k)``. ``near_miss``: the first Reshape reads ``s`` from ``Shape(q)`` (the
+    same number at run time here, but nothing proves it)."""
+    graph = model.graph
+    consts = {
+        "c_m1": [-1],
+        "c_0": [0],
+        "c_1": [1],
+        "c_2": [2],
+        "c_m2": [-2],
+        "c_max": [INT_MAX],
+        "c_min": [INT_MIN],
+    }
+    graph.initializer.extend(init(np.array(v, np.int64), k) for k, v in consts.items())
+    head_dims = {t.name: onnx.numpy_helper.to_array(t)[-1] for t in graph.initializer if t.name.endswith("_shape")}
+    new = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Slice", ["xs", "c_0", "c_1"], ["xb"]),
+        helper.make_node("Slice", ["xs", "c_1", "c_2"], ["xsq"]),
+    ]
+    for name, hd in head_dims.items():
+        graph.initializer.append(init(np.array([hd], np.int64), f"{name}_hd"))
+        new.append(helper.make_node("Concat", ["xb", "xsq", "c_m1", f"{name}_hd"], [f"{name}_dyn"], axis=0))
+    for node in graph.node:
+        if node.op_type == "Reshape" and node.input[1] in head_dims:
+            node.input[1] = f"{node.input[1]}_dyn"
+        if node.op_type == "Transpose" and list(node.attribute[0].ints) == [0, 1, 3, 2]:
+            k = node.input[0]
+            node.CopyFrom(helper.make_node("Reshape", ["kt_t", "kt_back"], ["kt"], allowzero=0))
+            new += [
+                helper.make_node("Shape", [k], ["ks"]),
+                helper.make_node("Slice", ["ks", "c_m1", "c_max"], ["kt_hd"]),
+                helper.make_node("Slice", ["ks", "c_m2", "c_m1"], ["kt_s"]),
+                helper.make_node("Slice", ["ks", "c_min", "c_m2"], ["kt_lead"]),
+                helper.make_node("Concat", ["c_m1", "q_s" if near_miss else "kt_s", "kt_hd"], ["kt_flat"], axis=0),
+                helper.make_node("Reshape", [k, "kt_flat"], ["kt_r"], allowzero=0),
+                helper.make_node("Transpose", ["kt_r"], ["kt_t"], perm=[0, 2, 1]),
+                helper.make_node("Concat", ["kt_lead", "kt_hd", "kt_s"], ["kt_back"], axis=0),
+            ]
+            if near_miss:
+                new += [
+                    helper.make_node("Shape", ["q"], ["qs"]),
+                    helper.make_node("Slice", ["qs", "c_m2", "c_m1"], ["q_s"]),
+                ]
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new + nodes)
+    topo = ir.from_proto(model)
+    TopologicalSortPass()(topo)  # the new nodes read tensors made further down
+    model = ir.to_proto(topo)
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "drop_q", "drop_kv"), [(4, 4, [1, 3], [1, 3]), (4, 2, [0, 1], [0])])
+def test_exporter_key_transpose_is_folded_exactly_and_its_heads_removed(
+    heads: int, kv_heads: int, drop_q: list[int], drop_kv: list[int]
+) -> None:
+    from graphprune.graph.prepare import prepare_graph
+
+    dense, w = attention(heads=heads, kv_heads=kv_heads, head_dim=2)
+    model = exporter_style(dense)
+    x = _w(3, SEQ, 8)
+    before = run(model, {"x": x})[0]
+    np.testing.assert_allclose(before, attention_np(w, x, heads, kv_heads, 2), rtol=1e-4, atol=1e-5)
+    m = ir.from_proto(model)
+    assert not find_groups(m, ("heads",)).groups  # the raw layout: skipped, the head count is read at run time
+    prepare_graph(m, heads=True)
+    assert sum(n.op_type == "Shape" for n in m.graph) == 1  # Shape(k) and its slices went with the fold
+    np.testing.assert_array_equal(run(m, {"x": x})[0], before)  # the fold alone: bit-identical
+    scan = find_groups(m, ("heads",))
+    assert len(scan.groups) == 1, scan.skips
+    units = [0] if kv_heads < heads else [1, 3]
+    ShrinkPass([Removal(scan.groups[0], np.array(units))])(m)
+    expected = attention_np(_drop(w, drop_q, drop_kv, 2), x, heads - len(drop_q), kv_heads - len(drop_kv), 2)
+    np.testing.assert_allclose(run(m, {"x": x})[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_key_reshape_not_proven_from_the_keys_own_shape_is_left_alone_and_its_heads_skipped() -> None:
+    from graphprune.graph.prepare import fold_key_transposes, prepare_graph
+
+    model = exporter_style(attention(heads=4, kv_heads=4, head_dim=2)[0], near_miss=True)
+    m = ir.from_proto(model)
+    x = _w(2, SEQ, 8)
+    before = run(m, {"x": x})[0]
+    prepare_graph(m, heads=True)
+    assert fold_key_transposes(m) == 0
+    np.testing.assert_array_equal(run(m, {"x": x})[0], before)
+    scan = find_groups(m, ("heads",))
+    assert not scan.groups and scan.skips

@@ -72,9 +72,15 @@ def channel_moments(sums: np.ndarray, sumsq: np.ndarray, rows: int) -> tuple[np.
     return mean, var.clip(min=0.0)
 
 
-def removal_count(units: int, ratio: float) -> int:
-    """How many of ``units`` a ratio removes: the nearest whole number."""
-    return int(np.floor(ratio * units + 0.5))
+def removal_count(units: int, ratio: float, multiple: int = 1) -> int:
+    """How many of ``units`` a ratio removes: the nearest whole number. With ``multiple``, the units left are
+    rounded to the nearest multiple of it instead (at least one multiple: groups that small stay whole), for
+    kernels that work on blocks of channels."""
+    count = int(np.floor(ratio * units + 0.5))
+    if multiple <= 1 or count == 0:
+        return count
+    left = max(multiple, multiple * int(np.floor((units - count) / multiple + 0.5)))
+    return max(units - left, 0)
 
 
 def units_to_remove(scores: np.ndarray, count: int) -> np.ndarray:

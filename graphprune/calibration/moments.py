@@ -3,24 +3,26 @@
 A small tapped run of its own (the weight taps of :mod:`graphprune.calibration.taps` give Σx² per weight; shrink
 needs Σx as well, per activation, and block similarities): each channel tap reduces an activation to Σx and Σx²
 per channel, each pair tap reduces two hidden states to ⟨x, y⟩, ‖x‖², ‖y‖² per token. Only these small results
-are fetched, accumulated in float64. The taps are added to the ``onnx_ir`` model only while it is serialised.
+are fetched, accumulated in float64. The taps are built and cut like the weight taps (:mod:`.taps`,
+:mod:`.session`): connected to the model only while the session model is made, the graph ending at the last tap,
+the weights handed to ONNX Runtime without a copy (no single protobuf, so no 2 GB limit).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from graphprune.algorithms.structured import block_influence
-from graphprune.calibration.data import open_source
-from graphprune.calibration.providers import import_ort, resolve_providers, session_options
+from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
-from graphprune.calibration.signature import model_inputs, validate_feed
+from graphprune.calibration.session import Session, values_by_name
+from graphprune.calibration.taps import TapPlan, _Builder, tapped_model
 from graphprune.errors import GraphpruneError
-from graphprune.graph.model_io import to_proto
 
 
 @dataclass(frozen=True)
@@ -46,55 +48,53 @@ class Moments:
         return block_influence(dot, na, nb)
 
 
-class _Taps:
-    """Nodes, constants and outputs added to a graph, and removed again."""
+@contextmanager
+def _moment_taps(
+    model: ir.Model, channels: Sequence[ChannelTap], pairs: Sequence[tuple[str, str]]
+) -> Iterator[tuple[TapPlan, list[tuple[str, object, str]]]]:
+    """The reductions as a :class:`TapPlan` (connected to the model's values inside the block), and per output
+    what it is: ``(part, tapped tensor or pair, output name)``."""
+    values = values_by_name(model.graph)
+    plan = TapPlan(taps=[])
+    b = _Builder(model, set(values) | {str(n.name) for n in model.graph.all_nodes() if n.name}, plan)
+    fetch: list[tuple[str, object, str]] = []
 
-    def __init__(self, model: ir.Model) -> None:
-        self.graph = model.graph
-        self.opset = model.opset_imports.get("", 18)
-        self.nodes: list[ir.Node] = []
-        self.constants: list[ir.Value] = []
-        self.outputs: list[ir.Value] = []
-        self.count = 0
+    def fetched(part: str, key: object, value: ir.Value, dtype: ir.DataType, shape: list[int]) -> None:
+        b.output(value, dtype, shape)
+        fetch.append((part, key, str(value.name)))
 
-    def _name(self, hint: str) -> str:
-        self.count += 1
-        return f"graphprune_moment_{self.count}_{hint}"
+    def float32(x: ir.Value) -> ir.Value:
+        return x if x.dtype == ir.DataType.FLOAT else b.node("Cast", [x], "float32", to=ir.DataType.FLOAT.value)
 
-    def op(self, op: str, inputs: list[ir.Value], **attrs: object) -> ir.Value:
-        node = ir.node(op, inputs, attributes=attrs, name=self._name(op))
-        node.outputs[0].name = self._name(op.lower())
-        self.graph.append(node)
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def ints(self, values: list[int]) -> ir.Value:
-        v = ir.Value(name=self._name("const"), const_value=ir.tensor(np.array(values, dtype=np.int64)))
-        v.const_value.name = v.name  # type: ignore[union-attr]
-        self.graph.register_initializer(v)
-        self.constants.append(v)
-        return v
-
-    def reduce(self, op: str, x: ir.Value, axes: list[int]) -> ir.Value:
-        if (op == "ReduceSum" and self.opset >= 13) or self.opset >= 18:
-            return self.op(op, [x, self.ints(axes)], keepdims=0)
-        return self.op(op, [x], axes=axes, keepdims=0)
-
-    def output(self, value: ir.Value) -> str:
-        value.dtype = value.dtype or ir.DataType.FLOAT
-        self.graph.outputs.append(value)
-        self.outputs.append(value)
-        return value.name  # type: ignore[return-value]
-
-    def float32(self, x: ir.Value) -> ir.Value:
-        return x if x.dtype == ir.DataType.FLOAT else self.op("Cast", [x], to=ir.DataType.FLOAT)
-
-    def remove(self) -> None:
-        for _ in self.outputs:
-            self.graph.outputs.pop()
-        self.graph.remove(list(reversed(self.nodes)))
-        for v in self.constants:
-            self.graph.initializers.pop(v.name)  # type: ignore[arg-type]
+    try:
+        for tap in channels:
+            b.anchor = values[tap.value]
+            x = float32(values[tap.value])
+            shape = values[tap.value].shape
+            rank = tap.rank if tap.rank is not None else shape.rank() if shape is not None else None
+            if tap.axis != -1:
+                if rank is None:
+                    raise GraphpruneError(f"tensor {tap.value}: unknown rank, cannot reduce its channel axis")
+                c = rank + tap.axis
+                x = b.node("Transpose", [x], "channel_last", perm=[i for i in range(rank) if i != c] + [c])
+            rows = b.reshape(x, [-1, tap.width])
+            fetched("sum", tap.value, b.reduce_sum(rows, [0]), ir.DataType.FLOAT, [tap.width])
+            fetched("sumsq", tap.value, b.reduce_sumsq(rows, [0]), ir.DataType.FLOAT, [tap.width])
+            fetched("size", tap.value, b.node("Size", [rows], "size"), ir.DataType.INT64, [])
+        for a, c in pairs:
+            b.anchor = values[c]
+            xa, xc = float32(values[a]), float32(values[c])
+            terms = [
+                b.reduce_sum(b.node("Mul", [xa, xc], "dot"), [-1]),
+                b.reduce_sumsq(xa, [-1]),
+                b.reduce_sumsq(xc, [-1]),
+            ]
+            for part, value in zip(("dot", "na", "nb"), terms, strict=True):
+                fetched(part, (a, c), b.reshape(value, [-1]), ir.DataType.FLOAT, [-1])
+        yield plan, fetch
+    finally:
+        for node in plan.nodes:  # the model's values forget their tap uses
+            node.resize_inputs(0)
 
 
 def collect_moments(
@@ -104,51 +104,21 @@ def collect_moments(
     request: CalibrationRequest,
     on_batch: Callable[[int], None] | None = None,
 ) -> Moments:
-    """Run ``model`` over ``request``'s data and return the moments of ``channels`` and the ``pairs``' terms."""
-    values = {v.name: v for v in model.graph.inputs}
-    values |= {o.name: o for n in model.graph for o in n.outputs}
-    taps = _Taps(model)
-    fetch: list[tuple[str, object, str]] = []
-    try:
-        for tap in channels:
-            x = taps.float32(values[tap.value])
-            shape = values[tap.value].shape
-            rank = tap.rank if tap.rank is not None else shape.rank() if shape is not None else None
-            if tap.axis != -1:
-                if rank is None:
-                    raise GraphpruneError(f"tensor {tap.value}: unknown rank, cannot reduce its channel axis")
-                c = rank + tap.axis
-                x = taps.op("Transpose", [x], perm=[i for i in range(rank) if i != c] + [c])
-            rows = taps.op("Reshape", [x, taps.ints([-1, tap.width])])
-            fetch.append(("sum", tap.value, taps.output(taps.reduce("ReduceSum", rows, [0]))))
-            fetch.append(("sumsq", tap.value, taps.output(taps.reduce("ReduceSumSquare", rows, [0]))))
-            size = taps.op("Size", [rows])
-            size.dtype = ir.DataType.INT64
-            fetch.append(("size", tap.value, taps.output(size)))
-        for a, b in pairs:
-            xa, xb = taps.float32(values[a]), taps.float32(values[b])
-            dot = taps.reduce("ReduceSum", taps.op("Mul", [xa, xb]), [-1])
-            terms = [taps.reduce("ReduceSumSquare", x, [-1]) for x in (xa, xb)]
-            for part, value in zip(("dot", "na", "nb"), [dot, *terms], strict=True):
-                fetch.append((part, (a, b), taps.output(taps.op("Reshape", [value, taps.ints([-1])]))))
-        proto = to_proto(model)  # every tensor's bytes inside, external ones read from their files
-    finally:
-        taps.remove()
-    specs = model_inputs(proto)
-    source = open_source(request.data, proto, specs, **request.options())
-    ort = import_ort()
-    try:
-        session = ort.InferenceSession(
-            proto.SerializeToString(), session_options(False), providers=resolve_providers(request.provider)
-        )
-    except Exception as exc:
-        raise GraphpruneError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0]}") from None
-    del proto
-    out = Moments(warnings=list(source.warnings))
+    """Run ``model`` over ``request``'s data and return the moments of ``channels`` and the ``pairs``' terms.
+
+    The model is cut after its last tapped tensor and handed to ONNX Runtime without a copy of its weights (as
+    :func:`graphprune.calibration.run.calibrate` does), so models past protobuf's 2 GB limit work too."""
+    feeds = request.open(model)
+    with _moment_taps(model, channels, pairs) as (plan, fetch):
+        session = Session(tapped_model(model, plan), resolve_providers(request.provider), request.optimize)
+    out = Moments(warnings=list(feeds.source.warnings))
     names = [name for _, _, name in fetch]
     seen = 0
-    for label, feed in source:
-        results = session.run(names, validate_feed(feed, specs, label))
+    for label, feed in feeds:
+        try:
+            results = session.run(names, feed)
+        except Exception as exc:
+            raise GraphpruneError(f"{label}: onnxruntime failed: {str(exc).splitlines()[0]}") from None
         pending: dict[object, list[np.ndarray]] = {}
         for (part, key, _), array in zip(fetch, results, strict=True):
             if part == "sum":

@@ -77,6 +77,14 @@ def shrink(
             "Example: --steps 4"
         ),
     ] = 1,
+    round_to: Annotated[
+        int,
+        typer.Option(
+            help="Leave a multiple of N units in every group (the ratio rounded to the nearest such count; groups "
+            "of N units or fewer stay whole). ONNX Runtime's CPU convolutions use their fast blocked layout "
+            "only when channel counts are multiples of 8 (16 with AVX-512). Example: --round-to 8"
+        ),
+    ] = 1,
     calib: CalibOpt = None,
     tokenizer: TokenizerOpt = None,
     seqlen: SeqlenOpt = 512,
@@ -102,6 +110,7 @@ def shrink(
         method=method,
         blocks=blocks,
         steps=steps,
+        round_to=round_to,
         overrides=tuple(_override(text) for text in ratio_for or ()),
     )
     config.validate()

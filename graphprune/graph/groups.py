@@ -2,10 +2,13 @@
 
 A *group* is a set of channels written by producer weights (their output axis, and their biases) and read by
 consumer weights (their reduction axis K), with only channel-preserving ops between them: elementwise
-activations (Relu, Gelu and its Erf/Tanh expansions, Sigmoid·x), products and sums of two such tensors (the
-SwiGLU gate ⊙ up), bias Adds, Cast, Identity, BatchNormalization. Removing channel ``j`` of a group means slicing
-index ``j`` out of every one of those tensors; the model then computes the same thing as the original with those
-channels forced to zero.
+activations (Relu, Gelu and its Erf/Tanh expansions, Sigmoid·x, Clip with scalar bounds, HardSwish), products and
+sums of two such tensors (the SwiGLU gate ⊙ up, a squeeze-excitation scale), bias Adds, Cast, Identity,
+BatchNormalization, per-channel pooling and spatial Resize of NCHW tensors, and depthwise convolutions
+(``group`` = channels, one filter per channel: its weight and bias are sliced with the channels and its
+``group`` attribute follows).
+Removing channel ``j`` of a group means slicing index ``j`` out of every one of those tensors; the model then
+computes the same thing as the original with those channels forced to zero.
 
 Groups are found by growing a region of tensors from each producer until it is closed: every tensor in it is
 produced by a producer weight or a channel-preserving op, and read only by consumer weights or channel-preserving
@@ -50,6 +53,10 @@ CHANNELWISE_UNARY = frozenset(
 )
 # Elementwise binary ops: channel-preserving when each input carries the channels or broadcasts over them.
 ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
+# Pooling over the spatial axes of an NCHW tensor: output channel c reads input channel c only (axis 1).
+CHANNELWISE_POOLS = frozenset(
+    {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "AveragePool", "MaxPool", "LpPool"}
+)
 
 
 class Unprovable(Exception):
@@ -95,6 +102,8 @@ class Group:
     region: list[ir.Value] = field(default_factory=list)
     # per slot, a multiplier of the unit size (a GQA query projection holds several heads per unit)
     slot_unit_size: dict[int, int] = field(default_factory=dict)
+    # depthwise Conv nodes inside the region: their ``group`` attribute equals the width
+    depthwise: list[ir.Node] = field(default_factory=list)
 
     @property
     def producers(self) -> list[Slot]:
@@ -202,6 +211,61 @@ def consumer_slot(node: ir.Node, index: int) -> tuple[int, ir.Value, int] | None
     return None
 
 
+def depthwise_slots(node: ir.Node) -> list[tuple[ir.Value, int]] | None:
+    """When ``node`` is a depthwise Conv (one filter per channel, ``group`` = channels): its weight and bias, each
+    sliced along axis 0 with the channels."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or not stored(node.inputs[1]):
+        return None
+    shape = _const_shape(node.inputs[1])  # type: ignore[arg-type]
+    groups = _attr(node, "group", 1)
+    if groups < 2 or shape[0] != groups or shape[1] != 1:
+        return None  # an ordinary or grouped Conv, or a depthwise Conv with a channel multiplier
+    slots = [(node.inputs[1], 0)]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        if not stored(node.inputs[2]):
+            return None
+        slots.append((node.inputs[2], 0))
+    return slots  # type: ignore[return-value]
+
+
+def _channelwise_reader(node: ir.Node, index: int) -> bool:
+    """Whether input ``index`` of ``node`` may carry channels into a channel-preserving op."""
+    op = node.op_type
+    if op in CHANNELWISE_UNARY | ELEMENTWISE_BINARY:
+        return True
+    if op in ("BatchNormalization", "Clip") or op in CHANNELWISE_POOLS:
+        return index == 0
+    if op == "Resize":
+        return index == 0 and _resize_keeps_channels(node)
+    return op == "Conv" and index == 0 and depthwise_slots(node) is not None
+
+
+def _resize_keeps_channels(node: ir.Node) -> bool:
+    """A Resize scales only the spatial axes of an NCHW tensor: constant scales with 1 for the batch and the
+    channels, nearest or linear sampling (at scale 1 every coordinate mode maps channel c to c), no ``axes``."""
+    if node.op_type != "Resize" or "axes" in node.attributes or len(node.inputs) < 3:
+        return False
+    mode = node.attributes["mode"].value if "mode" in node.attributes else "nearest"
+    transform = node.attributes.get("coordinate_transformation_mode")
+    if mode not in ("nearest", "linear") or (transform is not None and transform.value == "tf_crop_and_resize"):
+        return False
+    scales = node.inputs[2]
+    if scales is None or scales.const_value is None or (len(node.inputs) > 3 and node.inputs[3] is not None):
+        return False
+    values = scales.const_value.numpy().reshape(-1)
+    return len(values) >= 2 and values[0] == 1 and values[1] == 1
+
+
+def _nchw_channel_axis(node: ir.Node, axis: int) -> None:
+    """Pooling and depthwise convolution see channels on axis 1 only: check ``axis`` is that axis."""
+    x = node.inputs[0]
+    rank = x.shape.rank() if x is not None and x.shape is not None else None
+    if rank is None:
+        raise Unprovable(f"{_label(node)} reads a tensor of unknown rank")
+    if rank + axis != 1:
+        raise Unprovable(f"{_label(node)} reads the channels on axis {rank + axis}, not 1")
+
+
 def _label(node: ir.Node) -> str:
     return f"{node.op_type} {node.name}" if node.name else node.op_type
 
@@ -218,6 +282,7 @@ class _Region:
         self.queue: list[ir.Value] = []
         self.producers: set[ir.Node] = set()
         self.consumers: set[ir.Node] = set()
+        self.depthwise: list[ir.Node] = []
 
     def add(self, value: ir.Value, axis: int) -> None:
         if value in self.axis:
@@ -295,6 +360,25 @@ def _step_through(region: _Region, node: ir.Node, axis: int) -> None:
             region.add(inp, axis)
         region.add(node.outputs[0], axis)
         return
+    if op == "Clip":
+        for bound in node.inputs[1:]:
+            if bound is not None and (bound.const_value is None or bound.const_value.size != 1):
+                raise Unprovable(f"a bound of {_label(node)} is not a scalar constant")
+        region.add(node.inputs[0], axis)  # type: ignore[arg-type]
+        region.add(node.outputs[0], axis)
+        return
+    spatial = op in CHANNELWISE_POOLS or (op == "Resize" and _resize_keeps_channels(node))
+    if spatial or (op == "Conv" and depthwise_slots(node) is not None):
+        _nchw_channel_axis(node, axis)
+        if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            raise Unprovable(f"the indices of {_label(node)} are read")
+        if op == "Conv":
+            for weight, waxis in depthwise_slots(node):  # type: ignore[union-attr]
+                region.slot(weight, waxis, "channelwise", node)
+            region.depthwise.append(node)
+        region.add(node.inputs[0], axis)  # type: ignore[arg-type]
+        region.add(node.outputs[0], axis)
+        return
     if op == "BatchNormalization":
         if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
             raise Unprovable(f"{_label(node)} returns running statistics")
@@ -344,11 +428,11 @@ def grow_group(seed: ir.Node) -> _Region:
                 region.slot(read[1], read[2], "consumer", user)
                 region.consumer_inputs.append((user, value, axis))
                 continue
-            if user.op_type in CHANNELWISE_UNARY | ELEMENTWISE_BINARY | {"BatchNormalization"}:
-                if user.op_type == "BatchNormalization" and index != 0:
-                    raise Unprovable(f"channels feed a parameter of {_label(user)}")
+            if _channelwise_reader(user, index):
                 _step_through(region, user, axis)
                 continue
+            if index and user.op_type in ("BatchNormalization", "Clip", "Conv"):
+                raise Unprovable(f"channels feed a parameter of {_label(user)}")
             raise Unprovable(f"channels are read by {_label(user)}")
     if not region.consumers:
         raise Unprovable("no weight reads the channels")
@@ -397,6 +481,7 @@ def find_groups(model: ir.Model, units: Iterable[str] = ("mlp", "heads", "channe
                 slots=region.slots,
                 consumer_inputs=region.consumer_inputs,
                 region=[v for v in region.axis if v.const_value is None],
+                depthwise=region.depthwise,
             )
         )
     _dedupe_skips(skips)

@@ -1,9 +1,11 @@
 """Remove whole units from a model: slice every coupled weight, bias, norm parameter and shape constant.
 
-:class:`ShrinkPass` works in place on an ``onnx_ir.Model``. For each group it is given the units to remove and,
-for FLAP, the bias to add to each consumer (the removed channels' mean contribution); a consumer without a bias
-gets one (a bias input of Gemm/Conv, or an ``Add`` after a MatMul). Tensors between producers and consumers lose
-their stored shapes (ONNX Runtime infers them again).
+:class:`ShrinkPass` is an ``onnx_ir`` in-place pass (``ShrinkPass(removals)(model)``, composable with
+``ir.passes.Sequential``). For each group it is given the units to remove and, for FLAP, the bias to add to each
+consumer (the removed channels' mean contribution); a consumer without a bias gets one (a bias input of
+Gemm/Conv, or an ``Add`` after a MatMul). Tensors between producers and consumers lose their stored shapes (ONNX
+Runtime infers them again). Pre-condition: each group's tensors are in the model and its units exist, are
+distinct and leave at least one; post-condition: every tensor of a group has exactly the channels left.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import onnx_ir as ir
 from graphprune.algorithms.structured import channels_of_units
 from graphprune.graph.groups import Group, Slot, stored
 from graphprune.graph.heads import set_shape_entry
+from graphprune.passes.base import PassPostconditionError, PassPreconditionError
 
 
 @dataclass
@@ -41,9 +44,10 @@ class GroupReport:
 
 
 @dataclass
-class ShrinkResult:
-    groups: list[GroupReport]
-    modified: bool
+class ShrinkResult(ir.passes.PassResult):
+    """What the pass did (``model``, ``modified``, as every onnx-ir pass) and one report per group."""
+
+    groups: list[GroupReport] = field(default_factory=list)
 
 
 def parameter_count(model: ir.Model) -> int:
@@ -56,13 +60,27 @@ def _set_tensor(value: ir.Value, array: np.ndarray) -> None:
     value.shape = ir.Shape(array.shape)
 
 
-class ShrinkPass:
+class ShrinkPass(ir.passes.InPlacePass):
     """Slice the removed units out of every tensor of their groups (in place)."""
 
-    in_place = True
-
     def __init__(self, removals: Sequence[Removal]) -> None:
+        super().__init__()
         self.removals = removals
+
+    def requires(self, model: ir.Model) -> None:
+        initializers = model.graph.initializers
+        for r in self.removals:
+            units = np.asarray(r.units)
+            name = r.group.name
+            if units.size and (units.min() < 0 or units.max() >= r.group.width):
+                raise PassPreconditionError(f"group {name}: units {units.tolist()} outside 0..{r.group.width - 1}")
+            if len(np.unique(units)) != units.size:
+                raise PassPreconditionError(f"group {name}: a unit is listed twice")
+            if units.size >= r.group.width:
+                raise PassPreconditionError(f"group {name} has {r.group.width} units: cannot remove all of them")
+            for slot in r.group.slots:
+                if initializers.get(slot.value.name) is not slot.value:  # type: ignore[arg-type]
+                    raise PassPreconditionError(f"group {name}: tensor {slot.value.name} is not in this model")
 
     def call(self, model: ir.Model) -> ShrinkResult:
         before = {id(r): r.group.parameters() for r in self.removals}
@@ -89,7 +107,21 @@ class ShrinkPass:
             )
             for r in self.removals
         ]
-        return ShrinkResult(reports, any(len(r.units) for r in self.removals))
+        return ShrinkResult(model, any(len(r.units) for r in self.removals), reports)
+
+    def ensures(self, model: ir.Model) -> None:
+        for r in self.removals:
+            group = r.group
+            for i, slot in enumerate(group.slots):
+                have = slot.value.const_value.shape[slot.axis]  # type: ignore[union-attr]
+                if have != group.width * group.unit_size_of(i):
+                    raise PassPostconditionError(
+                        f"group {group.name}: {slot.value.name} has {have} channels on axis {slot.axis}, "
+                        f"expected {group.width * group.unit_size_of(i)}"
+                    )
+            for conv in group.depthwise:
+                if conv.attributes["group"].value != group.width:
+                    raise PassPostconditionError(f"group {group.name}: depthwise {conv.name} has the wrong group")
 
 
 def _join_groups(removals: Sequence[Removal], node: ir.Node, reader: ir.Node, bias: ir.Value) -> None:
@@ -111,6 +143,8 @@ def _remove_units(graph: ir.Graph, group: Group, units: np.ndarray) -> None:
     left = group.width - len(units)
     for entry in group.shape_edits:
         set_shape_entry(graph, entry, left * entry.per)
+    for conv in group.depthwise:  # one filter per channel: as many groups as channels left
+        conv.attributes["group"] = ir.AttrInt64("group", left)
     for value in group.region:
         value.shape = None
     group.width = left
@@ -143,6 +177,7 @@ def add_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> tuple[ir.Node
         name=f"{out.name}_graphprune_bias", const_value=ir.tensor(np.asarray(delta, dtype).reshape(-1))
     )
     value.const_value.name = value.name  # type: ignore[union-attr]
+    value.shape, value.dtype = ir.Shape([delta.size]), value.const_value.dtype  # type: ignore[union-attr]
     graph.register_initializer(value)
     if op in ("Conv", "Gemm"):
         node.resize_inputs(3)

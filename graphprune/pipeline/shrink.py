@@ -9,7 +9,6 @@ each round when the method uses data.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.graph.blocks import bypass_blocks, find_blocks
 from graphprune.graph.groups import Group, GroupSkip, find_groups
+from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass, parameter_count
 
 UNIT_KINDS = ("mlp", "heads", "channels")
@@ -39,6 +39,7 @@ class ShrinkConfig:
     method: StructuredMethod = StructuredMethod.L2
     blocks: int = 0
     steps: int = 1
+    round_to: int = 1  # leave a multiple of this many units in every group
     # per-layer ratios: (shell pattern on the group name, ratio in [0, 1)); the first match wins over ``ratio``
     overrides: tuple[tuple[str, float], ...] = ()
 
@@ -63,6 +64,8 @@ class ShrinkConfig:
             raise GraphpruneError(f"invalid --blocks {self.blocks}: need N >= 0")
         if self.steps < 1:
             raise GraphpruneError(f"invalid --steps {self.steps}: need K >= 1")
+        if self.round_to < 1:
+            raise GraphpruneError(f"invalid --round-to {self.round_to}: need N >= 1")
         unknown = set(self.units) - set(UNIT_KINDS)
         if unknown or not self.units:
             raise GraphpruneError(f"invalid --units {','.join(self.units)}: choose from {','.join(UNIT_KINDS)}")
@@ -152,6 +155,8 @@ def shrink_model(
         measure = calibrated(calibration)
     if config.needs_data and measure is None:
         raise GraphpruneError(f"--method {config.method.value} and --blocks need calibration data: pass --calib")
+    if config.ratio is not None:  # exact rewrites first, so the parameter count sees lifted Constant weights
+        prepare_graph(model, heads="heads" in config.units)
     report = ShrinkReport(config, parameter_count(model))
     if config.blocks:
         _remove_blocks(model, config.blocks, measure, report, stage)  # type: ignore[arg-type]
@@ -187,8 +192,6 @@ def _shrink_groups(
     stage: Progress,
 ) -> None:
     assert config.ratio is not None
-    if "heads" in config.units:
-        _prepare_for_heads(model)
     scan = find_groups(model, config.units)
     report.skipped = scan.skips
     groups = scan.groups
@@ -199,7 +202,7 @@ def _shrink_groups(
             + (f": {len(scan.skips)} candidates skipped ({reasons})" if reasons else "")
         )
     for g in groups:
-        if st.removal_count(g.width, config.ratio_for(g.name)) >= g.width:
+        if st.removal_count(g.width, config.ratio_for(g.name), config.round_to) >= g.width:
             raise GraphpruneError(
                 f"group {g.name} ({g.kind}) has {g.width} units: a ratio of {config.ratio_for(g.name):g} would "
                 "remove all of them"
@@ -221,7 +224,8 @@ def _shrink_groups(
         removals = []
         for i, g in enumerate(groups):
             original = records[i].units_before
-            count = st.removal_count(original, config.ratio_for(g.name) * fraction) - (original - g.width)
+            target = st.removal_count(original, config.ratio_for(g.name) * fraction, config.round_to)
+            count = target - (original - g.width)
             if count <= 0:
                 continue
             units = st.units_to_remove(_scores(g, config.method, moments), count)
@@ -230,22 +234,12 @@ def _shrink_groups(
             records[i].removed += alive[i][units].tolist()
             records[i].compensated |= bool(bias)
             alive[i] = np.delete(alive[i], units)
-        ShrinkPass(removals).call(model)
+        ShrinkPass(removals)(model)
     for record, g in zip(records, groups, strict=True):
         record.units_after = g.width
         record.removed.sort()
         record.parameters_after = g.parameters()
     report.groups = records
-
-
-def _prepare_for_heads(model: ir.Model) -> None:
-    """Head shapes are proved from recorded tensor shapes and constant shape entries: infer the first, lift the
-    second from Constant nodes to initializers (where the head count can be rewritten)."""
-    from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
-
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    with contextlib.suppress(Exception):  # best effort: without recorded shapes heads are skipped, with why
-        ShapeInferencePass()(model)
 
 
 def _channel_first(array: np.ndarray, axis: int, consumer: bool) -> np.ndarray:

@@ -21,7 +21,7 @@ from graphprune.algorithms.structured import block_influence
 from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.session import Session, values_by_name
-from graphprune.calibration.taps import TapPlan, _Builder, tapped_model
+from graphprune.calibration.taps import TapBuilder, TapPlan, tapped_model
 from graphprune.errors import GraphpruneError
 
 
@@ -56,7 +56,7 @@ def _moment_taps(
     what it is: ``(part, tapped tensor or pair, output name)``."""
     values = values_by_name(model.graph)
     plan = TapPlan(taps=[])
-    b = _Builder(model, set(values) | {str(n.name) for n in model.graph.all_nodes() if n.name}, plan)
+    b = TapBuilder(model, set(values) | {str(n.name) for n in model.graph.all_nodes() if n.name}, plan)
     fetch: list[tuple[str, object, str]] = []
 
     def fetched(part: str, key: object, value: ir.Value, dtype: ir.DataType, shape: list[int]) -> None:

@@ -67,7 +67,7 @@ def default_opset(model: ir.Model) -> int:
     raise ValueError("the model imports no default-domain (ai.onnx) opset")
 
 
-class _Builder:
+class TapBuilder:
     """Creates tap nodes with fresh, collision-free names."""
 
     def __init__(self, model: ir.Model, taken: set[str], plan: TapPlan) -> None:
@@ -118,7 +118,7 @@ class _Builder:
         self.plan.outputs.append(value)
 
 
-def _sumsq(b: _Builder, x: ir.Value, axis: int, rank: int | None, k: int) -> ir.Value:
+def _sumsq(b: TapBuilder, x: ir.Value, axis: int, rank: int | None, k: int) -> ir.Value:
     """Σx² over every axis of ``x`` but ``axis``: float32 [K]."""
     if rank is None:
         if axis >= 0:  # [d0 .. d(a-1), K, rest]: rank a + 2 whatever the input's rank
@@ -133,7 +133,7 @@ def _sumsq(b: _Builder, x: ir.Value, axis: int, rank: int | None, k: int) -> ir.
     return b.reduce_sumsq(x, [i for i in range(rank) if i != c])
 
 
-def _rows(b: _Builder, x: ir.Value, axis: int, rank: int | None, k: int) -> ir.Value | None:
+def _rows(b: TapBuilder, x: ir.Value, axis: int, rank: int | None, k: int) -> ir.Value | None:
     """``x`` as a [rows, K] matrix, or None when that needs a rank nobody knows."""
     if rank is None:
         if axis == -1:
@@ -176,7 +176,7 @@ def plan_taps(
             groups.setdefault((c.activation, axis), (t.k, []))[1].append(t.name)
 
     taken = set(values) | {str(n.name) for n in graph.all_nodes() if n.name}
-    b = _Builder(model, taken, plan)
+    b = TapBuilder(model, taken, plan)
     as_float: dict[str, ir.Value] = {}
     sizes: dict[str, ir.Value] = {}
     try:

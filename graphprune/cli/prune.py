@@ -309,12 +309,14 @@ def _apply_dict(result: PruneResult, written: Path) -> dict:
 
 
 def _permutation_summary(result: PruneResult) -> dict:
-    """How many groups --permute reordered and the mean fraction of the lost importance each recovered."""
+    """Each channel group --permute searched (reader, kind, importance kept before and after, the share of the
+    lost importance recovered, whether the order was written) and the mean share recovered by those written."""
     if not result.config.permute:
         return {}
-    permuted = [w.permutation for w in result.weights if w.permutation]
-    recovered = sum(p["recovered"] for p in permuted) / len(permuted) if permuted else 0.0
-    return {"permuted_groups": len(permuted), "permutation_recovered": recovered}
+    searched = [w.permutation for w in result.weights if w.permutation]
+    written = [p for p in searched if p["written"]]
+    recovered = sum(p["recovered"] for p in written) / len(written) if written else 0.0
+    return {"permuted_groups": searched, "permutation_recovered": recovered}
 
 
 def _print_summary(result: PruneResult, written: Path) -> None:
@@ -327,12 +329,29 @@ def _print_summary(result: PruneResult, written: Path) -> None:
     ]
     if result.config.permute:
         groups = summary["permuted_groups"]
-        rows.append(["permuted groups", f"{groups} (mean {summary['permutation_recovered']:.1%} recovered)"])
+        written = sum(g["written"] for g in groups)
+        text = f"{written} of {len(groups)} (mean {summary['permutation_recovered']:.1%} of the loss recovered)"
+        rows.append(["permuted groups", text])
     rows += [["model", summary["model"]], ["report", summary["report"]]]
     title = f"graphprune {summary['method']} {summary['pattern']}"
     out.print(fitted_table(out, [Col(""), Col("")], rows, flex=1, title=title, show_header=False))
+    if summary.get("permuted_groups"):
+        _print_permutations(summary["permuted_groups"])
     for weight in result.skipped:
         out.print(f"  skipped {weight.name}: {weight.skipped}", highlight=False)
+
+
+def _print_permutations(groups: list[dict]) -> None:
+    """One row per channel group: its reader, the share of the importance the N:M mask keeps in the original
+    and the chosen order, and the share of what the original order loses that the new one recovers."""
+    columns = [Col("channels read by"), Col("kind"), Col("kept before", "right"), Col("kept after", "right")]
+    columns.append(Col("recovered", "right"))
+    rows = []
+    for g in groups:
+        kind = "mlp" if g["kind"] == "mlp channels" else f"heads of {g['period']}"
+        after = f"{g['kept_after']:.1%}" if g["written"] else "(kept order)"
+        rows.append([g["reader"], kind, f"{g['kept_before']:.1%}", after, f"{g['recovered']:.1%}"])
+    out.print(fitted_table(out, columns, rows, title="channel permutations (share of the importance)"))
 
 
 _STATUS = {"eligible": "[green]eligible[/green]", "too small to gain": "[yellow]too small[/yellow]"}

@@ -66,6 +66,7 @@ class PermutedGroup:
     kept_before: float  # importance kept by the N:M mask in the original order (fraction of the total)
     kept_after: float
     recovered: float  # share of the importance the original order's mask loses that the permutation keeps
+    written: bool  # False where no order kept more than the original one: the model keeps its order
 
 
 def find_channel_groups(model: ir.Model) -> tuple[dict[str, ChannelGroup], dict[str, Target]]:

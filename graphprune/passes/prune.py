@@ -324,7 +324,8 @@ class PrunePass(ir.passes.InPlacePass):
         sumsq = self.input_sumsq.get(reader.name) if self.input_sumsq is not None else None
         scores = self._order_scores(w, sumsq)
         found = search_permutation(scores.reshape(-1, group.period), self.config.pattern)
-        if found.kept > found.identity_kept:
+        written = found.kept > found.identity_kept
+        if written:
             self.rewritten += write_permutation(model, group, found.order, weights)
             index = full_order(found.order, reader.k)
             if sumsq is not None:
@@ -337,7 +338,7 @@ class PrunePass(ir.passes.InPlacePass):
             PermutedGroup(
                 group.reader, list(group.writers), list(group.biases), group.kind, group.period,
                 round(found.identity_kept / total, 6), round(max(found.kept, found.identity_kept) / total, 6),
-                round(max(found.recovered, 0.0), 6),
+                round(max(found.recovered, 0.0), 6), written,
             )
         )  # fmt: skip
 

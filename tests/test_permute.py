@@ -46,30 +46,32 @@ def llama_mlp() -> onnx.ModelProto:
     )
 
 
-def bert_mlp() -> onnx.ModelProto:
-    """fc2(gelu(x fc1ᵀ + b1)) with Gemm(transB) fc1 and a biased MatMul fc2, GELU written out with Erf."""
+def bert_mlp(exported: bool = False) -> onnx.ModelProto:
+    """fc2(gelu(x fc1ᵀ + b1) + b2), GELU written out with Erf. Built by hand: fc1 a Gemm(transB) with its bias,
+    GELU's scalars initializers. ``exported`` (as torch exports BERT): fc1 a MatMul then Add(bias, ·), the
+    scalars Constant nodes, no value_info."""
+    scalars = {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5}
+    constants = [init(np.array(v, np.float32), n) for n, v in scalars.items()]
+    if exported:
+        head = [helper.make_node("Constant", [], [c.name], value=c) for c in constants]
+        head += [helper.make_node("MatMul", ["x", "fc1"], ["a0"]), helper.make_node("Add", ["b1", "a0"], ["a"])]
+        constants, fc1 = [], weight(8, 16)
+    else:
+        head, fc1 = [helper.make_node("Gemm", ["x", "fc1", "b1"], ["a"], transB=1)], weight(16, 8)
     return make_model(
         [
-            helper.make_node("Gemm", ["x", "fc1", "b1"], ["a"], transB=1),
+            *head,
             helper.make_node("Div", ["a", "sqrt2"], ["a2"]),
             helper.make_node("Erf", ["a2"], ["e"]),
             helper.make_node("Add", ["e", "one"], ["e1"]),
             helper.make_node("Mul", ["a", "e1"], ["m"]),
             helper.make_node("Mul", ["m", "half"], ["gelu"]),
             helper.make_node("MatMul", ["gelu", "fc2"], ["f"]),
-            helper.make_node("Add", ["f", "b2"], ["y"]),
+            helper.make_node("Add", ["b2", "f"], ["y"]),
         ],
-        [tensor("x", shape=["b", 8])],
+        [tensor("x", shape=["b", 3, 8] if exported else ["b", 8])],
         [tensor("y")],
-        [
-            init(weight(16, 8), "fc1"),
-            init(weight(16), "b1"),
-            init(np.array(np.sqrt(2.0), np.float32), "sqrt2"),
-            init(np.array(1.0, np.float32), "one"),
-            init(np.array(0.5, np.float32), "half"),
-            init(weight(16, 8), "fc2"),
-            init(weight(8), "b2"),
-        ],
+        [init(fc1, "fc1"), init(weight(16), "b1"), *constants, init(weight(16, 8), "fc2"), init(weight(8), "b2")],
     )
 
 
@@ -126,6 +128,7 @@ def attention(kv_heads: int, heads: int = 4, d: int = 8, hidden: int = 16) -> on
 CASES = {
     "llama-mlp": (llama_mlp, {"down": (("gate", "up"), (), 16)}, (2, 3, 8)),
     "bert-mlp": (bert_mlp, {"fc2": (("fc1",), ("b1",), 16)}, (4, 8)),
+    "exported-bert-mlp": (lambda: bert_mlp(exported=True), {"fc2": (("fc1",), ("b1",), 16)}, (2, 3, 8)),
     "attention-mha": (lambda: attention(4), {"wo": (("wv",), (), 8)}, (2, 5, 16)),
     "attention-gqa": (lambda: attention(2), {"wo": (("wv",), (), 8)}, (2, 5, 16)),
 }

@@ -3,20 +3,21 @@
 A *channel group* is a set of channels that some weights write (their output columns, and the biases added
 to them) and one weight reads (its K rows), with only channel-preserving ops in between. Reordering the
 channels of all of them together leaves every output of the model unchanged, and gives the reader's N:M
-groups along K a new composition. Found by walking back from a reader's activation on the onnx-ir graph:
+groups along K a new composition. Two kinds are found on the onnx-ir graph:
 
-* elementwise ops (activation functions, ``Mul``/``Add``/``Sub``/``Div`` of two tensors of the group or of a
-  tensor and a constant that is a scalar, broadcasts along the channels, or is a bias the group then permutes);
-* ``Reshape``/``Transpose``/``Unsqueeze``/``Squeeze``/``Expand`` that keep the channel axis last, and
-  ``MatMul(P, V)`` with V from the group (attention: probabilities times values);
-* writers: ``MatMul``/``Gemm`` with a stored weight (and a ``Gemm`` bias).
+* an MLP's intermediate channels (gate/up output columns with down's K rows; fc1 columns and bias with fc2's K
+  rows): the groups of :func:`graphprune.graph.groups.find_groups` (structured pruning's finder, the one place
+  that proves such a coupling) that one MatMul/Gemm weight reads;
+* the channels inside each attention head (V's output columns with O's K rows), found here by walking back
+  from O's activation through ``Reshape``/``Transpose``/``Unsqueeze``/``Squeeze``/``Expand`` that keep the
+  channel axis last, ``MatMul(P, V)`` with V from the group (probabilities times values) and the elementwise
+  ops of :mod:`graphprune.graph.groups` (with scalar constants, or biases the group then permutes). Where a
+  ``Reshape`` splits the channels into heads (``[.., H·d] -> [.., H, d]``) the permutation has to be the same
+  in every block of d channels: the *period* of the group is the gcd of every channel-axis length on the way
+  (the head size). Every tensor of the group must be read only inside the group, and every shape on the way
+  known (the exporter's value_info, or ONNX shape inference), or the group is left alone.
 
-Where a ``Reshape`` splits the channels into heads (``[.., H·d] -> [.., H, d]``) the permutation has to be the
-same in every block of d channels: the *period* of the group is the gcd of every channel-axis length on the
-way (the whole axis for an MLP, the head size for attention). Channels inside a head, and an MLP's
-intermediate channels, are found this way; the residual stream (embeddings, norms) is not (a ``Gather`` or a
-``ReduceMean`` ends the walk). Every tensor of the group must be read only inside the group, and every shape on
-the way known (the exporter's value_info, or ONNX shape inference), or the group is left alone.
+The residual stream (embeddings, norms) is not a group: a ``Gather`` or a ``ReduceMean`` ends both walks.
 """
 
 from __future__ import annotations
@@ -28,14 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from graphprune.graph.groups import CHANNELWISE_UNARY, ELEMENTWISE_BINARY, Group, find_groups
 from graphprune.graph.stored import read_array, replace_tensor, stored_tensor, stored_values
 from graphprune.graph.targets import Target, find_targets
 from graphprune.graph.weights import read_weight
 
-ELEMENTWISE_UNARY = frozenset(
-    {"Sigmoid", "Relu", "Tanh", "Erf", "Neg", "Gelu", "Softplus", "HardSigmoid", "HardSwish", "Identity", "Cast"}
-)
-ELEMENTWISE_BINARY = frozenset({"Mul", "Add", "Sub", "Div"})
 RESHAPING = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand"})
 
 
@@ -84,7 +82,13 @@ def find_channel_groups(model: ir.Model) -> tuple[dict[str, ChannelGroup], dict[
 
             ShapeInferencePass()(model)
         targets = find_targets(model, include_head=True).targets
-        cached = (key, _Finder(model.graph, targets).groups(), {t.name: t for t in targets})
+        by_name = {t.name: t for t in targets}
+        groups = _HeadFinder(model.graph, targets).groups()
+        for group in find_groups(model, ("mlp",)).groups:
+            found = _mlp_group(group, by_name)
+            if found is not None:
+                groups[found.reader] = found
+        cached = (key, groups, by_name)
         _CACHE["groups"] = cached
     return cached[1], cached[2]
 
@@ -133,7 +137,28 @@ class _Reject(Exception):
     """The walk met something a permutation cannot pass exactly."""
 
 
-class _Finder:
+def _mlp_group(group: Group, targets: dict[str, Target]) -> ChannelGroup | None:
+    """Structured pruning's group as a permutation group: one reader (a MatMul/Gemm weight read along its K),
+    writers that are targets written along their output axis, and channel-wise constants along their last axis."""
+    (reader, *more) = group.consumers or [None]
+    if reader is None or more:
+        return None
+    target = targets.get(str(reader.value.name))
+    if target is None or target.op not in ("MatMul", "Gemm") or target.k_axis != reader.axis:
+        return None
+    writers = [targets.get(str(s.value.name)) for s in group.producers]
+    if any(w is None or w.out_axis != s.axis for w, s in zip(writers, group.producers, strict=True)):
+        return None
+    biases = [s for s in group.slots if s.role == "channelwise"]
+    if any(s.axis != len(s.value.shape) - 1 for s in biases):  # type: ignore[arg-type]
+        return None
+    names = tuple(sorted(w.name for w in writers if w is not None))
+    return ChannelGroup(target.name, names, tuple(sorted(str(s.value.name) for s in biases)), target.k, target.k)
+
+
+class _HeadFinder:
+    """The channels inside attention heads (see the module docstring); MLP groups come from graph/groups.py."""
+
     def __init__(self, graph: ir.Graph, targets: list[Target]) -> None:
         self.graph = graph
         self.targets = {t.name: t for t in targets}
@@ -163,7 +188,7 @@ class _Finder:
                 group = self._walk(t, activation)
             except _Reject:
                 continue
-            if group is not None:
+            if group is not None and group.period < group.channels:
                 found[t.name] = group
         return found
 
@@ -197,7 +222,7 @@ class _Finder:
                         biases.append(bias.name)
                 continue
             node = value.producer()
-            if node is None or node.outputs[0] is not value:
+            if node is None or node.outputs[0] is not value or any(o.uses() for o in node.outputs[1:]):
                 raise _Reject
             nodes.add(id(node))
             stack.extend(self._inputs_in_group(node, value, biases))
@@ -228,7 +253,7 @@ class _Finder:
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
             raise _Reject
-        if op in ELEMENTWISE_UNARY:
+        if op in CHANNELWISE_UNARY:
             return [_required(node.inputs[0])]
         if op in ELEMENTWISE_BINARY:
             carried = []

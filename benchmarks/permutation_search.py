@@ -21,7 +21,8 @@ from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.permutation import search_permutation
 from graphprune.algorithms.scores import magnitude_scores, wanda_scores
 from graphprune.graph.model_io import load_model
-from graphprune.graph.weights import WeightStore
+from graphprune.graph.stored import stored_values
+from graphprune.graph.weights import read_weight
 from graphprune.passes.permute import find_channel_groups
 
 CACHE = Path(os.environ.get("GRAPHPRUNE_CACHE", Path.home() / ".cache" / "graphprune"))
@@ -39,12 +40,12 @@ def main() -> None:
 
         sumsq = dict(ActivationStats.load(args.stats).sumsq)
     groups, weights = find_channel_groups(model)
-    store = WeightStore(model)
+    store = stored_values(model.graph)
     pattern = NMPattern(2, 4)
     by_kind: dict[str, list[tuple[float, float, float]]] = {}
     for group in groups.values():
         reader = weights[group.reader]
-        w = to_canonical(store.read(reader).effective(), reader.k_axis, reader.out_axis)[:, 0, :]
+        w = to_canonical(read_weight(store, reader).effective(), reader.k_axis, reader.out_axis)[:, 0, :]
         scores = wanda_scores(w, sumsq[reader.name]) if reader.name in sumsq else magnitude_scores(w)
         cpu, wall = time.process_time(), time.perf_counter()
         found = search_permutation(scores.reshape(-1, group.period), pattern)

@@ -218,3 +218,21 @@ def test_the_pass_reorders_the_statistics_with_the_weights() -> None:
 def _hidden(weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     g = x @ weights["gate"].astype(np.float64)
     return g / (1 + np.exp(-g)) * (x @ weights["up"].astype(np.float64))
+
+
+@pytest.mark.parametrize("method", list(Method), ids=lambda m: m.value)
+def test_the_search_scores_with_the_methods_importance(method: Method) -> None:
+    """The shares the report gives are those of |W|·‖X‖ (Wanda's score, SparseGPT's and ALPS's saliency) when
+    the method is calibrated, of |W| for magnitude: recomputed here from the weights and activations."""
+    model = ir.from_proto(llama_mlp())
+    original = {name: initializer(model, name) for name in ("gate", "up", "down")}
+    h = _hidden(original, RNG.standard_normal((16, 8)))
+    h[:, :4] *= 20.0  # loud channels side by side: Wanda's order differs from |W|'s
+    stats = SimpleNamespace(sumsq={"down": (h**2).sum(axis=0)}, gram={"down": h.T @ h})
+    config = PruneConfig(PATTERN, method, include=("down",), include_head=True, permute=True)
+    (report,) = PrunePass(config, stats)(model).pruned
+    norms = np.ones(16) if method is Method.MAGNITUDE else np.sqrt((h**2).sum(axis=0))
+    scores = np.abs(original["down"].T.astype(np.float64)) * norms  # (out, K)
+    kept_in_order = np.sort(scores.reshape(8, 4, 4), axis=-1)[..., 2:].sum() / scores.sum()
+    assert report.permutation["kept_before"] == pytest.approx(kept_in_order, abs=2e-6)
+    assert report.permutation["kept_after"] > report.permutation["kept_before"]

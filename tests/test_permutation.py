@@ -76,3 +76,21 @@ def test_bad_shapes_are_refused() -> None:
         search_permutation(np.ones((2, 6)), PATTERN)
     with pytest.raises(ValueError, match="rows, K"):
         search_permutation(np.ones(8), PATTERN)
+
+
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), NMPattern(1, 4), NMPattern(3, 8)], ids=str)
+def test_every_split_of_a_pair_is_scored_as_the_masks_score_it(pattern: NMPattern) -> None:
+    """The pair move's objective (2:4's pair-sum shortcut included), split by split, against the N:M mask of
+    the two groups the split makes."""
+    from graphprune.algorithms.permutation import _kept_by_split, _splits
+
+    rng = np.random.default_rng(5)
+    m = pattern.group
+    values = np.abs(rng.standard_normal((3, 2 * m, 7))).astype(np.float32)  # (pairs, 2M channels, rows)
+    splits = _splits(m)
+    got = _kept_by_split(values, pattern, splits)
+    for p in range(3):
+        for move, split in enumerate(splits):
+            scores = values[p].T.astype(np.float64)  # (rows, 2M): the two groups side by side
+            expected = kept_by_the_mask(scores, split, pattern)
+            assert got[p, move] == pytest.approx(expected, rel=1e-6)

@@ -23,6 +23,7 @@ a given seed. Pure numpy.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -30,8 +31,9 @@ import numpy as np
 
 from graphprune.algorithms.pattern import NMPattern
 
-# Work per chunk of a round (elements of the gathered (pairs, moves, rows, 2M) block): bounds the temporaries.
-_CHUNK_ELEMENTS = 1 << 23
+# Work per chunk of a round (elements of a (pairs, moves, rows, 2M) block): bounds the temporaries. Measured on
+# SmolLM2's MLP scores: 2^21 runs 1.7x faster than 2^23 (the temporaries stay in cache), 2^17 slower again.
+_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ def _balanced_deal(s: np.ndarray, m: int) -> np.ndarray:
     return slots.reshape(-1)
 
 
+@functools.cache
 def _splits(m: int) -> np.ndarray:
     """Moves for a pair of groups: index arrays (moves, 2M) over the pair's 2M channels, first M -> group a.
 
@@ -142,10 +145,7 @@ def _improve_pairs(
     for start in range(0, len(pairing), step):
         pairs = pairing[start : start + step]
         channels = np.concatenate([groups[pairs[:, 0]], groups[pairs[:, 1]]], axis=1)  # (P, 2M)
-        values = s_t[channels]  # (P, 2M, rows)
-        first = values[:, splits[:, :m]]  # (P, moves, M, rows)
-        second = values[:, splits[:, m:]]
-        kept = _group_kept(first, pattern) + _group_kept(second, pattern)  # (P, moves)
+        kept = _kept_by_split(s_t[channels], pattern, splits)  # (P, moves)
         best = np.argmax(kept, axis=1)  # the first maximum: the identity split wins ties
         chosen = channels[np.arange(len(pairs))[:, None], splits[best]]
         groups[pairs[:, 0]] = chosen[:, :m]
@@ -153,15 +153,39 @@ def _improve_pairs(
     return groups.reshape(-1)
 
 
-def _group_kept(values: np.ndarray, pattern: NMPattern) -> np.ndarray:
-    """Kept importance of groups laid out ``(..., M, rows)``, summed over rows: ``(...)``."""
-    if (pattern.keep, pattern.group) == (2, 4):  # the best pair of four: six sums and a maximum, no sort
-        a, b, c, d = (values[..., i, :] for i in range(4))
-        best = np.maximum(np.maximum(a + b, c + d), np.maximum(a + c, b + d))
-        best = np.maximum(best, np.maximum(a + d, b + c))
-        return best.sum(axis=-1, dtype=np.float64)
-    top = np.sort(values, axis=-2)[..., pattern.group - pattern.keep :, :]
-    return top.sum(axis=(-1, -2), dtype=np.float64)
+def _kept_by_split(values: np.ndarray, pattern: NMPattern, splits: np.ndarray) -> np.ndarray:
+    """Importance both groups keep under each split, summed over rows: ``(P, 2M, rows)`` -> ``(P, moves)``."""
+    m = pattern.group
+    kept = np.zeros((values.shape[0], len(splits)), dtype=np.float64)
+    if (pattern.keep, m) == (2, 4):
+        # The best two of four is the largest of the four's six pair sums: form the 28 pair sums of the eight
+        # channels once, then each half of each split is a maximum over six of them (no sort, no gathered halves).
+        a, b = _CHANNEL_PAIRS.T
+        sums = values[:, a] + values[:, b]  # (P, 28, rows)
+        for half in _half_pairs_2of4():
+            top = sums[:, half[:, 0]]
+            for j in range(1, half.shape[1]):
+                np.maximum(top, sums[:, half[:, j]], out=top)
+            kept += top.sum(axis=-1, dtype=np.float64)
+        return kept
+    for half in (splits[:, :m], splits[:, m:]):
+        top = np.sort(values[:, half], axis=-2)[..., m - pattern.keep :, :]  # (P, moves, N, rows)
+        kept += top.sum(axis=(-1, -2), dtype=np.float64)
+    return kept
+
+
+_CHANNEL_PAIRS = np.array(list(itertools.combinations(range(8), 2)), dtype=np.int64)  # 2:4's pairs of 2M = 8
+
+
+@functools.cache
+def _half_pairs_2of4() -> tuple[np.ndarray, np.ndarray]:
+    """For each 2:4 split (``_splits(4)``), the indices into ``_CHANNEL_PAIRS`` of each half's six pairs."""
+    index = {tuple(p): i for i, p in enumerate(_CHANNEL_PAIRS.tolist())}
+    splits = _splits(4)
+    halves = (splits[:, :4], splits[:, 4:])
+    return tuple(
+        np.array([[index[p] for p in itertools.combinations(sorted(h), 2)] for h in half]) for half in halves
+    )  # type: ignore[return-value]
 
 
 def invert(order: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from smollm2_quality import timed
+import smollm2_quality
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = Path("/tmp/graphprune-all-minilm-l6/model.onnx")
@@ -45,26 +45,20 @@ DEFAULT_RUNS = [
 
 
 def parse_run(text: str) -> dict:
-    parts = text.split(":")
-    permute = parts[-1] == "permute"
-    if permute:
-        parts.pop()
-    method = parts[0]
-    mode = "-" if method == "magnitude" else (parts[1] if len(parts) > 1 else "sequential")
-    if mode not in ("-", "one-shot", "sequential"):
-        raise SystemExit(f"{text}: the mode is one-shot or sequential")
-    return {"run": text, "method": method, "mode": mode, "permute": permute}
+    """METHOD[:MODE][:permute] as smollm2_quality's run at 2:4 (sequential unless one-shot is named)."""
+    method, *rest = text.split(":")
+    if set(rest) - {"one-shot", "sequential", "permute"}:
+        raise SystemExit(f"{text}: a run is METHOD[:one-shot|sequential][:permute]")
+    mode = "one-shot" if "one-shot" in rest else "sequential"
+    run = smollm2_quality.parse_run(":".join([method, "2:4", mode, *(["permute"] if "permute" in rest else [])]))
+    return {**run, "run": text}
 
 
 def apply_args(run: dict, model: Path, out: Path, calib: Path, tokenizer: Path, args: argparse.Namespace) -> list:
-    cli = ["apply", str(model), "--nm", "2:4", "--method", run["method"], "-o", str(out), "--force"]
+    """smollm2_quality's ``apply`` arguments, with the calibration windows cut from text by the tokenizer."""
+    cli = smollm2_quality.apply_args(run, model, calib, out)
     if run["method"] != "magnitude":
-        cli += ["--calib", str(calib), "--tokenizer", str(tokenizer), "--seqlen", str(args.seqlen)]
-        cli += ["--nsamples", str(args.nsamples), "--batch-size", "8"]
-    if run["mode"] == "sequential":
-        cli.append("--sequential")
-    if run["permute"]:
-        cli.append("--permute")
+        cli += ["--tokenizer", str(tokenizer), "--seqlen", str(args.seqlen), "--nsamples", str(args.nsamples)]
     return cli
 
 
@@ -152,7 +146,9 @@ def main() -> int:
         for text in args.runs:
             run = parse_run(text)
             out = args.workdir / f"{text.replace(':', '_')}.onnx"
-            seconds, cpu, peak, _ = timed(apply_args(run, args.model, out, calib, tokenizer, args), None)
+            seconds, cpu, peak, _ = smollm2_quality.timed(
+                apply_args(run, args.model, out, calib, tokenizer, args), None
+            )
             run.update(agreement(dense, embeddings(out, feeds)), seconds=seconds, cpu_seconds=cpu, peak_mb=peak)
             run.update(permutation_summary(out.with_suffix(".report.json")), load_average=os.getloadavg()[0])
             run.update(nsamples=args.nsamples, seqlen=args.seqlen)

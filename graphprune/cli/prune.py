@@ -176,7 +176,9 @@ def apply(
             "order exactly (an MLP's intermediate channels: gate/up output columns with down's K rows, fc1 "
             "columns and bias with fc2's K rows; the channels inside each attention head: V's output with O's "
             "K rows), choosing the order that keeps the most importance under the mask. The dense model "
-            "computes the same function; the report lists each permuted group. Example: --nm 2:4 --permute"
+            "computes the same function. Works one-shot and with --sequential. A table (and --json, and the "
+            "report) lists each group with the share of the importance kept before and after. Example: --nm 2:4 "
+            "--permute"
         ),
     ] = False,
 ) -> None:

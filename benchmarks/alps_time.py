@@ -3,10 +3,11 @@
     python benchmarks/alps_time.py [--blocks 2] [--pattern 2:4|0.5]
 
 Each block: Q/K/V (one input, K=576), O (K=576), gate/up (one input, K=576), down (K=1536), Gram matrices of
-correlated synthetic activations (4096 rows). ALPS prepares one Gram matrix per input, as the pruning pass does.
-Prints CPU seconds (user + system of this process, all threads; fair on a shared machine) and wall seconds of
-both solvers, their ratio, and the reconstruction errors' ratio. Calibration, which a prune spends on top and
-which is the same for both, is not included: the ratio of whole runs is lower.
+correlated synthetic activations (4096 rows). ALPS prepares one Gram matrix per input and solves the weights
+that read it together, as the pruning pass does (``alps_solve_shared``). Prints CPU seconds (user + system
+of this process, all threads; fair on a shared machine) and wall seconds of both solvers, their ratio, and
+the reconstruction errors' ratio. Calibration, which a prune spends on top and which is the same for both,
+is not included: the ratio of whole runs is lower.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 
-from graphprune.algorithms.alps import PreparedGram, alps, reconstruction_error
+from graphprune.algorithms.alps import alps_solve_shared, reconstruction_error
 from graphprune.algorithms.pattern import NMPattern, Unstructured, parse_nm
 from graphprune.algorithms.sparsegpt import sparsegpt
 
@@ -55,8 +56,7 @@ def main() -> None:
             spent["sparsegpt"][1] += time.perf_counter() - wall
             errors["sparsegpt"] += sum(reconstruction_error(w, p, h) for w, p in zip(weights, pruned, strict=True))
             cpu, wall = cpu_seconds(), time.perf_counter()
-            prepared = PreparedGram(h)
-            pruned = [alps(w, prepared, pattern) for w in weights]
+            pruned = [r.weight for r in alps_solve_shared(weights, h, pattern)]
             spent["alps"][0] += cpu_seconds() - cpu
             spent["alps"][1] += time.perf_counter() - wall
             errors["alps"] += sum(reconstruction_error(w, p, h) for w, p in zip(weights, pruned, strict=True))

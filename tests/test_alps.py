@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from graphprune.algorithms.alps import PreparedGram, alps, alps_solve, reconstruction_error
+from graphprune.algorithms.alps import PreparedGram, alps, alps_solve, alps_solve_shared, reconstruction_error
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 from graphprune.algorithms.sparsegpt import sparsegpt
@@ -164,6 +164,36 @@ def test_one_prepared_gram_serves_several_weights() -> None:
     for rows in (4, 9):
         w = rng.standard_normal((rows, 24))
         np.testing.assert_array_equal(alps(w, prepared, NMPattern(2, 4)), alps(w, h, NMPattern(2, 4)))
+
+
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), Unstructured(0.5)])
+def test_weights_that_share_an_input_are_solved_together_no_worse(pattern: Pattern) -> None:
+    rng = np.random.default_rng(7)
+    x = correlated_inputs(rng, 64, rows=512)
+    h = x.T @ x
+    weights = [rng.standard_normal((rows, 64)).astype(np.float32) for rows in (32, 8, 8)]  # Q, K, V of GQA
+    together = alps_solve_shared(weights, h, pattern, device="numpy")
+    stacked = alps_solve(np.concatenate(weights), h, pattern, device="numpy")  # one layer of all the rows
+    np.testing.assert_array_equal(np.concatenate([r.keep for r in together]), stacked.keep)
+    np.testing.assert_allclose(np.concatenate([r.weight for r in together]), stacked.weight, rtol=1e-6)
+    for w, result in zip(weights, together, strict=True):
+        assert result.weight.dtype == w.dtype
+        assert result.iterations == stacked.iterations
+        alone = reconstruction_error(w, alps(w, h, pattern, device="numpy"), h)
+        shared = reconstruction_error(w, result.weight, h)
+        assert shared <= 1.03 * alone  # only the rho schedule is shared
+        assert shared <= reconstruction_error(w, sparsegpt(w, h, pattern), h)
+
+
+def test_a_comparison_group_across_rows_keeps_each_weight_its_own_solve() -> None:
+    rng = np.random.default_rng(8)
+    x = correlated_inputs(rng, 32)
+    h = x.T @ x
+    pattern = Unstructured(0.5, Scope.LAYER)  # stacking would compare Q's weights with K's
+    weights = [rng.standard_normal((rows, 32)) for rows in (12, 4)]
+    for w, result in zip(weights, alps_solve_shared(weights, h, pattern, device="numpy"), strict=True):
+        np.testing.assert_array_equal(result.weight, alps(w, h, pattern, device="numpy"))
+        assert np.count_nonzero(result.weight) == w.size - int(w.size * 0.5)
 
 
 def test_bad_inputs_are_refused() -> None:

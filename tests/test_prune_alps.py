@@ -8,9 +8,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import helper
 from typer.testing import CliRunner
 
-from graphprune.algorithms.alps import alps
+from graphprune.algorithms.alps import alps, alps_solve_shared
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
@@ -18,7 +19,7 @@ from graphprune.cli import app
 from graphprune.passes.prune import PruneConfig, PrunePass
 from graphprune.pipeline.sequential import prune_sequentially
 from tests import test_sequential
-from tests.onnx_builders import initializer, run
+from tests.onnx_builders import init, initializer, make_model, run, tensor
 from tests.test_alps import correlated_inputs
 from tests.test_prune_sparsegpt import linear_model
 
@@ -101,3 +102,38 @@ def test_saved_gram_matrices_serve_alps_as_calibrating_in_one_go(tmp_path, block
         assert nm_violations(stored.T, PATTERN).size == 0  # K is axis 0 of a MatMul B
     check = runner.invoke(app, ["check", str(tmp_path / "stats.onnx"), "--include-head", "--no-eligibility"])
     assert check.exit_code == 0, check.output
+
+
+def shared_input_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Q/K/V-like MatMuls (B stored [K, N]) that all read x."""
+    names = list(weights)
+    return make_model(
+        [helper.make_node("MatMul", ["x", n], [f"y_{n}"]) for n in names],
+        [tensor("x", shape=[None, 16])],
+        [tensor(f"y_{n}") for n in names],
+        [init(w, n) for n, w in weights.items()],
+    )
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_weights_that_read_one_input_are_solved_together(tmp_path, sequential: bool) -> None:
+    rng = np.random.default_rng(13)
+    weights = {
+        n: rng.standard_normal((16, cols)).astype(np.float32) for n, cols in (("q", 16), ("k", 4), ("v", 8))
+    }
+    path = tmp_path / "qkv.onnx"
+    path.write_bytes(shared_input_model(weights).SerializeToString())
+    x = correlated_inputs(rng, 16, rows=96).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "pruned.onnx"
+    args = ["apply", str(path), "--method", "alps", "--include-head", "--calib", str(tmp_path / "calib.npz")]
+    result = CliRunner().invoke(app, [*args, "-o", str(out), *(["--sequential"] if sequential else [])])
+    assert result.exit_code == 0, result.output
+
+    h = x.astype(np.float64).T @ x.astype(np.float64)
+    expected = alps_solve_shared([w.T for w in weights.values()], h, PATTERN, device="numpy")  # canonical Bᵀ
+    written = onnx.load(str(out))
+    for name, solved in zip(weights, expected, strict=True):
+        got = initializer(written, name)
+        np.testing.assert_array_equal(got != 0, solved.keep.T)
+        np.testing.assert_allclose(got, solved.weight.T, rtol=1e-3, atol=1e-4)

@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.algorithms.alps import PreparedGram, alps
+from graphprune.algorithms.alps import PreparedGram, alps_solve_shared
 from graphprune.algorithms.layout import from_canonical, to_canonical
 from graphprune.algorithms.masks import mask_from_scores, nm_mask
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
@@ -161,6 +161,7 @@ class PrunePass(ir.passes.InPlacePass):
         self._pruned: list[Target] = []
         self._callback_lock = threading.Lock()
         self._prepared: tuple[np.ndarray, PreparedGram] | None = None  # ALPS: the last Gram matrix, prepared
+        self._alps = _SharedInputSolves()  # ALPS: weights solved with an earlier one that reads the same input
         self.rewritten: list[str] = []  # stored tensors a permutation rewrote (beyond the pruned targets)
 
     def plan(self, model: ir.Model) -> Plan:
@@ -223,7 +224,9 @@ class PrunePass(ir.passes.InPlacePass):
         weights: dict[str, Target] = {}
         if self.config.permute and isinstance(self.config.pattern, NMPattern):
             groups, weights = find_channel_groups(model)
-        for target in self._by_gram(targets):
+        targets = self._by_gram(targets)
+        self._alps.peers, self._alps.stored = targets, stored
+        for target in targets:
             permuted = (
                 self._permute(model, groups[target.name], weights, stored) if target.name in groups else None
             )
@@ -267,6 +270,7 @@ class PrunePass(ir.passes.InPlacePass):
                     self.on_weight(target.name)
             return weight.tensor(values)
 
+        self._alps.sources[target.name] = source  # a peer solved with an earlier weight reads its dense values
         replace_tensor(stored[target.name], ir.LazyTensor(pruned, source.dtype, source.shape, name=source.name))
         return report
 
@@ -294,7 +298,7 @@ class PrunePass(ir.passes.InPlacePass):
 
     def _reconstruct_weight(self, target: Target, stored: StoredWeight) -> np.ndarray:
         """SparseGPT or ALPS: choose the mask and update the kept weights from the Gram matrix of the inputs."""
-        canonical = to_canonical(stored.values, target.k_axis, target.out_axis)[:, 0, :]
+        canonical = _canonical(target, stored)
         if not np.isfinite(canonical).all():
             raise GraphpruneError(
                 f"weight {target.name} holds NaN or infinite values: {self.config.method.value} cannot prune it"
@@ -302,14 +306,43 @@ class PrunePass(ir.passes.InPlacePass):
         gram = self.gram[target.name]
         try:
             if self.config.method is Method.ALPS:
-                if self._prepared is None or self._prepared[0] is not gram:  # Q/K/V, gate/up share one
-                    self._prepared = (gram, PreparedGram(gram, self.config.percdamp))
-                updated = alps(canonical, self._prepared[1], self.config.pattern)
+                updated = self._alps_weight(target, canonical, gram)
             else:
                 updated = sparsegpt(canonical, gram, self.config.pattern, **self.config.solver_options())
         except ValueError as exc:  # the solver's word on this weight's data (e.g. a Gram that is not definite)
             raise GraphpruneError(f"{self.config.method.value} cannot prune {target.name}: {exc}") from None
         return from_canonical(updated[:, None, :], target.shape, target.k_axis, target.out_axis)
+
+    def _alps_weight(self, target: Target, canonical: np.ndarray, gram: np.ndarray) -> np.ndarray:
+        """ALPS on one weight, solved together with the planned weights not pruned yet that read the same input
+        (Q/K/V, gate/up: :func:`alps_solve_shared`); their results wait here for their turn."""
+        shared = self._alps
+        with shared.lock:  # the model's writer may evaluate two deferred weights at once
+            waiting = shared.solved.pop(target.name, None)
+            shared.done.add(target.name)
+            if waiting is not None and np.array_equal(waiting[0], canonical):  # unchanged since (no permutation)
+                return waiting[1]
+            if self._prepared is None or self._prepared[0] is not gram:
+                self._prepared = (gram, PreparedGram(gram, self.config.percdamp))
+            peers = self._alps_peers(gram)
+            weights = [canonical, *(w for _, w in peers)]
+            results = alps_solve_shared(weights, self._prepared[1], self.config.pattern)
+            for (t, w), result in zip(peers, results[1:], strict=True):
+                shared.solved[t.name] = (w, result.weight)
+            return results[0].weight
+
+    def _alps_peers(self, gram: np.ndarray) -> list[tuple[Target, np.ndarray]]:
+        """The planned weights not pruned yet that read this Gram matrix's input, with their dense values."""
+        shared, peers = self._alps, []
+        for t in shared.peers:
+            if t.name in shared.done or self.gram.get(t.name) is not gram:
+                continue
+            if self.defer and t.name not in shared.sources:  # not deferred yet: its tensor is still the model's
+                continue
+            w = _canonical(t, read_weight(shared.stored, t, shared.sources.get(t.name)))
+            if np.isfinite(w).all():  # a bad peer fails at its own turn, under its own name
+                peers.append((t, w))
+        return peers
 
     def _permute(
         self, model: ir.Model, group: ChannelGroup, weights: dict[str, Target], stored: Mapping[str, ir.Value]
@@ -390,6 +423,25 @@ class PrunePass(ir.passes.InPlacePass):
             pattern=str(self.config.pattern),
             sparsity=round(zeros / effective.size, 6),
         )
+
+
+@dataclass
+class _SharedInputSolves:
+    """ALPS's bookkeeping for weights solved together: the pass's targets in order (``peers``), the graph's
+    stored values, the dense tensors of deferred weights, the names already pruned, and results waiting
+    (keyed by name: the canonical weight they were solved from, the solution)."""
+
+    peers: list[Target] = field(default_factory=list)
+    stored: Mapping[str, ir.Value] = field(default_factory=dict)
+    sources: dict[str, ir.TensorProtocol] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+    solved: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _canonical(target: Target, stored: StoredWeight) -> np.ndarray:
+    """The stored weight in the solvers' ``(out, K)`` layout."""
+    return to_canonical(stored.values, target.k_axis, target.out_axis)[:, 0, :]
 
 
 def _reconstruction_unfit(target: Target, method: Method) -> str:

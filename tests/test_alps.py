@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from graphprune.algorithms.alps import PreparedGram, alps, alps_solve, alps_solve_shared, reconstruction_error
-from graphprune.algorithms.masks import nm_violations
+from graphprune.algorithms.masks import mask_from_scores, nm_violations
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 from graphprune.algorithms.sparsegpt import sparsegpt
 
@@ -219,3 +219,64 @@ def test_the_torch_path_matches_numpy() -> None:
         assert (ours.keep != torch_cpu.keep).mean() < 0.01
         e_numpy, e_torch = reconstruction_error(w, ours.weight, h), reconstruction_error(w, torch_cpu.weight, h)
         assert abs(e_numpy - e_torch) <= 1e-2 * e_numpy
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [NMPattern(2, 4), NMPattern(4, 8), *(Unstructured(s, scope) for s in (0.5, 0.3) for scope in Scope)],
+    ids=str,
+)
+def test_the_torch_selection_helper_chooses_numpys_masks(pattern: Pattern) -> None:
+    torch = pytest.importorskip("torch")
+    from graphprune.algorithms.arrays import torch_keep_mask
+
+    scores = np.random.default_rng(9).random((12, 40))  # continuous: no ties, where the tie rules differ
+    expected = mask_from_scores(scores, pattern)
+    np.testing.assert_array_equal(torch_keep_mask(torch.as_tensor(scores), pattern).numpy(), expected)
+
+
+def test_the_torch_path_solves_shared_inputs_as_numpy() -> None:
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(10)
+    x = correlated_inputs(rng, 160, rows=640)
+    h = x.T @ x
+    weights = [rng.standard_normal((rows, 160)) for rows in (24, 8)]
+    ours = alps_solve_shared(weights, h, NMPattern(2, 4), device="numpy")
+    torch_cpu = alps_solve_shared(weights, h, NMPattern(2, 4), device="cpu")
+    for w, a, b in zip(weights, ours, torch_cpu, strict=True):
+        assert b.device == "torch"
+        assert (a.keep != b.keep).mean() < 0.01
+        e_numpy, e_torch = reconstruction_error(w, a.weight, h), reconstruction_error(w, b.weight, h)
+        assert abs(e_numpy - e_torch) <= 1e-2 * e_numpy
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs PyTorch with a CUDA GPU")
+def test_on_a_cuda_gpu_alps_is_chosen_automatically_and_matches_numpy() -> None:
+    import torch
+
+    from graphprune.algorithms.arrays import torch_keep_mask
+
+    rng = np.random.default_rng(11)
+    x = correlated_inputs(rng, 576, rows=2048)
+    h = x.T @ x
+    weights = [rng.standard_normal((rows, 576)).astype(np.float32) for rows in (576, 192, 192)]
+    for pattern in (NMPattern(2, 4), Unstructured(0.5)):
+        scores = rng.random((64, 576))
+        on_gpu = torch_keep_mask(torch.as_tensor(scores, device="cuda"), pattern).cpu().numpy()
+        np.testing.assert_array_equal(on_gpu, mask_from_scores(scores, pattern))
+        ours = alps_solve_shared(weights, h, pattern, device="numpy")
+        gpu = alps_solve_shared(weights, h, pattern, device="auto")
+        for w, a, b in zip(weights, ours, gpu, strict=True):
+            assert b.device == "torch"
+            assert (a.keep != b.keep).mean() < 0.01
+            e_numpy, e_gpu = reconstruction_error(w, a.weight, h), reconstruction_error(w, b.weight, h)
+            assert abs(e_numpy - e_gpu) <= 1e-2 * e_numpy

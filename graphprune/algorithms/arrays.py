@@ -86,24 +86,38 @@ class TorchOps:
         return (a * b).sum(dim=1, keepdim=True)
 
     def keep_mask(self, scores: Any, pattern: Pattern) -> Any:
-        rows, k = scores.shape
-        if isinstance(pattern, NMPattern):
-            groups = scores.reshape(rows, k // pattern.group, pattern.group)
-            return self._top(groups, pattern.keep).reshape(rows, k)
-        if pattern.scope is Scope.OUTPUT:
-            return self._top(scores, k - int(k * pattern.sparsity))
-        if pattern.scope is Scope.LAYER:
-            flat = scores.reshape(1, -1)
-            return self._top(flat, flat.shape[1] - int(flat.shape[1] * pattern.sparsity)).reshape(rows, k)
-        return self._top(scores.T, rows - int(rows * pattern.sparsity)).T
+        return torch_keep_mask(scores, pattern)
 
-    def _top(self, scores: Any, n_keep: int) -> Any:
-        """True at the ``n_keep`` largest entries along the last axis."""
-        keep = self.torch.zeros(scores.shape, dtype=self.torch.bool, device=scores.device)
-        if n_keep >= scores.shape[-1]:
-            return keep | True
-        index = self.torch.topk(scores, n_keep, dim=-1, sorted=False).indices
-        return keep.scatter(-1, index, True)
+
+def torch_keep_mask(scores: Any, pattern: Pattern) -> Any:
+    """The keep-mask of :func:`~graphprune.algorithms.masks.mask_from_scores` for a torch tensor ``(rows, K)``.
+
+    On the tensor's device, by ``topk``: the same counts per comparison group (N:M groups along K; for
+    unstructured patterns ``int(n · sparsity)`` pruned of each group of n: a row, a column or the layer, as
+    ``pattern.scope`` says) and, where no scores tie, the same mask. Ties fall as ``topk`` lets them, not by
+    numpy's tie rule. The one selection helper of the torch solvers (ALPS, SparseGPT).
+    """
+    import torch
+
+    rows, k = scores.shape
+    if isinstance(pattern, NMPattern):
+        groups = scores.reshape(rows, k // pattern.group, pattern.group)
+        return _top(torch, groups, pattern.keep).reshape(rows, k)
+    if pattern.scope is Scope.OUTPUT:
+        return _top(torch, scores, k - int(k * pattern.sparsity))
+    if pattern.scope is Scope.LAYER:
+        flat = scores.reshape(1, -1)
+        return _top(torch, flat, flat.shape[1] - int(flat.shape[1] * pattern.sparsity)).reshape(rows, k)
+    return _top(torch, scores.T, rows - int(rows * pattern.sparsity)).T
+
+
+def _top(torch: Any, scores: Any, n_keep: int) -> Any:
+    """True at the ``n_keep`` largest entries along the last axis."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if n_keep >= scores.shape[-1]:
+        return keep | True
+    index = torch.topk(scores, n_keep, dim=-1, sorted=False).indices
+    return keep.scatter(-1, index, True)
 
 
 ArrayOps = NumpyOps | TorchOps

@@ -16,9 +16,11 @@ from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
 from graphprune.cli import app
+from graphprune.graph.model_io import load_model
 from graphprune.passes.prune import PruneConfig, PrunePass
+from graphprune.pipeline.segments import prune_in_segments
 from graphprune.pipeline.sequential import prune_sequentially
-from tests import test_sequential
+from tests import test_segments, test_sequential
 from tests.onnx_builders import init, initializer, make_model, run, tensor
 from tests.test_alps import correlated_inputs
 from tests.test_prune_sparsegpt import linear_model
@@ -137,3 +139,25 @@ def test_the_weights_that_read_one_input_are_solved_together(tmp_path, sequentia
         got = initializer(written, name)
         np.testing.assert_array_equal(got != 0, solved.keep.T)
         np.testing.assert_allclose(got, solved.weight.T, rtol=1e-3, atol=1e-4)
+
+
+def test_a_model_with_external_data_runs_alps_segment_by_segment_as_in_memory(tmp_path) -> None:
+    state = test_segments.RNG.bit_generator.state  # keep test_segments' own data as its tests expect
+    try:
+        dense, data = test_segments.decoder_like(), test_segments.feeds()
+    finally:
+        test_segments.RNG.bit_generator.state = state
+    config = PruneConfig(PATTERN, Method.ALPS)
+    in_memory = ir.from_proto(dense)
+    batches, _ = test_segments.request(data).batches(dense)
+    prune_sequentially(in_memory, config, batches)
+
+    path = test_segments.save_external(dense, tmp_path / "in" / "model.onnx")
+    model = load_model(path)
+    out = tmp_path / "out" / "pruned.onnx"
+    plan = PrunePass(config).plan(model)
+    prune_in_segments(model, path.parent, out, config, test_segments.request(data), "block", plan)
+    written = onnx.load(str(out))
+    for name in ("a1", "b1", "a2", "b2", "a3", "b3"):
+        np.testing.assert_array_equal(initializer(written, name), initializer(in_memory, name))
+        assert nm_violations(initializer(written, name).T, PATTERN).size == 0

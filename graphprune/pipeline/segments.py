@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.algorithms.scores import Method
 from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.stats import ActivationStats
@@ -117,7 +116,7 @@ def prune_in_segments(
             model,
             batches,
             providers,
-            config.method is Method.SPARSEGPT,
+            config.method.reconstructs,  # SparseGPT and ALPS read Gram matrices
             "level" if mode == "level" else "block",
             run.on_group,
             store=store,

@@ -31,7 +31,13 @@ Deviations from the reference code, on purpose:
 * Where ``K ≤ exact_max_k`` the refit solves exactly (the optimum CG approaches).
 * The reference evaluates the reconstruction error at every check only to log it; not done here.
 * ADMM and CG run in float32, as the reference; the normalisation and the eigendecomposition in float64.
-* One eigendecomposition serves every weight that reads the same input (:class:`PreparedGram`), e.g. Q/K/V.
+* One eigendecomposition serves every weight that reads the same input (:class:`PreparedGram`), e.g. Q/K/V,
+  and where the pattern's masks are chosen row by row (N:M, unstructured per output row) those weights are
+  solved as one stacked layer (:func:`alps_solve_shared`): each row's problem is the same, but the rho
+  schedule and the stopping rule follow the support change of all their rows together, where the reference
+  runs them per weight. Measured on SmolLM2-135M's block shapes (``benchmarks/alps_time.py``): the same
+  reconstruction error to 4 digits, 15% less solver time with the symmetric product below.
+* ``(Ĥ + rhoI)⁻¹`` is formed as ``S Sᵀ`` (one triangle, a BLAS rank-K update) rather than ``Q diag Qᵀ``.
 """
 
 from __future__ import annotations

@@ -62,11 +62,14 @@ def test_sparsegpt_updates_the_stored_weight_and_beats_wanda() -> None:
     assert error < 0.9 * wanda_error
 
 
-def test_sparsegpt_without_gram_matrices_is_refused() -> None:
+@pytest.mark.parametrize("method", [Method.SPARSEGPT, Method.ALPS])
+def test_reconstruction_without_gram_matrices_is_refused_with_the_way_to_get_them(method: Method) -> None:
     w = RNG.standard_normal((8, 8)).astype(np.float32)
     stats = {"w": np.ones(8)}  # Σx² only
-    with pytest.raises(GraphpruneError, match="Gram"):
-        PrunePass(PruneConfig(method=Method.SPARSEGPT, include_head=True), stats).call(linear_model(w))
+    with pytest.raises(GraphpruneError, match="Gram") as refused:
+        PrunePass(PruneConfig(method=method, include_head=True), stats).call(linear_model(w))
+    message = str(refused.value)
+    assert method.value in message and "calibrate --gram" in message and "\n" not in message
 
 
 def test_sparsegpt_skips_quantized_weights_with_a_reason() -> None:

@@ -114,8 +114,8 @@ class ActivationStats:
             return
         _refuse_missing(
             [t.name for t in targets if t.name not in self.gram],
-            "sparsegpt needs Gram matrices, and the statistics hold none for {count} weight(s) ({names}): "
-            "calibrate with --method sparsegpt (or calibrate --gram)",
+            "sparsegpt and alps need Gram matrices, and the statistics hold none for {count} weight(s) "
+            "({names}): collect them with `graphprune calibrate --gram`, or pass --calib to apply",
         )
         for t in targets:
             g = self.gram[t.name]

@@ -92,3 +92,21 @@ def test_cuda_equals_numpy(pattern: Pattern) -> None:
     got, keep = sparsegpt_with_mask(w, h, pattern, 0.01, 128, device="auto")  # auto: the GPU
     assert (keep != expected_keep).mean() < 1e-3  # GPU float64 products may break a near-tie otherwise
     np.testing.assert_allclose(got[keep & expected_keep], expected[keep & expected_keep], atol=1e-4)
+
+
+def test_auto_does_not_import_torch_where_no_nvidia_device_exists() -> None:
+    """torch is installed, but a machine without /dev/nvidia* cannot have a CUDA GPU: "auto" must not pay torch's
+    import (seconds, ~200 MB) to find that out."""
+    import subprocess
+    import sys
+
+    from graphprune.algorithms.arrays import _cuda_device_nodes
+
+    if _cuda_device_nodes():
+        pytest.skip("this machine exposes an NVIDIA device (or is not Linux)")
+    probe = (
+        "import sys; from graphprune.algorithms.arrays import choose_ops; "
+        "print(type(choose_ops('auto')).__name__, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["NumpyOps", "False"]

@@ -8,6 +8,8 @@ asked for or when ``device="auto"`` finds a CUDA device, so the package runs and
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,6 +125,13 @@ def _top(torch: Any, scores: Any, n_keep: int) -> Any:
 ArrayOps = NumpyOps | TorchOps
 
 
+def _cuda_device_nodes() -> bool:
+    """Whether this machine exposes an NVIDIA device at all (Linux's /dev/nvidia*; elsewhere assume it may)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def choose_ops(device: str = "auto") -> ArrayOps:
     """``"auto"``: torch on the first CUDA GPU when torch is installed and sees one, else numpy.
 
@@ -132,7 +141,8 @@ def choose_ops(device: str = "auto") -> ArrayOps:
     if device == "numpy":
         return NumpyOps()
     if device == "auto":
-        if importlib.util.find_spec("torch") is None:
+        # Importing torch costs seconds and ~200 MB: do it only where a GPU could be there at all.
+        if importlib.util.find_spec("torch") is None or not _cuda_device_nodes():
             return NumpyOps()
         import torch
 

@@ -66,6 +66,28 @@ def test_shrink_writes_a_smaller_model_and_report_that_check_eval_and_apply_acce
     assert evaluated.exit_code == 0, evaluated.output
 
 
+@pytest.mark.parametrize(("with_data", "expected"), [(True, "flap"), (False, "l2")])
+def test_the_default_score_is_flap_with_data_and_l2_without(
+    bert, tmp_path: Path, with_data: bool, expected: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Data given without --method is used (flap), not ignored; the result equals the explicit method's."""
+    model, _ = bert
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=_w(32, 8, scale=1.0))
+    data = ["--calib", str(calib)] if with_data else []
+
+    def removed(name: str, *method: str) -> tuple[str, list]:
+        out = tmp_path / f"{name}.onnx"
+        result = runner.invoke(app, ["shrink", str(model), "--ratio", "0.5", *method, *data, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        report = json.loads(out.with_name(f"{name}.report.json").read_text())
+        return report["config"]["method"], [g["removed"] for g in report["groups"]]
+
+    default = removed("default")
+    assert default[0] == expected
+    assert default == removed("explicit", "--method", expected)
+
+
 @pytest.mark.parametrize(
     ("options", "needle"),
     [

@@ -56,13 +56,15 @@ def shrink(
         ),
     ] = ",".join(UNIT_KINDS),
     method: Annotated[
-        StructuredMethod,
+        StructuredMethod | None,
         typer.Option(
             help="Score: l2 (norm of the unit's weights, no data); wanda (Σ |W|·‖X‖ over the unit); flap "
             "(Var(X)·‖W‖², and the removed channels' mean contribution folded into the next layer's bias). "
-            "wanda and flap need --calib. Example: --method flap"
+            "wanda and flap need --calib. Default: flap with --calib, else l2 (which needs no data, but on "
+            "language models loses far more than the activation-aware scores). Example: --method flap",
+            show_default=False,
         ),
-    ] = StructuredMethod.L2,
+    ] = None,
     blocks: Annotated[
         int,
         typer.Option(
@@ -107,7 +109,7 @@ def shrink(
     config = ShrinkConfig(
         ratio=ratio,
         units=tuple(u.strip() for u in units.split(",") if u.strip()),
-        method=method,
+        method=method or (StructuredMethod.FLAP if calib else StructuredMethod.L2),
         blocks=blocks,
         steps=steps,
         round_to=round_to,

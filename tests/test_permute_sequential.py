@@ -214,3 +214,52 @@ def test_reconstructing_methods_prune_as_if_the_channels_had_been_reordered_befo
         assert audit_nm_along_axis0(got) == 0, name
     x = RNG.standard_normal((2, 3, HIDDEN)).astype(np.float32)
     np.testing.assert_allclose(run(permuted, {"x": x})[0], run(expected, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_segment_wise_run_writes_the_same_permuted_model_as_the_in_memory_run(pruned, tmp_path) -> None:
+    """External data with --sequential runs segment by segment and streams each pruned weight into the output as
+    it goes; a permutation chosen at down's turn reorders gate and up, written earlier, which must be reordered
+    in the file too (they were left in their old order once, a silently wrong model)."""
+    out, _, x, report, path = pruned
+    assert any(g["written"] for g in report["permuted_groups"])
+    external = tmp_path / "external" / "mlp2.onnx"
+    external.parent.mkdir()
+    onnx.save_model(
+        onnx.load(str(path)),
+        str(external),
+        save_as_external_data=True,
+        location="mlp2.onnx.data",
+        size_threshold=0,
+    )
+    streamed = tmp_path / "external" / "pruned.onnx"
+    args = ["apply", str(external), "--nm", "2:4", "--method", "wanda", "--calib", str(tmp_path / "calib.npz")]
+    args += ["--sequential", "--permute", "--include-head", "-o", str(streamed), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in ir.load(streamed).graph.initializers.values())
+
+    def weights(p) -> dict[str, np.ndarray]:
+        return {
+            t.name: onnx.numpy_helper.to_array(t, base_dir=str(p.parent))
+            for t in onnx.load(str(p)).graph.initializer
+        }
+
+    in_memory, segment_wise = weights(out), weights(streamed)
+    assert in_memory.keys() == segment_wise.keys()
+    for name, value in in_memory.items():
+        np.testing.assert_array_equal(segment_wise[name], value, err_msg=name)
+    np.testing.assert_array_equal(
+        run(onnx.load(str(streamed)), {"x": x})[0], run(onnx.load(str(out)), {"x": x})[0]
+    )
+
+
+def test_permute_with_a_one_shot_segment_wise_run_is_refused_in_one_line(tmp_path) -> None:
+    model, _ = two_mlp_blocks()
+    path = tmp_path / "mlp2.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="mlp2.onnx.data", size_threshold=0)
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((4, 3, HIDDEN)).astype(np.float32))
+    args = ["apply", str(path), "--nm", "2:4", "--calib", str(tmp_path / "calib.npz"), "--permute"]
+    result = CliRunner().invoke(app, [*args, "--max-memory", "1GB", "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2
+    assert "--permute" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()

@@ -100,6 +100,13 @@ def prune_in_segments(
     if mode not in MODES:
         raise GraphpruneError(f"unknown segment mode {mode!r}; choose one of {', '.join(MODES)}")
     targets, skips = plan
+    if config.permute and mode == "oneshot":
+        # One-shot segments keep running the dense weights, so a writer reordered after it was written could not
+        # be reordered in the output the same way; sequential runs can (see _Run._rewrite_reordered).
+        raise GraphpruneError(
+            "--permute with a one-shot segment-wise run (--max-memory without --sequential) is not supported: "
+            "add --sequential, or drop --max-memory"
+        )
     providers = resolve_providers(calibration.provider)  # a missing provider fails before any work
     batches, warnings = calibration.batches(model)
     budget = boundary_budget(model, targets, mode, calibration.max_memory)
@@ -164,6 +171,7 @@ class _Run:
             value = stored[target.name]
             dense = stored_tensor(value)  # a lazy view of the input's bytes
             self.reports.extend(step.prune_targets(self.model, [target]))
+            self._rewrite_reordered(step, stored)
             if not isinstance(dense, ir.ExternalTensor):  # small inline weights stay in the model
                 continue
             pruned = stored_tensor(value)
@@ -172,6 +180,21 @@ class _Run:
             # sequential: later segments run the pruned weight (mapped from the output); one-shot: the dense one
             replace_tensor(value, written if self.pruned_feeds_later else dense)
         self._pruning_seconds += time.perf_counter() - started
+
+    def _rewrite_reordered(self, step: PrunePass, stored: Mapping[str, ir.Value]) -> None:
+        """--permute chooses a group's channel order when its reader is pruned, after its writers (an MLP's up
+        and gate columns) were already pruned and written: write their new order over their old bytes (same
+        length, same place) and point the model at the file again instead of keeping the copy in memory."""
+        for name in step.rewritten:
+            written = self._written.get(name)
+            if written is None:
+                continue
+            tensor = stored_tensor(stored[name])
+            self.staged.rewrite_bytes(written.offset or 0, tensor.tobytes())
+            fresh = self._pointer(name, written.offset or 0, written.nbytes, tensor)  # no stale mapping
+            self._written[name] = fresh
+            replace_tensor(stored[name], fresh)
+        step.rewritten.clear()
 
     def on_group(self, done: int, total: int) -> None:
         for value in self.model.graph.initializers.values():  # unmap what the segment read

@@ -9,6 +9,7 @@ output, removed however the run ends.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -52,6 +53,13 @@ class StagedOutput:
         self._offset += len(data)
         self._stream.flush()
         return offset, len(data)
+
+    def rewrite_bytes(self, offset: int, data: bytes) -> None:
+        """Write ``data`` over bytes appended earlier (same place, same length: a tensor reordered in place)."""
+        if offset < 0 or offset + len(data) > self._offset:
+            raise ValueError(f"rewrite of {len(data)} bytes at {offset} is outside the {self._offset} written")
+        self._stream.flush()
+        os.pwrite(self._stream.fileno(), data, offset)
 
     def copy_range(self, source: Path, source_offset: int, length: int) -> tuple[int, int]:
         """Copy ``length`` bytes of ``source`` from ``source_offset`` in chunks; returns where they went."""

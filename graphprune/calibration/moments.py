@@ -56,7 +56,7 @@ def _moment_taps(
     what it is: ``(part, tapped tensor or pair, output name)``."""
     values = values_by_name(model.graph)
     plan = TapPlan(taps=[])
-    b = TapBuilder(model, set(values) | {str(n.name) for n in model.graph.all_nodes() if n.name}, plan)
+    b = TapBuilder(model, values, plan)
     fetch: list[tuple[str, object, str]] = []
 
     def fetched(part: str, key: object, value: ir.Value, dtype: ir.DataType, shape: list[int]) -> None:
@@ -115,10 +115,7 @@ def collect_moments(
     names = [name for _, _, name in fetch]
     seen = 0
     for label, feed in feeds:
-        try:
-            results = session.run(names, feed)
-        except Exception as exc:
-            raise GraphpruneError(f"{label}: onnxruntime failed: {str(exc).splitlines()[0]}") from None
+        results = session.run(names, feed, label)
         pending: dict[object, list[np.ndarray]] = {}
         for (part, key, _), array in zip(fetch, results, strict=True):
             if part == "sum":

@@ -67,10 +67,7 @@ def calibrate(
     label, feed = first
     done = 0
     while True:
-        try:
-            outputs = session.run(plan.output_names, feed)
-        except Exception as exc:
-            raise GraphpruneError(f"{label}: onnxruntime failed: {str(exc).splitlines()[0]}") from None
+        outputs = session.run(plan.output_names, feed, label)
         acc.add(outputs)
         done += feed_samples(feed)
         if progress is not None:

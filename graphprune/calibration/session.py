@@ -174,8 +174,12 @@ class Session:
             # onnxruntime's wrapper keeps the bytes to re-create the session on a provider fallback; never used
             self.session._model_bytes = None
 
-    def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(names, feed)
+    def run(self, names: list[str], feed: dict[str, np.ndarray], label: str) -> list[np.ndarray]:
+        """The outputs ``names`` on ``feed``; a failure is one line that starts with ``label`` (which data)."""
+        try:
+            return self.session.run(names, feed)
+        except Exception as exc:
+            raise GraphpruneError(f"{label}: onnxruntime failed: {str(exc).splitlines()[0]}") from None
 
     def providers(self) -> list[str]:
         return list(self.session.get_providers())

@@ -12,7 +12,7 @@ they are disconnected again, leaving the model as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -68,13 +68,13 @@ def default_opset(model: ir.Model) -> int:
 
 
 class TapBuilder:
-    """Creates tap nodes with fresh, collision-free names."""
+    """Creates tap nodes with fresh names: none a tensor of ``values`` or a node anywhere in the model has."""
 
-    def __init__(self, model: ir.Model, taken: set[str], plan: TapPlan) -> None:
+    def __init__(self, model: ir.Model, values: Iterable[str], plan: TapPlan) -> None:
         self.opset = default_opset(model)
         self.plan = plan
         self.anchor: ir.Value | None = None
-        self.taken = taken
+        self.taken = set(values) | {str(n.name) for n in model.graph.all_nodes() if n.name}
         self.count = 0
 
     def fresh(self, hint: str) -> str:
@@ -175,8 +175,7 @@ def plan_taps(
             axis = c.activation_axis - rank if rank is not None and c.activation_axis >= 0 else c.activation_axis
             groups.setdefault((c.activation, axis), (t.k, []))[1].append(t.name)
 
-    taken = set(values) | {str(n.name) for n in graph.all_nodes() if n.name}
-    b = TapBuilder(model, taken, plan)
+    b = TapBuilder(model, values, plan)
     as_float: dict[str, ir.Value] = {}
     sizes: dict[str, ir.Value] = {}
     try:

@@ -174,10 +174,8 @@ class SequentialCalibration:
         names = [*plan.output_names, *(str(v.name) for v in keep)]
         accumulator = Accumulator(plan)
         for b in range(len(self.batches)):
-            try:
-                outputs = session.run(names, {name: self._cache.get(name, b) for name in inputs})
-            except Exception as exc:
-                raise GraphpruneError(f"onnxruntime failed on a segment: {str(exc).splitlines()[0]}") from None
+            feed = {name: self._cache.get(name, b) for name in inputs}
+            outputs = session.run(names, feed, f"a segment, batch {b + 1} of {len(self.batches)}")
             accumulator.add(outputs[: len(plan.output_names)])
             for value, array in zip(keep, outputs[len(plan.output_names) :], strict=True):
                 self._cache.append(str(value.name), array)

@@ -3,7 +3,7 @@
 The public API, all importable from here::
 
     model = load_model("model.onnx")                 # an onnx_ir.Model, external weights read lazily
-    result = PrunePass(PruneConfig(NMPattern(2, 4)))(model)
+    result = PrunePass(config=PruneConfig(NMPattern(2, 4)))(model)
     save_model(model, "model.pruned.onnx")
 
 Passes are ``onnx_ir`` passes: compose them with ``onnx_ir.passes.Sequential``.

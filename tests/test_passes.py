@@ -49,7 +49,7 @@ def test_prune_pass_is_in_place_and_numerically_what_numpy_computes() -> None:
     model, w = mlp()
     x = RNG.standard_normal((4, 16)).astype(np.float32)
     (dense,) = run(model, {"x": x})
-    result = PrunePass(CONFIG)(model)
+    result = PrunePass(config=CONFIG)(model)
     assert result.model is model and result.modified
     assert sorted(r.name for r in result.pruned) == ["w1", "w2"]
     w1 = np.where(reference_nm_mask(w["w1"], 1, 2, 4), w["w1"], 0)
@@ -61,14 +61,14 @@ def test_prune_pass_is_in_place_and_numerically_what_numpy_computes() -> None:
 
 def test_passes_compose_with_onnx_ir_sequential() -> None:
     model, _ = mlp()
-    result = ir.passes.Sequential(PrunePass(CONFIG), CheckPass(PATTERN, include_head=True))(model)
+    result = ir.passes.Sequential(PrunePass(config=CONFIG), CheckPass(PATTERN, include_head=True))(model)
     assert result.modified and result.model is model
     assert CheckPass(PATTERN, include_head=True)(model).ok
 
 
 def test_functionalized_prune_leaves_its_input_alone() -> None:
     model, w = mlp()
-    result = ir.passes.functionalize(PrunePass(CONFIG))(model)
+    result = ir.passes.functionalize(PrunePass(config=CONFIG))(model)
     assert result.model is not model and result.modified
     np.testing.assert_array_equal(model.graph.initializers["w2"].const_value.numpy(), w["w2"])
     assert not CheckPass(PATTERN, include_head=True)(model).ok
@@ -86,7 +86,7 @@ def test_check_pass_changes_nothing_and_finds_dense_weights() -> None:
 def test_precondition_calibrated_method_without_statistics() -> None:
     model, w = mlp()
     with pytest.raises(ir.passes.PreconditionError, match="needs activation statistics") as caught:
-        PrunePass(PruneConfig(PATTERN, Method.WANDA, include_head=True))(model)
+        PrunePass(config=PruneConfig(PATTERN, Method.WANDA, include_head=True))(model)
     assert isinstance(caught.value, GraphpruneError)  # the CLI prints it as one line
     np.testing.assert_array_equal(model.graph.initializers["w1"].const_value.numpy(), w["w1"])
 
@@ -96,7 +96,7 @@ def test_postcondition_catches_a_mask_that_breaks_n_m(monkeypatch: pytest.Monkey
     monkeypatch.setattr(prune_module, "nm_mask", lambda scores, pattern, axis=-1: np.ones(scores.shape, bool))
     monkeypatch.setattr(prune_module, "mask_from_scores", lambda scores, pattern: np.ones(scores.shape, bool))
     with pytest.raises(ir.passes.PostconditionError, match="breaks 2:4 along K"):
-        PrunePass(CONFIG)(model)
+        PrunePass(config=CONFIG)(model)
 
 
 def test_nothing_to_prune_is_not_a_modification() -> None:
@@ -106,11 +106,11 @@ def test_nothing_to_prune_is_not_a_modification() -> None:
         g (float[2,8] x, float[8,4] w) => (float[2,4] y) { y = MatMul(x, w) }
         """
     )
-    result = PrunePass(CONFIG)(ir.from_proto(proto))
+    result = PrunePass(config=CONFIG)(ir.from_proto(proto))
     assert not result.modified and result.pruned == [] and "graph input" in (result.skipped[0].skipped or "")
 
 
 def test_unstructured_pattern_has_no_n_m_postcondition() -> None:
     model, _ = mlp()
-    result = PrunePass(PruneConfig(Unstructured(0.75, Scope.LAYER), include_head=True))(model)
+    result = PrunePass(config=PruneConfig(Unstructured(0.75, Scope.LAYER), include_head=True))(model)
     assert result.modified and result.achieved_sparsity() == pytest.approx(0.75)

@@ -204,7 +204,7 @@ def test_the_pass_reorders_the_statistics_with_the_weights() -> None:
     h = _hidden(original, x)  # the dense MLP's intermediate activations, original order
     stats = SimpleNamespace(sumsq={"down": (h**2).sum(axis=0)}, gram={})
     config = PruneConfig(PATTERN, Method.WANDA, include=("down",), include_head=True, permute=True)
-    (report,) = PrunePass(config, stats)(model).pruned
+    (report,) = PrunePass(config=config, stats=stats)(model).pruned
     assert report.permutation is not None and report.permutation["kept_after"] > report.permutation["kept_before"]
 
     gate = initializer(model, "gate")  # the order written, read back from gate's columns
@@ -230,7 +230,7 @@ def test_the_search_scores_with_the_methods_importance(method: Method) -> None:
     h[:, :4] *= 20.0  # loud channels side by side: Wanda's order differs from |W|'s
     stats = SimpleNamespace(sumsq={"down": (h**2).sum(axis=0)}, gram={"down": h.T @ h})
     config = PruneConfig(PATTERN, method, include=("down",), include_head=True, permute=True)
-    (report,) = PrunePass(config, stats)(model).pruned
+    (report,) = PrunePass(config=config, stats=stats)(model).pruned
     norms = np.ones(16) if method is Method.MAGNITUDE else np.sqrt((h**2).sum(axis=0))
     scores = np.abs(original["down"].T.astype(np.float64)) * norms  # (out, K)
     kept_in_order = np.sort(scores.reshape(8, 4, 4), axis=-1)[..., 2:].sum() / scores.sum()

@@ -48,7 +48,7 @@ def test_alps_writes_its_solution_into_the_stored_layout_and_beats_sparsegpt() -
     pruned = {}
     for method in (Method.ALPS, Method.SPARSEGPT):
         model = linear_model(w)
-        result = PrunePass(PruneConfig(PATTERN, method, include_head=True), stats).call(model)
+        result = PrunePass(config=PruneConfig(PATTERN, method, include_head=True), stats=stats).call(model)
         assert result.pruned[0].method == method.value
         pruned[method] = model
     stored = initializer(pruned[Method.ALPS], "w")
@@ -155,7 +155,7 @@ def test_a_model_with_external_data_runs_alps_segment_by_segment_as_in_memory(tm
     path = test_segments.save_external(dense, tmp_path / "in" / "model.onnx")
     model = load_model(path)
     out = tmp_path / "out" / "pruned.onnx"
-    plan = PrunePass(config).plan(model)
+    plan = PrunePass(config=config).plan(model)
     prune_in_segments(model, path.parent, out, config, test_segments.request(data), "block", plan)
     written = onnx.load(str(out))
     for name in ("a1", "b1", "a2", "b2", "a3", "b3"):

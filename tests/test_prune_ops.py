@@ -200,7 +200,7 @@ def check_case(case: Case) -> None:
     (target,) = find_targets(case.model).targets
     assert (target.name, target.k_axis) == (case.weight, case.k_axis)
 
-    result = PrunePass(CONFIG).call(case.model)
+    result = PrunePass(config=CONFIG).call(case.model)
     assert [w.name for w in result.pruned] == [case.weight]
 
     pruned = stored(case.model, case.weight)
@@ -257,7 +257,7 @@ def test_unstructured_sparsity_is_exact_per_output_neuron() -> None:
     from graphprune.algorithms.pattern import Unstructured
 
     case = matmul_b()
-    PrunePass(PruneConfig(Unstructured(0.75), include_head=True)).call(case.model)
+    PrunePass(config=PruneConfig(Unstructured(0.75), include_head=True)).call(case.model)
     w = stored(case.model, "w")
     # each output neuron is a column of the [K, N] weight: 16 inputs, int(16 * 0.75) = 12 zeros each
     assert (np.count_nonzero(w, axis=0) == 4).all()

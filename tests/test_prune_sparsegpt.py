@@ -48,14 +48,16 @@ def test_sparsegpt_updates_the_stored_weight_and_beats_wanda() -> None:
     pattern = NMPattern(2, 4)
 
     model = linear_model(w)
-    PrunePass(PruneConfig(pattern, Method.SPARSEGPT, include_head=True, blocksize=16), stats).call(model)
+    PrunePass(config=PruneConfig(pattern, Method.SPARSEGPT, include_head=True, blocksize=16), stats=stats).call(
+        model
+    )
     pruned = initializer(model, "w")
     expected = sparsegpt(w, gram, pattern, blocksize=16)  # canonical (out, K) is the stored [N, K] here
     np.testing.assert_allclose(pruned, expected, rtol=1e-6, atol=1e-6)
     assert nm_violations(pruned, pattern).size == 0
 
     wanda_model = linear_model(w)
-    PrunePass(PruneConfig(pattern, Method.WANDA, include_head=True), stats).call(wanda_model)
+    PrunePass(config=PruneConfig(pattern, Method.WANDA, include_head=True), stats=stats).call(wanda_model)
     dense_out = x @ w.T
     error = np.linalg.norm(run(model, {"x": x})[0] - dense_out)
     wanda_error = np.linalg.norm(run(wanda_model, {"x": x})[0] - dense_out)
@@ -67,7 +69,7 @@ def test_reconstruction_without_gram_matrices_is_refused_with_the_way_to_get_the
     w = RNG.standard_normal((8, 8)).astype(np.float32)
     stats = {"w": np.ones(8)}  # Σx² only
     with pytest.raises(GraphpruneError, match="Gram") as refused:
-        PrunePass(PruneConfig(method=method, include_head=True), stats).call(linear_model(w))
+        PrunePass(config=PruneConfig(method=method, include_head=True), stats=stats).call(linear_model(w))
     message = str(refused.value)
     assert method.value in message and "calibrate --gram" in message and "\n" not in message
 
@@ -84,7 +86,7 @@ def test_sparsegpt_skips_quantized_weights_with_a_reason() -> None:
         [init(q, "q"), init(np.array(0.1, np.float32), "s")],
     )
     stats = SimpleNamespace(sumsq={}, gram={})
-    result = PrunePass(PruneConfig(method=Method.SPARSEGPT, include_head=True), stats).call(model)
+    result = PrunePass(config=PruneConfig(method=Method.SPARSEGPT, include_head=True), stats=stats).call(model)
     (skipped,) = result.skipped
     assert "quantized" in skipped.skipped
 

@@ -81,7 +81,7 @@ def digest(path: Path) -> str:
 def segment_run(path: Path, out: Path, data: list, mode: str, max_memory: int | None = None, **callbacks):
     model = load_model(path)  # its weights are read lazily
     assert uses_external_data(model)
-    plan = PrunePass(WANDA).plan(model)
+    plan = PrunePass(config=WANDA).plan(model)
     return prune_in_segments(model, path.parent, out, WANDA, request(data, max_memory), mode, plan, **callbacks)
 
 
@@ -355,7 +355,7 @@ def _cuda_available() -> bool:
 @pytest.mark.skipif(not _cuda_available(), reason="needs onnxruntime-gpu and a CUDA GPU")
 def test_segments_on_cuda_give_the_cpu_statistics(tmp_path: Path, external_model: Path) -> None:
     data = feeds()
-    plan = PrunePass(WANDA).plan(load_model(external_model))
+    plan = PrunePass(config=WANDA).plan(load_model(external_model))
     cpu_request = request(data)
     gpu_request = replace(cpu_request, provider="cuda")
     collected = {}

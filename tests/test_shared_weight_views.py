@@ -48,7 +48,7 @@ def test_consumers_agreeing_through_identity_are_one_target() -> None:
     model = ir.from_proto(shared(SHARED_THROUGH_IDENTITY, w))
     (target,) = find_targets(model).targets
     assert target.k_axis == 0 and [c.activation for c in target.consumers] == ["x", "r"]
-    result = PrunePass(PruneConfig(NMPattern(2, 4), include_head=True))(model)
+    result = PrunePass(config=PruneConfig(NMPattern(2, 4), include_head=True))(model)
     assert [r.name for r in result.pruned] == ["w"]
     wm = np.where(reference_nm_mask(w, 0, 2, 4), w, 0)
     x = RNG.standard_normal((3, 8)).astype(np.float32)
@@ -70,7 +70,7 @@ def test_statistics_of_a_shared_weight_sum_over_its_consumers() -> None:
     r = np.maximum(x @ w, 0)
     np.testing.assert_allclose(stats.sumsq["w"], (x**2).sum(0) + (r**2).sum(0), rtol=1e-5)
     model = ir.from_proto(proto)
-    PrunePass(PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True), stats)(model)
+    PrunePass(config=PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True), stats=stats)(model)
     norms = np.sqrt((x**2).sum(0) + (r**2).sum(0))
     expected = np.where(reference_nm_mask(np.abs(w) * norms[:, None], 0, 2, 4), w, 0)
     np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), expected)

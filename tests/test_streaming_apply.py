@@ -33,7 +33,7 @@ def test_streamed_output_is_byte_identical_to_the_in_memory_one(tmp_path: Path, 
     source = external_model(tmp_path)
     _, result = prune_file(source, config, tmp_path / "streamed" / "pruned.onnx")
     model = load_model(source)
-    in_memory = PrunePass(config)(model)  # every pruned weight held in memory, then written
+    in_memory = PrunePass(config=config)(model)  # every pruned weight held in memory, then written
     save_model(model, tmp_path / "memory" / "pruned.onnx", external_data=True)
     for name in ("pruned.onnx", "pruned.onnx.data"):
         assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes()
@@ -42,7 +42,7 @@ def test_streamed_output_is_byte_identical_to_the_in_memory_one(tmp_path: Path, 
 
 def test_deferred_pass_reads_nothing_until_the_model_is_written(tmp_path: Path) -> None:
     model = load_model(external_model(tmp_path))
-    result = PrunePass(CONFIGS[0], defer=True)(model)
+    result = PrunePass(config=CONFIGS[0], defer=True)(model)
     assert isinstance(model.graph.initializers["w1"].const_value, ir.LazyTensor)
     assert all(w.sparsity is None for w in result.pruned)
     save_model(model, tmp_path / "out.onnx", external_data=True)
@@ -77,7 +77,7 @@ def test_wanda_scores_each_chunk_of_a_large_weight_with_its_own_statistics(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], [tensor("x", shape=["n", 32])], [tensor("y")],
         [init(weight, "w")],
     )  # fmt: skip
-    PrunePass(PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True), {"w": sumsq})(model)
+    PrunePass(config=PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True), stats={"w": sumsq})(model)
     scores = np.abs(weight) * np.sqrt(sumsq)[:, None].astype(np.float32)
     expected = weight * reference_nm_mask(scores, 0, 2, 4)
     np.testing.assert_array_equal(initializer(model, "w"), expected)

@@ -69,7 +69,7 @@ def test_a_weight_read_element_wise_by_a_body_is_left_alone(tmp_path: Path) -> N
 
 def test_the_skip_names_the_subgraph() -> None:
     model = ir.from_proto(with_weight(ELEMENTWISE_IN_BODY, RNG.standard_normal((8, 4)).astype(np.float32)))
-    result = PrunePass(CONFIG)(model)
+    result = PrunePass(config=CONFIG)(model)
     (skip,) = result.skipped
     assert skip.name == "w" and "subgraph" in (skip.skipped or "")
     assert not result.modified
@@ -78,7 +78,7 @@ def test_the_skip_names_the_subgraph() -> None:
 def test_consumers_inside_bodies_that_agree_on_k_are_pruned_with_the_main_graph() -> None:
     w = RNG.standard_normal((8, 4)).astype(np.float32)
     model = ir.from_proto(with_weight(MATMUL_IN_BODY, w))
-    result = PrunePass(CONFIG)(model)
+    result = PrunePass(config=CONFIG)(model)
     assert [r.name for r in result.pruned] == ["w"]
     pruned = model.graph.initializers["w"].const_value.numpy()
     assert nm_violations(pruned.T, NMPattern(2, 4)).size == 0
@@ -91,6 +91,8 @@ def test_consumers_inside_bodies_that_agree_on_k_are_pruned_with_the_main_graph(
 
 def test_calibrated_methods_skip_weights_read_inside_bodies() -> None:
     model = ir.from_proto(with_weight(MATMUL_IN_BODY, RNG.standard_normal((8, 4)).astype(np.float32)))
-    result = PrunePass(PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True), {"w": np.ones(8)})(model)
+    result = PrunePass(
+        config=PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True), stats={"w": np.ones(8)}
+    )(model)
     (skip,) = result.skipped
     assert "If/Loop/Scan body" in (skip.skipped or "") and not result.modified

@@ -28,7 +28,7 @@ def test_k_not_a_multiple_of_the_group_is_skipped_with_its_reason() -> None:
         [tensor("y")],
         [init(w, "w")],
     )
-    result = PrunePass(PruneConfig(NMPattern(2, 4), include_head=True)).call(model)
+    result = PrunePass(config=PruneConfig(NMPattern(2, 4), include_head=True)).call(model)
     (skipped,) = result.skipped
     assert skipped.name == "w" and "K=10" in skipped.skipped and "4" in skipped.skipped
     np.testing.assert_array_equal(initializer(model, "w"), w)
@@ -69,7 +69,7 @@ def test_shared_weight_is_pruned_once_for_all_consumers() -> None:
     )
     (target,) = find_targets(model).targets
     assert len(target.consumers) == 2 and target.k_axis == 0
-    PrunePass(PruneConfig(include_head=True)).call(model)
+    PrunePass(config=PruneConfig(include_head=True)).call(model)
     wm = np.where(reference_nm_mask(w, 0, 2, 4), w, 0)
     x = RNG.standard_normal((3, 8)).astype(np.float32)
     expected = np.maximum(x @ wm, 0) @ wm
@@ -166,7 +166,7 @@ def test_the_output_head_is_found_and_left_dense_by_default() -> None:
     model = two_layer_model(residual=False)
     assert [t.name for t in find_targets(model).targets if t.is_head] == ["head"]
     assert "head" in reasons(model, include_head=False)["head"]
-    result = PrunePass(PruneConfig()).call(model)
+    result = PrunePass(config=PruneConfig()).call(model)
     assert sorted(w.name for w in result.pruned) == ["w1", "w2"]
     assert np.count_nonzero(initializer(model, "head")) == 8 * 16
 

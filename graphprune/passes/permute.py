@@ -18,21 +18,39 @@ groups along K a new composition. Two kinds are found on the onnx-ir graph:
   known (the exporter's value_info, or ONNX shape inference), or the group is left alone.
 
 The residual stream (embeddings, norms) is not a group: a ``Gather`` or a ``ReduceMean`` ends both walks.
+
+:class:`PermutePass` writes the best order of each group into the model; pruning after it (``PrunePass``, in an
+``ir.passes.Sequential`` or through ``PruneConfig(permute=True)``) reads the order the pass recorded on each reader
+to line the statistics up with the new K.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
+from graphprune.algorithms.layout import to_canonical
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.algorithms.permutation import search_permutation
+from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
 from graphprune.graph.groups import CHANNELWISE_UNARY, ELEMENTWISE_BINARY, Group, find_groups
 from graphprune.graph.stored import read_array, replace_tensor, stored_tensor, stored_values
 from graphprune.graph.targets import Target, find_targets
 from graphprune.graph.weights import read_weight
+from graphprune.passes.base import (
+    CHANNEL_ORDER,
+    PERMUTATION_REPORT,
+    PassPreconditionError,
+    StatisticsInput,
+    channel_order,
+    describe_statistics,
+    statistics_parts,
+    sumsq_in_model_order,
+)
 
 RESHAPING = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand"})
 
@@ -71,26 +89,20 @@ def find_channel_groups(model: ir.Model) -> tuple[dict[str, ChannelGroup], dict[
     """Every exact channel group of the model by reader name, and the model's weights by name.
 
     Shapes come from the model (an exporter's value_info); where the model carries none, ONNX shape inference
-    fills them in (on the graph's values only). Cached for the last graph structure seen (sequential pruning
-    asks once per block; the answer depends on the wiring alone, which pruning and permuting leave as it is).
+    fills them in (on the graph's values only).
     """
-    key = _fingerprint(model)
-    cached = _CACHE.get("groups")
-    if cached is None or cached[0] != key:
-        if not any(v.shape is not None for n in model.graph for v in n.outputs if not v.is_graph_output()):
-            from onnx_ir.passes.common import ShapeInferencePass
+    if not any(v.shape is not None for n in model.graph for v in n.outputs if not v.is_graph_output()):
+        from onnx_ir.passes.common import ShapeInferencePass
 
-            ShapeInferencePass()(model)
-        targets = find_targets(model, include_head=True).targets
-        by_name = {t.name: t for t in targets}
-        groups = _HeadFinder(model.graph, targets).groups()
-        for group in find_groups(model, ("mlp",)).groups:
-            found = _mlp_group(group, by_name)
-            if found is not None:
-                groups[found.reader] = found
-        cached = (key, groups, by_name)
-        _CACHE["groups"] = cached
-    return cached[1], cached[2]
+        ShapeInferencePass()(model)
+    targets = find_targets(model, include_head=True).targets
+    by_name = {t.name: t for t in targets}
+    groups = _HeadFinder(model.graph, targets).groups()
+    for group in find_groups(model, ("mlp",)).groups:
+        found = _mlp_group(group, by_name)
+        if found is not None:
+            groups[found.reader] = found
+    return groups, by_name
 
 
 def full_order(order: np.ndarray, length: int) -> np.ndarray:
@@ -119,18 +131,105 @@ def write_permutation(
     return [name for name, _ in moves] + list(group.biases)
 
 
-_CACHE: dict[str, tuple[str, dict[str, ChannelGroup], dict[str, Target]]] = {}
+ChannelGroups = tuple[dict[str, ChannelGroup], dict[str, Target]]  # find_channel_groups' answer
 
 
-def _fingerprint(model: ir.Model) -> str:
-    """The graph's structure (ops and wiring, not weight values): what the groups depend on."""
-    digest = hashlib.sha1()
-    for node in model.graph:
-        inputs = ",".join(v.name if v is not None else "" for v in node.inputs)
-        digest.update(f"{node.op_type}|{inputs}|{','.join(v.name for v in node.outputs)};".encode())
-    for name, value in model.graph.initializers.items():
-        digest.update(f"{name}:{value.shape};".encode())
-    return digest.hexdigest()
+def channel_groups(model: ir.Model) -> ChannelGroups:
+    """:func:`find_channel_groups` on a copy of the graph (tensors shared, not copied): the shapes it may infer
+    stay off the caller's model."""
+    return find_channel_groups(model.clone())
+
+
+@dataclass
+class PermuteResult(ir.passes.PassResult):
+    """What :class:`PermutePass` did: one report per group searched, and the stored tensors it rewrote."""
+
+    groups: list[PermutedGroup] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)
+
+
+class PermutePass(ir.passes.InPlacePass):
+    """Write into the model, for each channel group, the order of its channels that keeps the most importance
+    under ``pattern``: ``PermutePass(pattern=NMPattern(2, 4), method=Method.WANDA, stats=stats)(model)``.
+
+    The order is scored with the reader's |W|·‖X‖ (Wanda's score; SparseGPT and ALPS choose their masks from a
+    saliency of the same kind), |W| for magnitude or without statistics; a period shorter than K (heads) stacks
+    the blocks. An order is written only where it keeps more than the present one. ``readers`` limits the pass
+    to the groups these weights read, in this order (default: every group); ``groups`` is
+    :func:`channel_groups`' answer when the caller already has it (the graph's wiring, which neither
+    permutation nor pruning changes).
+
+    The statistics are in the channel order they were measured in. Each reader's value records the order its K
+    now has in those terms, and the group's report, in its ``meta`` (:data:`~graphprune.passes.base.
+    CHANNEL_ORDER`): pruning reads them from there, and a second permutation composes with the first.
+    """
+
+    def __init__(
+        self,
+        *,
+        pattern: NMPattern,
+        method: Method = Method.MAGNITUDE,
+        stats: StatisticsInput = None,
+        readers: Sequence[str] | None = None,
+        groups: ChannelGroups | None = None,
+    ) -> None:
+        super().__init__()
+        self.pattern = pattern
+        self.method = method
+        self.stats = stats
+        self.readers = tuple(readers) if readers is not None else None
+        self.groups = groups
+
+    def __repr__(self) -> str:
+        readers = "all" if self.readers is None else list(self.readers)
+        return (
+            f"PermutePass(pattern={self.pattern}, method={self.method.value}, "
+            f"stats={describe_statistics(self.stats)}, readers={readers})"
+        )
+
+    def requires(self, model: ir.Model) -> None:
+        if not isinstance(self.pattern, NMPattern):
+            raise PassPreconditionError(f"channel permutation serves N:M patterns, not {self.pattern}")
+
+    def call(self, model: ir.Model) -> PermuteResult:
+        groups, weights = self.groups if self.groups is not None else channel_groups(model)
+        sumsq, _ = statistics_parts(self.stats)
+        stored = stored_values(model.graph)
+        result = PermuteResult(model, False)
+        for name in self.readers if self.readers is not None else list(groups):
+            if name not in groups:
+                continue
+            group = groups[name]
+            reader = weights[group.reader]
+            value = stored[reader.name]
+            w = to_canonical(read_weight(stored, reader).effective(), reader.k_axis, reader.out_axis)[:, 0, :]
+            measured = sumsq.get(reader.name) if sumsq is not None else None
+            scores = _order_scores(
+                self.method, w, None if measured is None else sumsq_in_model_order(value, measured)
+            )
+            found = search_permutation(scores.reshape(-1, group.period), self.pattern)
+            written = found.kept > found.identity_kept
+            if written:
+                result.rewritten += write_permutation(model, group, found.order, weights)
+                index = full_order(found.order, reader.k)
+                before = channel_order(value)
+                value.meta[CHANNEL_ORDER] = index if before is None else before[index]
+                result.modified = True
+            total = found.total or 1.0
+            report = PermutedGroup(
+                group.reader, list(group.writers), list(group.biases), group.kind, group.period,
+                round(found.identity_kept / total, 6), round(max(found.kept, found.identity_kept) / total, 6),
+                round(max(found.recovered, 0.0), 6), written,
+            )  # fmt: skip
+            value.meta[PERMUTATION_REPORT] = asdict(report)
+            result.groups.append(report)
+        return result
+
+
+def _order_scores(method: Method, w: np.ndarray, sumsq: np.ndarray | None) -> np.ndarray:
+    if method is Method.MAGNITUDE or sumsq is None:
+        return magnitude_scores(w)
+    return wanda_scores(w, sumsq)
 
 
 class _Reject(Exception):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import ChainMap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -16,7 +14,6 @@ from graphprune.algorithms.alps import PreparedGram, alps_solve_shared
 from graphprune.algorithms.layout import from_canonical, to_canonical
 from graphprune.algorithms.masks import mask_from_scores, nm_mask
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
-from graphprune.algorithms.permutation import search_permutation
 from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
 from graphprune.algorithms.sparsegpt import sparsegpt
 from graphprune.calibration.stats import ActivationStats
@@ -25,15 +22,18 @@ from graphprune.graph.selection import select_targets
 from graphprune.graph.stored import replace_tensor, stored_tensor, stored_values
 from graphprune.graph.targets import Skip, Target, find_targets
 from graphprune.graph.weights import StoredWeight, read_weight
-from graphprune.passes.base import PassPostconditionError, PassPreconditionError
-from graphprune.passes.check import CheckPass
-from graphprune.passes.permute import (
-    ChannelGroup,
-    PermutedGroup,
-    find_channel_groups,
-    full_order,
-    write_permutation,
+from graphprune.passes.base import (
+    PERMUTATION_REPORT,
+    PassPostconditionError,
+    PassPreconditionError,
+    StatisticsInput,
+    describe_statistics,
+    gram_in_model_order,
+    statistics_parts,
+    sumsq_in_model_order,
 )
+from graphprune.passes.check import CheckPass
+from graphprune.passes.permute import ChannelGroups, PermutePass, channel_groups
 
 # Masks of N:M and per-output-neuron patterns are independent per row: score this many elements at a time, so
 # the temporaries stay small next to the model even for the largest weights.
@@ -116,53 +116,54 @@ class PruneResult(ir.passes.PassResult):
         }
 
 
-class Statistics(Protocol):
-    """What calibration gives the scores: Σx² per input channel, and Gram matrices XᵀX for SparseGPT."""
-
-    sumsq: Mapping[str, np.ndarray]
-    gram: Mapping[str, np.ndarray]
-
-
 Plan = tuple[list[Target], list[Skip]]
 
 
 class PrunePass(ir.passes.InPlacePass):
-    """Prune a model in place: ``PrunePass(config, stats)(model)`` returns a :class:`PruneResult`.
+    """Prune a model in place: ``PrunePass(config=config, stats=stats)(model)`` returns a :class:`PruneResult`.
 
     ``stats`` feeds Wanda and SparseGPT: calibration statistics, or for Wanda alone a plain mapping of weight
     name -> Σx² per input channel (the weight's K axis). ``plan`` is a :meth:`plan` the caller already made.
     Pre-condition: the method's statistics are there and match the targets. Post-condition: every pruned
     weight holds the N:M pattern along its K axis.
 
+    With ``config.permute`` each weight that reads a channel group is given its best channel order first, by a
+    :class:`~graphprune.passes.permute.PermutePass` run just before the weight is pruned (``groups``: the
+    graph's channel groups when the caller already has them). Composing ``PermutePass`` and ``PrunePass`` in an
+    ``ir.passes.Sequential`` does the same with every order chosen before any weight is pruned.
+
     With ``defer=True`` nothing is computed yet: each target's tensor becomes an ``ir.LazyTensor`` that reads,
     prunes and checks the weight when it is written (``save_model`` writes one tensor at a time), so a model
     with external data is pruned with one weight in memory at a time; the reports' sparsities are filled in
     as the weights are written, and the post-condition is checked per weight at that moment. ``on_weight`` is
     then called as each weight is written (from the writer's threads, one call at a time).
+
+    The pass holds its configuration only: what a run computes lives in a :class:`_PruneRun` made by
+    :meth:`call`, so one instance prunes any number of models alike.
     """
 
     def __init__(
         self,
-        config: PruneConfig,
-        stats: Statistics | Mapping[str, np.ndarray] | None = None,
-        on_weight: Callable[[str], None] | None = None,
+        *,
+        config: PruneConfig | None = None,
+        stats: StatisticsInput = None,
         plan: Plan | None = None,
+        groups: ChannelGroups | None = None,
         defer: bool = False,
+        on_weight: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()
-        self.config = config
-        self.input_sumsq: Mapping[str, np.ndarray] | None = stats if isinstance(stats, Mapping) else None
-        self.gram: Mapping[str, np.ndarray] = {}
-        if stats is not None and not isinstance(stats, Mapping):
-            self.input_sumsq, self.gram = stats.sumsq, stats.gram
-        self.on_weight = on_weight
+        self.config = config if config is not None else PruneConfig()
+        self.stats = stats
         self.given_plan = plan
+        self.groups = groups
         self.defer = defer
-        self._pruned: list[Target] = []
-        self._callback_lock = threading.Lock()
-        self._prepared: tuple[np.ndarray, PreparedGram] | None = None  # ALPS: the last Gram matrix, prepared
-        self._alps = _SharedInputSolves()  # ALPS: weights solved with an earlier one that reads the same input
-        self.rewritten: list[str] = []  # stored tensors a permutation rewrote (beyond the pruned targets)
+        self.on_weight = on_weight
+
+    def __repr__(self) -> str:
+        plan = "" if self.given_plan is None else f", plan=<{len(self.given_plan[0])} targets>"
+        defer = ", defer=True" if self.defer else ""
+        return f"PrunePass(config={self.config!r}, stats={describe_statistics(self.stats)}{plan}{defer})"
 
     def plan(self, model: ir.Model) -> Plan:
         """The targets this pass will prune and the weights it will leave, without touching the model."""
@@ -185,25 +186,26 @@ class PrunePass(ir.passes.InPlacePass):
         return ""
 
     def requires(self, model: ir.Model) -> None:
-        if self.config.method is not Method.MAGNITUDE and self.input_sumsq is None:
+        if self.config.method is not Method.MAGNITUDE and statistics_parts(self.stats)[0] is None:
             raise PassPreconditionError(
                 f"{self.config.method.value} needs activation statistics: pass --calib DATA or --stats FILE"
             )
 
     def call(self, model: ir.Model) -> PruneResult:
-        self._pruned = []
         targets, skips = self.given_plan or self.plan(model)
-        self.check_statistics(targets)  # statistics that don't match fail before any weight changes
+        _check_statistics(self.config.method, self.stats, targets)  # a mismatch fails before any weight changes
+        run = _PruneRun(self.config, model, self.stats, self.defer, self.on_weight)
         reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
-        reports += self.prune_targets(model, targets)
+        reports += run.prune(targets, self._permutation(model, targets))
         reports.sort(key=lambda r: (r.skipped is not None, r.name))
         return PruneResult(model, bool(targets), self.config, reports)
 
     def ensures(self, model: ir.Model) -> None:
         pattern = self.config.pattern
-        if self.defer or not isinstance(pattern, NMPattern) or not self._pruned:
-            return
-        check = CheckPass(pattern, targets=self._pruned)(model)
+        if self.defer or not isinstance(pattern, NMPattern):
+            return  # deferred weights are checked one by one as they are written
+        targets, _ = self.given_plan or self.plan(model)  # pruning changes values, not what the plan reads
+        check = CheckPass(pattern, targets=targets)(model)
         if not check.ok:
             bad = check.violations[0]
             raise PassPostconditionError(
@@ -211,40 +213,80 @@ class PrunePass(ir.passes.InPlacePass):
                 f"the first at {bad.first_bad}"
             )
 
-    def run(self, model: ir.Model, targets: list[Target], skips: list[Skip]) -> PruneResult:
-        """Prune the targets of a :meth:`plan` (with the pass's pre- and post-conditions)."""
-        self.given_plan = (targets, skips)
-        return self(model)
+    def _permutation(self, model: ir.Model, targets: list[Target]) -> Callable[[Target], None] | None:
+        """With ``config.permute``: a step that writes the channel order of the group a target reads (if any)."""
+        pattern = self.config.pattern
+        if not self.config.permute or not isinstance(pattern, NMPattern):
+            return None
+        groups = self.groups if self.groups is not None else channel_groups(model)
 
-    def prune_targets(self, model: ir.Model, targets: list[Target]) -> list[WeightReport]:
-        """Prune these planned targets in place (sequential calibration calls this group by group)."""
-        stored = stored_values(model.graph)
+        def permute(target: Target) -> None:
+            if target.name in groups[0]:
+                step = PermutePass(
+                    pattern=pattern,
+                    method=self.config.method,
+                    stats=self.stats,
+                    readers=[target.name],
+                    groups=groups,
+                )
+                step(model)
+
+        return permute
+
+
+class _PruneRun:
+    """One run of :class:`PrunePass` on one model: the model's stored values, the statistics in the model's
+    channel order, ALPS's weights solved together, the callback's lock."""
+
+    def __init__(
+        self,
+        config: PruneConfig,
+        model: ir.Model,
+        stats: StatisticsInput,
+        defer: bool,
+        on_weight: Callable[[str], None] | None,
+    ) -> None:
+        self.config = config
+        self.stored = stored_values(model.graph)
+        self.sumsq, self.gram = statistics_parts(stats)
+        self.defer = defer
+        self.on_weight = on_weight
+        self.callback_lock = threading.Lock()
+        self.prepared: tuple[np.ndarray, PreparedGram] | None = None  # ALPS: the last Gram matrix, prepared
+        self.alps = _SharedInputSolves()  # ALPS: weights solved with an earlier one that reads the same input
+
+    def prune(self, targets: list[Target], permute: Callable[[Target], None] | None) -> list[WeightReport]:
+        """Prune the planned targets in order (ALPS: those sharing an input next to each other)."""
         reports = []
-        groups: dict[str, ChannelGroup] = {}
-        weights: dict[str, Target] = {}
-        if self.config.permute and isinstance(self.config.pattern, NMPattern):
-            groups, weights = find_channel_groups(model)
         targets = self._by_gram(targets)
-        self._alps.peers, self._alps.stored = targets, stored
+        self.alps.peers = targets
         for target in targets:
-            permuted = (
-                self._permute(model, groups[target.name], weights, stored) if target.name in groups else None
-            )
+            if permute is not None:
+                permute(target)
             if self.defer:
-                reports.append(self._defer(stored, target))
-                reports[-1].permutation = permuted
-                continue
-            weight = read_weight(stored, target)
-            weight.write(self._pruned_values(target, weight))
-            reports.append(self._report(target, weight))
-            reports[-1].permutation = permuted
-            if self.on_weight:
-                self.on_weight(target.name)
-        self._pruned = [*self._pruned, *targets]
+                reports.append(self._defer(target))
+            else:
+                weight = read_weight(self.stored, target)
+                weight.write(self._pruned_values(target, weight))
+                reports.append(self._report(target, weight))
+                if self.on_weight:
+                    self.on_weight(target.name)
+            reports[-1].permutation = self.stored[target.name].meta.get(PERMUTATION_REPORT)
         return reports
 
-    def _defer(self, stored: Mapping[str, ir.Value], target: Target) -> WeightReport:
+    def sumsq_of(self, target: Target) -> np.ndarray:
+        assert self.sumsq is not None
+        return sumsq_in_model_order(self.stored[target.name], self.sumsq[target.name])
+
+    def gram_of(self, target: Target) -> np.ndarray | None:
+        """The Gram matrix of the target's input in the model's channel order (the statistics' own array, shared
+        by the weights that read the same input, where no permutation reordered the target)."""
+        gram = self.gram.get(target.name)
+        return None if gram is None else gram_in_model_order(self.stored[target.name], gram)
+
+    def _defer(self, target: Target) -> WeightReport:
         """Replace the target's tensor by one that prunes the weight when read (see the class docstring)."""
+        stored = self.stored
         source = stored_tensor(stored[target.name])
         report = WeightReport(
             target.name,
@@ -266,11 +308,11 @@ class PrunePass(ir.passes.InPlacePass):
             if isinstance(pattern, NMPattern) and _groups_over(nonzero, target.k_axis, pattern):
                 raise PassPostconditionError(f"weight {target.name} breaks {pattern} along K after pruning")
             if self.on_weight:
-                with self._callback_lock:  # the model's writer may evaluate two weights at once
+                with self.callback_lock:  # the model's writer may evaluate two weights at once
                     self.on_weight(target.name)
             return weight.tensor(values)
 
-        self._alps.sources[target.name] = source  # a peer solved with an earlier weight reads its dense values
+        self.alps.sources[target.name] = source  # a peer solved with an earlier weight reads its dense values
         replace_tensor(stored[target.name], ir.LazyTensor(pruned, source.dtype, source.shape, name=source.name))
         return report
 
@@ -297,13 +339,19 @@ class PrunePass(ir.passes.InPlacePass):
         return values
 
     def _reconstruct_weight(self, target: Target, stored: StoredWeight) -> np.ndarray:
-        """SparseGPT or ALPS: choose the mask and update the kept weights from the Gram matrix of the inputs."""
+        """SparseGPT or ALPS: choose the mask and update the kept weights from the Gram matrix of the inputs.
+
+        The solvers are chosen here: an option that changes how a weight is reconstructed (what it is solved
+        against, what grid its values land on) is a :class:`PruneConfig` field read in this method and its
+        solvers' options, so every driver (one-shot, sequential, segment-wise) gets it through the pass.
+        """
         canonical = _canonical(target, stored)
         if not np.isfinite(canonical).all():
             raise GraphpruneError(
                 f"weight {target.name} holds NaN or infinite values: {self.config.method.value} cannot prune it"
             )
-        gram = self.gram[target.name]
+        gram = self.gram_of(target)
+        assert gram is not None  # checked with the statistics
         try:
             if self.config.method is Method.ALPS:
                 updated = self._alps_weight(target, canonical, gram)
@@ -316,69 +364,33 @@ class PrunePass(ir.passes.InPlacePass):
     def _alps_weight(self, target: Target, canonical: np.ndarray, gram: np.ndarray) -> np.ndarray:
         """ALPS on one weight, solved together with the planned weights not pruned yet that read the same input
         (Q/K/V, gate/up: :func:`alps_solve_shared`); their results wait here for their turn."""
-        shared = self._alps
+        shared = self.alps
         with shared.lock:  # the model's writer may evaluate two deferred weights at once
             waiting = shared.solved.pop(target.name, None)
             shared.done.add(target.name)
             if waiting is not None and np.array_equal(waiting[0], canonical):  # unchanged since (no permutation)
                 return waiting[1]
-            if self._prepared is None or self._prepared[0] is not gram:
-                self._prepared = (gram, PreparedGram(gram, self.config.percdamp))
+            if self.prepared is None or self.prepared[0] is not gram:
+                self.prepared = (gram, PreparedGram(gram, self.config.percdamp))
             peers = self._alps_peers(gram)
             weights = [canonical, *(w for _, w in peers)]
-            results = alps_solve_shared(weights, self._prepared[1], self.config.pattern)
+            results = alps_solve_shared(weights, self.prepared[1], self.config.pattern)
             for (t, w), result in zip(peers, results[1:], strict=True):
                 shared.solved[t.name] = (w, result.weight)
             return results[0].weight
 
     def _alps_peers(self, gram: np.ndarray) -> list[tuple[Target, np.ndarray]]:
         """The planned weights not pruned yet that read this Gram matrix's input, with their dense values."""
-        shared, peers = self._alps, []
+        shared, peers = self.alps, []
         for t in shared.peers:
-            if t.name in shared.done or self.gram.get(t.name) is not gram:
+            if t.name in shared.done or self.gram_of(t) is not gram:
                 continue
             if self.defer and t.name not in shared.sources:  # not deferred yet: its tensor is still the model's
                 continue
-            w = _canonical(t, read_weight(shared.stored, t, shared.sources.get(t.name)))
+            w = _canonical(t, read_weight(self.stored, t, shared.sources.get(t.name)))
             if np.isfinite(w).all():  # a bad peer fails at its own turn, under its own name
                 peers.append((t, w))
         return peers
-
-    def _permute(
-        self, model: ir.Model, group: ChannelGroup, weights: dict[str, Target], stored: Mapping[str, ir.Value]
-    ) -> dict:
-        """Search the reader's best channel order, write it into the model, and reorder its statistics alike.
-
-        The order is scored with the reader's |W|·‖X‖ (Wanda's score; SparseGPT and ALPS choose their masks
-        from a saliency of the same kind), |W| for magnitude; a period shorter than K (heads) stacks the blocks.
-        """
-        reader = weights[group.reader]
-        w = to_canonical(read_weight(stored, reader).effective(), reader.k_axis, reader.out_axis)[:, 0, :]
-        sumsq = self.input_sumsq.get(reader.name) if self.input_sumsq is not None else None
-        scores = self._order_scores(w, sumsq)
-        found = search_permutation(scores.reshape(-1, group.period), self.config.pattern)
-        written = found.kept > found.identity_kept
-        if written:
-            self.rewritten += write_permutation(model, group, found.order, weights)
-            index = full_order(found.order, reader.k)
-            if sumsq is not None:
-                self.input_sumsq = ChainMap({reader.name: sumsq[index]}, self.input_sumsq)
-            if reader.name in self.gram:
-                gram = self.gram[reader.name]
-                self.gram = ChainMap({reader.name: gram[np.ix_(index, index)]}, self.gram)
-        total = found.total or 1.0
-        return asdict(
-            PermutedGroup(
-                group.reader, list(group.writers), list(group.biases), group.kind, group.period,
-                round(found.identity_kept / total, 6), round(max(found.kept, found.identity_kept) / total, 6),
-                round(max(found.recovered, 0.0), 6), written,
-            )
-        )  # fmt: skip
-
-    def _order_scores(self, w: np.ndarray, sumsq: np.ndarray | None) -> np.ndarray:
-        if self.config.method is Method.MAGNITUDE or sumsq is None:
-            return magnitude_scores(w)
-        return wanda_scores(w, sumsq)
 
     def _by_gram(self, targets: list[Target]) -> list[Target]:
         """ALPS: the weights that share a Gram matrix one after another, so that one preparation serves them."""
@@ -394,21 +406,8 @@ class PrunePass(ir.passes.InPlacePass):
         if self.config.method is Method.MAGNITUDE:
             return magnitude_scores(weight)
         if self.config.method is Method.WANDA:
-            assert self.input_sumsq is not None
-            return wanda_scores(weight, self.input_sumsq[target.name][k_range], axis=k_axis)
+            return wanda_scores(weight, self.sumsq_of(target)[k_range], axis=k_axis)
         raise GraphpruneError(f"method {self.config.method.value} is not available in this pass")
-
-    def check_statistics(self, targets: list[Target]) -> None:
-        """Fail before any work when the method needs statistics that are missing or of another model."""
-        method = self.config.method
-        if method is Method.MAGNITUDE:
-            return
-        if self.input_sumsq is None:
-            raise PassPreconditionError(
-                f"{method.value} needs activation statistics: pass --calib DATA or --stats FILE"
-            )
-        stats = ActivationStats.from_sumsq(self.input_sumsq, targets, self.gram)
-        stats.check(targets, gram=method.reconstructs)  # the one validation of statistics
 
     def _report(self, target: Target, stored: StoredWeight) -> WeightReport:
         effective = stored.effective()
@@ -425,14 +424,25 @@ class PrunePass(ir.passes.InPlacePass):
         )
 
 
+def _check_statistics(method: Method, stats: StatisticsInput, targets: list[Target]) -> None:
+    """Fail before any work when the method needs statistics that are missing or of another model."""
+    if method is Method.MAGNITUDE:
+        return
+    sumsq, gram = statistics_parts(stats)
+    if sumsq is None:
+        raise PassPreconditionError(
+            f"{method.value} needs activation statistics: pass --calib DATA or --stats FILE"
+        )
+    ActivationStats.from_sumsq(sumsq, targets, gram).check(targets, gram=method.reconstructs)  # the one check
+
+
 @dataclass
 class _SharedInputSolves:
-    """ALPS's bookkeeping for weights solved together: the pass's targets in order (``peers``), the graph's
-    stored values, the dense tensors of deferred weights, the names already pruned, and results waiting
-    (keyed by name: the canonical weight they were solved from, the solution)."""
+    """ALPS's bookkeeping for weights solved together: the run's targets in order (``peers``), the dense
+    tensors of deferred weights, the names already pruned, and results waiting (keyed by name: the canonical
+    weight they were solved from, the solution)."""
 
     peers: list[Target] = field(default_factory=list)
-    stored: Mapping[str, ir.Value] = field(default_factory=dict)
     sources: dict[str, ir.TensorProtocol] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
     solved: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)

@@ -20,8 +20,9 @@ from graphprune.graph.model_io import (
     uses_external_data,
 )
 from graphprune.graph.targets import Target
+from graphprune.passes.base import Statistics
 from graphprune.passes.check import CheckPass, CheckResult
-from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, Statistics
+from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult
 from graphprune.pipeline.budget import budget_warnings, statistics_bytes
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def prune_file(
         raise GraphpruneError("--sequential needs calibration data: pass --calib DATA")
     model = load_model(model_path)
     external = uses_external_data(model)
-    prune = PrunePass(config, stats, on_weight)
+    prune = PrunePass(config=config, stats=stats)
     targets, skips = prune.plan(model)
     if not targets:
         reasons = sorted({s.reason for s in skips})
@@ -153,7 +154,7 @@ def prune_file(
             else:
                 stats = calibrate_chunk(targets)
             warnings = stats.warnings
-        prune = PrunePass(config, stats, on_weight, plan=(targets, skips), defer=True)
+        prune = PrunePass(config=config, stats=stats, plan=(targets, skips), defer=True, on_weight=on_weight)
         result = prune(model)
     for message in notes + warnings if on_message else ():
         on_message(message)

@@ -22,18 +22,20 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from graphprune.algorithms.pattern import NMPattern
 from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.stats import ActivationStats
 from graphprune.errors import GraphpruneError
 from graphprune.graph.stored import replace_tensor, stored_tensor, stored_values
 from graphprune.graph.targets import Skip, Target
+from graphprune.passes.permute import ChannelGroups, PermutePass, channel_groups
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
 from graphprune.pipeline.boundary import BoundaryTensors
 from graphprune.pipeline.sequential import SequentialCalibration, target_groups
@@ -118,6 +120,7 @@ def prune_in_segments(
     own = staged is None
     with contextlib.nullcontext(staged) if staged is not None else StagedOutput(output) as staged:
         run = _Run(model, staged, config, store, on_weight, on_progress, pruned_feeds_later=mode != "oneshot")
+        run.groups = channel_groups(model) if config.permute else None
         run.batch_tokens = sum(_tokens(batch) for batch in batches)
         engine = SequentialCalibration(
             model,
@@ -154,6 +157,7 @@ class _Run:
     pruned_feeds_later: bool = True  # sequential: later segments read the pruned weights; one-shot: dense ones
     reports: list[WeightReport] = field(default_factory=list)
     batch_tokens: int = 0  # tokens of all calibration batches: what every segment runs
+    groups: ChannelGroups | None = None  # --permute: the graph's channel groups
     _written: dict[str, ir.ExternalTensor] = field(default_factory=dict)  # pruned weights in the output
     _segment_started: float = 0.0
     _pruning_seconds: float = 0.0
@@ -162,16 +166,18 @@ class _Run:
         self._segment_started = time.perf_counter()
 
     def prune_group(self, group: list[Target], stats: ActivationStats) -> None:
-        """Prune each target of ``group`` and stream it into the output's data file at once."""
+        """Prune each target of ``group`` and stream it into the output's data file at once (one target per
+        pass: one pruned weight in memory)."""
         started = time.perf_counter()
-        step = PrunePass(self.config, stats, self.on_weight)
-        step.check_statistics(group)
         stored = stored_values(self.model.graph)
+        config = replace(self.config, permute=False)  # the orders are written below, target by target
         for target in group:
             value = stored[target.name]
             dense = stored_tensor(value)  # a lazy view of the input's bytes
-            self.reports.extend(step.prune_targets(self.model, [target]))
-            self._rewrite_reordered(step, stored)
+            if self.groups is not None and target.name in self.groups[0]:
+                self._permute(target, stats, stored)
+            step = PrunePass(config=config, stats=stats, plan=([target], []), on_weight=self.on_weight)
+            self.reports.extend(step(self.model).weights)
             if not isinstance(dense, ir.ExternalTensor):  # small inline weights stay in the model
                 continue
             pruned = stored_tensor(value)
@@ -181,11 +187,16 @@ class _Run:
             replace_tensor(value, written if self.pruned_feeds_later else dense)
         self._pruning_seconds += time.perf_counter() - started
 
-    def _rewrite_reordered(self, step: PrunePass, stored: Mapping[str, ir.Value]) -> None:
+    def _permute(self, reader: Target, stats: ActivationStats, stored: Mapping[str, ir.Value]) -> None:
         """--permute chooses a group's channel order when its reader is pruned, after its writers (an MLP's up
         and gate columns) were already pruned and written: write their new order over their old bytes (same
         length, same place) and point the model at the file again instead of keeping the copy in memory."""
-        for name in step.rewritten:
+        assert isinstance(self.config.pattern, NMPattern)
+        step = PermutePass(
+            pattern=self.config.pattern, method=self.config.method, stats=stats, readers=[reader.name],
+            groups=self.groups,
+        )  # fmt: skip
+        for name in step(self.model).rewritten:
             written = self._written.get(name)
             if written is None:
                 continue
@@ -194,7 +205,6 @@ class _Run:
             fresh = self._pointer(name, written.offset or 0, written.nbytes, tensor)  # no stale mapping
             self._written[name] = fresh
             replace_tensor(stored[name], fresh)
-        step.rewritten.clear()
 
     def on_group(self, done: int, total: int) -> None:
         for value in self.model.graph.initializers.values():  # unmap what the segment read

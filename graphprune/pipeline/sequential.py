@@ -27,6 +27,7 @@ from graphprune.calibration.taps import plan_taps, tapped_model
 from graphprune.errors import GraphpruneError
 from graphprune.graph.targets import Skip, Target
 from graphprune.graph.types import value_types
+from graphprune.passes.permute import channel_groups
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
 from graphprune.pipeline.boundary import BoundaryTensors
 
@@ -233,17 +234,18 @@ def prune_sequentially(
     from ``model`` itself, so each sees the groups pruned before it. Returns the pruning result and the
     calibration warnings.
     """
-    targets, skips = plan or PrunePass(config).plan(model)
+    targets, skips = plan or PrunePass(config=config).plan(model)
     if not targets:
         raise GraphpruneError("the model has no prunable weights for this pattern and selection")
     reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
     gram = config.method.reconstructs
     engine = SequentialCalibration(model, batches, list(providers), gram, group_by, on_group)
 
+    groups = channel_groups(model) if config.permute else None  # the wiring: found once for every group
+
     def prune_group(group: list[Target], stats: ActivationStats) -> None:
-        step = PrunePass(config, stats, on_weight)
-        step.check_statistics(group)
-        reports.extend(step.prune_targets(model, group))
+        step = PrunePass(config=config, stats=stats, plan=(group, []), groups=groups, on_weight=on_weight)
+        reports.extend(step(model).weights)
 
     engine.run(targets, prune_group)
     reports.sort(key=lambda r: (r.skipped is not None, r.name))

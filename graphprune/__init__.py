@@ -6,7 +6,8 @@ The public API, all importable from here::
     result = PrunePass(config=PruneConfig(NMPattern(2, 4)))(model)
     save_model(model, "model.pruned.onnx")
 
-Passes are ``onnx_ir`` passes: compose them with ``onnx_ir.passes.Sequential``.
+Passes are ``onnx_ir`` passes: compose them with ``graphprune.passes.base.Sequential`` (onnx-ir's
+``Sequential``, whose graphprune errors reach the caller unwrapped).
 """
 
 from __future__ import annotations

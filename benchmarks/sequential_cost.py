@@ -25,13 +25,14 @@ MODEL = Path.home() / ".cache" / "graphprune" / "smollm2" / "model.onnx"
 DATA = ROOT.parent / "shared" / "reference" / "smollm2_brown_calib.npz"
 
 
-def sequential_child(model: Path, data: Path, batch: int, group_by: str) -> dict:
+def sequential_child(model: Path, data: Path, batch: int, sequential: str) -> dict:
     sys.path.insert(0, str(ROOT))
     from graphprune.algorithms.pattern import NMPattern
     from graphprune.algorithms.scores import Method
     from graphprune.calibration.request import CalibrationRequest
     from graphprune.graph.model_io import load_model
     from graphprune.passes.prune import PruneConfig
+    from graphprune.pipeline.progress import PruneProgress
     from graphprune.pipeline.sequential import prune_sequentially
 
     start = time.perf_counter()
@@ -39,8 +40,12 @@ def sequential_child(model: Path, data: Path, batch: int, group_by: str) -> dict
     batches, _ = CalibrationRequest(str(data), batch_size=batch).batches(loaded)
     groups: list[int] = []
     config = PruneConfig(NMPattern(2, 4), Method.WANDA)
-    on_group = lambda done, total: groups.append(total)  # noqa: E731
-    prune_sequentially(loaded, config, batches, on_group=on_group, group_by=group_by)
+
+    class Groups(PruneProgress):
+        def group_done(self, done: int, total: int) -> None:
+            groups.append(total)
+
+    prune_sequentially(loaded, config, batches, sequential=sequential, progress=Groups())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": time.perf_counter() - start, "peak_mib": peak, "groups": groups[-1]}
 

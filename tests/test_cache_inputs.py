@@ -170,8 +170,8 @@ def test_text_calibration_of_a_decoder_with_a_cache(tmp_path: Path) -> None:
     assert all(np.all(stats.sumsq[n] > 0) for n in stats.sumsq)
 
 
-@pytest.mark.parametrize("group_by", ["block", "level"])
-def test_sequential_calibration_of_a_decoder_with_a_cache(group_by: str) -> None:
+@pytest.mark.parametrize("sequential", ["block", "level"])
+def test_sequential_calibration_of_a_decoder_with_a_cache(sequential: str) -> None:
     model, dense = decoder()
     ids = np.random.default_rng(4).integers(0, VOCAB, (4, 6))
     batches, _ = CalibrationRequest({"input_ids": ids, "attention_mask": np.ones_like(ids)}, batch_size=2).batches(
@@ -180,7 +180,9 @@ def test_sequential_calibration_of_a_decoder_with_a_cache(group_by: str) -> None
     assert set(batches[0]) == set(full_feed(ids))
     h0 = hidden_states(model, full_feed(ids), ["h0"])[0]
     model = ir.from_proto(model)
-    result, _ = prune_sequentially(model, PruneConfig(NMPattern(2, 4), Method.WANDA), batches, group_by=group_by)
+    result, _ = prune_sequentially(
+        model, PruneConfig(NMPattern(2, 4), Method.WANDA), batches, sequential=sequential
+    )
     # every Q/K/V/O weight is pruned, only the LM head stays dense
     assert {w.name for w in result.pruned} == {f"l{i}.{p}" for i in range(LAYERS) for p in "qkvo"}
     assert [w.name for w in result.skipped] == ["lm_head"]

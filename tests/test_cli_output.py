@@ -24,6 +24,7 @@ from graphprune.cli.app import COMMAND_ORDER
 from graphprune.cli.tables import shorten
 from graphprune.passes.prune import PruneConfig
 from graphprune.pipeline.files import prune_file
+from graphprune.pipeline.progress import PruneProgress
 from tests.onnx_builders import init, make_model, run, tensor
 
 runner = CliRunner(env={"COLUMNS": "80"})
@@ -195,16 +196,17 @@ def test_prune_file_reports_calibration_progress_through_its_callback(model_path
     np.savez(tmp_path / "calib.npz", x=x)
     calls: list[tuple[int, int | None]] = []
     weights: list[str] = []
+
+    class Heard(PruneProgress):
+        def calibrated(self, samples_done: int, samples_total: int | None) -> None:
+            calls.append((samples_done, samples_total))
+
+        def weight_pruned(self, name: str) -> None:
+            weights.append(name)
+
     config = PruneConfig(NMPattern(2, 4), Method.SPARSEGPT, include_head=True)
     request = CalibrationRequest(data=str(tmp_path / "calib.npz"), batch_size=4)
-    prune_file(
-        model_path,
-        config,
-        tmp_path / "p.onnx",
-        calibration=request,
-        on_weight=weights.append,
-        on_calibration=lambda done, total: calls.append((done, total)),
-    )
+    prune_file(model_path, config, tmp_path / "p.onnx", calibration=request, progress=Heard())
     assert calls == [(4, 10), (8, 10), (10, 10)] and sorted(weights) == sorted(NAMES)
     code, _, output = invoke(
         "apply", model_path, "--method", "sparsegpt", "--calib", tmp_path / "calib.npz", "--include-head",

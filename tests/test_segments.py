@@ -21,7 +21,8 @@ from graphprune.graph.model_io import load_model, to_proto, uses_external_data
 from graphprune.passes.prune import PruneConfig, PrunePass
 from graphprune.pipeline.boundary import BoundaryTensors, parse_memory_size
 from graphprune.pipeline.files import prune_file
-from graphprune.pipeline.segments import SegmentProgress, prune_in_segments
+from graphprune.pipeline.progress import PruneProgress, SegmentProgress
+from graphprune.pipeline.segments import prune_in_segments
 from graphprune.pipeline.sequential import prune_sequentially
 from tests.onnx_builders import init, initializer, make_model, run, tensor
 
@@ -78,11 +79,32 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def segment_run(path: Path, out: Path, data: list, mode: str, max_memory: int | None = None, **callbacks):
+class Seen(PruneProgress):
+    """The segments and weights a run reports; ``fail_at``: raise this error at the n-th weight."""
+
+    def __init__(self, fail_at: tuple[int, BaseException] | None = None) -> None:
+        self.segments: list[SegmentProgress] = []
+        self.weights: list[str] = []
+        self.fail_at = fail_at
+
+    def segment_done(self, step: SegmentProgress) -> None:
+        self.segments.append(step)
+
+    def weight_pruned(self, name: str) -> None:
+        self.weights.append(name)
+        if self.fail_at is not None and len(self.weights) == self.fail_at[0]:
+            raise self.fail_at[1]
+
+
+def segment_run(
+    path: Path, out: Path, data: list, sequential: str | None, max_memory: int | None = None, progress=None
+):
     model = load_model(path)  # its weights are read lazily
     assert uses_external_data(model)
     plan = PrunePass(config=WANDA).plan(model)
-    return prune_in_segments(model, path.parent, out, WANDA, request(data, max_memory), mode, plan, **callbacks)
+    return prune_in_segments(
+        model, path.parent, out, WANDA, request(data, max_memory), sequential, plan, progress=progress or Seen()
+    )
 
 
 def weights_of(path: Path) -> dict[str, np.ndarray]:
@@ -90,17 +112,17 @@ def weights_of(path: Path) -> dict[str, np.ndarray]:
     return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-@pytest.mark.parametrize("mode", ["block", "level"])
-def test_segments_prune_exactly_as_the_in_memory_sequential_engine(external_model: Path, mode: str) -> None:
+@pytest.mark.parametrize("sequential", ["block", "level"])
+def test_segments_prune_exactly_as_the_in_memory_sequential_engine(external_model: Path, sequential: str) -> None:
     data = feeds()
     reference = load_model(external_model)
     batches, _ = request(data).batches(to_proto(reference))
-    expected, _ = prune_sequentially(reference, WANDA, batches, group_by=mode)
+    expected, _ = prune_sequentially(reference, WANDA, batches, sequential=sequential)
     reference = to_proto(reference)
     before = digest(external_model.with_name("model.onnx.data"))
 
     out = external_model.parent.parent / "out" / "pruned.onnx"
-    result, warnings, memory = segment_run(external_model, out, data, mode)
+    result, warnings, memory = segment_run(external_model, out, data, sequential)
 
     assert warnings == [] and memory.spilled_bytes == 0
     assert (
@@ -130,7 +152,7 @@ def test_oneshot_segments_equal_todays_one_shot_calibration(tmp_path: Path, exte
     onnx.save_model(decoder_like_copy(external_model), str(inline))
     prune_file(inline, WANDA, tmp_path / "oneshot.onnx", calibration=request(data))
 
-    segment_run(external_model, tmp_path / "segments.onnx", data, "oneshot")
+    segment_run(external_model, tmp_path / "segments.onnx", data, None)
 
     expected, got = weights_of(tmp_path / "oneshot.onnx"), weights_of(tmp_path / "segments.onnx")
     assert expected.keys() == got.keys()
@@ -146,11 +168,13 @@ def decoder_like_copy(path: Path) -> onnx.ModelProto:
     return to_proto(load_model(path))  # the same weights, loaded whole: saved inline it runs one-shot as today
 
 
-@pytest.mark.parametrize("mode", ["block", "oneshot"])
-def test_spilled_and_unspilled_runs_write_the_same_model(tmp_path: Path, external_model: Path, mode: str) -> None:
+@pytest.mark.parametrize("sequential", ["block", None], ids=["block", "one-shot"])
+def test_spilled_and_unspilled_runs_write_the_same_model(
+    tmp_path: Path, external_model: Path, sequential: str | None
+) -> None:
     data = feeds()
-    segment_run(external_model, tmp_path / "memory.onnx", data, mode)
-    _, warnings, memory = segment_run(external_model, tmp_path / "disk.onnx", data, mode, max_memory=1)
+    segment_run(external_model, tmp_path / "memory.onnx", data, sequential)
+    _, warnings, memory = segment_run(external_model, tmp_path / "disk.onnx", data, sequential, max_memory=1)
 
     assert memory.budget_bytes == 0 and memory.peak_held_bytes == 0  # the budget holds by construction
     assert "input_ids" in memory.spilled and "h1" in memory.spilled and memory.spilled_bytes > 0
@@ -176,26 +200,19 @@ def test_boundary_tensors_stay_within_their_budget_and_read_back_spilled_ones() 
 
 
 def test_progress_reports_each_segment_with_tokens_and_memory(tmp_path: Path, external_model: Path) -> None:
-    seen: list[SegmentProgress] = []
-    segment_run(external_model, tmp_path / "out.onnx", feeds(), "block", on_progress=seen.append)
-    assert [(p.done, p.total) for p in seen] == [(1, 3), (2, 3), (3, 3)]
-    assert all(p.tokens_per_second and p.tokens_per_second > 0 for p in seen)
-    assert all(p.memory_bytes > 0 and p.spilled_bytes == 0 for p in seen)
+    seen = Seen()
+    segment_run(external_model, tmp_path / "out.onnx", feeds(), "block", progress=seen)
+    assert [(p.done, p.total) for p in seen.segments] == [(1, 3), (2, 3), (3, 3)]
+    assert all(p.tokens_per_second and p.tokens_per_second > 0 for p in seen.segments)
+    assert all(p.memory_bytes > 0 and p.spilled_bytes == 0 for p in seen.segments)
 
 
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path: Path, external_model: Path) -> None:
     out = tmp_path / "out" / "pruned.onnx"
     out.parent.mkdir()
-    pruned = []
-
-    def interrupt(name: str) -> None:
-        pruned.append(name)
-        if len(pruned) == 3:
-            raise KeyboardInterrupt
-
     spill_dirs = set(Path(__import__("tempfile").gettempdir()).glob("graphprune-spill-*"))
     with pytest.raises(KeyboardInterrupt):
-        segment_run(external_model, out, feeds(), "block", max_memory=1, on_weight=interrupt)
+        segment_run(external_model, out, feeds(), "block", max_memory=1, progress=Seen((3, KeyboardInterrupt())))
     assert list(out.parent.iterdir()) == []  # no model, no data file, no staging directory
     assert set(Path(__import__("tempfile").gettempdir()).glob("graphprune-spill-*")) == spill_dirs
 
@@ -203,11 +220,15 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path: Path, external_model
 def test_a_failed_run_removes_the_folders_it_made_for_its_output(tmp_path: Path, external_model: Path) -> None:
     out = tmp_path / "new" / "deeper" / "pruned.onnx"
 
-    def fail(name: str) -> None:
-        raise GraphpruneError("stop")
-
     with pytest.raises(GraphpruneError, match="stop"):
-        prune_file(external_model, WANDA, out, calibration=request(feeds()), sequential="block", on_weight=fail)
+        prune_file(
+            external_model,
+            WANDA,
+            out,
+            calibration=request(feeds()),
+            sequential="block",
+            progress=Seen((1, GraphpruneError("stop"))),
+        )
     assert not (tmp_path / "new").exists()
     prune_file(external_model, WANDA, out, calibration=request(feeds()), sequential="block")
     assert sorted(p.name for p in out.parent.iterdir()) == [
@@ -222,18 +243,13 @@ def test_prune_file_runs_external_models_segment_wise(tmp_path: Path, external_m
     reference = load_model(external_model)
     batches, _ = request(data).batches(to_proto(reference))
     prune_sequentially(reference, WANDA, batches)
-    seen: list[SegmentProgress] = []
+    seen = Seen()
 
     out, result = prune_file(
-        external_model,
-        WANDA,
-        tmp_path / "p.onnx",
-        calibration=request(data),
-        sequential="block",
-        on_segment=seen.append,
+        external_model, WANDA, tmp_path / "p.onnx", calibration=request(data), sequential="block", progress=seen
     )
 
-    assert len(result.pruned) == 6 and len(seen) == 3 and (tmp_path / "p.report.json").exists()
+    assert len(result.pruned) == 6 and len(seen.segments) == 3 and (tmp_path / "p.report.json").exists()
     got = weights_of(out)
     for name in ("a1", "b3", "head", "embed"):
         np.testing.assert_array_equal(got[name], initializer(reference, name))
@@ -282,12 +298,15 @@ def test_a_failed_segment_wise_run_over_an_existing_output_keeps_it_whole(
     prune_file(external_model, WANDA, out, calibration=request(data), sequential="block")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
 
-    def fail(name: str) -> None:
-        raise GraphpruneError("stop")
-
     with pytest.raises(GraphpruneError, match="stop"):
         prune_file(
-            external_model, WANDA, out, calibration=request(data), sequential="level", force=True, on_weight=fail
+            external_model,
+            WANDA,
+            out,
+            calibration=request(data),
+            sequential="level",
+            force=True,
+            progress=Seen((1, GraphpruneError("stop"))),
         )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "in"} == before
 
@@ -296,7 +315,7 @@ def test_a_failed_segment_wise_run_over_an_existing_output_keeps_it_whole(
     assert names == ["pruned.onnx", "pruned.onnx.1.data", "pruned.report.json"]  # the old data file is gone
     expected = load_model(external_model)
     batches, _ = request(data).batches(to_proto(expected))
-    prune_sequentially(expected, WANDA, batches, group_by="level")
+    prune_sequentially(expected, WANDA, batches, sequential="level")
     got = weights_of(out)
     for name in ("a1", "b3"):
         np.testing.assert_array_equal(got[name], initializer(expected, name))

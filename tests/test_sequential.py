@@ -115,7 +115,7 @@ def test_blocks_are_found_from_the_repeating_levels() -> None:
     targets = find_targets(model).targets
     groups = target_groups(model, targets)
     assert [[t.name for t in g] for g in groups] == [["a1", "b1"], ["a2", "b2"]]
-    assert len(target_groups(model, targets, by="level")) == 4
+    assert len(target_groups(model, targets, sequential="level")) == 4
 
 
 def test_a_block_is_calibrated_dense_inside_and_pruned_before_the_next() -> None:
@@ -168,9 +168,9 @@ def effective(model: ir.Model, variant: str, name: str) -> np.ndarray:
     return stored.astype(np.float32)
 
 
-@pytest.mark.parametrize("group_by", ["block", "level"])
+@pytest.mark.parametrize("sequential", ["block", "level"])
 @pytest.mark.parametrize("variant", ["transpose", "cast", "dequantize", "constant"])
-def test_later_blocks_see_pruned_weights_behind_other_nodes(variant: str, group_by: str) -> None:
+def test_later_blocks_see_pruned_weights_behind_other_nodes(variant: str, sequential: str) -> None:
     """Two residual blocks h = h + relu(h A) B with every weight stored behind ``variant``: in block mode the
     second block must be calibrated on the pruned first block, not on a cached dense transform of its weights."""
     rng = np.random.default_rng(8)
@@ -196,17 +196,17 @@ def test_later_blocks_see_pruned_weights_behind_other_nodes(variant: str, group_
     x = rng.standard_normal((12, 16)).astype(np.float32)
 
     result, _ = prune_sequentially(
-        model, PruneConfig(PATTERN, Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}], group_by=group_by
+        model, PruneConfig(PATTERN, Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}], sequential=sequential
     )
     assert sorted(w.name for w in result.pruned) == sorted(dense)
 
     # numpy: in block mode B is scored with its block's A still dense; in level mode with A already pruned
     relu = lambda a: np.maximum(a, 0)  # noqa: E731
     a1 = wanda_numpy(dense["a1"], x)
-    b1 = wanda_numpy(dense["b1"], relu(x @ (dense["a1"] if group_by == "block" else a1)))
+    b1 = wanda_numpy(dense["b1"], relu(x @ (dense["a1"] if sequential == "block" else a1)))
     h1 = x + relu(x @ a1) @ b1
     a2 = wanda_numpy(dense["a2"], h1)
-    b2 = wanda_numpy(dense["b2"], relu(h1 @ (dense["a2"] if group_by == "block" else a2)))
+    b2 = wanda_numpy(dense["b2"], relu(h1 @ (dense["a2"] if sequential == "block" else a2)))
     for name, expected in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2)):
         np.testing.assert_allclose(effective(model, variant, name), expected, rtol=1e-6, atol=1e-6)
     # the second block scored on the dense first block would differ: the test tells the two apart

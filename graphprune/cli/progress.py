@@ -1,8 +1,9 @@
-"""The one progress display of the command line, on stderr, fed by the library's callbacks.
+"""The one progress display of the command line, on stderr, fed by the library's progress events.
 
 A command opens one :func:`display` and adds a line per stage (``calibrating``, ``pruning``, ...); all lines live
 in the same rich ``Progress``, so stages never draw over each other. The library itself draws nothing: it calls
-``on_progress(done, total)``-style callbacks, which :class:`Bar` provides.
+``progress(done, total)``-style callbacks, which :class:`Bar` provides, or the methods of a progress object
+(:class:`PruningDisplay` for pruning).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from rich.progress import (
     BarColumn,
@@ -27,9 +27,7 @@ from rich.text import Text
 
 from graphprune.cli.app import console
 from graphprune.pipeline.boundary import format_size as _size
-
-if TYPE_CHECKING:
-    from graphprune.pipeline.segments import SegmentProgress
+from graphprune.pipeline.progress import PruneProgress, SegmentProgress
 
 
 class _Rate(ProgressColumn):
@@ -88,6 +86,38 @@ def segment_detail(step: SegmentProgress) -> str:
     if step.spilled_bytes:
         parts.append(f"spilled {_size(step.spilled_bytes)}")
     return ", ".join(parts)
+
+
+class PruningDisplay(PruneProgress):
+    """What ``apply`` shows of a pruning run: the pruning bar (with the group or segment it is at), a calibration
+    bar opened on the first batch (magnitude never calibrates), each warning as a yellow line."""
+
+    def __init__(self, shown: Display, unit: str) -> None:
+        self.shown = shown
+        self.unit = unit  # what a sequential group is: "block" or "level"
+        self.bar = shown.bar("pruning")
+        self.calibrating: Bar | None = None
+
+    def planned(self, weights: int) -> None:
+        self.bar.set_total(weights)
+
+    def calibrated(self, samples_done: int, samples_total: int | None) -> None:
+        if self.calibrating is None:
+            self.calibrating = self.shown.bar("calibrating", samples_total, unit="samples")
+        self.calibrating.update(samples_done, samples_total)
+
+    def group_done(self, done: int, total: int) -> None:  # the cost: one calibration segment per group
+        self.bar.describe(f"pruning {self.unit} {min(done + 1, total)}/{total}")
+
+    def segment_done(self, step: SegmentProgress) -> None:
+        self.bar.describe(f"pruning: segment {min(step.done + 1, step.total)} of {step.total}")
+        self.bar.set_detail(segment_detail(step))
+
+    def weight_pruned(self, name: str) -> None:
+        self.bar.advance()
+
+    def warning(self, text: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {text}", highlight=False)
 
 
 @contextmanager

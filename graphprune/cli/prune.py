@@ -13,7 +13,7 @@ import typer
 from graphprune.algorithms.pattern import NMPattern, Scope
 from graphprune.algorithms.scores import Method
 from graphprune.calibration.stats import ActivationStats
-from graphprune.cli.app import app, console, out, user_errors
+from graphprune.cli.app import app, out, user_errors
 from graphprune.cli.calib_options import (
     BatchSizeOpt,
     CalibOpt,
@@ -26,7 +26,7 @@ from graphprune.cli.calib_options import (
     calibration_request,
 )
 from graphprune.cli.options import pattern_from_options
-from graphprune.cli.progress import Bar, display, segment_detail
+from graphprune.cli.progress import PruningDisplay, display
 from graphprune.cli.tables import Col, fitted_table
 from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model
@@ -35,7 +35,7 @@ from graphprune.passes.check import CheckPass, CheckResult
 from graphprune.passes.prune import PruneConfig, PruneResult
 from graphprune.pipeline.boundary import parse_memory_size
 from graphprune.pipeline.files import prune_file, report_path
-from graphprune.pipeline.segments import SegmentProgress
+from graphprune.pipeline.sequential import SequentialUnit
 from graphprune.tensorrt.eligibility import Eligibility, eligibility_report, summary
 
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model to read (never modified). Example: model.onnx")]
@@ -203,40 +203,20 @@ def apply(
     config = PruneConfig(
         pattern, chosen, tuple(include or ()), tuple(exclude or ()), include_head, percdamp, blocksize, permute
     )
-    unit = "level" if by_level else "block"
+    unit: SequentialUnit = "level" if by_level else "block"
 
     with display() as shown:
-        calibrating: list[Bar] = []  # opened on the first calibration batch: magnitude never calibrates
-        bar = shown.bar("pruning")
-
-        def on_calibration(done: int, total: int | None) -> None:
-            if not calibrating:
-                calibrating.append(shown.bar("calibrating", total, unit="samples"))
-            calibrating[0].update(done, total)
-
-        def on_group(done: int, total: int) -> None:  # the cost: one calibration segment per group
-            bar.describe(f"pruning {unit} {min(done + 1, total)}/{total}")
-
-        def on_segment(step: SegmentProgress) -> None:
-            bar.describe(f"pruning: segment {min(step.done + 1, step.total)} of {step.total}")
-            bar.set_detail(segment_detail(step))
-
         written, result = prune_file(
             model,
             config,
             output,
-            saved,
-            force,
+            stats=saved,
             calibration=request if calib or (chosen is not Method.MAGNITUDE and not stats) else None,
-            sequential=("level" if by_level else "block") if sequential else None,
-            on_plan=bar.set_total,
-            on_weight=lambda name: bar.advance(),
-            on_message=lambda text: console.print(f"[yellow]warning:[/yellow] {text}", highlight=False),
-            on_group=on_group,
-            reads=[stats] if stats else [],
-            on_calibration=on_calibration,
-            on_segment=on_segment,
+            sequential=unit if sequential else None,
             max_memory=budget,
+            force=force,
+            reads=[stats] if stats else [],
+            progress=PruningDisplay(shown, unit),
         )
     if as_json:
         typer.echo(json.dumps(_apply_dict(result, written), indent=1))

@@ -119,6 +119,15 @@ class PruneResult(ir.passes.PassResult):
 Plan = tuple[list[Target], list[Skip]]
 
 
+def prune_result(model: ir.Model, config: PruneConfig, plan: Plan, reports: list[WeightReport]) -> PruneResult:
+    """The result of any pruning run (one-shot, sequential, segment-wise): the reports of the pruned targets
+    and of the plan's skipped weights, pruned first, each part by name."""
+    targets, skips = plan
+    everything = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips] + reports
+    everything.sort(key=lambda r: (r.skipped is not None, r.name))
+    return PruneResult(model, bool(targets), config, everything)
+
+
 class PrunePass(ir.passes.InPlacePass):
     """Prune a model in place: ``PrunePass(config=config, stats=stats)(model)`` returns a :class:`PruneResult`.
 
@@ -195,10 +204,7 @@ class PrunePass(ir.passes.InPlacePass):
         targets, skips = self.given_plan or self.plan(model)
         _check_statistics(self.config.method, self.stats, targets)  # a mismatch fails before any weight changes
         run = _PruneRun(self.config, model, self.stats, self.defer, self.on_weight)
-        reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
-        reports += run.prune(targets, self._permutation(model, targets))
-        reports.sort(key=lambda r: (r.skipped is not None, r.name))
-        return PruneResult(model, bool(targets), self.config, reports)
+        return prune_result(model, self.config, (targets, skips), run.prune(targets, self._permutation(model)))
 
     def ensures(self, model: ir.Model) -> None:
         pattern = self.config.pattern
@@ -213,7 +219,7 @@ class PrunePass(ir.passes.InPlacePass):
                 f"the first at {bad.first_bad}"
             )
 
-    def _permutation(self, model: ir.Model, targets: list[Target]) -> Callable[[Target], None] | None:
+    def _permutation(self, model: ir.Model) -> Callable[[Target], None] | None:
         """With ``config.permute``: a step that writes the channel order of the group a target reads (if any)."""
         pattern = self.config.pattern
         if not self.config.permute or not isinstance(pattern, NMPattern):

@@ -12,16 +12,16 @@ The graph runs segment by segment (a segment: the nodes one group of the sequent
   calibrated; the weights left dense are copied over a chunk at a time at the end; the output is committed (data
   file, then model) only when everything succeeded.
 
-Modes: ``block`` and ``level`` are the sequential modes (each group calibrated on the already pruned groups
-before it, exactly as the in-memory engine does); ``oneshot`` calibrates every group on the dense model, as a
-plain one-shot calibration does, with the same bounded memory.
+``sequential``: ``block`` and ``level`` calibrate each group on the already pruned groups before it, exactly as
+the in-memory engine does; None (one-shot) calibrates every group on the dense model, as a plain one-shot
+calibration does, with the same bounded memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,28 +34,17 @@ from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.stats import ActivationStats
 from graphprune.errors import GraphpruneError
 from graphprune.graph.stored import replace_tensor, stored_tensor, stored_values
-from graphprune.graph.targets import Skip, Target
+from graphprune.graph.targets import Target
 from graphprune.passes.permute import ChannelGroups, PermutePass, channel_groups
-from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
+from graphprune.passes.prune import Plan, PruneConfig, PrunePass, PruneResult, WeightReport, prune_result
 from graphprune.pipeline.boundary import BoundaryTensors
-from graphprune.pipeline.sequential import SequentialCalibration, target_groups
+from graphprune.pipeline.progress import SILENT, PruneProgress, SegmentProgress
+from graphprune.pipeline.sequential import SequentialCalibration, SequentialUnit, check_sequential, target_groups
 from graphprune.pipeline.streaming import StagedOutput
 
-MODES = ("block", "level", "oneshot")
 # What one segment costs beyond its weights on disk: ONNX Runtime's copy (pre-packed MatMul weights) and the
 # pruning step's copies of one weight. Used to split --max-memory between segments and boundary tensors.
 _SEGMENT_OVERHEAD = 3
-
-
-@dataclass(frozen=True)
-class SegmentProgress:
-    """Where a segment-wise run is, after each segment."""
-
-    done: int  # segments calibrated and pruned
-    total: int
-    tokens_per_second: float | None  # calibration throughput of the last segment (None: no token input)
-    memory_bytes: int  # resident set size of this process now
-    spilled_bytes: int  # boundary tensors written to disk so far
 
 
 @dataclass
@@ -68,14 +57,16 @@ class SegmentReport:
     spilled: list[str] = field(default_factory=list)
 
 
-def boundary_budget(model: ir.Model, targets: list[Target], mode: str, max_memory: int | None) -> int | None:
+def boundary_budget(
+    model: ir.Model, targets: list[Target], sequential: SequentialUnit | None, max_memory: int | None
+) -> int | None:
     """The bytes of boundary tensors to keep in memory: ``max_memory`` less what the largest segment needs."""
     if max_memory is None:
         return None
     sizes = {
         name: v.const_value.nbytes for name, v in model.graph.initializers.items() if v.const_value is not None
     }
-    groups = target_groups(model, targets, "level" if mode == "level" else "block")
+    groups = target_groups(model, targets, sequential or "block")
     largest_group = max((sum(sizes.get(t.name, 0) for t in g) for g in groups), default=0)
     segment = _SEGMENT_OVERHEAD * max(largest_group, max(sizes.values(), default=0))
     return max(max_memory - segment, 0)
@@ -87,10 +78,10 @@ def prune_in_segments(
     output: Path,
     config: PruneConfig,
     calibration: CalibrationRequest,
-    mode: str,
-    plan: tuple[list[Target], list[Skip]],
-    on_weight: Callable[[str], None] | None = None,
-    on_progress: Callable[[SegmentProgress], None] | None = None,
+    sequential: SequentialUnit | None,
+    plan: Plan,
+    *,
+    progress: PruneProgress = SILENT,
     staged: StagedOutput | None = None,
 ) -> tuple[PruneResult, list[str], SegmentReport]:
     """Prune ``model`` (its external tensors read lazily from their files) into ``output``.
@@ -99,19 +90,18 @@ def prune_in_segments(
     report. Nothing is written at ``output`` unless everything succeeds. With ``staged`` given, the output is
     left staged there (``staged.model`` set) for the caller to commit with its other files.
     """
-    if mode not in MODES:
-        raise GraphpruneError(f"unknown segment mode {mode!r}; choose one of {', '.join(MODES)}")
-    targets, skips = plan
-    if config.permute and mode == "oneshot":
+    sequential = check_sequential(sequential)
+    targets = plan[0]
+    if config.permute and sequential is None:
         # One-shot segments keep running the dense weights, so a writer reordered after it was written could not
-        # be reordered in the output the same way; sequential runs can (see _Run._rewrite_reordered).
+        # be reordered in the output the same way; sequential runs can (see _Run._permute).
         raise GraphpruneError(
             "--permute with a one-shot segment-wise run (--max-memory without --sequential) is not supported: "
             "add --sequential, or drop --max-memory"
         )
     providers = resolve_providers(calibration.provider)  # a missing provider fails before any work
     batches, warnings = calibration.batches(model)
-    budget = boundary_budget(model, targets, mode, calibration.max_memory)
+    budget = boundary_budget(model, targets, sequential, calibration.max_memory)
     if budget == 0:
         warnings.append(
             "--max-memory is below what the largest segment needs: every boundary tensor is spilled to disk"
@@ -119,7 +109,7 @@ def prune_in_segments(
     store = BoundaryTensors(budget)
     own = staged is None
     with contextlib.nullcontext(staged) if staged is not None else StagedOutput(output) as staged:
-        run = _Run(model, staged, config, store, on_weight, on_progress, pruned_feeds_later=mode != "oneshot")
+        run = _Run(model, staged, config, store, progress, pruned_feeds_later=sequential is not None)
         run.groups = channel_groups(model) if config.permute else None
         run.batch_tokens = sum(_tokens(batch) for batch in batches)
         engine = SequentialCalibration(
@@ -127,10 +117,10 @@ def prune_in_segments(
             batches,
             providers,
             config.method.reconstructs,  # SparseGPT and ALPS read Gram matrices
-            "level" if mode == "level" else "block",
+            sequential or "block",  # one-shot: the segments of blocks, each calibrated on the dense model
             run.on_group,
             store=store,
-            rerun_pruned=mode != "oneshot",
+            rerun_pruned=sequential is not None,
         )
         run.start()
         engine.run(targets, run.prune_group)
@@ -138,10 +128,8 @@ def prune_in_segments(
         staged.model = ir.to_proto(model)  # every large tensor points into the staged data file
         if own:
             staged.commit(staged.model)
-    reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips] + run.reports
-    reports.sort(key=lambda r: (r.skipped is not None, r.name))
     memory = SegmentReport(budget, store.peak_held_bytes, store.spilled_bytes, sorted(store.spilled))
-    return PruneResult(model, True, config, reports), warnings + engine.warnings, memory
+    return prune_result(model, config, plan, run.reports), warnings + engine.warnings, memory
 
 
 @dataclass
@@ -152,8 +140,7 @@ class _Run:
     staged: StagedOutput
     config: PruneConfig
     store: BoundaryTensors
-    on_weight: Callable[[str], None] | None
-    on_progress: Callable[[SegmentProgress], None] | None
+    progress: PruneProgress
     pruned_feeds_later: bool = True  # sequential: later segments read the pruned weights; one-shot: dense ones
     reports: list[WeightReport] = field(default_factory=list)
     batch_tokens: int = 0  # tokens of all calibration batches: what every segment runs
@@ -176,7 +163,9 @@ class _Run:
             dense = stored_tensor(value)  # a lazy view of the input's bytes
             if self.groups is not None and target.name in self.groups[0]:
                 self._permute(target, stats, stored)
-            step = PrunePass(config=config, stats=stats, plan=([target], []), on_weight=self.on_weight)
+            step = PrunePass(
+                config=config, stats=stats, plan=([target], []), on_weight=self.progress.weight_pruned
+            )
             self.reports.extend(step(self.model).weights)
             if not isinstance(dense, ir.ExternalTensor):  # small inline weights stay in the model
                 continue
@@ -210,10 +199,9 @@ class _Run:
         for value in self.model.graph.initializers.values():  # unmap what the segment read
             if isinstance(value.const_value, ir.ExternalTensor):
                 value.const_value.release()
-        if self.on_progress is not None:
-            seconds = time.perf_counter() - self._segment_started - self._pruning_seconds
-            rate = self.batch_tokens / seconds if self.batch_tokens and seconds > 0 else None
-            self.on_progress(SegmentProgress(done, total, rate, resident_bytes(), self.store.spilled_bytes))
+        seconds = time.perf_counter() - self._segment_started - self._pruning_seconds
+        rate = self.batch_tokens / seconds if self.batch_tokens and seconds > 0 else None
+        self.progress.segment_done(SegmentProgress(done, total, rate, resident_bytes(), self.store.spilled_bytes))
         self._segment_started, self._pruning_seconds = time.perf_counter(), 0.0
 
     def finish(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -25,17 +26,34 @@ from graphprune.calibration.session import Session, cut, values_by_name
 from graphprune.calibration.stats import ActivationStats
 from graphprune.calibration.taps import plan_taps, tapped_model
 from graphprune.errors import GraphpruneError
-from graphprune.graph.targets import Skip, Target
+from graphprune.graph.targets import Target
 from graphprune.graph.types import value_types
 from graphprune.passes.permute import channel_groups
-from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
+from graphprune.passes.prune import Plan, PruneConfig, PrunePass, PruneResult, WeightReport, prune_result
 from graphprune.pipeline.boundary import BoundaryTensors
+from graphprune.pipeline.progress import SILENT, PruneProgress
 
 Feed = Mapping[str, np.ndarray]
 PruneGroup = Callable[[list[Target], ActivationStats], None]
+# What a sequential run calibrates and prunes at once: a block (the graph's repeating unit of levels) or a level
+# (SparseGPT's "true sequential"); None where a parameter also allows one-shot.
+SequentialUnit = Literal["block", "level"]
+SEQUENTIAL_UNITS: tuple[SequentialUnit, ...] = ("block", "level")
 
 
-def target_groups(model: ir.Model, targets: Sequence[Target], by: str = "block") -> list[list[Target]]:
+def check_sequential(sequential: str | None) -> SequentialUnit | None:
+    """``sequential`` as a unit, or None (one-shot); a one-line error for anything else."""
+    for unit in SEQUENTIAL_UNITS:
+        if sequential == unit:
+            return unit
+    if sequential is not None:
+        raise GraphpruneError(f"unknown sequential unit {sequential!r}; choose block, level or None (one-shot)")
+    return None
+
+
+def target_groups(
+    model: ir.Model, targets: Sequence[Target], sequential: SequentialUnit = "block"
+) -> list[list[Target]]:
     """Targets grouped in dependency order: by ``level``, or by ``block`` (the graph's repeating unit of levels).
 
     A block is found without names: the levels' signatures (the shapes of their weights) repeat with the
@@ -43,7 +61,7 @@ def target_groups(model: ir.Model, targets: Sequence[Target], by: str = "block")
     the first repeating one, and leftovers, form groups of their own. Without a repeating unit, blocks are levels.
     """
     levels = target_levels(model, targets)
-    if by == "level":
+    if sequential == "level":
         return levels
     signatures = [tuple(sorted(t.shape for t in level)) for level in levels]
     period = _period(signatures)
@@ -124,7 +142,7 @@ class SequentialCalibration:
     batches: list[dict[str, np.ndarray]]
     providers: list[str]
     gram: bool = False
-    group_by: str = "block"  # or "level": each level on the pruned levels before it ("true sequential")
+    sequential: SequentialUnit = "block"  # or "level": each level on the pruned levels before it
     on_group: Callable[[int, int], None] | None = None  # (groups done, groups in all)
     warnings: list[str] = field(default_factory=list)
     # Hooks of segment-wise execution (pipeline/segments.py): where boundary tensors live (spilled to disk above
@@ -138,7 +156,7 @@ class SequentialCalibration:
         graph = self.model.graph
         if any(_has_subgraph(node) for node in graph):
             raise GraphpruneError("--sequential does not handle control flow (If/Loop/Scan): calibrate one-shot")
-        groups = target_groups(self.model, targets, self.group_by)
+        groups = target_groups(self.model, targets, self.sequential)
         self._consumers = consumer_nodes(self.model, targets)
         self._constant = constant_values(graph)
         self._types = value_types(self.model)  # pruning changes no type: inferred once
@@ -223,30 +241,31 @@ def prune_sequentially(
     config: PruneConfig,
     batches: list[dict[str, np.ndarray]],
     providers: Sequence[str] = ("CPUExecutionProvider",),
-    on_group: Callable[[int, int], None] | None = None,
-    on_weight: Callable[[str], None] | None = None,
-    group_by: str = "block",
-    plan: tuple[list[Target], list[Skip]] | None = None,
+    *,
+    sequential: SequentialUnit = "block",
+    plan: Plan | None = None,
+    progress: PruneProgress = SILENT,
 ) -> tuple[PruneResult, list[str]]:
-    """Prune ``model`` in place, each group of targets scored on activations of the already pruned model.
+    """Prune ``model`` in place, each group of targets (``sequential``: by block or by level) scored on
+    activations of the already pruned model.
 
     ``plan`` is :meth:`PrunePass.plan`'s result when the caller already has it. The segments read the weights
     from ``model`` itself, so each sees the groups pruned before it. Returns the pruning result and the
     calibration warnings.
     """
-    targets, skips = plan or PrunePass(config=config).plan(model)
-    if not targets:
+    plan = plan or PrunePass(config=config).plan(model)
+    if not plan[0]:
         raise GraphpruneError("the model has no prunable weights for this pattern and selection")
-    reports = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips]
+    reports: list[WeightReport] = []
     gram = config.method.reconstructs
-    engine = SequentialCalibration(model, batches, list(providers), gram, group_by, on_group)
-
+    engine = SequentialCalibration(model, batches, list(providers), gram, sequential, progress.group_done)
     groups = channel_groups(model) if config.permute else None  # the wiring: found once for every group
 
     def prune_group(group: list[Target], stats: ActivationStats) -> None:
-        step = PrunePass(config=config, stats=stats, plan=(group, []), groups=groups, on_weight=on_weight)
+        step = PrunePass(
+            config=config, stats=stats, plan=(group, []), groups=groups, on_weight=progress.weight_pruned
+        )
         reports.extend(step(model).weights)
 
-    engine.run(targets, prune_group)
-    reports.sort(key=lambda r: (r.skipped is not None, r.name))
-    return PruneResult(model, bool(targets), config, reports), engine.warnings
+    engine.run(plan[0], prune_group)
+    return prune_result(model, config, plan, reports), engine.warnings

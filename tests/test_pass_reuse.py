@@ -8,6 +8,7 @@ value_info, so that channel permutation has both kinds of group to write and mus
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -166,3 +167,22 @@ def test_graphprune_errors_leave_a_sequential_as_raised() -> None:
     with pytest.raises(ir.passes.PassError, match=r"'PrunePass\(config=PruneConfig\(pattern=") as wrapped:
         ir.passes.Sequential(needs_stats)(block())
     assert isinstance(wrapped.value.__cause__, PassPreconditionError)
+
+
+def test_conversion_leaves_the_process_logging_as_it_found_it() -> None:
+    """ONNX Runtime's float16 converter logs every clamped value: quiet while it runs, its level restored."""
+    from graphprune.passes.convert import convert
+
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> m (float[2,16] x) => (float[2,16] y) { y = MatMul(x, w) }'
+    )
+    proto.graph.initializer.append(init(np.full((16, 16), 1e6, np.float32), "w"))  # clamped to FP16's range
+    logger = logging.getLogger("onnxruntime.transformers.float16")
+    before = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        result = convert(proto, "float16")
+        assert logger.level == logging.DEBUG
+    finally:
+        logger.setLevel(before)
+    assert result.rounding.saturated == 256

@@ -33,9 +33,11 @@ It has almost no BF16 kernels.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -88,6 +90,19 @@ def _ort_float16():  # lazily: onnxruntime is an extra ([cpu] or [gpu])
     except ImportError as exc:
         raise GraphpruneError("convert needs onnxruntime: pip install 'graphprune[cpu]' (or '[gpu]')") from exc
     return float16
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """The logger shows warnings and errors only while the block runs, then its own level again (a library
+    leaves the process's logging as it found it)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def fp32_ops() -> frozenset[str]:
@@ -181,16 +196,16 @@ def convert(
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred)
     float16 = _ort_float16()
-    logging.getLogger(float16.__name__).setLevel(logging.WARNING)  # it logs every clamped value at DEBUG/INFO
-    float16.convert_float_to_float16(
-        model,
-        min_positive_val=_FP16_MIN_POSITIVE,
-        max_finite_val=_FP16_MAX,
-        keep_io_types=True,
-        disable_shape_infer=True,  # done above on a copy without weights: no >2 GB protobuf
-        op_block_list=sorted(blocked),
-        node_block_list=sorted(fp32_nodes),
-    )
+    with _quiet(float16.__name__):  # it logs every clamped value at DEBUG/INFO
+        float16.convert_float_to_float16(
+            model,
+            min_positive_val=_FP16_MIN_POSITIVE,
+            max_finite_val=_FP16_MAX,
+            keep_io_types=True,
+            disable_shape_infer=True,  # done above on a copy without weights: no >2 GB protobuf
+            op_block_list=sorted(blocked),
+            node_block_list=sorted(fp32_nodes),
+        )
     result = ConvertResult(model, dtype, casts_inserted=len(model.graph.node) - nodes_before)
     for (name, position), tensor in _float_tensors(model, nodes_before).items():
         if (name, position) not in stats:  # ConstantOfShape's default fill, written by the converter

@@ -95,32 +95,17 @@ def prepare(work: Path) -> dict[str, Path]:
     from graphprune import demo
 
     files: dict[str, Path] = {}
-    minilm = onnx.load(str(demo.minilm_l3()))
-    files["minilm"] = work / "minilm" / "model.onnx"
-    files["minilm"].parent.mkdir()
-    onnx.save(minilm, str(files["minilm"]))
-    files["minilm_ext"] = work / "minilm_ext" / "model.onnx"
-    files["minilm_ext"].parent.mkdir()
-    onnx.save(
-        minilm,
-        str(files["minilm_ext"]),
-        save_as_external_data=True,
-        location="model.onnx.data",
-        size_threshold=1024,
-    )
-    decoder = synthetic_decoder()
-    files["tiny"] = work / "tiny" / "model.onnx"
-    files["tiny"].parent.mkdir()
-    onnx.save(decoder, str(files["tiny"]))
-    files["tiny_ext"] = work / "tiny_ext" / "model.onnx"
-    files["tiny_ext"].parent.mkdir()
-    onnx.save(
-        decoder,
-        str(files["tiny_ext"]),
-        save_as_external_data=True,
-        location="model.onnx.data",
-        size_threshold=1024,
-    )
+    for name, model in (("minilm", onnx.load(str(demo.minilm_l3()))), ("tiny", synthetic_decoder())):
+        for key, external in ((name, False), (f"{name}_ext", True)):  # inline weights, and in a data file
+            files[key] = work / key / "model.onnx"
+            files[key].parent.mkdir()
+            onnx.save(
+                model,
+                str(files[key]),
+                save_as_external_data=external,
+                location="model.onnx.data",
+                size_threshold=1024,
+            )
 
     tokenizer = Tokenizer.from_file(str(demo.all_minilm_l6() / "tokenizer.json"))
     tokenizer.enable_truncation(64)

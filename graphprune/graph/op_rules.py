@@ -27,6 +27,16 @@ class Flow(Enum):
     MATMUL = "matmul"  # a product of two activations: batch axes kept, rows from A, columns from B
     ALONG_AXIS = "along an axis"  # acts along one axis (Softmax, Slice, Concat): any axis but the channels'
     SHAPE = "shape"  # reads the shape only: harmless where the channel count is not picked from it
+    NORMALIZE = "normalize"  # mixes the channels (a norm over them), then a per-channel affine: no coupling
+
+
+class Scale(Enum):
+    """How a positive per-channel scale s of output 0 moves to the inputs: op(x)·s = op(x') (SmoothQuant)."""
+
+    FIRST = "first"  # x' = (x0·s, others as they are): positively homogeneous in input 0 (Relu, Div's numerator)
+    ONE = "one"  # any one input takes s, the others stay (a product)
+    EVERY = "every"  # every input takes s (a sum, a maximum)
+    PARAMETERS = "parameters"  # the per-channel parameters take s (a norm's weight and bias)
 
 
 def _depthwise(node: ir.Node) -> bool:
@@ -65,22 +75,29 @@ class OpRule:
     per_channel: tuple[int, ...] = ()
     # the rule holds only when this is true of the node (else the op is not channel-preserving)
     when: Callable[[ir.Node], bool] | None = None
+    # how a SmoothQuant scale passes back through the op (None: it does not, the op is not homogeneous)
+    scale: Scale | None = None
     # SPATIAL: the input's rank must be recorded to place the channels on axis 1 (BatchNormalization's parameter
     # lengths already tie it to the channels where the rank is unknown)
     needs_rank: bool = True
 
 
 _UNARY = (
-    "Relu Gelu Erf Tanh Sigmoid HardSigmoid HardSwish Swish Mish Elu Selu Celu LeakyRelu Softplus Softsign Exp "
-    "Neg Abs Cast Identity Dropout IsNaN Not Sqrt Reciprocal"
+    "Gelu Erf Tanh Sigmoid HardSigmoid HardSwish Swish Mish Elu Selu Celu Softplus Softsign Exp "
+    "Cast IsNaN Not Sqrt Reciprocal"
 )
-_ELEMENTWISE = "Add Sub Mul Div Where And Or Equal Max Min"
+_HOMOGENEOUS = "Relu LeakyRelu Neg Abs Identity Dropout"  # f(s·x) = s·f(x) for s > 0 (Cast rounds: not here)
+_ELEMENTWISE = "Where And Or Equal"
 _POOLS = "GlobalAveragePool GlobalMaxPool GlobalLpPool AveragePool MaxPool LpPool"
 
 RULES: dict[str, OpRule] = {
     **{op: OpRule(Flow.UNARY) for op in _UNARY.split()},
+    **{op: OpRule(Flow.UNARY, scale=Scale.FIRST) for op in _HOMOGENEOUS.split()},
     "Clip": OpRule(Flow.UNARY, uniform=(1, 2)),
     **{op: OpRule(Flow.ELEMENTWISE) for op in _ELEMENTWISE.split()},
+    **{op: OpRule(Flow.ELEMENTWISE, scale=Scale.EVERY) for op in ("Add", "Sub", "Max", "Min")},
+    "Mul": OpRule(Flow.ELEMENTWISE, scale=Scale.ONE),
+    "Div": OpRule(Flow.ELEMENTWISE, scale=Scale.FIRST),
     "Pow": OpRule(Flow.ELEMENTWISE, uniform=(1,)),
     **{op: OpRule(Flow.SPATIAL) for op in _POOLS.split()},
     "Resize": OpRule(Flow.SPATIAL, when=_resize_keeps_channels),
@@ -92,6 +109,8 @@ RULES: dict[str, OpRule] = {
     "MatMul": OpRule(Flow.MATMUL),
     **{op: OpRule(Flow.ALONG_AXIS) for op in ("Softmax", "LogSoftmax", "Slice", "Concat")},
     "Shape": OpRule(Flow.SHAPE),
+    "LayerNormalization": OpRule(Flow.NORMALIZE, per_channel=(1, 2), scale=Scale.PARAMETERS),
+    "RMSNormalization": OpRule(Flow.NORMALIZE, per_channel=(1,), scale=Scale.PARAMETERS),
 }
 
 

@@ -78,13 +78,15 @@ bert (float[2,5,16] x) => (float[2,5,8] y) {
 }
 """
 
-# fc2(relu(fc1 x + b1)) with fc1 a Gemm(transB): relu is positively homogeneous, so fc1's rows take the scale.
+# fc2(dropout(relu(fc1 x + b1))) as two Gemm(transB): relu is positively homogeneous, so fc1's rows and bias
+# take the scale, and fc2's K runs along its axis 1.
 RELU_MLP = """
 <ir_version: 8, opset_import: ["" : 17]>
 mlp (float[4,16] x) => (float[4,8] y) {
   h = Gemm <transB = 1> (x, w1, b1)
   r = Relu(h)
-  y = MatMul(r, w2)
+  d = Dropout(r)
+  y = Gemm <transB = 1> (d, w2, b2)
 }
 """
 
@@ -119,7 +121,7 @@ def bert(rng: np.random.Generator) -> ir.Model:
 
 
 def relu_mlp(rng: np.random.Generator) -> ir.Model:
-    return _model(RELU_MLP, _weights(rng, {"w1": (FFN, HIDDEN), "b1": (FFN,), "w2": (FFN, 8)}))
+    return _model(RELU_MLP, _weights(rng, {"w1": (FFN, HIDDEN), "b1": (FFN,), "w2": (8, FFN), "b2": (8,)}))
 
 
 def _model(text: str, weights: dict[str, np.ndarray]) -> ir.Model:
@@ -145,7 +147,7 @@ CASES = {
     ),
     # e feeds the residual too (no fold); gelu is not homogeneous (no fold); the last norm folds, bias included
     "bert": (bert, (2, 5, HIDDEN), {("z", "norm", (("bz", 0), ("gz", 0)), ("head",))}),
-    "relu-mlp": (relu_mlp, (4, HIDDEN), {("r", "weight", (("b1", 0), ("w1", 0)), ("w2",))}),
+    "relu-mlp": (relu_mlp, (4, HIDDEN), {("d", "weight", (("b1", 0), ("w1", 0)), ("w2",))}),
 }
 
 

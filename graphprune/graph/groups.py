@@ -10,11 +10,12 @@ BatchNormalization, per-channel pooling and spatial Resize of NCHW tensors, and 
 Removing channel ``j`` of a group means slicing index ``j`` out of every one of those tensors; the model then
 computes the same thing as the original with those channels forced to zero.
 
-Groups are found by growing a region of tensors from each producer until it is closed: every tensor in it is
-produced by a producer weight or a channel-preserving op, and read only by consumer weights or channel-preserving
-ops. Whatever the growth meets that it cannot prove (a channel read by LayerNorm, a Reshape, a shared weight) ends
-the candidate with a :class:`GroupSkip` and its reason, never a guess. Attention heads are found separately by
-:mod:`graphprune.graph.heads` and returned in the same form.
+Groups are grown from each producer by the coupling walker (:mod:`graphprune.graph.coupling`, with the op rules
+of :mod:`graphprune.graph.op_rules`) until closed: every tensor in the region is produced by a producer weight or a
+channel-preserving op, and read only by consumer weights or channel-preserving ops. Whatever the growth meets that
+it cannot prove (a channel read by LayerNorm, a Reshape, a shared weight) ends the candidate with a
+:class:`GroupSkip` and its reason, never a guess. Attention heads are found by the same walker under another
+policy (:mod:`graphprune.graph.heads`) and returned in the same form.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """Attention heads as structured units: Q/K/V output columns by head, O's K rows, and the shapes that count heads.
 
-The walk starts at each projection whose input is a Reshape that merges ``[.., heads, head_dim]`` and grows
-a region of tensors that carry the heads, each with its head axis and how many entries of that axis one unit spans.
-Ops a head passes through unchanged are followed: Reshape/Unsqueeze/Squeeze/Expand (their recorded input and output
-shapes must show where the head axis goes, and a constant entry of their target shape that counts heads is
-rewritten), Transpose, elementwise ops whose other inputs broadcast over heads, MatMul batched over heads (Q·Kᵀ,
-P·V), Softmax and Slice/Concat along other axes. Under grouped-query attention a key/value head is expanded to
-several query heads; the unit then becomes the KV group (its key/value head and all its query heads), which keeps
-the query-to-KV grouping valid. Anything else (a Shape read of a head tensor, a Reshape that merges heads with a
-dynamic axis, a missing recorded shape) ends the candidate with its reason.
+The coupling walker (:mod:`graphprune.graph.coupling`) starts at each projection whose input is a Reshape that
+merges ``[.., heads, head_dim]`` and grows a region of tensors that carry the heads, each with its head axis and
+how many entries of that axis one unit spans. Under the :data:`HEADS` policy it follows the ops a head passes
+through unchanged: Reshape/Unsqueeze/Squeeze/Expand (their recorded input and output shapes must show where the
+head axis goes, and a constant entry of their target shape that counts heads is rewritten), Transpose, elementwise
+ops whose other inputs broadcast over heads, MatMul batched over heads (Q·Kᵀ, P·V), Softmax and Slice/Concat along
+other axes. Under grouped-query attention a key/value head is expanded to several query heads; the unit then
+becomes the KV group (its key/value head and all its query heads), which keeps the query-to-KV grouping valid.
+Anything else (a Shape read of a head tensor, a Reshape that merges heads with a dynamic axis, a missing recorded
+shape) ends the candidate with its reason.
 """
 
 from __future__ import annotations

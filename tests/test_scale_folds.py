@@ -199,12 +199,19 @@ def test_scaling_the_gate_instead_of_up_changes_the_outputs() -> None:
     assert not np.allclose(after, before, rtol=1e-3, atol=1e-3)
 
 
-def test_a_shared_norm_weight_or_a_second_reader_is_no_fold() -> None:
+def test_a_second_reader_a_broadcast_column_or_a_shared_norm_weight_is_no_fold() -> None:
     rng = np.random.default_rng(11)
     model = relu_mlp(rng)
     proto = ir.to_proto(model)
     proto.graph.output.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None))
     assert find_scale_folds(ir.from_proto(proto)) == []  # r is a model output: a reader outside the fold
+
+    broadcast = onnx.parser.parse_model(
+        RELU_MLP.replace("r = Relu(h)", "c = MatMul(x, col)\n  hc = Add(h, c)\n  r = Relu(hc)")
+    )
+    weights = _weights(rng, {"w1": (FFN, HIDDEN), "b1": (FFN,), "w2": (8, FFN), "b2": (8,), "col": (HIDDEN, 1)})
+    broadcast.graph.initializer.extend(init(v, k) for k, v in weights.items())
+    assert find_scale_folds(ir.from_proto(broadcast)) == []  # one column added to every channel cannot take s
 
     shared = llama(rng)  # g2 also scales the first norm: scaling it for one would scale the other
     first = next(n for n in shared.graph if n.outputs[0].name == "a")

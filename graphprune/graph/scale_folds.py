@@ -99,8 +99,8 @@ def _fold_point(value: ir.Value, channels: int) -> list[Slot] | None:
     if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
         return None
     made = producer_slots(node)
-    if made is not None:
-        if made[0] != -1 or any(not _alone(w, node) for w, _ in made[1]):
+    if made is not None:  # every slot must hold the channels (a [K, 1] weight broadcast over them does not)
+        if made[0] != -1 or any(not _alone(w, node) or const_shape(w)[a] != channels for w, a in made[1]):
             return None
         return [Slot(w, axis, "channelwise" if j else "producer", node) for j, (w, axis) in enumerate(made[1])]
     rule = rule_of(node)

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 from graphprune.graph.coupling import Slot
-from graphprune.graph.scale_folds import ScaleFold, find_scale_folds, fold_scale
+from graphprune.graph.scale_folds import ScaleFold, find_scale_folds, fold_for, fold_scale
 from tests.onnx_builders import init, run
 
 HIDDEN, HEADS, HEAD_DIM, FFN = 16, 2, 8, 24
@@ -217,3 +217,13 @@ def test_a_second_reader_a_broadcast_column_or_a_shared_norm_weight_is_no_fold()
     first = next(n for n in shared.graph if n.outputs[0].name == "a")
     first.replace_input_with(0, shared.graph.initializers["g2"])
     assert {str(f.activation.name) for f in find_scale_folds(shared)} == {"m"}
+
+
+def test_a_consumer_weight_finds_its_fold() -> None:
+    model = llama(np.random.default_rng(13))
+    by_activation = {str(f.activation.name): _summary(f) for f in find_scale_folds(model)}
+    for weight, activation in (("wq", "a"), ("wv", "a"), ("wu", "b"), ("wd", "m")):
+        fold = fold_for(model, weight)
+        assert fold is not None and _summary(fold) == by_activation[activation]
+    assert fold_for(model, "wo") is None  # O reads the heads merged by a Reshape: no fold point behind it
+    assert fold_for(model, "g1") is None  # a norm weight is no consumer

@@ -58,6 +58,16 @@ def find_scale_folds(model: ir.Model) -> list[ScaleFold]:
     return folds
 
 
+def fold_for(model: ir.Model, weight: str) -> ScaleFold | None:
+    """The fold of the activation that stored ``weight`` reads along its K axis (None: no exact fold point)."""
+    value = model.graph.initializers.get(weight)
+    for use in value.uses() if value is not None else ():
+        read = consumer_slot(use.node, 0)
+        if read is not None and read[1] is value:
+            return scale_fold(use.node.inputs[0])  # type: ignore[arg-type]
+    return None
+
+
 def scale_fold(x: ir.Value) -> ScaleFold | None:
     """The fold of ``x``'s channels: every reader a weight along K on the last axis, a fold point behind it."""
     if x.is_graph_output() or x.const_value is not None:

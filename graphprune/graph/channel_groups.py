@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from graphprune.graph.coupling import Layout, Policy, Slot, Unprovable, Walk
+from graphprune.graph.coupling import Layout, Policy, Slot, Unprovable, Walk, const_shape
 from graphprune.graph.groups import find_groups
 from graphprune.graph.op_rules import Flow
 from graphprune.graph.targets import Target
@@ -57,9 +57,9 @@ def find_permutation_groups(model: ir.Model, targets: list[Target]) -> dict[str,
     """Every exact channel group of the main graph by reader name (shapes must be recorded for head groups)."""
     by_name = {t.name: t for t in targets}
     groups: dict[str, ChannelGroup] = {}
-    values: dict[str | None, ir.Value] = dict(model.graph.initializers)
-    values.update((v.name, v) for node in model.graph for v in node.outputs)  # the main graph only
-    values.update((v.name, v) for v in model.graph.inputs)
+    values: dict[str, ir.Value] = dict(model.graph.initializers)
+    values.update((str(v.name), v) for node in model.graph for v in node.outputs)  # the main graph only
+    values.update((str(v.name), v) for v in model.graph.inputs)
     for t in targets:
         c = t.consumers[0]
         if len(t.consumers) != 1 or "DequantizeLinear" in t.through or c.op == "Conv" or c.in_subgraph:
@@ -71,8 +71,8 @@ def find_permutation_groups(model: ir.Model, targets: list[Target]) -> dict[str,
         if found is not None and found.period < found.channels:
             groups[t.name] = found
     for group in find_groups(model, ("mlp",)).groups:
-        (reader, *more) = group.consumers or [None]
-        mlp = None if reader is None or more else _as_channel_group(reader, group.producers, group.slots, by_name)
+        readers = group.consumers
+        mlp = _as_channel_group(readers[0], group.producers, group.slots, by_name) if len(readers) == 1 else None
         if mlp is not None:
             groups[mlp.reader] = mlp
     return groups
@@ -116,7 +116,7 @@ def _as_channel_group(
     if any(w is None or w.out_axis != s.axis for w, s in zip(writers, producers, strict=True)):
         return None
     biases = [s for s in slots if s.role == "channelwise"]
-    if any(s.axis != len(s.value.shape) - 1 for s in biases):  # type: ignore[arg-type]
+    if any(s.axis != len(const_shape(s.value)) - 1 for s in biases):
         return None
     names = tuple(sorted(w.name for w in writers if w is not None))
     return ChannelGroup(target.name, names, tuple(sorted(str(s.value.name) for s in biases)), target.k, target.k)

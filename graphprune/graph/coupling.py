@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 import onnx_ir as ir
@@ -86,7 +87,7 @@ class Policy:
 STANDARD = frozenset({"", "ai.onnx"})
 
 
-def stored(value: ir.Value | None) -> bool:
+def stored(value: ir.Value | None) -> TypeGuard[ir.Value]:
     """A constant the pass may rewrite: an initializer that is not also a graph input."""
     return (
         value is not None
@@ -97,6 +98,12 @@ def stored(value: ir.Value | None) -> bool:
     )
 
 
+def required(value: ir.Value | None) -> ir.Value:
+    """An input the op cannot run without (a data input, present in every valid model)."""
+    assert value is not None
+    return value
+
+
 def _attr(node: ir.Node, name: str, default: int) -> int:
     a = node.attributes.get(name)
     return int(a.value) if a is not None else default
@@ -104,59 +111,54 @@ def _attr(node: ir.Node, name: str, default: int) -> int:
 
 def const_shape(value: ir.Value) -> tuple[int, ...]:
     assert value.const_value is not None
-    return tuple(int(d) for d in value.const_value.shape)
+    return tuple(int(d) for d in value.const_value.shape.numpy())
 
 
 def label(node: ir.Node) -> str:
     return f"{node.op_type} {node.name}" if node.name else node.op_type
 
 
+def _weight(node: ir.Node) -> ir.Value | None:
+    """Input 1 of a standard-domain node when it is a stored tensor (a MatMul/Gemm B, a Conv weight)."""
+    weight = node.inputs[1] if node.domain in STANDARD and len(node.inputs) > 1 else None
+    return weight if stored(weight) else None
+
+
 def producer_slots(node: ir.Node) -> tuple[int, list[tuple[ir.Value, int]]] | None:
     """When ``node`` writes channels from a stored weight: the output channel axis and (weight, axis) slots."""
-    op = node.op_type
-    if node.domain not in STANDARD:
+    op, weight = node.op_type, _weight(node)
+    if weight is None:
         return None
-    if (
-        op == "MatMul"
-        and len(node.inputs) == 2
-        and stored(node.inputs[1])
-        and len(const_shape(node.inputs[1])) == 2
-    ):  # type: ignore[arg-type]
-        return -1, [(node.inputs[1], 1)]  # type: ignore[list-item]
-    if op == "Gemm" and stored(node.inputs[1]):
-        slots = [(node.inputs[1], 0 if _attr(node, "transB", 0) else 1)]
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            bias = node.inputs[2]
-            if not stored(bias):
-                return None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and not stored(bias):
+        return None
+    if op == "MatMul" and len(node.inputs) == 2 and len(const_shape(weight)) == 2:
+        return -1, [(weight, 1)]
+    if op == "Gemm":
+        slots = [(weight, 0 if _attr(node, "transB", 0) else 1)]
+        if bias is not None:
             shape = const_shape(bias)
             if len(shape) >= 1 and shape[-1] > 1 and all(d == 1 for d in shape[:-1]):
                 slots.append((bias, len(shape) - 1))
             elif any(d != 1 for d in shape):
                 return None
-        return -1, slots  # type: ignore[return-value]
-    if op == "Conv" and stored(node.inputs[1]) and _attr(node, "group", 1) == 1:
-        rank = len(const_shape(node.inputs[1]))  # type: ignore[arg-type]
-        slots = [(node.inputs[1], 0)]
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            if not stored(node.inputs[2]):
-                return None
-            slots.append((node.inputs[2], 0))
-        return -(rank - 1), slots  # type: ignore[return-value]
+        return -1, slots
+    if op == "Conv" and _attr(node, "group", 1) == 1:
+        return -(len(const_shape(weight)) - 1), [(weight, 0)] + ([(bias, 0)] if bias is not None else [])
     return None
 
 
 def consumer_slot(node: ir.Node, index: int) -> tuple[int, ir.Value, int] | None:
     """When input ``index`` of ``node`` is multiplied by a stored weight along K: (activation axis, weight, K)."""
-    op = node.op_type
-    if node.domain not in STANDARD or index != 0:
+    op, weight = node.op_type, _weight(node)
+    if weight is None or index != 0:
         return None
-    if op == "MatMul" and stored(node.inputs[1]) and len(const_shape(node.inputs[1])) == 2:  # type: ignore[arg-type]
-        return -1, node.inputs[1], 0  # type: ignore[return-value]
-    if op == "Gemm" and stored(node.inputs[1]) and not _attr(node, "transA", 0):
-        return -1, node.inputs[1], 1 if _attr(node, "transB", 0) else 0  # type: ignore[return-value]
-    if op == "Conv" and stored(node.inputs[1]) and _attr(node, "group", 1) == 1:
-        return -(len(const_shape(node.inputs[1])) - 1), node.inputs[1], 1  # type: ignore[return-value,arg-type]
+    if op == "MatMul" and len(const_shape(weight)) == 2:
+        return -1, weight, 0
+    if op == "Gemm" and not _attr(node, "transA", 0):
+        return -1, weight, 1 if _attr(node, "transB", 0) else 0
+    if op == "Conv" and _attr(node, "group", 1) == 1:
+        return -(len(const_shape(weight)) - 1), weight, 1
     return None
 
 
@@ -338,21 +340,21 @@ class Walk:
 
 def _unary(walk: Walk, node: ir.Node, rule: OpRule, via: ir.Value, forward: bool) -> None:
     layout = walk.layout[via]
-    walk.add(node.inputs[0], layout)  # type: ignore[arg-type]
+    walk.add(required(node.inputs[0]), layout)
     walk.add(node.outputs[0], layout)
 
 
 def _elementwise(walk: Walk, node: ir.Node, rule: OpRule, via: ir.Value, forward: bool) -> None:
     layout = walk.layout[via]
     for i in data_inputs(node, rule):
-        walk.carry(node, node.inputs[i], layout)  # type: ignore[arg-type]
+        walk.carry(node, required(node.inputs[i]), layout)
     walk.add(node.outputs[0], layout)
 
 
 def _spatial(walk: Walk, node: ir.Node, rule: OpRule, via: ir.Value, forward: bool) -> None:
     """NCHW ops see the channels on axis 1 only; their per-channel parameters are sliced along axis 0."""
     layout = walk.layout[via]
-    shape = dims(node.inputs[0])  # type: ignore[arg-type]
+    shape = dims(required(node.inputs[0]))
     if shape is None and rule.needs_rank:
         raise Unprovable(f"{label(node)} reads a tensor of unknown rank")
     if shape is not None and len(shape) + layout.axis != 1:
@@ -366,7 +368,7 @@ def _spatial(walk: Walk, node: ir.Node, rule: OpRule, via: ir.Value, forward: bo
         walk.slot(param, 0, "channelwise", node, layout.per)
     if node.op_type == "Conv":
         walk.depthwise.append(node)
-    walk.add(node.inputs[0], layout)  # type: ignore[arg-type]
+    walk.add(required(node.inputs[0]), layout)
     walk.add(node.outputs[0], layout)
 
 
@@ -393,7 +395,7 @@ def _reshape(walk: Walk, node: ir.Node, rule: OpRule, via: ir.Value, forward: bo
         walk.add(other, map_reshape(dims_known, dims_other, layout, walk.units))
     if node.op_type in ("Reshape", "Expand"):
         out = walk.layout[dst]
-        position = len(dims(dst)) + out.axis  # type: ignore[arg-type]
+        position = len(dims_other if forward else dims_known) + out.axis
         entry = target_entry(node, position)
         if entry == walk.units * out.per:
             walk.shape_edits.append(ShapeEntry(node, position, out.per))
@@ -409,7 +411,7 @@ def _transpose(walk: Walk, node: ir.Node, rule: OpRule, via: ir.Value, forward: 
     if forward:
         walk.add(node.outputs[0], Layout(list(perm).index(rank + layout.axis) - rank, layout.per))
     else:
-        walk.add(node.inputs[0], Layout(perm[rank + layout.axis] - rank, layout.per))  # type: ignore[arg-type]
+        walk.add(required(node.inputs[0]), Layout(perm[rank + layout.axis] - rank, layout.per))
 
 
 def _matmul(walk: Walk, node: ir.Node, rule: OpRule, via: ir.Value, forward: bool) -> None:
@@ -450,7 +452,7 @@ def _along_axis(walk: Walk, node: ir.Node, rule: OpRule, via: ir.Value, forward:
     if any(_norm_axis(x, via) == layout.axis for x in acted):
         raise Unprovable(f"{label(node)} acts along the {walk.policy.what} axis")
     for i in data_inputs(node, rule):
-        walk.add(node.inputs[i], layout)  # type: ignore[arg-type]
+        walk.add(required(node.inputs[i]), layout)
     walk.add(node.outputs[0], layout)
 
 
@@ -463,14 +465,16 @@ def _shape(walk: Walk, node: ir.Node, rule: OpRule, via: ir.Value, forward: bool
     for use in node.outputs[0].uses():
         user = use.node
         consts = [
-            v.const_value.numpy().reshape(-1) if v is not None and v.const_value is not None else None
+            v.const_value.numpy().reshape(-1)
             for v in user.inputs[1:]
+            if v is not None and v.const_value is not None
         ]
-        if user.op_type == "Gather" and use.idx == 0 and consts and consts[0] is not None:
+        known = use.idx == 0 and len(consts) == len(user.inputs) - 1  # every index a constant
+        if user.op_type == "Gather" and known and consts:
             picked = {int(i) % rank for i in consts[0]}
-        elif user.op_type == "Slice" and use.idx == 0 and len(consts) >= 2 and all(c is not None for c in consts):
-            start, end = (int(np.clip(c[0] + rank if c[0] < 0 else c[0], 0, rank)) for c in consts[:2])  # type: ignore[index]
-            step = int(consts[3][0]) if len(consts) > 3 else 1  # type: ignore[index]
+        elif user.op_type == "Slice" and known and len(consts) >= 2:
+            start, end = (int(np.clip(c[0] + rank if c[0] < 0 else c[0], 0, rank)) for c in consts[:2])
+            step = int(consts[3][0]) if len(consts) > 3 else 1
             picked = set(range(start, end, step))
         else:
             raise Unprovable(f"a shape of the {walk.policy.what} is read by {label(user)}")
@@ -511,14 +515,16 @@ def map_reshape(src: list[int | str], dst: list[int | str], layout: Layout, unit
     if not all(isinstance(d, int) for d in mid_src + mid_dst):
         raise Unprovable("a reshape merges the heads with a dynamic axis")
     i = a - pre
-    if math.prod(mid_src[:i]) != 1:  # type: ignore[arg-type]
+    before, after = [int(d) for d in mid_src[:i]], [int(d) for d in mid_src[i + 1 :]]
+    if math.prod(before) != 1:
         raise Unprovable("a reshape merges the heads with an outer axis")
-    block = layout.per * math.prod(mid_src[i + 1 :])  # type: ignore[arg-type]  # entries of one unit, flattened
-    for j in range(len(mid_dst)):
-        if math.prod(mid_dst[:j]) != 1:  # type: ignore[arg-type]
+    block = layout.per * math.prod(after)  # entries of one unit, flattened
+    out = [int(d) for d in mid_dst]
+    for j in range(len(out)):
+        if math.prod(out[:j]) != 1:
             break
-        inner = math.prod(mid_dst[j + 1 :])  # type: ignore[arg-type]
-        if block % inner == 0 and mid_dst[j] == units * (block // inner):
+        inner = math.prod(out[j + 1 :])
+        if block % inner == 0 and out[j] == units * (block // inner):
             return Layout(j + pre - len(dst), block // inner)
         if inner % block == 0 and block < inner:
             raise Coarser(inner // block)

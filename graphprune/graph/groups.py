@@ -20,24 +20,42 @@ policy (:mod:`graphprune.graph.heads`) and returned in the same form.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
-from graphprune.graph.coupling import (  # noqa: F401  (re-exported: the units' public vocabulary)
+from graphprune.graph.coupling import (
     Layout,
     Policy,
     ShapeEntry,
     Slot,
     Unprovable,
     Walk,
+    const_shape,
     consumer_slot,
     producer_slots,
+    required,
     stored,
 )
 from graphprune.graph.op_rules import Flow
+
+# The units' vocabulary, the walker's names included (shrink and the block finder import them from here).
+__all__ = [
+    "CHANNELS",
+    "Group",
+    "GroupScan",
+    "GroupSkip",
+    "ShapeEntry",
+    "Slot",
+    "Unprovable",
+    "consumer_slot",
+    "find_groups",
+    "grow_group",
+    "producer_slots",
+    "stored",
+]
 
 # Shrink's channel units: elementwise and NCHW channel-wise ops, shapes checked where recorded (a channel never
 # changes axis here, so no reshape has to be located and an unrecorded shape is no obstacle).
@@ -75,7 +93,8 @@ class Group:
         return self.slot_unit_size.get(slot_index, self.unit_size)
 
     def parameters(self) -> int:
-        return sum(int(np.prod(s.value.shape.numpy())) for s in _unique_slots(self.slots))
+        shapes = [s.value.shape for s in _unique_slots(self.slots)]
+        return sum(math.prod(int(d) for d in shape.numpy()) for shape in shapes if shape is not None)
 
 
 @dataclass(frozen=True)
@@ -105,7 +124,7 @@ def grow_group(seed: ir.Node) -> Walk:
     assert found is not None
     axis, slots = found
     weight, weight_axis = slots[0]
-    walk = Walk(CHANNELS, weight.const_value.shape[weight_axis]).grow([(seed.outputs[0], Layout(axis))])  # type: ignore[union-attr]
+    walk = Walk(CHANNELS, const_shape(weight)[weight_axis]).grow([(seed.outputs[0], Layout(axis))])
     if not walk.consumers:
         raise Unprovable("no weight reads the channels")
     return walk
@@ -143,12 +162,12 @@ def find_groups(model: ir.Model, units: Iterable[str] = ("mlp", "heads", "channe
             continue
         if walk.consumers & head_nodes or walk.producers & head_nodes:
             continue
-        consumers = sorted(n.name or n.inputs[1].name or "?" for n in walk.consumers)  # type: ignore[union-attr]
+        consumers = sorted(n.name or required(n.inputs[1]).name or "?" for n in walk.consumers)
         groups.append(
             Group(
                 name=f"{kind} into {','.join(consumers)}",
                 kind=kind,
-                width=walk.units,  # type: ignore[arg-type]
+                width=const_shape(found[1][0][0])[found[1][0][1]],
                 unit_size=1,
                 slots=walk.slots,
                 consumer_inputs=walk.consumer_inputs,

@@ -17,8 +17,18 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.graph.coupling import Coarser, Layout, Policy, Unprovable, Walk, consumer_slot, dims
-from graphprune.graph.groups import Group, GroupScan, GroupSkip, ShapeEntry
+from graphprune.graph.coupling import (
+    Coarser,
+    Layout,
+    Policy,
+    ShapeEntry,
+    Unprovable,
+    Walk,
+    consumer_slot,
+    dims,
+    required,
+)
+from graphprune.graph.groups import Group, GroupScan, GroupSkip
 from graphprune.graph.op_rules import Flow
 
 # Heads move between axes (reshapes, transposes, batched products): every shape on the way must be recorded.
@@ -41,7 +51,7 @@ HEADS = Policy(
 
 
 def _grow(seed: ir.Node, units: int, per: int) -> Walk:
-    walk = Walk(HEADS, units).grow([(seed.inputs[0], Layout(-1, per))])  # type: ignore[list-item]
+    walk = Walk(HEADS, units).grow([(required(seed.inputs[0]), Layout(-1, per))])
     if not walk.producers:
         raise Unprovable("no projection writes the heads")
     return walk
@@ -51,10 +61,10 @@ def _seed_heads(seed: ir.Node) -> tuple[int, int] | None:
     """(heads, head_dim) when ``seed`` is a MatMul whose input merges ``[.., heads, head_dim]`` by a Reshape."""
     if seed.op_type != "MatMul" or consumer_slot(seed, 0) is None:
         return None
-    merge = seed.inputs[0].producer()  # type: ignore[union-attr]
+    merge = required(seed.inputs[0]).producer()
     if merge is None or merge.op_type != "Reshape":
         return None
-    shape = dims(merge.inputs[0])  # type: ignore[arg-type]
+    shape = dims(required(merge.inputs[0]))
     if shape is None or len(shape) < 2 or not isinstance(shape[-1], int) or not isinstance(shape[-2], int):
         return None
     return shape[-2], shape[-1]
@@ -128,11 +138,11 @@ def set_shape_entry(graph: ir.Graph, entry: ShapeEntry, value: int) -> None:
     offset = 0
     for index, piece in enumerate(concat.inputs):
         assert piece is not None
-        length = int(piece.const_value.shape[0]) if piece.const_value is not None else 1
-        if piece.const_value is None and (shape := dims(piece)) is not None and isinstance(shape[0], int):
-            length = shape[0]
+        piece_dims = dims(piece)
+        length = piece_dims[0] if piece_dims is not None and isinstance(piece_dims[0], int) else 1
         if offset <= entry.position < offset + length:
-            array = piece.const_value.numpy().copy()  # type: ignore[union-attr]
+            assert piece.const_value is not None  # the entry was found constant (target_entry)
+            array = piece.const_value.numpy().copy()
             array.reshape(-1)[entry.position - offset] = value
             concat.replace_input_with(index, _constant(graph, array, f"{piece.name}_heads"))
             _drop_if_unused(graph, piece)
@@ -142,7 +152,7 @@ def set_shape_entry(graph: ir.Graph, entry: ShapeEntry, value: int) -> None:
 
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     if not value.uses() and value.is_initializer() and not value.is_graph_input() and not value.is_graph_output():
-        del graph.initializers[value.name]  # type: ignore[arg-type]
+        del graph.initializers[str(value.name)]
 
 
 def _constant(graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.graph.coupling import STANDARD, Layout, Slot, const_shape, consumer_slot, producer_slots, stored
+from graphprune.graph.coupling import (
+    STANDARD,
+    Layout,
+    Slot,
+    const_shape,
+    consumer_slot,
+    producer_slots,
+    required,
+    stored,
+)
 from graphprune.graph.coupling import uniform as _uniform
 from graphprune.graph.op_rules import Scale, data_inputs, rule_of
 from graphprune.graph.stored import read_array, replace_tensor
@@ -64,7 +73,7 @@ def fold_for(model: ir.Model, weight: str) -> ScaleFold | None:
     for use in value.uses() if value is not None else ():
         read = consumer_slot(use.node, 0)
         if read is not None and read[1] is value:
-            return scale_fold(use.node.inputs[0])  # type: ignore[arg-type]
+            return scale_fold(required(use.node.inputs[0]))
     return None
 
 
@@ -118,23 +127,23 @@ def _fold_point(value: ir.Value, channels: int) -> list[Slot] | None:
         return None
     if rule.scale is Scale.PARAMETERS:
         return _norm_parameters(node, rule.per_channel, channels)
-    inputs = [node.inputs[i] for i in data_inputs(node, rule)]
+    inputs = [required(node.inputs[i]) for i in data_inputs(node, rule)]
     if rule.scale is Scale.FIRST:
-        return _through(node, inputs[0], channels)  # type: ignore[arg-type]
+        return _through(node, inputs[0], channels)
     if rule.scale is Scale.EVERY:
         slots: list[Slot] = []
         for x in inputs:
-            found = _through(node, x, channels)  # type: ignore[arg-type]
+            found = _through(node, x, channels)
             if found is None:
                 return None
             slots += found
         return slots
     for x in inputs:  # Scale.ONE: a stored per-channel factor first (a norm's weight), then the others in order
-        axis = _per_channel(x, channels)  # type: ignore[arg-type]
-        if axis is not None and _alone(x, node):  # type: ignore[arg-type]
-            return [Slot(x, axis, "channelwise", node)]  # type: ignore[arg-type]
+        axis = _per_channel(x, channels)
+        if axis is not None and _alone(x, node):
+            return [Slot(x, axis, "channelwise", node)]
     for x in inputs:
-        found = _through(node, x, channels)  # type: ignore[arg-type]
+        found = _through(node, x, channels)
         if found is not None:
             return found
     return None

@@ -68,6 +68,7 @@ def convert(
         f"{stats.saturated} saturated to the largest finite value",
         highlight=False,
     )
+    console.print(f"kept in FP32: {result.fp32_summary()}", highlight=False)
     console.print(
         f"sparse eligibility of the result: {summary(records)} (details: graphprune check)", highlight=False
     )

@@ -359,9 +359,7 @@ def _drop_round_trips(graph: onnx.GraphProto, half: int) -> None:
                 node.input[position] = renamed[name]
     while True:
         read = {name for node in graph.node for name in node.input} | outputs
-        dead = [
-            i for i, n in enumerate(graph.node) if n.op_type == "Cast" and not (set(n.output) & read)
-        ]
+        dead = [i for i, n in enumerate(graph.node) if n.op_type == "Cast" and not (set(n.output) & read)]
         if not dead:
             return
         for i in reversed(dead):

@@ -107,8 +107,9 @@ def build(
     shapes: Annotated[
         list[str] | None,
         typer.Option(
-            help="Optimisation profile of a dynamic input as NAME:MIN,OPT,MAX with dims joined by x, or NAME:SHAPE "
-            "for a static profile (MIN = OPT = MAX); repeat per input, e.g. --shapes images:1x3x640x640 or "
+            help="Optimisation profile of a dynamic input as NAME:MIN,OPT,MAX with dims joined by x, or "
+            "NAME:SHAPE for a static profile (MIN = OPT = MAX); repeat per input, e.g. "
+            "--shapes images:1x3x640x640 or "
             "--shapes input_ids:1x16,8x128,32x512 --shapes attention_mask:1x16,8x128,32x512."
         ),
     ] = None,

@@ -42,6 +42,7 @@ from graphprune.tensorrt.logs import (
     sparsity_mentions,
 )
 from graphprune.tensorrt.outputs import check_writable, commit
+from graphprune.tensorrt.parsable import check_parsable
 from graphprune.tensorrt.profiles import ShapeRange, check_profiles, model_inputs, parse_shapes
 from graphprune.tensorrt.report import BuildReport, Sparsity, report_path, sparsity_verdict
 
@@ -311,6 +312,7 @@ def build_engine(
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     loaded = load_backend(backend)
     model = read_onnx(onnx_path)
+    check_parsable(model, onnx_path.name)
     ranges = parse_shapes(shapes)
     check_profiles(model_inputs(model), ranges)
     check_writable(engine_path, force)

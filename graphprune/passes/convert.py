@@ -7,7 +7,8 @@ itself (:mod:`graphprune.passes.bf16`). What :func:`convert` does to a model:
 * Float32 initializers and Constant values become half precision and computation follows them, except in the ops
   kept in FP32 (:func:`fp32_ops`), which get Casts around them. Initializers read only by those ops stay float32.
 * Graph inputs and outputs keep their float32 type and names (a Cast after each input, before each output).
-* Numerically sensitive ops stay in FP32: normalisations (mean and variance of a row), Softmax/LogSoftmax and the
+* Numerically sensitive ops stay in FP32: normalisations (mean and variance of a row; BatchNormalization's stored
+  variance, which can exceed FP16's range), Softmax/LogSoftmax and the
   Reduce* ops (long sums), Pow and Sqrt (the RMSNorm chain: ``x**2`` overflows FP16 once ``|x| > 256``, and LLM
   hidden states have outliers far beyond that), Exp and Log (``exp(x)`` overflows FP16 for ``x > 11``), plus ONNX
   Runtime's own default list (Range, TopK, Min, Max, CumSum, ...: ops without FP16 kernels there). MatMul, Gemm and
@@ -59,6 +60,7 @@ HalfType = Literal["float16", "bfloat16"]
 # Ours: ops whose FP16 arithmetic loses the result (see the module docstring).
 SENSITIVE_OPS: frozenset[str] = frozenset(
     {
+        "BatchNormalization",  # a running variance can pass FP16's range (9.8e7 in PP-OCRv4's text detector)
         "LayerNormalization",
         "SimplifiedLayerNormalization",
         "SkipLayerNormalization",

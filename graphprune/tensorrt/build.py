@@ -80,6 +80,13 @@ def onnx_precision(model: onnx.ModelProto) -> str:
     if {"QuantizeLinear", "DequantizeLinear"} <= ops:
         return "int8-qdq"
     types = {t.data_type for t in model.graph.initializer}
+    types |= {
+        a.t.data_type
+        for n in model.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    }
     if onnx.TensorProto.FLOAT16 in types:
         return "fp16"
     if onnx.TensorProto.BFLOAT16 in types:

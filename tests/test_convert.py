@@ -460,6 +460,61 @@ def test_float_values_feeding_shape_inputs_stay_fp32() -> None:
     assert close(b, a)
 
 
+@pytest.mark.parametrize("form", ["outer MatMul", "expanded MatMul", "Mul"])
+def test_rotary_angles_from_position_ids_stay_fp32(form: str) -> None:
+    """cos/sin(position * inv_freq) as exporters write rotary embeddings, applied to q: at position 4001 FP16's
+    position is 4000 and the angle off by a whole radian; kept FP32, only the final product is rounded."""
+    inv_freq = (1.0 / 10000 ** (np.arange(0, 8, 2) / 8)).astype(np.float32)  # [4]
+    angles = {
+        "outer MatMul": [helper.make_node("MatMul", ["pos_col", "inv_freq_row"], ["freqs"], name="freqs")],
+        "expanded MatMul": [
+            helper.make_node("Expand", ["inv_freq_col", "freq_shape"], ["inv_freq_x"], name="expand"),
+            helper.make_node("MatMul", ["inv_freq_x", "pos_row"], ["freqs_t"], name="freqs_t"),
+            helper.make_node("Transpose", ["freqs_t"], ["freqs"], name="freqs", perm=[0, 2, 1]),
+        ],
+        "Mul": [helper.make_node("Mul", ["pos_col", "inv_freq"], ["freqs"], name="freqs")],
+    }[form]
+    nodes = [
+        helper.make_node("Cast", ["position_ids"], ["pos"], name="pos", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["pos", "last"], ["pos_col"], name="pos_col"),
+        helper.make_node("Unsqueeze", ["pos", "one"], ["pos_row"], name="pos_row"),
+        *angles,
+        helper.make_node("Concat", ["freqs", "freqs"], ["emb"], name="emb", axis=-1),
+        helper.make_node("Cos", ["emb"], ["cos"], name="cos"),
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("Mul", ["q", "cos"], ["y"], name="rotate"),
+        helper.make_node("MatMul", ["y", "wo"], ["out"], name="o_proj"),
+    ]
+    rng = np.random.default_rng(11)
+    inits = [
+        init(inv_freq, "inv_freq"),
+        init(inv_freq[None, :], "inv_freq_row"),
+        init(inv_freq[None, :, None], "inv_freq_col"),
+        init(np.array([1, 4, 1], np.int64), "freq_shape"),
+        init(np.array([-1], np.int64), "last"),
+        init(np.array([1], np.int64), "one"),
+        init((rng.standard_normal((8, 8)) / 3).astype(np.float32), "wq"),
+        init((rng.standard_normal((8, 8)) / 3).astype(np.float32), "wo"),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("x", shape=[1, "s", 8]), tensor("position_ids", TensorProto.INT64, [1, "s"])],
+        [tensor("out", shape=[1, "s", 8])],
+        inits,
+    )
+    result = convert(onnx.load_from_string(model.SerializeToString()))
+    for name in ("pos", "freqs", "emb", "cos", *(["expand"] if form == "expanded MatMul" else [])):
+        assert result.fp32_reasons[name] == SHAPE_ARITHMETIC, name
+    assert "q_proj" not in result.fp32_reasons and "o_proj" not in result.fp32_reasons
+    assert not round_trips(result.model)
+    feed = {
+        "x": rng.standard_normal((1, 6, 8)).astype(np.float32),
+        "position_ids": np.array([[0, 5, 2047, 3001, 4001, 4093]], np.int64),
+    }
+    (a,), (b,) = run(model, feed), run(result.model, feed)
+    assert close(b, a), float(np.abs(a - b).max())
+
+
 def test_summary_lists_what_stayed_fp32_and_why() -> None:
     result = convert(range_model())
     summary = result.fp32_summary()

@@ -8,9 +8,11 @@ dataflow rules find those values on the ONNX graph; each kept node carries the r
 * **forward** (:data:`SHAPE_ARITHMETIC`): a float value is *index-derived* when it comes from integer values
   (``Shape``, ``Size``, indices, integer inputs and constants: every integer tensor) through ops that read no
   activation: every float input is index-derived or a constant, and at least one input is index-derived or
-  integer. Weight-reading ops (MatMul, Conv, Gather from a table, ...) join only when all their float inputs are
-  index-derived (the outer product of a rotary embedding), never through a weight. A float constant beyond the
-  half-precision range (a ``-3.4e38`` mask fill) ends the rule: the converter saturates it as before.
+  integer. Weight-reading ops (MatMul, Conv, Gather from a table, ...) join only when their float inputs are
+  index-derived or computed from constants (a rotary embedding's positions times its expanded frequencies), or for
+  a MatMul whose constant has a contracted dimension of 1 (an outer product), never through a weight. A float
+  constant beyond the half-precision range (a ``-3.4e38`` mask fill) ends the rule: the converter saturates it as
+  before.
 * **backward** (:data:`FEEDS_SHAPE`): every float value on the way to an input that is a shape or an index
   (``Reshape``/``Expand``/``Tile``/``ConstantOfShape`` shapes, ``Slice`` bounds, ``Range``, ``Resize`` sizes and
   scales, ...), walking back from that input through everything but heavy ops and ``Shape``/``Size``.
@@ -147,9 +149,10 @@ def _forward(g: _Graph) -> tuple[set[str], set[int]]:
             constant.update(out for out in node.output if out)
             continue
         float_inputs = [name for name in node.input if name and g.is_float(name)]
-        if node.op_type in HEAVY_OPS:  # only the outer product of index values, never through a weight
+        if node.op_type in HEAVY_OPS:  # only index values, or an outer product with frequencies: never a weight
             index_only = any(name in derived for name in float_inputs) and all(
-                name in derived or (name in constant and name not in g.tensors) for name in float_inputs
+                name in derived or (name in constant and (name not in g.tensors or _outer_factor(g, node, name)))
+                for name in float_inputs
             )
         elif node.op_type in _TABLE_OPS and data[0] not in derived:
             index_only = False  # an embedding or weight table read at indices: data, not index arithmetic
@@ -160,7 +163,24 @@ def _forward(g: _Graph) -> tuple[set[str], set[int]]:
         if index_only and (float_outputs or any(name in derived for name in float_inputs)):
             derived.update(float_outputs)
             nodes.add(index)
+    # The constant-only computations feeding those nodes (an expanded inv_freq) keep their values unrounded too.
+    pending = [name for i in nodes for name in g.nodes[i].input if name in constant and name in g.producer]
+    while pending:
+        producer = g.producer[pending.pop()]
+        if producer not in nodes and g.nodes[producer].op_type != "Constant":
+            nodes.add(producer)
+            derived.update(out for out in g.nodes[producer].output if out and g.is_float(out))
+            pending.extend(name for name in g.nodes[producer].input if name in constant and name in g.producer)
     return derived, nodes
+
+
+def _outer_factor(g: _Graph, node: onnx.NodeProto, name: str) -> bool:
+    """A MatMul constant whose contracted dimension is 1: ``positions[:, None] @ inv_freq[None, :]`` multiplies
+    without summing, like an elementwise Mul (rotary embeddings), and no weight has K = 1."""
+    dims = tuple(g.tensors[name].dims)
+    if node.op_type != "MatMul" or len(dims) < 2:
+        return False
+    return dims[-2] == 1 if name == node.input[1] else dims[-1] == 1
 
 
 def _data_inputs(node: onnx.NodeProto) -> list[str]:

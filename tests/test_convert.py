@@ -30,6 +30,7 @@ from graphprune.graph.stored import stored_values
 from graphprune.graph.targets import find_targets
 from graphprune.graph.weights import read_weight
 from graphprune.passes.convert import convert, to_half
+from graphprune.passes.precision import COORDINATES, FEEDS_SHAPE, SHAPE_ARITHMETIC
 from tests.onnx_builders import init, make_model, run, tensor
 
 PATTERN = NMPattern(2, 4)
@@ -118,6 +119,25 @@ def reference_fp16(values: np.ndarray) -> np.ndarray:
 
 def weights_by_name(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def round_trips(model: onnx.ModelProto) -> list[str]:
+    """Casts to float32 that read a Cast to half precision: a value rounded to half on its way between FP32 ops."""
+    to = {n.output[0]: n.attribute[0].i for n in model.graph.node if n.op_type == "Cast"}
+    half = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Cast" and n.attribute[0].i == 1 and to.get(n.input[0]) in half
+    ]
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True).graph
+    values = [*inferred.input, *inferred.value_info, *inferred.output]
+    return {v.name: v.type.tensor_type.elem_type for v in values} | {
+        t.name: t.data_type for t in inferred.initializer
+    }
 
 
 # --- rounding ----------------------------------------------------------------------------------------------
@@ -280,7 +300,10 @@ def test_conv_model_and_constant_nodes_and_casts() -> None:
     (a,), (b,) = run(model, feed), run(result.model, feed)
     assert close(b, a)
     cast = next(n for n in result.model.graph.node if n.name == "cast")
-    assert cast.attribute[0].i == TensorProto.FLOAT16
+    assert cast.attribute[0].i == TensorProto.FLOAT  # an integer made float: kept exact (shape arithmetic)
+    assert result.fp32_reasons["cos"] == result.fp32_reasons["cast"] == SHAPE_ARITHMETIC
+    assert result.fp32_reasons["mul"] == result.fp32_reasons["add"] == COORDINATES
+    assert not round_trips(result.model)
     target = find_targets(ir.from_proto(result.model)).targets[0]
     stored = weights_by_name(result.model)["w"]
     assert len(nm_violations(to_canonical(stored, target.k_axis, target.out_axis), PATTERN)) == 0
@@ -337,6 +360,179 @@ def test_output_also_used_inside_the_graph() -> None:
         assert b.dtype == np.float32 and close(b, a)
 
 
+# --- shape arithmetic stays FP32 ---------------------------------------------------------------------------
+
+
+def range_model(third: float = 1 / 3) -> onnx.ModelProto:
+    """A detector-like head: positions computed from the input's length (Shape -> Cast(float) -> Range, + n/3),
+    added to a MatMul's output (``y``) and scaled into coordinates (``coords``); ``third`` is shared by the
+    shape arithmetic and the MatMul path."""
+    rng = np.random.default_rng(7)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "axis2"], ["n"], name="length", axis=0),
+        helper.make_node("Cast", ["n"], ["nf"], name="to_float", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["nf", "third"], ["start"], name="start"),
+        helper.make_node("Range", ["zero", "nf", "one"], ["steps"], name="range"),
+        helper.make_node("Add", ["steps", "start"], ["pos"], name="offset"),
+        helper.make_node("MatMul", ["w", "x"], ["h"], name="mm"),
+        helper.make_node("Mul", ["h", "third"], ["h3"], name="mm_scale"),
+        helper.make_node("Add", ["h3", "pos"], ["y"], name="add_pos"),
+        helper.make_node("Mul", ["pos", "stride"], ["coords"], name="stride"),
+    ]
+    inits = [
+        init(np.array(2, np.int64), "axis2"),
+        init(np.array(third, np.float32), "third"),
+        init(np.array(0.0, np.float32), "zero"),
+        init(np.array(1.0, np.float32), "one"),
+        init(np.array(8.0, np.float32), "stride"),
+        init(rng.standard_normal((4, 4)).astype(np.float32), "w"),
+    ]
+    return make_model(
+        nodes,
+        [tensor("x", shape=[1, 4, "n"])],
+        [tensor("y", shape=[1, 4, "n"]), tensor("coords", shape=["n"])],
+        inits,
+    )
+
+
+@pytest.mark.parametrize("length", [16, 3001])
+def test_range_from_shape_stays_fp32_and_exact_above_2048(length: int) -> None:
+    model = range_model()
+    result = convert(onnx.load_from_string(model.SerializeToString()))
+    onnx.checker.check_model(result.model, full_check=True)
+    for node in ("to_float", "start", "range", "offset", "stride"):
+        assert result.fp32_reasons[node] == SHAPE_ARITHMETIC, node
+    assert result.fp32_reasons["add_pos"] == COORDINATES  # where the positions meet the MatMul's output
+    assert "mm" not in result.fp32_reasons and "mm_scale" not in result.fp32_reasons
+    # Every input and output of the shape arithmetic is float32 (or integer): no value through FP16 on the way.
+    types = value_types(result.model)
+    nodes = {n.name: n for n in result.model.graph.node}
+    for name in ("to_float", "start", "range", "offset", "add_pos", "stride"):
+        values = [v for v in [*nodes[name].input, *nodes[name].output] if v]
+        assert all(types[v] in (TensorProto.FLOAT, TensorProto.INT64) for v in values), name
+    assert types[nodes["mm"].output[0]] == TensorProto.FLOAT16  # the heavy arithmetic stays half
+    assert not round_trips(result.model)
+    stored = weights_by_name(result.model)
+    assert stored["third"].dtype == np.float16 and stored["third.fp32"].dtype == np.float32  # a private copy
+    x = {"x": np.random.default_rng(8).standard_normal((1, 4, length)).astype(np.float32)}
+    (y32, coords32), (y16, coords16) = run(model, x), run(result.model, x)
+    np.testing.assert_array_equal(coords16, coords32)  # 1000.33 ... 4000.33 times 8: exact, not FP16's steps of 4
+    assert coords32.max() > 8 * 2048 or length < 2048
+    h32 = y32 - coords32 / 8
+    assert np.all(np.abs(y16 - y32) <= 2e-2 + 2e-2 * np.abs(h32))  # only the MatMul's own FP16 error
+
+
+def test_float_values_feeding_shape_inputs_stay_fp32() -> None:
+    """Slice's end computed as floor(length * scale) from a float input: 2049 * 1.0 stays 2049 (FP16: 2048)."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "axis2"], ["n"], name="length", axis=0),
+        helper.make_node("Cast", ["n"], ["nf"], name="to_float", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["nf", "scale"], ["scaled"], name="scaled"),
+        helper.make_node("Floor", ["scaled"], ["floored"], name="floor"),
+        helper.make_node("Cast", ["floored"], ["end"], name="to_int", to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["end", "axes0"], ["ends"], name="ends"),
+        helper.make_node("Slice", ["x", "starts", "ends", "axes2"], ["cut"], name="slice"),
+        helper.make_node("Relu", ["cut"], ["y"], name="relu"),
+    ]
+    inits = [
+        init(np.array(2, np.int64), "axis2"),
+        init(np.array([0], np.int64), "axes0"),
+        init(np.array([0], np.int64), "starts"),
+        init(np.array([2], np.int64), "axes2"),
+    ]
+    model = make_model(
+        nodes, [tensor("x", shape=[1, 2, "n"]), tensor("scale", shape=[])], [tensor("y", shape=[1, 2, "m"])], inits
+    )
+    result = convert(onnx.load_from_string(model.SerializeToString()))
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.fp32_reasons["to_float"] == SHAPE_ARITHMETIC
+    assert result.fp32_reasons["scaled"] == result.fp32_reasons["floor"] == FEEDS_SHAPE
+    assert "relu" not in result.fp32_reasons
+    assert not round_trips(result.model)
+    feed = {
+        "x": np.random.default_rng(9).standard_normal((1, 2, 2049)).astype(np.float32),
+        "scale": np.array(1, np.float32),
+    }
+    (a,), (b,) = run(model, feed), run(result.model, feed)
+    assert a.shape == b.shape == (1, 2, 2049)
+    assert close(b, a)
+
+
+@pytest.mark.parametrize("form", ["outer MatMul", "expanded MatMul", "Mul"])
+def test_rotary_angles_from_position_ids_stay_fp32(form: str) -> None:
+    """cos/sin(position * inv_freq) as exporters write rotary embeddings, applied to q: at position 4001 FP16's
+    position is 4000 and the angle off by a whole radian; kept FP32, only the final product is rounded."""
+    inv_freq = (1.0 / 10000 ** (np.arange(0, 8, 2) / 8)).astype(np.float32)  # [4]
+    angles = {
+        "outer MatMul": [helper.make_node("MatMul", ["pos_col", "inv_freq_row"], ["freqs"], name="freqs")],
+        "expanded MatMul": [
+            helper.make_node("Expand", ["inv_freq_col", "freq_shape"], ["inv_freq_x"], name="expand"),
+            helper.make_node("MatMul", ["inv_freq_x", "pos_row"], ["freqs_t"], name="freqs_t"),
+            helper.make_node("Transpose", ["freqs_t"], ["freqs"], name="freqs", perm=[0, 2, 1]),
+        ],
+        "Mul": [helper.make_node("Mul", ["pos_col", "inv_freq"], ["freqs"], name="freqs")],
+    }[form]
+    nodes = [
+        helper.make_node("Cast", ["position_ids"], ["pos"], name="pos", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["pos", "last"], ["pos_col"], name="pos_col"),
+        helper.make_node("Unsqueeze", ["pos", "one"], ["pos_row"], name="pos_row"),
+        *angles,
+        helper.make_node("Concat", ["freqs", "freqs"], ["emb"], name="emb", axis=-1),
+        helper.make_node("Cos", ["emb"], ["cos"], name="cos"),
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("Mul", ["q", "cos"], ["y"], name="rotate"),
+        helper.make_node("MatMul", ["y", "wo"], ["out"], name="o_proj"),
+    ]
+    rng = np.random.default_rng(11)
+    inits = [
+        init(inv_freq, "inv_freq"),
+        init(inv_freq[None, :], "inv_freq_row"),
+        init(inv_freq[None, :, None], "inv_freq_col"),
+        init(np.array([1, 4, 1], np.int64), "freq_shape"),
+        init(np.array([-1], np.int64), "last"),
+        init(np.array([1], np.int64), "one"),
+        init((rng.standard_normal((8, 8)) / 3).astype(np.float32), "wq"),
+        init((rng.standard_normal((8, 8)) / 3).astype(np.float32), "wo"),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("x", shape=[1, "s", 8]), tensor("position_ids", TensorProto.INT64, [1, "s"])],
+        [tensor("out", shape=[1, "s", 8])],
+        inits,
+    )
+    result = convert(onnx.load_from_string(model.SerializeToString()))
+    for name in ("pos", "freqs", "emb", "cos", *(["expand"] if form == "expanded MatMul" else [])):
+        assert result.fp32_reasons[name] == SHAPE_ARITHMETIC, name
+    assert "q_proj" not in result.fp32_reasons and "o_proj" not in result.fp32_reasons
+    assert not round_trips(result.model)
+    feed = {
+        "x": rng.standard_normal((1, 6, 8)).astype(np.float32),
+        "position_ids": np.array([[0, 5, 2047, 3001, 4001, 4093]], np.int64),
+    }
+    (a,), (b,) = run(model, feed), run(result.model, feed)
+    assert close(b, a), float(np.abs(a - b).max())
+
+
+def test_summary_lists_what_stayed_fp32_and_why() -> None:
+    result = convert(range_model())
+    summary = result.fp32_summary()
+    assert "5 shape arithmetic" in summary and "to_float" in summary
+    assert "1 index-derived values combined" in summary
+    assert set(result.fp32_nodes) == set(result.fp32_reasons)
+
+
+def test_bf16_keeps_the_same_shape_arithmetic_fp32() -> None:
+    model = range_model()
+    result = convert(onnx.load_from_string(model.SerializeToString()), "bfloat16")
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.fp32_reasons["range"] == SHAPE_ARITHMETIC and not round_trips(result.model)
+    x = {"x": np.random.default_rng(8).standard_normal((1, 4, 3001)).astype(np.float32)}
+    # ONNX Runtime's CPU provider has almost no BF16 kernels: run the BF16-rounded weights in FP32 instead.
+    np.testing.assert_array_equal(run(_bf16_as_fp32(result.model), x)[1], run(model, x)[1])
+
+
 def test_refuses_subgraphs_half_models_and_old_opsets_for_bf16() -> None:
     then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [], [tensor("t", shape=[1])])
     node = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then)
@@ -372,6 +568,7 @@ def test_cli_convert_writes_atomically_and_never_touches_input(tmp_path) -> None
     assert result.exit_code == 0, result.output
     written = tmp_path / "m.fp16.onnx"
     assert written.exists() and source.read_bytes() == original
+    assert "kept in FP32: 5 numerically sensitive" in result.output  # ln, pow, mean, sqrt, softmax
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx"]  # no temporary left over
     again = runner.invoke(app, ["convert", str(source), "--fp16"])
     assert again.exit_code == 2 and "--force" in again.output

@@ -162,9 +162,18 @@ def test_parse_shapes() -> None:
     ranges = parse_shapes(["input_ids:1x16,8x128,32x512", "onnx::Shape_1:1,2,3"])
     assert ranges["input_ids"] == ShapeRange("input_ids", (1, 16), (8, 128), (32, 512))
     assert ranges["onnx::Shape_1"].opt == (2,)  # names may contain colons
-    for bad in ["x", "x:1,2", "x:1x2,1,1", "x:4,2,8", ":1,1,1", "x:1,a,2"]:
+    for bad in ["x", "x:1,2", "x:1x2,1,1", "x:4,2,8", ":1,1,1", "x:1,a,2", "x:", "x:1x", "x:1,2,3,4"]:
         with pytest.raises(GraphpruneError, match="--shapes"):
             parse_shapes([bad])
+
+
+def test_one_shape_is_a_static_profile() -> None:
+    ranges = parse_shapes(["images:1x3x320x320", "ids:4"])
+    assert ranges["images"] == ShapeRange("images", (1, 3, 320, 320), (1, 3, 320, 320), (1, 3, 320, 320))
+    assert ranges["ids"].as_dict() == {"min": [4], "opt": [4], "max": [4]}
+    check_profiles({"images": (None, 3, None, None)}, {"images": ranges["images"]})
+    with pytest.raises(GraphpruneError, match="dimension 1 is fixed to 3 in the model"):
+        check_profiles({"images": (None, 3, None, None)}, parse_shapes(["images:1x4x320x320"]))
 
 
 def tiny_model(dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:

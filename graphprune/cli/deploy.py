@@ -68,6 +68,7 @@ def convert(
         f"{stats.saturated} saturated to the largest finite value",
         highlight=False,
     )
+    console.print(f"kept in FP32: {result.fp32_summary()}", highlight=False)
     console.print(
         f"sparse eligibility of the result: {summary(records)} (details: graphprune check)", highlight=False
     )
@@ -106,8 +107,10 @@ def build(
     shapes: Annotated[
         list[str] | None,
         typer.Option(
-            help="Optimisation profile of a dynamic input as NAME:MIN,OPT,MAX with dims joined by x; repeat per "
-            "input, e.g. --shapes input_ids:1x16,8x128,32x512 --shapes attention_mask:1x16,8x128,32x512."
+            help="Optimisation profile of a dynamic input as NAME:MIN,OPT,MAX with dims joined by x, or "
+            "NAME:SHAPE for a static profile (MIN = OPT = MAX); repeat per input, e.g. "
+            "--shapes images:1x3x640x640 or "
+            "--shapes input_ids:1x16,8x128,32x512 --shapes attention_mask:1x16,8x128,32x512."
         ),
     ] = None,
     timing_cache: Annotated[

@@ -7,11 +7,19 @@ itself (:mod:`graphprune.passes.bf16`). What :func:`convert` does to a model:
 * Float32 initializers and Constant values become half precision and computation follows them, except in the ops
   kept in FP32 (:func:`fp32_ops`), which get Casts around them. Initializers read only by those ops stay float32.
 * Graph inputs and outputs keep their float32 type and names (a Cast after each input, before each output).
-* Numerically sensitive ops stay in FP32: normalisations (mean and variance of a row), Softmax/LogSoftmax and the
+* Numerically sensitive ops stay in FP32: normalisations (mean and variance of a row; BatchNormalization's stored
+  variance, which can exceed FP16's range), Softmax/LogSoftmax and the
   Reduce* ops (long sums), Pow and Sqrt (the RMSNorm chain: ``x**2`` overflows FP16 once ``|x| > 256``, and LLM
   hidden states have outliers far beyond that), Exp and Log (``exp(x)`` overflows FP16 for ``x > 11``), plus ONNX
   Runtime's own default list (Range, TopK, Min, Max, CumSum, ...: ops without FP16 kernels there). MatMul, Gemm and
   Conv -- the pruned ops -- always run in half precision.
+* Shape arithmetic stays in its original type (:mod:`graphprune.passes.precision`): float values computed from
+  shapes, sizes or indices (positions, anchor grids, strides), the values feeding shape and index inputs, and the
+  cheap ops that combine index-derived values with activations on the way to an output. FP16 holds integers
+  exactly only up to 2048, and TensorRT rejects the FP16/FP32 mixture a half-converted ``Range`` leaves.
+  No value between two FP32 ops goes through half precision: the converter's FP32 -> half -> FP32 Cast pairs are
+  removed, and a float constant shared by a kept node and a half-precision one is copied for the kept node.
+  :attr:`ConvertResult.fp32_reasons` says why each node computes in FP32.
 * Rounding (:func:`to_half`): zeros stay zeros (every pruned zero survives), a non-zero too small for the type
   becomes the smallest subnormal of its sign, finite values beyond the range saturate to the largest finite value:
   the set of non-zeros, the sparsity pattern, is exactly the input's. Counts are in :class:`ConvertResult`.
@@ -47,12 +55,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.errors import GraphpruneError
+from graphprune.passes.precision import keep_fp32
 
 HalfType = Literal["float16", "bfloat16"]
 
 # Ours: ops whose FP16 arithmetic loses the result (see the module docstring).
 SENSITIVE_OPS: frozenset[str] = frozenset(
     {
+        "BatchNormalization",  # a running variance can pass FP16's range (9.8e7 in PP-OCRv4's text detector)
         "LayerNormalization",
         "SimplifiedLayerNormalization",
         "SkipLayerNormalization",
@@ -78,6 +88,9 @@ SENSITIVE_OPS: frozenset[str] = frozenset(
         "Log",
     }
 )
+SENSITIVE = "numerically sensitive or without FP16 kernels (fp32_ops)"
+ASKED = "asked for (fp32_nodes)"
+CONSTANT = "constant read only by FP32 nodes"
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
 _HALF_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _FP16_MIN_POSITIVE = float(np.finfo(np.float16).smallest_subnormal)
@@ -133,12 +146,24 @@ class ConvertResult:
     converted: list[str] = field(default_factory=list)  # initializers stored in half precision
     kept_fp32: list[str] = field(default_factory=list)  # float32 initializers left as they are (FP32-only readers)
     fp32_nodes: list[str] = field(default_factory=list)  # nodes computing in FP32
+    fp32_reasons: dict[str, str] = field(default_factory=dict)  # node -> why it computes in FP32
     casts_inserted: int = 0
     rounding: RoundingStats = field(default_factory=RoundingStats)
 
     @property
     def modified(self) -> bool:
         return bool(self.converted or self.casts_inserted)
+
+    def fp32_summary(self) -> str:
+        """What stayed in FP32 and why, one clause per reason with the first few nodes."""
+        by_reason: dict[str, list[str]] = defaultdict(list)
+        for node, reason in self.fp32_reasons.items():
+            by_reason[reason].append(node)
+        parts = []
+        for reason, nodes in by_reason.items():
+            shown = ", ".join(nodes[:3]) + (f", ... ({len(nodes) - 3} more)" if len(nodes) > 3 else "")
+            parts.append(f"{len(nodes)} {reason} ({shown})")
+        return "; ".join(parts) if parts else "nothing"
 
 
 def rounding_stats(values: np.ndarray, dtype: HalfType) -> RoundingStats:
@@ -183,7 +208,10 @@ def convert(
     blocked = fp32_ops() if fp32_op_types is None else fp32_op_types
     _constants_as_tensors(model.graph)
     inferred = _inferred_value_info(model)
+    reasons = _keep_shape_arithmetic(model, inferred, blocked, fp32_nodes)
+    kept = frozenset(fp32_nodes) | frozenset(reasons)
     nodes_before = len(model.graph.node)
+    casts_before = _count_casts(model.graph)
     stats = {
         key: rounding_stats(numpy_helper.to_array(t), dtype)
         for key, t in _float_tensors(model, nodes_before).items()
@@ -204,9 +232,9 @@ def convert(
             keep_io_types=True,
             disable_shape_infer=True,  # done above on a copy without weights: no >2 GB protobuf
             op_block_list=sorted(blocked),
-            node_block_list=sorted(fp32_nodes),
+            node_block_list=sorted(kept),
         )
-    result = ConvertResult(model, dtype, casts_inserted=len(model.graph.node) - nodes_before)
+    result = ConvertResult(model, dtype)
     for (name, position), tensor in _float_tensors(model, nodes_before).items():
         if (name, position) not in stats:  # ConstantOfShape's default fill, written by the converter
             continue
@@ -215,13 +243,144 @@ def convert(
         else:
             result.converted.append(name)
             result.rounding.add(stats[(name, position)])
-    result.fp32_nodes = [
-        n.name or n.op_type for n in model.graph.node if n.op_type in blocked or n.name in fp32_nodes
-    ]
+    for node in model.graph.node[:nodes_before]:
+        if node.name in reasons:
+            result.fp32_reasons[node.name] = reasons[node.name]
+        elif node.op_type in blocked:
+            result.fp32_reasons[node.name or node.op_type] = SENSITIVE
+        elif node.name in fp32_nodes:
+            result.fp32_reasons[node.name] = ASKED
+    result.fp32_nodes = list(result.fp32_reasons)
     if bf16 is not None:
         bf16.apply(model)
+    _drop_round_trips(model.graph, TensorProto.BFLOAT16 if dtype == "bfloat16" else TensorProto.FLOAT16)
+    result.casts_inserted = _count_casts(model.graph) - casts_before
     _sort_topologically(model.graph)  # after bf16.apply, which finds the original nodes by position
     return result
+
+
+def _keep_shape_arithmetic(
+    model: onnx.ModelProto, inferred: list[onnx.ValueInfoProto], blocked: frozenset[str], asked: frozenset[str]
+) -> dict[str, str]:
+    """Name -> reason for the nodes :func:`graphprune.passes.precision.keep_fp32` keeps, plus the Constant nodes
+    read only by FP32 nodes; the constants they share with half-precision readers are copied for them, so no
+    value on an FP32 path goes through half precision. Nodes to keep get a unique name (the converter's block list
+    goes by name)."""
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *inferred]}
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    kept = keep_fp32(graph, types)
+    names = [node.name for node in graph.node]
+    taken = set(names)
+    for index in kept:
+        node = graph.node[index]
+        if not node.name or names.count(node.name) > 1:
+            node.name = _unique(f"{node.op_type}_{node.output[0] if node.output else index}", taken)
+    reasons = {graph.node[i].name: reason for i, reason in kept.items()}
+    fp32 = {n.name for n in graph.node if n.name and (n.name in reasons or n.name in asked)}
+    fp32.update(n.name for n in graph.node if n.op_type in blocked and n.name)
+    _private_constants(graph, set(reasons), fp32, blocked, taken)
+    constants_read: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            constants_read[name].append(node)
+    for node in graph.node:
+        if node.op_type != "Constant" or not node.output or not _is_float_constant(node):
+            continue
+        readers = constants_read.get(node.output[0], [])
+        if readers and all(r.op_type in blocked or (r.name and r.name in fp32) for r in readers):
+            node.name = node.name if node.name and names.count(node.name) <= 1 else _unique("Constant", taken)
+            reasons[node.name] = CONSTANT
+    return reasons
+
+
+def _private_constants(
+    graph: onnx.GraphProto, shape_nodes: set[str], fp32: set[str], blocked: frozenset[str], taken: set[str]
+) -> None:
+    """Give the shape-arithmetic nodes their own copy of each float constant they share with a node the converter
+    will turn to half precision (which would round the constant and cast it back)."""
+    initializers = {t.name: t for t in graph.initializer if t.data_type == TensorProto.FLOAT}
+    constants = {n.output[0]: i for i, n in enumerate(graph.node) if n.op_type == "Constant" and n.output}
+    half_readers = {
+        name for n in graph.node if n.op_type not in blocked and n.name not in fp32 for name in n.input if name
+    }
+    copies: dict[str, str] = {}
+    for node in list(graph.node):
+        if node.name not in shape_nodes:
+            continue
+        for position, name in enumerate(node.input):
+            if name not in half_readers or (name not in initializers and name not in constants):
+                continue
+            if name not in copies:
+                copies[name] = _unique(f"{name}.fp32", taken)
+                if name in initializers:
+                    copy = graph.initializer.add()
+                    copy.CopyFrom(initializers[name])
+                    copy.name = copies[name]
+                else:
+                    clone = onnx.NodeProto()
+                    clone.CopyFrom(graph.node[constants[name]])
+                    clone.name, clone.output[0] = _unique("Constant", taken), copies[name]
+                    graph.node.insert(constants[name] + 1, clone)
+                    constants = {n.output[0]: i for i, n in enumerate(graph.node) if n.op_type == "Constant"}
+            node.input[position] = copies[name]
+
+
+def _is_float_constant(node: onnx.NodeProto) -> bool:
+    return any(a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT for a in node.attribute)
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, suffix = base, 1
+    while name in taken:
+        name, suffix = f"{base}_{suffix}", suffix + 1
+    taken.add(name)
+    return name
+
+
+def _count_casts(graph: onnx.GraphProto) -> int:
+    return sum(node.op_type == "Cast" for node in graph.node)
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    if node.op_type != "Cast":
+        return None
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+def _drop_round_trips(graph: onnx.GraphProto, half: int) -> None:
+    """Remove every FP32 -> half -> FP32 round trip the converter leaves between FP32 nodes (it casts each blocked
+    node's output to half and back for a blocked reader): ``Cast(to=float)`` of ``Cast(to=half)(x)`` reads ``x``
+    itself, and disappears where ``x`` is already float32 (an Identity before a graph output); Casts left without
+    readers go."""
+    outputs = {v.name for v in graph.output}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    producer = {out: node for node in graph.node for out in node.output if out}
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        first = producer.get(node.input[0]) if _cast_to(node) == TensorProto.FLOAT else None
+        if first is None or _cast_to(first) != half:
+            continue
+        node.input[0] = first.input[0]
+        if types.get(first.input[0]) != TensorProto.FLOAT:
+            continue
+        if node.output[0] in outputs:  # a graph output keeps its name: the Cast becomes an Identity
+            node.op_type = "Identity"
+            del node.attribute[:]
+        else:
+            renamed[node.output[0]] = first.input[0]
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            if name in renamed:
+                node.input[position] = renamed[name]
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [i for i, n in enumerate(graph.node) if n.op_type == "Cast" and not (set(n.output) & read)]
+        if not dead:
+            return
+        for i in reversed(dead):
+            del graph.node[i]
 
 
 def _check_supported(model: onnx.ModelProto, dtype: HalfType) -> None:

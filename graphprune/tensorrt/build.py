@@ -42,6 +42,7 @@ from graphprune.tensorrt.logs import (
     sparsity_mentions,
 )
 from graphprune.tensorrt.outputs import check_writable, commit
+from graphprune.tensorrt.parsable import check_parsable
 from graphprune.tensorrt.profiles import ShapeRange, check_profiles, model_inputs, parse_shapes
 from graphprune.tensorrt.report import BuildReport, Sparsity, report_path, sparsity_verdict
 
@@ -79,6 +80,13 @@ def onnx_precision(model: onnx.ModelProto) -> str:
     if {"QuantizeLinear", "DequantizeLinear"} <= ops:
         return "int8-qdq"
     types = {t.data_type for t in model.graph.initializer}
+    types |= {
+        a.t.data_type
+        for n in model.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    }
     if onnx.TensorProto.FLOAT16 in types:
         return "fp16"
     if onnx.TensorProto.BFLOAT16 in types:
@@ -311,6 +319,7 @@ def build_engine(
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     loaded = load_backend(backend)
     model = read_onnx(onnx_path)
+    check_parsable(model, onnx_path.name)
     ranges = parse_shapes(shapes)
     check_profiles(model_inputs(model), ranges)
     check_writable(engine_path, force)

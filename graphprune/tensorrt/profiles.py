@@ -1,4 +1,5 @@
-"""Optimisation profiles: ``--shapes NAME:MIN,OPT,MAX`` parsed and checked against the ONNX model's inputs.
+"""Optimisation profiles: ``--shapes NAME:MIN,OPT,MAX`` (or ``NAME:SHAPE``, a static profile with MIN = OPT = MAX)
+parsed and checked against the ONNX model's inputs.
 
 Checked from the ONNX file alone, before any TensorRT is imported, so a profile that does not fit the model is a
 one-line error in a second, not a failed build.
@@ -33,17 +34,19 @@ class ShapeRange:
 def parse_shapes(specs: Iterable[str]) -> dict[str, ShapeRange]:
     """``["input_ids:1x16,8x128,32x512"]`` -> ``{"input_ids": ShapeRange(...)}``, one-line errors otherwise.
 
-    The name is everything before the last ``:`` (ONNX names may contain colons); dims are joined by ``x``.
+    The name is everything before the last ``:`` (ONNX names may contain colons); dims are joined by ``x``. One
+    shape instead of three (``images:1x3x320x320``) is a static profile: MIN = OPT = MAX.
     """
     ranges: dict[str, ShapeRange] = {}
     for spec in specs:
         name, sep, dims = spec.rpartition(":")
         parts = dims.replace(" ", "").split(",")
-        if not sep or not name or len(parts) != 3 or not all(_DIMS_RE.match(p) for p in parts):
+        if not sep or not name or len(parts) not in (1, 3) or not all(_DIMS_RE.match(p) for p in parts):
             raise GraphpruneError(
-                f"invalid --shapes {spec!r}: expected NAME:MIN,OPT,MAX, e.g. input_ids:1x16,8x128,32x512"
+                f"invalid --shapes {spec!r}: expected NAME:MIN,OPT,MAX or NAME:SHAPE, "
+                "e.g. input_ids:1x16,8x128,32x512 or images:1x3x640x640"
             )
-        lo, opt, hi = (tuple(int(d) for d in p.split("x")) for p in parts)
+        lo, opt, hi = (tuple(int(d) for d in p.split("x")) for p in parts * (3 // len(parts)))
         if not (len(lo) == len(opt) == len(hi)):
             raise GraphpruneError(f"invalid --shapes {spec!r}: MIN, OPT and MAX need the same rank")
         if not all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)):

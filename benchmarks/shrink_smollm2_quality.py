@@ -6,10 +6,14 @@ channel moments and every block's influence; each configuration then shrinks a f
 those figures (single round, as FLAP and ShortGPT do) and is evaluated. ``--steps K`` adds K-round runs of
 ``--step-methods`` at the given ratios (round 1 reuses the dense model's moments, rounds 2..K re-calibrate the
 shrunk model) to compare with one round. ``--moments FILE`` keeps the dense model's moments between invocations
-(computed and saved when the file is missing). Rows are merged into the JSON by configuration.
+(computed and saved when the file is missing). The moments include each MLP input's Gram matrix, which the
+least-squares refit needs: ``--variants`` lists what runs at every ratio (``METHOD[+refit][+global]``, e.g.
+``flap+refit+global``; without ``+refit`` the consumers get only FLAP's bias fold, without ``+global`` every MLP
+loses the same ratio). ``--time-windows N`` times ``shrink`` with and without the refit from scratch (the tapped
+calibration on N windows included) in one process, interleaved. Rows are merged into the JSON by configuration.
 
     nice -n 10 python benchmarks/shrink_smollm2_quality.py [--ratios 0.25] [--blocks 2 4 6] [--steps 0]
-        [--moments /tmp/smollm2-moments.npz] [--heads 0.34]
+        [--moments /tmp/smollm2-moments.npz] [--heads 0.34] [--variants flap+refit flap+refit+global]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +53,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=demo.cache_dir() / "smollm2" / "model.onnx")
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.25, 0.1, 0.4])
     parser.add_argument("--blocks", type=int, nargs="*", default=[2, 4, 6])
-    parser.add_argument("--methods", nargs="*", default=["l2", "wanda", "flap"])
+    parser.add_argument("--methods", nargs="*", default=["l2", "wanda", "flap"], help="plain one-round runs")
+    parser.add_argument("--variants", nargs="*", default=["flap+refit", "flap+refit+global", "flap+global"])
+    parser.add_argument("--time-windows", type=int, default=0, help="time shrink with/without refit on N windows")
     parser.add_argument("--steps", type=int, default=0, help="also run --step-methods in this many rounds")
-    parser.add_argument("--step-methods", nargs="*", default=["wanda", "flap"])
+    parser.add_argument("--step-methods", nargs="*", default=["flap+refit"], help="variants run in --steps rounds")
     parser.add_argument("--moments", type=Path, default=None, help="cache of the dense model's moments (.npz)")
     parser.add_argument(
         "--heads", type=float, nargs="*", default=[], help="also remove this ratio of heads (KV groups) with flap"
@@ -61,6 +68,9 @@ def main() -> None:
     args = parser.parse_args()
 
     calibration = CalibrationRequest(data=str(REFERENCE / "smollm2_brown_calib.npz"), batch_size=8)
+    if args.time_windows:
+        time_refit(args.model, args.time_windows, args.json.with_name("shrink_smollm2_refit_time.json"))
+        return
     windows = np.load(REFERENCE / "smollm2_brown_eval.npz")["input_ids"]
     previous = json.loads(args.json.read_text()) if args.json.exists() else {}
     if args.moments is not None and args.moments.exists():
@@ -69,7 +79,7 @@ def main() -> None:
         print(f"dense moments from {args.moments}", flush=True)
     else:
         dense = load_model(args.model)
-        taps = channel_taps(find_groups(dense, ("mlp",)).groups)
+        taps = channel_taps(find_groups(dense, ("mlp",)).groups, gram=True)
         pairs = [(b.input.name, b.output.name) for b in find_blocks(dense)]
         t0 = time.perf_counter()
         moments = collect_moments(dense, taps, pairs, calibration)  # type: ignore[arg-type]
@@ -97,13 +107,11 @@ def main() -> None:
     results: list[dict] = previous.get("results", [])
     runs: list[tuple[ShrinkConfig, bool | None]] = []  # True: the cached moments; None: calibrate afresh
     for ratio in args.ratios:
+        runs += [(variant(v, ratio), True) for v in args.variants]
         for m in args.methods:
-            runs.append((ShrinkConfig(ratio=ratio, units=("mlp",), method=StructuredMethod(m)), True))
+            runs.append((variant(m, ratio), True))
         if args.steps > 1:
-            runs += [
-                (ShrinkConfig(ratio=ratio, units=("mlp",), method=StructuredMethod(m), steps=args.steps), False)
-                for m in args.step_methods
-            ]
+            runs += [(replace(variant(v, ratio), steps=args.steps), False) for v in args.step_methods]
         if ratio == args.ratios[0]:  # the blocks right after the first ratio: most wanted first
             runs += [(ShrinkConfig(blocks=n), True) for n in args.blocks]
     runs += [(ShrinkConfig(ratio=r, units=("heads",), method=StructuredMethod.FLAP), None) for r in args.heads]
@@ -126,6 +134,9 @@ def main() -> None:
                 "ratio": config.ratio,
                 "blocks": config.blocks,
                 "steps": config.steps,
+                "refit": bool(report.config.refit) and config.ratio is not None,
+                "allocate": report.config.allocate,
+                "layer_ratios": [g.ratio for g in report.groups],
                 "brown_heldout_ppl": round(ppl, 2),
                 "parameters": report.parameters_after,
                 "parameters_dense": report.parameters_before,
@@ -150,8 +161,48 @@ def main() -> None:
             )
 
 
+def time_refit(model_path: Path, windows: int, out: Path, rounds: int = 2) -> None:
+    """``shrink`` at 25% of MLP neurons from scratch (tapped calibration on ``windows`` windows, scores, slicing),
+    flap with and without the refit, alternately in this process: CPU and wall seconds of each."""
+    data = np.load(REFERENCE / "smollm2_brown_calib.npz")
+    request = CalibrationRequest(data={k: data[k][:windows] for k in data.files}, batch_size=8)
+    times: dict[str, list[tuple[float, float]]] = {"flap": [], "flap+refit": []}
+    for _ in range(rounds):
+        for name in times:
+            model = load_model(model_path)
+            t, t_cpu = time.perf_counter(), time.process_time()
+            shrink_model(model, variant(name, 0.25), request)
+            times[name].append((time.perf_counter() - t, time.process_time() - t_cpu))
+            print(name, times[name][-1], flush=True)
+            del model
+    cpu = {k: float(np.median([c for _, c in v])) for k, v in times.items()}
+    row = {
+        "windows": windows,
+        "rounds": rounds,
+        "seconds": {k: [round(w, 1) for w, _ in v] for k, v in times.items()},
+        "cpu_seconds": {k: [round(c, 1) for _, c in v] for k, v in times.items()},
+        "refit_over_flap_cpu": round(cpu["flap+refit"] / cpu["flap"], 3),
+    }
+    print(json.dumps(row), flush=True)
+    out.write_text(json.dumps(row, indent=1) + "\n")
+
+
+def variant(text: str, ratio: float) -> ShrinkConfig:
+    """``METHOD[+refit][+global]`` as a configuration removing ``ratio`` of the MLP neurons."""
+    method, *flags = text.split("+")
+    return ShrinkConfig(
+        ratio=ratio,
+        units=("mlp",),
+        method=StructuredMethod(method),
+        refit="refit" in flags,
+        allocate="global" if "global" in flags else "uniform",
+    )
+
+
 def _key(row: dict) -> tuple:
-    return row["units"], row["method"], row["ratio"], row["blocks"], row["steps"]  # "units": mlp, heads, blocks
+    # "units": mlp, heads, blocks; rows from before the refit and the allocation existed were uniform, no refit
+    extra = row.get("refit", False), row.get("allocate", "uniform")
+    return row["units"], row["method"], row["ratio"], row["blocks"], row["steps"], *extra
 
 
 def save_moments(moments: Moments, path: Path) -> None:
@@ -161,6 +212,8 @@ def save_moments(moments: Moments, path: Path) -> None:
     for i, name in enumerate(taps):
         arrays[f"sums_{i}"], arrays[f"sumsq_{i}"] = moments.sums[name], moments.sumsq[name]
         arrays[f"rows_{i}"] = np.array(moments.rows[name])
+        if name in moments.grams:
+            arrays[f"gram_{i}"] = moments.grams[name]
     pairs = list(moments.pair_terms)
     for i, pair in enumerate(pairs):
         for part, terms in zip(("dot", "na", "nb"), zip(*moments.pair_terms[pair], strict=True), strict=True):
@@ -176,6 +229,8 @@ def load_moments(path: Path) -> Moments:
     for i, name in enumerate(index["taps"]):
         out.sums[name], out.sumsq[name] = data[f"sums_{i}"], data[f"sumsq_{i}"]
         out.rows[name] = int(data[f"rows_{i}"])
+        if f"gram_{i}" in data:
+            out.grams[name] = data[f"gram_{i}"]
     for i, pair in enumerate(index["pairs"]):
         out.pair_terms[tuple(pair)] = [[data[f"{part}_{i}"] for part in ("dot", "na", "nb")]]
     return out

@@ -36,7 +36,7 @@ def bigram_model(table: np.ndarray, with_mask: bool, extra_input: bool = False) 
             helper.make_node("Mul", ["raw", "mask_3d"], ["logits"]),
         ]
     if extra_input:
-        inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "seq"]))
+        inputs.append(helper.make_tensor_value_info("speaker_ids", TensorProto.INT64, ["batch", "seq"]))
     graph = helper.make_graph(nodes, "bigram", inputs, [logits], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -101,7 +101,7 @@ def test_without_attention_a_model_needing_the_mask_is_an_error(
 
 def test_unknown_extra_input_is_an_error(tmp_path: Path, table: np.ndarray, windows: np.ndarray) -> None:
     path = save(bigram_model(table, with_mask=True, extra_input=True), tmp_path)
-    with pytest.raises(GraphpruneError, match="token_type_ids"):
+    with pytest.raises(GraphpruneError, match="speaker_ids"):
         perplexity(path, windows)
 
 

@@ -230,7 +230,9 @@ def test_flap_compensation_equals_the_mean_contribution_it_replaces() -> None:
     calib = {"x": _w(64, 8, scale=1.0)}
     m = ir.from_proto(net.model)
     report = shrink_model(
-        m, ShrinkConfig(ratio=0.25, method=StructuredMethod.FLAP), CalibrationRequest(data=calib, batch_size=16)
+        m,
+        ShrinkConfig(ratio=0.25, method=StructuredMethod.FLAP, refit=False),
+        CalibrationRequest(data=calib, batch_size=16),
     )
     (record,) = report.groups
     removed = record.removed
@@ -255,7 +257,9 @@ def test_flap_adds_a_bias_where_the_consumer_has_none() -> None:
     calib = {"x": _w(4, 16, 8, scale=1.0)}
     m = ir.from_proto(net.model)
     report = shrink_model(
-        m, ShrinkConfig(ratio=0.5, method=StructuredMethod.FLAP), CalibrationRequest(data=calib, batch_size=2)
+        m,
+        ShrinkConfig(ratio=0.5, method=StructuredMethod.FLAP, refit=False),
+        CalibrationRequest(data=calib, batch_size=2),
     )
     removed = report.groups[0].removed
     x = calib["x"].reshape(-1, 8)
@@ -297,7 +301,7 @@ def test_steps_reach_the_ratio_in_rounds() -> None:
     m = ir.from_proto(net.model)
     report = shrink_model(
         m,
-        ShrinkConfig(ratio=0.5, method=StructuredMethod.WANDA, steps=2),
+        ShrinkConfig(ratio=0.5, method=StructuredMethod.WANDA, steps=2, refit=False),
         CalibrationRequest(data=calib, batch_size=4),
     )
     assert report.groups[0].units_after == 8 and len(set(report.groups[0].removed)) == 8

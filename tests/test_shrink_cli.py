@@ -173,8 +173,12 @@ def test_minilm_heads_and_mlp_shrunk_by_a_quarter_stay_close(minilm: MiniLM, tmp
     )
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_name("minilm.small.report.json").read_text())
-    kinds = sorted((g["kind"], g["units_before"], g["units_after"]) for g in report["groups"])
-    assert kinds == [("heads", 12, 9)] * 3 + [("mlp", 1536, 1152)] * 3
+    # the default global allocation: each kind loses a quarter in all, spread unevenly over the layers
+    left = {
+        kind: sum(g["units_after"] for g in report["groups"] if g["kind"] == kind) for kind in ("heads", "mlp")
+    }
+    assert left == {"heads": 27, "mlp": 3 * 1152}
+    assert all(g["ratio"] <= 0.8 and g["refitted"] == (1 if g["removed"] else 0) for g in report["groups"])
 
     def embed(path: Path) -> np.ndarray:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -248,7 +248,9 @@ def test_flap_folds_the_removed_channels_mean_contribution_into_the_last_conv() 
     m = ir.from_proto(model)
     report = shrink_model(
         m,
-        ShrinkConfig(ratio=0.34, units=("channels",), method=StructuredMethod.FLAP),
+        ShrinkConfig(
+            ratio=0.34, units=("channels",), method=StructuredMethod.FLAP, refit=False, allocate="uniform"
+        ),
         CalibrationRequest(data=calib, batch_size=8),
     )
     main = next(r for r in report.groups if r.units_before == C)

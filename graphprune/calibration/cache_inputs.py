@@ -1,9 +1,11 @@
-"""Inputs a decoder export takes that calibration and perplexity fill in themselves: empty caches, positions.
+"""Inputs an export takes that calibration and evaluation fill in themselves: empty caches, positions, segments.
 
 Hugging Face / Optimum (``text-generation-with-past``) and onnxruntime-genai decoders take the key/value cache of
 earlier tokens as ``past_key_values.N.key`` / ``.value`` inputs ``[batch, kv_heads, past_len, head_dim]`` (and
 return ``present.N.*``), and often ``position_ids`` (and ``cache_position``). Run over whole windows, the cache is
-empty: past length 0. :func:`complete_feed` adds every such input a feed lacks, shaped from the token ids.
+empty: past length 0. BERT-family encoders take ``token_type_ids``, the segment of each token, all zeros for one
+text. :func:`complete_feed` adds every such input a feed lacks, shaped from the token ids; it is the one place
+every command (apply, shrink, calibrate, eval) fills them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from graphprune.errors import GraphpruneError, a_few
 
 _CACHE_PREFIXES = ("past_key_values", "past_key", "past_value", "past.", "cache.")
 POSITIONS = ("position_ids", "cache_position")
+SEGMENTS = ("token_type_ids",)  # one text per sample: segment 0 everywhere
 
 
 def is_cache(spec: InputSpec) -> bool:
@@ -25,8 +28,8 @@ def is_cache(spec: InputSpec) -> bool:
 
 
 def fillable(spec: InputSpec) -> bool:
-    """Whether :func:`complete_feed` can make this input: a cache or a position input."""
-    return is_cache(spec) or spec.name in POSITIONS
+    """Whether :func:`complete_feed` can make this input: a cache, a position or a segment input."""
+    return is_cache(spec) or spec.name in POSITIONS or spec.name in SEGMENTS
 
 
 def provided(specs: Sequence[InputSpec]) -> list[InputSpec]:
@@ -35,7 +38,8 @@ def provided(specs: Sequence[InputSpec]) -> list[InputSpec]:
 
 
 def complete_feed(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
-    """``feed`` plus an empty cache for every cache input it lacks and positions 0..n-1 where they are missing."""
+    """``feed`` plus an empty cache for every cache input it lacks, positions 0..n-1 and segments 0 where they are
+    missing."""
     missing = [s for s in specs if s.name not in feed and fillable(s)]
     out = dict(feed)
     if not missing:
@@ -46,6 +50,8 @@ def complete_feed(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) ->
             positions = np.arange(length, dtype=spec.dtype)
             rank = 1 if spec.dims is None else len(spec.dims)
             out[spec.name] = positions if rank == 1 else np.broadcast_to(positions, (batch, length)).copy()
+        elif spec.name in SEGMENTS:
+            out[spec.name] = np.zeros((batch, length), dtype=spec.dtype)
         else:
             out[spec.name] = np.zeros(_empty_cache_shape(spec, batch), dtype=spec.dtype)
     return out

@@ -2,7 +2,8 @@
 
 A small tapped run of its own (the weight taps of :mod:`graphprune.calibration.taps` give Σx² per weight; shrink
 needs Σx as well, per activation, and block similarities): each channel tap reduces an activation to Σx and Σx²
-per channel, each pair tap reduces two hidden states to ⟨x, y⟩, ‖x‖², ‖y‖² per token. Only these small results
+per channel (and, when asked, to its Gram matrix Σxxᵀ over the channels, for the refit after removal), each pair
+tap reduces two hidden states to ⟨x, y⟩, ‖x‖², ‖y‖² per token. Only these small results
 are fetched, accumulated in float64. The taps are built and cut like the weight taps (:mod:`.taps`,
 :mod:`.session`): connected to the model only while the session model is made, the graph ending at the last tap,
 the weights handed to ONNX Runtime without a copy (no single protobuf, so no 2 GB limit).
@@ -31,14 +32,16 @@ class ChannelTap:
     axis: int  # negative channel axis
     width: int  # channels on that axis
     rank: int | None = None  # the tensor's rank, needed when the channel axis is not the last
+    gram: bool = False  # also Σ x xᵀ over the channels (width x width)
 
 
 @dataclass
 class Moments:
-    """Σx, Σx² per channel and rows per tapped tensor; summed (1 - cos) and tokens per tapped pair."""
+    """Σx, Σx² per channel (Σxxᵀ where asked) and rows per tapped tensor; summed (1 - cos) and tokens per pair."""
 
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     sumsq: dict[str, np.ndarray] = field(default_factory=dict)
+    grams: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     pair_terms: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -81,6 +84,9 @@ def _moment_taps(
             fetched("sum", tap.value, b.reduce_sum(rows, [0]), ir.DataType.FLOAT, [tap.width])
             fetched("sumsq", tap.value, b.reduce_sumsq(rows, [0]), ir.DataType.FLOAT, [tap.width])
             fetched("size", tap.value, b.node("Size", [rows], "size"), ir.DataType.INT64, [])
+            if tap.gram:  # one MatMul in the graph: only the width x width result leaves ONNX Runtime
+                gram = b.node("MatMul", [b.node("Transpose", [rows], "rows_t", perm=[1, 0]), rows], "gram")
+                fetched("gram", tap.value, gram, ir.DataType.FLOAT, [tap.width, tap.width])
         for a, c in pairs:
             b.anchor = values[c]
             xa, xc = float32(values[a]), float32(values[c])
@@ -122,6 +128,8 @@ def collect_moments(
                 out.sums[key] = out.sums.get(key, 0) + array.astype(np.float64)  # type: ignore[index]
             elif part == "sumsq":
                 out.sumsq[key] = out.sumsq.get(key, 0) + array.astype(np.float64)  # type: ignore[index]
+            elif part == "gram":
+                out.grams[key] = out.grams.get(key, 0) + array.astype(np.float64)  # type: ignore[index]
             elif part == "size":
                 out.rows[key] = out.rows.get(key, 0) + int(array) // len(out.sums[key])  # type: ignore[index]
             else:

@@ -2,8 +2,9 @@
 
 The whole text is tokenised once (``tokenizer.json`` read by the ``tokenizers`` package, no special tokens), then
 ``nsamples`` windows of ``seqlen`` tokens start at seeded random positions (``random.Random(seed).randint``, as
-the reference loaders draw them). ``attention_mask`` (ones) and ``position_ids`` (0..seqlen-1) are filled in
-when the model takes them.
+the reference loaders draw them). ``attention_mask`` (ones) is filled in when the model takes it, and every input
+:func:`~graphprune.calibration.cache_inputs.complete_feed` knows how to fill (``position_ids`` 0..seqlen-1,
+``token_type_ids`` zeros, empty caches) by it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from graphprune.calibration.cache_inputs import complete_feed, fillable
 from graphprune.calibration.data import Labelled, Source
 from graphprune.calibration.signature import InputSpec
 from graphprune.errors import GraphpruneError, a_few
 
-FILLED = ("attention_mask", "position_ids")
+FILLED = ("attention_mask", "position_ids", "token_type_ids")  # never the token-id input
 
 
 def token_input(specs: Sequence[InputSpec]) -> InputSpec:
@@ -53,13 +55,15 @@ class TextSource(Source):
         if seqlen < 1 or nsamples < 1 or batch_size < 1:
             raise GraphpruneError("--seqlen, --nsamples and --batch-size must be at least 1")
         self.ids_spec = token_input(specs)
-        others = [s for s in specs if s.name != self.ids_spec.name and s.name not in FILLED]
+        others = [s for s in specs if s.name != self.ids_spec.name and s.name not in FILLED and not fillable(s)]
         if others:
             raise GraphpruneError(
-                f"text calibration fills {self.ids_spec.name}, attention_mask and position_ids; the model also "
-                f"takes {a_few([s.describe() for s in others])}: pass an .npz with every input instead"
+                f"text calibration fills {self.ids_spec.name}, attention_mask, position_ids, token_type_ids and "
+                f"caches; the model also takes {a_few([s.describe() for s in others])}: pass an .npz with every "
+                "input instead"
             )
-        self.fill = [s for s in specs if s.name in FILLED]
+        self.specs = list(specs)
+        self.mask = next((s for s in specs if s.name == "attention_mask"), None)
         self.seqlen, self.batch_size, self.total = seqlen, batch_size, nsamples
         self.tokens = _tokenise(text, tokenizer)
         if len(self.tokens) <= seqlen:
@@ -74,12 +78,9 @@ class TextSource(Source):
             starts = self.starts[b : b + self.batch_size]
             ids = np.stack([self.tokens[s : s + self.seqlen] for s in starts]).astype(self.ids_spec.dtype)
             feed = {self.ids_spec.name: ids}
-            for spec in self.fill:
-                if spec.name == "attention_mask":
-                    feed[spec.name] = np.ones(ids.shape, dtype=spec.dtype)
-                else:
-                    feed[spec.name] = np.broadcast_to(np.arange(self.seqlen, dtype=spec.dtype), ids.shape).copy()
-            yield f"text windows {b}:{b + len(starts)}", feed
+            if self.mask is not None:
+                feed[self.mask.name] = np.ones(ids.shape, dtype=self.mask.dtype)
+            yield f"text windows {b}:{b + len(starts)}", complete_feed(feed, self.specs)
 
 
 def _tokenise(text: Path, tokenizer: Path) -> np.ndarray:

@@ -87,6 +87,42 @@ def shrink(
             "only when channel counts are multiples of 8 (16 with AVX-512). Example: --round-to 8"
         ),
     ] = 1,
+    refit: Annotated[
+        bool | None,
+        typer.Option(
+            "--refit/--no-refit",
+            help="After removing units, refit every consumer of the removed channels (down/fc2, O, the next 1x1 "
+            "Conv) by least squares on the channels it keeps, and its bias, from the Gram matrix of its input on "
+            "the calibration data (kxk Convs get the mean folded into the bias, as flap). Default: on with "
+            "--calib. Example: --no-refit",
+            show_default=False,
+        ),
+    ] = None,
+    refit_damp: Annotated[
+        float,
+        typer.Option(
+            help="Damping of the refit, as a fraction of the mean diagonal of the Gram matrix (as SparseGPT's "
+            "percdamp); it pulls the refitted weights towards the original ones. Example: --refit-damp 0.01"
+        ),
+    ] = 0.01,
+    allocate: Annotated[
+        str | None,
+        typer.Option(
+            help="How --ratio is shared among the groups of one kind: uniform (the same ratio everywhere) or "
+            "global (FLAP's adaptive structure: scores standardised per group, one threshold over all groups of "
+            "the kind, the parameters removed equal to the uniform case). Default: global with --calib, else "
+            "uniform. Example: --allocate uniform",
+            show_default=False,
+        ),
+    ] = None,
+    layer_min: Annotated[
+        float,
+        typer.Option(help="With --allocate global, the least ratio any group loses. Example: --layer-min 0.1"),
+    ] = 0.0,
+    layer_max: Annotated[
+        float,
+        typer.Option(help="With --allocate global, the most any group loses (< 1). Example: --layer-max 0.6"),
+    ] = 0.8,
     calib: CalibOpt = None,
     tokenizer: TokenizerOpt = None,
     seqlen: SeqlenOpt = 512,
@@ -114,12 +150,17 @@ def shrink(
         steps=steps,
         round_to=round_to,
         overrides=tuple(_override(text) for text in ratio_for or ()),
+        refit=refit,
+        damp=refit_damp,
+        allocate=allocate,
+        ratio_min=layer_min,
+        ratio_max=layer_max,
     )
     config.validate()
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, None, provider)
     with progress_bar("shrinking") as bar:
         written, report = shrink_file(
-            model, config, output, force, request if calib and config.needs_data else None, on_stage=bar.describe
+            model, config, output, force, request if calib else None, on_stage=bar.describe
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
@@ -143,14 +184,15 @@ def _print(report: ShrinkReport, written: Path) -> None:
             g.name,
             g.kind,
             f"{g.units_before} → {g.units_after}",
-            str(len(g.removed)),
+            f"{len(g.removed)} ({g.ratio:.0%})",
             f"{g.parameters_before:,} → {g.parameters_after:,}" + (" (+bias)" if g.compensated else ""),
         ]
         for g in report.groups
     ]
     if rows:
         columns = [Col("group"), Col("kind"), Col("units"), Col("removed", "right"), Col("parameters")]
-        title = f"graphprune shrink ({report.config.method.value})"
+        c = report.config
+        title = f"graphprune shrink ({c.method.value}{', refit' if c.refit else ''}, {c.allocate})"
         out.print(fitted_table(out, columns, rows, title=title))
     gone = [b for b in report.blocks if b.removed]
     if gone:

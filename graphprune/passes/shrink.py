@@ -1,11 +1,13 @@
 """Remove whole units from a model: slice every coupled weight, bias, norm parameter and shape constant.
 
 :class:`ShrinkPass` is an ``onnx_ir`` in-place pass (``ShrinkPass(removals)(model)``, composable with
-``ir.passes.Sequential``). For each group it is given the units to remove and, for FLAP, the bias to add to each
-consumer (the removed channels' mean contribution); a consumer without a bias gets one (a bias input of
-Gemm/Conv, or an ``Add`` after a MatMul). Tensors between producers and consumers lose their stored shapes (ONNX
-Runtime infers them again). Pre-condition: each group's tensors are in the model and its units exist, are
-distinct and leave at least one; post-condition: every tensor of a group has exactly the channels left.
+``ir.passes.Sequential``). For each group it is given the units to remove and, for FLAP or the refit, the bias to
+add to each consumer (the removed channels' mean contribution, or the refit's change) and, for the refit, new
+values of consumer weights (full width: the rows of removed channels are sliced off afterwards); a consumer
+without a bias gets one (a bias input of Gemm/Conv, or an ``Add`` after a MatMul). Tensors between producers
+and consumers lose their stored shapes (ONNX Runtime infers them again). Pre-condition: each group's tensors
+are in the model and its units exist, are distinct and leave at least one; post-condition: every tensor of a
+group has exactly the channels left.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from graphprune.passes.base import PassPostconditionError, PassPreconditionError
 
 @dataclass
 class Removal:
-    """What to remove from one group: unit indices, and FLAP's bias per consumer node (output-sized)."""
+    """What to remove from one group: unit indices, a bias change per consumer node (output-sized), and refitted
+    consumer weights (same shape as stored, set before the removed channels are sliced off)."""
 
     group: Group
     units: np.ndarray
     bias: Mapping[ir.Node, np.ndarray] = field(default_factory=dict)
+    weights: Mapping[ir.Value, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class GroupReport:
     parameters_before: int
     parameters_after: int
     compensated: bool
+    refitted: int  # consumer weights refitted
 
 
 @dataclass
@@ -81,9 +86,21 @@ class ShrinkPass(ir.passes.InPlacePass):
             for slot in r.group.slots:
                 if initializers.get(slot.value.name) is not slot.value:  # type: ignore[arg-type]
                     raise PassPreconditionError(f"group {name}: tensor {slot.value.name} is not in this model")
+            consumers = {id(s.value) for s in r.group.consumers}
+            for value, array in r.weights.items():
+                if id(value) not in consumers:
+                    raise PassPreconditionError(f"group {name}: {value.name} is not one of its consumer weights")
+                if tuple(array.shape) != tuple(value.const_value.shape):  # type: ignore[union-attr]
+                    raise PassPreconditionError(
+                        f"group {name}: new values of {value.name} have shape {list(array.shape)}, "
+                        f"the tensor {list(value.const_value.shape)}"  # type: ignore[union-attr]
+                    )
 
     def call(self, model: ir.Model) -> ShrinkResult:
         before = {id(r): r.group.parameters() for r in self.removals}
+        for r in self.removals:  # refitted weights, at the width they were computed for
+            for value, array in r.weights.items():
+                _set_tensor(value, array.astype(value.const_value.dtype.numpy(), copy=False))  # type: ignore[union-attr]
         # Biases first, on the full-width weights: a new bias of a node that also writes another group's
         # channels (Conv → Conv → Conv) joins that group, so its own slicing below shrinks it too.
         for r in self.removals:
@@ -104,6 +121,7 @@ class ShrinkPass(ir.passes.InPlacePass):
                 before[id(r)],
                 r.group.parameters(),
                 bool(r.bias),
+                len(r.weights),
             )
             for r in self.removals
         ]

@@ -3,31 +3,38 @@
 :func:`shrink_model` works on an ``onnx_ir.Model`` in place; :func:`shrink_file` reads a file, shrinks it and
 writes the smaller model and its JSON report (nothing is written when anything fails; the input is never touched).
 Order: blocks first (ShortGPT measures every block's influence on the dense model once, then the lowest go), then
-``steps`` rounds that each remove an equal share of every group's units, re-calibrating the shrunk model before
-each round when the method uses data.
+``steps`` rounds that each remove an equal share of the units, re-calibrating the shrunk model before each round
+when the method uses data. Each round either removes the same fraction of every group (uniform) or shares one
+budget per unit kind across the groups on standardised scores (global, FLAP's adaptive structure:
+:mod:`graphprune.algorithms.allocation`); then, with the refit, every consumer of removed channels gets the
+least-squares weights and bias on the channels it keeps (:mod:`graphprune.algorithms.refit`), from the Gram matrix
+and mean of its input measured in that round, on the model as the earlier rounds left it.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from graphprune.algorithms import structured as st
+from graphprune.algorithms.allocation import allocate
+from graphprune.algorithms.refit import moments_from_sums, refit
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.moments import ChannelTap, Moments, collect_moments
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.graph.blocks import bypass_blocks, find_blocks
-from graphprune.graph.groups import Group, GroupSkip, find_groups
+from graphprune.graph.groups import Group, GroupSkip, Slot, find_groups
 from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass, parameter_count
 
 UNIT_KINDS = ("mlp", "heads", "channels")
+ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,17 @@ class ShrinkConfig:
     round_to: int = 1  # leave a multiple of this many units in every group
     # per-layer ratios: (shell pattern on the group name, ratio in [0, 1)); the first match wins over ``ratio``
     overrides: tuple[tuple[str, float], ...] = ()
+    refit: bool | None = None  # least-squares refit of the consumers; None: on when calibration data is given
+    damp: float = 0.01  # the refit's damping, a fraction of the mean diagonal of the input's Gram matrix
+    allocate: str | None = None  # "uniform" or "global"; None: global when calibration data is given
+    ratio_min: float = 0.0  # global allocation: the least and most any one group loses
+    ratio_max: float = 0.8
+
+    def resolved(self, has_data: bool) -> ShrinkConfig:
+        """The defaults that depend on whether calibration data is given, made explicit."""
+        refit = has_data if self.refit is None else self.refit
+        allocate = self.allocate or ("global" if has_data else "uniform")
+        return replace(self, refit=refit, allocate=allocate)
 
     def ratio_for(self, group_name: str) -> float:
         for pattern, ratio in self.overrides:
@@ -69,10 +87,20 @@ class ShrinkConfig:
         unknown = set(self.units) - set(UNIT_KINDS)
         if unknown or not self.units:
             raise GraphpruneError(f"invalid --units {','.join(self.units)}: choose from {','.join(UNIT_KINDS)}")
+        if self.allocate is not None and self.allocate not in ALLOCATIONS:
+            raise GraphpruneError(f"invalid allocation {self.allocate!r}: choose from {', '.join(ALLOCATIONS)}")
+        if not 0.0 <= self.ratio_min <= self.ratio_max < 1.0:
+            raise GraphpruneError(
+                f"invalid per-layer bounds {self.ratio_min:g}..{self.ratio_max:g}: need 0 <= least <= most < 1"
+            )
+        if not 0.0 <= self.damp < 1e6:
+            raise GraphpruneError(f"invalid refit damping {self.damp:g}: need a fraction >= 0 (for example 0.01)")
 
     @property
     def needs_data(self) -> bool:
-        return self.blocks > 0 or (self.ratio is not None and self.method is not StructuredMethod.L2)
+        return self.blocks > 0 or (
+            self.ratio is not None and (self.method is not StructuredMethod.L2 or bool(self.refit))
+        )
 
 
 @dataclass
@@ -86,6 +114,8 @@ class GroupRecord:
     parameters_before: int
     parameters_after: int
     compensated: bool = False
+    ratio: float = 0.0  # the fraction of units removed (chosen per group by the global allocation)
+    refitted: int = 0  # consumer weights refitted by least squares
 
 
 @dataclass
@@ -116,8 +146,9 @@ Progress = Callable[[str], None]
 Measure = Callable[[ir.Model, list[ChannelTap], list[tuple[str, str]]], Moments]
 
 
-def channel_taps(groups: list[Group]) -> list[ChannelTap]:
-    """One tap per distinct consumer input of ``groups``: what wanda and flap need."""
+def channel_taps(groups: list[Group], gram: bool = False) -> list[ChannelTap]:
+    """One tap per distinct consumer input of ``groups``: what wanda and flap need, and with ``gram`` the Gram
+    matrix of the inputs of consumers the refit can solve (:func:`refittable`)."""
     taps: dict[str, ChannelTap] = {}
     for g in groups:
         for node, value, axis in g.consumer_inputs:
@@ -125,8 +156,24 @@ def channel_taps(groups: list[Group]) -> list[ChannelTap]:
             assert weight is not None and value.name is not None
             rank = len(weight.shape) if node.op_type == "Conv" else None
             width = g.width * next(g.unit_size_of(i) for i, s in enumerate(g.slots) if s.node is node)
-            taps.setdefault(value.name, ChannelTap(value.name, axis, width, rank))
+            tap = taps.setdefault(value.name, ChannelTap(value.name, axis, width, rank))
+            if gram and not tap.gram and any(refittable(s) for s in g.consumers if s.node is node):
+                taps[value.name] = replace(tap, gram=True)
     return sorted(taps.values(), key=lambda t: t.value)
+
+
+def refittable(slot: Slot) -> bool:
+    """Whether the refit solves this consumer: a MatMul/Gemm with a 2-D weight, or a pointwise (1x1, ungrouped)
+    Conv. A kxk Conv mixes neighbouring positions, whose cross terms the channel Gram matrix lacks: it gets
+    FLAP's bias fold instead."""
+    shape = list(slot.value.const_value.shape)  # type: ignore[union-attr]
+    node = slot.node
+    if node.op_type in ("MatMul", "Gemm"):
+        return len(shape) == 2
+    if node.op_type == "Conv":
+        group = node.attributes["group"].value if "group" in node.attributes else 1
+        return group == 1 and all(d == 1 for d in shape[2:])
+    return False
 
 
 def calibrated(calibration: CalibrationRequest, on_batch: Callable[[int], None] | None = None) -> Measure:
@@ -153,6 +200,9 @@ def shrink_model(
     stage = on_stage or (lambda text: None)
     if measure is None and calibration is not None:
         measure = calibrated(calibration)
+    if config.refit and measure is None:
+        raise GraphpruneError("the refit needs calibration data: give calibration data or turn the refit off")
+    config = config.resolved(measure is not None)
     if config.needs_data and measure is None:
         raise GraphpruneError(f"--method {config.method.value} and --blocks need calibration data: pass --calib")
     if config.ratio is not None:  # exact rewrites first, so the parameter count sees lifted Constant weights
@@ -213,33 +263,77 @@ def _shrink_groups(
     ]
     alive = [np.arange(g.width) for g in groups]
     for step in range(1, config.steps + 1):
-        fraction = step / config.steps
         moments = None
-        if config.method is not StructuredMethod.L2:
+        if config.method is not StructuredMethod.L2 or config.refit:
             assert measure is not None
             stage(f"round {step} of {config.steps}: calibrating")
-            moments = measure(model, channel_taps(groups), [])
+            moments = measure(model, channel_taps(groups, gram=bool(config.refit)), [])
             report.warnings += [w for w in moments.warnings if w not in report.warnings]
         stage(f"round {step} of {config.steps}: removing units")
+        scores = [_scores(g, config.method, moments) for g in groups]
+        counts = _round_counts(groups, records, scores, config, step / config.steps)
         removals = []
         for i, g in enumerate(groups):
-            original = records[i].units_before
-            target = st.removal_count(original, config.ratio_for(g.name) * fraction, config.round_to)
-            count = target - (original - g.width)
-            if count <= 0:
+            if counts[i] <= 0:
                 continue
-            units = st.units_to_remove(_scores(g, config.method, moments), count)
-            bias = _flap_bias(g, units, moments) if config.method is StructuredMethod.FLAP else {}
-            removals.append(Removal(g, units, bias))
+            units = st.units_to_remove(scores[i], counts[i])
+            weights: dict[ir.Value, np.ndarray] = {}
+            if config.refit:
+                bias, weights = _refit(g, units, moments, config.damp)
+            elif config.method is StructuredMethod.FLAP:
+                bias = _flap_bias(g, units, moments)
+            else:
+                bias = {}
+            removals.append(Removal(g, units, bias, weights))
             records[i].removed += alive[i][units].tolist()
             records[i].compensated |= bool(bias)
+            records[i].refitted = max(records[i].refitted, len(weights))
             alive[i] = np.delete(alive[i], units)
         ShrinkPass(removals)(model)
     for record, g in zip(records, groups, strict=True):
         record.units_after = g.width
         record.removed.sort()
         record.parameters_after = g.parameters()
+        record.ratio = round(len(record.removed) / record.units_before, 4)
     report.groups = records
+
+
+def _round_counts(
+    groups: list[Group],
+    records: list[GroupRecord],
+    scores: list[np.ndarray],
+    config: ShrinkConfig,
+    fraction: float,
+) -> list[int]:
+    """Units each group loses this round: ``fraction`` of the way to its ratio (uniform), or a share of each unit
+    kind's budget in parameters (global; groups with a ratio of their own keep it)."""
+    assert config.ratio is not None
+    counts = []
+    for g, record in zip(groups, records, strict=True):
+        target = st.removal_count(record.units_before, config.ratio_for(g.name) * fraction, config.round_to)
+        counts.append(target - (record.units_before - g.width))
+    if config.allocate != "global":
+        return counts
+    pooled = [
+        i for i, g in enumerate(groups) if not any(fnmatch.fnmatchcase(g.name, p) for p, _ in config.overrides)
+    ]
+    for kind in sorted({groups[i].kind for i in pooled}):
+        members = [i for i in pooled if groups[i].kind == kind]
+        cost = [records[i].parameters_before / records[i].units_before for i in members]
+        original = [records[i].units_before for i in members]
+        budget = fraction * config.ratio * sum(c * o for c, o in zip(cost, original, strict=True))
+        shares = allocate(
+            [scores[i] for i in members],
+            original,
+            cost,
+            budget,
+            floor=config.ratio_min * fraction,
+            cap=config.ratio_max,
+            multiple=config.round_to,
+        )
+        for i, share in zip(members, shares, strict=True):
+            counts[i] = share
+    return counts
 
 
 def _channel_first(array: np.ndarray, axis: int, consumer: bool) -> np.ndarray:
@@ -282,8 +376,40 @@ def _flap_bias(group: Group, units: np.ndarray, moments) -> dict[ir.Node, np.nda
     for i, weight, m in _consumer_terms(group, moments):
         mean, _ = st.channel_moments(*m)
         removed = st.channels_of_units(units, group.unit_size_of(i))
-        bias[group.slots[i].node] = st.flap_bias(weight, mean, removed)
+        bias[group.slots[i].node] = st.flap_bias(weight, mean, removed) * _output_scale(group.slots[i].node)
     return bias
+
+
+def _refit(group: Group, units: np.ndarray, moments, damp: float):  # type: ignore[no-untyped-def]
+    """Per consumer: the refitted weight (stored layout, full width) and its bias change; consumers the refit
+    cannot solve (kxk Convs) get FLAP's bias fold, the refit restricted to the bias."""
+    bias: dict[ir.Node, np.ndarray] = {}
+    weights: dict[ir.Value, np.ndarray] = {}
+    inputs = {node: value for node, value, _ in group.consumer_inputs}
+    for i, weight, m in _consumer_terms(group, moments):
+        slot = group.slots[i]
+        name = inputs[slot.node].name
+        removed = st.channels_of_units(units, group.unit_size_of(i))
+        if not (refittable(slot) and name in moments.grams):
+            bias[slot.node] = st.flap_bias(weight, st.channel_moments(*m)[0], removed) * _output_scale(slot.node)
+            continue
+        gram, mean = moments_from_sums(moments.grams[name], moments.sums[name], moments.rows[name])
+        w = weight[:, :, 0].T.astype(np.float64)  # (out, K)
+        kept = np.setdiff1d(np.arange(w.shape[1]), removed)
+        solved = refit(w, gram, mean, kept, damp)
+        w[:, kept] = solved.weight
+        stored = slot.value.const_value.numpy()  # type: ignore[union-attr]
+        moved = np.moveaxis(stored, slot.axis, 0).shape
+        weights[slot.value] = np.moveaxis(w.T.reshape(moved), 0, slot.axis).astype(stored.dtype)
+        bias[slot.node] = solved.bias_delta * _output_scale(slot.node)
+    return bias, weights
+
+
+def _output_scale(node: ir.Node) -> float:
+    """What multiplies the weight's product in the output: Gemm's ``alpha``, else 1."""
+    if node.op_type == "Gemm" and "alpha" in node.attributes:
+        return float(node.attributes["alpha"].value)
+    return 1.0
 
 
 def shrink_file(

@@ -1,0 +1,119 @@
+"""Least-squares refit of a consumer after some of its input channels are removed (structured OBS).
+
+Pure numpy. A consumer computes ``y = W x + b`` with ``W`` ``(out, K)``; structured pruning removes the input
+channels R and keeps S. The refit chooses the kept weights and the bias that best reproduce the dense output on
+the calibration inputs:
+
+    min over Ŵ_S, b̂ of  E‖W x + b - Ŵ_S x_S - b̂‖²  +  λ‖Ŵ_S - W_S‖²
+
+from the input's second moments alone: ``G = E[x xᵀ]`` and ``μ = E[x]``. On the augmented input ``x̃ = [x_S; 1]``
+(whose ones row carries the bias) the normal equations give the change of the kept weights and of the bias in
+closed form:
+
+    [ΔW_S, Δb] = W_R · [G_RS, μ_R] · A⁻¹,   A = [[G_SS + λI, μ_S], [μ_Sᵀ, 1]]
+
+(SlimGPT's and ZipLM's structured OBS step, solved at once for the removed set rather than column block by
+block). With ``λ = 0`` this is exactly the least-squares fit of the dense output on the kept inputs and a constant.
+
+Choices, on purpose:
+
+* The damping pulls the *change* towards zero (a ridge around W_S), not the weights: ``λ = percdamp · mean(diag
+  G)`` as SparseGPT damps, added to the kept channels only (the bias is the one unknown every token informs).
+  So removing channels whose weights are zero changes nothing whatever λ is, and a channel the data never saw
+  (``G_jj = 0``) keeps its weight.
+* FLAP's compensation is the special case that may change only the bias: ``Δb = W_R μ_R`` (:func:`flap_bias` in
+  :mod:`.structured`); the refit minimises the same objective over a superset, so it never does worse on the
+  calibration data.
+* If the damped system is not positive definite (statistics from float32 sums), λ grows tenfold, up to four
+  times, before giving up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NOT_POSITIVE_DEFINITE = "the damped Gram matrix of the kept channels is not positive definite"
+
+
+@dataclass(frozen=True)
+class Refit:
+    """The kept weights ``(out, |S|)`` after the refit and the change of the bias ``(out,)`` (zero without one)."""
+
+    weight: np.ndarray
+    bias_delta: np.ndarray
+    damping: float  # the λ used
+
+
+def moments_from_sums(gram_sum: np.ndarray, sums: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """``E[x xᵀ]`` and ``E[x]`` from ``Σ x xᵀ``, ``Σ x`` and the number of rows."""
+    if rows <= 0:
+        raise ValueError("no calibration rows were seen")
+    return np.asarray(gram_sum, np.float64) / rows, np.asarray(sums, np.float64) / rows
+
+
+def refit(
+    weight: np.ndarray,
+    gram: np.ndarray,
+    mean: np.ndarray | None,
+    kept: np.ndarray,
+    percdamp: float = 0.01,
+) -> Refit:
+    """Refit ``weight`` ``(out, K)`` on the ``kept`` input channels; with ``mean`` the bias is refitted too.
+
+    ``gram`` is ``E[x xᵀ]`` ``(K, K)`` and ``mean`` ``E[x]`` ``(K,)`` of the consumer's input over the
+    calibration rows (both on the same scale: divided by the same row count). Without ``mean`` the bias stays
+    as it is and ``bias_delta`` is zero.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    g = np.asarray(gram, dtype=np.float64)
+    k = w.shape[1]
+    if g.shape != (k, k):
+        raise ValueError(f"Gram matrix of shape {g.shape} for a weight with K = {k}")
+    kept = np.asarray(kept, dtype=np.int64)
+    removed = np.setdiff1d(np.arange(k), kept)
+    if kept.size == 0:
+        raise ValueError("nothing is kept")
+    cross = g[np.ix_(removed, kept)]  # G_RS
+    system = g[np.ix_(kept, kept)]
+    if mean is not None:
+        mu = np.asarray(mean, dtype=np.float64)
+        cross = np.concatenate([cross, mu[removed, None]], axis=1)
+        system = np.block([[system, mu[kept, None]], [mu[None, kept], np.ones((1, 1))]])
+    rhs = w[:, removed] @ cross  # (out, |S| [+1])
+    base = percdamp * float(np.mean(np.diag(g))) if k else 0.0
+    damp = np.zeros(system.shape[0])
+    damp[: kept.size] = 1.0  # the ones row of the bias is not damped
+    for attempt in range(5):
+        lam = base * 10.0**attempt
+        damped = system + np.diag(damp * lam)
+        try:
+            np.linalg.cholesky(damped)  # A must be positive definite; an LU solve would not say so
+        except np.linalg.LinAlgError:
+            if base == 0.0:
+                base = 1e-8 * max(float(np.mean(np.abs(np.diag(g)))), 1e-30)
+            continue
+        delta = np.linalg.solve(damped, rhs.T).T  # A is symmetric: X A = R  ⇔  A Xᵀ = Rᵀ
+        weight_kept = w[:, kept] + delta[:, : kept.size]
+        bias_delta = delta[:, kept.size] if mean is not None else np.zeros(w.shape[0])
+        return Refit(weight_kept, bias_delta, lam)
+    raise np.linalg.LinAlgError(NOT_POSITIVE_DEFINITE)
+
+
+def output_error(
+    weight: np.ndarray,
+    gram: np.ndarray,
+    mean: np.ndarray,
+    kept: np.ndarray,
+    weight_kept: np.ndarray,
+    bias_delta: np.ndarray,
+) -> float:
+    """``E‖W x + b - Ŵ_S x_S - b̂‖²`` summed over the outputs, from the moments alone (the refit's objective)."""
+    w = np.asarray(weight, dtype=np.float64)
+    diff = w.copy()
+    diff[:, kept] -= weight_kept
+    # E‖D x - Δb‖² = tr(D G Dᵀ) - 2 Δbᵀ D μ + ‖Δb‖²
+    dg = diff @ np.asarray(gram, np.float64)
+    quad = float(np.einsum("ij,ij->", dg, diff))
+    return quad - 2.0 * float(bias_delta @ (diff @ np.asarray(mean, np.float64))) + float(bias_delta @ bias_delta)

@@ -1,0 +1,193 @@
+"""The structured refit: its closed form against numpy least squares on the same activations, and `shrink` with it
+checked through ONNX Runtime (removing zero channels changes nothing; the refitted model equals lstsq)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from graphprune.algorithms.refit import output_error, refit
+from graphprune.algorithms.structured import StructuredMethod, flap_bias
+from graphprune.calibration.request import CalibrationRequest
+from graphprune.errors import GraphpruneError
+from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
+from tests.onnx_builders import run
+from tests.test_shrink import NETS, Net, _silu, llama_mlp
+
+RNG = np.random.default_rng(7)
+
+
+def _data(seed: int = 0, rows: int = 400, k: int = 12, out: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(k, k))  # correlated channels, so the kept ones can stand in for the removed ones
+    x = rng.normal(size=(rows, k)) @ mix + rng.normal(size=k)  # a non-zero mean, which the bias must absorb
+    return x, rng.normal(size=(out, k)), rng.normal(size=out)
+
+
+def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.T @ x / len(x), x.mean(axis=0)
+
+
+KEPT = np.array([0, 2, 3, 5, 8, 9, 11])
+
+
+def test_without_bias_equals_lstsq_on_the_kept_inputs() -> None:
+    x, w, _ = _data()
+    gram, _ = _moments(x)
+    got = refit(w, gram, None, KEPT, percdamp=0.0)
+    want = np.linalg.lstsq(x[:, KEPT], x @ w.T, rcond=None)[0].T
+    np.testing.assert_allclose(got.weight, want, rtol=1e-8, atol=1e-9)
+    assert not got.bias_delta.any()
+
+
+def test_with_bias_equals_lstsq_on_augmented_inputs() -> None:
+    x, w, b = _data(1)
+    gram, mean = _moments(x)
+    got = refit(w, gram, mean, KEPT, percdamp=0.0)
+    augmented = np.concatenate([x[:, KEPT], np.ones((len(x), 1))], axis=1)
+    solution = np.linalg.lstsq(augmented, x @ w.T + b, rcond=None)[0].T
+    np.testing.assert_allclose(got.weight, solution[:, :-1], rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(b + got.bias_delta, solution[:, -1], rtol=1e-8, atol=1e-9)
+
+
+def test_damping_is_a_ridge_around_the_kept_weights() -> None:
+    """With λ > 0 the result minimises ‖Wx - Ŵx_S - Δb‖²/n + λ‖Ŵ - W_S‖²: an augmented lstsq says the same."""
+    x, w, _ = _data(2)
+    gram, mean = _moments(x)
+    got = refit(w, gram, mean, KEPT, percdamp=0.05)
+    lam = got.damping
+    assert lam == pytest.approx(0.05 * np.mean(np.diag(gram)))
+    n = len(x)
+    design = np.concatenate([x[:, KEPT], np.ones((n, 1))], axis=1) / np.sqrt(n)
+    ridge = np.concatenate([np.sqrt(lam) * np.eye(len(KEPT)), np.zeros((len(KEPT), 1))], axis=1)
+    target = np.concatenate([(x @ w.T) / np.sqrt(n), np.sqrt(lam) * w[:, KEPT].T])
+    solution = np.linalg.lstsq(np.concatenate([design, ridge]), target, rcond=None)[0].T
+    np.testing.assert_allclose(got.weight, solution[:, :-1], rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(got.bias_delta, solution[:, -1], rtol=1e-8, atol=1e-9)
+
+
+def test_removing_zero_weights_changes_nothing_whatever_the_damping() -> None:
+    x, w, _ = _data(3)
+    removed = np.setdiff1d(np.arange(w.shape[1]), KEPT)
+    w[:, removed] = 0.0
+    gram, mean = _moments(x)
+    got = refit(w, gram, mean, KEPT, percdamp=0.1)
+    np.testing.assert_allclose(got.weight, w[:, KEPT], atol=1e-12)
+    np.testing.assert_allclose(got.bias_delta, 0.0, atol=1e-12)
+
+
+def test_never_worse_than_flap_and_output_error_matches_the_activations() -> None:
+    x, w, _ = _data(4)
+    gram, mean = _moments(x)
+    removed = np.setdiff1d(np.arange(w.shape[1]), KEPT)
+    got = refit(w, gram, mean, KEPT, percdamp=0.0)
+    fold = flap_bias(w.T[:, :, None], mean, removed)  # FLAP: kept weights unchanged, the mean into the bias
+    direct = float(np.sum((x @ w.T - x[:, KEPT] @ got.weight.T - got.bias_delta) ** 2) / len(x))
+    assert output_error(w, gram, mean, KEPT, got.weight, got.bias_delta) == pytest.approx(direct, rel=1e-8)
+    flap_error = output_error(w, gram, mean, KEPT, w[:, KEPT], fold)
+    assert direct < 0.5 * flap_error  # correlated inputs: the kept channels reproduce much of the removed ones
+
+
+def test_a_channel_the_data_never_saw_keeps_its_weight() -> None:
+    x, w, _ = _data(5)
+    x[:, 3] = 0.0  # kept, but dead: G_33 = 0 makes G_SS singular without damping
+    gram, mean = _moments(x)
+    got = refit(w, gram, mean, KEPT, percdamp=0.01)
+    np.testing.assert_allclose(got.weight[:, list(KEPT).index(3)], w[:, 3], atol=1e-12)
+    assert np.isfinite(got.weight).all()
+
+
+# ---------------------------------------------------------------- end to end: shrink with the refit
+
+
+def _consumer(net: Net) -> str:
+    return next(k for k in net.channel_axes if k in ("down", "w2"))
+
+
+def _zeroed(net: Net, units: list[int]) -> onnx.ModelProto:
+    """The model with the consumer rows of ``units`` set to zero (their contribution is nothing already)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(net.model)
+    consumer = _consumer(net)
+    for t in model.graph.initializer:
+        if t.name == consumer:
+            array = onnx.numpy_helper.to_array(t).copy()
+            index = [slice(None)] * array.ndim
+            index[net.channel_axes[consumer]] = units  # type: ignore[call-overload]
+            array[tuple(index)] = 0
+            t.CopyFrom(onnx.numpy_helper.from_array(array, t.name))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama_mlp", "bert_mlp", "gemm_mlp"])
+def test_refit_that_removes_zero_channels_changes_nothing(kind: str) -> None:
+    net = NETS[kind]()
+    consumer = _consumer(net)
+    width = net.weights[consumer].shape[net.channel_axes[consumer]]
+    units = [1, 4, 7]
+    model = _zeroed(net, units)
+    calib = {k: np.concatenate([v] * 4) for k, v in net.feed.items()}
+    m = ir.from_proto(model)
+    config = ShrinkConfig(ratio=len(units) / width, method=StructuredMethod.FLAP, refit=True, damp=0.05)
+    report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=4))
+    (record,) = report.groups
+    assert record.removed == units and record.refitted == 1  # zero rows score zero: they go first
+    np.testing.assert_array_equal(run(ir.to_proto(m), net.feed)[0], run(model, net.feed)[0])
+
+
+def test_refit_end_to_end_equals_lstsq_on_the_calibration_activations() -> None:
+    net = llama_mlp(hidden=16)
+    calib = {"x": RNG.standard_normal((8, 16, 8)).astype(np.float32)}
+    m = ir.from_proto(net.model)
+    config = ShrinkConfig(ratio=0.25, method=StructuredMethod.WANDA, refit=True, damp=0.0)
+    report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=4))
+    removed = report.groups[0].removed
+    kept = np.setdiff1d(np.arange(16), removed)
+    x = calib["x"].reshape(-1, 8).astype(np.float64)
+    w = {k: v.astype(np.float64) for k, v in net.weights.items()}
+    h = _silu(x @ w["gate"]) * (x @ w["up"])  # down's input, the refit's activations
+    design = np.concatenate([h[:, kept], np.ones((len(h), 1))], axis=1)
+    solution = np.linalg.lstsq(design, h @ w["down"], rcond=None)[0]
+    expected = x + design @ solution
+    got = run(ir.to_proto(m), calib)[0].reshape(-1, 8)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    # and it reconstructs the dense output better than FLAP's fold on the same units
+    flap = x + h[:, kept] @ w["down"][kept] + (h[:, removed] @ w["down"][removed]).mean(axis=0)
+    dense = x + h @ w["down"]
+    assert np.sum((got - dense) ** 2) < 0.9 * np.sum((flap - dense) ** 2)
+
+
+def test_refit_of_a_pointwise_conv_equals_lstsq_on_its_input_channels() -> None:
+    from tests.test_shrink_cnn import CIN, HW, C, _weights, block_np, mobilenet_block
+
+    w = _weights()
+    calib = {"x": RNG.standard_normal((16, CIN, HW, HW)).astype(np.float32)}
+    m = ir.from_proto(mobilenet_block(w))
+    config = ShrinkConfig(ratio=0.34, units=("channels",), refit=True, damp=0.0, allocate="uniform")
+    report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=8))
+    main = next(r for r in report.groups if r.units_before == C)
+    assert main.refitted == 2 and len(main.removed) == 2  # c2, and se1 of the squeeze-excitation
+    # numpy: c2's input channels as rows (every pixel of every image), least squares with a bias on the kept ones
+    mp = block_np(w, calib["x"], last=False).astype(np.float64)
+    kept = np.setdiff1d(np.arange(C), main.removed)
+    rows = mp.transpose(0, 2, 3, 1).reshape(-1, C)
+    design = np.concatenate([rows[:, kept], np.ones((len(rows), 1))], axis=1)
+    solution = np.linalg.lstsq(design, rows @ w["c2"][:, :, 0, 0].T.astype(np.float64), rcond=None)[0]
+    conv = next(n for n in m.graph if n.op_type == "Conv" and n.inputs[1].name == "c2")
+    np.testing.assert_allclose(
+        conv.inputs[1].const_value.numpy()[:, :, 0, 0], solution[:-1].T, rtol=1e-3, atol=1e-4
+    )
+    np.testing.assert_allclose(conv.inputs[2].const_value.numpy(), solution[-1], rtol=1e-3, atol=1e-4)
+
+
+def test_refit_needs_data_and_is_on_by_default_with_it() -> None:
+    net = llama_mlp()
+    with pytest.raises(GraphpruneError, match="refit needs calibration data"):
+        shrink_model(ir.from_proto(net.model), ShrinkConfig(ratio=0.25, refit=True))
+    report = shrink_model(ir.from_proto(net.model), ShrinkConfig(ratio=0.25))
+    assert not report.config.refit and report.config.allocate == "uniform"
+    calib = CalibrationRequest(data={"x": net.feed["x"]}, batch_size=2)
+    report = shrink_model(ir.from_proto(net.model), ShrinkConfig(ratio=0.25), calib)
+    assert report.config.refit and report.config.allocate == "global" and report.groups[0].refitted == 1

@@ -110,6 +110,7 @@ def model_files(path: str | Path) -> list[Path]:
 class _Output:
     path: Path
     kind: str  # "model", "report", "statistics", "engine", ...
+    replace: bool = False  # may replace an existing file without force (a cache the command reads and updates)
     old_data: list[Path] = field(default_factory=list)  # a replaced model's data files, removed after the commit
 
 
@@ -153,11 +154,13 @@ class OutputPlan:
         """Plan a model file (its external-data file, if any, gets a fresh name at commit time)."""
         return self._add(path, "model")
 
-    def file(self, path: str | Path, kind: str) -> Path:
-        return self._add(path, kind)
+    def file(self, path: str | Path, kind: str, replace: bool = False) -> Path:
+        """Plan a file; ``replace`` lets it replace an existing file without ``force`` (a timing cache the
+        command reads and updates on purpose)."""
+        return self._add(path, kind, replace)
 
-    def _add(self, path: str | Path, kind: str) -> Path:
-        output = _Output(Path(path), kind)
+    def _add(self, path: str | Path, kind: str, replace: bool = False) -> Path:
+        output = _Output(Path(path), kind, replace)
         self.outputs.append(output)
         return output.path
 
@@ -180,7 +183,7 @@ class OutputPlan:
                 raise GraphpruneError(f"the {output.kind} and the {other.kind} would both be written to {path}")
         for read, what in self._reads_near(path):
             if _same(path, read):
-                raise GraphpruneError(f"{path} is {what}: the {output.kind} must go elsewhere (use -o)")
+                raise GraphpruneError(f"{path} is {what}: the {output.kind} must go elsewhere")
             if read.is_dir() and _inside(path, read):
                 raise GraphpruneError(
                     f"{path} is inside {read}, which is {what}: write the {output.kind} elsewhere"
@@ -190,8 +193,8 @@ class OutputPlan:
         if os.path.lexists(path) and not (path.is_symlink() or path.is_file()):  # /dev/null, a FIFO, a socket
             raise GraphpruneError(f"{path} is not a regular file: the {output.kind} must go to a file")
         if os.path.lexists(path):
-            if not self.force:
-                raise GraphpruneError(f"{path} exists; pass --force to overwrite it")
+            if not (self.force or output.replace):
+                raise GraphpruneError(f"{path} exists; pass `force=True` to overwrite it")
             if output.kind == "model" and _data_file_candidates(path):
                 output.old_data = [f for f in model_files(path)[1:] if self._removable(path, f)]
         _check_writable_dir(path.parent, output.kind)

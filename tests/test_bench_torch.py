@@ -21,7 +21,7 @@ PATTERN = NMPattern(2, 4)
 def test_parse_tokens() -> None:
     assert bt.parse_tokens("512, 4096") == [512, 4096]
     for bad in ["", "a", "0", "-3,4"]:
-        with pytest.raises(GraphpruneError, match="--tokens"):
+        with pytest.raises(GraphpruneError, match="`tokens`"):
             bt.parse_tokens(bad)
 
 

@@ -370,7 +370,7 @@ def embedding_model(opset: int = 18, vocab: int = 50) -> tuple[onnx.ModelProto, 
 
 def test_synthetic_data_needs_shapes_and_stays_in_vocab() -> None:
     model, targets = embedding_model(vocab=50)
-    with pytest.raises(GraphpruneError, match=r"--shape input_ids=1x128"):
+    with pytest.raises(GraphpruneError, match=r"give its size in `shapes`, e.g. input_ids=1x128"):
         calib(model, None, targets)
     shapes = {n: (2, 16) for n in ("input_ids", "attention_mask", "position_ids")}
     stats = calib(model, None, targets, shapes=shapes, nsamples=8)
@@ -454,7 +454,7 @@ def test_bad_sources(tmp_path: Path) -> None:
     np.savez(tmp_path / "ragged.npz", x=np.zeros((3, 5, 8), np.float32), z=np.zeros((2,)))
     for data, message in [
         (tmp_path / "missing.npz", "not found"),
-        (tmp_path / "notes.txt", "--tokenizer"),
+        (tmp_path / "notes.txt", "`tokenizer`"),
         (tmp_path / "ragged.npz", "differ in length"),
         ([], "empty"),
         (tmp_path / "empty_dir", "no .npz files"),

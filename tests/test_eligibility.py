@@ -53,7 +53,7 @@ def test_fp32_is_ineligible_until_converted_or_built_with_fp16() -> None:
     model = matmul_model(sparse_24((512, 512), 0))
     record = only(model)
     assert record.status == "ineligible" and record.precision == "fp32"
-    assert "graphprune convert --fp16" in record.reasons[0]
+    assert "convert the model to FP16 (`graphprune convert`" in record.reasons[0]
     assert only(model, precision="fp16").status == "eligible"  # a TensorRT 10 build with the FP16 flag
     assert only(convert(model).model).status == "eligible"
 

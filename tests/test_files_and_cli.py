@@ -137,7 +137,7 @@ def test_output_equal_to_input_is_refused(model_path: Path) -> None:
 
 def test_wanda_without_data_calibrates_on_synthetic_inputs(model_path: Path) -> None:
     result = runner.invoke(app, ["apply", str(model_path), "--method", "wanda"])
-    assert result.exit_code == 2 and "--shape x=" in result.output  # a dynamic batch needs a shape
+    assert result.exit_code == 2 and "--shape, e.g. x=1x16" in result.output  # a dynamic batch needs a shape
     result = runner.invoke(app, ["apply", str(model_path), "--method", "wanda", "--shape", "x=4x16"])
     assert result.exit_code == 0, result.output
     assert "synthes" in result.output  # warned: real data gives better masks

@@ -329,7 +329,7 @@ def test_memory_sizes_parse_with_units(text: str) -> None:
 
 @pytest.mark.parametrize("text", ["", "GB", "-1GB", "8XB", "eight", "0", "inf"])
 def test_bad_memory_sizes_are_one_line_errors(text: str) -> None:
-    with pytest.raises(GraphpruneError, match="--max-memory"):
+    with pytest.raises(GraphpruneError, match="`max_memory`"):
         parse_memory_size(text)
 
 

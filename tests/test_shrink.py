@@ -447,7 +447,7 @@ def test_round_to_leaves_a_multiple_of_n_units_in_every_group() -> None:
     assert record.units_after == 16 and len(record.removed) == 8
     expected = net.forward(_sliced(net, record.removed), net.feed["x"])  # type: ignore[operator]
     np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], expected, rtol=1e-4, atol=1e-5)
-    with pytest.raises(GraphpruneError, match="--round-to"):
+    with pytest.raises(GraphpruneError, match="`round_to`"):
         ShrinkConfig(ratio=0.25, round_to=0).validate()
 
 

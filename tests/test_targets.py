@@ -180,6 +180,6 @@ def test_include_and_exclude_patterns() -> None:
     scan = find_targets(two_layer_model(residual=True))
     chosen = select_targets(scan, NMPattern(2, 4), include=["w*"], exclude=["*2"])
     assert [t.name for t in chosen.targets] == ["w1"]
-    assert {s.name: s.reason for s in chosen.skips} == {"w2": "excluded by --exclude *2"}
+    assert {s.name: s.reason for s in chosen.skips} == {"w2": "excluded by `exclude=*2`"}
     chosen = select_targets(scan, NMPattern(2, 4), include=["MatMul_0"])  # node labels match too
     assert [t.name for t in chosen.targets] == ["w1"]

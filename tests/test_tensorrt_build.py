@@ -163,7 +163,7 @@ def test_parse_shapes() -> None:
     assert ranges["input_ids"] == ShapeRange("input_ids", (1, 16), (8, 128), (32, 512))
     assert ranges["onnx::Shape_1"].opt == (2,)  # names may contain colons
     for bad in ["x", "x:1,2", "x:1x2,1,1", "x:4,2,8", ":1,1,1", "x:1,a,2", "x:", "x:1x", "x:1,2,3,4"]:
-        with pytest.raises(GraphpruneError, match="--shapes"):
+        with pytest.raises(GraphpruneError, match="`shapes`"):
             parse_shapes([bad])
 
 
@@ -197,7 +197,7 @@ def test_check_profiles_against_the_onnx_inputs() -> None:
     for spec, message in cases.items():
         with pytest.raises(GraphpruneError, match=message):
             check_profiles(inputs, parse_shapes([spec]))
-    with pytest.raises(GraphpruneError, match=r"'x' has dynamic dimensions \(\?x8\).*--shapes x:1x8,1x8,1x8"):
+    with pytest.raises(GraphpruneError, match=r"'x' has dynamic dimensions \(\?x8\).*`shapes`.* x:1x8,1x8,1x8"):
         check_profiles(inputs, {})
 
 
@@ -231,7 +231,7 @@ def test_plan_build(
         (warning,) = plan.warnings
         assert (
             "sparse tensor cores need FP16, BF16 or INT8" in warning
-            and "graphprune convert m.onnx --fp16" in warning
+            and "convert m.onnx to FP16 first (`graphprune convert`" in warning
         )
         assert "\n" not in warning
     else:
@@ -259,29 +259,49 @@ def test_check_sparse_gpu() -> None:
 # --- writing: all or nothing -------------------------------------------------------------------------------
 
 
-def test_commit_writes_all_files_or_none(tmp_path: Path) -> None:
-    engine, report = tmp_path / "m.engine", tmp_path / "m.engine.json"
-    outputs.commit({engine: b"ENGINE", report: b"{}"})
-    assert engine.read_bytes() == b"ENGINE" and report.read_bytes() == b"{}"
-    # The second file cannot be written: the first must keep its old content, no temporary may remain.
-    (tmp_path / "taken").mkdir()
-    with pytest.raises(GraphpruneError, match="is a directory"):
-        outputs.commit({engine: b"NEW", tmp_path / "taken": b"{}"})
-    (tmp_path / "taken").rmdir()
-    assert engine.read_bytes() == b"ENGINE"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json"]
+def _tiny_onnx(path: Path) -> Path:
+    onnx.save_model(tiny_model(), str(path))
+    return path
 
 
-def test_check_writable(tmp_path: Path) -> None:
+def test_plan_outputs_refuses_an_existing_report_without_force(tmp_path: Path) -> None:
+    model, engine = _tiny_onnx(tmp_path / "m.onnx"), tmp_path / "m.engine"
+    (tmp_path / "m.engine.json").write_text("a report of someone else's")  # the engine itself is new
+    with pytest.raises(GraphpruneError, match=r"m\.engine\.json exists; pass `force=True`"):
+        outputs.plan_outputs(model, engine, None, force=False)
+    outputs.plan_outputs(model, engine, None, force=True)
+    assert (tmp_path / "m.engine.json").read_text() == "a report of someone else's"
+
+
+def test_plan_outputs_checks_every_file(tmp_path: Path) -> None:
+    model, engine = _tiny_onnx(tmp_path / "m.onnx"), tmp_path / "m.engine"
     (tmp_path / "file").write_bytes(b"")
-    with pytest.raises(GraphpruneError, match="cannot write"):
-        outputs.check_writable(tmp_path / "file" / "m.engine", force=False)
-    with pytest.raises(GraphpruneError, match="exists; pass --force"):
-        outputs.check_writable(tmp_path / "file", force=False)
-    with pytest.raises(GraphpruneError, match="is a directory"):
-        outputs.check_writable(tmp_path, force=True)
-    outputs.check_writable(tmp_path / "new" / "m.engine", force=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe leaves nothing behind
+    (tmp_path / "trt.cache").write_bytes(b"old cache")
+    outputs.plan_outputs(model, engine, tmp_path / "trt.cache", force=False)  # a cache is updated on purpose
+    cases = [
+        (tmp_path / "file" / "m.engine", None, "cannot write"),
+        (tmp_path, None, "is a directory"),
+        (model, None, "is the input model"),
+        (engine, engine, "the timing cache and the engine would both be written"),
+        (engine, model, "is the input model"),
+    ]
+    for target, cache, message in cases:
+        with pytest.raises(GraphpruneError, match=message):
+            outputs.plan_outputs(model, target, cache, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m.onnx", "trt.cache"]  # probes leave nothing
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx_bindings") is None, reason="needs the trt-rtx extra")
+def test_build_engine_refuses_to_replace_its_report_without_force(tmp_path: Path) -> None:
+    model, engine = _tiny_onnx(tmp_path / "m.onnx"), tmp_path / "m.engine"
+    (tmp_path / "m.engine.json").write_text("keep me")
+    with pytest.raises(GraphpruneError, match="exists; pass `force=True`"):
+        tb.build_engine(model, engine, shapes=["x:1x8,2x8,4x8"], backend="tensorrt-rtx")
+    assert not engine.exists() and (tmp_path / "m.engine.json").read_text() == "keep me"
+    report = tb.build_engine(model, engine, shapes=["x:1x8,2x8,4x8"], backend="tensorrt-rtx", force=True)
+    assert json.loads((tmp_path / "m.engine.json").read_text()) == json.loads(report.to_json())
+    assert engine.stat().st_size == report.engine_bytes
 
 
 # --- no TensorRT at all ------------------------------------------------------------------------------------
@@ -296,7 +316,7 @@ def test_missing_tensorrt_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path:
         GraphpruneError, match=r'TensorRT-RTX is not installed.*pip install "graphprune\[trt-rtx\]"'
     ):
         load_backend("tensorrt-rtx")
-    with pytest.raises(GraphpruneError, match="unknown --backend 'trt'"):
+    with pytest.raises(GraphpruneError, match="unknown `backend` 'trt'"):
         load_backend("trt")
     onnx.save_model(tiny_model(), str(tmp_path / "m.onnx"))
     result = CliRunner().invoke(app, ["build", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.engine")])

@@ -190,7 +190,7 @@ def test_fp32_model_builds_with_one_line_warning(decoder_fp32: Path) -> None:
     warnings = [line for line in output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1
     assert "sparse tensor cores need FP16, BF16 or INT8" in warnings[0]
-    assert f"graphprune convert {decoder_fp32.name} --fp16" in warnings[0]
+    assert f"convert {decoder_fp32.name} to FP16 first (`graphprune convert`" in warnings[0]
     report = json.loads(engine.with_name("fp32.engine.json").read_text())
     assert report["precision"] == "fp32" and len(report["warnings"]) == 1
     assert engine.stat().st_size == report["engine_bytes"] > 0
@@ -221,7 +221,7 @@ def unknown_op_model() -> onnx.ModelProto:
 @pytest.mark.parametrize(
     ("model", "args", "message"),
     [
-        ("junk", ["--shapes", "x:1x8,1x8,1x8"], "not a readable ONNX model"),
+        ("junk", ["--shapes", "x:1x8,1x8,1x8"], "not an ONNX model"),
         ("static", ["--shapes", "nope:1x8,2x8,4x8"], "'nope', not an input of the model"),
         ("static", ["--shapes", "x:1x16,2x16,4x16"], "dimension 1 is fixed to 8 in the model"),
         ("static", ["--shapes", "x:1,2,4"], "rank 1, but the input has rank 2"),

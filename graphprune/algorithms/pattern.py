@@ -62,5 +62,5 @@ def parse_nm(text: str) -> NMPattern:
     """Parse ``"2:4"`` into an :class:`NMPattern`, with a one-line error for anything else."""
     match = _NM_RE.match(text)
     if not match:
-        raise GraphpruneError(f"invalid --nm {text!r}: expected N:M with integers, for example 2:4")
+        raise GraphpruneError(f"invalid N:M pattern {text!r} (`nm`): expected N:M with integers, for example 2:4")
     return NMPattern(int(match.group(1)), int(match.group(2)))

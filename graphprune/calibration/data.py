@@ -160,7 +160,7 @@ def open_source(
             )
         raise GraphpruneError(
             f"calibration data {path}: expected an .npz file, a directory of .npz files, "
-            "or a text file together with --tokenizer tokenizer.json"
+            "or a text file together with a `tokenizer` (a tokenizer.json)"
         )
     if isinstance(data, Mapping):
         return ArraySource(data, batch_size)

@@ -36,17 +36,17 @@ class CalibrationRequest:
     max_memory: int | None = None  # bytes: run segment-wise (pipeline/segments.py) within this budget
 
     def __post_init__(self) -> None:  # every option fails here, before any model is loaded or run
-        for option, value in (("--seqlen", self.seqlen), ("--nsamples", self.nsamples)):
+        for option, value in (("`seqlen`", self.seqlen), ("`nsamples`", self.nsamples)):
             if value < 1:
                 raise GraphpruneError(f"{option} must be at least 1, got {value}")
         if self.batch_size < 1:
-            raise GraphpruneError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise GraphpruneError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if not (math.isfinite(self.gram_memory_gb) and self.gram_memory_gb > 0):
-            raise GraphpruneError(f"--gram-memory must be a positive number of GiB, got {self.gram_memory_gb}")
+            raise GraphpruneError(f"`gram_memory_gb` must be a positive number of GiB, got {self.gram_memory_gb}")
         for name, dims in self.shapes.items():
             if any(d < 1 for d in dims):
                 shown = "x".join(map(str, dims))
-                raise GraphpruneError(f"--shape {name}={shown}: every dimension must be at least 1")
+                raise GraphpruneError(f"`shapes` gives {name}={shown}: every dimension must be at least 1")
 
     def files(self) -> list[Path]:
         """The files (or directory) this request reads: no output may replace them."""

@@ -115,7 +115,7 @@ class ActivationStats:
         _refuse_missing(
             [t.name for t in targets if t.name not in self.gram],
             "sparsegpt and alps need Gram matrices, and the statistics hold none for {count} weight(s) "
-            "({names}): collect them with `graphprune calibrate --gram`, or pass --calib to apply",
+            "({names}): collect statistics with `gram=True`, or pass calibration data (`calib`)",
         )
         for t in targets:
             g = self.gram[t.name]

@@ -30,7 +30,7 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     except ValueError:
         shape = ()
     if not shape or any(d < 0 for d in shape):
-        raise GraphpruneError(f"--shape {text!r}: expected NAME=DIMS such as input_ids=1x128")
+        raise GraphpruneError(f"`shapes` {text!r}: expected NAME=DIMS such as input_ids=1x128")
     return name, shape
 
 
@@ -86,7 +86,7 @@ class SyntheticSource(Source):
         super().__init__()
         unknown = [n for n in shapes if n not in {s.name for s in specs}]
         if unknown:
-            raise GraphpruneError(f"--shape {unknown[0]}: the model has no such input")
+            raise GraphpruneError(f"`shapes` names {unknown[0]}: the model has no such input")
         self.specs = specs
         self.shapes = {s.name: _resolve(s, shapes.get(s.name)) for s in specs}
         self.vocab = embedding_sizes(model if isinstance(model, ir.Model) else ir.from_proto(model))
@@ -122,11 +122,13 @@ class SyntheticSource(Source):
 def _resolve(spec: InputSpec, given: Sequence[int] | None) -> tuple[int, ...]:
     if given is not None:
         if spec.dims is not None and len(given) != len(spec.dims):
-            raise GraphpruneError(f"--shape {spec.name}: rank {len(given)}, the model expects {spec.describe()}")
+            raise GraphpruneError(
+                f"`shapes` gives {spec.name} rank {len(given)}, the model expects {spec.describe()}"
+            )
         for got, want in zip(given, spec.dims or (), strict=False):
             if isinstance(want, int) and want > 0 and got != want:
                 raise GraphpruneError(
-                    f"--shape {spec.name}={'x'.join(map(str, given))}: model fixes {spec.describe()}"
+                    f"`shapes` gives {spec.name}={'x'.join(map(str, given))}: the model fixes {spec.describe()}"
                 )
         return tuple(given)
     if spec.dims is not None and all(isinstance(d, int) and d > 0 for d in spec.dims):
@@ -135,4 +137,6 @@ def _resolve(spec: InputSpec, given: Sequence[int] | None) -> tuple[int, ...]:
         str(d) if isinstance(d, int) and d > 0 else ("1" if i == 0 else "128")
         for i, d in enumerate(spec.dims or (None, None))
     )
-    raise GraphpruneError(f"input {spec.describe()} has dynamic dimensions: pass --shape {spec.name}={example}")
+    raise GraphpruneError(
+        f"input {spec.describe()} has dynamic dimensions: give its size in `shapes`, e.g. {spec.name}={example}"
+    )

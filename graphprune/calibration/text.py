@@ -53,7 +53,7 @@ class TextSource(Source):
     ) -> None:
         super().__init__()
         if seqlen < 1 or nsamples < 1 or batch_size < 1:
-            raise GraphpruneError("--seqlen, --nsamples and --batch-size must be at least 1")
+            raise GraphpruneError("`seqlen`, `nsamples` and `batch_size` must be at least 1")
         self.ids_spec = token_input(specs)
         others = [s for s in specs if s.name != self.ids_spec.name and s.name not in FILLED and not fillable(s)]
         if others:
@@ -68,7 +68,7 @@ class TextSource(Source):
         self.tokens = _tokenise(text, tokenizer)
         if len(self.tokens) <= seqlen:
             raise GraphpruneError(
-                f"{text} has {len(self.tokens)} tokens: not enough for one window of --seqlen {seqlen}"
+                f"{text} has {len(self.tokens)} tokens: not enough for one window of `seqlen={seqlen}`"
             )
         rng = random.Random(seed)
         self.starts = [rng.randint(0, len(self.tokens) - seqlen - 1) for _ in range(nsamples)]

@@ -14,6 +14,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from graphprune import artifacts
+from graphprune.cli.flags import as_flags, command_flags, running
 from graphprune.errors import GraphpruneError
 
 # The order a user needs the commands in: prune, verify, measure; then the optional steps, then deployment.
@@ -38,8 +39,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-console = Console(stderr=True)  # progress, warnings and errors
-out = Console()  # results: summaries, tables
+
+
+class _FlagConsole(Console):
+    """A console whose text shows the running command's flags where the library named parameters (warnings,
+    skip reasons, notes: everything a command prints, also from modules that print library text as it is)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(as_flags(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+console = _FlagConsole(stderr=True)  # progress, warnings and errors
+out = _FlagConsole()  # results: summaries, tables
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,11 +60,13 @@ def user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flags = command_flags(func)  # library messages name parameters: show this command's flags instead
         try:
-            with artifacts.command_scope():  # SIGTERM acts as SIGINT; the journal of written files starts empty
+            with artifacts.command_scope(), running(flags):  # SIGTERM acts as SIGINT; the journal starts empty
                 return func(*args, **kwargs)
         except GraphpruneError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            message = escape(as_flags(str(exc), flags))
+            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
             signal = "terminated" if isinstance(exc, artifacts.Terminated) else "interrupted"

@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from graphprune.cli.app import app, console, out, user_errors
+from graphprune.cli.flags import as_flags
 from graphprune.cli.tables import Col, fitted_table
 from graphprune.errors import GraphpruneError
 
@@ -36,33 +37,16 @@ def convert(
 
     Example: graphprune convert model.pruned.onnx --fp16 -o model.fp16.onnx
     """
-    import onnx_ir as ir
-
-    from graphprune.artifacts import OutputPlan
-    from graphprune.graph.model_io import load_model, to_proto, uses_external_data
-    from graphprune.passes.convert import convert as convert_model
-    from graphprune.tensorrt.eligibility import eligibility_report, summary
+    from graphprune.pipeline.convert_file import convert_file
+    from graphprune.tensorrt.eligibility import summary
 
     if fp16 and bf16:
         raise GraphpruneError("choose one of --fp16 and --bf16")
-    dtype = "bfloat16" if bf16 else "float16"
-    suffix = "bf16" if bf16 else "fp16"
-    output = output or model.with_name(f"{model.stem}.{suffix}.onnx")
-    outputs = OutputPlan(force=force)
-    outputs.read(model, "the input model")
-    outputs.model(output)
-    outputs.check()
-    loaded = load_model(model)
-    external = uses_external_data(loaded)
-    result = convert_model(to_proto(loaded), dtype)  # ONNX Runtime's converter works on protobufs
-    del loaded
-    converted = ir.from_proto(result.model)  # wraps the converted tensors, copies none
-    records = eligibility_report(converted)
-    with outputs.transaction() as files:
-        files.model(output, converted, external_data=True if external else None)  # keep the input's layout
+    done = convert_file(model, output, dtype="bfloat16" if bf16 else "float16", force=force)
+    result, suffix = done.conversion, "bf16" if bf16 else "fp16"
     stats = result.rounding
     console.print(
-        f"wrote {output}: {len(result.converted)} tensors in {suffix}, "
+        f"wrote {done.output}: {len(result.converted)} tensors in {suffix}, "
         f"{len(result.fp32_nodes)} nodes kept in FP32, "
         f"{result.casts_inserted} casts; {stats.raised_from_zero} tiny non-zeros kept non-zero, "
         f"{stats.saturated} saturated to the largest finite value",
@@ -70,7 +54,7 @@ def convert(
     )
     console.print(f"kept in FP32: {result.fp32_summary()}", highlight=False)
     console.print(
-        f"sparse eligibility of the result: {summary(records)} (details: graphprune check)", highlight=False
+        f"sparse eligibility of the result: {summary(done.eligibility)} (details: graphprune check)", highlight=False
     )
 
 
@@ -139,25 +123,13 @@ def build(
     Example: graphprune build model.fp16.onnx -o model.engine --backend tensorrt-rtx
     --shapes input_ids:1x16,8x128,32x512 --shapes attention_mask:1x16,8x128,32x512
     """
-    from graphprune.artifacts import OutputPlan
-    from graphprune.tensorrt.build import build_engine, report_path
+    from graphprune.tensorrt.build import build_engine
 
-    outputs = OutputPlan(force=force)
-    outputs.read(model, "the input model")
-    if timing_cache is not None:  # read and rewritten on purpose by the build: only the engine may not clash
-        outputs.read(timing_cache, "the timing cache")
-    outputs.file(output, "engine")
-    outputs.file(report_path(output), "engine report")
-    outputs.check()  # the build commits the engine and its report through graphprune.artifacts
-    if model.is_file():
-        from graphprune.model_checks import check_model_file
-
-        check_model_file(model)  # corrupt tensors in one line, before TensorRT's parser meets them
     report = build_engine(
         model, output, precision, sparse, shapes or [], timing_cache, workspace, backend=backend, force=force
     )
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {escape(as_flags(warning))}", highlight=False, soft_wrap=True)
     if as_json:
         typer.echo(report.to_json())
         return

@@ -6,15 +6,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 
 from graphprune.cli.app import app, out, user_errors
-from graphprune.cli.progress import Display, display
+from graphprune.cli.progress import Bar, display
 from graphprune.cli.tables import Col, fitted_table
-from graphprune.errors import GraphpruneError
-
-DEFAULT_TEXT_WINDOWS = 64
 
 
 @app.command("eval")
@@ -77,107 +73,25 @@ def evaluate(
 
     Example: graphprune eval model.onnx model.pruned.onnx --text heldout.txt --tokenizer tokenizer.json
     """
-    from graphprune.evaluate.perplexity import perplexity
+    from graphprune.evaluate.files import evaluate_files
 
-    if calib is None and text is None and token_windows is None:
-        raise GraphpruneError("nothing to evaluate on: pass --calib DATA, --text FILE or --token-windows FILE")
-    for path in (dense, pruned):
-        if not path.is_file():
-            raise GraphpruneError(f"{path}: no such model file")
-    report: dict[str, Any] = {"dense": str(dense), "pruned": str(pruned)}
     with display() as shown:
-        if calib is not None:
-            report["outputs"] = _compare(shown, dense, pruned, calib, batch_size, tokenizer, seqlen, windows)
-        if text is not None or token_windows is not None:
-            ids, report["bos"] = _windows(text, tokenizer, token_windows, seqlen, windows, offset, bos)
-            report["windows"] = list(ids.shape)
-            for name, model in (("dense", dense), ("pruned", pruned)):
-                bar = shown.bar(f"perplexity ({name})", ids.shape[0], unit="windows")
-                report[f"perplexity_{name}"] = perplexity(model, ids, progress=bar.update)
+        bars: dict[str, Bar] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = shown.bar(stage, total, unit="samples" if stage.startswith("compar") else "windows")
+            bars[stage].update(done, total)
+
+        result = evaluate_files(
+            dense, pruned, calib=calib, text=text, token_windows=token_windows, tokenizer=tokenizer,
+            batch_size=batch_size, seqlen=seqlen, windows=windows, offset=offset, bos=bos, progress=progress,
+        )  # fmt: skip
+    report = result.to_dict()
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:
         _print(report)
-
-
-def _compare(
-    shown: Display,
-    dense: Path,
-    pruned: Path,
-    calib: Path,
-    batch_size: int,
-    tokenizer: Path | None,
-    seqlen: int,
-    windows: int | None,
-) -> list[dict[str, object]]:
-    import onnx_ir as ir
-
-    from graphprune.calibration.data import open_source
-    from graphprune.calibration.signature import model_inputs, validate_feed
-    from graphprune.evaluate.compare import check_comparable, compare_outputs
-    from graphprune.evaluate.perplexity import open_session
-    from graphprune.graph.model_io import load_model
-
-    model = ir.to_proto(load_model(dense))  # graph and signature only: external weights stay in their files
-    specs = model_inputs(model)
-    source = open_source(
-        calib,
-        model,
-        specs,
-        batch_size=batch_size,
-        tokenizer=tokenizer,
-        seqlen=seqlen,
-        nsamples=windows or DEFAULT_TEXT_WINDOWS,
-    )
-    sessions = [open_session(p) for p in (dense, pruned)]
-    check_comparable(*sessions)
-    names = [o.name for o in sessions[0].get_outputs()]
-
-    def runner(session: Any) -> Any:
-        def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            try:
-                return dict(zip(names, session.run(names, dict(feed)), strict=True))
-            except Exception as exc:  # onnxruntime's own types: data the model cannot run on
-                reason = str(exc).splitlines()[0]
-                raise GraphpruneError(f"onnxruntime cannot run the model on --calib: {reason}") from None
-
-        return run
-
-    bar = shown.bar("comparing outputs", source.total, unit="samples")
-    feeds = (validate_feed(feed, specs, label) for label, feed in source)
-    results = compare_outputs(runner(sessions[0]), runner(sessions[1]), feeds, on_batch=bar.advance)
-    return [r.to_dict() for r in results]
-
-
-def _windows(
-    text: Path | None,
-    tokenizer: Path | None,
-    token_windows: Path | None,
-    seqlen: int,
-    count: int | None,
-    offset: int,
-    bos: str | None,
-) -> tuple[np.ndarray, str | None]:
-    from graphprune.evaluate.perplexity import find_bos, text_windows
-
-    if token_windows is not None:
-        from graphprune.evaluate.perplexity import load_token_windows
-
-        return load_token_windows(token_windows, count), "as given in the windows file"
-    assert text is not None
-    if tokenizer is None:
-        raise GraphpruneError("--text needs --tokenizer tokenizer.json")
-    for path in (text, tokenizer):
-        if not path.is_file():
-            raise GraphpruneError(f"{path}: no such file")
-    from tokenizers import Tokenizer
-
-    found = find_bos(tokenizer, bos)
-    tok = Tokenizer.from_file(str(tokenizer))
-    tok.no_truncation()  # a tokenizer.json made for sentences would cut the text short
-    encoded = tok.encode(text.read_text(), add_special_tokens=False)
-    ids = text_windows(np.array(encoded.ids), seqlen, count, offset, found[0] if found else None)
-    return ids, f"{found[1]} (id {found[0]})" if found else "none"
 
 
 def _print(report: dict[str, Any]) -> None:

@@ -16,6 +16,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from graphprune.cli.flags import as_flags
+
 ELLIPSIS = "…"
 MIN_FLEX = 12  # below this a name says nothing; the table may then be wider than the terminal
 
@@ -60,7 +62,9 @@ def fitted_table(
     title: str | None = None,
     show_header: bool = True,
 ) -> Table:
-    """A borderless table no wider than ``console``: column ``flex`` (plain text) is shortened to fit."""
+    """A borderless table no wider than ``console``: column ``flex`` (plain text) is shortened to fit. Library
+    reasons in cells (`include_head=True`) show the running command's flags."""
+    rows = [[as_flags(cell) for cell in row] for row in rows]
     header = _cell_width(columns[flex].header) if show_header else 0
     natural = max([header] + [_cell_width(r[flex]) for r in rows])
     table = _table(columns, rows, flex, natural, title, show_header)

@@ -115,7 +115,7 @@ def load_token_windows(path: Path, count: int | None = None) -> np.ndarray:
     if not path.is_file():
         raise GraphpruneError(f"{path}: no such file")
     if count is not None and count < 1:
-        raise GraphpruneError(f"--windows must be at least 1, got {count}")
+        raise GraphpruneError(f"`count` must be at least 1, got {count}")
     try:
         from graphprune.calibration.data import open_npz
 
@@ -142,9 +142,9 @@ def text_windows(
     tokens. Without it, ``(n, seqlen)`` and the first token of each window is context only.
     """
     if seqlen < 1:
-        raise GraphpruneError(f"--seqlen must be at least 1, got {seqlen}")
+        raise GraphpruneError(f"`seqlen` must be at least 1, got {seqlen}")
     if offset < 0:
-        raise GraphpruneError(f"--offset must be non-negative, got {offset}")
+        raise GraphpruneError(f"`offset` must be non-negative, got {offset}")
     tokens = np.asarray(token_ids, dtype=np.int64)[offset:]
     n = tokens.size // seqlen if count is None else min(count, tokens.size // seqlen)
     if n == 0:

@@ -33,10 +33,10 @@ def select_targets(
 def _reason_to_leave(target: Target, pattern: Pattern, include: Sequence[str], exclude: Sequence[str]) -> str:
     names = [target.name, *(c.node for c in target.consumers)]
     if include and not any(fnmatchcase(n, p) for n in names for p in include):
-        return "not matched by --include"
+        return "not matched by `include`"
     hit = next((p for p in exclude for n in names if fnmatchcase(n, p)), None)
     if hit:
-        return f"excluded by --exclude {hit}"
+        return f"excluded by `exclude={hit}`"
     if isinstance(pattern, NMPattern) and target.k % pattern.group:
         return f"K={target.k} is not a multiple of the group size {pattern.group}"
     return ""

@@ -210,7 +210,7 @@ def find_targets(model: ir.Model, include_head: bool = True) -> TargetScan:
         return TargetScan(flagged, skips)
     kept = [t for t in flagged if not t.is_head]
     skipped_heads = [
-        Skip(t.name, t.op, "output head (the final projection to a model output) is left dense; --include-head")
+        Skip(t.name, t.op, "output head (the final projection to a model output), left dense; `include_head=True`")
         for t in flagged
         if t.is_head
     ]

@@ -407,7 +407,7 @@ def _check_supported(model: onnx.ModelProto, dtype: HalfType) -> None:
             )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if dtype == "bfloat16" and opset < 13:
-        raise GraphpruneError(f"bfloat16 needs opset 13 or newer, the model has opset {opset}: use --fp16")
+        raise GraphpruneError(f"bfloat16 needs opset 13 or newer, the model has opset {opset}: use float16")
 
 
 def _constants_as_tensors(graph: onnx.GraphProto) -> None:

@@ -126,7 +126,7 @@ def parse_memory_size(text: str) -> int:
     except ValueError:
         value = -1.0
     if unit not in _UNITS or not value > 0 or value == float("inf"):
-        raise GraphpruneError(f"--max-memory {text!r}: give a positive size with a unit, e.g. 8GB, 512MB or 16GiB")
+        raise GraphpruneError(f"`max_memory` {text!r}: give a positive size with a unit, e.g. 8GB, 512MB or 16GiB")
     return int(value * _UNITS[unit])
 
 

@@ -44,11 +44,11 @@ def budget_warnings(
         weights = weight_bytes(model)
         if weights > max_memory:
             raise GraphpruneError(
-                f"--max-memory {_size(max_memory)} cannot hold {path.name}: its {_size(weights)} of weights are "
+                f"`max_memory={_size(max_memory)}` cannot hold {path.name}: its {_size(weights)} of weights are "
                 f"stored inline and load whole; {_INLINE_HINT}"
             )
         return [
-            f"--max-memory is not enforced for {path.name}: its weights are stored inline ({_size(weights)}), "
+            f"`max_memory` is not enforced for {path.name}: its weights are stored inline ({_size(weights)}), "
             f"so it is pruned in memory; {_INLINE_HINT}"
         ]
     if calibrated:
@@ -57,7 +57,7 @@ def budget_warnings(
     largest = max((_nbytes(stored[t.name]) for t in targets if t.name in stored), default=0)
     if stats_bytes + largest > max_memory:
         raise GraphpruneError(
-            f"--max-memory {_size(max_memory)} is below what pruning holds at once: the statistics "
+            f"`max_memory={_size(max_memory)}` is below what pruning holds at once: the statistics "
             f"({_size(stats_bytes)}) and the largest weight ({_size(largest)})"
         )
     return []

@@ -70,23 +70,23 @@ class ShrinkConfig:
 
     def validate(self) -> None:
         if self.ratio is None and not self.blocks:
-            raise GraphpruneError("nothing to remove: give --ratio R (0 < R < 1) and/or --blocks N")
+            raise GraphpruneError("nothing to remove: give `ratio` R (0 < R < 1) and/or `blocks` N")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
-            raise GraphpruneError(f"invalid --ratio {self.ratio}: need 0 < R < 1 (for example 0.25)")
+            raise GraphpruneError(f"invalid `ratio` {self.ratio}: need 0 < R < 1 (for example 0.25)")
         for pattern, ratio in self.overrides:
             if not 0.0 <= ratio < 1.0:
-                raise GraphpruneError(f"invalid --ratio-for {pattern}={ratio}: need 0 <= R < 1")
+                raise GraphpruneError(f"invalid `ratio_for` {pattern}={ratio}: need 0 <= R < 1")
         if self.overrides and self.ratio is None:
-            raise GraphpruneError("--ratio-for needs --ratio for the groups it does not name")
+            raise GraphpruneError("`ratio_for` needs `ratio` for the groups it does not name")
         if self.blocks < 0:
-            raise GraphpruneError(f"invalid --blocks {self.blocks}: need N >= 0")
+            raise GraphpruneError(f"invalid `blocks` {self.blocks}: need N >= 0")
         if self.steps < 1:
-            raise GraphpruneError(f"invalid --steps {self.steps}: need K >= 1")
+            raise GraphpruneError(f"invalid `steps` {self.steps}: need K >= 1")
         if self.round_to < 1:
-            raise GraphpruneError(f"invalid --round-to {self.round_to}: need N >= 1")
+            raise GraphpruneError(f"invalid `round_to` {self.round_to}: need N >= 1")
         unknown = set(self.units) - set(UNIT_KINDS)
         if unknown or not self.units:
-            raise GraphpruneError(f"invalid --units {','.join(self.units)}: choose from {','.join(UNIT_KINDS)}")
+            raise GraphpruneError(f"invalid `units` {','.join(self.units)}: choose from {','.join(UNIT_KINDS)}")
         if self.allocate is not None and self.allocate not in ALLOCATIONS:
             raise GraphpruneError(f"invalid allocation {self.allocate!r}: choose from {', '.join(ALLOCATIONS)}")
         if not 0.0 <= self.ratio_min <= self.ratio_max < 1.0:
@@ -204,7 +204,7 @@ def shrink_model(
         raise GraphpruneError("the refit needs calibration data: give calibration data or turn the refit off")
     config = config.resolved(measure is not None)
     if config.needs_data and measure is None:
-        raise GraphpruneError(f"--method {config.method.value} and --blocks need calibration data: pass --calib")
+        raise GraphpruneError(f"`method={config.method.value}` and `blocks` need calibration data: pass `calib`")
     if config.ratio is not None:  # exact rewrites first, so the parameter count sees lifted Constant weights
         prepare_graph(model, heads="heads" in config.units)
     report = ShrinkReport(config, parameter_count(model))
@@ -219,10 +219,10 @@ def shrink_model(
 def _remove_blocks(model: ir.Model, count: int, measure: Measure, report: ShrinkReport, stage: Progress) -> None:
     blocks = find_blocks(model)
     if not blocks:
-        raise GraphpruneError("--blocks: the model has no residual blocks (x + f(x) with weights in f)")
+        raise GraphpruneError("`blocks`: the model has no residual blocks (x + f(x) with weights in f)")
     if count >= len(blocks):
         raise GraphpruneError(
-            f"--blocks {count}: the model has {len(blocks)} residual blocks; at most {len(blocks) - 1} can go"
+            f"`blocks={count}`: the model has {len(blocks)} residual blocks; at most {len(blocks) - 1} can go"
         )
     stage(f"measuring the influence of {len(blocks)} blocks")
     pairs = [(b.input.name, b.output.name) for b in blocks]

@@ -79,7 +79,7 @@ def load_backend(name: str | None = None) -> LoadedBackend:
     One-line errors when it is unknown, missing, or installed without loadable libraries.
     """
     if name is not None and name not in BACKENDS:
-        raise GraphpruneError(f"unknown --backend {name!r}: choose one of {', '.join(BACKENDS)}")
+        raise GraphpruneError(f"unknown `backend` {name!r}: choose one of {', '.join(BACKENDS)}")
     candidates = [BACKENDS[name]] if name else [BACKENDS[n] for n in DEFAULT_ORDER]
     reasons = []
     for backend in candidates:
@@ -96,6 +96,6 @@ def load_backend(name: str | None = None) -> LoadedBackend:
             raise GraphpruneError(f"{backend.product} is installed but cannot load its libraries: {exc}") from None
         return LoadedBackend(backend, module, str(getattr(module, "__version__", "unknown")))
     raise GraphpruneError(
-        "no TensorRT is installed: " + "; ".join(reasons) + ". `graphprune check` and `graphprune bench "
-        "--backend torch` work without it"
+        "no TensorRT is installed: " + "; ".join(reasons) + ". Checking a model and timing it with PyTorch "
+        "(`backend=torch`) work without it"
     )

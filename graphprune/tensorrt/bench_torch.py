@@ -70,10 +70,10 @@ def parse_tokens(text: str) -> list[int]:
         values = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise GraphpruneError(
-            f"invalid --tokens {text!r}: expected comma-separated integers, e.g. 512,4096"
+            f"invalid `tokens` {text!r}: expected comma-separated integers, e.g. 512,4096"
         ) from None
     if not values or any(v <= 0 for v in values):
-        raise GraphpruneError(f"invalid --tokens {text!r}: need positive token counts, e.g. 512,4096")
+        raise GraphpruneError(f"invalid `tokens` {text!r}: need positive token counts, e.g. 512,4096")
     return values
 
 
@@ -118,7 +118,7 @@ def require_cuda() -> Any:
         import torch  # lazy: graphprune's core never needs PyTorch
     except ImportError:
         raise GraphpruneError(
-            "PyTorch is not installed: `pip install torch` (a CUDA build) for --backend torch"
+            "PyTorch is not installed: `pip install torch` (a CUDA build) for `backend=torch`"
         ) from None
     if not torch.cuda.is_available():
         raise GraphpruneError("PyTorch sees no CUDA GPU: the semi-structured sparse benchmark needs one")

@@ -32,6 +32,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from graphprune.errors import GraphpruneError
+from graphprune.model_checks import check_tensors
 from graphprune.tensorrt.backends import Backend, LoadedBackend, load_backend
 from graphprune.tensorrt.logs import (
     capturing_logger,
@@ -41,7 +42,7 @@ from graphprune.tensorrt.logs import (
     parse_sparsity_log,
     sparsity_mentions,
 )
-from graphprune.tensorrt.outputs import check_writable, commit
+from graphprune.tensorrt.outputs import plan_outputs
 from graphprune.tensorrt.parsable import check_parsable
 from graphprune.tensorrt.profiles import ShapeRange, check_profiles, model_inputs, parse_shapes
 from graphprune.tensorrt.report import BuildReport, Sparsity, report_path, sparsity_verdict
@@ -126,8 +127,8 @@ def plan_build(
         raise GraphpruneError(f"TensorRT {version} is too old: graphprune builds with TensorRT 10 or 11")
     if model_precision != "fp32" and precision not in (None, model_precision):
         raise GraphpruneError(
-            f"the ONNX file is already {model_precision.upper()} but --precision is {precision}: "
-            f"use --precision {model_precision}"
+            f"the ONNX file is already {model_precision.upper()} but `precision` is {precision}: "
+            f"use `precision={model_precision}`"
         )
     sparse_flags = ("SPARSE_WEIGHTS",) if sparse else ()
     if model_precision != "fp32":
@@ -138,11 +139,11 @@ def plan_build(
     if strongly_typed:
         warnings = ()
         if sparse:
-            convert = "--bf16" if precision == "bf16" else "--fp16"
+            dtype = "BF16" if precision == "bf16" else "FP16"
             warnings = (
                 f"{model_name} is FP32, and {backend.product} {version} takes precision from the file, so the "
-                f"engine computes in FP32; sparse tensor cores need FP16, BF16 or INT8: run `graphprune convert "
-                f"{model_name} {convert}` and build that",
+                f"engine computes in FP32; sparse tensor cores need FP16, BF16 or INT8: convert {model_name} to "
+                f"{dtype} first (`graphprune convert` or graphprune.convert_file) and build that",
             )
         return BuildPlan(True, sparse_flags, "fp32", "strongly typed: fp32 from the ONNX file", warnings)
     wanted = precision or "fp16"
@@ -165,7 +166,7 @@ def cuda_compute_capability(device: int = 0) -> tuple[str, tuple[int, int]]:
     except OSError:
         raise GraphpruneError(
             "no CUDA driver found (libcuda): TensorRT needs an NVIDIA GPU and its driver; "
-            "--backend tensorrt-rtx builds without one"
+            "`backend=tensorrt-rtx` builds without one"
         ) from None
     if cuda.cuInit(0) != 0:
         raise GraphpruneError("the CUDA driver found no usable GPU (cuInit failed)")
@@ -194,7 +195,7 @@ def check_sparse_gpu(name: str, capability: tuple[int, int]) -> None:
     if capability < (8, 0):
         raise GraphpruneError(
             f"{name} has compute capability {capability[0]}.{capability[1]}: sparse tensor cores need 8.0 or "
-            "newer (Ampere, Ada, Hopper, Blackwell; Orin on Jetson); build with --no-sparse"
+            "newer (Ampere, Ada, Hopper, Blackwell; Orin on Jetson); build with `sparse=False`"
         )
 
 
@@ -246,7 +247,7 @@ def create_config(
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if workspace_gb is not None:
         if workspace_gb <= 0:
-            raise GraphpruneError(f"--workspace must be positive, got {workspace_gb}")
+            raise GraphpruneError(f"`workspace_gb` must be positive, got {workspace_gb}")
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if ranges:
@@ -313,25 +314,25 @@ def build_engine(
 ) -> BuildReport:
     """Build ``engine_path`` from ``onnx_path`` and save the report beside it (``<engine>.json``).
 
-    Everything that can be checked before the build is (the ONNX file, the profiles, the output path); the engine,
-    its report and the timing cache are written together at the end, or not at all.
+    Everything that can be checked before the build is (the ONNX file and its tensors, the profiles, every output:
+    the engine and ``<engine>.json`` are refused when they exist unless ``force``); the engine, its report and the
+    timing cache are written together at the end, or not at all.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     loaded = load_backend(backend)
-    model = read_onnx(onnx_path)
-    check_parsable(model, onnx_path.name)
-    ranges = parse_shapes(shapes)
-    check_profiles(model_inputs(model), ranges)
-    check_writable(engine_path, force)
     cache_path = Path(timing_cache) if timing_cache else None
+    outputs = plan_outputs(onnx_path, engine_path, cache_path, force)  # a clash is refused even if unused
     notes = []
     if cache_path is not None and not loaded.backend.timing_cache:
         notes.append(
             f"{loaded.backend.product} has no timing cache (its cache calls are no-ops): {cache_path} ignored"
         )
         cache_path = None
-    if cache_path is not None:
-        check_writable(cache_path, force=True)
+    model = read_onnx(onnx_path)
+    check_tensors(model, onnx_path)  # corrupt tensors in one line, before the backend's parser meets them
+    check_parsable(model, onnx_path.name)
+    ranges = parse_shapes(shapes)
+    check_profiles(model_inputs(model), ranges)
     plan = plan_build(loaded.backend, loaded.version, precision, sparse, onnx_precision(model), onnx_path.name)
     gpu = target_gpu(loaded.backend, sparse)
 
@@ -367,10 +368,11 @@ def build_engine(
         note=plan.note,
         **_what_the_build_said(loaded, logger, engine, sparse),
     )
-    files = {engine_path: engine, report_path(engine_path): report.to_json().encode()}
-    if cache_path is not None:
-        files[cache_path] = bytes(config.get_timing_cache().serialize())
-    commit(files)
+    with outputs.transaction() as files:
+        files.bytes(engine_path, engine, "engine")
+        files.bytes(report_path(engine_path), report.to_json().encode(), "engine report")
+        if cache_path is not None:
+            files.bytes(cache_path, bytes(config.get_timing_cache().serialize()), "timing cache")
     return report
 
 

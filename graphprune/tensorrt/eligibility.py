@@ -91,8 +91,8 @@ def assess(
             blocking.append(f"not 2:4 along K: {violations} of {total} groups of 4 have more than 2 non-zeros")
     if precision not in SPARSE_PRECISIONS:
         blocking.append(
-            f"{precision.upper()} math: sparse tensor cores need FP16/BF16/INT8; run `graphprune convert --fp16` "
-            "(TensorRT 11 needs it) or build with --precision fp16 on TensorRT 10"
+            f"{precision.upper()} math: sparse tensor cores need FP16/BF16/INT8; convert the model to FP16 "
+            "(`graphprune convert`; TensorRT 11 needs it) or build with `precision=fp16` on TensorRT 10"
         )
     small = [f"{what}={n} < {min_channels}" for what, n in (("out", out_channels), ("K", k)) if n < min_channels]
     if blocking:

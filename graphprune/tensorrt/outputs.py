@@ -1,22 +1,23 @@
-"""Writing an engine, its report and the timing cache: checked before the build, committed together after it,
-never half-written, through graphprune's one writer (:mod:`graphprune.artifacts`)."""
+"""The files a build writes (the engine, its ``<engine>.json`` report and the timing cache), planned and checked
+before the build through graphprune's one writer (:mod:`graphprune.artifacts`), committed together after it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
-from graphprune.artifacts import OutputPlan, write_files
+from graphprune.artifacts import OutputPlan
+from graphprune.tensorrt.report import report_path
 
 
-def check_writable(path: Path, force: bool) -> None:
-    """Fail before a long build if ``path`` cannot be written: a directory, a special file, existing without
-    ``force``, or a folder that refuses (read-only, immutable)."""
+def plan_outputs(onnx_path: Path, engine_path: Path, timing_cache: Path | None, force: bool) -> OutputPlan:
+    """Every file the build will write, checked now: the engine and its report are refused when they exist
+    without ``force``, or when either is the model, its external data or the other; the timing cache is read and
+    rewritten on purpose, so it may exist, but it may not be the engine, the report or the model."""
     plan = OutputPlan(force=force)
-    plan.file(path, "engine")
+    plan.read(onnx_path, "the input model")
+    plan.file(engine_path, "engine")
+    plan.file(report_path(engine_path), "engine report")
+    if timing_cache is not None:
+        plan.file(timing_cache, "timing cache", replace=True)
     plan.check()
-
-
-def commit(files: Mapping[Path, bytes]) -> None:
-    """Stage every file beside its target, flush it, then rename them all into place (all or none)."""
-    write_files(files)  # force: the build checked its outputs before it started
+    return plan

@@ -43,16 +43,16 @@ def parse_shapes(specs: Iterable[str]) -> dict[str, ShapeRange]:
         parts = dims.replace(" ", "").split(",")
         if not sep or not name or len(parts) not in (1, 3) or not all(_DIMS_RE.match(p) for p in parts):
             raise GraphpruneError(
-                f"invalid --shapes {spec!r}: expected NAME:MIN,OPT,MAX or NAME:SHAPE, "
+                f"invalid `shapes` entry {spec!r}: expected NAME:MIN,OPT,MAX or NAME:SHAPE, "
                 "e.g. input_ids:1x16,8x128,32x512 or images:1x3x640x640"
             )
         lo, opt, hi = (tuple(int(d) for d in p.split("x")) for p in parts * (3 // len(parts)))
         if not (len(lo) == len(opt) == len(hi)):
-            raise GraphpruneError(f"invalid --shapes {spec!r}: MIN, OPT and MAX need the same rank")
+            raise GraphpruneError(f"invalid `shapes` entry {spec!r}: MIN, OPT and MAX need the same rank")
         if not all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)):
-            raise GraphpruneError(f"invalid --shapes {spec!r}: need MIN <= OPT <= MAX in every dimension")
+            raise GraphpruneError(f"invalid `shapes` entry {spec!r}: need MIN <= OPT <= MAX in every dimension")
         if name in ranges:
-            raise GraphpruneError(f"--shapes gives {name!r} twice")
+            raise GraphpruneError(f"`shapes` gives {name!r} twice")
         ranges[name] = ShapeRange(name, lo, opt, hi)
     return ranges
 
@@ -75,24 +75,24 @@ def check_profiles(inputs: dict[str, tuple[int | None, ...]], ranges: dict[str, 
     """Every range names an input, has its rank and keeps its static dims; every dynamic input has a range."""
     for name, r in ranges.items():
         if name not in inputs:
-            raise GraphpruneError(f"--shapes names {name!r}, not an input of the model (inputs: {sorted(inputs)})")
+            raise GraphpruneError(f"`shapes` names {name!r}, not an input of the model (inputs: {sorted(inputs)})")
         dims = inputs[name]
         if len(r.opt) != len(dims):
             raise GraphpruneError(
-                f"--shapes {name}: rank {len(r.opt)}, but the input has rank {len(dims)} ({_show(dims)})"
+                f"`shapes` gives {name} rank {len(r.opt)}, but the input has rank {len(dims)} ({_show(dims)})"
             )
         for axis, fixed in enumerate(dims):
             if fixed is not None and not (r.min[axis] == r.opt[axis] == r.max[axis] == fixed):
                 raise GraphpruneError(
-                    f"--shapes {name}: dimension {axis} is fixed to {fixed} in the model ({_show(dims)}), "
+                    f"`shapes` gives {name}: dimension {axis} is fixed to {fixed} in the model ({_show(dims)}), "
                     f"the profile gives {r.min[axis]},{r.opt[axis]},{r.max[axis]}"
                 )
     for name, dims in inputs.items():
         if None in dims and name not in ranges:
             example = "x".join("1" if d is None else str(d) for d in dims)
             raise GraphpruneError(
-                f"input {name!r} has dynamic dimensions ({_show(dims)}): give --shapes NAME:MIN,OPT,MAX, "
-                f"e.g. --shapes {name}:{example},{example},{example} with the ? dimensions filled in"
+                f"input {name!r} has dynamic dimensions ({_show(dims)}): give `shapes` NAME:MIN,OPT,MAX, "
+                f"e.g. {name}:{example},{example},{example} with the ? dimensions filled in"
             )
 
 

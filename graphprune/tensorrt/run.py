@@ -45,7 +45,7 @@ def time_engine(
     for name in session.inputs:
         shape = ranges[name].opt if name in ranges else tuple(session.engine.get_tensor_shape(name))
         if any(d < 0 for d in shape):
-            raise GraphpruneError(f"input {name!r} is dynamic: give --shapes {name}:MIN,OPT,MAX")
+            raise GraphpruneError(f"input {name!r} is dynamic: give its range in `shapes` ({name}:MIN,OPT,MAX)")
         feeds[name] = session.torch.zeros(shape, dtype=session.dtype(name), device="cuda")
     session.bind(feeds)
     torch = session.torch

@@ -53,9 +53,8 @@ def convert(
         highlight=False,
     )
     console.print(f"kept in FP32: {result.fp32_summary()}", highlight=False)
-    console.print(
-        f"sparse eligibility of the result: {summary(done.eligibility)} (details: graphprune check)", highlight=False
-    )
+    eligibility = summary(done.eligibility)
+    console.print(f"sparse eligibility of the result: {eligibility} (details: graphprune check)", highlight=False)
 
 
 @app.command()

@@ -194,9 +194,13 @@ def test_pruned_weights_stay_zero_and_the_pattern_survives(precision: str) -> No
     )
 
 
-def test_joint_mode_beats_pruning_then_rounding_to_nearest() -> None:
-    w, gram = _layer(7, rows=16, k=64)
-    grid = QuantGrid(precision="int4", block_size=16)
+@pytest.mark.parametrize("seed", range(5))
+def test_joint_mode_beats_pruning_then_rounding_to_nearest(seed: int) -> None:
+    # With blocks of 16 scales the rounding error is small next to the pruning error, and the joint mode's
+    # mask (chosen on weights its rounding has moved) wins or loses by the mask's luck (1 layer in 40 here);
+    # with one scale per row, rounding matters and the joint mode wins on every seed we tried (40 of 40).
+    w, gram = _layer(seed, rows=16, k=64)
+    grid = QuantGrid(precision="int4")
     codes, scales, _ = sparsegpt_quantize(w, gram, NMPattern(2, 4), grid)
     pruned = sparsegpt_with_mask(w, gram, NMPattern(2, 4))[0]
     joint = sparsegpt_reconstruction_error(w, dequantize_codes(codes, scales, grid), gram)

@@ -57,7 +57,7 @@ from dataclasses import replace
 import numpy as np
 
 from graphprune.algorithms.pattern import Pattern, Unstructured
-from graphprune.algorithms.quant_grid import QuantGrid, grid_scales, quantize_codes
+from graphprune.algorithms.quant_grid import QuantGrid, dequantize_codes, grid_scales, quantize_codes
 from graphprune.algorithms.sparsegpt import (
     FLOAT64_MAX_K,
     NumpyBackend,
@@ -189,3 +189,21 @@ def _check_keep(keep: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     if keep.dtype != np.bool_:
         raise ValueError(f"keep must be a boolean mask, got {keep.dtype}")
     return keep
+
+
+def prune_and_quantize(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    pattern: Pattern | None,
+    grid: QuantGrid,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> np.ndarray:
+    """The pruning pass's joint mode, as float values on ``grid`` in ``w``'s dtype: with a ``pattern``,
+    :func:`sparsegpt_quantize`; without (``w`` already pruned, e.g. by ALPS), GPTQ under ``w``'s own zeros."""
+    if pattern is None:
+        codes, scales = gptq_quantize(w, hessian, grid, keep=w != 0, blocksize=blocksize, percdamp=percdamp)
+    else:
+        codes, scales, _ = sparsegpt_quantize(w, hessian, pattern, grid, blocksize=blocksize, percdamp=percdamp)
+    return dequantize_codes(codes, scales, grid).astype(w.dtype, copy=False)

@@ -57,6 +57,10 @@ class QuantGrid:
         """int8 for int8 and int4 (int4 codes held one per byte), float8_e4m3fn for fp8."""
         return _FP8 if self.precision == "fp8" else np.dtype(np.int8)
 
+    def to_dict(self) -> dict[str, str | int | None]:
+        """The grid as a report records it."""
+        return {"precision": self.precision, "block_size": self.block_size}
+
     def n_blocks(self, k: int) -> int:
         """Scales per row for a reduction axis of length ``k``."""
         if self.block_size is None:

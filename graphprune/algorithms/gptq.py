@@ -56,6 +56,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from graphprune.algorithms.arrays import choose_ops
 from graphprune.algorithms.pattern import Pattern, Unstructured
 from graphprune.algorithms.quant_grid import QuantGrid, dequantize_codes, grid_scales, quantize_codes
 from graphprune.algorithms.sparsegpt import (
@@ -76,15 +77,18 @@ def gptq_quantize(
     blocksize: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
+    device: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Codes ``(out, K)`` (``grid.code_dtype``) and float32 scales ``(out, n_blocks)`` of ``w`` ``(out, K)``.
 
     ``hessian`` is the Gram matrix ``Σ xᵀx`` ``(K, K)`` (any common scale gives the same result). ``keep``: the
-    boolean keep-mask (True = kept) of a pruned weight; every other position gets code 0.
+    boolean keep-mask (True = kept) of a pruned weight; every other position gets code 0. ``device`` as
+    SparseGPT's: ``"auto"`` (a CUDA GPU through PyTorch when both are present, else numpy), ``"numpy"``, or a
+    torch device (:mod:`.gptq_torch`; the same codes).
     """
     rows, k = _check_inputs(w, hessian, Unstructured(0.0), percdamp, blocksize)
     keep = _check_keep(keep, (rows, k))
-    codes, scales, _ = _sweep(w, hessian, grid, None, keep, blocksize, percdamp, act_order)
+    codes, scales, _ = _sweep(w, hessian, grid, None, keep, blocksize, percdamp, act_order, device)
     return codes, scales
 
 
@@ -96,15 +100,19 @@ def sparsegpt_quantize(
     *,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    device: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Joint mode: SparseGPT pruning of ``w`` to ``pattern`` with every kept weight rounded onto ``grid`` as its
-    column is fixed. Codes, float32 scales and the keep-mask the solver chose."""
+    column is fixed. Codes, float32 scales and the keep-mask the solver chose (``device`` as :func:`gptq_quantize`;
+    on torch, N:M ties may fall otherwise, as SparseGPT's)."""
     rows, k = _check_inputs(w, hessian, pattern, percdamp, blocksize)
-    return _sweep(w, hessian, grid, pattern, np.ones((rows, k), dtype=bool), blocksize, percdamp, False)
+    keep = np.ones((rows, k), dtype=bool)
+    return _sweep(w, hessian, grid, pattern, keep, blocksize, percdamp, False, device)
 
 
 class ColumnRounder:
-    """Rounds the kept weights of each column of the OBS sweep onto a grid and records the codes (numpy only).
+    """Rounds the kept weights of each column of the OBS sweep onto a grid and records the codes (numpy arrays;
+    :class:`~graphprune.algorithms.gptq_torch.TorchColumnRounder` on torch tensors).
 
     ``block_of[j]``: the scale block of sweep column j. ``scales`` is filled before the sweep (``static``) or
     block by block as the sweep reaches each block's first column.
@@ -146,6 +154,7 @@ def _sweep(
     blocksize: int,
     percdamp: float,
     act_order: bool,
+    device: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Steps 1-4 of the module docstring; ``pattern=None``: ``keep`` is the given mask."""
     rows, k = weight.shape
@@ -161,22 +170,22 @@ def _sweep(
     static = act_order or grid.block_size is None
     # Static scales from the kept weights; a pruned position's value is removed (and compensated) in the sweep.
     scales = grid_scales(np.where(keep, w, 0.0), grid) if static else np.ones((rows, n_blocks), np.float32)
-    rounder = ColumnRounder(grid, scales, grid.scale_columns(k)[perm], static)
+    rounder_args = (grid, scales, grid.scale_columns(k)[perm], static)
 
     w_p = np.ascontiguousarray(w[:, perm])
     keep_p = np.ascontiguousarray(keep[:, perm])
-    hinv_u = _inverse_cholesky_upper(np.asarray(gram)[np.ix_(perm, perm)], w_p, percdamp)
-    obs_blocks(
-        w_p,
-        keep_p,
-        hinv_u.astype(dtype, copy=False),
-        np.diag(hinv_u).copy(),
-        pattern,
-        blocksize,
-        NumpyBackend(dtype),
-        rounder,
-    )
+    gram_p = np.asarray(gram)[np.ix_(perm, perm)]
     inverse = np.argsort(perm)
+    ops = choose_ops(device)
+    if ops.name == "torch":
+        from graphprune.algorithms.gptq_torch import torch_sweep
+
+        codes, scales, keep_p = torch_sweep(w_p, keep_p, gram_p, pattern, blocksize, percdamp, rounder_args, ops)
+        return codes[:, inverse], scales, keep_p[:, inverse]
+    rounder = ColumnRounder(*rounder_args)
+    hinv_u = _inverse_cholesky_upper(gram_p, w_p, percdamp)
+    hinv_w = hinv_u.astype(dtype, copy=False)
+    obs_blocks(w_p, keep_p, hinv_w, np.diag(hinv_u).copy(), pattern, blocksize, NumpyBackend(dtype), rounder)
     return rounder.codes[:, inverse], rounder.scales, keep_p[:, inverse]
 
 

@@ -1,8 +1,9 @@
 """GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, 2022): round a weight onto a grid and update the weights not yet
 rounded so that ``W X`` is reconstructed; under a sparsity mask, and jointly with SparseGPT's pruning.
 
-Pure numpy on the canonical ``(out, K)`` layout and the Gram matrix ``H = Σ xᵀx`` of the layer's inputs, the
-same statistics SparseGPT and ALPS use. The steps, as the reference (IST-DASLab/gptq ``fasterquant``) specifies:
+numpy (or PyTorch, :mod:`.gptq_torch`, the same codes) on the canonical ``(out, K)`` layout and the Gram matrix
+``H = Σ xᵀx`` of the layer's inputs, the same statistics SparseGPT and ALPS use. The steps, as the reference
+(IST-DASLab/gptq ``fasterquant``) specifies:
 
 1. dead inputs (``H_jj == 0``): ``H_jj = 1`` and column j of W is zeroed;
 2. optional activation order: columns permuted by ``diag H`` descending (the most active inputs first, while
@@ -39,9 +40,12 @@ per-row scales come from the dense weights, as the reference's joint mode comput
 
 Deviations from the reference, on purpose:
 
-* symmetric grids with zero point 0 (the reference's ``sym=True`` still spends 2^b levels on ``[-2^(b-1),
-  2^(b-1) - 1]`` with scale ``2·absmax / (2^b - 1)``; here the grid is ``[-qmax, qmax]``, scale ``absmax / qmax``,
-  so a zero is exactly representable and ONNX's DequantizeLinear with zero point 0 reads the codes);
+* symmetric grids with zero point 0: the reference's ``sym=True`` spends 2^b levels on ``[-2^(b-1), 2^(b-1) - 1]``
+  with scale ``2·absmax / (2^b - 1)`` and a zero point of 2^(b-1) (so +absmax is clipped); here the grid is
+  ``[-qmax, qmax]`` with scale ``absmax / qmax`` and zero point 0, what ONNX's DequantizeLinear without a zero
+  point and TensorRT's symmetric quantization read, at the cost of the unused level -2^(b-1);
+* the joint mode accepts blocked scales too (the reference's joint mode has one scale per row, found once on
+  the dense weights);
 * blocked scales are computed from the weights as the current block's updates have left them (the reference
   reads ``W``, which misses the updates of the earlier columns of the same block); the sweep's block size is
   rounded up to a multiple of the scale block size, so no scale block straddles a sweep block;

@@ -1,0 +1,103 @@
+"""``quantize_file``: read a model, calibrate its activation ranges in the graph, smooth, quantize, write.
+
+Outputs are planned and checked before any work (:class:`graphprune.artifacts.OutputPlan`), written in one
+transaction (staged, flushed, renamed), and nothing is written when anything fails; the input is never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from graphprune.artifacts import OutputPlan
+from graphprune.calibration.request import CalibrationRequest
+from graphprune.errors import GraphpruneError
+from graphprune.graph.model_io import load_model, uses_external_data
+from graphprune.pipeline.files import report_path
+from graphprune.quantize.config import QuantizeConfig
+from graphprune.quantize.opset import require_opset
+from graphprune.quantize.passes import QuantizePass, QuantizeResult
+from graphprune.quantize.ranges import collect_ranges
+from graphprune.quantize.select import Kept, already_quantized, plan_quantization
+from graphprune.quantize.smooth import SmoothRecord, smooth
+
+
+@dataclass
+class QuantizeReport:
+    """What a quantization run did: config, weights quantized or kept float (and why), activations."""
+
+    config: QuantizeConfig
+    result: QuantizeResult
+    kept: list[Kept] = field(default_factory=list)
+    smoothing: list[SmoothRecord] = field(default_factory=list)
+    opset_raised_from: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            **self.result.to_dict(),
+            "kept_float": [asdict(k) for k in self.kept],
+            "smoothing": [asdict(s) for s in self.smoothing],
+            "opset_raised_from": self.opset_raised_from,
+            "warnings": self.warnings,
+        }
+
+
+def default_quantized_output(model_path: Path, config: QuantizeConfig) -> Path:
+    """``<stem>.<precision>.onnx`` beside the input."""
+    return model_path.with_name(f"{model_path.stem}.{config.precision}.onnx")
+
+
+def quantize_file(
+    model_path: str | Path,
+    config: QuantizeConfig,
+    output: str | Path | None = None,
+    calibration: CalibrationRequest | None = None,
+    force: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+) -> tuple[Path, QuantizeReport]:
+    """Quantize ``model_path`` into ``output`` and write ``<stem>.report.json`` beside it.
+
+    Activation ranges (static scales, smoothing) come from ``calibration``; without it, from synthetic inputs
+    (with the warning calibration gives for them). Returns the model path and the report.
+    """
+    config.validate()
+    model_path = Path(model_path)
+    out = Path(output) if output is not None else default_quantized_output(model_path, config)
+    outputs = OutputPlan(calibration.files() if calibration else (), force)
+    outputs.read(model_path, "the input model")
+    out, report_file = outputs.model(out), outputs.file(report_path(out), "report")
+    outputs.check()  # before any work
+    stage = on_stage or (lambda _: None)
+    stage("reading the model")
+    model = load_model(model_path)
+    external = uses_external_data(model)
+    plan = plan_quantization(model, config)
+    if not plan.targets:
+        reasons = sorted({k.reason for k in plan.kept})
+        detail = f" ({'; '.join(reasons[:2])})" if reasons else ""
+        raise GraphpruneError(f"nothing to quantize in {model_path}: no float MatMul/Gemm/Conv weight{detail}")
+    raised = require_opset(model, config.opset, f"{config.precision} Q/DQ")
+    warnings: list[str] = []
+    done = already_quantized(plan.kept)
+    if done:
+        warnings.append(f"{len(done)} weights are already quantized and stay as they are; only float ones change")
+    ranges = {}
+    if config.needs_ranges:
+        stage("calibrating activation ranges")
+        ranges, more = collect_ranges(model, plan.activations, calibration or CalibrationRequest())
+        warnings += more
+    smoothing: list[SmoothRecord] = []
+    if config.smooth is not None:
+        stage("smoothing")
+        smoothing = smooth(model, plan.targets, ranges, config.smooth)
+    stage("quantizing")
+    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges)(model)
+    report = QuantizeReport(config, result, plan.kept, smoothing, raised, warnings)
+    stage("writing")
+    with outputs.transaction() as files:
+        files.model(out, model, external_data=True if external else None)
+        files.json(report_file, report.to_dict())
+    return out, report

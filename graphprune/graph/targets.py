@@ -364,6 +364,7 @@ def _head_consumers(graph: _Graph, targets: list[Target]) -> set[str]:
     Walking back from each graph output, stop at every matrix multiplication by a weight: if exactly one is met,
     it is that output's head (an LM or classifier projection). A residual path to another weight means no head.
     Key/value cache outputs (``present.*``) are not walked from: the K/V projections feeding them are no heads.
+    Run-time quantization scales are not walked (they read the previous layer's output beside the data).
     A control-flow node's walk continues into the outer values its bodies read.
     """
     weight_nodes = {c.node for t in targets for c in t.consumers}
@@ -374,8 +375,9 @@ def _head_consumers(graph: _Graph, targets: list[Target]) -> set[str]:
         met: set[str] = set()
         stack, seen = [output], set()
         while stack:
-            node = stack.pop().producer()
-            if node is None or id(node) in seen:
+            value = stack.pop()
+            node = value.producer()
+            if node is None or id(node) in seen or _is_runtime_scale(node, value):
                 continue
             seen.add(id(node))
             label = graph.label(node)
@@ -387,6 +389,11 @@ def _head_consumers(graph: _Graph, targets: list[Target]) -> set[str]:
         if len(met) == 1:
             heads |= met
     return heads
+
+
+def _is_runtime_scale(node: ir.Node, value: ir.Value) -> bool:
+    """The scale or zero point DynamicQuantizeLinear computes: a side path, not the data an output comes from."""
+    return node.op_type == "DynamicQuantizeLinear" and value is not node.outputs[0]
 
 
 def _outer_reads(node: ir.Node) -> list[ir.Value]:

@@ -6,6 +6,7 @@ transaction (staged, flushed, renamed), and nothing is written when anything fai
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +93,10 @@ def quantize_file(
     smoothing: list[SmoothRecord] = []
     if config.smooth is not None:
         stage("smoothing")
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        with contextlib.suppress(Exception):  # best effort: folds through a product need its operands' widths
+            ShapeInferencePass()(model)
         smoothing = smooth(model, plan.targets, ranges, config.smooth)
     stage("quantizing")
     result = QuantizePass(config=config, targets=plan.targets, ranges=ranges)(model)

@@ -1,6 +1,23 @@
-"""Symmetric quantization grids on the canonical ``(out, K)`` layout (interim copy until the gptq branch lands).
+"""Symmetric weight quantization grids (int8, int4, fp8 E4M3) on the canonical ``(out, K)`` layout.
 
-Zero maps to zero on every grid, so a pruned weight stays exactly zero.
+One grid serves the rounding solvers (round to nearest, GPTQ, the joint prune-and-quantize mode) and the graph
+side that writes the codes as ONNX ``DequantizeLinear`` initializers, so both agree on every code and scale:
+
+1. scales: one per output row, or one per block of ``block_size`` consecutive weights along K (the last block
+   of a row may be shorter, as ONNX's blocked ``DequantizeLinear`` allows); ``scale = absmax / qmax`` in
+   float32, **symmetric** (zero point 0), so a zero weight has code 0 and every pruned weight stays exactly zero
+   on any grid. A row or block whose weights are all zero (or so small that ``absmax / qmax`` underflows) gets
+   scale 1.0: its codes are 0 and it dequantizes to 0, and no division by zero can happen downstream.
+2. codes: ``w / scale`` (computed in the weight's precision: float32 weights in float32, as ONNX Runtime's
+   ``QuantizeLinear``), then
+   * int8, int4: round half to even (ONNX ``QuantizeLinear``'s rule) and saturate to the **symmetric** range
+     ``[-qmax, qmax]`` (-127..127, -7..7). Both are held in int8; int4 codes fit ONNX's INT4 (-8..7), whose
+     DequantizeLinear reads them unchanged. ONNX's QuantizeLinear would saturate to -128 / -8 instead; with
+     scales from :func:`grid_scales` of the same weights no code goes past ±qmax, so the two agree exactly
+     there, and a solver that moves weights past the absmax (GPTQ updates later columns) keeps a symmetric grid.
+   * fp8: saturate to ±448 (E4M3FN's largest finite value, ONNX's ``saturate=1``), then round to nearest even
+     in E4M3FN (``ml_dtypes.float8_e4m3fn``).
+3. dequantization: ``code · scale`` in float32, as ONNX ``DequantizeLinear``.
 """
 
 from __future__ import annotations
@@ -11,40 +28,114 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 
-_QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
+Precision = Literal["int8", "int4", "fp8"]
+_QMAX: dict[str, float] = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
+_FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 @dataclass(frozen=True, kw_only=True)
 class QuantGrid:
+    """A symmetric grid: ``precision`` and the scale granularity (None: one scale per output row; else one per
+    block of ``block_size`` weights along K)."""
+
     precision: Literal["int8", "int4", "fp8"]
-    block_size: int | None = None  # None: one scale per output row
+    block_size: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.precision not in _QMAX:
+            raise ValueError(f"precision must be one of {sorted(_QMAX)}, got {self.precision!r}")
+        if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size < 1):
+            raise ValueError(f"block_size must be a positive integer or None, got {self.block_size!r}")
 
-def _blocks(w: np.ndarray, grid: QuantGrid) -> np.ndarray:
-    out, k = w.shape
-    b = grid.block_size or k
-    pad = (-k) % b
-    padded = np.pad(w, ((0, 0), (0, pad))) if pad else w
-    return padded.reshape(out, -1, b)
+    @property
+    def qmax(self) -> float:
+        """The largest code magnitude: 127, 7 or 448.0."""
+        return _QMAX[self.precision]
+
+    @property
+    def code_dtype(self) -> np.dtype:
+        """int8 for int8 and int4 (int4 codes held one per byte), float8_e4m3fn for fp8."""
+        return _FP8 if self.precision == "fp8" else np.dtype(np.int8)
+
+    def to_dict(self) -> dict[str, str | int | None]:
+        """The grid as a report records it."""
+        return {"precision": self.precision, "block_size": self.block_size}
+
+    def n_blocks(self, k: int) -> int:
+        """Scales per row for a reduction axis of length ``k``."""
+        if self.block_size is None:
+            return 1
+        return max(1, -(-k // self.block_size))
+
+    def scale_columns(self, k: int) -> np.ndarray:
+        """For each of the ``k`` columns, the index of its scale block (int64 ``(k,)``)."""
+        if self.block_size is None:
+            return np.zeros(k, dtype=np.int64)
+        return np.arange(k, dtype=np.int64) // self.block_size
 
 
 def grid_scales(w: np.ndarray, grid: QuantGrid) -> np.ndarray:
-    absmax = np.abs(_blocks(np.asarray(w, np.float32), grid)).max(axis=2)
-    scales = (absmax / _QMAX[grid.precision]).astype(np.float32)
-    return np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
-
-
-def _expand(scales: np.ndarray, k: int, grid: QuantGrid) -> np.ndarray:
-    return np.repeat(scales, grid.block_size or k, axis=1)[:, :k]
+    """Symmetric absmax scales of ``w`` ``(out, K)``: float32 ``(out, n_blocks)``, every one positive."""
+    w = _check_weight(w)
+    rows, k = w.shape
+    absw = np.abs(w.astype(np.float32, copy=False))
+    if k == 0:
+        absmax = np.zeros((rows, grid.n_blocks(k)), dtype=np.float32)
+    elif grid.block_size is None:
+        absmax = absw.max(axis=1, keepdims=True)
+    else:
+        starts = np.arange(0, k, grid.block_size)
+        absmax = np.maximum.reduceat(absw, starts, axis=1)
+    return _positive(absmax / np.float32(grid.qmax))
 
 
 def quantize_codes(w: np.ndarray, scales: np.ndarray, grid: QuantGrid) -> np.ndarray:
-    x = np.asarray(w, np.float32) / _expand(scales, w.shape[1], grid)
-    q = _QMAX[grid.precision]
+    """Codes of ``w`` ``(out, K)`` on ``grid`` with ``scales`` ``(out, n_blocks)``: int8 (int8 and int4 codes) or
+    float8_e4m3fn; round half to even, saturated to ``[-qmax, qmax]`` (module docstring, step 2)."""
+    w = _check_weight(w)
+    ratio = w / _expand(scales, w.shape, grid).astype(w.dtype, copy=False)
+    qmax = grid.qmax
     if grid.precision == "fp8":
-        return np.clip(x, -q, q).astype(ml_dtypes.float8_e4m3fn)
-    return np.clip(np.rint(x), -q, q).astype(np.int8)
+        # Saturate before the cast: ml_dtypes turns out-of-range values into NaN (E4M3FN has no infinity).
+        return np.clip(ratio, -qmax, qmax).astype(np.float32).astype(_FP8)
+    return np.clip(np.rint(ratio), -qmax, qmax).astype(np.int8)
 
 
 def dequantize_codes(codes: np.ndarray, scales: np.ndarray, grid: QuantGrid) -> np.ndarray:
-    return codes.astype(np.float32) * _expand(scales, codes.shape[1], grid)
+    """``codes · scales`` as float32 ``(out, K)``: what ONNX ``DequantizeLinear`` computes."""
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be (out, K), got shape {codes.shape}")
+    return codes.astype(np.float32) * _expand(scales, codes.shape, grid)
+
+
+def fake_quantize(w: np.ndarray, grid: QuantGrid) -> np.ndarray:
+    """Round to nearest on ``grid`` with absmax scales, dequantized (float32): the RTN baseline."""
+    scales = grid_scales(w, grid)
+    return dequantize_codes(quantize_codes(w, scales, grid), scales, grid)
+
+
+def _check_weight(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be (out, K), got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        w = w.astype(np.float32)
+    if w.dtype not in (np.float32, np.float64):
+        w = w.astype(np.float32)
+    return w
+
+
+def _positive(scales: np.ndarray) -> np.ndarray:
+    scales = np.asarray(scales, dtype=np.float32)
+    return np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
+
+
+def _expand(scales: np.ndarray, shape: tuple[int, ...], grid: QuantGrid) -> np.ndarray:
+    """``scales`` ``(out, n_blocks)`` broadcast to one scale per weight ``(out, K)``."""
+    rows, k = shape
+    scales = np.asarray(scales, dtype=np.float32)
+    if scales.shape != (rows, grid.n_blocks(k)):
+        raise ValueError(
+            f"scales must be ({rows}, {grid.n_blocks(k)}) for weight {tuple(shape)}, got {scales.shape}"
+        )
+    return scales[:, grid.scale_columns(k)]

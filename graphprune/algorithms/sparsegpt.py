@@ -137,18 +137,35 @@ class NumpyBackend:
         target -= np.outer(e, row)
 
 
-def obs_blocks(w: Any, keep: Any, hinv_w: Any, d_all: Any, pattern: Pattern, blocksize: int, backend: Any) -> None:
+def obs_blocks(
+    w: Any,
+    keep: Any,
+    hinv_w: Any,
+    d_all: Any,
+    pattern: Pattern | None,
+    blocksize: int,
+    backend: Any,
+    rounder: Any = None,
+) -> None:
     """Step 4 of the module docstring, in place on ``w`` and ``keep`` (numpy arrays or torch tensors alike):
-    the columns in blocks, the OBS updates column by column inside a block, one lazy product per block."""
+    the columns in blocks, the OBS updates column by column inside a block, one lazy product per block.
+
+    ``pattern=None``: the mask is given in ``keep`` (GPTQ under a mask). ``rounder``
+    (:class:`~graphprune.algorithms.gptq.ColumnRounder`, numpy only): each kept weight becomes its value on a
+    quantization grid rather than itself, and that rounding error flows to the later columns as well."""
     rows, k = w.shape
     blocksize, n_prune = block_plan(pattern, rows, k, blocksize)
+    if rounder is not None:
+        blocksize = rounder.aligned_blocksize(blocksize)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
         w1 = backend.copy(w[:, i1:i2])
         err1 = backend.zeros_like(w1)
         u1 = hinv_w[i1:i2, i1:i2]
         d1 = d_all[i1:i2]
-        if isinstance(pattern, NMPattern):
+        if pattern is None:
+            keep1 = backend.copy(keep[:, i1:i2])
+        elif isinstance(pattern, NMPattern):
             keep1 = backend.all_kept(w1.shape)
         else:
             keep1 = backend.block_keep(w1, d1, pattern.scope, n_prune, i1, i2, k)
@@ -156,9 +173,15 @@ def obs_blocks(w: Any, keep: Any, hinv_w: Any, d_all: Any, pattern: Pattern, blo
             if isinstance(pattern, NMPattern) and i % pattern.group == 0:
                 g = slice(i, i + pattern.group)
                 keep1[:, g] = backend.group_keep(_saliency(w1[:, g], d1[g]), pattern)
-            e = backend.errors(keep1[:, i], w1[:, i], u1[i, i])
-            # Column i itself becomes q (kept entries: e = 0; pruned: w - w/d·d = 0, forced exactly below).
-            backend.subtract_outer(w1[:, i:], e, u1[i, i:])
+            if rounder is None:
+                e = backend.errors(keep1[:, i], w1[:, i], u1[i, i])
+                # Column i becomes q (kept entries: e = 0; pruned: w - w/d·d = 0, forced exactly below).
+                backend.subtract_outer(w1[:, i:], e, u1[i, i:])
+            else:
+                q = rounder.column(i1 + i, i, w1, keep1)  # zero where pruned
+                e = (w1[:, i] - q) / u1[i, i]
+                backend.subtract_outer(w1[:, i:], e, u1[i, i:])
+                w1[:, i] = q  # exactly the grid value, not w - e·d
             err1[:, i] = e
         w1[~keep1] = 0.0
         w[:, i1:i2] = w1
@@ -167,9 +190,11 @@ def obs_blocks(w: Any, keep: Any, hinv_w: Any, d_all: Any, pattern: Pattern, blo
             w[:, i2:] -= err1 @ hinv_w[i1:i2, i2:]
 
 
-def block_plan(pattern: Pattern, rows: int, k: int, blocksize: int) -> tuple[int, int]:
+def block_plan(pattern: Pattern | None, rows: int, k: int, blocksize: int) -> tuple[int, int]:
     """The column block size (N:M: a multiple of the group, so no group straddles a block) and how many weights
-    each unstructured comparison group loses in all (0 for N:M)."""
+    each unstructured comparison group loses in all (0 for N:M and for a given mask, ``pattern=None``)."""
+    if pattern is None:
+        return blocksize, 0
     if isinstance(pattern, NMPattern):
         return max(pattern.group, blocksize - blocksize % pattern.group), 0
     if pattern.scope is Scope.LAYER:

@@ -11,6 +11,7 @@ import onnx_ir as ir
 import typer
 
 from graphprune.algorithms.pattern import NMPattern, Scope
+from graphprune.algorithms.quant_grid import QuantGrid
 from graphprune.algorithms.scores import Method
 from graphprune.calibration.stats import ActivationStats
 from graphprune.cli.app import app, console, out, user_errors
@@ -169,6 +170,24 @@ def apply(
     exclude: ExcludeOpt = None,
     include_head: HeadOpt = False,
     as_json: JsonOpt = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="sparsegpt and alps: prune and quantize the weights jointly (symmetric, zero point 0, so the "
+            "pattern survives): sparsegpt rounds each column's kept weights as it fixes them and spreads the "
+            "error over the columns after it (the SparseGPT paper's joint mode); alps rounds after its solve, "
+            "by GPTQ under its mask on the same Gram matrices. int8 and fp8 (E4M3): one scale per output "
+            "channel; int4: blocks along K (--quant-block-size). The weights are written as float values on "
+            "the grid, and the report records it. Example: --quantize int4"
+        ),
+    ] = None,
+    quant_block_size: Annotated[
+        int | None,
+        typer.Option(
+            help="With --quantize: weights per scale along K (default: 128 for int4, one scale per output "
+            "channel for int8 and fp8). Example: --quant-block-size 64"
+        ),
+    ] = None,
     permute: Annotated[
         bool,
         typer.Option(
@@ -201,7 +220,15 @@ def apply(
     if permute and not isinstance(pattern, NMPattern):
         raise GraphpruneError("--permute reorders channels for N:M groups: give --nm (for example --nm 2:4)")
     config = PruneConfig(
-        pattern, chosen, tuple(include or ()), tuple(exclude or ()), include_head, percdamp, blocksize, permute
+        pattern,
+        chosen,
+        tuple(include or ()),
+        tuple(exclude or ()),
+        include_head,
+        percdamp,
+        blocksize,
+        permute,
+        _quantize_grid(quantize, quant_block_size),
     )
     unit = "level" if by_level else "block"
 
@@ -289,6 +316,21 @@ def _eligibility(model: ir.Model, result: CheckResult) -> list[Eligibility]:
     return eligibility_report(model, targets)
 
 
+def _quantize_grid(precision: str | None, block_size: int | None) -> QuantGrid | None:
+    """--quantize and --quant-block-size as a grid: int4 in blocks of 128 along K by default, else per channel."""
+    if precision is None:
+        if block_size is not None:
+            raise GraphpruneError("--quant-block-size needs --quantize (for example --quantize int4)")
+        return None
+    if precision not in ("int8", "int4", "fp8"):
+        raise GraphpruneError(f"--quantize must be int8, int4 or fp8, got {precision!r}")
+    if block_size is not None and block_size < 1:
+        raise GraphpruneError(f"--quant-block-size must be at least 1, got {block_size}")
+    if block_size is None and precision == "int4":
+        block_size = 128
+    return QuantGrid(precision=precision, block_size=block_size)  # type: ignore[arg-type]
+
+
 def _load_stats(path: Path) -> ActivationStats:
     if not path.exists():
         raise GraphpruneError(f"{path}: no such statistics file")
@@ -305,6 +347,7 @@ def _apply_dict(result: PruneResult, written: Path) -> dict:
         "skipped": [{"name": w.name, "reason": w.skipped} for w in result.skipped],
         "sparsity_achieved": result.achieved_sparsity(),
         **_permutation_summary(result),
+        "quantize": result.config.quantize.to_dict() if result.config.quantize else None,
         "model": str(written),
         "report": str(report_path(written)),
     }
@@ -329,6 +372,10 @@ def _print_summary(result: PruneResult, written: Path) -> None:
         ["skipped", str(len(result.skipped))],
         ["sparsity achieved", f"{summary['sparsity_achieved']:.2%} of pruned weights"],
     ]
+    if result.config.quantize is not None:
+        grid = result.config.quantize
+        blocks = f"blocks of {grid.block_size} along K" if grid.block_size else "one scale per output channel"
+        rows.append(["quantized", f"{grid.precision}, {blocks} (written as float values on the grid)"])
     if result.config.permute:
         groups = summary["permuted_groups"]
         written = sum(g["written"] for g in groups)

@@ -13,10 +13,12 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.algorithms.alps import PreparedGram, alps_solve_shared
+from graphprune.algorithms.gptq import prune_and_quantize
 from graphprune.algorithms.layout import from_canonical, to_canonical
 from graphprune.algorithms.masks import mask_from_scores, nm_mask
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 from graphprune.algorithms.permutation import search_permutation
+from graphprune.algorithms.quant_grid import QuantGrid
 from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
 from graphprune.algorithms.sparsegpt import sparsegpt
 from graphprune.calibration.stats import ActivationStats
@@ -52,12 +54,16 @@ class PruneConfig:
     percdamp: float = 0.01  # SparseGPT's and ALPS's dampening, a fraction of the mean diagonal of XᵀX
     blocksize: int = 128  # SparseGPT's column block
     permute: bool = False  # N:M: reorder channels where the graph absorbs it exactly (passes/permute.py)
+    # SparseGPT/ALPS joint mode: the kept weights land on this grid (written as float; algorithms/gptq.py)
+    quantize: QuantGrid | None = None
 
     def __post_init__(self) -> None:  # options fail before any calibration, not after it
         if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
             raise GraphpruneError(f"--percdamp must be a finite number >= 0, got {self.percdamp}")
         if self.blocksize < 1:
             raise GraphpruneError(f"--blocksize must be at least 1, got {self.blocksize}")
+        if self.quantize is not None and not self.method.reconstructs:
+            raise GraphpruneError(f"--quantize is a joint mode of sparsegpt and alps, not of {self.method.value}")
 
     def solver_options(self) -> dict[str, float | int]:
         return {"percdamp": self.percdamp, "blocksize": self.blocksize}
@@ -112,6 +118,8 @@ class PruneResult(ir.passes.PassResult):
             "skipped": len(self.skipped),
             "sparsity_achieved": round(self.achieved_sparsity(), 6),
             "permuted_groups": [w.permutation for w in self.weights if w.permutation],
+            # the joint mode's grid: the weights are written as float values on it
+            "quantize": self.config.quantize.to_dict() if self.config.quantize else None,
             "weights": [asdict(w) for w in self.weights],
         }
 
@@ -307,6 +315,14 @@ class PrunePass(ir.passes.InPlacePass):
         try:
             if self.config.method is Method.ALPS:
                 updated = self._alps_weight(target, canonical, gram)
+                if self.config.quantize is not None:  # GPTQ under ALPS's mask, on the same Gram matrix
+                    updated = prune_and_quantize(
+                        updated, gram, None, self.config.quantize, **self.config.solver_options()
+                    )
+            elif self.config.quantize is not None:
+                updated = prune_and_quantize(
+                    canonical, gram, self.config.pattern, self.config.quantize, **self.config.solver_options()
+                )
             else:
                 updated = sparsegpt(canonical, gram, self.config.pattern, **self.config.solver_options())
         except ValueError as exc:  # the solver's word on this weight's data (e.g. a Gram that is not definite)

@@ -48,6 +48,16 @@ def mlp() -> onnx.ModelProto:
     )
 
 
+def single_matmul(tmp_path: Path, w: np.ndarray) -> Path:
+    """y = x @ W saved to ``tmp_path``."""
+    k, n = w.shape
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")
+    src = tmp_path / "model.onnx"
+    model = make_model([node], [tensor("x", shape=["b", k])], [tensor("y", shape=["b", n])], [init(w, "W")])
+    onnx.save(model, src)
+    return src
+
+
 def quantized(tmp_path: Path, model: onnx.ModelProto, calib: np.ndarray, **options: object) -> onnx.ModelProto:
     src = tmp_path / "model.onnx"
     onnx.save(model, src)
@@ -142,10 +152,7 @@ def test_fp8_matches_numpy_e4m3(tmp_path: Path) -> None:
 def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
     k, n = 128, 16
     w = sparse((k, n), 3)
-    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")
-    src = tmp_path / "model.onnx"
-    model = make_model([node], [tensor("x", shape=["b", k])], [tensor("y", shape=["b", n])], [init(w, "W")])
-    onnx.save(model, src)
+    src = single_matmul(tmp_path, w)
     config = QuantizeConfig(precision="int4", block_size=block, include_head=True)
     out, report = quantize_file(src, config, tmp_path / "q.onnx", force=True)
     g = ir.load(out).graph
@@ -165,3 +172,23 @@ def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
     np.testing.assert_allclose(run(ir.load(out), {"x": x})[0], x @ (ref * expanded), rtol=1e-4, atol=1e-4)
     assert report.result.weights[0].precision == "int4"
     assert check_file(out, NMPattern(2, 4), include_head=True).ok
+
+
+def test_gptq_under_the_mask_beats_round_to_nearest_and_keeps_zeros(tmp_path: Path) -> None:
+    k, n = 64, 32
+    w = sparse((k, n), 4)
+    src = single_matmul(tmp_path, w)
+    mix = np.random.default_rng(8).standard_normal((k, k)).astype(np.float32)
+    calib = (RNG.standard_normal((256, k)) @ mix).astype(np.float32)  # correlated inputs: GPTQ's case
+    request = CalibrationRequest(data={"x": calib}, batch_size=64)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        config = QuantizeConfig(precision="int4", block_size=32, method=method, include_head=True)
+        out, _ = quantize_file(src, config, tmp_path / f"{method}.onnx", request, force=True)
+        g = ir.load(out).graph
+        codes = g.initializers["W"].const_value.numpy().astype(np.float32)
+        np.testing.assert_array_equal(codes[w == 0], 0)
+        scale = next(u.node for u in g.initializers["W"].uses()).inputs[1].const_value.numpy()
+        effective = codes * np.repeat(scale, 32, axis=0)
+        errors[method] = np.linalg.norm(calib @ effective - calib @ w)
+    assert errors["gptq"] < 0.92 * errors["rtn"], errors

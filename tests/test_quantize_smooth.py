@@ -55,7 +55,7 @@ def smoothed(model: onnx.ModelProto, calib: np.ndarray, alpha: float):  # type: 
     plan = plan_quantization(m, QuantizeConfig(include_head=True))
     ranges, _ = collect_ranges(m, plan.activations, CalibrationRequest(data={"x": calib}))
     before = {k: (r.lo.copy(), r.hi.copy()) for k, r in ranges.items()}
-    records = smooth(m, plan.targets, ranges, alpha)
+    records, _ = smooth(m, plan.targets, ranges, alpha)
     return m, records, ranges, before
 
 

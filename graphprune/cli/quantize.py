@@ -85,6 +85,14 @@ def quantize(
             "Example: --exclude '*down_proj*'",
         ),
     ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(
+            help="--method gptq: Gram matrices saved by `graphprune calibrate --gram` (default: from --calib). "
+            "Example: --stats stats.npz",
+            show_default=False,
+        ),
+    ] = None,
     calib: CalibOpt = None,
     tokenizer: TokenizerOpt = None,
     seqlen: SeqlenOpt = 512,
@@ -122,7 +130,7 @@ def quantize(
     config.validate()
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
     with progress_bar("quantizing") as bar:
-        written, report = quantize_file(model, config, output, request, force, on_stage=bar.describe)
+        written, report = quantize_file(model, config, output, request, force, bar.describe, stats)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
     else:

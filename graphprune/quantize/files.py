@@ -11,12 +11,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from graphprune.artifacts import OutputPlan
 from graphprune.calibration.request import CalibrationRequest
+from graphprune.calibration.stats import ActivationStats
 from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model, uses_external_data
 from graphprune.pipeline.files import report_path
 from graphprune.quantize.config import QuantizeConfig
+from graphprune.quantize.gptq_weights import gptq_codes, gram_statistics
 from graphprune.quantize.opset import require_opset
 from graphprune.quantize.passes import QuantizePass, QuantizeResult
 from graphprune.quantize.ranges import collect_ranges
@@ -58,16 +62,18 @@ def quantize_file(
     calibration: CalibrationRequest | None = None,
     force: bool = False,
     on_stage: Callable[[str], None] | None = None,
+    stats: str | Path | None = None,
 ) -> tuple[Path, QuantizeReport]:
     """Quantize ``model_path`` into ``output`` and write ``<stem>.report.json`` beside it.
 
     Activation ranges (static scales, smoothing) come from ``calibration``; without it, from synthetic inputs
-    (with the warning calibration gives for them). Returns the model path and the report.
+    (with the warning calibration gives for them). GPTQ's Gram matrices come from ``stats`` (a statistics file
+    saved with Grams) or from ``calibration``. Returns the model path and the report.
     """
     config.validate()
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_quantized_output(model_path, config)
-    outputs = OutputPlan(calibration.files() if calibration else (), force)
+    outputs = OutputPlan([*(calibration.files() if calibration else ()), *([stats] if stats else [])], force)
     outputs.read(model_path, "the input model")
     out, report_file = outputs.model(out), outputs.file(report_path(out), "report")
     outputs.check()  # before any work
@@ -90,16 +96,27 @@ def quantize_file(
         stage("calibrating activation ranges")
         ranges, more = collect_ranges(model, plan.activations, calibration or CalibrationRequest())
         warnings += more
+    grams = None
+    if config.method == "gptq":
+        stage("calibrating Gram matrices")
+        saved = ActivationStats.load(stats, plan.targets) if stats else None
+        grams = gram_statistics(model_path, plan.targets, saved, calibration or CalibrationRequest())
+        warnings += [w for w in grams.warnings if w not in warnings]
     smoothing: list[SmoothRecord] = []
+    scales: dict[str, np.ndarray] = {}
     if config.smooth is not None:
         stage("smoothing")
         from onnx_ir.passes.common import ShapeInferencePass
 
         with contextlib.suppress(Exception):  # best effort: folds through a product need its operands' widths
             ShapeInferencePass()(model)
-        smoothing = smooth(model, plan.targets, ranges, config.smooth)
+        smoothing, scales = smooth(model, plan.targets, ranges, config.smooth)
+    solved = {}
+    if grams is not None:
+        stage("GPTQ")
+        solved = gptq_codes(model, plan.targets, QuantizePass.grid_of(config), grams, scales)
     stage("quantizing")
-    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges)(model)
+    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges, solved=solved)(model)
     report = QuantizeReport(config, result, plan.kept, smoothing, raised, warnings)
     stage("writing")
     with outputs.transaction() as files:

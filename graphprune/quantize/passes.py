@@ -100,10 +100,16 @@ class QuantizePass(ir.passes.InPlacePass):
         self._groups_before: dict[str, dict[int, int]] = {}
         self._readers: list[ir.Node] = []  # the MatMul/Gemm/Conv nodes whose weight is quantized
 
+    @staticmethod
+    def grid_of(config: QuantizeConfig) -> QuantGrid:
+        """The weights' grid: per output channel, or per block along K for int4."""
+        return QuantGrid(
+            precision=config.precision, block_size=config.block_size if config.precision == "int4" else None
+        )
+
     @property
     def grid(self) -> QuantGrid:
-        block = self.config.block_size if self.config.precision == "int4" else None
-        return QuantGrid(precision=self.config.precision, block_size=block)
+        return self.grid_of(self.config)
 
     def requires(self, model: ir.Model) -> None:
         initializers = model.graph.initializers

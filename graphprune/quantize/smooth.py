@@ -47,10 +47,11 @@ def smoothing_scales(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -
 
 def smooth(
     model: ir.Model, targets: Sequence[Target], ranges: MutableMapping[str, ChannelRange], alpha: float
-) -> list[SmoothRecord]:
+) -> tuple[list[SmoothRecord], dict[str, np.ndarray]]:
     """Smooth every activation that feeds only quantized weights and whose producer can take the scales.
 
-    ``ranges`` is updated to the smoothed activations' ranges.
+    ``ranges`` is updated to the smoothed activations' ranges. Returns the records and, per smoothed activation,
+    its scales ``s`` (the activation is now ``x / s``).
     """
     graph = model.graph
     readers: dict[str, list[Target]] = {}
@@ -58,6 +59,7 @@ def smooth(
         readers.setdefault(t.consumers[0].activation, []).append(t)
     values = {str(v.name): v for node in graph for v in node.outputs}
     records = []
+    scales: dict[str, np.ndarray] = {}
     for activation, group in readers.items():
         names = tuple(t.name for t in group)
         x = values.get(activation)
@@ -74,8 +76,9 @@ def smooth(
         for w, t in zip(weights, group, strict=True):
             _scale_along(w, t.k_axis, s)
         ranges[activation] = ranges[activation].scaled(s)
+        scales[activation] = s
         records.append(SmoothRecord(activation, names, fold.description, True, float(s.min()), float(s.max())))
-    return records
+    return records, scales
 
 
 def _unsmoothable(x: ir.Value | None, group: Sequence[Target], graph: ir.Graph) -> str:

@@ -192,3 +192,16 @@ def test_gptq_under_the_mask_beats_round_to_nearest_and_keeps_zeros(tmp_path: Pa
         effective = codes * np.repeat(scale, 32, axis=0)
         errors[method] = np.linalg.norm(calib @ effective - calib @ w)
     assert errors["gptq"] < 0.92 * errors["rtn"], errors
+
+
+def test_dynamic_activations_match_numpy(tmp_path: Path) -> None:
+    """DynamicQuantizeLinear: uint8, per tensor, range widened to hold 0, computed on the input itself."""
+    src = tmp_path / "model.onnx"
+    onnx.save(mlp(), src)
+    config = QuantizeConfig(precision="int8", dynamic=True, include_head=True)
+    out, report = quantize_file(src, config, tmp_path / "q.onnx", force=True)
+    assert all(a.scale is None for a in report.result.activations)
+    x = RNG.standard_normal((8, D)).astype(np.float32)
+    h = np.maximum(fake_asymmetric(x, x.min(), x.max()) @ fake_weight(W1), 0)
+    want = fake_asymmetric(h, h.min(), h.max()) @ fake_weight(W2)
+    np.testing.assert_allclose(run(onnx.load(out), {"x": x})[0], want, rtol=1e-4, atol=1e-4)

@@ -148,3 +148,10 @@ def test_bad_options(tmp_path: Path, args: list[str], word: str) -> None:
     result, before = quantize(tmp_path, mlp(), *args)
     refused(result, word)
     assert snapshot(tmp_path) == before
+
+
+def test_corrupted_gram_file(tmp_path: Path) -> None:
+    (tmp_path / "stats.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    result, before = quantize(tmp_path, mlp(), "--method", "gptq", "--stats", str(tmp_path / "stats.npz"))
+    refused(result, "stats.npz")
+    assert snapshot(tmp_path) == before

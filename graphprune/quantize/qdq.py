@@ -5,8 +5,8 @@ Conventions (those of ONNX Runtime's QDQ quantizer and TensorRT's explicit quant
 weight's name; the scale and zero point are initializers named ``<weight>_scale`` and ``<weight>_zero_point``,
 both per output channel (``axis`` = the output axis), or per block along K (``axis`` = K, ``block_size``) for
 int4. Zero points are always written, and are zero for every weight. An activation gets one QuantizeLinear
-right after its producer and one DequantizeLinear per consumer, just before it (TensorRT and ONNX Runtime both
-pair a DequantizeLinear with the one node it feeds).
+→ DequantizeLinear pair per consumer, just before it (TensorRT and ONNX Runtime both fuse a pair into the one
+node it feeds).
 """
 
 from __future__ import annotations
@@ -99,31 +99,30 @@ def quantize_activation(
     zero_point: np.ndarray | None,
     kind: str,
 ) -> list[ir.Node]:
-    """Q → DQ on ``x`` before each of ``consumers`` (node, input index); ``scale`` None: dynamic (uint8)."""
+    """A Q → DQ pair on ``x`` before each of ``consumers`` (node, input index); ``scale`` None: dynamic (uint8).
+
+    One pair per consumer (ONNX Runtime's "dedicated pair"): its CPU graph optimiser fuses an int8 (not uint8)
+    QuantizeLinear shared by Q/K/V with none of them, leaving those MatMuls in float.
+    """
     name = str(x.name)
-    if scale is None:
-        q_outputs = [ir.Value(name=names(f"{name}_{part}")) for part in ("quantized", "scale", "zero_point")]
-        q = ir.Node(
-            "", "DynamicQuantizeLinear", [x], outputs=q_outputs, name=names(f"{name}_DynamicQuantizeLinear")
-        )
-        dq_inputs = q_outputs
-    else:
+    if scale is not None:
         assert zero_point is not None
         s = constant(graph, names, f"{name}_scale", np.array(scale, np.float32))
         z = constant(graph, names, f"{name}_zero_point", zero_point, kind)
-        quantized = ir.Value(name=names(f"{name}_quantized"), type=ir.TensorType(CODE_TYPES[kind][1]))
-        q = ir.Node("", "QuantizeLinear", [x, s, z], outputs=[quantized], name=names(f"{name}_QuantizeLinear"))
-        dq_inputs = [quantized, s, z]
-    producer = x.producer()
-    if producer is not None and producer.graph is graph:
-        graph.insert_after(producer, q)
-    else:
-        graph.insert_before(graph.node(0), q)
-    added = [q]
+    added = []
     for node, index in consumers:
+        if scale is None:
+            q_outputs = [ir.Value(name=names(f"{name}_{part}")) for part in ("quantized", "scale", "zero_point")]
+            q = ir.Node("", "DynamicQuantizeLinear", [x], outputs=q_outputs, name=names(f"{name}_DynamicQuantize"))
+            dq_inputs = q_outputs
+        else:
+            quantized = ir.Value(name=names(f"{name}_quantized"), type=ir.TensorType(CODE_TYPES[kind][1]))
+            q = ir.Node("", "QuantizeLinear", [x, s, z], outputs=[quantized], name=names(f"{name}_QuantizeLinear"))
+            dq_inputs = [quantized, s, z]
         out = ir.Value(name=names(f"{name}_dequantized"), type=ir.TensorType(ir.DataType.FLOAT), shape=x.shape)
         dq = ir.Node("", "DequantizeLinear", dq_inputs, outputs=[out], name=names(f"{name}_DequantizeLinear"))
+        graph.insert_before(node, q)
         graph.insert_before(node, dq)
         node.replace_input_with(index, out)
-        added.append(dq)
+        added += [q, dq]
     return added

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from graphprune.artifacts import OutputPlan
 from graphprune.calibration.request import CalibrationRequest
@@ -23,8 +24,8 @@ from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.gptq_weights import gptq_codes, gram_statistics
 from graphprune.quantize.opset import require_opset
 from graphprune.quantize.passes import QuantizePass, QuantizeResult
-from graphprune.quantize.ranges import collect_ranges
-from graphprune.quantize.select import Kept, already_quantized, plan_quantization
+from graphprune.quantize.ranges import ChannelRange, collect_ranges
+from graphprune.quantize.select import Kept, Planned, already_quantized, plan_quantization
 from graphprune.quantize.smooth import SmoothRecord, smooth
 
 
@@ -48,6 +49,69 @@ class QuantizeReport:
             "opset_raised_from": self.opset_raised_from,
             "warnings": self.warnings,
         }
+
+
+@dataclass
+class Measured:
+    """What calibration gave: activation ranges (per channel), Gram matrices for GPTQ, and its warnings."""
+
+    ranges: dict[str, ChannelRange] = field(default_factory=dict)
+    grams: ActivationStats | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def measure(
+    model: ir.Model,
+    model_path: Path,
+    plan: Planned,
+    config: QuantizeConfig,
+    calibration: CalibrationRequest | None,
+    stats: str | Path | None = None,
+    stage: Callable[[str], None] = lambda _: None,
+) -> Measured:
+    """The calibration ``config`` needs: ranges (static scales, smoothing) and Grams (GPTQ), nothing else."""
+    measured = Measured()
+    if config.needs_ranges:
+        stage("calibrating activation ranges")
+        measured.ranges, more = collect_ranges(model, plan.activations, calibration or CalibrationRequest())
+        measured.warnings += more
+    if config.method == "gptq":
+        stage("calibrating Gram matrices")
+        saved = ActivationStats.load(stats, plan.targets) if stats else None
+        measured.grams = gram_statistics(model_path, plan.targets, saved, calibration or CalibrationRequest())
+        measured.warnings += [w for w in measured.grams.warnings if w not in measured.warnings]
+    return measured
+
+
+def quantize_model(
+    model: ir.Model,
+    config: QuantizeConfig,
+    plan: Planned,
+    measured: Measured,
+    stage: Callable[[str], None] = lambda _: None,
+) -> QuantizeReport:
+    """Smooth (if asked), solve GPTQ (if asked) and quantize ``model`` in place; ``measured`` is not changed."""
+    warnings = list(measured.warnings)
+    done = already_quantized(plan.kept)
+    if done:
+        warnings.append(f"{len(done)} weights are already quantized and stay as they are; only float ones change")
+    ranges = {name: ChannelRange(r.lo.copy(), r.hi.copy(), r.rows) for name, r in measured.ranges.items()}
+    smoothing: list[SmoothRecord] = []
+    scales: dict[str, np.ndarray] = {}
+    if config.smooth is not None:
+        stage("smoothing")
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        with contextlib.suppress(Exception):  # best effort: folds through a product need its operands' widths
+            ShapeInferencePass()(model)
+        smoothing, scales = smooth(model, plan.targets, ranges, config.smooth)
+    solved = {}
+    if measured.grams is not None and config.method == "gptq":
+        stage("GPTQ")
+        solved = gptq_codes(model, plan.targets, QuantizePass.grid_of(config), measured.grams, scales)
+    stage("quantizing")
+    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges, solved=solved)(model)
+    return QuantizeReport(config, result, plan.kept, smoothing, None, warnings)
 
 
 def default_quantized_output(model_path: Path, config: QuantizeConfig) -> Path:
@@ -87,37 +151,9 @@ def quantize_file(
         detail = f" ({'; '.join(reasons[:2])})" if reasons else ""
         raise GraphpruneError(f"nothing to quantize in {model_path}: no float MatMul/Gemm/Conv weight{detail}")
     raised = require_opset(model, config.opset, f"{config.precision} Q/DQ")
-    warnings: list[str] = []
-    done = already_quantized(plan.kept)
-    if done:
-        warnings.append(f"{len(done)} weights are already quantized and stay as they are; only float ones change")
-    ranges = {}
-    if config.needs_ranges:
-        stage("calibrating activation ranges")
-        ranges, more = collect_ranges(model, plan.activations, calibration or CalibrationRequest())
-        warnings += more
-    grams = None
-    if config.method == "gptq":
-        stage("calibrating Gram matrices")
-        saved = ActivationStats.load(stats, plan.targets) if stats else None
-        grams = gram_statistics(model_path, plan.targets, saved, calibration or CalibrationRequest())
-        warnings += [w for w in grams.warnings if w not in warnings]
-    smoothing: list[SmoothRecord] = []
-    scales: dict[str, np.ndarray] = {}
-    if config.smooth is not None:
-        stage("smoothing")
-        from onnx_ir.passes.common import ShapeInferencePass
-
-        with contextlib.suppress(Exception):  # best effort: folds through a product need its operands' widths
-            ShapeInferencePass()(model)
-        smoothing, scales = smooth(model, plan.targets, ranges, config.smooth)
-    solved = {}
-    if grams is not None:
-        stage("GPTQ")
-        solved = gptq_codes(model, plan.targets, QuantizePass.grid_of(config), grams, scales)
-    stage("quantizing")
-    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges, solved=solved)(model)
-    report = QuantizeReport(config, result, plan.kept, smoothing, raised, warnings)
+    measured = measure(model, model_path, plan, config, calibration, stats, stage)
+    report = quantize_model(model, config, plan, measured, stage)
+    report.opset_raised_from = raised
     stage("writing")
     with outputs.transaction() as files:
         files.model(out, model, external_data=True if external else None)

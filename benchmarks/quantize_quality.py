@@ -13,7 +13,7 @@ on the first ``--ort-calib`` windows (its calibrator keeps every intermediate te
     python benchmarks/quantize_quality.py --table --results benchmarks/results/quantize_quality.jsonl
 
 A run is ``fp32``, ``ort-static``, ``ort-dynamic`` or ``PRECISION[:key=value...]`` with keys ``smooth``,
-``target``, ``method``, ``block``, ``dynamic`` (QuantizeConfig's fields).
+``target``, ``method``, ``block``, ``dynamic``, ``head`` (QuantizeConfig's fields; ``head``: include the head).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def config_of(run: str):  # type: ignore[no-untyped-def]
             fields["smooth"] = float(value)
         elif key == "block":
             fields["block_size"] = int(value)
-        elif key == "dynamic":
-            fields["dynamic"] = True
+        elif key in ("dynamic", "head"):
+            fields["include_head" if key == "head" else key] = True
         else:
             fields[key] = value
     return QuantizeConfig(**fields)  # type: ignore[arg-type]
@@ -57,6 +57,7 @@ def ours(model_path: Path, runs: list[str], calib: Path, out_dir: Path) -> dict[
     from graphprune.quantize.files import Measured, measure, quantize_model
     from graphprune.quantize.opset import require_opset
     from graphprune.quantize.select import plan_quantization
+    from graphprune.quantize.untie import untie_head_tables
 
     request = CalibrationRequest(data=str(calib))
     configs = {run: config_of(run) for run in runs}
@@ -77,6 +78,8 @@ def ours(model_path: Path, runs: list[str], calib: Path, out_dir: Path) -> dict[
     for run, config in configs.items():
         start = time.process_time()
         model = load_model(model_path)
+        if config.include_head:
+            untie_head_tables(model)
         require_opset(model, config.opset, run)
         quantize_model(model, config, plan_quantization(model, config), measured)
         path = out_dir / f"{run.replace(':', '_').replace('=', '')}.onnx"

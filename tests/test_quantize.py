@@ -205,3 +205,41 @@ def test_dynamic_activations_match_numpy(tmp_path: Path) -> None:
     h = np.maximum(fake_asymmetric(x, x.min(), x.max()) @ fake_weight(W1), 0)
     want = fake_asymmetric(h, h.min(), h.max()) @ fake_weight(W2)
     np.testing.assert_allclose(run(onnx.load(out), {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_head_is_untied_exactly_and_quantized_with_include_head(tmp_path: Path) -> None:
+    """Gather(E, ids) embeds, MatMul(h, Transpose(E)) is the head: the head gets its own int8 copy."""
+    from graphprune.graph.model_io import load_model
+    from graphprune.quantize.untie import untie_head_tables
+
+    v = 24
+    e = RNG.standard_normal((v, D)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["x"]),
+        helper.make_node("MatMul", ["x", "W1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["h"]),
+        helper.make_node("MatMul", ["h", "W2"], ["y"]),
+        helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+        helper.make_node("MatMul", ["y", "Et"], ["logits"], name="head"),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("ids", onnx.TensorProto.INT64, ["b", 6])],
+        [tensor("logits", shape=["b", 6, v])],
+        [init(e, "E"), init(W1, "W1"), init(W2, "W2")],
+    )
+    src = tmp_path / "tied.onnx"
+    onnx.save(model, src)
+    ids = RNG.integers(0, v, (2, 6)).astype(np.int64)
+    untied = load_model(src)
+    assert untie_head_tables(untied) == ["E"]
+    np.testing.assert_array_equal(run(untied, {"ids": ids})[0], run(model, {"ids": ids})[0])  # exact
+    request = CalibrationRequest(data={"ids": ids})
+    config = QuantizeConfig(precision="int8", include_head=True)
+    out, report = quantize_file(src, config, tmp_path / "q.onnx", request, force=True)
+    assert report.untied == ["E"] and "E_matmul" in {w.name for w in report.result.weights}
+    g = ir.load(out).graph
+    assert g.initializers["E"].const_value.dtype == ir.DataType.FLOAT  # the Gather's table stays float
+    assert g.initializers["E_matmul"].const_value.dtype == ir.DataType.INT8
+    _, report = quantize_file(src, QuantizeConfig(precision="int8"), tmp_path / "f.onnx", request, force=True)
+    assert not report.untied and "E" in {k.name for k in report.kept}

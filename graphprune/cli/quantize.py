@@ -75,7 +75,11 @@ def quantize(
     ] = 128,
     include_head: Annotated[
         bool,
-        typer.Option("--include-head", help="Also quantize the final projection to a model output (left float)."),
+        typer.Option(
+            "--include-head",
+            help="Also quantize the final projection to a model output (left float by default). A head tied to "
+            "the embedding table gets its own int8 copy; the embedding Gather keeps the float table.",
+        ),
     ] = False,
     exclude: Annotated[
         list[str] | None,
@@ -155,6 +159,10 @@ def _print(report: QuantizeReport, written: Path) -> None:
     acts = Counter("dynamic" if a.scale is None else "static" for a in report.result.activations)
     shown = ", ".join(f"{n} {kind}" for kind, n in acts.items()) or "none (weight-only)"
     out.print(f"{len(report.result.weights)} weights quantized; activations quantized: {shown}", highlight=False)
+    for name in report.untied:
+        out.print(
+            f"head tied to {name}: quantized as its own copy, the embedding table stays float", highlight=False
+        )
     if report.opset_raised_from is not None:
         out.print(f"opset raised from {report.opset_raised_from} to {report.config.opset}", highlight=False)
     out.print(f"model {written}\nreport {report_path(written)}", highlight=False)

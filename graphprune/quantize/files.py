@@ -27,6 +27,7 @@ from graphprune.quantize.passes import QuantizePass, QuantizeResult
 from graphprune.quantize.ranges import ChannelRange, collect_ranges
 from graphprune.quantize.select import Kept, Planned, already_quantized, plan_quantization
 from graphprune.quantize.smooth import SmoothRecord, smooth
+from graphprune.quantize.untie import untie_head_tables
 
 
 @dataclass
@@ -39,6 +40,7 @@ class QuantizeReport:
     smoothing: list[SmoothRecord] = field(default_factory=list)
     opset_raised_from: int | None = None
     warnings: list[str] = field(default_factory=list)
+    untied: list[str] = field(default_factory=list)  # tables a Gather reads whose head got its own copy
 
     def to_dict(self) -> dict:
         return {
@@ -47,6 +49,7 @@ class QuantizeReport:
             "kept_float": [asdict(k) for k in self.kept],
             "smoothing": [asdict(s) for s in self.smoothing],
             "opset_raised_from": self.opset_raised_from,
+            "untied_heads": self.untied,
             "warnings": self.warnings,
         }
 
@@ -145,6 +148,7 @@ def quantize_file(
     stage("reading the model")
     model = load_model(model_path)
     external = uses_external_data(model)
+    untied = untie_head_tables(model) if config.include_head else []
     plan = plan_quantization(model, config)
     if not plan.targets:
         reasons = sorted({k.reason for k in plan.kept})
@@ -153,7 +157,7 @@ def quantize_file(
     raised = require_opset(model, config.opset, f"{config.precision} Q/DQ")
     measured = measure(model, model_path, plan, config, calibration, stats, stage)
     report = quantize_model(model, config, plan, measured, stage)
-    report.opset_raised_from = raised
+    report.opset_raised_from, report.untied = raised, untied
     stage("writing")
     with outputs.transaction() as files:
         files.model(out, model, external_data=True if external else None)

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import helper
 
@@ -171,6 +172,10 @@ def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
     x = RNG.standard_normal((4, k)).astype(np.float32)
     np.testing.assert_allclose(run(ir.load(out), {"x": x})[0], x @ (ref * expanded), rtol=1e-4, atol=1e-4)
     assert report.result.weights[0].precision == "int4"
+    options = ort.SessionOptions()  # ONNX Runtime's CPU optimiser fuses DQ(int4) -> MatMul into MatMulNBits
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node] == ["MatMulNBits"]
     assert check_file(out, NMPattern(2, 4), include_head=True).ok
 
 

@@ -5,6 +5,7 @@ from graphprune.cli import (
     deploy,  # noqa: F401  (registers convert, build, bench)
     evaluate,  # noqa: F401  (registers eval)
     prune,  # noqa: F401  (registers apply, check)
+    quantize,  # noqa: F401  (registers quantize)
     shrink,  # noqa: F401  (registers shrink)
 )
 from graphprune.cli.app import app

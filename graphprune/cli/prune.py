@@ -410,6 +410,8 @@ def _print_check(result: CheckResult, records: list[Eligibility] | None) -> None
         out.print(f"[dim]not checked {skip.name}: {skip.reason}[/dim]", highlight=False)
     _print_reasons(records or [])
     verdict = "passes" if result.ok else f"[red]FAILS[/red] in {len(result.violations)} weights"
+    if not result.weights:  # nothing verified proves nothing
+        verdict = "[red]FAILS[/red]: no weight could be read"
     out.print(f"{result.pattern} check {verdict} ({len(result.weights)} weights checked)", highlight=False)
     if records is not None:
         out.print(f"TensorRT sparse eligibility: {summary(records)}", highlight=False)

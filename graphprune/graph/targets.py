@@ -364,6 +364,7 @@ def _head_consumers(graph: _Graph, targets: list[Target]) -> set[str]:
     Walking back from each graph output, stop at every matrix multiplication by a weight: if exactly one is met,
     it is that output's head (an LM or classifier projection). A residual path to another weight means no head.
     Key/value cache outputs (``present.*``) are not walked from: the K/V projections feeding them are no heads.
+    Run-time quantization scales are not walked (they read the previous layer's output beside the data).
     A control-flow node's walk continues into the outer values its bodies read.
     """
     weight_nodes = {c.node for t in targets for c in t.consumers}
@@ -374,8 +375,9 @@ def _head_consumers(graph: _Graph, targets: list[Target]) -> set[str]:
         met: set[str] = set()
         stack, seen = [output], set()
         while stack:
-            node = stack.pop().producer()
-            if node is None or id(node) in seen:
+            value = stack.pop()
+            node = value.producer()
+            if node is None or id(node) in seen or _is_runtime_scale(node, value):
                 continue
             seen.add(id(node))
             label = graph.label(node)
@@ -387,6 +389,11 @@ def _head_consumers(graph: _Graph, targets: list[Target]) -> set[str]:
         if len(met) == 1:
             heads |= met
     return heads
+
+
+def _is_runtime_scale(node: ir.Node, value: ir.Value) -> bool:
+    """The scale or zero point DynamicQuantizeLinear computes: a side path, not the data an output comes from."""
+    return node.op_type == "DynamicQuantizeLinear" and value is not node.outputs[0]
 
 
 def _outer_reads(node: ir.Node) -> list[ir.Value]:
@@ -411,3 +418,55 @@ def _outer_reads(node: ir.Node) -> list[ir.Value]:
 def _owner(value: ir.Value) -> ir.Graph | None:
     node = value.producer()
     return node.graph if node is not None else value.graph
+
+
+# ONNX Runtime's quantized matrix multiplications and the input that holds their weight.
+QUANTIZED_OPERATORS = {"MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1}
+
+
+def operator_targets(model: ir.Model, include_head: bool = False) -> TargetScan:
+    """Weights held by ONNX Runtime's quantized operators (MatMulInteger, QLinearMatMul, MatMulNBits), as
+    ONNX Runtime's quantizers write them: for checking, never for pruning.
+
+    MatMulInteger and QLinearMatMul store ``[K, N]``; MatMulNBits stores packed ``[N, blocks, bytes]`` blocks, so
+    its target's shape is the logical ``(N, K)`` (K on axis 1). The head is found as :func:`find_targets` does.
+    """
+    graph = _Graph(model.graph)
+    targets: list[Target] = []
+    skips: list[Skip] = []
+    for node in model.graph:
+        index = QUANTIZED_OPERATORS.get(node.op_type)
+        if index is None or len(node.inputs) <= index or node.inputs[index] is None:
+            continue
+        weight = node.inputs[index]
+        assert weight is not None
+        if graph.stored.get(weight.name or "") is not weight:
+            skips.append(Skip(weight.name or "", node.op_type, "weight is not a stored tensor"))
+            continue
+        activation = node.inputs[0]
+        consumer = Consumer(
+            graph.label(node),
+            node.op_type,
+            index,
+            activation.name or "" if activation else "",
+            -1,
+            node.outputs[0].name or "",
+        )
+        if node.op_type == "MatMulNBits":
+            n, k = node.attributes.get_int("N", 0), node.attributes.get_int("K", 0)
+            targets.append(Target(weight.name or "", node.op_type, (n, k), "uint4", 1, 0, (consumer,)))
+        else:
+            shape = stored_shape(weight)
+            if len(shape) != 2:
+                skips.append(Skip(weight.name or "", node.op_type, f"weight of rank {len(shape)}"))
+                continue
+            targets.append(Target(weight.name or "", node.op_type, shape, stored_dtype(weight), 0, 1, (consumer,)))
+    heads = _head_consumers(graph, targets)
+    flagged = [replace(t, is_head=any(c.node in heads for c in t.consumers)) for t in targets]
+    if include_head:
+        return TargetScan(flagged, skips)
+    kept = [t for t in flagged if not t.is_head]
+    skips += [
+        Skip(t.name, t.op, "output head is left out unless the head is included") for t in flagged if t.is_head
+    ]
+    return TargetScan(kept, skips)

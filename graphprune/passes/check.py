@@ -1,4 +1,9 @@
-"""The check pass: prove that every selected target holds its N:M pattern along its K axis."""
+"""The check pass: prove that every selected target holds its N:M pattern along its K axis.
+
+Float weights, weights behind DequantizeLinear (int8, uint8, fp8, int4 packed: a weight is zero where its code is
+its zero point) and the weights of ONNX Runtime's quantized operators (MatMulInteger, QLinearMatMul, MatMulNBits)
+are all read. A check that verified no weight at all does not pass: it proved nothing.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.graph.selection import select_targets
 from graphprune.graph.stored import stored_values
-from graphprune.graph.targets import Skip, Target, find_targets
+from graphprune.graph.targets import QUANTIZED_OPERATORS, Skip, Target, TargetScan, find_targets, operator_targets
 from graphprune.graph.weights import read_weight
+from graphprune.quantize.operators import operator_weight
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,7 @@ class CheckResult(ir.passes.PassResult):
 
     @property
     def ok(self) -> bool:
-        return not self.violations
+        return bool(self.weights) and not self.violations
 
 
 class CheckPass(ir.passes.InPlacePass):
@@ -78,10 +84,14 @@ class CheckPass(ir.passes.InPlacePass):
             targets, skips = list(self.targets), []
         else:
             scan = find_targets(model, include_head=self.include_head)
+            operators = operator_targets(model, include_head=self.include_head)
+            held = {t.name for t in operators.targets}  # find_targets calls them "not handled": they are read
+            scan = TargetScan(scan.targets, [s for s in scan.skips if s.name not in held] + operators.skips)
             chosen = select_targets(scan, self.pattern, self.include, self.exclude)
-            targets, skips = chosen.targets, chosen.skips
+            extra = select_targets(TargetScan(operators.targets, []), self.pattern, self.include, self.exclude)
+            targets, skips = chosen.targets + extra.targets, chosen.skips + extra.skips
         stored = stored_values(model.graph)
-        checks = [self._check(t, read_weight(stored, t).effective()) for t in targets]
+        checks = [self._check(t, _effective(stored, t)) for t in targets]
         return CheckResult(model, False, self.pattern, checks, skips)
 
     def _check(self, target: Target, weight: np.ndarray) -> WeightCheck:
@@ -100,6 +110,12 @@ class CheckPass(ir.passes.InPlacePass):
             total_groups=canonical.size // self.pattern.group,
             first_bad=first,
         )
+
+
+def _effective(stored: dict[str, ir.Value], target: Target) -> np.ndarray:
+    if target.op in QUANTIZED_OPERATORS:
+        return operator_weight(stored, target)
+    return read_weight(stored, target).effective()
 
 
 def _stored_index(target: Target, canonical_shape: tuple[int, ...], flat: int) -> tuple[int, ...]:

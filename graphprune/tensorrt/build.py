@@ -76,10 +76,13 @@ def read_onnx(path: Path) -> onnx.ModelProto:
 
 
 def onnx_precision(model: onnx.ModelProto) -> str:
-    """The math precision an ONNX file asks for by itself: ``int8-qdq``, ``fp16``, ``bf16`` or ``fp32``."""
+    """The math precision an ONNX file asks for by itself: int8-qdq, fp8-qdq, fp16, bf16 or fp32."""
     ops = {n.op_type for n in model.graph.node}
     if {"QuantizeLinear", "DequantizeLinear"} <= ops:
-        return "int8-qdq"
+        fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
+        zero_points = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+        types = {t.data_type for t in model.graph.initializer if t.name in zero_points}
+        return "fp8-qdq" if types and types <= fp8 else "int8-qdq"
     types = {t.data_type for t in model.graph.initializer}
     types |= {
         a.t.data_type

@@ -8,7 +8,8 @@ Sparsity"; NVIDIA's sparsity blog posts):
   weights);
 * the weight has at most 2 non-zeros in every 4 consecutive values along the reduction axis K (for a Conv: every 4
   input channels at each output channel and kernel position);
-* the math runs in FP16, BF16 or INT8 (FP32/TF32 layers never pick sparse kernels in TensorRT);
+* the math runs in FP16, BF16, INT8 or FP8 (FP32/TF32 layers never pick sparse kernels in TensorRT; an int4
+  weight-only layer, int4 DequantizeLinear into a float MatMul, runs weight-only kernels, never sparse ones);
 * and, for it to be worth it, the layer is big enough: NVIDIA's guidance is at least 256 input and output channels;
   below that TensorRT usually finds the dense kernel faster ("too small to gain", not an error).
 
@@ -35,7 +36,15 @@ from graphprune.graph.weights import read_weight
 Status = Literal["eligible", "too small to gain", "ineligible"]
 SPARSE_PATTERN = NMPattern(2, 4)
 MIN_CHANNELS = 256  # NVIDIA's guidance for a sparse kernel to beat the dense one
-SPARSE_PRECISIONS = frozenset({"fp16", "bf16", "int8-qdq"})
+SPARSE_PRECISIONS = frozenset({"fp16", "bf16", "int8-qdq", "fp8-qdq"})
+# The precision label of a weight behind DequantizeLinear, by its stored type.
+_QDQ_PRECISION = {
+    "int8": "int8-qdq",
+    "uint8": "int8-qdq",
+    "float8_e4m3fn": "fp8-qdq",
+    "int4": "int4-qdq",
+    "uint4": "int4-qdq",
+}
 _ONNX_PRECISION = {
     onnx.TensorProto.FLOAT16: "fp16",
     onnx.TensorProto.BFLOAT16: "bf16",
@@ -89,7 +98,11 @@ def assess(
         if violations:
             total = canonical.size // SPARSE_PATTERN.group
             blocking.append(f"not 2:4 along K: {violations} of {total} groups of 4 have more than 2 non-zeros")
-    if precision not in SPARSE_PRECISIONS:
+    if precision == "int4-qdq":
+        blocking.append(
+            "int4 weight-only: TensorRT's sparse tensor cores take FP16/BF16/INT8/FP8 layers, not int4"
+        )
+    elif precision not in SPARSE_PRECISIONS:
         blocking.append(
             f"{precision.upper()} math: sparse tensor cores need FP16/BF16/INT8; convert the model to FP16 "
             "(`graphprune convert`; TensorRT 11 needs it) or build with `precision=fp16` on TensorRT 10"
@@ -156,7 +169,7 @@ def _precision(target: Target, chain: list[ir.Value]) -> str:
     for value in chain:  # the op nearest the consumer decides
         producer = value.producer()
         if producer is not None and producer.op_type == "DequantizeLinear":
-            return "int8-qdq" if target.dtype in ("int8", "uint8") else f"{target.dtype}-qdq"
+            return _QDQ_PRECISION.get(target.dtype, f"{target.dtype}-qdq")
         if producer is not None and producer.op_type == "Cast":
             return _ONNX_PRECISION.get(producer.attributes.get_int("to", 0), "other")
     return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(target.dtype, target.dtype)

@@ -1,0 +1,168 @@
+"""``graphprune quantize``: a Q/DQ model (int8 W8A8, fp8, int4 weight-only) that keeps the sparse pattern."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from graphprune.cli.app import app, console, out, user_errors
+from graphprune.cli.calib_options import (
+    BatchSizeOpt,
+    CalibOpt,
+    NsamplesOpt,
+    ProviderOpt,
+    SeedOpt,
+    SeqlenOpt,
+    ShapeOpt,
+    TokenizerOpt,
+    calibration_request,
+)
+from graphprune.cli.progress import progress_bar
+from graphprune.cli.tables import Col, fitted_table
+from graphprune.pipeline.files import report_path
+from graphprune.quantize.config import QuantizeConfig
+from graphprune.quantize.files import QuantizeReport, quantize_file
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to read (never modified). Example: model.onnx")],
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="int8: W8A8, int8 weights per output channel and int8 activations per tensor (static scales from "
+            "--calib); fp8: E4M3 weights per channel and activations per tensor (opset 19); int4: weight-only, "
+            "one scale per --block-size weights along K (opset 21), activations stay float. Weights are always "
+            "symmetric (zero point 0), so pruned zeros stay zero. Example: --precision int8"
+        ),
+    ] = "int8",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="Weight rounding: rtn (round to nearest) or gptq (error compensation under the mask). "
+            "Example: --method rtn"
+        ),
+    ] = "rtn",
+    smooth: Annotated[
+        float | None,
+        typer.Option(
+            help="SmoothQuant strength alpha in [0, 1]: move activation outliers into the weights, folded exactly "
+            "into the producing norm or projection; needs --calib for good ranges. Example: --smooth 0.5",
+            show_default=False,
+        ),
+    ] = None,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="Activation grid: tensorrt (symmetric int8, zero point 0: the only form TensorRT reads) or ort "
+            "(asymmetric uint8, ONNX Runtime's x86 U8S8 kernels). Example: --target ort"
+        ),
+    ] = "tensorrt",
+    dynamic: Annotated[
+        bool,
+        typer.Option(
+            help="int8 activations quantized at run time (DynamicQuantizeLinear, uint8) instead of calibrated "
+            "static scales: no calibration, ONNX Runtime only (TensorRT cannot read it)."
+        ),
+    ] = False,
+    block_size: Annotated[
+        int, typer.Option(help="int4: weights per scale along K (32, 64 or 128). Example: --block-size 64")
+    ] = 128,
+    include_head: Annotated[
+        bool,
+        typer.Option(
+            "--include-head",
+            help="Also quantize the final projection to a model output (left float by default). A head tied to "
+            "the embedding table gets its own int8 copy; the embedding Gather keeps the float table.",
+        ),
+    ] = False,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            help="Leave weights whose name or node name matches this shell pattern float (repeatable). "
+            "Example: --exclude '*down_proj*'",
+        ),
+    ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(
+            help="--method gptq: Gram matrices saved by `graphprune calibrate --gram` (default: from --calib). "
+            "Example: --stats stats.npz",
+            show_default=False,
+        ),
+    ] = None,
+    calib: CalibOpt = None,
+    tokenizer: TokenizerOpt = None,
+    seqlen: SeqlenOpt = 512,
+    nsamples: NsamplesOpt = 128,
+    seed: SeedOpt = 0,
+    batch_size: BatchSizeOpt = 1,
+    shape: ShapeOpt = None,
+    provider: ProviderOpt = "cpu",
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output model. Default: <stem>.<precision>.onnx beside the input."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Quantize a (pruned) model to Q/DQ ONNX and write it plus a JSON report; the N:M pattern is kept and proved.
+
+    Activation ranges are measured inside ONNX Runtime on --calib data (running min/max per tensor); without
+    --calib, on synthetic inputs (with a warning). The LM head, embeddings and weights a Gather also reads stay
+    float; the report lists every float weight and why. On this machine's CPU (ONNX Runtime) --target ort
+    and --target tensorrt run at the same speed (BENCHMARKS.md).
+
+    Example: graphprune quantize model.pruned.onnx --precision int8 --calib calib.npz -o model.int8.onnx
+    """
+    config = QuantizeConfig(
+        precision=precision,  # type: ignore[arg-type]
+        method=method,  # type: ignore[arg-type]
+        target=target,  # type: ignore[arg-type]
+        dynamic=dynamic,
+        block_size=block_size,
+        smooth=smooth,
+        include_head=include_head,
+        exclude=tuple(exclude or ()),
+    )
+    config.validate()
+    request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
+    with progress_bar("quantizing") as bar:
+        written, report = quantize_file(model, config, output, request, force, bar.describe, stats)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        _print(report, written)
+
+
+def _print(report: QuantizeReport, written: Path) -> None:
+    rows = [
+        [w.name, w.op, w.precision, w.method, f"{w.sparsity:.1%}", f"{w.relative_error:.4f}"]
+        for w in report.result.weights
+    ]
+    columns = [Col("weight"), Col("op"), Col("precision"), Col("method"), Col("zeros", "right")]
+    columns.append(Col("rel. error", "right"))
+    out.print(fitted_table(out, columns, rows, title=f"graphprune quantize ({report.config.precision})"))
+    smoothed = [s for s in report.smoothing if s.smoothed]
+    if report.smoothing:
+        out.print(f"smoothed {len(smoothed)} of {len(report.smoothing)} activations", highlight=False)
+    for k in report.kept:
+        out.print(f"[dim]kept float {k.name}: {k.reason}[/dim]", highlight=False)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    acts = Counter("dynamic" if a.scale is None else "static" for a in report.result.activations)
+    shown = ", ".join(f"{n} {kind}" for kind, n in acts.items()) or "none (weight-only)"
+    out.print(f"{len(report.result.weights)} weights quantized; activations quantized: {shown}", highlight=False)
+    for name in report.untied:
+        out.print(
+            f"head tied to {name}: quantized as its own copy, the embedding table stays float", highlight=False
+        )
+    if report.opset_raised_from is not None:
+        out.print(f"opset raised from {report.opset_raised_from} to {report.config.opset}", highlight=False)
+    out.print(f"model {written}\nreport {report_path(written)}", highlight=False)

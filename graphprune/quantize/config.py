@@ -1,0 +1,68 @@
+"""What ``graphprune quantize`` is asked to do: one frozen options object, validated before any model is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from graphprune.errors import GraphpruneError
+
+Precision = Literal["int8", "fp8", "int4"]
+Target = Literal["tensorrt", "ort"]
+Method = Literal["rtn", "gptq"]
+BLOCK_SIZES = (32, 64, 128)
+# Lowest default-domain opset whose QuantizeLinear/DequantizeLinear read the precision (fp8: 19; blocked int4: 21).
+MIN_OPSET = {"int8": 13, "fp8": 19, "int4": 21}
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig:
+    """Precision, grid and calibration choices of one quantization run.
+
+    ``target`` decides the activations' int8 grid: ``tensorrt`` is symmetric int8 with zero point 0 (the only form
+    TensorRT reads), ``ort`` is asymmetric uint8 (ONNX Runtime's x86 U8S8 kernels). Weights are always symmetric,
+    so a pruned zero stays exactly zero. ``dynamic`` computes activation scales at run time instead.
+    ``smooth`` is SmoothQuant's migration strength alpha (None: no smoothing).
+    """
+
+    precision: Precision = "int8"
+    method: Method = "rtn"
+    target: Target = "tensorrt"
+    dynamic: bool = False
+    block_size: int = 128  # int4: weights per scale along K
+    smooth: float | None = None
+    include_head: bool = False
+    exclude: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.precision not in MIN_OPSET:
+            raise GraphpruneError(f"unknown precision {self.precision!r}: choose int8, fp8 or int4")
+        if self.method not in ("rtn", "gptq"):
+            raise GraphpruneError(f"unknown method {self.method!r}: choose rtn or gptq")
+        if self.target not in ("tensorrt", "ort"):
+            raise GraphpruneError(f"unknown target {self.target!r}: choose tensorrt or ort")
+        if self.precision == "int4" and self.block_size not in BLOCK_SIZES:
+            raise GraphpruneError(f"block size {self.block_size} is not supported: choose 32, 64 or 128")
+        if self.dynamic and self.precision != "int8":
+            raise GraphpruneError(
+                "dynamic activation scales exist for int8 only (fp8 is static, int4 weight-only)"
+            )
+        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
+            raise GraphpruneError(f"smoothing strength {self.smooth} must be between 0 and 1 (0.5 is usual)")
+        if self.smooth is not None and self.precision == "int4":
+            raise GraphpruneError(
+                "smoothing moves range into the weights for quantized activations; int4 is weight-only"
+            )
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.precision != "int4"
+
+    @property
+    def needs_ranges(self) -> bool:
+        """Calibrated activation ranges: static scales, or smoothing's per-channel maxima."""
+        return (self.quantizes_activations and not self.dynamic) or self.smooth is not None
+
+    @property
+    def opset(self) -> int:
+        return MIN_OPSET[self.precision]

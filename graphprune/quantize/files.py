@@ -1,0 +1,165 @@
+"""``quantize_file``: read a model, calibrate its activation ranges in the graph, smooth, quantize, write.
+
+Outputs are planned and checked before any work (:class:`graphprune.artifacts.OutputPlan`), written in one
+transaction (staged, flushed, renamed), and nothing is written when anything fails; the input is never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.artifacts import OutputPlan
+from graphprune.calibration.request import CalibrationRequest
+from graphprune.calibration.stats import ActivationStats
+from graphprune.errors import GraphpruneError
+from graphprune.graph.model_io import load_model, uses_external_data
+from graphprune.pipeline.files import report_path
+from graphprune.quantize.config import QuantizeConfig
+from graphprune.quantize.gptq_weights import gptq_codes, gram_statistics
+from graphprune.quantize.opset import require_opset
+from graphprune.quantize.passes import QuantizePass, QuantizeResult
+from graphprune.quantize.ranges import ChannelRange, collect_ranges
+from graphprune.quantize.select import Kept, Planned, already_quantized, plan_quantization
+from graphprune.quantize.smooth import SmoothRecord, smooth
+from graphprune.quantize.untie import untie_head_tables
+
+
+@dataclass
+class QuantizeReport:
+    """What a quantization run did: config, weights quantized or kept float (and why), activations."""
+
+    config: QuantizeConfig
+    result: QuantizeResult
+    kept: list[Kept] = field(default_factory=list)
+    smoothing: list[SmoothRecord] = field(default_factory=list)
+    opset_raised_from: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    untied: list[str] = field(default_factory=list)  # tables a Gather reads whose head got its own copy
+
+    def to_dict(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            **self.result.to_dict(),
+            "kept_float": [asdict(k) for k in self.kept],
+            "smoothing": [asdict(s) for s in self.smoothing],
+            "opset_raised_from": self.opset_raised_from,
+            "untied_heads": self.untied,
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class Measured:
+    """What calibration gave: activation ranges (per channel), Gram matrices for GPTQ, and its warnings."""
+
+    ranges: dict[str, ChannelRange] = field(default_factory=dict)
+    grams: ActivationStats | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def measure(
+    model: ir.Model,
+    model_path: Path,
+    plan: Planned,
+    config: QuantizeConfig,
+    calibration: CalibrationRequest | None,
+    stats: str | Path | None = None,
+    stage: Callable[[str], None] = lambda _: None,
+) -> Measured:
+    """The calibration ``config`` needs: ranges (static scales, smoothing) and Grams (GPTQ), nothing else."""
+    measured = Measured()
+    if config.needs_ranges:
+        stage("calibrating activation ranges")
+        measured.ranges, more = collect_ranges(model, plan.activations, calibration or CalibrationRequest())
+        measured.warnings += more
+    if config.method == "gptq":
+        stage("calibrating Gram matrices")
+        saved = ActivationStats.load(stats, plan.targets) if stats else None
+        measured.grams = gram_statistics(model_path, plan.targets, saved, calibration or CalibrationRequest())
+        measured.warnings += [w for w in measured.grams.warnings if w not in measured.warnings]
+    return measured
+
+
+def quantize_model(
+    model: ir.Model,
+    config: QuantizeConfig,
+    plan: Planned,
+    measured: Measured,
+    stage: Callable[[str], None] = lambda _: None,
+) -> QuantizeReport:
+    """Smooth (if asked), solve GPTQ (if asked) and quantize ``model`` in place; ``measured`` is not changed."""
+    warnings = list(measured.warnings)
+    done = already_quantized(plan.kept)
+    if done:
+        warnings.append(f"{len(done)} weights are already quantized and stay as they are; only float ones change")
+    ranges = {name: ChannelRange(r.lo.copy(), r.hi.copy(), r.rows) for name, r in measured.ranges.items()}
+    smoothing: list[SmoothRecord] = []
+    scales: dict[str, np.ndarray] = {}
+    if config.smooth is not None:
+        stage("smoothing")
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        with contextlib.suppress(Exception):  # best effort: folds through a product need its operands' widths
+            ShapeInferencePass()(model)
+        smoothing, scales = smooth(model, plan.targets, ranges, config.smooth)
+    solved = {}
+    if measured.grams is not None and config.method == "gptq":
+        stage("GPTQ")
+        solved = gptq_codes(model, plan.targets, QuantizePass.grid_of(config), measured.grams, scales)
+    stage("quantizing")
+    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges, solved=solved)(model)
+    return QuantizeReport(config, result, plan.kept, smoothing, None, warnings)
+
+
+def default_quantized_output(model_path: Path, config: QuantizeConfig) -> Path:
+    """``<stem>.<precision>.onnx`` beside the input."""
+    return model_path.with_name(f"{model_path.stem}.{config.precision}.onnx")
+
+
+def quantize_file(
+    model_path: str | Path,
+    config: QuantizeConfig,
+    output: str | Path | None = None,
+    calibration: CalibrationRequest | None = None,
+    force: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+    stats: str | Path | None = None,
+) -> tuple[Path, QuantizeReport]:
+    """Quantize ``model_path`` into ``output`` and write ``<stem>.report.json`` beside it.
+
+    Activation ranges (static scales, smoothing) come from ``calibration``; without it, from synthetic inputs
+    (with the warning calibration gives for them). GPTQ's Gram matrices come from ``stats`` (a statistics file
+    saved with Grams) or from ``calibration``. Returns the model path and the report.
+    """
+    config.validate()
+    model_path = Path(model_path)
+    out = Path(output) if output is not None else default_quantized_output(model_path, config)
+    outputs = OutputPlan([*(calibration.files() if calibration else ()), *([stats] if stats else [])], force)
+    outputs.read(model_path, "the input model")
+    out, report_file = outputs.model(out), outputs.file(report_path(out), "report")
+    outputs.check()  # before any work
+    stage = on_stage or (lambda _: None)
+    stage("reading the model")
+    model = load_model(model_path)
+    external = uses_external_data(model)
+    untied = untie_head_tables(model) if config.include_head else []
+    plan = plan_quantization(model, config)
+    if not plan.targets:
+        reasons = sorted({k.reason for k in plan.kept})
+        detail = f" ({'; '.join(reasons[:2])})" if reasons else ""
+        raise GraphpruneError(f"nothing to quantize in {model_path}: no float MatMul/Gemm/Conv weight{detail}")
+    raised = require_opset(model, config.opset, f"{config.precision} Q/DQ")
+    measured = measure(model, model_path, plan, config, calibration, stats, stage)
+    report = quantize_model(model, config, plan, measured, stage)
+    report.opset_raised_from, report.untied = raised, untied
+    stage("writing")
+    with outputs.transaction() as files:
+        files.model(out, model, external_data=True if external else None)
+        files.json(report_file, report.to_dict())
+    return out, report

@@ -1,0 +1,111 @@
+"""SmoothQuant: move activation outliers into the weights, exactly, before quantizing both.
+
+For an activation ``x`` read by the consumers W_1..W_n (each ``(out, K)``), with a = alpha:
+s_j = max|x_j|^a / max|W_j|^(1-a), max|W_j| taken over every consumer's column j (Xiao et al. 2023,
+``smoothquant/smooth.py``). Then x' = x / s is folded into ``x``'s producer (:mod:`graphprune.quantize.folds`) and
+each consumer's K row j is multiplied by s_j: x' W' = x W, so the float model computes the same function. Scaling
+a K row keeps its zeros zero, so N:M survives. The calibrated range of x' is x's per-channel range divided by s:
+no second calibration run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.algorithms.layout import to_canonical
+from graphprune.graph.stored import read_array, stored_tensor
+from graphprune.graph.targets import Target
+from graphprune.quantize.folds import find_fold
+from graphprune.quantize.ranges import ChannelRange
+
+_S_RANGE = (1e-5, 1e5)  # scales outside this would trade one overflow for another
+
+
+@dataclass(frozen=True)
+class SmoothRecord:
+    activation: str
+    consumers: tuple[str, ...]  # weight names
+    fold: str  # where x / s went, or why nothing was done
+    smoothed: bool
+    scale_min: float = 1.0
+    scale_max: float = 1.0
+
+
+def smoothing_scales(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-channel scales; 1 where either side is zero (nothing to balance)."""
+    x = np.asarray(x_absmax, np.float64)
+    w = np.asarray(w_absmax, np.float64)
+    ok = (x > 0) & (w > 0)
+    s = np.ones_like(x)
+    s[ok] = np.power(x[ok], alpha) / np.power(w[ok], 1.0 - alpha)
+    return np.clip(s, *_S_RANGE)
+
+
+def smooth(
+    model: ir.Model, targets: Sequence[Target], ranges: MutableMapping[str, ChannelRange], alpha: float
+) -> tuple[list[SmoothRecord], dict[str, np.ndarray]]:
+    """Smooth every activation that feeds only quantized weights and whose producer can take the scales.
+
+    ``ranges`` is updated to the smoothed activations' ranges. Returns the records and, per smoothed activation,
+    its scales ``s`` (the activation is now ``x / s``).
+    """
+    graph = model.graph
+    readers: dict[str, list[Target]] = {}
+    for t in targets:
+        readers.setdefault(t.consumers[0].activation, []).append(t)
+    values = {str(v.name): v for node in graph for v in node.outputs}
+    records = []
+    scales: dict[str, np.ndarray] = {}
+    for activation, group in readers.items():
+        names = tuple(t.name for t in group)
+        x = values.get(activation)
+        reason = _unsmoothable(x, group, graph)
+        fold = find_fold(x, group[0].k) if x is not None and not reason else reason
+        if isinstance(fold, str):
+            records.append(SmoothRecord(activation, names, fold, False))
+            continue
+        weights = [graph.initializers[t.name] for t in group]
+        w_absmax = np.max([_column_absmax(w, t) for w, t in zip(weights, group, strict=True)], axis=0)
+        s = smoothing_scales(ranges[activation].absmax, w_absmax, alpha)
+        for edit in fold.edits:
+            _scale_along(edit.value, edit.axis, 1.0 / s)
+        for w, t in zip(weights, group, strict=True):
+            _scale_along(w, t.k_axis, s)
+        ranges[activation] = ranges[activation].scaled(s)
+        scales[activation] = s
+        records.append(SmoothRecord(activation, names, fold.description, True, float(s.min()), float(s.max())))
+    return records, scales
+
+
+def _unsmoothable(x: ir.Value | None, group: Sequence[Target], graph: ir.Graph) -> str:
+    if x is None:
+        return "a graph input (nothing writes it)"
+    if x.is_graph_output():
+        return "also a graph output"
+    quantized = {t.name for t in group}
+    for use in x.uses():
+        w = use.node.inputs[1] if len(use.node.inputs) > 1 else None
+        if use.idx != 0 or use.node.op_type != "MatMul" or w is None or str(w.name) not in quantized:
+            return f"also read by {use.node.op_type} {use.node.name}, which would see the scaled values"
+    if any(c.op != "MatMul" for t in group for c in t.consumers):
+        return "only MatMul consumers are smoothed"
+    return ""
+
+
+def _column_absmax(weight: ir.Value, target: Target) -> np.ndarray:
+    """max |W| per input channel (K) of a stored weight."""
+    canonical = to_canonical(read_array(stored_tensor(weight)), target.k_axis, target.out_axis)
+    return np.abs(canonical).max(axis=(0, 1))
+
+
+def _scale_along(value: ir.Value, axis: int, factors: np.ndarray) -> None:
+    """Multiply a stored float tensor by ``factors`` along ``axis`` (kept in its own dtype)."""
+    array = read_array(stored_tensor(value))
+    shape = [1] * array.ndim
+    shape[axis] = factors.size
+    scaled = (array.astype(np.float64) * factors.reshape(shape)).astype(array.dtype)
+    value.const_value = ir.Tensor(scaled, name=value.name)

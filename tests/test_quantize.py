@@ -1,0 +1,250 @@
+"""graphprune quantize: Q/DQ models run by ONNX Runtime against numpy fake quantization, the pattern kept.
+
+Each model is built in code, quantized by :func:`quantize_file` on calibration arrays, and run by ONNX Runtime; the
+reference is numpy: the same network with weights rounded per output channel (symmetric) and activations rounded
+per tensor with the scale numpy derives from the calibration batch's own activations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.calibration.request import CalibrationRequest
+from graphprune.pipeline.files import check_file
+from graphprune.quantize.config import QuantizeConfig
+from graphprune.quantize.files import quantize_file
+from tests.onnx_builders import init, make_model, reference_nm_mask, run, tensor
+
+RNG = np.random.default_rng(5)
+D, H = 16, 32
+
+
+def sparse(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A [K, N] MatMul weight pruned 2:4 along K."""
+    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return w * reference_nm_mask(w, 0, 2, 4)
+
+
+W1, W2 = sparse((D, H), 1), sparse((H, D), 2)
+
+
+def mlp() -> onnx.ModelProto:
+    """y = relu(x @ W1) @ W2: both weights 2:4 along K."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["a"], name="fc1"),
+        helper.make_node("Relu", ["a"], ["h"]),
+        helper.make_node("MatMul", ["h", "W2"], ["y"], name="fc2"),
+    ]
+    return make_model(
+        nodes, [tensor("x", shape=["b", D])], [tensor("y", shape=["b", D])], [init(W1, "W1"), init(W2, "W2")]
+    )
+
+
+def single_matmul(tmp_path: Path, w: np.ndarray) -> Path:
+    """y = x @ W saved to ``tmp_path``."""
+    k, n = w.shape
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")
+    src = tmp_path / "model.onnx"
+    model = make_model([node], [tensor("x", shape=["b", k])], [tensor("y", shape=["b", n])], [init(w, "W")])
+    onnx.save(model, src)
+    return src
+
+
+def quantized(tmp_path: Path, model: onnx.ModelProto, calib: np.ndarray, **options: object) -> onnx.ModelProto:
+    src = tmp_path / "model.onnx"
+    onnx.save(model, src)
+    config = QuantizeConfig(include_head=True, **options)  # type: ignore[arg-type]
+    out, _ = quantize_file(src, config, tmp_path / "q.onnx", CalibrationRequest(data={"x": calib}), force=True)
+    return onnx.load(out)
+
+
+def fake_weight(w: np.ndarray, qmax: float = 127.0) -> np.ndarray:
+    """Per output channel (column of [K, N]) symmetric round to nearest."""
+    scale = np.abs(w).max(axis=0, keepdims=True) / qmax
+    return np.clip(np.rint(w / scale), -qmax, qmax) * scale
+
+
+def fake_symmetric(x: np.ndarray, amax: float) -> np.ndarray:
+    scale = np.float32(amax / 127.0)
+    return (np.clip(np.rint(x / scale), -128, 127) * scale).astype(np.float32)
+
+
+def fake_asymmetric(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = np.float32((hi - lo) / 255.0)
+    zero = np.clip(np.rint(-lo / scale), 0, 255)
+    return ((np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+
+
+def test_int8_tensorrt_matches_numpy_fake_quantization(tmp_path: Path) -> None:
+    calib = RNG.standard_normal((64, D)).astype(np.float32)
+    model = quantized(tmp_path, mlp(), calib, precision="int8", target="tensorrt")
+    x = RNG.standard_normal((8, D)).astype(np.float32)
+    h_calib = np.maximum(calib @ W1, 0)
+    h = np.maximum(fake_symmetric(x, np.abs(calib).max()) @ fake_weight(W1), 0)
+    want = fake_symmetric(h, np.abs(h_calib).max()) @ fake_weight(W2)
+    got = run(model, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(got - np.maximum(x @ W1, 0) @ W2).max() > 1e-3  # it is quantized, not the float model
+
+
+def test_int8_ort_target_uses_asymmetric_uint8_activations(tmp_path: Path) -> None:
+    calib = (RNG.standard_normal((64, D)) + 0.7).astype(np.float32)
+    model = quantized(tmp_path, mlp(), calib, precision="int8", target="ort")
+    x = (RNG.standard_normal((8, D)) + 0.7).astype(np.float32)
+    h_calib = np.maximum(calib @ W1, 0)
+    h = np.maximum(fake_asymmetric(x, calib.min(), calib.max()) @ fake_weight(W1), 0)
+    want = fake_asymmetric(h, h_calib.min(), h_calib.max()) @ fake_weight(W2)
+    np.testing.assert_allclose(run(model, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+    q_types = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    zero_points = [i for i in model.graph.initializer if i.name in q_types]
+    assert zero_points and all(z.data_type == onnx.TensorProto.UINT8 for z in zero_points)
+
+
+def test_pattern_survives_and_zero_points_are_zero(tmp_path: Path) -> None:
+    calib = RNG.standard_normal((16, D)).astype(np.float32)
+    model = quantized(tmp_path, mlp(), calib, precision="int8")
+    g = ir.from_proto(model).graph
+    for name, w in (("W1", W1), ("W2", W2)):
+        codes = g.initializers[name].const_value.numpy()
+        assert codes.dtype == np.int8
+        np.testing.assert_array_equal(codes == 0, w == 0)  # the same zeros, no more (no weight rounds to 0 here)
+        dq = next(u.node for u in g.initializers[name].uses())
+        assert dq.op_type == "DequantizeLinear" and dq.attributes["axis"].value == 1
+        assert not np.any(dq.inputs[2].const_value.numpy())
+    for node in g:
+        if node.op_type == "QuantizeLinear":
+            assert node.inputs[2].const_value.numpy().dtype == np.int8 and node.inputs[2].const_value.numpy() == 0
+    onnx.save(model, tmp_path / "check.onnx")
+    result = check_file(tmp_path / "check.onnx", NMPattern(2, 4), include_head=True)
+    assert result.ok and {w.name for w in result.weights} == {"W1", "W2"}
+
+
+def test_fp8_matches_numpy_e4m3(tmp_path: Path) -> None:
+    calib = RNG.standard_normal((32, D)).astype(np.float32)
+    model = quantized(tmp_path, mlp(), calib, precision="fp8")
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+
+    def fp8(a: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
+        return (np.clip(a / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale).astype(
+            np.float32
+        )
+
+    def fp8_weight(w: np.ndarray) -> np.ndarray:
+        return fp8(w, (np.abs(w).max(axis=0, keepdims=True) / 448).astype(np.float32))
+
+    x = RNG.standard_normal((8, D)).astype(np.float32)
+    h_calib = np.maximum(calib @ W1, 0)
+    h = np.maximum(fp8(x, np.float32(np.abs(calib).max() / 448)) @ fp8_weight(W1), 0)
+    want = fp8(h, np.float32(np.abs(h_calib).max() / 448)) @ fp8_weight(W2)
+    np.testing.assert_allclose(run(model, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
+    k, n = 128, 16
+    w = sparse((k, n), 3)
+    src = single_matmul(tmp_path, w)
+    config = QuantizeConfig(precision="int4", block_size=block, include_head=True)
+    out, report = quantize_file(src, config, tmp_path / "q.onnx", force=True)
+    g = ir.load(out).graph
+    codes = g.initializers["W"].const_value
+    assert codes.dtype == ir.DataType.INT4
+    dq = next(u.node for u in g.initializers["W"].uses())
+    assert dq.attributes["axis"].value == 0 and dq.attributes["block_size"].value == block
+    scale = dq.inputs[1].const_value.numpy()
+    blocks = np.abs(w).reshape(k // block, block, n).max(axis=1) / 7
+    np.testing.assert_allclose(scale, blocks, rtol=1e-6)  # [K / block, N]: one scale per block along K
+    expanded = np.repeat(blocks, block, axis=0)
+    ref = np.clip(np.rint(w / expanded), -7, 7)
+    np.testing.assert_array_equal(codes.numpy().astype(np.int8), ref)
+    assert np.all(ref[w == 0] == 0)  # the pruned zeros
+    assert not any(node.op_type == "QuantizeLinear" for node in g)  # weight-only
+    x = RNG.standard_normal((4, k)).astype(np.float32)
+    np.testing.assert_allclose(run(ir.load(out), {"x": x})[0], x @ (ref * expanded), rtol=1e-4, atol=1e-4)
+    assert report.result.weights[0].precision == "int4"
+    options = ort.SessionOptions()  # ONNX Runtime's CPU optimiser fuses DQ(int4) -> MatMul into MatMulNBits
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node] == ["MatMulNBits"]
+    assert check_file(out, NMPattern(2, 4), include_head=True).ok
+
+
+def test_gptq_under_the_mask_beats_round_to_nearest_and_keeps_zeros(tmp_path: Path) -> None:
+    k, n = 64, 32
+    w = sparse((k, n), 4)
+    src = single_matmul(tmp_path, w)
+    mix = np.random.default_rng(8).standard_normal((k, k)).astype(np.float32)
+    calib = (RNG.standard_normal((256, k)) @ mix).astype(np.float32)  # correlated inputs: GPTQ's case
+    request = CalibrationRequest(data={"x": calib}, batch_size=64)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        config = QuantizeConfig(precision="int4", block_size=32, method=method, include_head=True)
+        out, _ = quantize_file(src, config, tmp_path / f"{method}.onnx", request, force=True)
+        g = ir.load(out).graph
+        codes = g.initializers["W"].const_value.numpy().astype(np.float32)
+        np.testing.assert_array_equal(codes[w == 0], 0)
+        scale = next(u.node for u in g.initializers["W"].uses()).inputs[1].const_value.numpy()
+        effective = codes * np.repeat(scale, 32, axis=0)
+        errors[method] = np.linalg.norm(calib @ effective - calib @ w)
+    assert errors["gptq"] < 0.92 * errors["rtn"], errors
+
+
+def test_dynamic_activations_match_numpy(tmp_path: Path) -> None:
+    """DynamicQuantizeLinear: uint8, per tensor, range widened to hold 0, computed on the input itself."""
+    src = tmp_path / "model.onnx"
+    onnx.save(mlp(), src)
+    config = QuantizeConfig(precision="int8", dynamic=True, include_head=True)
+    out, report = quantize_file(src, config, tmp_path / "q.onnx", force=True)
+    assert all(a.scale is None for a in report.result.activations)
+    x = RNG.standard_normal((8, D)).astype(np.float32)
+    h = np.maximum(fake_asymmetric(x, x.min(), x.max()) @ fake_weight(W1), 0)
+    want = fake_asymmetric(h, h.min(), h.max()) @ fake_weight(W2)
+    np.testing.assert_allclose(run(onnx.load(out), {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_head_is_untied_exactly_and_quantized_with_include_head(tmp_path: Path) -> None:
+    """Gather(E, ids) embeds, MatMul(h, Transpose(E)) is the head: the head gets its own int8 copy."""
+    from graphprune.graph.model_io import load_model
+    from graphprune.quantize.untie import untie_head_tables
+
+    v = 24
+    e = RNG.standard_normal((v, D)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["x"]),
+        helper.make_node("MatMul", ["x", "W1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["h"]),
+        helper.make_node("MatMul", ["h", "W2"], ["y"]),
+        helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+        helper.make_node("MatMul", ["y", "Et"], ["logits"], name="head"),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("ids", onnx.TensorProto.INT64, ["b", 6])],
+        [tensor("logits", shape=["b", 6, v])],
+        [init(e, "E"), init(W1, "W1"), init(W2, "W2")],
+    )
+    src = tmp_path / "tied.onnx"
+    onnx.save(model, src)
+    ids = RNG.integers(0, v, (2, 6)).astype(np.int64)
+    untied = load_model(src)
+    assert untie_head_tables(untied) == ["E"]
+    np.testing.assert_array_equal(run(untied, {"ids": ids})[0], run(model, {"ids": ids})[0])  # exact
+    request = CalibrationRequest(data={"ids": ids})
+    config = QuantizeConfig(precision="int8", include_head=True)
+    out, report = quantize_file(src, config, tmp_path / "q.onnx", request, force=True)
+    assert report.untied == ["E"] and "E_matmul" in {w.name for w in report.result.weights}
+    g = ir.load(out).graph
+    assert g.initializers["E"].const_value.dtype == ir.DataType.FLOAT  # the Gather's table stays float
+    assert g.initializers["E_matmul"].const_value.dtype == ir.DataType.INT8
+    _, report = quantize_file(src, QuantizeConfig(precision="int8"), tmp_path / "f.onnx", request, force=True)
+    assert not report.untied and "E" in {k.name for k in report.kept}

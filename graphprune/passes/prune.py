@@ -19,6 +19,7 @@ from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructure
 from graphprune.algorithms.permutation import search_permutation
 from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
 from graphprune.algorithms.sparsegpt import sparsegpt
+from graphprune.algorithms.swaps import swap_refine
 from graphprune.calibration.stats import ActivationStats
 from graphprune.errors import GraphpruneError
 from graphprune.graph.selection import select_targets
@@ -52,12 +53,15 @@ class PruneConfig:
     percdamp: float = 0.01  # SparseGPT's and ALPS's dampening, a fraction of the mean diagonal of XᵀX
     blocksize: int = 128  # SparseGPT's column block
     permute: bool = False  # N:M: reorder channels where the graph absorbs it exactly (passes/permute.py)
+    target: str = "pruned"  # SparseGPT/ALPS reconstruct the pruned model's outputs, or "dense": the dense model's
+    swaps: int = 0  # SparseGPT/ALPS: mask refinement by swaps after the solver, at most this many per row
 
     def __post_init__(self) -> None:  # options fail before any calibration, not after it
         if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
             raise GraphpruneError(f"--percdamp must be a finite number >= 0, got {self.percdamp}")
         if self.blocksize < 1:
             raise GraphpruneError(f"--blocksize must be at least 1, got {self.blocksize}")
+        check_reconstruction_options(self)
 
     def solver_options(self) -> dict[str, float | int]:
         return {"percdamp": self.percdamp, "blocksize": self.blocksize}
@@ -153,8 +157,10 @@ class PrunePass(ir.passes.InPlacePass):
         self.config = config
         self.input_sumsq: Mapping[str, np.ndarray] | None = stats if isinstance(stats, Mapping) else None
         self.gram: Mapping[str, np.ndarray] = {}
+        self.cross: Mapping[str, np.ndarray] = {}  # dense targets: Σ x_denseᵀ x per weight (sequential runs)
         if stats is not None and not isinstance(stats, Mapping):
             self.input_sumsq, self.gram = stats.sumsq, stats.gram
+            self.cross = getattr(stats, "cross", {})
         self.on_weight = on_weight
         self.given_plan = plan
         self.defer = defer
@@ -303,17 +309,24 @@ class PrunePass(ir.passes.InPlacePass):
             raise GraphpruneError(
                 f"weight {target.name} holds NaN or infinite values: {self.config.method.value} cannot prune it"
             )
-        gram = self.gram[target.name]
+        gram, cross = self.gram[target.name], self.cross.get(target.name)
         try:
             if self.config.method is Method.ALPS:
-                updated = self._alps_weight(target, canonical, gram)
+                updated = self._alps_weight(target, canonical, gram, cross)
             else:
-                updated = sparsegpt(canonical, gram, self.config.pattern, **self.config.solver_options())
+                updated = sparsegpt(
+                    canonical, gram, self.config.pattern, **self.config.solver_options(), cross=cross
+                )
+            if self.config.swaps:
+                pattern, budget, damp = self.config.pattern, self.config.swaps, self.config.percdamp
+                updated = swap_refine(canonical, updated, gram, pattern, budget, damp, cross).weight
         except ValueError as exc:  # the solver's word on this weight's data (e.g. a Gram that is not definite)
             raise GraphpruneError(f"{self.config.method.value} cannot prune {target.name}: {exc}") from None
         return from_canonical(updated[:, None, :], target.shape, target.k_axis, target.out_axis)
 
-    def _alps_weight(self, target: Target, canonical: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    def _alps_weight(
+        self, target: Target, canonical: np.ndarray, gram: np.ndarray, cross: np.ndarray | None = None
+    ) -> np.ndarray:
         """ALPS on one weight, solved together with the planned weights not pruned yet that read the same input
         (Q/K/V, gate/up: :func:`alps_solve_shared`); their results wait here for their turn."""
         shared = self._alps
@@ -326,7 +339,7 @@ class PrunePass(ir.passes.InPlacePass):
                 self._prepared = (gram, PreparedGram(gram, self.config.percdamp))
             peers = self._alps_peers(gram)
             weights = [canonical, *(w for _, w in peers)]
-            results = alps_solve_shared(weights, self._prepared[1], self.config.pattern)
+            results = alps_solve_shared(weights, self._prepared[1], self.config.pattern, cross=cross)
             for (t, w), result in zip(peers, results[1:], strict=True):
                 shared.solved[t.name] = (w, result.weight)
             return results[0].weight
@@ -442,6 +455,20 @@ class _SharedInputSolves:
 def _canonical(target: Target, stored: StoredWeight) -> np.ndarray:
     """The stored weight in the solvers' ``(out, K)`` layout."""
     return to_canonical(stored.values, target.k_axis, target.out_axis)[:, 0, :]
+
+
+def check_reconstruction_options(config: PruneConfig) -> None:
+    """Dense targets and swaps refine SparseGPT's and ALPS's reconstruction; refuse them elsewhere."""
+    if config.target not in ("pruned", "dense"):
+        raise GraphpruneError(f"the reconstruction target must be 'pruned' or 'dense', got {config.target!r}")
+    if config.swaps < 0:
+        raise GraphpruneError(f"the swap budget must be >= 0, got {config.swaps}")
+    if (config.target == "dense" or config.swaps) and not config.method.reconstructs:
+        raise GraphpruneError("dense targets and swaps refine sparsegpt and alps: choose one of those methods")
+    if config.swaps and isinstance(config.pattern, Unstructured) and config.pattern.scope is Scope.INPUT:
+        raise GraphpruneError("swaps keep each output row's count: they do not refine a mask compared per input")
+    if config.target == "dense" and config.permute:
+        raise GraphpruneError("dense targets and channel permutation cannot be combined yet")
 
 
 def _reconstruction_unfit(target: Target, method: Method) -> str:

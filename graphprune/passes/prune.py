@@ -422,6 +422,8 @@ class PrunePass(ir.passes.InPlacePass):
             )
         stats = ActivationStats.from_sumsq(self.input_sumsq, targets, self.gram)
         stats.check(targets, gram=method.reconstructs)  # the one validation of statistics
+        if self.config.target == "dense" and targets and not self.cross:
+            raise GraphpruneError("dense targets need the cross-Gram matrices of a sequential calibration")
 
     def _report(self, target: Target, stored: StoredWeight) -> WeightReport:
         effective = stored.effective()

@@ -36,7 +36,7 @@ from graphprune.graph.stored import replace_tensor, stored_tensor, stored_values
 from graphprune.graph.targets import Skip, Target
 from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
 from graphprune.pipeline.boundary import BoundaryTensors
-from graphprune.pipeline.sequential import SequentialCalibration, target_groups
+from graphprune.pipeline.sequential import SequentialCalibration, dense_stream, target_groups
 from graphprune.pipeline.streaming import StagedOutput
 
 MODES = ("block", "level", "oneshot")
@@ -114,7 +114,10 @@ def prune_in_segments(
         warnings.append(
             "--max-memory is below what the largest segment needs: every boundary tensor is spilled to disk"
         )
-    store = BoundaryTensors(budget)
+    if config.target == "dense" and mode == "oneshot":
+        raise GraphpruneError("dense targets reconstruct on the pruned prefix: they need a sequential mode")
+    shares = 2 if config.target == "dense" else 1  # dense targets hold a second stream of boundary tensors
+    store = BoundaryTensors(None if budget is None else budget // shares)
     own = staged is None
     with contextlib.nullcontext(staged) if staged is not None else StagedOutput(output) as staged:
         run = _Run(model, staged, config, store, on_weight, on_progress, pruned_feeds_later=mode != "oneshot")
@@ -128,6 +131,7 @@ def prune_in_segments(
             run.on_group,
             store=store,
             rerun_pruned=mode != "oneshot",
+            dense=dense_stream(model, targets, config, providers, store.budget),
         )
         run.start()
         engine.run(targets, run.prune_group)

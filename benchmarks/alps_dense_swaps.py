@@ -3,6 +3,7 @@
     python benchmarks/alps_dense_swaps.py --search            # choose percdamp and the swap budget (below)
     python benchmarks/alps_dense_swaps.py --runs pruned:0 dense:16   # prune (TARGET:SWAPS), then evaluate
     python benchmarks/alps_dense_swaps.py --evaluate NAME=MODEL.onnx ...   # evaluate models pruned elsewhere
+    python benchmarks/alps_dense_swaps.py --minilm pruned:0 dense:0 dense:16  # all-MiniLM-L6 2:4, a cheaper check
 
 Text sets (512-token windows, BOS in front, perplexity as ``graphprune eval``):
 
@@ -17,6 +18,9 @@ Text sets (512-token windows, BOS in front, perplexity as ``graphprune eval``):
 model, one-shot) and on 16 ``calib-heldout`` windows; for each percdamp ALPS prunes the block on the first, the
 swaps refine it with each budget, and the relative layer error ``tr(ΔH Δᵀ) / tr(W H Wᵀ)`` is measured on the
 second. Each prune runs as ``graphprune apply`` in a child process (CPU seconds: user + system of the child).
+
+``--minilm`` prunes all-MiniLM-L6 (``minilm_quality.py``'s export, calibration and held-out paragraphs) with ALPS
+2:4 ``--sequential`` and each TARGET:SWAPS, and reports the mean cosine to the dense sentence embeddings.
 """
 
 from __future__ import annotations
@@ -179,12 +183,42 @@ def search(block: int, windows: int) -> list[dict]:
     return rows
 
 
+def apply_command(model: Path, target: str, swaps: str, out: Path, damp: list[str]) -> list[str]:
+    """``graphprune apply`` ALPS 2:4 ``--sequential`` with dense targets or not and a swap budget."""
+    command = ["apply", str(model), "--nm", "2:4", "--method", "alps", "--batch-size", "8", "--sequential"]
+    command += ["--target", target, "--swaps", swaps, "-o", str(out), "--force"]
+    return command + (["--percdamp", damp[0]] if damp else [])
+
+
+def minilm(runs: list[str], workdir: Path) -> dict[str, dict]:
+    """all-MiniLM-L6 2:4: mean cosine of each run's sentence embeddings to the dense model's."""
+    import minilm_quality
+
+    from graphprune import demo
+
+    tokenizer = demo.all_minilm_l6() / "tokenizer.json"
+    feeds = minilm_quality.heldout_feeds(demo.brown_heldout_file(), tokenizer, 512, 128)
+    dense = minilm_quality.embeddings(minilm_quality.DEFAULT_MODEL, feeds)
+    found = {}
+    for text in runs:
+        target, swaps, *damp = text.split(":")
+        out = workdir / f"minilm_{text.replace(':', '_')}.onnx"
+        command = apply_command(minilm_quality.DEFAULT_MODEL, target, swaps, out, damp)
+        command += ["--calib", str(demo.brown_calibration_file()), "--tokenizer", str(tokenizer)]
+        seconds, cpu, peak, _ = timed([*command, "--seqlen", "128", "--nsamples", "128"], None)
+        agreement = minilm_quality.agreement(dense, minilm_quality.embeddings(out, feeds))
+        found[text] = {**agreement, "seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}
+        print(json.dumps({text: found[text]}), flush=True)
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=CACHE / "smollm2" / "model.onnx")
     parser.add_argument("--runs", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP], e.g. pruned:0 dense:16")
     parser.add_argument("--evaluate", nargs="*", default=[], help="NAME=MODEL.onnx: evaluate only")
     parser.add_argument("--search", action="store_true", help="held-out choice of percdamp and swap budget")
+    parser.add_argument("--minilm", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP] on all-MiniLM-L6")
     parser.add_argument("--block", type=int, default=10, help="the block --search prunes")
     parser.add_argument("--windows", type=int, default=16, help="windows of each text set (brown: all 32)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphprune-alps-dense"))
@@ -194,27 +228,16 @@ def main() -> int:
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
     if args.search:
         results["search"] = search(args.block, args.windows)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.minilm:
+        results.setdefault("minilm", {}).update(minilm(args.minilm, args.workdir))
     models = dict(item.split("=", 1) for item in args.evaluate)
     timing = {}
     for text in args.runs:
         target, swaps, *damp = text.split(":")
-        out = args.workdir / f"alps_{target}_{swaps}{'_' + damp[0] if damp else ''}.onnx"
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        calib = REFERENCE / "smollm2_brown_calib.npz"
-        command = ["apply", str(args.model), "--nm", "2:4", "--method", "alps", "--calib", str(calib)]
-        command += [
-            "--batch-size",
-            "8",
-            "--sequential",
-            "--target",
-            target,
-            "--swaps",
-            swaps,
-            "-o",
-            str(out),
-            "--force",
-        ]
-        command += ["--percdamp", damp[0]] if damp else []
+        out = args.workdir / f"alps_{text.replace(':', '_')}.onnx"
+        command = apply_command(args.model, target, swaps, out, damp)
+        command += ["--calib", str(REFERENCE / "smollm2_brown_calib.npz")]
         seconds, cpu, peak, _ = timed(command, None)
         timing[text] = {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}
         models[text] = str(out)
@@ -222,8 +245,12 @@ def main() -> int:
         for name, ppl in evaluate({k: Path(v) for k, v in models.items()}, args.windows).items():
             results.setdefault("perplexity", {})[name] = {**ppl, **timing.get(name, {})}
             print(json.dumps({name: results["perplexity"][name]}), flush=True)
+    # other invocations may have written their parts meanwhile: merge into what is there now
+    latest = json.loads(args.results.read_text()) if args.results.exists() else {}
+    for key, value in results.items():
+        latest[key] = {**latest.get(key, {}), **value} if isinstance(value, dict) else value
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(results, indent=1) + "\n")
+    args.results.write_text(json.dumps(latest, indent=1) + "\n")
     return 0
 
 

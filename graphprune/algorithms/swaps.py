@@ -21,10 +21,11 @@ Steps:
 1. each row still improving takes its best swap (the most negative Δ) when that lowers its objective by more
    than a relative ``1e-9``; ``δ`` and ``g`` change by two rank-1 terms (``g += ŵ_p H_p - v H_u``), O(K) a row;
 2. repeated until no row improves or each row made ``budget`` swaps;
-3. the kept weights are re-solved on the new support (conjugate gradients from the current point, batched over
-   rows: each step lowers the objective); rows whose objective the refit did not lower keep the swapped weights;
-4. while swaps are left in the budget, steps 1-3 again (after a re-solve ``g`` vanishes on the support, so new
-   swaps appear); at most ``MAX_ROUNDS`` rounds.
+3. the kept weights of the rows that swapped are re-solved on their new support (conjugate gradients from the
+   current point, batched over rows: each step lowers the objective); a row whose objective the re-solve did not
+   lower keeps its swapped weights;
+4. those rows, while they have swaps left, steps 1-3 again (after a re-solve ``g`` vanishes on the support, so new
+   swaps can appear); at most ``MAX_ROUNDS`` rounds. Rows that found no swap are done, and cost nothing more.
 
 N:M rows evaluate every (kept, pruned) pair of every group. Unstructured rows evaluate the pairs among the
 ``CANDIDATES`` cheapest removals and the ``CANDIDATES`` best single additions (both exact terms of Δ), each pair
@@ -94,13 +95,13 @@ def swap_refine(
     state = _Rows(w, keep, target, h, pattern)
     before = float(state.objective.sum())
     left = np.full(w.shape[0], budget, dtype=np.int64)
-    swaps = 0
+    rows = np.flatnonzero(left)
     for _ in range(MAX_ROUNDS):
-        made = state.swap(left)
-        swaps += made
-        if not made:
+        rows = state.swap(rows, left)  # the rows that changed: only they can find new swaps after a re-solve
+        if not rows.size:
             break
-        state.refit()
+        state.refit(rows)
+    swaps = int((budget - left).sum())
     return SwapResult(state.w.astype(weight_hat.dtype), state.keep, swaps, before, float(state.objective.sum()))
 
 
@@ -112,21 +113,19 @@ class _Rows:
     ) -> None:
         self.w, self.keep, self.target, self.h, self.pattern = w, keep, target, h, pattern
         self.hd = np.diag(h).copy()
-        self._gradient()
+        delta = target - w
+        self.g = delta @ h
+        self.objective = np.einsum("ij,ij->i", delta, self.g)
         if isinstance(pattern, NMPattern):
             m, groups = pattern.group, h.shape[0] // pattern.group
             g = np.arange(groups)
             self.blocks = h.reshape(groups, m, groups, m)[g, :, g, :]  # (G, M, M): H within each group
 
-    def _gradient(self) -> None:
-        delta = self.target - self.w
-        self.g = delta @ self.h
-        self.objective = np.einsum("ij,ij->i", delta, self.g)
-
-    def swap(self, left: np.ndarray) -> int:
-        """Step 1-2 of the module docstring; ``left`` (swaps left per row) is spent in place."""
-        active = np.flatnonzero(left > 0)
-        made = 0
+    def swap(self, rows: np.ndarray, left: np.ndarray) -> np.ndarray:
+        """Steps 1-2 of the module docstring on ``rows``; ``left`` (swaps left per row) is spent in place.
+        Returns the rows that swapped."""
+        active = rows[left[rows] > 0]
+        changed = np.zeros(left.shape, dtype=bool)
         while active.size:
             gain, p, u, v = self._best(active)
             better = gain < -RELATIVE_GAIN * self.objective[active]
@@ -139,9 +138,9 @@ class _Rows:
             self.w[rows, p], self.w[rows, u] = 0.0, v
             self.keep[rows, p], self.keep[rows, u] = False, True
             left[rows] -= 1
-            made += rows.size
+            changed[rows] = True
             active = rows[left[rows] > 0]
-        return made
+        return np.flatnonzero(changed)
 
     def _best(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per row: the best swap's Δ, the position pruned, the position kept, and its new value."""
@@ -202,11 +201,12 @@ class _Rows:
         v = after.reshape(n, -1)[index, best] / self.hd[uu]
         return flat[index, best], pp, uu, v
 
-    def refit(self) -> None:
-        """Step 3: conjugate gradients on each row's support, ``(Ŵ H)_S = (W' H)_S``, from the current weights."""
-        mask = self.keep.astype(np.float64)
-        w = self.w.copy()
-        r = self.g * mask  # the residual of the normal equations is the masked gradient
+    def refit(self, rows: np.ndarray) -> None:
+        """Step 3 on ``rows``: conjugate gradients on each row's support, ``(Ŵ H)_S = (W' H)_S``, from the current
+        weights (the other rows are unchanged since their last solve)."""
+        mask = self.keep[rows].astype(np.float64)
+        w = self.w[rows]
+        r = self.g[rows] * mask  # the residual of the normal equations is the masked gradient
         p = r.copy()
         rr = np.einsum("ij,ij->i", r, r)
         for _ in range(REFIT_STEPS):
@@ -220,12 +220,12 @@ class _Rows:
                 break
             p = r + (rr_next / np.where(rr > 0, rr, np.inf))[:, None] * p
             rr = rr_next
-        before = self.objective
-        kept_w, kept_g = self.w, self.g
-        self.w = w
-        self._gradient()
-        worse = self.objective > before  # rounding only: CG lowers a quadratic at every step
-        self.w[worse], self.g[worse], self.objective[worse] = kept_w[worse], kept_g[worse], before[worse]
+        delta = self.target[rows] - w
+        g = delta @ self.h
+        objective = np.einsum("ij,ij->i", delta, g)
+        better = objective <= self.objective[rows]  # all but rounding: CG lowers a quadratic at every step
+        rows = rows[better]
+        self.w[rows], self.g[rows], self.objective[rows] = w[better], g[better], objective[better]
 
 
 def _check(weight: np.ndarray, weight_hat: np.ndarray, gram: np.ndarray, pattern: Pattern, budget: int) -> None:

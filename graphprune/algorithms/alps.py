@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from graphprune.algorithms.arrays import choose_ops
+from graphprune.algorithms.dense_target import damped_gram, dense_linear_term
 from graphprune.algorithms.masks import mask_from_scores
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 
@@ -92,15 +93,8 @@ class PreparedGram:
         if not percdamp >= 0.0:
             raise ValueError(f"percdamp must be >= 0, got {percdamp}")
         self.ops = choose_ops(device)
-        h = np.array(gram, dtype=np.float64, copy=True)
-        h = 0.5 * (h + h.T)  # a streamed sum can be asymmetric in its last bits
-        diag = np.einsum("ii->i", h)  # a writable view
-        self.dead = diag <= 0.0
-        h[self.dead, :] = 0.0
-        h[:, self.dead] = 0.0
-        diag[self.dead] = 1.0
-        diag += percdamp * float(np.mean(diag))
-        self.scale = np.sqrt(diag)
+        h, self.dead, self.damping = damped_gram(gram, percdamp)  # λ: dense targets damp their linear term alike
+        self.scale = np.sqrt(np.diag(h))
         self.h_hat = h / self.scale[:, None] / self.scale[None, :]
         self.h32 = self.ops.asarray(self.h_hat, np.float32)
         eigenvalues, q = self.ops.eigh(self.ops.asarray(self.h_hat, np.float64))
@@ -136,8 +130,13 @@ def alps_solve(
     max_iterations: int = MAX_ITERATIONS,
     device: str = "auto",
     exact_max_k: int = EXACT_MAX_K,
+    cross: np.ndarray | None = None,
 ) -> AlpsResult:
-    """As :func:`alps`, with the keep-mask and the solver's record."""
+    """As :func:`alps`, with the keep-mask and the solver's record.
+
+    ``cross``: the cross-Gram ``Σ x_denseᵀ x`` to aim at the dense model's outputs (:mod:`.dense_target`): the
+    linear term ``W̃ Ĥ`` becomes ``W (C + λI) D⁻¹``, and the start its unconstrained optimum, that times ``Ĥ⁻¹``.
+    """
     _check(weight, pattern)
     prepared = gram if isinstance(gram, PreparedGram) else PreparedGram(gram, percdamp, device)
     rows, k = weight.shape
@@ -147,10 +146,14 @@ def alps_solve(
     if rows == 0 or k == 0:
         return AlpsResult(weight.copy(), np.ones(weight.shape, dtype=bool), 0, RHO_START, 0, ops.name)
 
-    w0 = np.array(weight, dtype=np.float64)
-    w0[:, prepared.dead] = 0.0
-    w_tilde = w0 * prepared.scale  # W D
-    target = w_tilde @ prepared.h_hat  # W̃ Ĥ: the constant part of every B-update and the refit's right side
+    if cross is None:
+        w0 = np.array(weight, dtype=np.float64)
+        w0[:, prepared.dead] = 0.0
+        w_tilde = w0 * prepared.scale  # W D
+        target = w_tilde @ prepared.h_hat  # W̃ Ĥ: the constant part of every B-update and the refit's right side
+    else:
+        target = dense_linear_term(weight, cross, prepared.dead, prepared.damping) / prepared.scale
+        w_tilde = np.linalg.solve(prepared.h_hat, target.T).T
     admm = _Admm(prepared, w_tilde, target, pattern)
     b, iterations = admm.run(max_iterations)
 

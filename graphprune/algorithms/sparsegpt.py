@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from graphprune.algorithms.arrays import choose_ops
+from graphprune.algorithms.dense_target import dense_target_weight
 from graphprune.algorithms.masks import nm_mask
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 
@@ -62,6 +63,7 @@ def sparsegpt(
     blocksize: int = 128,
     compute_dtype: np.dtype | type | None = None,
     device: str = "auto",
+    cross: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pruned and updated copy of ``weight`` ``(out, K)``, in its dtype, zero where pruned.
 
@@ -69,8 +71,9 @@ def sparsegpt(
     ``compute_dtype`` overrides the automatic choice (float64 up to K = 4096, float32 beyond). ``device``:
     ``"auto"`` runs on a CUDA GPU through PyTorch when both are present (:mod:`.sparsegpt_torch`), else numpy;
     ``"numpy"``; or a torch device (``"cpu"``, ``"cuda:1"``), as :func:`~graphprune.algorithms.arrays.choose_ops`.
+    ``cross``: the cross-Gram ``Σ x_denseᵀ x`` to aim at the dense model's outputs (:mod:`.dense_target`).
     """
-    return sparsegpt_with_mask(weight, gram, pattern, percdamp, blocksize, compute_dtype, device)[0]
+    return sparsegpt_with_mask(weight, gram, pattern, percdamp, blocksize, compute_dtype, device, cross)[0]
 
 
 def sparsegpt_with_mask(
@@ -81,9 +84,12 @@ def sparsegpt_with_mask(
     blocksize: int = 128,
     compute_dtype: np.dtype | type | None = None,
     device: str = "auto",
+    cross: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """As :func:`sparsegpt`, plus the boolean keep-mask (True = kept) the solver chose."""
     rows, k = _check_inputs(weight, gram, pattern, percdamp, blocksize)
+    if cross is not None and rows and k:  # dense targets: the usual problem of W' = W(C + λI)(H + λI)⁻¹
+        weight = dense_target_weight(weight, gram, cross, percdamp).astype(weight.dtype)
     if compute_dtype is None:
         compute_dtype = np.float64 if k <= FLOAT64_MAX_K else np.float32
     dtype = np.dtype(compute_dtype)

@@ -56,6 +56,7 @@ class ActivationStats:
     model_fingerprint: str
     gram: dict[str, np.ndarray] = field(default_factory=dict)  # float64 [K, K]; shared arrays for shared inputs
     warnings: list[str] = field(default_factory=list)
+    cross: dict[str, np.ndarray] = field(default_factory=dict)  # Σ x_denseᵀ x [K, K] (dense targets; not saved)
 
     def __contains__(self, name: object) -> bool:
         return name in self.sumsq

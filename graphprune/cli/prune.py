@@ -200,6 +200,23 @@ def apply(
             "--permute"
         ),
     ] = False,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="What sparsegpt and alps reconstruct: 'pruned', each layer's output on the pruned model's own "
+            "inputs (as the reference), or 'dense', the dense model's output on the same windows from the pruned "
+            "model's inputs (needs --sequential: a second, dense stream runs beside the pruned one and a cross-"
+            "Gram matrix is collected per input, the same size as the Gram matrix). Example: --target dense"
+        ),
+    ] = "pruned",
+    swaps: Annotated[
+        int,
+        typer.Option(
+            help="sparsegpt and alps: after the solver, refine the mask by exchanging a kept and a pruned weight "
+            "inside an N:M group (or a row, unstructured) while the layer's exact reconstruction error falls, "
+            "re-solving the kept weights; at most this many swaps per output row (0: none). Example: --swaps 50"
+        ),
+    ] = 0,
 ) -> None:
     """Prune a model's weights (2:4 by default) and write a new model plus a JSON report.
 
@@ -219,6 +236,8 @@ def apply(
     request = replace(request, gram_memory_gb=gram_memory, max_memory=budget)
     if permute and not isinstance(pattern, NMPattern):
         raise GraphpruneError("--permute reorders channels for N:M groups: give --nm (for example --nm 2:4)")
+    if target == "dense" and not sequential:
+        raise GraphpruneError("--target dense needs --sequential (it reconstructs the dense model's outputs)")
     config = PruneConfig(
         pattern,
         chosen,
@@ -229,6 +248,8 @@ def apply(
         blocksize,
         permute,
         _quantize_grid(quantize, quant_block_size),
+        target,
+        swaps,
     )
     unit: SequentialUnit = "level" if by_level else "block"
 

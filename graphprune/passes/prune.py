@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -18,6 +18,7 @@ from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructure
 from graphprune.algorithms.quant_grid import QuantGrid
 from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
 from graphprune.algorithms.sparsegpt import sparsegpt
+from graphprune.algorithms.swaps import swap_refine
 from graphprune.calibration.stats import ActivationStats
 from graphprune.errors import GraphpruneError
 from graphprune.graph.selection import select_targets
@@ -56,6 +57,8 @@ class PruneConfig:
     permute: bool = False  # N:M: reorder channels where the graph absorbs it exactly (passes/permute.py)
     # SparseGPT/ALPS joint mode: the kept weights land on this grid (written as float; algorithms/gptq.py)
     quantize: QuantGrid | None = None
+    target: str = "pruned"  # SparseGPT/ALPS reconstruct the pruned model's outputs, or "dense": the dense model's
+    swaps: int = 0  # SparseGPT/ALPS: mask refinement by swaps after the solver, at most this many per row
 
     def __post_init__(self) -> None:  # options fail before any calibration, not after it
         if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
@@ -64,6 +67,7 @@ class PruneConfig:
             raise GraphpruneError(f"--blocksize must be at least 1, got {self.blocksize}")
         if self.quantize is not None and not self.method.reconstructs:
             raise GraphpruneError(f"--quantize is a joint mode of sparsegpt and alps, not of {self.method.value}")
+        check_reconstruction_options(self)
 
     def solver_options(self) -> dict[str, float | int]:
         return {"percdamp": self.percdamp, "blocksize": self.blocksize}
@@ -211,6 +215,8 @@ class PrunePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> PruneResult:
         targets, skips = self.given_plan or self.plan(model)
         _check_statistics(self.config.method, self.stats, targets)  # a mismatch fails before any weight changes
+        if self.config.target == "dense" and targets and not getattr(self.stats, "cross", None):
+            raise PassPreconditionError("dense targets need the cross-Gram matrices of a sequential calibration")
         run = _PruneRun(self.config, model, self.stats, self.defer, self.on_weight)
         return prune_result(model, self.config, (targets, skips), run.prune(targets, self._permutation(model)))
 
@@ -263,6 +269,7 @@ class _PruneRun:
         self.config = config
         self.stored = stored_values(model.graph)
         self.sumsq, self.gram = statistics_parts(stats)
+        self.cross: Mapping[str, np.ndarray] = getattr(stats, "cross", None) or {}  # dense targets' cross-Grams
         self.defer = defer
         self.on_weight = on_weight
         self.callback_lock = threading.Lock()
@@ -291,6 +298,11 @@ class _PruneRun:
     def sumsq_of(self, target: Target) -> np.ndarray:
         assert self.sumsq is not None
         return sumsq_in_model_order(self.stored[target.name], self.sumsq[target.name])
+
+    def cross_of(self, target: Target) -> np.ndarray | None:
+        """Dense targets: Σ x_denseᵀ x of the target's input (sequential runs), in the model's channel order."""
+        cross = self.cross.get(target.name)
+        return None if cross is None else gram_in_model_order(self.stored[target.name], cross)
 
     def gram_of(self, target: Target) -> np.ndarray | None:
         """The Gram matrix of the target's input in the model's channel order (the statistics' own array, shared
@@ -364,26 +376,31 @@ class _PruneRun:
             raise GraphpruneError(
                 f"weight {target.name} holds NaN or infinite values: {self.config.method.value} cannot prune it"
             )
-        gram = self.gram_of(target)
+        gram, cross = self.gram_of(target), self.cross_of(target)
         assert gram is not None  # checked with the statistics
+        grid = self.config.quantize
         try:
             if self.config.method is Method.ALPS:
-                updated = self._alps_weight(target, canonical, gram)
-                if self.config.quantize is not None:  # GPTQ under ALPS's mask, on the same Gram matrix
-                    updated = prune_and_quantize(
-                        updated, gram, None, self.config.quantize, **self.config.solver_options()
-                    )
-            elif self.config.quantize is not None:
-                updated = prune_and_quantize(
-                    canonical, gram, self.config.pattern, self.config.quantize, **self.config.solver_options()
-                )
+                updated = self._alps_weight(target, canonical, gram, cross)
+            elif grid is not None:  # SparseGPT's joint mode: each column's kept weights rounded as it prunes
+                options = self.config.solver_options()
+                updated = prune_and_quantize(canonical, gram, self.config.pattern, grid, **options)
             else:
-                updated = sparsegpt(canonical, gram, self.config.pattern, **self.config.solver_options())
+                updated = sparsegpt(
+                    canonical, gram, self.config.pattern, **self.config.solver_options(), cross=cross
+                )
+            if self.config.swaps:
+                pattern, budget, damp = self.config.pattern, self.config.swaps, self.config.percdamp
+                updated = swap_refine(canonical, updated, gram, pattern, budget, damp, cross).weight
+            if grid is not None and self.config.method is Method.ALPS:  # GPTQ under ALPS's (final) mask
+                updated = prune_and_quantize(updated, gram, None, grid, **self.config.solver_options())
         except ValueError as exc:  # the solver's word on this weight's data (e.g. a Gram that is not definite)
             raise GraphpruneError(f"{self.config.method.value} cannot prune {target.name}: {exc}") from None
         return from_canonical(updated[:, None, :], target.shape, target.k_axis, target.out_axis)
 
-    def _alps_weight(self, target: Target, canonical: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    def _alps_weight(
+        self, target: Target, canonical: np.ndarray, gram: np.ndarray, cross: np.ndarray | None = None
+    ) -> np.ndarray:
         """ALPS on one weight, solved together with the planned weights not pruned yet that read the same input
         (Q/K/V, gate/up: :func:`alps_solve_shared`); their results wait here for their turn."""
         shared = self.alps
@@ -396,7 +413,7 @@ class _PruneRun:
                 self.prepared = (gram, PreparedGram(gram, self.config.percdamp))
             peers = self._alps_peers(gram)
             weights = [canonical, *(w for _, w in peers)]
-            results = alps_solve_shared(weights, self.prepared[1], self.config.pattern)
+            results = alps_solve_shared(weights, self.prepared[1], self.config.pattern, cross=cross)
             for (t, w), result in zip(peers, results[1:], strict=True):
                 shared.solved[t.name] = (w, result.weight)
             return results[0].weight
@@ -474,6 +491,23 @@ class _SharedInputSolves:
 def _canonical(target: Target, stored: StoredWeight) -> np.ndarray:
     """The stored weight in the solvers' ``(out, K)`` layout."""
     return to_canonical(stored.values, target.k_axis, target.out_axis)[:, 0, :]
+
+
+def check_reconstruction_options(config: PruneConfig) -> None:
+    """Dense targets and swaps refine SparseGPT's and ALPS's reconstruction; refuse them elsewhere."""
+    if config.target not in ("pruned", "dense"):
+        raise GraphpruneError(f"the reconstruction target must be 'pruned' or 'dense', got {config.target!r}")
+    if config.swaps < 0:
+        raise GraphpruneError(f"the swap budget must be >= 0, got {config.swaps}")
+    if (config.target == "dense" or config.swaps) and not config.method.reconstructs:
+        raise GraphpruneError("dense targets and swaps refine sparsegpt and alps: choose one of those methods")
+    if config.swaps and isinstance(config.pattern, Unstructured) and config.pattern.scope is Scope.INPUT:
+        raise GraphpruneError("swaps keep each output row's count: they do not refine a mask compared per input")
+    refines = config.target == "dense" or config.swaps
+    if config.quantize is not None and config.method is Method.SPARSEGPT and refines:
+        raise GraphpruneError("sparsegpt's joint quantization takes neither dense targets nor swaps; use alps")
+    if config.target == "dense" and config.permute:
+        raise GraphpruneError("dense targets and channel permutation cannot be combined yet")
 
 
 def _reconstruction_unfit(target: Target, method: Method) -> str:

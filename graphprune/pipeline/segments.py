@@ -39,7 +39,13 @@ from graphprune.passes.permute import ChannelGroups, PermutePass, channel_groups
 from graphprune.passes.prune import Plan, PruneConfig, PrunePass, PruneResult, WeightReport, prune_result
 from graphprune.pipeline.boundary import BoundaryTensors
 from graphprune.pipeline.progress import SILENT, PruneProgress, SegmentProgress
-from graphprune.pipeline.sequential import SequentialCalibration, SequentialUnit, check_sequential, target_groups
+from graphprune.pipeline.sequential import (
+    SequentialCalibration,
+    SequentialUnit,
+    check_sequential,
+    dense_stream,
+    target_groups,
+)
 from graphprune.pipeline.streaming import StagedOutput
 
 # What one segment costs beyond its weights on disk: ONNX Runtime's copy (pre-packed MatMul weights) and the
@@ -106,7 +112,10 @@ def prune_in_segments(
         warnings.append(
             "--max-memory is below what the largest segment needs: every boundary tensor is spilled to disk"
         )
-    store = BoundaryTensors(budget)
+    if config.target == "dense" and sequential is None:
+        raise GraphpruneError("dense targets reconstruct on the pruned prefix: they need a sequential mode")
+    shares = 2 if config.target == "dense" else 1  # dense targets hold a second stream of boundary tensors
+    store = BoundaryTensors(None if budget is None else budget // shares)
     own = staged is None
     with contextlib.nullcontext(staged) if staged is not None else StagedOutput(output) as staged:
         run = _Run(model, staged, config, store, progress, pruned_feeds_later=sequential is not None)
@@ -121,6 +130,7 @@ def prune_in_segments(
             run.on_group,
             store=store,
             rerun_pruned=sequential is not None,
+            dense=dense_stream(model, targets, config, providers, store.budget),
         )
         run.start()
         engine.run(targets, run.prune_group)

@@ -31,6 +31,7 @@ from graphprune.graph.types import value_types
 from graphprune.passes.permute import channel_groups
 from graphprune.passes.prune import Plan, PruneConfig, PrunePass, PruneResult, WeightReport, prune_result
 from graphprune.pipeline.boundary import BoundaryTensors
+from graphprune.pipeline.dense_targets import DenseStream
 from graphprune.pipeline.progress import SILENT, PruneProgress
 
 Feed = Mapping[str, np.ndarray]
@@ -150,6 +151,7 @@ class SequentialCalibration:
     # calibrated on the dense model).
     store: BoundaryTensors = field(default_factory=BoundaryTensors)
     rerun_pruned: bool = True
+    dense: DenseStream | None = None  # dense targets: the dense model's stream and the cross-Gram taps
 
     def run(self, targets: Sequence[Target], prune_group: PruneGroup) -> int:
         """Calibrate and prune every group in order; returns the number of groups."""
@@ -168,6 +170,8 @@ class SequentialCalibration:
             self._held[str(v.name)] = v
             for batch in self.batches:
                 self._cache.append(str(v.name), batch[str(v.name)])
+        if self.dense is not None:
+            self.dense.start(self.batches, list(self._held))
         try:
             for done, group in enumerate(groups):
                 stats = self._calibrate(group)
@@ -176,6 +180,8 @@ class SequentialCalibration:
                     self.on_group(done + 1, len(groups))
         finally:
             self._cache.close()
+            if self.dense is not None:
+                self.dense.close()
         return len(groups)
 
     def _calibrate(self, group: list[Target]) -> ActivationStats:
@@ -187,21 +193,31 @@ class SequentialCalibration:
             ]
             keep = self._advance(wanted, group_nodes)
             carriers = {value: self._carrier(value) for value in self._held.values()}
+            if self.dense is not None:  # the dense activations come in as inputs of the cross-Gram taps
+                dense_inputs = self.dense.add_taps(self.model, plan, self._types, self.warnings)
+                self.dense.open(self.model, keep, carriers)
+                carriers.update(dense_inputs)
             segment = tapped_model(self.model, plan, keep, carriers)
         session = Session(segment, self.providers)
         inputs = [i.name for i in segment.proto.graph.input]
         names = [*plan.output_names, *(str(v.name) for v in keep)]
         accumulator = Accumulator(plan)
         for b in range(len(self.batches)):
-            feed = {name: self._cache.get(name, b) for name in inputs}
+            extra = self.dense.run(b, len(self.batches)) if self.dense is not None else {}  # dense activations
+            feed = {name: extra[name] if name in extra else self._cache.get(name, b) for name in inputs}
             outputs = session.run(names, feed, f"a segment, batch {b + 1} of {len(self.batches)}")
             accumulator.add(outputs[: len(plan.output_names)])
+            if self.dense is not None:
+                self.dense.add(names, outputs)
             for value, array in zip(keep, outputs[len(plan.output_names) :], strict=True):
                 self._cache.append(str(value.name), array)
                 self._held[str(value.name)] = value
         del session  # the segment's weights go with it
         self._forget_consumed()
-        return accumulator.result(group, [])
+        stats = accumulator.result(group, [])
+        if self.dense is not None:
+            stats.cross = self.dense.result(group)
+        return stats
 
     def _advance(self, activations: list[ir.Value], group_nodes: set[ir.Node]) -> list[ir.Value]:
         """Mark the nodes this segment runs for good, and return the values later segments will read.
@@ -233,6 +249,8 @@ class SequentialCalibration:
         for name, value in list(self._held.items()):
             if value not in self._inputs and all(use.node in self._executed for use in value.uses()):
                 self._cache.drop(name)
+                if self.dense is not None:
+                    self.dense.drop(name)
                 del self._held[name]
 
 
@@ -260,6 +278,7 @@ def prune_sequentially(
     gram = config.method.reconstructs
     engine = SequentialCalibration(model, batches, list(providers), gram, sequential, progress.group_done)
     groups = channel_groups(model) if config.permute else None  # the wiring: found once for every group
+    engine.dense = dense_stream(model, plan[0], config, providers)
 
     def prune_group(group: list[Target], stats: ActivationStats) -> None:
         step = PrunePass(
@@ -269,3 +288,16 @@ def prune_sequentially(
 
     engine.run(plan[0], prune_group)
     return prune_result(model, config, plan, reports), engine.warnings
+
+
+def dense_stream(
+    model: ir.Model,
+    targets: Sequence[Target],
+    config: PruneConfig,
+    providers: Sequence[str],
+    budget: int | None = None,
+) -> DenseStream | None:
+    """The dense model's stream for ``config.target == "dense"`` (its boundary tensors held within ``budget``)."""
+    if config.target != "dense":
+        return None
+    return DenseStream(model, targets, list(providers), BoundaryTensors(budget))

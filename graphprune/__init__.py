@@ -61,7 +61,7 @@ _HOME = {
     "PruneConfig": "graphprune.passes.prune",
     "PrunePass": "graphprune.passes.prune",
     "PruneResult": "graphprune.passes.prune",
-    "Statistics": "graphprune.passes.prune",
+    "Statistics": "graphprune.passes.base",
     "WeightReport": "graphprune.passes.prune",
     "ShrinkPass": "graphprune.passes.shrink",
     "ConvertFileResult": "graphprune.pipeline.convert_file",

@@ -226,7 +226,7 @@ class PrunePass(ir.passes.InPlacePass):
             return  # deferred weights are checked one by one as they are written
         targets, _ = self.given_plan or self.plan(model)  # pruning changes values, not what the plan reads
         check = CheckPass(pattern, targets=targets)(model)
-        if not check.ok:
+        if check.violations:  # not ``ok``, which also fails a check of no weight: pruning nothing is no breach
             bad = check.violations[0]
             raise PassPostconditionError(
                 f"weight {bad.name} breaks {pattern} along K after pruning: {bad.bad_groups} groups, "

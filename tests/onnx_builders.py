@@ -60,3 +60,26 @@ def reference_nm_mask(weight: np.ndarray, k_axis: int, keep: int, group: int) ->
 def make_ir_model(*args, **kwargs) -> ir.Model:  # type: ignore[no-untyped-def]
     """:func:`make_model` as the onnx-ir model graphprune's passes work on."""
     return ir.from_proto(make_model(*args, **kwargs))
+
+
+def residual_blocks_model():
+    """Two residual blocks h = h + relu(h A) B: levels A1, B1, A2, B2 whose shapes repeat with period 2."""
+    rng = np.random.default_rng(2102)  # its own data, whatever ran before
+    weights = {}
+    nodes = []
+    h = "x"
+    for block in (1, 2):
+        a, b = f"a{block}", f"b{block}"
+        weights[a] = rng.standard_normal((8, 16)).astype(np.float32)
+        weights[b] = rng.standard_normal((16, 8)).astype(np.float32)
+        nodes += [
+            helper.make_node("MatMul", [h, a], [f"u{block}"]),
+            helper.make_node("Relu", [f"u{block}"], [f"r{block}"]),
+            helper.make_node("MatMul", [f"r{block}", b], [f"v{block}"]),
+            helper.make_node("Add", [h, f"v{block}"], [f"h{block}"]),
+        ]
+        h = f"h{block}"
+    model = make_model(
+        nodes, [tensor("x", shape=["b", 8])], [tensor(h)], [init(w, name) for name, w in weights.items()]
+    )
+    return model, weights

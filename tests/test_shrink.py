@@ -20,8 +20,6 @@ from graphprune.passes.shrink import Removal, ShrinkPass
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
 from tests.onnx_builders import init, make_model, run, tensor
 
-RNG = np.random.default_rng(0)
-
 
 @dataclass
 class Net:
@@ -35,8 +33,8 @@ class Net:
     channel_axes: dict[str, int] = field(default_factory=dict)
 
 
-def _w(*shape: int, scale: float = 0.5) -> np.ndarray:
-    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+def _w(rng: np.random.Generator, *shape: int, scale: float = 0.5) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
 def _silu(x: np.ndarray) -> np.ndarray:
@@ -51,7 +49,8 @@ def _gelu_erf(x: np.ndarray) -> np.ndarray:
 
 def llama_mlp(d: int = 8, hidden: int = 12) -> Net:
     """x + down(silu(x @ gate) * (x @ up)), with Sigmoid·x spelled out as the exporter does."""
-    w = {"gate": _w(d, hidden), "up": _w(d, hidden), "down": _w(hidden, d)}
+    rng = np.random.default_rng(0)  # this function's own data, whatever ran before
+    w = {"gate": _w(rng, d, hidden), "up": _w(rng, d, hidden), "down": _w(rng, hidden, d)}
     nodes = [
         helper.make_node("MatMul", ["x", "gate"], ["g"], name="gate_proj"),
         helper.make_node("Sigmoid", ["g"], ["sg"]),
@@ -71,12 +70,13 @@ def llama_mlp(d: int = 8, hidden: int = 12) -> Net:
     def forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
         return x + (_silu(x @ p["gate"]) * (x @ p["up"])) @ p["down"]
 
-    return Net(model, w, {"x": _w(2, 5, d, scale=1.0)}, forward, {"gate": 1, "up": 1, "down": 0})
+    return Net(model, w, {"x": _w(rng, 2, 5, d, scale=1.0)}, forward, {"gate": 1, "up": 1, "down": 0})
 
 
 def bert_mlp(d: int = 8, hidden: int = 16) -> Net:
     """MatMul+Add → Gelu (Erf expansion) → MatMul+Add."""
-    w = {"w1": _w(d, hidden), "b1": _w(hidden), "w2": _w(hidden, d), "b2": _w(d)}
+    rng = np.random.default_rng(1)  # this function's own data, whatever ran before
+    w = {"w1": _w(rng, d, hidden), "b1": _w(rng, hidden), "w2": _w(rng, hidden, d), "b2": _w(rng, d)}
     consts = {"half": np.float32(0.5), "one": np.float32(1.0), "sqrt2": np.float32(np.sqrt(2.0))}
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["a"]),
@@ -95,12 +95,13 @@ def bert_mlp(d: int = 8, hidden: int = 16) -> Net:
     def forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
         return _gelu_erf(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
 
-    return Net(model, w, {"x": _w(6, d, scale=1.0)}, forward, {"w1": 1, "b1": 0, "w2": 0})
+    return Net(model, w, {"x": _w(rng, 6, d, scale=1.0)}, forward, {"w1": 1, "b1": 0, "w2": 0})
 
 
 def gemm_mlp(d: int = 6, hidden: int = 10) -> Net:
     """Gemm(transB=1) → Relu → Gemm(transB=1), PyTorch's Linear layout."""
-    w = {"w1": _w(hidden, d), "b1": _w(hidden), "w2": _w(d, hidden), "b2": _w(d)}
+    rng = np.random.default_rng(2)  # this function's own data, whatever ran before
+    w = {"w1": _w(rng, hidden, d), "b1": _w(rng, hidden), "w2": _w(rng, d, hidden), "b2": _w(rng, d)}
     nodes = [
         helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
         helper.make_node("Relu", ["h"], ["r"]),
@@ -113,7 +114,7 @@ def gemm_mlp(d: int = 6, hidden: int = 10) -> Net:
     def forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
         return np.maximum(x @ p["w1"].T + p["b1"], 0) @ p["w2"].T + p["b2"]
 
-    return Net(model, w, {"x": _w(4, d, scale=1.0)}, forward, {"w1": 0, "b1": 0, "w2": 1})
+    return Net(model, w, {"x": _w(rng, 4, d, scale=1.0)}, forward, {"w1": 0, "b1": 0, "w2": 1})
 
 
 def _conv_np(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
@@ -131,15 +132,16 @@ def _conv_np(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.nd
 
 def cnn(cin: int = 3, mid: int = 6, cout: int = 4) -> Net:
     """Conv → BatchNormalization → Relu → Conv: the first Conv's filters are the units."""
+    rng = np.random.default_rng(3)  # this function's own data, whatever ran before
     w = {
-        "c1": _w(mid, cin, 3, 3),
-        "c1b": _w(mid),
-        "scale": (1 + _w(mid, scale=0.1)),
-        "shift": _w(mid),
-        "mean": _w(mid),
-        "var": np.abs(_w(mid)) + 0.5,
-        "c2": _w(cout, mid, 3, 3),
-        "c2b": _w(cout),
+        "c1": _w(rng, mid, cin, 3, 3),
+        "c1b": _w(rng, mid),
+        "scale": (1 + _w(rng, mid, scale=0.1)),
+        "shift": _w(rng, mid),
+        "mean": _w(rng, mid),
+        "var": np.abs(_w(rng, mid)) + 0.5,
+        "c2": _w(rng, cout, mid, 3, 3),
+        "c2b": _w(rng, cout),
     }
     nodes = [
         helper.make_node("Conv", ["x", "c1", "c1b"], ["a"], pads=[1, 1, 1, 1]),
@@ -161,7 +163,7 @@ def cnn(cin: int = 3, mid: int = 6, cout: int = 4) -> Net:
         return _conv_np(np.maximum(n, 0), p["c2"], p["c2b"])
 
     axes = {"c1": 0, "c1b": 0, "scale": 0, "shift": 0, "mean": 0, "var": 0, "c2": 1}
-    return Net(model, w, {"x": _w(2, cin, 5, 5, scale=1.0)}, forward, axes)
+    return Net(model, w, {"x": _w(rng, 2, cin, 5, 5, scale=1.0)}, forward, axes)
 
 
 NETS = {"llama_mlp": llama_mlp, "bert_mlp": bert_mlp, "gemm_mlp": gemm_mlp, "cnn": cnn}
@@ -226,8 +228,9 @@ def test_removing_real_channels_equals_numpy_of_the_smaller_network(kind: str) -
 
 
 def test_flap_compensation_equals_the_mean_contribution_it_replaces() -> None:
+    rng = np.random.default_rng(4)  # this function's own data, whatever ran before
     net = bert_mlp()
-    calib = {"x": _w(64, 8, scale=1.0)}
+    calib = {"x": _w(rng, 64, 8, scale=1.0)}
     m = ir.from_proto(net.model)
     report = shrink_model(
         m, ShrinkConfig(ratio=0.25, method=StructuredMethod.FLAP), CalibrationRequest(data=calib, batch_size=16)
@@ -251,8 +254,9 @@ def test_flap_compensation_equals_the_mean_contribution_it_replaces() -> None:
 
 
 def test_flap_adds_a_bias_where_the_consumer_has_none() -> None:
+    rng = np.random.default_rng(5)  # this function's own data, whatever ran before
     net = llama_mlp()
-    calib = {"x": _w(4, 16, 8, scale=1.0)}
+    calib = {"x": _w(rng, 4, 16, 8, scale=1.0)}
     m = ir.from_proto(net.model)
     report = shrink_model(
         m, ShrinkConfig(ratio=0.5, method=StructuredMethod.FLAP), CalibrationRequest(data=calib, batch_size=2)
@@ -269,8 +273,9 @@ def test_flap_adds_a_bias_where_the_consumer_has_none() -> None:
 
 
 def test_wanda_ranks_by_activation_norm_times_weight_magnitude() -> None:
+    rng = np.random.default_rng(6)  # this function's own data, whatever ran before
     net = llama_mlp()
-    calib = {"x": _w(4, 16, 8, scale=1.0)}
+    calib = {"x": _w(rng, 4, 16, 8, scale=1.0)}
     m = ir.from_proto(net.model)
     report = shrink_model(
         m, ShrinkConfig(ratio=0.25, method=StructuredMethod.WANDA), CalibrationRequest(data=calib, batch_size=4)
@@ -292,8 +297,9 @@ def test_l2_ranks_by_the_group_norm_and_keeps_the_earlier_unit_on_ties() -> None
 
 
 def test_steps_reach_the_ratio_in_rounds() -> None:
+    rng = np.random.default_rng(7)  # this function's own data, whatever ran before
     net = llama_mlp(hidden=16)
-    calib = {"x": _w(4, 16, 8, scale=1.0)}
+    calib = {"x": _w(rng, 4, 16, 8, scale=1.0)}
     m = ir.from_proto(net.model)
     report = shrink_model(
         m,
@@ -330,12 +336,13 @@ def residual_stack(
 
     Block ``small``'s branch is nearly zero.
     """
+    rng = np.random.default_rng(8)  # this function's own data, whatever ran before
     nodes, inits, weights = [], [init(np.array(2.0, np.float32), "two")], []
     if post_norm:
         inits += [init(np.ones(d, np.float32), "gamma"), init(np.zeros(d, np.float32), "beta")]
     x = "x"
     for i in range(3):
-        w1, w2 = _w(d, hidden), _w(hidden, d) * (0.05 if i == small else 1.0)
+        w1, w2 = _w(rng, d, hidden), _w(rng, hidden, d) * (0.05 if i == small else 1.0)
         weights.append((w1, w2))
         inits += [init(w1, f"w1_{i}"), init(w2, f"w2_{i}")]
         added = f"a{i}" if post_norm else f"x{i + 1}"
@@ -365,8 +372,9 @@ def residual_stack(
 
 
 def test_blocks_with_the_lowest_influence_are_bypassed_and_their_weights_deleted() -> None:
+    rng = np.random.default_rng(9)  # this function's own data, whatever ran before
     model, _, forward = residual_stack(small=1)
-    calib = {"x": _w(32, 8, scale=1.0)}
+    calib = {"x": _w(rng, 32, 8, scale=1.0)}
     m = ir.from_proto(model)
     report = shrink_model(m, ShrinkConfig(blocks=1), CalibrationRequest(data=calib, batch_size=8))
     assert [b.index for b in report.blocks if b.removed] == [1]
@@ -377,27 +385,29 @@ def test_blocks_with_the_lowest_influence_are_bypassed_and_their_weights_deleted
     assert report.blocks[1].influence == pytest.approx(float(np.mean(1 - cos)), rel=1e-3)
     small = ir.to_proto(m)
     assert {t.name for t in small.graph.initializer} == {"w1_0", "w2_0", "w1_2", "w2_2", "two"}
-    feed = {"x": _w(5, 8, scale=1.0)}
+    feed = {"x": _w(rng, 5, 8, scale=1.0)}
     np.testing.assert_allclose(run(small, feed)[0], forward(feed["x"], {1}), rtol=1e-5, atol=1e-5)
     assert report.parameters_after == report.parameters_before - 2 * 8 * 12
 
 
 def test_block_removal_of_the_last_block_keeps_the_output_name() -> None:
+    rng = np.random.default_rng(10)  # this function's own data, whatever ran before
     model, _, forward = residual_stack(small=2)
     model.graph.node.pop()  # the last Add writes the output directly
     model.graph.node[-1].output[0] = "y"
     m = ir.from_proto(model)
-    calib = {"x": _w(16, 8, scale=1.0)}
+    calib = {"x": _w(rng, 16, 8, scale=1.0)}
     shrink_model(m, ShrinkConfig(blocks=1), CalibrationRequest(data=calib, batch_size=8))
     small = ir.to_proto(m)
     assert [o.name for o in small.graph.output] == ["y"]
-    feed = {"x": _w(3, 8, scale=1.0)}
+    feed = {"x": _w(rng, 3, 8, scale=1.0)}
     np.testing.assert_allclose(run(small, feed)[0], forward(feed["x"], {2}) / 2, rtol=1e-5, atol=1e-5)
 
 
 def test_flap_on_a_conv_chain_adds_biases_that_shrink_with_the_next_group() -> None:
     """Conv → Relu → Conv(no bias) → Relu → Conv: the middle Conv gets a bias and loses output channels too."""
-    w = {"c1": _w(6, 2, 3, 3), "c2": _w(6, 6, 3, 3), "c3": _w(3, 6, 3, 3)}
+    rng = np.random.default_rng(11)  # this function's own data, whatever ran before
+    w = {"c1": _w(rng, 6, 2, 3, 3), "c2": _w(rng, 6, 6, 3, 3), "c3": _w(rng, 3, 6, 3, 3)}
     nodes = [
         helper.make_node("Conv", ["x", "c1"], ["a"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["a"], ["ra"]),
@@ -412,7 +422,7 @@ def test_flap_on_a_conv_chain_adds_biases_that_shrink_with_the_next_group() -> N
         [init(v, k) for k, v in w.items()],
     )
     m = ir.from_proto(model)
-    calib = {"x": _w(8, 2, 4, 4, scale=1.0)}
+    calib = {"x": _w(rng, 8, 2, 4, 4, scale=1.0)}
     report = shrink_model(
         m, ShrinkConfig(ratio=0.5, method=StructuredMethod.FLAP), CalibrationRequest(data=calib, batch_size=4)
     )
@@ -461,12 +471,13 @@ def test_per_layer_ratios_override_the_uniform_one_by_group_name() -> None:
 
 def test_a_post_norm_block_is_bypassed_with_its_norm() -> None:
     """BERT-style x -> LayerNorm(x + f(x)): the norm belongs to the block, the last block's too."""
+    rng = np.random.default_rng(12)  # this function's own data, whatever ran before
     model, _, forward = residual_stack(small=2, post_norm=True)
     m = ir.from_proto(model)
-    calib = {"x": _w(32, 8, scale=1.0)}
+    calib = {"x": _w(rng, 32, 8, scale=1.0)}
     report = shrink_model(m, ShrinkConfig(blocks=1), CalibrationRequest(data=calib, batch_size=8))
     assert [b.index for b in report.blocks if b.removed] == [2]
-    feed = {"x": _w(4, 8, scale=1.0)}
+    feed = {"x": _w(rng, 4, 8, scale=1.0)}
     np.testing.assert_allclose(run(ir.to_proto(m), feed)[0], forward(feed["x"], {2}), rtol=1e-4, atol=1e-4)
 
 
@@ -488,12 +499,13 @@ def test_shrink_pass_is_an_onnx_ir_pass_with_conditions() -> None:
 
 
 def test_moments_run_on_a_weightless_session_model_and_equal_numpy() -> None:
+    rng = np.random.default_rng(13)  # this function's own data, whatever ran before
     from graphprune.calibration.moments import ChannelTap, _moment_taps, collect_moments
     from graphprune.calibration.taps import tapped_model
 
     net = bert_mlp(d=64, hidden=256)  # 128 KiB of weights
     m = ir.from_proto(net.model)
-    calib = {"x": _w(48, 64, scale=1.0)}
+    calib = {"x": _w(rng, 48, 64, scale=1.0)}
     taps = [ChannelTap("g", -1, 256)]
     with _moment_taps(m, taps, [("x", "y")]) as (plan, _):
         session = tapped_model(m, plan)

@@ -11,42 +11,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper
 from typer.testing import CliRunner
 
 from graphprune.cli import app
 from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model, save_model
-from tests.onnx_builders import init, make_model, run, tensor
+from tests.onnx_builders import layered_model, run
 
 runner = CliRunner()
-
-
-def layered_model() -> onnx.ModelProto:
-    """Two hidden layers and a classifier head; metadata and an extra opset import to preserve."""
-    rng = np.random.default_rng(300)  # this function's own data, whatever ran before
-    w1 = rng.standard_normal((16, 32)).astype(np.float32)
-    w2 = rng.standard_normal((32, 16)).astype(np.float32)
-    head = rng.standard_normal((16, 4)).astype(np.float32)
-    model = make_model(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["a"]),
-            helper.make_node("Relu", ["a"], ["r"]),
-            helper.make_node("MatMul", ["r", "w2"], ["b"]),
-            helper.make_node("MatMul", ["b", "head"], ["y"]),
-        ],
-        [tensor("x", shape=[None, 16])],
-        [tensor("y")],
-        [init(w1, "w1"), init(w2, "w2"), init(head, "head")],
-    )
-    model.opset_import.append(helper.make_opsetid("com.example", 1))
-    helper.set_model_props(model, {"author": "tests"})
-    double = helper.make_function(
-        "com.example", "Double", ["t"], ["u"], [helper.make_node("Add", ["t", "t"], ["u"])],
-        [helper.make_opsetid("", 17)],
-    )  # fmt: skip
-    model.functions.append(double)  # a local function, to be kept as it is
-    return model
 
 
 @pytest.fixture

@@ -17,8 +17,10 @@ from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
 from graphprune.passes.permute import find_channel_groups, write_permutation
 from graphprune.passes.prune import PruneConfig, PrunePass
+from tests.onnx_builders import bert_mlp as shared_bert_mlp
 from tests.onnx_builders import init, initializer, make_model, run, tensor
-from tests.test_sequential import wanda_numpy
+from tests.onnx_builders import llama_mlp as shared_llama_mlp
+from tests.references import wanda_numpy
 
 PATTERN = NMPattern(2, 4)
 
@@ -28,58 +30,12 @@ def weight(rng: np.random.Generator, *shape: int) -> np.ndarray:
 
 
 def llama_mlp() -> onnx.ModelProto:
-    """down(silu(x gate) * (x up)) with [K, N] MatMul weights, and a residual add."""
-    rng = np.random.default_rng(3100)  # this function's own data, whatever ran before
-    return make_model(
-        [
-            helper.make_node("MatMul", ["x", "gate"], ["g"]),
-            helper.make_node("Sigmoid", ["g"], ["sg"]),
-            helper.make_node("Mul", ["g", "sg"], ["silu"]),
-            helper.make_node("MatMul", ["x", "up"], ["u"]),
-            helper.make_node("Mul", ["silu", "u"], ["h"]),
-            helper.make_node("MatMul", ["h", "down"], ["d"]),
-            helper.make_node("Add", ["x", "d"], ["y"]),
-        ],
-        [tensor("x", shape=["b", 3, 8])],
-        [tensor("y")],
-        [init(weight(rng, 8, 16), "gate"), init(weight(rng, 8, 16), "up"), init(weight(rng, 16, 8), "down")],
-    )
+    """The shared LLaMA MLP (``tests/onnx_builders.py``) with 16 intermediate channels: one 2:4 group of 16."""
+    return shared_llama_mlp(d=8, hidden=16, seed=3100).model
 
 
-def bert_mlp(exported: bool = False) -> onnx.ModelProto:
-    """fc2(gelu(x fc1ᵀ + b1) + b2), GELU written out with Erf. Built by hand: fc1 a Gemm(transB) with its bias,
-    GELU's scalars initializers. ``exported`` (as torch exports BERT): fc1 a MatMul then Add(bias, ·), the
-    scalars Constant nodes, no value_info."""
-    rng = np.random.default_rng(3101)  # this function's own data, whatever ran before
-    scalars = {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5}
-    constants = [init(np.array(v, np.float32), n) for n, v in scalars.items()]
-    if exported:
-        head = [helper.make_node("Constant", [], [c.name], value=c) for c in constants]
-        head += [helper.make_node("MatMul", ["x", "fc1"], ["a0"]), helper.make_node("Add", ["b1", "a0"], ["a"])]
-        constants, fc1 = [], weight(rng, 8, 16)
-    else:
-        head, fc1 = [helper.make_node("Gemm", ["x", "fc1", "b1"], ["a"], transB=1)], weight(rng, 16, 8)
-    return make_model(
-        [
-            *head,
-            helper.make_node("Div", ["a", "sqrt2"], ["a2"]),
-            helper.make_node("Erf", ["a2"], ["e"]),
-            helper.make_node("Add", ["e", "one"], ["e1"]),
-            helper.make_node("Mul", ["a", "e1"], ["m"]),
-            helper.make_node("Mul", ["m", "half"], ["gelu"]),
-            helper.make_node("MatMul", ["gelu", "fc2"], ["f"]),
-            helper.make_node("Add", ["b2", "f"], ["y"]),
-        ],
-        [tensor("x", shape=["b", 3, 8] if exported else ["b", 8])],
-        [tensor("y")],
-        [
-            init(fc1, "fc1"),
-            init(weight(rng, 16), "b1"),
-            *constants,
-            init(weight(rng, 16, 8), "fc2"),
-            init(weight(rng, 8), "b2"),
-        ],
-    )
+def bert_mlp(layout: str = "gemm") -> onnx.ModelProto:
+    return shared_bert_mlp(d=8, hidden=16, layout=layout, seed=3101).model
 
 
 def attention(kv_heads: int, heads: int = 4, d: int = 8, hidden: int = 16) -> onnx.ModelProto:
@@ -135,8 +91,8 @@ def attention(kv_heads: int, heads: int = 4, d: int = 8, hidden: int = 16) -> on
 
 CASES = {
     "llama-mlp": (llama_mlp, {"down": (("gate", "up"), (), 16)}, (2, 3, 8)),
-    "bert-mlp": (bert_mlp, {"fc2": (("fc1",), ("b1",), 16)}, (4, 8)),
-    "exported-bert-mlp": (lambda: bert_mlp(exported=True), {"fc2": (("fc1",), ("b1",), 16)}, (2, 3, 8)),
+    "bert-mlp": (bert_mlp, {"w2": (("w1",), ("b1",), 16)}, (4, 8)),
+    "exported-bert-mlp": (lambda: bert_mlp("exported"), {"w2": (("w1",), ("b1",), 16)}, (2, 3, 8)),
     "attention-mha": (lambda: attention(4), {"wo": (("wv",), (), 8)}, (2, 5, 16)),
     "attention-gqa": (lambda: attention(2), {"wo": (("wv",), (), 8)}, (2, 5, 16)),
 }

@@ -22,7 +22,7 @@ from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.permutation import search_permutation
 from graphprune.cli import app
 from tests.onnx_builders import init, initializer, make_model, run, tensor
-from tests.test_sequential import wanda_numpy
+from tests.references import wanda_numpy
 
 HIDDEN, INTER = 8, 16
 PATTERN = NMPattern(2, 4)

@@ -15,15 +15,15 @@ from graphprune.algorithms.alps import alps, alps_solve_shared
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
+from graphprune.calibration.request import CalibrationRequest
 from graphprune.cli import app
 from graphprune.graph.model_io import load_model
 from graphprune.passes.prune import PruneConfig, PrunePass
 from graphprune.pipeline.segments import prune_in_segments
 from graphprune.pipeline.sequential import prune_sequentially
-from tests import test_segments
-from tests.onnx_builders import init, initializer, make_model, residual_blocks_model, run, tensor
-from tests.test_alps import correlated_inputs
-from tests.test_prune_sparsegpt import linear_model
+from tests.decoder_models import decoder_like, feeds, save_external
+from tests.onnx_builders import init, initializer, linear_model, make_model, residual_blocks_model, run, tensor
+from tests.references import correlated_inputs
 
 PATTERN = NMPattern(2, 4)
 
@@ -139,17 +139,17 @@ def test_the_weights_that_read_one_input_are_solved_together(tmp_path, sequentia
 
 
 def test_a_model_with_external_data_runs_alps_segment_by_segment_as_in_memory(tmp_path) -> None:
-    dense, data = test_segments.decoder_like(), test_segments.feeds()
+    dense, data = decoder_like(), feeds()
     config = PruneConfig(PATTERN, Method.ALPS)
     in_memory = ir.from_proto(dense)
-    batches, _ = test_segments.request(data).batches(dense)
+    batches, _ = CalibrationRequest(data=data, batch_size=2).batches(dense)
     prune_sequentially(in_memory, config, batches)
 
-    path = test_segments.save_external(dense, tmp_path / "in" / "model.onnx")
+    path = save_external(dense, tmp_path / "in" / "model.onnx")
     model = load_model(path)
     out = tmp_path / "out" / "pruned.onnx"
     plan = PrunePass(config).plan(model)
-    prune_in_segments(model, path.parent, out, config, test_segments.request(data), "block", plan)
+    prune_in_segments(model, path.parent, out, config, CalibrationRequest(data=data, batch_size=2), "block", plan)
     written = onnx.load(str(out))
     for name in ("a1", "b1", "a2", "b2", "a3", "b3"):
         np.testing.assert_array_equal(initializer(written, name), initializer(in_memory, name))

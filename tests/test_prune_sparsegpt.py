@@ -16,21 +16,8 @@ from graphprune.algorithms.scores import Method
 from graphprune.algorithms.sparsegpt import sparsegpt
 from graphprune.errors import GraphpruneError
 from graphprune.passes.prune import PruneConfig, PrunePass
-from tests.onnx_builders import init, initializer, residual_blocks_model, run, tensor
+from tests.onnx_builders import init, initializer, linear_model, residual_blocks_model, run, tensor
 from tests.onnx_builders import make_ir_model as make_model
-
-
-def linear_model(w_stored_nk: np.ndarray):
-    """Y = X @ Wᵀ with W stored [N, K] behind a Transpose, as PyTorch exports a Linear."""
-    return make_model(
-        [
-            helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
-            helper.make_node("MatMul", ["x", "wt"], ["y"]),
-        ],
-        [tensor("x", shape=[None, w_stored_nk.shape[1]])],
-        [tensor("y")],
-        [init(w_stored_nk, "w")],
-    )
 
 
 def correlated_inputs(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:

@@ -15,19 +15,9 @@ from graphprune.graph.targets import find_targets
 from graphprune.passes.prune import PruneConfig
 from graphprune.pipeline.sequential import prune_sequentially, target_groups
 from tests.onnx_builders import init, initializer, make_model, residual_blocks_model, tensor
+from tests.references import wanda_numpy
 
 PATTERN = NMPattern(2, 4)
-
-
-def wanda_numpy(w_kn: np.ndarray, inputs: np.ndarray) -> np.ndarray:
-    """Independent Wanda 2:4 on a [K, N] MatMul weight: |W|·‖X_j‖, top 2 of every 4 along K (no ties)."""
-    norms = np.sqrt((inputs.astype(np.float64) ** 2).reshape(-1, inputs.shape[-1]).sum(axis=0))
-    scores = np.abs(w_kn.astype(np.float64)) * norms[:, None]
-    groups = scores.T.reshape(w_kn.shape[1], -1, 4)
-    order = np.argsort(-groups, axis=-1)[..., :2]
-    keep = np.zeros(groups.shape, bool)
-    np.put_along_axis(keep, order, True, axis=-1)
-    return np.where(keep.reshape(w_kn.shape[1], -1).T, w_kn, 0)
 
 
 def two_block_model():

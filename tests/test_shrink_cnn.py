@@ -18,30 +18,27 @@ from graphprune.graph.groups import find_groups
 from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
-from tests.onnx_builders import init, make_model, run, tensor
+from tests.onnx_builders import draw, init, make_model, run, tensor
 
 CIN, C, R, COUT, HW = 3, 6, 3, 4, 4
 
-
-def _w(rng: np.random.Generator, *shape: int, scale: float = 0.5) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
 def _weights() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(300)  # this function's own data, whatever ran before
     return {
-        "c1": _w(rng, C, CIN, 3, 3),
-        "scale": 1 + _w(rng, C, scale=0.1),
-        "shift": _w(rng, C),
-        "mean": _w(rng, C),
-        "var": np.abs(_w(rng, C)) + 0.5,
-        "dw": _w(rng, C, 1, 3, 3),
-        "dwb": _w(rng, C),
-        "se1": _w(rng, R, C, 1, 1),
-        "se1b": _w(rng, R),
-        "se2": _w(rng, C, R, 1, 1),
-        "se2b": _w(rng, C),
-        "c2": _w(rng, COUT, C, 1, 1),
+        "c1": draw(rng, C, CIN, 3, 3),
+        "scale": 1 + draw(rng, C, scale=0.1),
+        "shift": draw(rng, C),
+        "mean": draw(rng, C),
+        "var": np.abs(draw(rng, C)) + 0.5,
+        "dw": draw(rng, C, 1, 3, 3),
+        "dwb": draw(rng, C),
+        "se1": draw(rng, R, C, 1, 1),
+        "se1b": draw(rng, R),
+        "se2": draw(rng, C, R, 1, 1),
+        "se2b": draw(rng, C),
+        "c2": draw(rng, COUT, C, 1, 1),
     }
 
 
@@ -163,7 +160,7 @@ def _groups(m: ir.Model) -> dict[str, object]:
     return {"main" if g.width == C else "squeeze": g for g in scan.groups}
 
 
-X = _w(np.random.default_rng(3), 2, CIN, HW, HW, scale=1.0)  # one input for every test, drawn at import
+X = draw(np.random.default_rng(3), 2, CIN, HW, HW, scale=1.0)  # one input for every test, drawn at import
 
 
 def test_the_block_matches_its_numpy_forward() -> None:
@@ -226,7 +223,7 @@ def test_a_depthwise_conv_with_a_channel_multiplier_is_skipped_with_its_reason()
     model = mobilenet_block(w, constant_nodes=False)
     for t in model.graph.initializer:
         if t.name == "dw":  # two filters per input channel: output channel 2c+k reads input channel c
-            t.CopyFrom(onnx.numpy_helper.from_array(_w(rng, 2 * C, 1, 3, 3), "dw"))
+            t.CopyFrom(onnx.numpy_helper.from_array(draw(rng, 2 * C, 1, 3, 3), "dw"))
     scan = find_groups(_prepared(model), ("channels",))
     assert all(g.width != C for g in scan.groups)
     assert any("Conv" in s.reason for s in scan.skips)
@@ -246,7 +243,7 @@ def test_flap_folds_the_removed_channels_mean_contribution_into_the_last_conv() 
     rng = np.random.default_rng(302)  # this function's own data, whatever ran before
     w = _weights()
     model = mobilenet_block(w)
-    calib = {"x": _w(rng, 16, CIN, HW, HW, scale=1.0)}
+    calib = {"x": draw(rng, 16, CIN, HW, HW, scale=1.0)}
     m = ir.from_proto(model)
     report = shrink_model(
         m,

@@ -11,13 +11,10 @@ from onnx_ir.passes.common import TopologicalSortPass
 
 from graphprune.graph.groups import find_groups
 from graphprune.passes.shrink import Removal, ShrinkPass
-from tests.onnx_builders import init, make_model, run, tensor
+from tests.onnx_builders import draw, init, make_model, run, tensor
 
 SEQ = 5
 
-
-def _w(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    return (rng.standard_normal(shape) * 0.5).astype(np.float32)
 
 
 def attention(heads: int, kv_heads: int, head_dim: int, d: int = 8) -> tuple[onnx.ModelProto, dict]:
@@ -25,11 +22,11 @@ def attention(heads: int, kv_heads: int, head_dim: int, d: int = 8) -> tuple[onn
     rng = np.random.default_rng(100)  # this function's own data, whatever ran before
     rep = heads // kv_heads
     w = {
-        "wq": _w(rng, d, heads * head_dim),
-        "bq": _w(rng, heads * head_dim),
-        "wk": _w(rng, d, kv_heads * head_dim),
-        "wv": _w(rng, d, kv_heads * head_dim),
-        "wo": _w(rng, heads * head_dim, d),
+        "wq": draw(rng, d, heads * head_dim),
+        "bq": draw(rng, heads * head_dim),
+        "wk": draw(rng, d, kv_heads * head_dim),
+        "wv": draw(rng, d, kv_heads * head_dim),
+        "wo": draw(rng, heads * head_dim, d),
     }
     consts = {
         "q_shape": np.array([0, 0, heads, head_dim], np.int64),
@@ -116,7 +113,7 @@ def _shrink(model: onnx.ModelProto, units: list[int]) -> tuple[onnx.ModelProto, 
 def test_multi_head_attention_removes_whole_heads_and_rewrites_head_counts() -> None:
     rng = np.random.default_rng(101)  # this function's own data, whatever ran before
     model, w = attention(heads=4, kv_heads=4, head_dim=2)
-    x = _w(rng, 3, SEQ, 8)
+    x = draw(rng, 3, SEQ, 8)
     small, group = _shrink(model, [1, 3])
     assert group.kind == "heads" and group.width == 2  # type: ignore[attr-defined]
     expected = attention_np(_drop(w, [1, 3], [1, 3], 2), x, 2, 2, 2)
@@ -133,7 +130,7 @@ def test_removing_all_zero_heads_is_bit_identical() -> None:
             array = onnx.numpy_helper.to_array(t).copy()
             array[2:4] = 0  # head 1's rows of O: the head contributes nothing
             t.CopyFrom(onnx.numpy_helper.from_array(array, "wo"))
-    x = _w(rng, 2, SEQ, 8)
+    x = draw(rng, 2, SEQ, 8)
     before = run(model, {"x": x})[0]
     small, _ = _shrink(model, [1])
     np.testing.assert_array_equal(run(small, {"x": x})[0], before)
@@ -142,7 +139,7 @@ def test_removing_all_zero_heads_is_bit_identical() -> None:
 def test_grouped_query_attention_removes_kv_groups_with_their_query_heads() -> None:
     rng = np.random.default_rng(103)  # this function's own data, whatever ran before
     model, w = attention(heads=4, kv_heads=2, head_dim=2)
-    x = _w(rng, 2, SEQ, 8)
+    x = draw(rng, 2, SEQ, 8)
     np.testing.assert_allclose(run(model, {"x": x})[0], attention_np(w, x, 4, 2, 2), rtol=1e-4, atol=1e-5)
     small, group = _shrink(model, [0])  # KV group 0: key/value head 0 and query heads 0 and 1
     assert group.width == 1 and group.unit_size == 4  # type: ignore[attr-defined]  # 2 KV groups, 1 left
@@ -239,7 +236,7 @@ def test_exporter_key_transpose_is_folded_exactly_and_its_heads_removed(
 
     dense, w = attention(heads=heads, kv_heads=kv_heads, head_dim=2)
     model = exporter_style(dense)
-    x = _w(rng, 3, SEQ, 8)
+    x = draw(rng, 3, SEQ, 8)
     before = run(model, {"x": x})[0]
     np.testing.assert_allclose(before, attention_np(w, x, heads, kv_heads, 2), rtol=1e-4, atol=1e-5)
     m = ir.from_proto(model)
@@ -261,7 +258,7 @@ def test_a_key_reshape_not_proven_from_the_keys_own_shape_is_left_alone_and_its_
 
     model = exporter_style(attention(heads=4, kv_heads=4, head_dim=2)[0], near_miss=True)
     m = ir.from_proto(model)
-    x = _w(rng, 2, SEQ, 8)
+    x = draw(rng, 2, SEQ, 8)
     before = run(m, {"x": x})[0]
     prepare_graph(m, heads=True)
     assert fold_key_transposes(m) == 0

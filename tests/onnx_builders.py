@@ -262,3 +262,79 @@ def residual_stack(
         return 2 * x
 
     return model, weights, forward  # type: ignore[return-value]
+
+
+SEQ = 5  # tokens per sequence of the attention block (its GQA Reshape fixes it)
+
+
+def attention(
+    heads: int, kv_heads: int, head_dim: int, d: int = 8, seed: int = 100
+) -> tuple[onnx.ModelProto, dict]:
+    """x + O(softmax(Q Kᵀ / √hd) V): Q/K/V reshaped by constant shapes; GQA repeats K/V by Unsqueeze+Expand."""
+    rng = np.random.default_rng(seed)
+    rep = heads // kv_heads
+    w = {
+        "wq": draw(rng, d, heads * head_dim),
+        "bq": draw(rng, heads * head_dim),
+        "wk": draw(rng, d, kv_heads * head_dim),
+        "wv": draw(rng, d, kv_heads * head_dim),
+        "wo": draw(rng, heads * head_dim, d),
+    }
+    consts = {
+        "q_shape": np.array([0, 0, heads, head_dim], np.int64),
+        "kv_shape": np.array([0, 0, kv_heads, head_dim], np.int64),
+        "merge": np.array([0, 0, heads * head_dim], np.int64),
+        "scale": np.array(1 / np.sqrt(head_dim), np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q0"], name="q_proj"),
+        helper.make_node("Add", ["q0", "bq"], ["q1"]),
+        helper.make_node("Reshape", ["q1", "q_shape"], ["q2"]),
+        helper.make_node("Transpose", ["q2"], ["q"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["x", "wk"], ["k0"], name="k_proj"),
+        helper.make_node("Reshape", ["k0", "kv_shape"], ["k1"]),
+        helper.make_node("Transpose", ["k1"], ["k2"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["x", "wv"], ["v0"], name="v_proj"),
+        helper.make_node("Reshape", ["v0", "kv_shape"], ["v1"]),
+        helper.make_node("Transpose", ["v1"], ["v2"], perm=[0, 2, 1, 3]),
+    ]
+    if rep > 1:
+        consts["unsq"] = np.array([2], np.int64)
+        consts["expand"] = np.array([1, 1, rep, 1, 1], np.int64)
+        consts["repeat"] = np.array([0, heads, SEQ, head_dim], np.int64)
+        for t in ("k", "v"):
+            nodes += [
+                helper.make_node("Unsqueeze", [f"{t}2", "unsq"], [f"{t}3"]),
+                helper.make_node("Expand", [f"{t}3", "expand"], [f"{t}4"]),
+                helper.make_node("Reshape", [f"{t}4", "repeat"], [f"{t}5"]),
+            ]
+        k, v = "k5", "v5"
+    else:
+        k, v = "k2", "v2"
+    nodes += [
+        helper.make_node("Transpose", [k], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["s0"]),
+        helper.make_node("Mul", ["s0", "scale"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", v], ["a0"]),
+        helper.make_node("Transpose", ["a0"], ["a1"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["a1", "merge"], ["a"]),
+        helper.make_node("MatMul", ["a", "wo"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["x", "o"], ["y"]),
+    ]
+    inits = [init(v, k) for k, v in w.items()] + [init(v, k) for k, v in consts.items()]
+    model = make_model(nodes, [tensor("x", shape=["b", SEQ, d])], [tensor("y", shape=["b", SEQ, d])], inits)
+    return onnx.shape_inference.infer_shapes(model), w
+
+
+def attention_np(w: dict, x: np.ndarray, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+    b, s, _ = x.shape
+    q = (x @ w["wq"] + w["bq"]).reshape(b, s, heads, head_dim).transpose(0, 2, 1, 3)
+    k = (x @ w["wk"]).reshape(b, s, kv_heads, head_dim).transpose(0, 2, 1, 3)
+    v = (x @ w["wv"]).reshape(b, s, kv_heads, head_dim).transpose(0, 2, 1, 3)
+    k, v = (np.repeat(t, heads // kv_heads, axis=1) for t in (k, v))
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    a = (p @ v).transpose(0, 2, 1, 3).reshape(b, s, heads * head_dim)
+    return x + a @ w["wo"]

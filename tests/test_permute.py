@@ -10,15 +10,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper
 
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
 from graphprune.passes.permute import find_channel_groups, write_permutation
 from graphprune.passes.prune import PruneConfig, PrunePass
+from tests.onnx_builders import attention as shared_attention
 from tests.onnx_builders import bert_mlp as shared_bert_mlp
-from tests.onnx_builders import init, initializer, make_model, run, tensor
+from tests.onnx_builders import initializer, run, tensor
 from tests.onnx_builders import llama_mlp as shared_llama_mlp
 from tests.references import wanda_numpy
 
@@ -38,55 +38,9 @@ def bert_mlp(layout: str = "gemm") -> onnx.ModelProto:
     return shared_bert_mlp(d=8, hidden=16, layout=layout, seed=3101).model
 
 
-def attention(kv_heads: int, heads: int = 4, d: int = 8, hidden: int = 16) -> onnx.ModelProto:
-    """Softmax(Q Kᵀ) V with heads of d channels, Q/K/V/O as [K, N] MatMuls; GQA repeats the K/V heads."""
-    rng = np.random.default_rng(3102)  # this function's own data, whatever ran before
-    group = heads // kv_heads
-    nodes = [
-        helper.make_node("MatMul", ["x", "wq"], ["q"]),
-        helper.make_node("Reshape", ["q", "q_shape"], ["q4"]),
-        helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
-        helper.make_node("MatMul", ["x", "wk"], ["k"]),
-        helper.make_node("Reshape", ["k", "kv_shape"], ["k4"]),
-        helper.make_node("Transpose", ["k4"], ["kh"], perm=[0, 2, 3, 1]),
-        helper.make_node("MatMul", ["x", "wv"], ["v"]),
-        helper.make_node("Reshape", ["v", "kv_shape"], ["v4"]),
-        helper.make_node("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3]),
-    ]
-    inits = [
-        init(weight(rng, hidden, heads * d), "wq"),
-        init(weight(rng, hidden, kv_heads * d), "wk"),
-        init(weight(rng, hidden, kv_heads * d), "wv"),
-        init(weight(rng, heads * d, hidden), "wo"),
-        init(np.array([0, 0, heads, d], np.int64), "q_shape"),
-        init(np.array([0, 0, kv_heads, d], np.int64), "kv_shape"),
-        init(np.array([0, 0, heads * d], np.int64), "merged"),
-    ]
-    k_in, v_in = "kh", "vh"
-    if group > 1:  # repeat_kv: [b, kv, s, d] -> [b, kv, group, s, d] -> [b, heads, s, d]
-        for name in ("kh", "vh"):
-            nodes += [
-                helper.make_node("Unsqueeze", [name, "axis2"], [f"{name}5"]),
-                helper.make_node("Expand", [f"{name}5", f"{name}_expand"], [f"{name}x"]),
-                helper.make_node("Reshape", [f"{name}x", f"{name}_heads"], [f"{name}r"]),
-            ]
-        inits += [
-            init(np.array([2], np.int64), "axis2"),
-            init(np.array([1, 1, group, 1, 1], np.int64), "kh_expand"),
-            init(np.array([1, 1, group, 1, 1], np.int64), "vh_expand"),
-            init(np.array([0, heads, d, -1], np.int64), "kh_heads"),
-            init(np.array([0, heads, -1, d], np.int64), "vh_heads"),
-        ]
-        k_in, v_in = "khr", "vhr"
-    nodes += [
-        helper.make_node("MatMul", ["qh", k_in], ["scores"]),
-        helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
-        helper.make_node("MatMul", ["p", v_in], ["ctx"]),
-        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
-        helper.make_node("Reshape", ["ctx_t", "merged"], ["ctx_m"]),
-        helper.make_node("MatMul", ["ctx_m", "wo"], ["y"]),
-    ]
-    return make_model(nodes, [tensor("x", shape=[2, 5, hidden])], [tensor("y")], inits)
+def attention(kv_heads: int) -> onnx.ModelProto:
+    """The shared attention block: 4 heads of 8 channels over a 16-wide stream, ``kv_heads`` K/V heads."""
+    return shared_attention(heads=4, kv_heads=kv_heads, head_dim=8, d=16, seed=3102)[0]
 
 
 CASES = {

@@ -7,7 +7,8 @@ The public API, all importable from here (``dir(graphprune)`` lists it)::
     save_model(model, "model.pruned.onnx")
 
 One library function per command, each checking every file it writes before the work and writing all or none:
-``prune_file`` (apply), ``check_file`` (check), ``evaluate_files`` (eval), ``calibrate``, ``shrink_file`` (shrink),
+``prune_file`` (apply), ``check_file`` (check), ``evaluate_files`` (eval), ``calibrate_file`` (calibrate),
+``shrink_file`` (shrink),
 ``convert_file`` (convert), ``build_engine`` (build).
 
 Passes are ``onnx_ir`` passes: compose them with ``graphprune.passes.base.Sequential`` (onnx-ir's
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from graphprune.passes.check import CheckPass, CheckResult
     from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, Statistics, WeightReport
     from graphprune.passes.shrink import ShrinkPass
+    from graphprune.pipeline.calibrate_file import calibrate_file
     from graphprune.pipeline.convert_file import ConvertFileResult, convert_file
     from graphprune.pipeline.files import check_file, prune_file
     from graphprune.pipeline.shrink import ShrinkConfig, ShrinkReport, shrink_file, shrink_model
@@ -64,6 +66,7 @@ _HOME = {
     "Statistics": "graphprune.passes.base",
     "WeightReport": "graphprune.passes.prune",
     "ShrinkPass": "graphprune.passes.shrink",
+    "calibrate_file": "graphprune.pipeline.calibrate_file",
     "ConvertFileResult": "graphprune.pipeline.convert_file",
     "convert_file": "graphprune.pipeline.convert_file",
     "Evaluation": "graphprune.evaluate.files",
@@ -121,6 +124,7 @@ __all__ = [
     "WeightReport",
     "build_engine",
     "calibrate",
+    "calibrate_file",
     "check_file",
     "convert_file",
     "evaluate_files",

@@ -160,6 +160,8 @@ class OutputPlan:
         return self._add(path, kind, replace)
 
     def _add(self, path: str | Path, kind: str, replace: bool = False) -> Path:
+        if Path(path).name in ("", "..") or str(path) == "":  # "" and "." (the same Path), "..", "dir/.."
+            raise GraphpruneError(f"the {kind} path {str(path)!r} names no file: give the {kind} a file name")
         output = _Output(Path(path), kind, replace)
         self.outputs.append(output)
         return output.path

@@ -11,13 +11,7 @@ from graphprune.algorithms.alps import PreparedGram, alps, alps_solve, alps_solv
 from graphprune.algorithms.masks import mask_from_scores, nm_violations
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 from graphprune.algorithms.sparsegpt import sparsegpt
-
-
-def correlated_inputs(rng: np.random.Generator, k: int, rows: int = 256, corr: float = 0.7) -> np.ndarray:
-    """Calibration rows with correlated channels (AR(1), shuffled) of very different scales, as in an LLM."""
-    cov = corr ** np.abs(np.subtract.outer(np.arange(k), np.arange(k)))
-    x = (rng.standard_normal((rows, k)) @ np.linalg.cholesky(cov).T)[:, rng.permutation(k)]
-    return x * rng.gamma(2.0, 1.0, size=k)
+from tests.references import correlated_inputs
 
 
 def optimum_error(w: np.ndarray, h: np.ndarray, pattern: Pattern) -> float:

@@ -23,7 +23,6 @@ from graphprune.graph.targets import Consumer, Target
 IR_VERSION = 10
 OPSETS = [17, 18]
 FLOAT = TensorProto.FLOAT
-rng = np.random.default_rng(0)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -51,7 +50,7 @@ def vi(name: str, shape: list | None, elem: int = FLOAT) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, shape)
 
 
-def weight(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+def weight(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
     return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
 
 
@@ -94,12 +93,15 @@ def check(model: onnx.ModelProto, targets: list[Target], feeds: list[dict], gram
     return stats
 
 
-def feeds_for(shapes: dict[str, tuple[int, ...]], n: int = 3) -> list[dict[str, np.ndarray]]:
+def feeds_for(
+    rng: np.random.Generator, shapes: dict[str, tuple[int, ...]], n: int = 3
+) -> list[dict[str, np.ndarray]]:
     return [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(n)]
 
 
 def mlp(opset: int, x_shape: list | None = None) -> tuple[onnx.ModelProto, list[Target]]:
     """X[B,S,8] @ W1[8,16] -> Relu -> @ W2[16,4]: MatMul with a 3-D input, K last."""
+    rng = np.random.default_rng(0)  # this function's own data, whatever ran before
     x_shape = ["B", "S", 8] if x_shape is None else x_shape
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
@@ -107,7 +109,7 @@ def mlp(opset: int, x_shape: list | None = None) -> tuple[onnx.ModelProto, list[
         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
     ]
     model = make_model(
-        nodes, [vi("x", x_shape)], [vi("y", None)], [weight("w1", (8, 16)), weight("w2", (16, 4))], opset
+        nodes, [vi("x", x_shape)], [vi("y", None)], [weight(rng, "w1", (8, 16)), weight(rng, "w2", (16, 4))], opset
     )
     targets = [
         target("w1", (8, 16), 0, ("mm1", "MatMul", "x", -1)),
@@ -121,13 +123,15 @@ def mlp(opset: int, x_shape: list | None = None) -> tuple[onnx.ModelProto, list[
 
 @pytest.mark.parametrize("opset", OPSETS)
 def test_matmul_3d_input(opset: int) -> None:
+    rng = np.random.default_rng(1)  # this function's own data, whatever ran before
     model, targets = mlp(opset)
-    check(model, targets, feeds_for({"x": (2, 5, 8)}), gram=True)
+    check(model, targets, feeds_for(rng, {"x": (2, 5, 8)}), gram=True)
 
 
 @pytest.mark.parametrize("opset", OPSETS)
 def test_matmul_2d_input_and_constant_a(opset: int) -> None:
     """x[B,8] @ W[8,6]; and W2[5,6] @ x2[B,6,7], where the activation's K axis is -2."""
+    rng = np.random.default_rng(2)  # this function's own data, whatever ran before
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
         helper.make_node("MatMul", ["w2", "x2"], ["z"], name="mm_const_a"),
@@ -136,19 +140,20 @@ def test_matmul_2d_input_and_constant_a(opset: int) -> None:
         nodes,
         [vi("x", ["B", 8]), vi("x2", ["B", 6, 7])],
         [vi("y", None), vi("z", None)],
-        [weight("w", (8, 6)), weight("w2", (5, 6))],
+        [weight(rng, "w", (8, 6)), weight(rng, "w2", (5, 6))],
         opset,
     )
     targets = [
         target("w", (8, 6), 0, ("mm", "MatMul", "x", -1)),
         target("w2", (5, 6), 1, ("mm_const_a", "MatMul", "x2", -2)),
     ]
-    check(model, targets, feeds_for({"x": (4, 8), "x2": (3, 6, 7)}), gram=True)
+    check(model, targets, feeds_for(rng, {"x": (4, 8), "x2": (3, 6, 7)}), gram=True)
 
 
 @pytest.mark.parametrize("opset", OPSETS)
 def test_gemm_trans_a_and_trans_b(opset: int) -> None:
     """Gemm(transA=1): A is [K, M], K on axis 0; Gemm(transB=1): B is [N, K], A is [M, K]."""
+    rng = np.random.default_rng(3)  # this function's own data, whatever ran before
     nodes = [
         helper.make_node("Gemm", ["a", "b"], ["y"], name="gemm_ta", transA=1),
         helper.make_node("Gemm", ["c", "d"], ["z"], name="gemm_tb", transB=1),
@@ -157,42 +162,46 @@ def test_gemm_trans_a_and_trans_b(opset: int) -> None:
         nodes,
         [vi("a", [8, 5]), vi("c", [5, 6])],
         [vi("y", None), vi("z", None)],
-        [weight("b", (8, 3)), weight("d", (4, 6))],
+        [weight(rng, "b", (8, 3)), weight(rng, "d", (4, 6))],
         opset,
     )
     targets = [
         target("b", (8, 3), 0, ("gemm_ta", "Gemm", "a", 0)),
         target("d", (4, 6), 1, ("gemm_tb", "Gemm", "c", 1)),
     ]
-    check(model, targets, feeds_for({"a": (8, 5), "c": (5, 6)}), gram=True)
+    check(model, targets, feeds_for(rng, {"a": (8, 5), "c": (5, 6)}), gram=True)
 
 
 @pytest.mark.parametrize("opset", OPSETS)
 def test_weight_shared_by_two_consumers(opset: int) -> None:
     """y = x @ W and z = relu(x) @ W: one target, statistics summed over its two activations."""
+    rng = np.random.default_rng(4)  # this function's own data, whatever ran before
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm_a"),
         helper.make_node("Relu", ["x"], ["r"], name="relu"),
         helper.make_node("MatMul", ["r", "w"], ["z"], name="mm_b"),
     ]
-    model = make_model(nodes, [vi("x", ["B", 3, 8])], [vi("y", None), vi("z", None)], [weight("w", (8, 4))], opset)
+    inits = [weight(rng, "w", (8, 4))]
+    model = make_model(nodes, [vi("x", ["B", 3, 8])], [vi("y", None), vi("z", None)], inits, opset)
     shared = target("w", (8, 4), 0, ("mm_a", "MatMul", "x", -1), ("mm_b", "MatMul", "r", -1))
-    stats = check(model, [shared], feeds_for({"x": (2, 3, 8)}), gram=True)
+    stats = check(model, [shared], feeds_for(rng, {"x": (2, 3, 8)}), gram=True)
     assert stats.rows["w"] == 2 * 3 * 2 * 3
 
 
 @pytest.mark.parametrize("opset", OPSETS)
 def test_conv_nchw(opset: int) -> None:
+    rng = np.random.default_rng(5)  # this function's own data, whatever ran before
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
-    model = make_model(nodes, [vi("x", ["B", 3, 6, 5])], [vi("y", None)], [weight("w", (4, 3, 3, 3))], opset)
+    model = make_model(nodes, [vi("x", ["B", 3, 6, 5])], [vi("y", None)], [weight(rng, "w", (4, 3, 3, 3))], opset)
     targets = [target("w", (4, 3, 3, 3), 1, ("conv", "Conv", "x", 1))]
-    stats = check(model, targets, feeds_for({"x": (2, 3, 6, 5)}), gram=True)
+    stats = check(model, targets, feeds_for(rng, {"x": (2, 3, 6, 5)}), gram=True)
     assert stats.rows["w"] == 3 * 2 * 6 * 5
 
 
 @pytest.mark.parametrize("opset", OPSETS)
 def test_unknown_rank_activations(opset: int) -> None:
     """Inputs declared without a shape: the rank-independent taps (Reshape to [-1, K] and friends)."""
+    rng = np.random.default_rng(6)  # this function's own data, whatever ran before
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
         helper.make_node("MatMul", ["w2", "x2"], ["z"], name="mm_const_a"),
@@ -202,7 +211,7 @@ def test_unknown_rank_activations(opset: int) -> None:
         nodes,
         [vi("x", None), vi("x2", None), vi("x3", None)],
         [vi("y", None), vi("z", None), vi("v", None)],
-        [weight("w", (8, 6)), weight("w2", (5, 6)), weight("w3", (2, 3, 1, 1))],
+        [weight(rng, "w", (8, 6)), weight(rng, "w2", (5, 6)), weight(rng, "w3", (2, 3, 1, 1))],
         opset,
     )
     targets = [
@@ -210,9 +219,10 @@ def test_unknown_rank_activations(opset: int) -> None:
         target("w2", (5, 6), 1, ("mm_const_a", "MatMul", "x2", -2)),
         target("w3", (2, 3, 1, 1), 1, ("conv", "Conv", "x3", 1)),
     ]
-    stats = check(model, targets, feeds_for({"x": (2, 3, 8), "x2": (2, 6, 7), "x3": (2, 3, 4, 4)}))
+    stats = check(model, targets, feeds_for(rng, {"x": (2, 3, 8), "x2": (2, 6, 7), "x3": (2, 3, 4, 4)}))
     # the gram of a K-not-last, rank-unknown activation is skipped with a warning, the others are collected
-    with_gram = calib(model, feeds_for({"x": (2, 3, 8), "x2": (2, 6, 7), "x3": (2, 3, 4, 4)}), targets, gram=True)
+    data = feeds_for(rng, {"x": (2, 3, 8), "x2": (2, 6, 7), "x3": (2, 3, 4, 4)})
+    with_gram = calib(model, data, targets, gram=True)
     assert set(with_gram.gram) == {"w", "w3"} and any("no Gram" in w for w in with_gram.warnings)
     assert stats.sumsq["w3"].shape == (3,)
 
@@ -233,6 +243,7 @@ def test_half_precision_activations_reduce_in_float32(elem: int) -> None:
 
 def test_tap_axes_are_deduplicated_by_activation_and_axis() -> None:
     """Two weights reading one activation (q/k/v style) share one tap; -1 and 2 on a rank-3 tensor are one."""
+    rng = np.random.default_rng(7)  # this function's own data, whatever ran before
     from graphprune.calibration.taps import plan_taps
 
     nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(3)]
@@ -240,28 +251,30 @@ def test_tap_axes_are_deduplicated_by_activation_and_axis() -> None:
         nodes,
         [vi("x", ["B", 3, 8])],
         [vi(f"y{i}", None) for i in range(3)],
-        [weight(f"w{i}", (8, 4)) for i in range(3)],
+        [weight(rng, f"w{i}", (8, 4)) for i in range(3)],
         18,
     )
     targets = [target(f"w{i}", (8, 4), 0, (f"mm{i}", "MatMul", "x", -1 if i else 2)) for i in range(3)]
     with plan_taps(ir.from_proto(model), targets, gram=True) as plan:
         assert len(plan.taps) == 1 and plan.taps[0].targets == ("w0", "w1", "w2")
-    stats = calib(model, feeds_for({"x": (2, 3, 8)}), targets, gram=True)
+    stats = calib(model, feeds_for(rng, {"x": (2, 3, 8)}), targets, gram=True)
     assert stats.gram["w0"] is stats.gram["w1"] is stats.gram["w2"]
 
 
 def test_model_left_unchanged_and_nothing_written_to_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(8)  # this function's own data, whatever ran before
     model, targets = mlp(18)
     before = model.SerializeToString()
     monkeypatch.chdir(tmp_path)
-    calib(model, feeds_for({"x": (2, 5, 8)}), targets)
+    calib(model, feeds_for(rng, {"x": (2, 5, 8)}), targets)
     assert model.SerializeToString() == before
     assert list(tmp_path.iterdir()) == []
 
 
 def test_model_path_with_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(9)  # this function's own data, whatever ran before
     model, targets = mlp(17)
-    feeds = feeds_for({"x": (2, 5, 8)})
+    feeds = feeds_for(rng, {"x": (2, 5, 8)})
     expected = calib(model, feeds, targets)
     (tmp_path / "m").mkdir()
     onnx.save_model(
@@ -281,8 +294,9 @@ def test_model_path_with_external_data(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_default_targets_come_from_find_targets() -> None:
+    rng = np.random.default_rng(10)  # this function's own data, whatever ran before
     model, targets = mlp(18, x_shape=["B", 8])
-    stats = calib(model, feeds_for({"x": (4, 8)}))
+    stats = calib(model, feeds_for(rng, {"x": (4, 8)}))
     assert set(stats.sumsq) == {"w1", "w2"}
     assert stats.model_fingerprint == fingerprint(targets)
 
@@ -301,6 +315,7 @@ def _same(a: ActivationStats, b: ActivationStats) -> None:
 
 
 def test_npz_file_streamed_in_batches(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)  # this function's own data, whatever ran before
     model, targets = mlp(18)
     x = rng.standard_normal((10, 5, 8)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
@@ -316,6 +331,7 @@ def test_npz_file_streamed_in_batches(tmp_path: Path) -> None:
 
 
 def test_npz_directory(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)  # this function's own data, whatever ran before
     model, targets = mlp(17)
     x = rng.standard_normal((6, 5, 8)).astype(np.float32)
     for i in range(3):
@@ -324,6 +340,7 @@ def test_npz_directory(tmp_path: Path) -> None:
 
 
 def test_iterables_and_calibration_data_reader() -> None:
+    rng = np.random.default_rng(13)  # this function's own data, whatever ran before
     model, targets = mlp(18)
     x = rng.standard_normal((6, 5, 8)).astype(np.float32)
 
@@ -352,6 +369,7 @@ def test_iterables_and_calibration_data_reader() -> None:
 
 def embedding_model(opset: int = 18, vocab: int = 50) -> tuple[onnx.ModelProto, list[Target]]:
     """input_ids -> Gather(table[vocab, 8]) -> MatMul W[8, 4]; also takes attention_mask and position_ids."""
+    rng = np.random.default_rng(14)  # this function's own data, whatever ran before
     nodes = [
         helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
         helper.make_node("Cast", ["attention_mask"], ["m"], name="mask_f", to=FLOAT),
@@ -363,7 +381,8 @@ def embedding_model(opset: int = 18, vocab: int = 50) -> tuple[onnx.ModelProto, 
         helper.make_node("MatMul", ["h", "w"], ["y"], name="mm"),
     ]
     inputs = [vi(n, ["B", "S"], TensorProto.INT64) for n in ("input_ids", "attention_mask", "position_ids")]
-    inits = [weight("table", (vocab, 8)), weight("w", (8, 4)), numpy_helper.from_array(np.array([-1]), "ax")]
+    inits = [weight(rng, "table", (vocab, 8)), weight(rng, "w", (8, 4))]
+    inits.append(numpy_helper.from_array(np.array([-1]), "ax"))
     model = make_model(nodes, inputs, [vi("y", None)], inits, opset)
     return model, [target("w", (8, 4), 0, ("mm", "MatMul", "h", -1))]
 
@@ -385,6 +404,7 @@ def test_synthetic_data_needs_shapes_and_stays_in_vocab() -> None:
 
 
 def test_text_windows_with_a_tokenizer(tmp_path: Path) -> None:
+    rng = np.random.default_rng(15)  # this function's own data, whatever ran before
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = [f"w{i}" for i in range(40)]
@@ -465,6 +485,7 @@ def test_bad_sources(tmp_path: Path) -> None:
 
 
 def test_dead_and_nonfinite_channels_are_reported() -> None:
+    rng = np.random.default_rng(16)  # this function's own data, whatever ran before
     model, targets = mlp(18)
     x = rng.standard_normal((2, 5, 8)).astype(np.float32)
     x[..., 3] = 0.0
@@ -476,14 +497,15 @@ def test_dead_and_nonfinite_channels_are_reported() -> None:
 
 
 def test_unavailable_provider_is_a_clear_error() -> None:
+    rng = np.random.default_rng(17)  # this function's own data, whatever ran before
     model, targets = mlp(18)
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA is available here")
     with pytest.raises(GraphpruneError, match="onnxruntime-gpu"):
-        calib(model, feeds_for({"x": (1, 5, 8)}), targets, provider="cuda")
+        calib(model, feeds_for(rng, {"x": (1, 5, 8)}), targets, provider="cuda")
     with pytest.raises(GraphpruneError, match="not available"):
-        calib(model, feeds_for({"x": (1, 5, 8)}), targets, provider="nonsense")
-    stats = calib(model, feeds_for({"x": (1, 5, 8)}, n=1), targets, provider="CPUExecutionProvider")
+        calib(model, feeds_for(rng, {"x": (1, 5, 8)}), targets, provider="nonsense")
+    stats = calib(model, feeds_for(rng, {"x": (1, 5, 8)}, n=1), targets, provider="CPUExecutionProvider")
     assert stats.rows["w1"] == 5
 
 
@@ -491,8 +513,9 @@ def test_unavailable_provider_is_a_clear_error() -> None:
 
 
 def test_save_load_round_trip_and_mismatch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(18)  # this function's own data, whatever ran before
     model, targets = mlp(18)
-    stats = calib(model, feeds_for({"x": (2, 5, 8)}), targets, gram=True)
+    stats = calib(model, feeds_for(rng, {"x": (2, 5, 8)}), targets, gram=True)
     path = stats.save(tmp_path / "stats")
     assert path.name == "stats.npz"
     loaded = ActivationStats.load(path, targets)
@@ -516,16 +539,17 @@ def test_save_load_round_trip_and_mismatch(tmp_path: Path) -> None:
 
 
 def test_shared_grams_are_stored_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(19)  # this function's own data, whatever ran before
     nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(2)]
     model = make_model(
         nodes,
         [vi("x", ["B", 8])],
         [vi("y0", None), vi("y1", None)],
-        [weight("w0", (8, 4)), weight("w1", (8, 4))],
+        [weight(rng, "w0", (8, 4)), weight(rng, "w1", (8, 4))],
         18,
     )
     targets = [target(f"w{i}", (8, 4), 0, (f"mm{i}", "MatMul", "x", -1)) for i in range(2)]
-    stats = calib(model, feeds_for({"x": (3, 8)}), targets, gram=True)
+    stats = calib(model, feeds_for(rng, {"x": (3, 8)}), targets, gram=True)
     path = stats.save(tmp_path / "s.npz")
     with np.load(path) as z:
         assert sorted(k for k in z.files if k.startswith("gram")) == ["gram_0"]
@@ -537,6 +561,7 @@ def test_shared_grams_are_stored_once(tmp_path: Path) -> None:
 
 
 def test_cli_calibrate(tmp_path: Path) -> None:
+    rng = np.random.default_rng(20)  # this function's own data, whatever ran before
     model, _ = mlp(18, x_shape=["B", 8])
     onnx.save_model(model, str(tmp_path / "model.onnx"))
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((5, 8)).astype(np.float32))
@@ -576,6 +601,7 @@ def test_cli_calibrate(tmp_path: Path) -> None:
 
 
 def test_in_memory_weights_reach_onnxruntime_without_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(21)  # this function's own data, whatever ran before
     import graphprune.calibration.session as session
     from graphprune.calibration.taps import plan_taps, tapped_model
 
@@ -590,7 +616,7 @@ def test_in_memory_weights_reach_onnxruntime_without_a_copy(monkeypatch: pytest.
     assert np.shares_memory(tapped.injected["w1"], graph_model.graph.initializers["w1"].const_value.numpy())
     (stub,) = [t for t in tapped.proto.graph.initializer if t.name in ("w1", "w2")]
     assert stub.name == "w1" and not stub.raw_data and stub.data_location == TensorProto.EXTERNAL
-    feeds = feeds_for({"x": (2, 5, 8)})
+    feeds = feeds_for(rng, {"x": (2, 5, 8)})
     _same(calib(graph_model, feeds, targets), calib(model, feeds, targets))
     assert not graph_model.graph.initializers["w1"].uses()[1:]  # the taps were disconnected again
 
@@ -612,9 +638,10 @@ def test_taps_of_later_activations_come_first_so_onnxruntime_runs_each_tap_early
 
 def test_the_tapped_graph_ends_at_the_last_tap_and_computes_nothing_downstream() -> None:
     """Head and output are cut away: a head whose output cannot even be computed does not stop calibration."""
+    rng = np.random.default_rng(22)  # this function's own data, whatever ran before
     from graphprune.calibration.taps import plan_taps, tapped_model
 
-    w1, head = weight("w1", (8, 16)), weight("head", (16, 4))
+    w1, head = weight(rng, "w1", (8, 16)), weight(rng, "head", (16, 4))
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
         helper.make_node("Relu", ["h"], ["r"], name="relu"),
@@ -628,7 +655,7 @@ def test_the_tapped_graph_ends_at_the_last_tap_and_computes_nothing_downstream()
         target("w1", (8, 16), 0, ("mm1", "MatMul", "x", -1)),
         target("head", (16, 4), 0, ("lm_head", "MatMul", "r", -1)),
     ]
-    feeds = feeds_for({"x": (2, 5, 8)})
+    feeds = feeds_for(rng, {"x": (2, 5, 8)})
     with pytest.raises(Exception, match="reshape"):
         activations(model, feeds, ["y"])  # the whole model really fails
 
@@ -651,10 +678,11 @@ def test_the_tapped_graph_ends_at_the_last_tap_and_computes_nothing_downstream()
 
 
 def test_a_model_file_is_opened_with_its_inline_weights_left_on_disk(tmp_path: Path) -> None:
+    rng = np.random.default_rng(23)  # this function's own data, whatever ran before
     from graphprune.calibration.model_file import open_model
 
     model, targets = mlp(18)
-    big = weight("w1", (64, 16))  # above the inline threshold: read from the file by reference
+    big = weight(rng, "w1", (64, 16))  # above the inline threshold: read from the file by reference
     model.graph.initializer[0].CopyFrom(big)
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 64
     targets = [target("w1", (64, 16), 0, ("mm1", "MatMul", "x", -1)), targets[1]]
@@ -666,7 +694,7 @@ def test_a_model_file_is_opened_with_its_inline_weights_left_on_disk(tmp_path: P
     np.testing.assert_array_equal(
         opened.graph.initializers["w2"].const_value.numpy(), numpy_helper.to_array(model.graph.initializer[1])
     )
-    feeds = feeds_for({"x": (2, 5, 64)})
+    feeds = feeds_for(rng, {"x": (2, 5, 64)})
     _same(calib(tmp_path / "model.onnx", feeds, targets), calib(model, feeds, targets))
     with pytest.raises(GraphpruneError, match="cannot read ONNX model"):
         (tmp_path / "bad.onnx").write_bytes(b"\x0a\xff\xff\xff")

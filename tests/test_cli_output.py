@@ -239,7 +239,7 @@ def test_eval_on_text_windows_matches_numpy(tmp_path: Path) -> None:
     """eval --calib TEXT --tokenizer: the quickstart's comparison, on seeded windows drawn as documented."""
     import random
 
-    from tests.test_eval_cli import bigram_pair_and_text
+    from tests.bigram import bigram_pair_and_text
 
     rng = np.random.default_rng(7)
     dense_table, pruned_table, ids, tokenizer = bigram_pair_and_text(tmp_path, rng, 1.0, 200, with_mask=False)

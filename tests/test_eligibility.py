@@ -12,12 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from graphprune.graph.targets import Consumer, Target
 from graphprune.passes.convert import convert
 from graphprune.tensorrt.eligibility import assess, eligibility_report, summary
-from tests.onnx_builders import init, make_model, reference_nm_mask, tensor
-
-
-def sparse_24(shape: tuple[int, ...], k_axis: int, seed: int = 0) -> np.ndarray:
-    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    return w * reference_nm_mask(w, k_axis, 2, 4)
+from tests.onnx_builders import init, make_model, tensor
+from tests.references import sparse_24
 
 
 def matmul_model(weight: np.ndarray, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:

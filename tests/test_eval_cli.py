@@ -7,38 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from typer.testing import CliRunner
 
 from graphprune.cli import app
 from graphprune.evaluate.perplexity import text_windows
-from tests.test_evaluate import VOCAB, bigram_model, expected_perplexity
+from tests.bigram import VOCAB, bigram_model, bigram_pair_and_text, expected_perplexity
 
 runner = CliRunner()
-WORDS = [f"w{i}" for i in range(VOCAB - 1)]  # id 0 is the BOS token "<s>"
-
-
-def word_tokenizer(path: Path) -> Path:
-    vocab = {"<s>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<s>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tokenizer.save(str(path))
-    return path
-
-
-def bigram_pair_and_text(
-    tmp_path: Path, rng: np.random.Generator, scale: float, words: int, with_mask: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, Path]:
-    """dense.onnx and pruned.onnx (half of the dense table zeroed), heldout.txt of ``words`` random words and
-    tokenizer.json in ``tmp_path``: (dense table, pruned table, the words' ids, the tokenizer)."""
-    dense_table = rng.standard_normal((VOCAB, VOCAB)) * scale
-    pruned_table = np.where(rng.random((VOCAB, VOCAB)) < 0.5, dense_table, 0.0)
-    for name, table in (("dense", dense_table), ("pruned", pruned_table)):
-        onnx.save(bigram_model(table, with_mask=with_mask), str(tmp_path / f"{name}.onnx"))
-    ids = rng.integers(1, VOCAB, size=words)
-    (tmp_path / "heldout.txt").write_text(" ".join(WORDS[i - 1] for i in ids))
-    return dense_table, pruned_table, ids, word_tokenizer(tmp_path / "tokenizer.json")
 
 
 def test_perplexity_of_both_models_matches_numpy(tmp_path: Path) -> None:

@@ -2,60 +2,22 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.errors import GraphpruneError
 from graphprune.evaluate.perplexity import nll_from_logits, perplexity
-
-VOCAB = 11
-
-
-def bigram_model(table: np.ndarray, with_mask: bool, extra_input: bool = False) -> onnx.ModelProto:
-    """logits[b, t] = table[input_ids[b, t]] (times attention_mask[b, t] when the model takes a mask)."""
-    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", table.shape[1]])
-    inits = [numpy_helper.from_array(table.astype(np.float32), "table")]
-    inputs = [ids]
-    out = "logits"
-    if with_mask:
-        out = "raw"
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], [out], axis=0)]
-    if with_mask:
-        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]))
-        inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "last"))
-        nodes += [
-            helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", ["mask_f", "last"], ["mask_3d"]),
-            helper.make_node("Mul", ["raw", "mask_3d"], ["logits"]),
-        ]
-    if extra_input:
-        inputs.append(helper.make_tensor_value_info("speaker_ids", TensorProto.INT64, ["batch", "seq"]))
-    graph = helper.make_graph(nodes, "bigram", inputs, [logits], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+from tests.bigram import VOCAB, bigram_model, expected_perplexity
 
 
 def save(model: onnx.ModelProto, tmp_path: Path) -> Path:
     path = tmp_path / "bigram.onnx"
     onnx.save(model, path)
     return path
-
-
-def expected_perplexity(table: np.ndarray, windows: np.ndarray) -> float:
-    """By hand: log-softmax of every table row at once, then look up each (previous, next) pair."""
-    table = table.astype(np.float32).astype(np.float64)
-    log_probs = table - np.log(np.sum(np.exp(table), axis=1, keepdims=True))
-    nll = [-log_probs[prev, nxt] for w in windows for prev, nxt in itertools.pairwise(w)]
-    return float(np.exp(np.mean(nll)))
 
 
 @pytest.fixture

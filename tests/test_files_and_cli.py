@@ -11,42 +11,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper
 from typer.testing import CliRunner
 
 from graphprune.cli import app
 from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model, save_model
-from tests.onnx_builders import init, make_model, run, tensor
+from tests.onnx_builders import layered_model, run
 
-RNG = np.random.default_rng(3)
 runner = CliRunner()
-
-
-def layered_model() -> onnx.ModelProto:
-    """Two hidden layers and a classifier head; metadata and an extra opset import to preserve."""
-    w1 = RNG.standard_normal((16, 32)).astype(np.float32)
-    w2 = RNG.standard_normal((32, 16)).astype(np.float32)
-    head = RNG.standard_normal((16, 4)).astype(np.float32)
-    model = make_model(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["a"]),
-            helper.make_node("Relu", ["a"], ["r"]),
-            helper.make_node("MatMul", ["r", "w2"], ["b"]),
-            helper.make_node("MatMul", ["b", "head"], ["y"]),
-        ],
-        [tensor("x", shape=[None, 16])],
-        [tensor("y")],
-        [init(w1, "w1"), init(w2, "w2"), init(head, "head")],
-    )
-    model.opset_import.append(helper.make_opsetid("com.example", 1))
-    helper.set_model_props(model, {"author": "tests"})
-    double = helper.make_function(
-        "com.example", "Double", ["t"], ["u"], [helper.make_node("Add", ["t", "t"], ["u"])],
-        [helper.make_opsetid("", 17)],
-    )  # fmt: skip
-    model.functions.append(double)  # a local function, to be kept as it is
-    return model
 
 
 @pytest.fixture
@@ -151,6 +123,7 @@ def test_stats_and_calib_together_are_refused(model_path: Path, tmp_path: Path) 
 
 
 def test_external_data_round_trip_keeps_values_and_layout(tmp_path: Path) -> None:
+    rng = np.random.default_rng(301)  # this function's own data, whatever ran before
     model = layered_model()
     source = tmp_path / "big.onnx"
     on_disk = onnx.ModelProto()
@@ -161,7 +134,7 @@ def test_external_data_round_trip_keeps_values_and_layout(tmp_path: Path) -> Non
     save_model(loaded, target, external_data=True)
     assert (tmp_path / "out" / "copy.onnx.data").exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["copy.onnx", "copy.onnx.data"]
-    x = RNG.standard_normal((3, 16)).astype(np.float32)
+    x = rng.standard_normal((3, 16)).astype(np.float32)
     np.testing.assert_array_equal(run(onnx.load_model(str(target)), {"x": x})[0], run(model, {"x": x})[0])
 
 
@@ -224,7 +197,8 @@ def test_nothing_to_prune_is_an_error_and_writes_nothing(model_path: Path) -> No
 
 
 def test_error_text_in_brackets_is_printed_as_is(model_path: Path, tmp_path: Path) -> None:
-    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((4, 16)).astype(np.float32))
+    rng = np.random.default_rng(302)  # this function's own data, whatever ran before
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((4, 16)).astype(np.float32))
     args = ["calibrate", str(model_path), "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "s.npz")]
     result = runner.invoke(app, [*args, "--provider", "cuda"])
     # this suite runs with the CPU-only onnxruntime: the hint names the [gpu] extra, brackets included

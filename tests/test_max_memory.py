@@ -14,13 +14,13 @@ from graphprune.cli import app
 from graphprune.graph.model_io import load_model
 from tests.onnx_builders import init, initializer, make_model, reference_nm_mask, run, tensor
 
-RNG = np.random.default_rng(1414)
 HIDDEN = 16  # weights: 16x32 and 32x16 float32, 2 kB each
 
 
 def two_layer() -> onnx.ModelProto:
-    a = RNG.standard_normal((HIDDEN, 2 * HIDDEN)).astype(np.float32)
-    b = RNG.standard_normal((2 * HIDDEN, HIDDEN)).astype(np.float32)
+    rng = np.random.default_rng(141400)  # this function's own data, whatever ran before
+    a = rng.standard_normal((HIDDEN, 2 * HIDDEN)).astype(np.float32)
+    b = rng.standard_normal((2 * HIDDEN, HIDDEN)).astype(np.float32)
     nodes = [
         helper.make_node("MatMul", ["x", "a"], ["u"]),
         helper.make_node("Relu", ["u"], ["r"]),
@@ -45,8 +45,9 @@ def models(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def calib(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(141401)  # this function's own data, whatever ran before
     path = tmp_path / "calib.npz"
-    np.savez(path, x=RNG.standard_normal((8, HIDDEN)).astype(np.float32))
+    np.savez(path, x=rng.standard_normal((8, HIDDEN)).astype(np.float32))
     return path
 
 
@@ -86,6 +87,7 @@ def test_an_inline_model_within_the_budget_warns_and_prunes_as_without_it(tmp_pa
 
 
 def test_magnitude_on_external_data_streams_within_the_budget(tmp_path: Path, models) -> None:
+    rng = np.random.default_rng(141402)  # this function's own data, whatever ran before
     _, external = models
     out = tmp_path / "out.onnx"
     code, output = apply(external, "--nm", "2:4", "--max-memory", "1MB", "-o", out)
@@ -94,7 +96,7 @@ def test_magnitude_on_external_data_streams_within_the_budget(tmp_path: Path, mo
     a = dense["a"]  # 2:4 magnitude along K (axis 0 of a MatMul weight); b is the head, left dense
     np.testing.assert_array_equal(got["a"], a * reference_nm_mask(a, 0, 2, 4))
     np.testing.assert_array_equal(got["b"], dense["b"])
-    x = {"x": RNG.standard_normal((3, HIDDEN)).astype(np.float32)}
+    x = {"x": rng.standard_normal((3, HIDDEN)).astype(np.float32)}
     assert run(onnx.load(str(out)), x)[0].shape == (3, HIDDEN)
 
     code, output = apply(external, "--nm", "2:4", "--max-memory", "1KB", "-o", tmp_path / "small.onnx")

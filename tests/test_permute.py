@@ -10,125 +10,43 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper
 
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
 from graphprune.passes.permute import find_channel_groups, write_permutation
 from graphprune.passes.prune import PruneConfig, PrunePass
-from tests.onnx_builders import init, initializer, make_model, run, tensor
-from tests.test_sequential import wanda_numpy
+from tests.onnx_builders import attention as shared_attention
+from tests.onnx_builders import bert_mlp as shared_bert_mlp
+from tests.onnx_builders import initializer, run, tensor
+from tests.onnx_builders import llama_mlp as shared_llama_mlp
+from tests.references import wanda_numpy
 
-RNG = np.random.default_rng(31)
 PATTERN = NMPattern(2, 4)
 
 
-def weight(*shape: int) -> np.ndarray:
-    return RNG.standard_normal(shape).astype(np.float32)
+def weight(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
 
 
 def llama_mlp() -> onnx.ModelProto:
-    """down(silu(x gate) * (x up)) with [K, N] MatMul weights, and a residual add."""
-    return make_model(
-        [
-            helper.make_node("MatMul", ["x", "gate"], ["g"]),
-            helper.make_node("Sigmoid", ["g"], ["sg"]),
-            helper.make_node("Mul", ["g", "sg"], ["silu"]),
-            helper.make_node("MatMul", ["x", "up"], ["u"]),
-            helper.make_node("Mul", ["silu", "u"], ["h"]),
-            helper.make_node("MatMul", ["h", "down"], ["d"]),
-            helper.make_node("Add", ["x", "d"], ["y"]),
-        ],
-        [tensor("x", shape=["b", 3, 8])],
-        [tensor("y")],
-        [init(weight(8, 16), "gate"), init(weight(8, 16), "up"), init(weight(16, 8), "down")],
-    )
+    """The shared LLaMA MLP (``tests/onnx_builders.py``) with 16 intermediate channels: one 2:4 group of 16."""
+    return shared_llama_mlp(d=8, hidden=16, seed=3100).model
 
 
-def bert_mlp(exported: bool = False) -> onnx.ModelProto:
-    """fc2(gelu(x fc1ᵀ + b1) + b2), GELU written out with Erf. Built by hand: fc1 a Gemm(transB) with its bias,
-    GELU's scalars initializers. ``exported`` (as torch exports BERT): fc1 a MatMul then Add(bias, ·), the
-    scalars Constant nodes, no value_info."""
-    scalars = {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5}
-    constants = [init(np.array(v, np.float32), n) for n, v in scalars.items()]
-    if exported:
-        head = [helper.make_node("Constant", [], [c.name], value=c) for c in constants]
-        head += [helper.make_node("MatMul", ["x", "fc1"], ["a0"]), helper.make_node("Add", ["b1", "a0"], ["a"])]
-        constants, fc1 = [], weight(8, 16)
-    else:
-        head, fc1 = [helper.make_node("Gemm", ["x", "fc1", "b1"], ["a"], transB=1)], weight(16, 8)
-    return make_model(
-        [
-            *head,
-            helper.make_node("Div", ["a", "sqrt2"], ["a2"]),
-            helper.make_node("Erf", ["a2"], ["e"]),
-            helper.make_node("Add", ["e", "one"], ["e1"]),
-            helper.make_node("Mul", ["a", "e1"], ["m"]),
-            helper.make_node("Mul", ["m", "half"], ["gelu"]),
-            helper.make_node("MatMul", ["gelu", "fc2"], ["f"]),
-            helper.make_node("Add", ["b2", "f"], ["y"]),
-        ],
-        [tensor("x", shape=["b", 3, 8] if exported else ["b", 8])],
-        [tensor("y")],
-        [init(fc1, "fc1"), init(weight(16), "b1"), *constants, init(weight(16, 8), "fc2"), init(weight(8), "b2")],
-    )
+def bert_mlp(layout: str = "gemm") -> onnx.ModelProto:
+    return shared_bert_mlp(d=8, hidden=16, layout=layout, seed=3101).model
 
 
-def attention(kv_heads: int, heads: int = 4, d: int = 8, hidden: int = 16) -> onnx.ModelProto:
-    """Softmax(Q Kᵀ) V with heads of d channels, Q/K/V/O as [K, N] MatMuls; GQA repeats the K/V heads."""
-    group = heads // kv_heads
-    nodes = [
-        helper.make_node("MatMul", ["x", "wq"], ["q"]),
-        helper.make_node("Reshape", ["q", "q_shape"], ["q4"]),
-        helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
-        helper.make_node("MatMul", ["x", "wk"], ["k"]),
-        helper.make_node("Reshape", ["k", "kv_shape"], ["k4"]),
-        helper.make_node("Transpose", ["k4"], ["kh"], perm=[0, 2, 3, 1]),
-        helper.make_node("MatMul", ["x", "wv"], ["v"]),
-        helper.make_node("Reshape", ["v", "kv_shape"], ["v4"]),
-        helper.make_node("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3]),
-    ]
-    inits = [
-        init(weight(hidden, heads * d), "wq"),
-        init(weight(hidden, kv_heads * d), "wk"),
-        init(weight(hidden, kv_heads * d), "wv"),
-        init(weight(heads * d, hidden), "wo"),
-        init(np.array([0, 0, heads, d], np.int64), "q_shape"),
-        init(np.array([0, 0, kv_heads, d], np.int64), "kv_shape"),
-        init(np.array([0, 0, heads * d], np.int64), "merged"),
-    ]
-    k_in, v_in = "kh", "vh"
-    if group > 1:  # repeat_kv: [b, kv, s, d] -> [b, kv, group, s, d] -> [b, heads, s, d]
-        for name in ("kh", "vh"):
-            nodes += [
-                helper.make_node("Unsqueeze", [name, "axis2"], [f"{name}5"]),
-                helper.make_node("Expand", [f"{name}5", f"{name}_expand"], [f"{name}x"]),
-                helper.make_node("Reshape", [f"{name}x", f"{name}_heads"], [f"{name}r"]),
-            ]
-        inits += [
-            init(np.array([2], np.int64), "axis2"),
-            init(np.array([1, 1, group, 1, 1], np.int64), "kh_expand"),
-            init(np.array([1, 1, group, 1, 1], np.int64), "vh_expand"),
-            init(np.array([0, heads, d, -1], np.int64), "kh_heads"),
-            init(np.array([0, heads, -1, d], np.int64), "vh_heads"),
-        ]
-        k_in, v_in = "khr", "vhr"
-    nodes += [
-        helper.make_node("MatMul", ["qh", k_in], ["scores"]),
-        helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
-        helper.make_node("MatMul", ["p", v_in], ["ctx"]),
-        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
-        helper.make_node("Reshape", ["ctx_t", "merged"], ["ctx_m"]),
-        helper.make_node("MatMul", ["ctx_m", "wo"], ["y"]),
-    ]
-    return make_model(nodes, [tensor("x", shape=[2, 5, hidden])], [tensor("y")], inits)
+def attention(kv_heads: int) -> onnx.ModelProto:
+    """The shared attention block: 4 heads of 8 channels over a 16-wide stream, ``kv_heads`` K/V heads."""
+    return shared_attention(heads=4, kv_heads=kv_heads, head_dim=8, d=16, seed=3102)[0]
 
 
 CASES = {
     "llama-mlp": (llama_mlp, {"down": (("gate", "up"), (), 16)}, (2, 3, 8)),
-    "bert-mlp": (bert_mlp, {"fc2": (("fc1",), ("b1",), 16)}, (4, 8)),
-    "exported-bert-mlp": (lambda: bert_mlp(exported=True), {"fc2": (("fc1",), ("b1",), 16)}, (2, 3, 8)),
+    "bert-mlp": (bert_mlp, {"w2": (("w1",), ("b1",), 16)}, (4, 8)),
+    "exported-bert-mlp": (lambda: bert_mlp("exported"), {"w2": (("w1",), ("b1",), 16)}, (2, 3, 8)),
     "attention-mha": (lambda: attention(4), {"wo": (("wv",), (), 8)}, (2, 5, 16)),
     "attention-gqa": (lambda: attention(2), {"wo": (("wv",), (), 8)}, (2, 5, 16)),
 }
@@ -136,16 +54,17 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_groups_are_found_and_a_permutation_keeps_the_outputs(case: str) -> None:
+    rng = np.random.default_rng(3103)  # this function's own data, whatever ran before
     build, expected, x_shape = CASES[case]
     model = ir.from_proto(build())
     groups, weights = find_channel_groups(model)
     found = {g.reader: (g.writers, g.biases, g.period) for g in groups.values()}
     assert found == expected
 
-    x = RNG.standard_normal(x_shape).astype(np.float32)
+    x = rng.standard_normal(x_shape).astype(np.float32)
     (before,) = run(model, {"x": x})
     for group in groups.values():
-        order = RNG.permutation(group.period)
+        order = rng.permutation(group.period)
         assert not np.array_equal(order, np.arange(group.period))
         write_permutation(model, group, order, weights)
     (after,) = run(model, {"x": x})
@@ -165,6 +84,7 @@ def test_the_residual_stream_is_not_a_group() -> None:
 
 
 def test_prune_with_permute_keeps_more_importance_and_stored_nm(tmp_path) -> None:
+    rng = np.random.default_rng(3104)  # this function's own data, whatever ran before
     from typer.testing import CliRunner
 
     from graphprune.cli import app
@@ -178,7 +98,7 @@ def test_prune_with_permute_keeps_more_importance_and_stored_nm(tmp_path) -> Non
             t.CopyFrom(onnx.numpy_helper.from_array(down, "down"))
     path = tmp_path / "mlp.onnx"
     onnx.save(model, str(path))
-    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((8, 3, 8)).astype(np.float32))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((8, 3, 8)).astype(np.float32))
     out = tmp_path / "pruned.onnx"
     calib = str(tmp_path / "calib.npz")
     args = ["apply", str(path), "--nm", "2:4", "--calib", calib, "--permute", "--include-head", "-o", str(out)]
@@ -198,9 +118,10 @@ def test_prune_with_permute_keeps_more_importance_and_stored_nm(tmp_path) -> Non
 
 def test_the_pass_reorders_the_statistics_with_the_weights() -> None:
     """Wanda with --permute equals Wanda 2:4 of the reordered dense weight on the reordered activations."""
+    rng = np.random.default_rng(3105)  # this function's own data, whatever ran before
     model = ir.from_proto(llama_mlp())
     original = {name: initializer(model, name) for name in ("gate", "up", "down")}
-    x = RNG.standard_normal((16, 8))
+    x = rng.standard_normal((16, 8))
     h = _hidden(original, x)  # the dense MLP's intermediate activations, original order
     stats = SimpleNamespace(sumsq={"down": (h**2).sum(axis=0)}, gram={})
     config = PruneConfig(PATTERN, Method.WANDA, include=("down",), include_head=True, permute=True)
@@ -224,9 +145,10 @@ def _hidden(weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 def test_the_search_scores_with_the_methods_importance(method: Method) -> None:
     """The shares the report gives are those of |W|·‖X‖ (Wanda's score, SparseGPT's and ALPS's saliency) when
     the method is calibrated, of |W| for magnitude: recomputed here from the weights and activations."""
+    rng = np.random.default_rng(3106)  # this function's own data, whatever ran before
     model = ir.from_proto(llama_mlp())
     original = {name: initializer(model, name) for name in ("gate", "up", "down")}
-    h = _hidden(original, RNG.standard_normal((16, 8)))
+    h = _hidden(original, rng.standard_normal((16, 8)))
     h[:, :4] *= 20.0  # loud channels side by side: Wanda's order differs from |W|'s
     stats = SimpleNamespace(sumsq={"down": (h**2).sum(axis=0)}, gram={"down": h.T @ h})
     config = PruneConfig(PATTERN, method, include=("down",), include_head=True, permute=True)

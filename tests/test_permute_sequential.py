@@ -22,21 +22,21 @@ from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.permutation import search_permutation
 from graphprune.cli import app
 from tests.onnx_builders import init, initializer, make_model, run, tensor
-from tests.test_sequential import wanda_numpy
+from tests.references import wanda_numpy
 
-RNG = np.random.default_rng(2026)
 HIDDEN, INTER = 8, 16
 PATTERN = NMPattern(2, 4)
 
 
 def two_mlp_blocks() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """y = b2(b1(x)) with b(x) = x + down(silu(x gate) * (x up)), [K, N] MatMul weights."""
+    rng = np.random.default_rng(202600)  # this function's own data, whatever ran before
     weights: dict[str, np.ndarray] = {}
     nodes = []
     x = "x"
     for b in (1, 2):
         gate, up, down = (
-            RNG.standard_normal(s).astype(np.float32) for s in ((HIDDEN, INTER),) * 2 + ((INTER, HIDDEN),)
+            rng.standard_normal(s).astype(np.float32) for s in ((HIDDEN, INTER),) * 2 + ((INTER, HIDDEN),)
         )
         # Channels of very different size, in runs: the in-order 2:4 groups of down's K lose a lot.
         gate *= np.repeat(np.array([3.0, 0.2, 1.0, 0.1], np.float32), INTER // 4)[None, :]
@@ -90,10 +90,11 @@ def audit_nm_along_axis0(weight: np.ndarray, keep: int = 2, group: int = 4) -> i
 
 @pytest.fixture
 def pruned(tmp_path):
+    rng = np.random.default_rng(202601)  # this function's own data, whatever ran before
     model, weights = two_mlp_blocks()
     path, out = tmp_path / "mlp2.onnx", tmp_path / "pruned.onnx"
     onnx.save(model, str(path))
-    x = RNG.standard_normal((6, 3, HIDDEN)).astype(np.float32)
+    x = rng.standard_normal((6, 3, HIDDEN)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
     args = ["apply", str(path), "--nm", "2:4", "--method", "wanda", "--calib", str(tmp_path / "calib.npz")]
     args += ["--sequential", "--permute", "--include-head", "-o", str(out), "--json"]
@@ -181,12 +182,13 @@ def test_reconstructing_methods_prune_as_if_the_channels_had_been_reordered_befo
     """SparseGPT and ALPS with --sequential --permute = the same method without --permute on the dense model
     whose channels were reordered first (the order read back from the file): the Gram matrices and Σx² the
     pass reorders equal those measured on the reordered model, and the file is 2:4 along K as stored."""
+    rng = np.random.default_rng(202602)  # this function's own data, whatever ran before
     from graphprune.passes.permute import find_channel_groups, write_permutation
 
     model, _ = two_mlp_blocks()
     dense = tmp_path / "dense.onnx"
     onnx.save(model, str(dense))
-    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((6, 3, HIDDEN)).astype(np.float32))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((6, 3, HIDDEN)).astype(np.float32))
 
     def apply(source, out, *extra):
         args = ["apply", str(source), "--nm", "2:4", "--method", method, "--calib", str(tmp_path / "calib.npz")]
@@ -212,7 +214,7 @@ def test_reconstructing_methods_prune_as_if_the_channels_had_been_reordered_befo
         got = initializer(permuted, name)
         np.testing.assert_allclose(got, initializer(expected, name), rtol=1e-4, atol=1e-5, err_msg=name)
         assert audit_nm_along_axis0(got) == 0, name
-    x = RNG.standard_normal((2, 3, HIDDEN)).astype(np.float32)
+    x = rng.standard_normal((2, 3, HIDDEN)).astype(np.float32)
     np.testing.assert_allclose(run(permuted, {"x": x})[0], run(expected, {"x": x})[0], rtol=1e-4, atol=1e-4)
 
 
@@ -254,10 +256,11 @@ def test_segment_wise_run_writes_the_same_permuted_model_as_the_in_memory_run(pr
 
 
 def test_permute_with_a_one_shot_segment_wise_run_is_refused_in_one_line(tmp_path) -> None:
+    rng = np.random.default_rng(202603)  # this function's own data, whatever ran before
     model, _ = two_mlp_blocks()
     path = tmp_path / "mlp2.onnx"
     onnx.save_model(model, str(path), save_as_external_data=True, location="mlp2.onnx.data", size_threshold=0)
-    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((4, 3, HIDDEN)).astype(np.float32))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((4, 3, HIDDEN)).astype(np.float32))
     args = ["apply", str(path), "--nm", "2:4", "--calib", str(tmp_path / "calib.npz"), "--permute"]
     result = CliRunner().invoke(app, [*args, "--max-memory", "1GB", "-o", str(tmp_path / "o.onnx")])
     assert result.exit_code == 2

@@ -15,34 +15,29 @@ from graphprune.algorithms.alps import alps, alps_solve_shared
 from graphprune.algorithms.masks import nm_violations
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
+from graphprune.calibration.request import CalibrationRequest
 from graphprune.cli import app
 from graphprune.graph.model_io import load_model
 from graphprune.passes.prune import PruneConfig, PrunePass
 from graphprune.pipeline.segments import prune_in_segments
 from graphprune.pipeline.sequential import prune_sequentially
-from tests import test_segments, test_sequential
-from tests.onnx_builders import init, initializer, make_model, run, tensor
-from tests.test_alps import correlated_inputs
-from tests.test_prune_sparsegpt import linear_model
+from tests.decoder_models import decoder_like, feeds, save_external
+from tests.onnx_builders import init, initializer, linear_model, make_model, residual_blocks_model, run, tensor
+from tests.references import correlated_inputs
 
-RNG = np.random.default_rng(12)
 PATTERN = NMPattern(2, 4)
 
 
 @pytest.fixture
 def blocks():
-    """test_sequential's two residual blocks, leaving its random stream as it was: its own tests' data (and an
-    assertion there that holds for that data only) must not depend on which test files ran before."""
-    state = test_sequential.RNG.bit_generator.state
-    try:
-        yield test_sequential.residual_blocks_model()
-    finally:
-        test_sequential.RNG.bit_generator.state = state
+    """Two residual blocks (``tests/onnx_builders.py``), drawn from their own seed."""
+    return residual_blocks_model()
 
 
 def test_alps_writes_its_solution_into_the_stored_layout_and_beats_sparsegpt() -> None:
-    w = RNG.standard_normal((24, 32)).astype(np.float32)  # stored [N, K] behind a Transpose
-    x = correlated_inputs(RNG, 32).astype(np.float32)
+    rng = np.random.default_rng(1200)  # this function's own data, whatever ran before
+    w = rng.standard_normal((24, 32)).astype(np.float32)  # stored [N, K] behind a Transpose
+    x = correlated_inputs(rng, 32).astype(np.float32)
     gram = x.astype(np.float64).T @ x.astype(np.float64)
     stats = SimpleNamespace(sumsq={"w": np.diag(gram).copy()}, gram={"w": gram})
     pruned = {}
@@ -61,9 +56,10 @@ def test_alps_writes_its_solution_into_the_stored_layout_and_beats_sparsegpt() -
 
 
 def test_sequential_alps_calibrates_each_block_on_the_pruned_ones_before_it(blocks) -> None:
+    rng = np.random.default_rng(1201)  # this function's own data, whatever ran before
     proto, w = blocks
     model = ir.from_proto(proto)
-    x = RNG.standard_normal((64, 8)).astype(np.float32)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
     prune_sequentially(model, PruneConfig(PATTERN, Method.ALPS, include_head=True), [{"x": x[:40]}, {"x": x[40:]}])
 
     def reference(weight_kn: np.ndarray, inputs: np.ndarray) -> np.ndarray:  # MatMul B [K, N]: canonical is Bᵀ
@@ -82,10 +78,11 @@ def test_sequential_alps_calibrates_each_block_on_the_pruned_ones_before_it(bloc
 
 
 def test_saved_gram_matrices_serve_alps_as_calibrating_in_one_go(tmp_path, blocks) -> None:
+    rng = np.random.default_rng(1202)  # this function's own data, whatever ran before
     model, _ = blocks
     path = tmp_path / "blocks.onnx"
     path.write_bytes(model.SerializeToString())
-    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((16, 8)).astype(np.float32))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 8)).astype(np.float32))
     runner = CliRunner()
     stats, calib = str(tmp_path / "stats.npz"), str(tmp_path / "calib.npz")
     saved = runner.invoke(app, ["calibrate", str(path), "--calib", calib, "-o", stats, "--gram", "-q"])
@@ -142,21 +139,17 @@ def test_the_weights_that_read_one_input_are_solved_together(tmp_path, sequentia
 
 
 def test_a_model_with_external_data_runs_alps_segment_by_segment_as_in_memory(tmp_path) -> None:
-    state = test_segments.RNG.bit_generator.state  # keep test_segments' own data as its tests expect
-    try:
-        dense, data = test_segments.decoder_like(), test_segments.feeds()
-    finally:
-        test_segments.RNG.bit_generator.state = state
+    dense, data = decoder_like(), feeds()
     config = PruneConfig(PATTERN, Method.ALPS)
     in_memory = ir.from_proto(dense)
-    batches, _ = test_segments.request(data).batches(dense)
+    batches, _ = CalibrationRequest(data=data, batch_size=2).batches(dense)
     prune_sequentially(in_memory, config, batches)
 
-    path = test_segments.save_external(dense, tmp_path / "in" / "model.onnx")
+    path = save_external(dense, tmp_path / "in" / "model.onnx")
     model = load_model(path)
     out = tmp_path / "out" / "pruned.onnx"
     plan = PrunePass(config=config).plan(model)
-    prune_in_segments(model, path.parent, out, config, test_segments.request(data), "block", plan)
+    prune_in_segments(model, path.parent, out, config, CalibrationRequest(data=data, batch_size=2), "block", plan)
     written = onnx.load(str(out))
     for name in ("a1", "b1", "a2", "b2", "a3", "b3"):
         np.testing.assert_array_equal(initializer(written, name), initializer(in_memory, name))

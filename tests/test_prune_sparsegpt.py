@@ -16,33 +16,19 @@ from graphprune.algorithms.scores import Method
 from graphprune.algorithms.sparsegpt import sparsegpt
 from graphprune.errors import GraphpruneError
 from graphprune.passes.prune import PruneConfig, PrunePass
-from tests.onnx_builders import init, initializer, run, tensor
+from tests.onnx_builders import init, initializer, linear_model, residual_blocks_model, run, tensor
 from tests.onnx_builders import make_ir_model as make_model
 
-RNG = np.random.default_rng(11)
 
-
-def linear_model(w_stored_nk: np.ndarray):
-    """Y = X @ Wᵀ with W stored [N, K] behind a Transpose, as PyTorch exports a Linear."""
-    return make_model(
-        [
-            helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
-            helper.make_node("MatMul", ["x", "wt"], ["y"]),
-        ],
-        [tensor("x", shape=[None, w_stored_nk.shape[1]])],
-        [tensor("y")],
-        [init(w_stored_nk, "w")],
-    )
-
-
-def correlated_inputs(rows: int, k: int) -> np.ndarray:
-    mixing = RNG.standard_normal((k, k)) * 0.3 + np.eye(k) * RNG.uniform(0.2, 3.0, size=k)
-    return (RNG.standard_normal((rows, k)) @ mixing).astype(np.float32)
+def correlated_inputs(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    mixing = rng.standard_normal((k, k)) * 0.3 + np.eye(k) * rng.uniform(0.2, 3.0, size=k)
+    return (rng.standard_normal((rows, k)) @ mixing).astype(np.float32)
 
 
 def test_sparsegpt_updates_the_stored_weight_and_beats_wanda() -> None:
-    w = RNG.standard_normal((24, 32)).astype(np.float32)  # [N, K]
-    x = correlated_inputs(256, 32)
+    rng = np.random.default_rng(1100)  # this function's own data, whatever ran before
+    w = rng.standard_normal((24, 32)).astype(np.float32)  # [N, K]
+    x = correlated_inputs(rng, 256, 32)
     gram = x.astype(np.float64).T @ x.astype(np.float64)
     stats = SimpleNamespace(sumsq={"w": np.diag(gram).copy()}, gram={"w": gram})
     pattern = NMPattern(2, 4)
@@ -66,7 +52,8 @@ def test_sparsegpt_updates_the_stored_weight_and_beats_wanda() -> None:
 
 @pytest.mark.parametrize("method", [Method.SPARSEGPT, Method.ALPS])
 def test_reconstruction_without_gram_matrices_is_refused_with_the_way_to_get_them(method: Method) -> None:
-    w = RNG.standard_normal((8, 8)).astype(np.float32)
+    rng = np.random.default_rng(1101)  # this function's own data, whatever ran before
+    w = rng.standard_normal((8, 8)).astype(np.float32)
     stats = {"w": np.ones(8)}  # Σx² only
     with pytest.raises(GraphpruneError, match="Gram") as refused:
         PrunePass(config=PruneConfig(method=method, include_head=True), stats=stats).call(linear_model(w))
@@ -75,7 +62,8 @@ def test_reconstruction_without_gram_matrices_is_refused_with_the_way_to_get_the
 
 
 def test_sparsegpt_skips_quantized_weights_with_a_reason() -> None:
-    q = RNG.integers(-100, 100, size=(8, 4), dtype=np.int8)
+    rng = np.random.default_rng(1102)  # this function's own data, whatever ran before
+    q = rng.integers(-100, 100, size=(8, 4), dtype=np.int8)
     model = make_model(
         [
             helper.make_node("DequantizeLinear", ["q", "s"], ["w"]),
@@ -92,16 +80,16 @@ def test_sparsegpt_skips_quantized_weights_with_a_reason() -> None:
 
 
 def test_one_shot_grams_over_the_memory_budget_are_spilled_with_the_same_result(tmp_path) -> None:
+    rng = np.random.default_rng(1103)  # this function's own data, whatever ran before
     from graphprune.calibration.gram_budget import chunks_within, gram_bytes
     from graphprune.calibration.request import CalibrationRequest
     from graphprune.graph.targets import find_targets
     from graphprune.pipeline.files import prune_file
-    from tests.test_sequential import residual_blocks_model
 
     model, _ = residual_blocks_model()
     path = tmp_path / "blocks.onnx"
     path.write_bytes(model.SerializeToString())
-    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((16, 8)).astype(np.float32))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 8)).astype(np.float32))
     targets = find_targets(ir.from_proto(model)).targets
     budget_gb = gram_bytes(targets[:1]) / 2**30  # room for one Gram at a time: four passes
     assert len(chunks_within(targets, gram_bytes(targets[:1]))) == 4
@@ -120,15 +108,15 @@ def test_one_shot_grams_over_the_memory_budget_are_spilled_with_the_same_result(
 
 
 def test_saved_gram_matrices_serve_a_sparsegpt_prune(tmp_path) -> None:
+    rng = np.random.default_rng(1104)  # this function's own data, whatever ran before
     from typer.testing import CliRunner
 
     from graphprune.cli import app
-    from tests.test_sequential import residual_blocks_model
 
     model, _ = residual_blocks_model()
     path = tmp_path / "blocks.onnx"
     path.write_bytes(model.SerializeToString())
-    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((16, 8)).astype(np.float32))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 8)).astype(np.float32))
     runner = CliRunner()
     stats, calib = str(tmp_path / "stats.npz"), str(tmp_path / "calib.npz")
     base = ["apply", str(path), "--method", "sparsegpt", "--include-head"]

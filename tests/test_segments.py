@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from graphprune.algorithms.pattern import NMPattern
@@ -24,51 +23,15 @@ from graphprune.pipeline.files import prune_file
 from graphprune.pipeline.progress import PruneProgress, SegmentProgress
 from graphprune.pipeline.segments import prune_in_segments
 from graphprune.pipeline.sequential import prune_sequentially
-from tests.onnx_builders import init, initializer, make_model, run, tensor
+from tests.decoder_models import VOCAB, decoder_like, feeds, save_external
+from tests.onnx_builders import initializer, run
 
-RNG = np.random.default_rng(14)
-VOCAB, HIDDEN, BLOCKS = 32, 8, 3
 WANDA = PruneConfig(NMPattern(2, 4), Method.WANDA)
-
-
-def decoder_like() -> onnx.ModelProto:
-    """input_ids -> embedding -> three residual blocks h + relu(h A) B -> head: a tiny LM in the 7B's shape."""
-    weights = {"embed": RNG.standard_normal((VOCAB, HIDDEN)).astype(np.float32)}
-    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["h0"], axis=0)]
-    for i in range(1, BLOCKS + 1):
-        weights[f"a{i}"] = RNG.standard_normal((HIDDEN, 2 * HIDDEN)).astype(np.float32)
-        weights[f"b{i}"] = RNG.standard_normal((2 * HIDDEN, HIDDEN)).astype(np.float32)
-        nodes += [
-            helper.make_node("MatMul", [f"h{i - 1}", f"a{i}"], [f"u{i}"]),
-            helper.make_node("Relu", [f"u{i}"], [f"r{i}"]),
-            helper.make_node("MatMul", [f"r{i}", f"b{i}"], [f"v{i}"]),
-            helper.make_node("Add", [f"h{i - 1}", f"v{i}"], [f"h{i}"]),
-        ]
-    weights["head"] = RNG.standard_normal((HIDDEN, VOCAB)).astype(np.float32)
-    nodes.append(helper.make_node("MatMul", [f"h{BLOCKS}", "head"], ["logits"]))
-    return make_model(
-        nodes,
-        [tensor("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [tensor("logits")],
-        [init(w, name) for name, w in weights.items()],
-    )
-
-
-def save_external(model: onnx.ModelProto, path: Path) -> Path:
-    """Every tensor in ``<name>.data``, as a large model's would be."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=0)
-    return path
 
 
 @pytest.fixture
 def external_model(tmp_path: Path) -> Path:
     return save_external(decoder_like(), tmp_path / "in" / "model.onnx")
-
-
-def feeds() -> list[dict[str, np.ndarray]]:
-    ids = RNG.integers(0, VOCAB, size=(6, 10), dtype=np.int64)
-    return [{"input_ids": ids[:2]}, {"input_ids": ids[2:4]}, {"input_ids": ids[4:]}]
 
 
 def request(data: list, max_memory: int | None = None) -> CalibrationRequest:
@@ -114,6 +77,7 @@ def weights_of(path: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("sequential", ["block", "level"])
 def test_segments_prune_exactly_as_the_in_memory_sequential_engine(external_model: Path, sequential: str) -> None:
+    rng = np.random.default_rng(1402)  # this function's own data, whatever ran before
     data = feeds()
     reference = load_model(external_model)
     batches, _ = request(data).batches(to_proto(reference))
@@ -141,7 +105,7 @@ def test_segments_prune_exactly_as_the_in_memory_sequential_engine(external_mode
         for e in t.external_data
         if e.key == "location"
     } == {"pruned.onnx.data"}
-    ids = {"input_ids": RNG.integers(0, VOCAB, size=(1, 7), dtype=np.int64)}
+    ids = {"input_ids": rng.integers(0, VOCAB, size=(1, 7), dtype=np.int64)}
     np.testing.assert_array_equal(run(to_proto(load_model(out)), ids)[0], run(reference, ids)[0])
     assert sorted(p.name for p in out.parent.iterdir()) == ["pruned.onnx", "pruned.onnx.data"]
 
@@ -183,7 +147,8 @@ def test_spilled_and_unspilled_runs_write_the_same_model(
 
 
 def test_boundary_tensors_stay_within_their_budget_and_read_back_spilled_ones() -> None:
-    arrays = [RNG.standard_normal((4, 8)).astype(np.float32) for _ in range(5)]  # 128 bytes each
+    rng = np.random.default_rng(1403)  # this function's own data, whatever ran before
+    arrays = [rng.standard_normal((4, 8)).astype(np.float32) for _ in range(5)]  # 128 bytes each
     store = BoundaryTensors(budget=300)
     for i, array in enumerate(arrays):
         store.append(f"t{i % 2}", array)

@@ -14,26 +14,16 @@ from graphprune.graph.stored import stored_tensor, stored_values
 from graphprune.graph.targets import find_targets
 from graphprune.passes.prune import PruneConfig
 from graphprune.pipeline.sequential import prune_sequentially, target_groups
-from tests.onnx_builders import init, initializer, make_model, tensor
+from tests.onnx_builders import init, initializer, make_model, residual_blocks_model, tensor
+from tests.references import wanda_numpy
 
-RNG = np.random.default_rng(21)
 PATTERN = NMPattern(2, 4)
-
-
-def wanda_numpy(w_kn: np.ndarray, inputs: np.ndarray) -> np.ndarray:
-    """Independent Wanda 2:4 on a [K, N] MatMul weight: |W|·‖X_j‖, top 2 of every 4 along K (no ties)."""
-    norms = np.sqrt((inputs.astype(np.float64) ** 2).reshape(-1, inputs.shape[-1]).sum(axis=0))
-    scores = np.abs(w_kn.astype(np.float64)) * norms[:, None]
-    groups = scores.T.reshape(w_kn.shape[1], -1, 4)
-    order = np.argsort(-groups, axis=-1)[..., :2]
-    keep = np.zeros(groups.shape, bool)
-    np.put_along_axis(keep, order, True, axis=-1)
-    return np.where(keep.reshape(w_kn.shape[1], -1).T, w_kn, 0)
 
 
 def two_block_model():
     """h1 = relu(x W1); h2 = relu(h1 W2); y = h1 + h2 W3: three levels, and h1 must be kept between segments."""
-    w1, w2, w3 = (RNG.standard_normal((8, 8)).astype(np.float32) for _ in range(3))
+    rng = np.random.default_rng(2100)  # this function's own data, whatever ran before
+    w1, w2, w3 = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(3))
     model = make_model(
         [
             helper.make_node("MatMul", ["x", "w1"], ["a1"]),
@@ -58,8 +48,9 @@ def test_groups_follow_the_dependency_order() -> None:
 
 
 def test_each_block_is_calibrated_on_the_pruned_blocks_before_it() -> None:
+    rng = np.random.default_rng(2101)  # this function's own data, whatever ran before
     model, (w1, w2, w3) = two_block_model()
-    x = RNG.standard_normal((6, 5, 8)).astype(np.float32)
+    x = rng.standard_normal((6, 5, 8)).astype(np.float32)
     batches = [{"x": x[:4]}, {"x": x[4:]}]
 
     model = ir.from_proto(model)
@@ -87,28 +78,6 @@ def test_sequential_refuses_control_flow() -> None:
         prune_sequentially(ir.from_proto(model), PruneConfig(PATTERN), [{"x": np.ones((1, 5, 8), np.float32)}])
 
 
-def residual_blocks_model():
-    """Two residual blocks h = h + relu(h A) B: levels A1, B1, A2, B2 whose shapes repeat with period 2."""
-    weights = {}
-    nodes = []
-    h = "x"
-    for block in (1, 2):
-        a, b = f"a{block}", f"b{block}"
-        weights[a] = RNG.standard_normal((8, 16)).astype(np.float32)
-        weights[b] = RNG.standard_normal((16, 8)).astype(np.float32)
-        nodes += [
-            helper.make_node("MatMul", [h, a], [f"u{block}"]),
-            helper.make_node("Relu", [f"u{block}"], [f"r{block}"]),
-            helper.make_node("MatMul", [f"r{block}", b], [f"v{block}"]),
-            helper.make_node("Add", [h, f"v{block}"], [f"h{block}"]),
-        ]
-        h = f"h{block}"
-    model = make_model(
-        nodes, [tensor("x", shape=["b", 8])], [tensor(h)], [init(w, name) for name, w in weights.items()]
-    )
-    return model, weights
-
-
 def test_blocks_are_found_from_the_repeating_levels() -> None:
     model, _ = residual_blocks_model()
     model = ir.from_proto(model)
@@ -119,8 +88,9 @@ def test_blocks_are_found_from_the_repeating_levels() -> None:
 
 
 def test_a_block_is_calibrated_dense_inside_and_pruned_before_the_next() -> None:
+    rng = np.random.default_rng(2103)  # this function's own data, whatever ran before
     model, w = residual_blocks_model()
-    x = RNG.standard_normal((12, 8)).astype(np.float32)
+    x = rng.standard_normal((12, 8)).astype(np.float32)
     model = ir.from_proto(model)
     prune_sequentially(model, PruneConfig(PATTERN, Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}])
 

@@ -15,8 +15,6 @@ from graphprune.graph.targets import find_targets
 from graphprune.passes.prune import PruneConfig, PrunePass
 from tests.onnx_builders import init, reference_nm_mask, run
 
-RNG = np.random.default_rng(10)
-
 SHARED_THROUGH_IDENTITY = """
 <ir_version: 8, opset_import: ["" : 17]>
 agraph (float[3,8] x) => (float[3,8] y) {
@@ -44,28 +42,31 @@ def shared(text: str, w: np.ndarray) -> onnx.ModelProto:
 
 
 def test_consumers_agreeing_through_identity_are_one_target() -> None:
-    w = RNG.standard_normal((8, 8)).astype(np.float32)
+    rng = np.random.default_rng(1000)  # this function's own data, whatever ran before
+    w = rng.standard_normal((8, 8)).astype(np.float32)
     model = ir.from_proto(shared(SHARED_THROUGH_IDENTITY, w))
     (target,) = find_targets(model).targets
     assert target.k_axis == 0 and [c.activation for c in target.consumers] == ["x", "r"]
     result = PrunePass(config=PruneConfig(NMPattern(2, 4), include_head=True))(model)
     assert [r.name for r in result.pruned] == ["w"]
     wm = np.where(reference_nm_mask(w, 0, 2, 4), w, 0)
-    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
     np.testing.assert_allclose(run(model, {"x": x})[0], np.maximum(x @ wm, 0) @ wm, rtol=1e-5, atol=1e-5)
 
 
 def test_consumers_that_see_other_axes_as_k_still_disagree() -> None:
-    model = ir.from_proto(shared(SHARED_THROUGH_TRANSPOSE, RNG.standard_normal((8, 8)).astype(np.float32)))
+    rng = np.random.default_rng(1001)  # this function's own data, whatever ran before
+    model = ir.from_proto(shared(SHARED_THROUGH_TRANSPOSE, rng.standard_normal((8, 8)).astype(np.float32)))
     scan = find_targets(model)
     assert scan.targets == [] and "disagree" in scan.skips[0].reason
 
 
 def test_statistics_of_a_shared_weight_sum_over_its_consumers() -> None:
-    w = RNG.standard_normal((8, 8)).astype(np.float32)
+    rng = np.random.default_rng(1002)  # this function's own data, whatever ran before
+    w = rng.standard_normal((8, 8)).astype(np.float32)
     proto = shared(SHARED_THROUGH_IDENTITY, w)
     targets = find_targets(ir.from_proto(proto)).targets
-    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
     stats = calibrate(proto, CalibrationRequest([{"x": x}]), targets)
     r = np.maximum(x @ w, 0)
     np.testing.assert_allclose(stats.sumsq["w"], (x**2).sum(0) + (r**2).sum(0), rtol=1e-5)

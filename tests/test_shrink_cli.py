@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 from graphprune.cli import app
 from tests.conftest import MiniLM
-from tests.onnx_builders import init, make_model, run, tensor
-from tests.test_shrink import _w, bert_mlp, residual_stack
+from tests.onnx_builders import bert_mlp, draw, init, make_model, residual_stack, run, tensor
 
 runner = CliRunner()
 
@@ -40,7 +39,7 @@ def test_shrink_writes_a_smaller_model_and_report_that_check_eval_and_apply_acce
     model, _ = bert
     before = model.read_bytes()
     calib = tmp_path / "calib.npz"
-    np.savez(calib, x=_w(32, 8, scale=1.0))
+    np.savez(calib, x=draw(np.random.default_rng(40), 32, 8, scale=1.0))
     out = tmp_path / "small.onnx"
     result = runner.invoke(
         app, ["shrink", str(model), "--ratio", "0.25", "--method", "flap", "--calib", str(calib), "-o", str(out)]
@@ -73,7 +72,7 @@ def test_the_default_score_is_flap_with_data_and_l2_without(
     """Data given without --method is used (flap), not ignored; the result equals the explicit method's."""
     model, _ = bert
     calib = tmp_path / "calib.npz"
-    np.savez(calib, x=_w(32, 8, scale=1.0))
+    np.savez(calib, x=draw(np.random.default_rng(41), 32, 8, scale=1.0))
     data = ["--calib", str(calib)] if with_data else []
 
     def removed(name: str, *method: str) -> tuple[str, list]:
@@ -119,7 +118,7 @@ def test_too_many_blocks_is_refused(tmp_path: Path) -> None:
     model, _, _ = residual_stack()
     path = _save(model, tmp_path / "res.onnx")
     calib = tmp_path / "calib.npz"
-    np.savez(calib, x=_w(8, 8, scale=1.0))
+    np.savez(calib, x=draw(np.random.default_rng(42), 8, 8, scale=1.0))
     before = path.read_bytes()
     result = runner.invoke(
         app, ["shrink", str(path), "--blocks", "3", "--calib", str(calib), "-o", str(tmp_path / "o.onnx")]
@@ -134,7 +133,7 @@ def test_a_model_without_structured_units_is_refused(tmp_path: Path) -> None:
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         [tensor("x", shape=[2, 4])],
         [tensor("y", shape=[2, 3])],
-        [init(_w(4, 3), "w")],
+        [init(draw(np.random.default_rng(43), 4, 3), "w")],
     )
     result = runner.invoke(app, ["shrink", str(_save(model, tmp_path / "m.onnx")), "--ratio", "0.5"])
     assert result.exit_code == 2 and "no structured unit" in result.output

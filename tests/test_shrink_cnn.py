@@ -18,30 +18,27 @@ from graphprune.graph.groups import find_groups
 from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
-from tests.onnx_builders import init, make_model, run, tensor
+from tests.onnx_builders import draw, init, make_model, run, tensor
 
-RNG = np.random.default_rng(3)
 CIN, C, R, COUT, HW = 3, 6, 3, 4, 4
 
 
-def _w(*shape: int, scale: float = 0.5) -> np.ndarray:
-    return (RNG.standard_normal(shape) * scale).astype(np.float32)
-
 
 def _weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(300)  # this function's own data, whatever ran before
     return {
-        "c1": _w(C, CIN, 3, 3),
-        "scale": 1 + _w(C, scale=0.1),
-        "shift": _w(C),
-        "mean": _w(C),
-        "var": np.abs(_w(C)) + 0.5,
-        "dw": _w(C, 1, 3, 3),
-        "dwb": _w(C),
-        "se1": _w(R, C, 1, 1),
-        "se1b": _w(R),
-        "se2": _w(C, R, 1, 1),
-        "se2b": _w(C),
-        "c2": _w(COUT, C, 1, 1),
+        "c1": draw(rng, C, CIN, 3, 3),
+        "scale": 1 + draw(rng, C, scale=0.1),
+        "shift": draw(rng, C),
+        "mean": draw(rng, C),
+        "var": np.abs(draw(rng, C)) + 0.5,
+        "dw": draw(rng, C, 1, 3, 3),
+        "dwb": draw(rng, C),
+        "se1": draw(rng, R, C, 1, 1),
+        "se1b": draw(rng, R),
+        "se2": draw(rng, C, R, 1, 1),
+        "se2b": draw(rng, C),
+        "c2": draw(rng, COUT, C, 1, 1),
     }
 
 
@@ -163,7 +160,7 @@ def _groups(m: ir.Model) -> dict[str, object]:
     return {"main" if g.width == C else "squeeze": g for g in scan.groups}
 
 
-X = _w(2, CIN, HW, HW, scale=1.0)
+X = draw(np.random.default_rng(3), 2, CIN, HW, HW, scale=1.0)  # one input for every test, drawn at import
 
 
 def test_the_block_matches_its_numpy_forward() -> None:
@@ -221,11 +218,12 @@ def test_removing_real_channels_equals_numpy_of_the_smaller_network() -> None:
 
 
 def test_a_depthwise_conv_with_a_channel_multiplier_is_skipped_with_its_reason() -> None:
+    rng = np.random.default_rng(301)  # this function's own data, whatever ran before
     w = _weights()
     model = mobilenet_block(w, constant_nodes=False)
     for t in model.graph.initializer:
         if t.name == "dw":  # two filters per input channel: output channel 2c+k reads input channel c
-            t.CopyFrom(onnx.numpy_helper.from_array(_w(2 * C, 1, 3, 3), "dw"))
+            t.CopyFrom(onnx.numpy_helper.from_array(draw(rng, 2 * C, 1, 3, 3), "dw"))
     scan = find_groups(_prepared(model), ("channels",))
     assert all(g.width != C for g in scan.groups)
     assert any("Conv" in s.reason for s in scan.skips)
@@ -242,9 +240,10 @@ def test_a_resize_that_scales_the_channels_is_skipped() -> None:
 
 
 def test_flap_folds_the_removed_channels_mean_contribution_into_the_last_conv() -> None:
+    rng = np.random.default_rng(302)  # this function's own data, whatever ran before
     w = _weights()
     model = mobilenet_block(w)
-    calib = {"x": _w(16, CIN, HW, HW, scale=1.0)}
+    calib = {"x": draw(rng, 16, CIN, HW, HW, scale=1.0)}
     m = ir.from_proto(model)
     report = shrink_model(
         m,
@@ -266,6 +265,7 @@ def test_flap_folds_the_removed_channels_mean_contribution_into_the_last_conv() 
 def test_rapidocr_classifier_shrinks_exactly_against_its_zeroed_twin() -> None:
     """A trained CNN nobody here wrote (PyPI rapidocr-onnxruntime): removing channels of every provable group
     equals the dense model with those channels' consumer weights zeroed."""
+    rng = np.random.default_rng(303)  # this function's own data, whatever ran before
     from graphprune import demo
     from graphprune.graph.model_io import load_model
 
@@ -287,6 +287,6 @@ def test_rapidocr_classifier_shrinks_exactly_against_its_zeroed_twin() -> None:
             w[tuple(index)] = 0
             slot.value.const_value = ir.tensor(w, name=slot.value.name)
     ShrinkPass(removals)(m)
-    x = RNG.standard_normal((2, 3, 48, 192)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 48, 192)).astype(np.float32)
     np.testing.assert_allclose(run(m, {"x": x})[0], run(twin, {"x": x})[0], rtol=1e-4, atol=1e-5)
     assert sum(g.width for g in scan.groups) < 0.7 * 1138

@@ -11,84 +11,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 
 from graphprune.graph.groups import find_groups
 from graphprune.passes.shrink import Removal, ShrinkPass
-from tests.onnx_builders import init, make_model, run, tensor
-
-RNG = np.random.default_rng(1)
-SEQ = 5
-
-
-def _w(*shape: int) -> np.ndarray:
-    return (RNG.standard_normal(shape) * 0.5).astype(np.float32)
-
-
-def attention(heads: int, kv_heads: int, head_dim: int, d: int = 8) -> tuple[onnx.ModelProto, dict]:
-    """x + O(softmax(Q Kᵀ / √hd) V): Q/K/V reshaped by constant shapes; GQA repeats K/V by Unsqueeze+Expand."""
-    rep = heads // kv_heads
-    w = {
-        "wq": _w(d, heads * head_dim),
-        "bq": _w(heads * head_dim),
-        "wk": _w(d, kv_heads * head_dim),
-        "wv": _w(d, kv_heads * head_dim),
-        "wo": _w(heads * head_dim, d),
-    }
-    consts = {
-        "q_shape": np.array([0, 0, heads, head_dim], np.int64),
-        "kv_shape": np.array([0, 0, kv_heads, head_dim], np.int64),
-        "merge": np.array([0, 0, heads * head_dim], np.int64),
-        "scale": np.array(1 / np.sqrt(head_dim), np.float32),
-    }
-    nodes = [
-        helper.make_node("MatMul", ["x", "wq"], ["q0"], name="q_proj"),
-        helper.make_node("Add", ["q0", "bq"], ["q1"]),
-        helper.make_node("Reshape", ["q1", "q_shape"], ["q2"]),
-        helper.make_node("Transpose", ["q2"], ["q"], perm=[0, 2, 1, 3]),
-        helper.make_node("MatMul", ["x", "wk"], ["k0"], name="k_proj"),
-        helper.make_node("Reshape", ["k0", "kv_shape"], ["k1"]),
-        helper.make_node("Transpose", ["k1"], ["k2"], perm=[0, 2, 1, 3]),
-        helper.make_node("MatMul", ["x", "wv"], ["v0"], name="v_proj"),
-        helper.make_node("Reshape", ["v0", "kv_shape"], ["v1"]),
-        helper.make_node("Transpose", ["v1"], ["v2"], perm=[0, 2, 1, 3]),
-    ]
-    if rep > 1:
-        consts["unsq"] = np.array([2], np.int64)
-        consts["expand"] = np.array([1, 1, rep, 1, 1], np.int64)
-        consts["repeat"] = np.array([0, heads, SEQ, head_dim], np.int64)
-        for t in ("k", "v"):
-            nodes += [
-                helper.make_node("Unsqueeze", [f"{t}2", "unsq"], [f"{t}3"]),
-                helper.make_node("Expand", [f"{t}3", "expand"], [f"{t}4"]),
-                helper.make_node("Reshape", [f"{t}4", "repeat"], [f"{t}5"]),
-            ]
-        k, v = "k5", "v5"
-    else:
-        k, v = "k2", "v2"
-    nodes += [
-        helper.make_node("Transpose", [k], ["kt"], perm=[0, 1, 3, 2]),
-        helper.make_node("MatMul", ["q", "kt"], ["s0"]),
-        helper.make_node("Mul", ["s0", "scale"], ["s"]),
-        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
-        helper.make_node("MatMul", ["p", v], ["a0"]),
-        helper.make_node("Transpose", ["a0"], ["a1"], perm=[0, 2, 1, 3]),
-        helper.make_node("Reshape", ["a1", "merge"], ["a"]),
-        helper.make_node("MatMul", ["a", "wo"], ["o"], name="o_proj"),
-        helper.make_node("Add", ["x", "o"], ["y"]),
-    ]
-    inits = [init(v, k) for k, v in w.items()] + [init(v, k) for k, v in consts.items()]
-    model = make_model(nodes, [tensor("x", shape=["b", SEQ, d])], [tensor("y", shape=["b", SEQ, d])], inits)
-    return onnx.shape_inference.infer_shapes(model), w
-
-
-def attention_np(w: dict, x: np.ndarray, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
-    b, s, _ = x.shape
-    q = (x @ w["wq"] + w["bq"]).reshape(b, s, heads, head_dim).transpose(0, 2, 1, 3)
-    k = (x @ w["wk"]).reshape(b, s, kv_heads, head_dim).transpose(0, 2, 1, 3)
-    v = (x @ w["wv"]).reshape(b, s, kv_heads, head_dim).transpose(0, 2, 1, 3)
-    k, v = (np.repeat(t, heads // kv_heads, axis=1) for t in (k, v))
-    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    a = (p @ v).transpose(0, 2, 1, 3).reshape(b, s, heads * head_dim)
-    return x + a @ w["wo"]
+from tests.onnx_builders import SEQ, attention, attention_np, draw, init, run
 
 
 def _drop(w: dict, q_heads: list[int], kv_heads: list[int], head_dim: int) -> dict:
@@ -114,8 +37,9 @@ def _shrink(model: onnx.ModelProto, units: list[int]) -> tuple[onnx.ModelProto, 
 
 
 def test_multi_head_attention_removes_whole_heads_and_rewrites_head_counts() -> None:
+    rng = np.random.default_rng(101)  # this function's own data, whatever ran before
     model, w = attention(heads=4, kv_heads=4, head_dim=2)
-    x = _w(3, SEQ, 8)
+    x = draw(rng, 3, SEQ, 8)
     small, group = _shrink(model, [1, 3])
     assert group.kind == "heads" and group.width == 2  # type: ignore[attr-defined]
     expected = attention_np(_drop(w, [1, 3], [1, 3], 2), x, 2, 2, 2)
@@ -125,21 +49,23 @@ def test_multi_head_attention_removes_whole_heads_and_rewrites_head_counts() -> 
 
 
 def test_removing_all_zero_heads_is_bit_identical() -> None:
+    rng = np.random.default_rng(102)  # this function's own data, whatever ran before
     model, _ = attention(heads=4, kv_heads=4, head_dim=2)
     for t in model.graph.initializer:
         if t.name == "wo":
             array = onnx.numpy_helper.to_array(t).copy()
             array[2:4] = 0  # head 1's rows of O: the head contributes nothing
             t.CopyFrom(onnx.numpy_helper.from_array(array, "wo"))
-    x = _w(2, SEQ, 8)
+    x = draw(rng, 2, SEQ, 8)
     before = run(model, {"x": x})[0]
     small, _ = _shrink(model, [1])
     np.testing.assert_array_equal(run(small, {"x": x})[0], before)
 
 
 def test_grouped_query_attention_removes_kv_groups_with_their_query_heads() -> None:
+    rng = np.random.default_rng(103)  # this function's own data, whatever ran before
     model, w = attention(heads=4, kv_heads=2, head_dim=2)
-    x = _w(2, SEQ, 8)
+    x = draw(rng, 2, SEQ, 8)
     np.testing.assert_allclose(run(model, {"x": x})[0], attention_np(w, x, 4, 2, 2), rtol=1e-4, atol=1e-5)
     small, group = _shrink(model, [0])  # KV group 0: key/value head 0 and query heads 0 and 1
     assert group.width == 1 and group.unit_size == 4  # type: ignore[attr-defined]  # 2 KV groups, 1 left
@@ -231,11 +157,12 @@ def exporter_style(model: onnx.ModelProto, near_miss: bool = False) -> onnx.Mode
 def test_exporter_key_transpose_is_folded_exactly_and_its_heads_removed(
     heads: int, kv_heads: int, drop_q: list[int], drop_kv: list[int]
 ) -> None:
+    rng = np.random.default_rng(104)  # this function's own data, whatever ran before
     from graphprune.graph.prepare import prepare_graph
 
     dense, w = attention(heads=heads, kv_heads=kv_heads, head_dim=2)
     model = exporter_style(dense)
-    x = _w(3, SEQ, 8)
+    x = draw(rng, 3, SEQ, 8)
     before = run(model, {"x": x})[0]
     np.testing.assert_allclose(before, attention_np(w, x, heads, kv_heads, 2), rtol=1e-4, atol=1e-5)
     m = ir.from_proto(model)
@@ -252,11 +179,12 @@ def test_exporter_key_transpose_is_folded_exactly_and_its_heads_removed(
 
 
 def test_a_key_reshape_not_proven_from_the_keys_own_shape_is_left_alone_and_its_heads_skipped() -> None:
+    rng = np.random.default_rng(105)  # this function's own data, whatever ran before
     from graphprune.graph.prepare import fold_key_transposes, prepare_graph
 
     model = exporter_style(attention(heads=4, kv_heads=4, head_dim=2)[0], near_miss=True)
     m = ir.from_proto(model)
-    x = _w(2, SEQ, 8)
+    x = draw(rng, 2, SEQ, 8)
     before = run(m, {"x": x})[0]
     prepare_graph(m, heads=True)
     assert fold_key_transposes(m) == 0

@@ -16,7 +16,7 @@ from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model, save_model
 from graphprune.passes.prune import PruneConfig, PrunePass
 from graphprune.pipeline.files import prune_file
-from tests.test_files_and_cli import layered_model
+from tests.onnx_builders import layered_model
 
 CONFIGS = [PruneConfig(NMPattern(2, 4)), PruneConfig(Unstructured(0.5, Scope.OUTPUT), include_head=True)]
 

@@ -13,15 +13,14 @@ from graphprune.passes.prune import PruneConfig, PrunePass
 from tests.onnx_builders import init, initializer, reference_nm_mask, run, tensor
 from tests.onnx_builders import make_ir_model as make_model
 
-RNG = np.random.default_rng(7)
-
 
 def reasons(model, **kwargs) -> dict[str, str]:
     return {s.name: s.reason for s in find_targets(model, **kwargs).skips}
 
 
 def test_k_not_a_multiple_of_the_group_is_skipped_with_its_reason() -> None:
-    w = RNG.standard_normal((10, 8)).astype(np.float32)
+    rng = np.random.default_rng(700)  # this function's own data, whatever ran before
+    w = rng.standard_normal((10, 8)).astype(np.float32)
     model = make_model(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         [tensor("x", shape=[2, 10])],
@@ -45,7 +44,8 @@ def test_weight_that_is_a_graph_input_is_skipped() -> None:
 
 
 def test_initializer_overridable_as_graph_input_is_skipped() -> None:
-    w = RNG.standard_normal((8, 4)).astype(np.float32)
+    rng = np.random.default_rng(701)  # this function's own data, whatever ran before
+    w = rng.standard_normal((8, 4)).astype(np.float32)
     model = make_model(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         [tensor("x", shape=[2, 8]), tensor("w", shape=[8, 4])],
@@ -56,7 +56,8 @@ def test_initializer_overridable_as_graph_input_is_skipped() -> None:
 
 
 def test_shared_weight_is_pruned_once_for_all_consumers() -> None:
-    w = RNG.standard_normal((8, 8)).astype(np.float32)
+    rng = np.random.default_rng(702)  # this function's own data, whatever ran before
+    w = rng.standard_normal((8, 8)).astype(np.float32)
     model = make_model(
         [
             helper.make_node("MatMul", ["x", "w"], ["a"]),
@@ -71,13 +72,14 @@ def test_shared_weight_is_pruned_once_for_all_consumers() -> None:
     assert len(target.consumers) == 2 and target.k_axis == 0
     PrunePass(config=PruneConfig(include_head=True)).call(model)
     wm = np.where(reference_nm_mask(w, 0, 2, 4), w, 0)
-    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
     expected = np.maximum(x @ wm, 0) @ wm
     np.testing.assert_allclose(run(model, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_consumers_that_disagree_on_k_skip_the_weight() -> None:
-    w = RNG.standard_normal((8, 8)).astype(np.float32)
+    rng = np.random.default_rng(703)  # this function's own data, whatever ran before
+    w = rng.standard_normal((8, 8)).astype(np.float32)
     model = make_model(
         [
             helper.make_node("MatMul", ["x", "w"], ["a"]),
@@ -92,7 +94,8 @@ def test_consumers_that_disagree_on_k_skip_the_weight() -> None:
 
 
 def test_tied_lm_head_is_skipped_because_the_embedding_gather_reads_it() -> None:
-    table = RNG.standard_normal((32, 8)).astype(np.float32)
+    rng = np.random.default_rng(704)  # this function's own data, whatever ran before
+    table = rng.standard_normal((32, 8)).astype(np.float32)
     model = make_model(
         [
             helper.make_node("Gather", ["table", "ids"], ["h"]),
@@ -133,7 +136,8 @@ def test_integer_weight_outside_dequantize_is_skipped() -> None:
 
 
 def test_weight_computed_from_constants_is_reported() -> None:
-    w = RNG.standard_normal((4, 8)).astype(np.float32)
+    rng = np.random.default_rng(705)  # this function's own data, whatever ran before
+    w = rng.standard_normal((4, 8)).astype(np.float32)
     shape = np.array([8, 4], np.int64)
     model = make_model(
         [helper.make_node("Reshape", ["w", "shape"], ["wr"]), helper.make_node("MatMul", ["x", "wr"], ["y"])],
@@ -145,9 +149,10 @@ def test_weight_computed_from_constants_is_reported() -> None:
 
 
 def two_layer_model(residual: bool) -> tuple:
-    w1 = RNG.standard_normal((8, 8)).astype(np.float32)
-    w2 = RNG.standard_normal((8, 8)).astype(np.float32)
-    head = RNG.standard_normal((8, 16)).astype(np.float32)
+    rng = np.random.default_rng(706)  # this function's own data, whatever ran before
+    w1 = rng.standard_normal((8, 8)).astype(np.float32)
+    w2 = rng.standard_normal((8, 8)).astype(np.float32)
+    head = rng.standard_normal((8, 16)).astype(np.float32)
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["a"]),
         helper.make_node("Relu", ["a"], ["r"]),

@@ -406,7 +406,7 @@ def test_real_tensorrt_build_reports_sparse_layers(tmp_path: Path) -> None:
     pytest.importorskip("tensorrt")
     if not _has_cuda_driver():
         pytest.skip("no CUDA driver / GPU")
-    from tests.test_eligibility import sparse_24
+    from tests.references import sparse_24
 
     weight = sparse_24((1024, 1024), 0).astype(np.float16)
     node = helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")

@@ -35,9 +35,7 @@ Deviations from the reference code, on purpose:
   and where the pattern's masks are chosen row by row (N:M, unstructured per output row) those weights are
   solved as one stacked layer (:func:`alps_solve_shared`): each row's problem is the same, but the rho
   schedule and the stopping rule follow the support change of all their rows together, where the reference
-  runs them per weight. Measured on SmolLM2-135M's block shapes (``benchmarks/alps_time.py``): the same
-  reconstruction error to 4 digits, 12-19% less solver time with the symmetric product below; on SmolLM2-135M
-  2:4 sequential, perplexity 92.41 against 90.95 with one schedule per weight (not separated from run noise).
+  runs them per weight (what that costs and saves: BENCHMARKS.md, "Figures moved out of the code").
 * ``(Ĥ + rhoI)⁻¹`` is formed as ``S Sᵀ`` (one triangle, a BLAS rank-K update) rather than ``Q diag Qᵀ``.
 """
 

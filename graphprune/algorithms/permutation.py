@@ -31,8 +31,8 @@ import numpy as np
 
 from graphprune.algorithms.pattern import NMPattern
 
-# Work per chunk of a round (elements of a (pairs, moves, rows, 2M) block): bounds the temporaries. Measured on
-# SmolLM2's MLP scores: 2^21 runs 1.7x faster than 2^23 (the temporaries stay in cache), 2^17 slower again.
+# Work per chunk of a round (elements of a (pairs, moves, rows, 2M) block): bounds the temporaries so they stay
+# in cache (the sizes tried: BENCHMARKS.md, "Figures moved out of the code").
 _CHUNK_ELEMENTS = 1 << 21
 
 

@@ -46,8 +46,8 @@ from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructure
 # a Gram matrix is ill-conditioned (λ = 1% of the mean diagonal bounds it only loosely), so float32 there loses
 # digits that every later update inherits. The weight updates (O(out·K·blocksize) for the rank-1 steps,
 # O(out·K²) for the lazy block products) are the bulk of the time and memory. Up to K = 4096 they run in
-# float64 too: on a CPU float32 saves only 25-40% there (the rank-1 steps are bound by memory traffic and
-# Python, not flops; measured on SmolLM2-135M's shapes), the working copy of W stays small, and the masks
+# float64 too: on a CPU float32 saves little there (the rank-1 steps are bound by memory traffic and Python,
+# not flops; BENCHMARKS.md, "Figures moved out of the code"), the working copy of W stays small, and the masks
 # match an exact reference even where saliencies almost tie. Beyond that the working copy and the block
 # products switch to float32, as the reference runs all of its updates; the accumulated rounding stays far
 # below the pruning error itself (float32 ~1e-7 relative per step, H⁻¹ itself still exact to float64).

@@ -22,6 +22,7 @@ from graphprune.algorithms.structured import block_influence
 from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.session import Session, values_by_name
+from graphprune.calibration.stats_checks import refuse_non_finite
 from graphprune.calibration.taps import TapBuilder, TapPlan, tapped_model
 from graphprune.errors import GraphpruneError
 
@@ -141,4 +142,7 @@ def collect_moments(
             on_batch(seen)
     if not seen:
         raise GraphpruneError("the calibration data is empty")
+    refuse_non_finite({**out.sums, **out.sumsq})  # NaN scores would choose the channels at random
+    terms = {f"{a} and {b}": [np.ravel(x) for batch in t for x in batch] for (a, b), t in out.pair_terms.items()}
+    refuse_non_finite({pair: np.concatenate(arrays) for pair, arrays in terms.items()})
     return out

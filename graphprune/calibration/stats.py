@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from graphprune.calibration.data import open_npz
-from graphprune.calibration.stats_checks import check_arrays, check_meta
+from graphprune.calibration.stats_checks import check_arrays, check_meta, refuse_non_finite
 from graphprune.errors import GraphpruneError, a_few
 from graphprune.graph.targets import Target
 
@@ -106,11 +106,7 @@ class ActivationStats:
                     f"the statistics are corrupt: weight {t.name} has {np.shape(self.sumsq[t.name])} input "
                     f"statistics, expected ({t.k},)"
                 )
-            if not np.isfinite(self.sumsq[t.name]).all():
-                raise GraphpruneError(
-                    f"the activations reaching {t.name} are not finite (NaN or infinity) on the calibration "
-                    "data: check the data and the model's dtype"
-                )
+            refuse_non_finite({t.name: self.sumsq[t.name]})
         if not gram:
             return
         _refuse_missing(
@@ -137,6 +133,7 @@ class ActivationStats:
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
         names = sorted(self.sumsq)
+        refuse_non_finite({**self.sumsq, **self.gram}, nothing_written=True)  # a file no prune could use
         arrays: dict[str, np.ndarray] = {}
         gram_index: dict[int, int] = {}
         gram_of: dict[str, int] = {}
@@ -173,11 +170,7 @@ class ActivationStats:
                 if "meta" not in f.files:
                     raise GraphpruneError(f"{path} is not a graphprune statistics file (it has no metadata)")
                 meta = json.loads(str(f["meta"][()]))
-                if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                    raise GraphpruneError(f"{path} is not a graphprune statistics file")
-                if meta.get("version", 0) > VERSION:
-                    raise GraphpruneError(f"{path} was written by a newer graphprune (format {meta['version']})")
-                check_meta(meta, path)
+                check_meta(meta, path, FORMAT, VERSION)
                 names: list[str] = meta["names"]
                 sumsq = {n: f[f"sumsq_{i}"] for i, n in enumerate(names)}
                 grams = {j: f[f"gram_{j}"] for j in set(meta.get("gram_of", {}).values())}

@@ -13,17 +13,46 @@ from typing import Any
 
 import numpy as np
 
-from graphprune.errors import GraphpruneError
+from graphprune.errors import GraphpruneError, a_few
+
+# Every field of the metadata and the JSON type it must have; the optional ones may be absent.
+FIELDS: dict[str, type] = {
+    "format": str,
+    "version": int,
+    "model_fingerprint": str,
+    "names": list,
+    "rows": list,
+    "shapes": list,
+    "k_axes": list,
+    "gram_of": dict,
+    "warnings": list,
+}
+OPTIONAL = ("gram_of", "warnings")
 
 
-def check_meta(meta: Any, path: Path) -> None:
-    """The metadata's structure: names, rows, shapes, K axes and Gram indices agree with each other."""
+def check_meta(meta: Any, path: Path, format_name: str, version: int) -> None:
+    """The metadata's structure: every field of its type, the format and a version this code reads, and names,
+    rows, shapes, K axes and Gram indices that agree with each other."""
 
     def bad(what: str) -> GraphpruneError:
         return GraphpruneError(f"{path}: the statistics metadata is corrupt or was edited ({what})")
 
-    if not isinstance(meta, dict):
-        raise bad("not a JSON object")
+    if not isinstance(meta, dict) or meta.get("format") != format_name:
+        raise GraphpruneError(f"{path} is not a graphprune statistics file")
+    for key, kind in FIELDS.items():
+        if key not in meta:
+            if key in OPTIONAL:
+                continue
+            raise bad(f"no {key.replace('_', ' ')}")
+        value = meta[key]
+        if not isinstance(value, kind) or isinstance(value, bool):  # JSON true is a Python int too
+            raise bad(f"{key} is {type(value).__name__} {value!r:.40}, expected {kind.__name__}")
+    if meta["version"] > version:
+        raise GraphpruneError(f"{path} was written by a newer graphprune (format {meta['version']})")
+    if meta["version"] < 1:
+        raise bad(f"version {meta['version']} is not a format version")
+    if not all(isinstance(w, str) for w in meta.get("warnings", [])):
+        raise bad("warnings must be strings")
     names, rows, shapes, k_axes = (meta.get(key) for key in ("names", "rows", "shapes", "k_axes"))
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise bad("names must be distinct strings")
@@ -40,10 +69,6 @@ def check_meta(meta: Any, path: Path) -> None:
     gram_of = meta.get("gram_of", {})
     if not isinstance(gram_of, dict) or not all(n in names and _count(j) for n, j in gram_of.items()):
         raise bad("gram_of must map listed names to Gram numbers")
-    if not isinstance(meta.get("model_fingerprint"), str):
-        raise bad("no model fingerprint")
-    if not isinstance(meta.get("warnings", []), list):
-        raise bad("warnings must be a list")
 
 
 def check_arrays(
@@ -74,6 +99,18 @@ def check_arrays(
     for j, gram in grams.items():
         if not np.isfinite(gram).all():
             raise GraphpruneError(f"{path}: Gram matrix {j} holds NaN or infinite values; calibrate again")
+
+
+def refuse_non_finite(arrays: Mapping[str, Any], nothing_written: bool = False) -> None:
+    """One line naming the tensors whose statistics hold NaN or infinity (activations that overflowed, or NaN in
+    the data): no method can score or reconstruct with them, so they stop the run."""
+    bad = [name for name, values in arrays.items() if not np.isfinite(np.asarray(values, dtype=np.float64)).all()]
+    if bad:
+        tail = "; nothing was written" if nothing_written else ""
+        raise GraphpruneError(
+            f"the activations reaching {a_few(bad)} are not finite (NaN or infinity) on the calibration data: "
+            f"check the data and the model's dtype{tail}"
+        )
 
 
 def _count(value: object) -> bool:

@@ -8,7 +8,7 @@ are standard normal. Dynamic dimensions come from ``shapes`` (``--shape name=1x1
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -71,6 +71,22 @@ def _stored(value: ir.Value | None) -> ir.TensorProtocol | None:
     return None
 
 
+# One feed's arrays above this are refused before they are allocated: a shape or batch typed with a few digits too
+# many would otherwise fail inside numpy (a traceback) or push the machine into swap.
+MAX_FEED_BYTES = 8 << 30
+
+
+def check_feed_bytes(shapes: Iterable[Sequence[int]], asks: str, remedy: str) -> None:
+    """Refuse a feed whose arrays would take more than :data:`MAX_FEED_BYTES`, counted at 8 bytes an element
+    (numpy draws random numbers and token ids as 64-bit values before any cast)."""
+    need = sum(math.prod(shape) for shape in shapes) * 8
+    if need > MAX_FEED_BYTES:
+        raise GraphpruneError(
+            f"{asks} {need / 2**30:,.0f} GiB of input per run, above the {MAX_FEED_BYTES >> 30} GiB "
+            f"graphprune allocates for one: {remedy}"
+        )
+
+
 class SyntheticSource(Source):
     """``ceil(nsamples / batch)`` random feeds shaped by the model's signature and ``shapes``."""
 
@@ -89,6 +105,7 @@ class SyntheticSource(Source):
             raise GraphpruneError(f"`shapes` names {unknown[0]}: the model has no such input")
         self.specs = specs
         self.shapes = {s.name: _resolve(s, shapes.get(s.name)) for s in specs}
+        check_feed_bytes(self.shapes.values(), "`shapes` asks for", "give smaller shapes")
         self.vocab = embedding_sizes(model if isinstance(model, ir.Model) else ir.from_proto(model))
         self.seed = seed
         batch = next((sh[0] for sh in self.shapes.values() if sh), 1) or 1

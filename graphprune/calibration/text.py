@@ -18,6 +18,7 @@ import numpy as np
 from graphprune.calibration.cache_inputs import complete_feed, fillable
 from graphprune.calibration.data import Labelled, Source
 from graphprune.calibration.signature import InputSpec
+from graphprune.calibration.synthetic import check_feed_bytes
 from graphprune.errors import GraphpruneError, a_few
 
 FILLED = ("attention_mask", "position_ids", "token_type_ids")  # never the token-id input
@@ -70,12 +71,16 @@ class TextSource(Source):
             raise GraphpruneError(
                 f"{text} has {len(self.tokens)} tokens: not enough for one window of `seqlen={seqlen}`"
             )
-        rng = random.Random(seed)
-        self.starts = [rng.randint(0, len(self.tokens) - seqlen - 1) for _ in range(nsamples)]
+        rows = min(batch_size, nsamples)
+        asks = "`batch_size` windows of `seqlen` tokens ask for"
+        check_feed_bytes([(rows, seqlen)] * (1 + len(self.fill)), asks, "give a smaller `batch_size`")
+        self.seed = seed
 
     def __iter__(self) -> Iterator[Labelled]:
-        for b in range(0, len(self.starts), self.batch_size):
-            starts = self.starts[b : b + self.batch_size]
+        rng = random.Random(self.seed)  # drawn batch by batch: nsamples starts are never held at once
+        last = len(self.tokens) - self.seqlen - 1
+        for b in range(0, self.total, self.batch_size):
+            starts = [rng.randint(0, last) for _ in range(min(self.batch_size, self.total - b))]
             ids = np.stack([self.tokens[s : s + self.seqlen] for s in starts]).astype(self.ids_spec.dtype)
             feed = {self.ids_spec.name: ids}
             if self.mask is not None:

@@ -1,13 +1,6 @@
-"""graphprune's command line: each module below registers its commands on :data:`app`."""
+"""graphprune's command line: :data:`app` lists every command of ``app.COMMANDS`` and imports a command's
+module (which registers it on :data:`app`) only when that command runs, so ``graphprune --help`` starts fast."""
 
-from graphprune.cli import (
-    calibrate,  # noqa: F401  (registers calibrate)
-    deploy,  # noqa: F401  (registers convert, build, bench)
-    evaluate,  # noqa: F401  (registers eval)
-    prune,  # noqa: F401  (registers apply, check)
-    quantize,  # noqa: F401  (registers quantize)
-    shrink,  # noqa: F401  (registers shrink)
-)
 from graphprune.cli.app import app
 
 

@@ -23,7 +23,6 @@ from graphprune.cli.calib_options import (
 )
 from graphprune.cli.progress import display
 from graphprune.cli.tables import Col, fitted_table
-from graphprune.errors import GraphpruneError
 
 MAX_WARNINGS_SHOWN = 12
 
@@ -75,25 +74,13 @@ def calibrate_command(
 
         graphprune calibrate model.onnx --calib corpus.txt --tokenizer tokenizer.json -o stats.npz
     """
-    from graphprune.artifacts import OutputPlan
-    from graphprune.calibration import calibrate
-    from graphprune.model_checks import check_model_file
+    from graphprune.pipeline.calibrate_file import calibrate_file
 
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
     request = replace(request, gram=gram, optimize=optimize)
-    if output.is_dir():  # not "<dir>.npz" beside it: say so
-        raise GraphpruneError(f"{output} is a directory: give a file name for the statistics, e.g. -o stats.npz")
-    outputs = OutputPlan(request.files(), force)
-    outputs.read(model, "the input model")
-    target = outputs.file(
-        output if output.suffix == ".npz" else output.with_name(output.name + ".npz"), "statistics"
-    )
-    outputs.check()  # before calibrating
-    if model.is_file():
-        check_model_file(model)  # corrupt tensors in one line, before ONNX Runtime meets them
     with display(enabled=not quiet) as shown:
         bar = shown.bar("calibrating", unit="samples")
-        stats = calibrate(model, request, progress=bar.update)
+        written, stats = calibrate_file(model, output, request, force=force, progress=bar.update)
     for w in stats.warnings[:MAX_WARNINGS_SHOWN]:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
     if len(stats.warnings) > MAX_WARNINGS_SHOWN:
@@ -102,9 +89,6 @@ def calibrate_command(
             "kept in the statistics file",
             highlight=False,
         )
-    with outputs.transaction() as files:
-        files.produce(target, stats.save, "statistics")
-    written = target
     weights = [
         {"name": name, "k": int(values.shape[0]), "rows": int(stats.rows[name]), "gram": name in stats.gram}
         for name, values in stats.sumsq.items()

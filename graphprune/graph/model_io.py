@@ -117,6 +117,8 @@ def _initializers(model: ir.Model) -> Iterator[ir.Value]:
 
 def default_output(model_path: Path) -> Path:
     """``<stem>.pruned.onnx`` beside the input."""
+    if model_path.name in ("", ".."):  # "" and "." are one Path: a directory, not a model file
+        raise GraphpruneError(f"{str(model_path)!r} names no model file")
     return model_path.with_name(f"{model_path.stem}.pruned.onnx")
 
 

@@ -27,8 +27,8 @@ itself (:mod:`graphprune.passes.bf16`). What :func:`convert` does to a model:
 
 Memory: the model is converted in place, one tensor at a time (each initializer's FP32 bytes are replaced by its
 half-precision bytes before the next is read), and type inference is onnx-ir's, which hands ONNX a copy without
-the weights' data, so a model over 2 GB is never serialised as one protobuf (a 2.4 GB model with external data
-converts through the CLI with a peak of 2.1x its size). The weights must be in memory: a model loaded without
+the weights' data, so a model over 2 GB is never serialised as one protobuf (its peak memory: BENCHMARKS.md,
+"Figures moved out of the code"). The weights must be in memory: a model loaded without
 its external data is refused with a one-line error.
 
 Not supported (one-line error): subgraphs (If/Loop/Scan bodies), models that already compute in half precision,

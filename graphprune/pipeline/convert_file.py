@@ -27,6 +27,8 @@ class ConvertFileResult:
 
 def default_convert_output(model: Path, dtype: HalfType) -> Path:
     """``<stem>.fp16.onnx`` or ``<stem>.bf16.onnx`` beside the input."""
+    if model.name in ("", ".."):  # "" and "." are one Path: a directory, not a model file
+        raise GraphpruneError(f"{str(model)!r} names no model file")
     return model.with_name(f"{model.stem}.{_SUFFIX[dtype]}.onnx")
 
 

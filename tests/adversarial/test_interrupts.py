@@ -80,20 +80,39 @@ def staged_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob(".graphprune-*/**/*") if p.is_file())
 
 
-def wait_for(condition, child: subprocess.Popen, timeout: float = 60.0) -> None:
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (state T in /proc/PID/stat): the readiness signal of :func:`freeze_at`."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def freeze_at(condition, child: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Stop the child (SIGSTOP) at the first moment ``condition`` holds, wait until the kernel reports it stopped,
+    and check the condition again while it is frozen: the interruption then lands at that moment however loaded
+    the machine is (a signal sent to a running child could arrive after it had moved on)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if child.poll() is not None:
-            pytest.fail(f"apply ended before the moment to interrupt it: {child.communicate()}")
+            pytest.fail(f"the command ended before the moment to interrupt it: {child.communicate()}")
         if time.monotonic() > deadline:
             child.kill()
             pytest.fail("the moment to interrupt never came")
-        time.sleep(0.005)
+        time.sleep(0.002)  # polling the child's state, not a delay the test relies on
+    child.send_signal(signal.SIGSTOP)
+    while not stopped(child.pid):
+        if child.poll() is not None:
+            pytest.fail(f"the command ended before it could be frozen: {child.communicate()}")
+        time.sleep(0.001)
+    assert condition(), "the frozen child is past the moment"  # its state cannot change while stopped
 
 
 def finish(child: subprocess.Popen, sig: int) -> tuple[int, str]:
+    """Deliver ``sig`` to the frozen child, then let it run: the signal is the first thing it handles."""
     child.send_signal(sig)
-    _, stderr = child.communicate(timeout=60)
+    child.send_signal(signal.SIGCONT)
+    _, stderr = child.communicate(timeout=120)
     return child.returncode, stderr
 
 
@@ -112,10 +131,9 @@ def test_interrupted_apply_writes_nothing(big_model: Path, tmp_path: Path, sig: 
     child = start(big_model, out, *(["--method", "wanda", "--calib", str(calib)] if moment == "computing" else []))
     model_mb = (big_model.parent / "big.onnx.data").stat().st_size / 2**20
     if moment == "computing":  # the weights are in memory, nothing is staged yet
-        wait_for(lambda: rss_mb(child.pid) > 1.1 * model_mb, child)
-        assert staged_bytes(tmp_path) == 0
+        freeze_at(lambda: rss_mb(child.pid) > 1.1 * model_mb and staged_bytes(tmp_path) == 0, child)
     else:  # part of the new external-data file is on disk
-        wait_for(lambda: staged_bytes(tmp_path) > 16 * 2**20, child)
+        freeze_at(lambda: staged_bytes(tmp_path) > 16 * 2**20 and not out.exists(), child)
     code, stderr = finish(child, sig)
     assert code == (130 if sig == signal.SIGINT else 143), stderr
     assert stderr.strip().splitlines() == [
@@ -131,7 +149,7 @@ def test_interrupted_force_run_keeps_the_previous_pair(big_model: Path, tmp_path
     assert first.wait(timeout=120) == 0, first.communicate()
     before = {p.name: digest(p) for p in tmp_path.iterdir()}
     child = start(big_model, out, "--force", "--nm", "1:4")
-    wait_for(lambda: staged_bytes(tmp_path) > 16 * 2**20, child)
+    freeze_at(lambda: staged_bytes(tmp_path) > 16 * 2**20, child)  # the old pair is still in place
     code, stderr = finish(child, signal.SIGTERM)
     assert code == 143 and "nothing was written" in stderr, stderr
     assert {p.name: digest(p) for p in tmp_path.iterdir()} == before
@@ -158,7 +176,7 @@ def test_sigterm_is_handled_like_sigint_in_calibrate(tmp_path: Path) -> None:
         np.savez(feeds / f"{i:05d}.npz", x=rng.standard_normal((256, 512), dtype=np.float32))
     args = [sys.executable, "-m", "graphprune", "calibrate", str(tmp_path / "m.onnx"), "--calib", str(feeds)]
     child = subprocess.Popen([*args, "-o", str(tmp_path / "s.npz"), "-q"], stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: reading_from(child.pid, feeds), child)  # calibrating: a feed file is open
+    freeze_at(lambda: reading_from(child.pid, feeds), child)  # calibrating: a feed file is open
     code, stderr = finish(child, signal.SIGTERM)
     assert (code, stderr.strip()) == (143, "terminated: nothing was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feeds", "m.onnx", "unused.npy"]

@@ -77,7 +77,8 @@ def main() -> int:
     }
     results["apply_s"], _ = graphprune("apply", dense, "--nm", "2:4", "-o", pruned, "--force")
     results["convert_s"], printed = graphprune("convert", pruned, "--fp16", "-o", half, "--force")
-    results["kept_in_fp32"] = " ".join(printed.split("kept in FP32: ", 1)[1].split("sparse eligibility")[0].split())
+    kept = printed.split("kept in FP32: ", 1)[1].split("sparse eligibility")[0]
+    results["kept_in_fp32"] = " ".join(kept.split())
     for name, path in (("fp32", pruned), ("fp16", half)):
         engine = work / f"{name}.engine"
         seconds, _ = graphprune("build", path, "-o", engine, "--shapes", PROFILE, "--force")

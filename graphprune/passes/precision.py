@@ -43,6 +43,7 @@ HEAVY_OPS: frozenset[str] = frozenset(
 _TABLE_OPS = frozenset({"Gather", "GatherElements", "GatherND"})  # a float table read at integer indices
 _VALUE_FREE_OPS = frozenset({"Shape", "Size"})  # outputs depend on the input's shape only
 _GENERATORS = frozenset({"Range", "ConstantOfShape"})  # values made from shape arguments
+_INDEXED = _TABLE_OPS | {"ScatterElements", "ScatterND"}  # their index inputs (for the backward rule) pick values
 
 # Inputs (by position) that an op reads as a shape, a count, an axis or an index, never as data.
 SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
@@ -184,9 +185,9 @@ def _outer_factor(g: _Graph, node: onnx.NodeProto, name: str) -> bool:
 
 
 def _data_inputs(node: onnx.NodeProto) -> list[str]:
-    """The inputs an op reads as values (not its shape, axes or index arguments); Range and ConstantOfShape make
-    their values from their arguments."""
-    skip = () if node.op_type in _GENERATORS else SHAPE_INPUTS.get(node.op_type, ())
+    """The inputs an op reads as values (not its shape, axes or bounds arguments); Range and ConstantOfShape make
+    their values from their arguments, and the indices of a Gather or Scatter pick the values it returns."""
+    skip = () if node.op_type in _GENERATORS | _INDEXED else SHAPE_INPUTS.get(node.op_type, ())
     return [name for position, name in enumerate(node.input) if name and position not in skip]
 
 

@@ -423,6 +423,29 @@ def test_range_from_shape_stays_fp32_and_exact_above_2048(length: int) -> None:
     assert np.all(np.abs(y16 - y32) <= 2e-2 + 2e-2 * np.abs(h32))  # only the MatMul's own FP16 error
 
 
+def test_shared_constant_nodes_are_copied_for_the_shape_arithmetic() -> None:
+    """``third`` as a Constant node read by the shape arithmetic and the MatMul path: the MatMul path gets FP16,
+    the shape arithmetic its own FP32 copy (a Constant read only by FP32 nodes stays FP32 as it is)."""
+    model = range_model()
+    third = next(t for t in model.graph.initializer if t.name == "third")
+    model.graph.initializer.remove(third)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["third"], name="third_node", value=third))
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["c_one"], name="one_node", value_float=1.0))
+    for node in model.graph.node:
+        node.input[:] = ["c_one" if name == "one" else name for name in node.input]
+    result = convert(onnx.load_from_string(model.SerializeToString()))
+    onnx.checker.check_model(result.model, full_check=True)
+    constants = {n.name: n.attribute[0].t.data_type for n in result.model.graph.node if n.op_type == "Constant"}
+    copy = next(n.name for n in result.model.graph.node if n.output[0] == "third.fp32")
+    assert constants["third_node"] == TensorProto.FLOAT16 and constants[copy] == TensorProto.FLOAT
+    assert constants["one_node"] == TensorProto.FLOAT and result.fp32_reasons["one_node"].startswith(
+        "constant read"
+    )
+    assert not round_trips(result.model)
+    x = {"x": np.random.default_rng(8).standard_normal((1, 4, 3001)).astype(np.float32)}
+    np.testing.assert_array_equal(run(result.model, x)[1], run(model, x)[1])
+
+
 def test_float_values_feeding_shape_inputs_stay_fp32() -> None:
     """Slice's end computed as floor(length * scale) from a float input: 2049 * 1.0 stays 2049 (FP16: 2048)."""
     nodes = [

@@ -62,11 +62,11 @@ class PruneConfig:
 
     def __post_init__(self) -> None:  # options fail before any calibration, not after it
         if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
-            raise GraphpruneError(f"--percdamp must be a finite number >= 0, got {self.percdamp}")
+            raise GraphpruneError(f"`percdamp` must be a finite number >= 0, got {self.percdamp}")
         if self.blocksize < 1:
-            raise GraphpruneError(f"--blocksize must be at least 1, got {self.blocksize}")
+            raise GraphpruneError(f"`blocksize` must be at least 1, got {self.blocksize}")
         if self.quantize is not None and not self.method.reconstructs:
-            raise GraphpruneError(f"--quantize is a joint mode of sparsegpt and alps, not of {self.method.value}")
+            raise GraphpruneError(f"`quantize` is a joint mode of sparsegpt and alps, not of {self.method.value}")
         check_reconstruction_options(self)
 
     def solver_options(self) -> dict[str, float | int]:
@@ -200,7 +200,7 @@ class PrunePass(ir.passes.InPlacePass):
         if self.config.method is not Method.MAGNITUDE and any(c.in_subgraph for c in target.consumers):
             return (
                 "read inside an If/Loop/Scan body, where calibration cannot measure its inputs; "
-                "use --method magnitude"
+                "use `method=magnitude`"
             )
         if self.config.method.reconstructs:
             return _reconstruction_unfit(target, self.config.method)
@@ -209,7 +209,7 @@ class PrunePass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if self.config.method is not Method.MAGNITUDE and statistics_parts(self.stats)[0] is None:
             raise PassPreconditionError(
-                f"{self.config.method.value} needs activation statistics: pass --calib DATA or --stats FILE"
+                f"{self.config.method.value} needs activation statistics: pass `calib` data or a `stats` file"
             )
 
     def call(self, model: ir.Model) -> PruneResult:
@@ -470,7 +470,7 @@ def _check_statistics(method: Method, stats: StatisticsInput, targets: list[Targ
     sumsq, gram = statistics_parts(stats)
     if sumsq is None:
         raise PassPreconditionError(
-            f"{method.value} needs activation statistics: pass --calib DATA or --stats FILE"
+            f"{method.value} needs activation statistics: pass `calib` data or a `stats` file"
         )
     ActivationStats.from_sumsq(sumsq, targets, gram).check(targets, gram=method.reconstructs)  # the one check
 

@@ -69,13 +69,13 @@ def prune_file(
     out, report = outputs.model(out), outputs.file(report_path(out), "report")
     outputs.check()  # before any work
     if sequential and calibration is None:
-        raise GraphpruneError("--sequential needs calibration data: pass --calib DATA")
+        raise GraphpruneError("`sequential` needs calibration data: pass `calib` data")
     model = load_model(model_path)
     job = _Job(model, model_path, out, config, _plan(model, model_path, config, stats), progress)
     progress.planned(len(job.plan[0]))
     notes: list[str] = []
     if calibration is not None and config.method is Method.MAGNITUDE:  # masks from |W| alone
-        notes.append("--method magnitude uses no activations: the calibration data is not read")
+        notes.append("`method=magnitude` uses no activations: the calibration data is not read")
         calibration, sequential = None, None
     budget = max_memory if max_memory is not None else calibration.max_memory if calibration else None
     if calibration is not None and budget != calibration.max_memory:

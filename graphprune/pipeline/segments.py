@@ -102,15 +102,15 @@ def prune_in_segments(
         # One-shot segments keep running the dense weights, so a writer reordered after it was written could not
         # be reordered in the output the same way; sequential runs can (see _Run._permute).
         raise GraphpruneError(
-            "--permute with a one-shot segment-wise run (--max-memory without --sequential) is not supported: "
-            "add --sequential, or drop --max-memory"
+            "`permute` with a one-shot segment-wise run (`max_memory` without `sequential`) is not supported: "
+            "add `sequential`, or drop `max_memory`"
         )
     providers = resolve_providers(calibration.provider)  # a missing provider fails before any work
     batches, warnings = calibration.batches(model)
     budget = boundary_budget(model, targets, sequential, calibration.max_memory)
     if budget == 0:
         warnings.append(
-            "--max-memory is below what the largest segment needs: every boundary tensor is spilled to disk"
+            "`max_memory` is below what the largest segment needs: every boundary tensor is spilled to disk"
         )
     if config.target == "dense" and sequential is None:
         raise GraphpruneError("dense targets reconstruct on the pruned prefix: they need a sequential mode")

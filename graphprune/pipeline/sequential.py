@@ -157,7 +157,7 @@ class SequentialCalibration:
         """Calibrate and prune every group in order; returns the number of groups."""
         graph = self.model.graph
         if any(_has_subgraph(node) for node in graph):
-            raise GraphpruneError("--sequential does not handle control flow (If/Loop/Scan): calibrate one-shot")
+            raise GraphpruneError("`sequential` does not handle control flow (If/Loop/Scan): calibrate one-shot")
         groups = target_groups(self.model, targets, self.sequential)
         self._consumers = consumer_nodes(self.model, targets)
         self._constant = constant_values(graph)

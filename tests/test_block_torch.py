@@ -1,0 +1,165 @@
+"""A decoder block in PyTorch from graphprune's written weights: against ONNX Runtime and numpy on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from graphprune.algorithms.pattern import NMPattern
+from graphprune.algorithms.scores import Method
+from graphprune.errors import GraphpruneError
+from graphprune.passes.prune import PruneConfig
+from graphprune.pipeline.files import prune_file
+from graphprune.quantize.config import QuantizeConfig
+from graphprune.quantize.files import quantize_file
+from graphprune.tensorrt import block_torch as bt
+from tests.tensorrt_models import DecoderShape, llama_decoder
+
+torch = pytest.importorskip("torch")
+
+SHAPE = DecoderShape(blocks=2, hidden=64, heads=4, mlp=96, vocab=48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny decoder, written by ``apply --nm 2:4`` (magnitude)."""
+    work = tmp_path_factory.mktemp("block")
+    source = work / "decoder.onnx"
+    onnx.save_model(llama_decoder(SHAPE), str(source))
+    out, _ = prune_file(source, PruneConfig(NMPattern(2, 4), Method.MAGNITUDE), work / "pruned.onnx")
+    return out
+
+
+def _ids(tokens: int) -> np.ndarray:
+    return (np.arange(tokens, dtype=np.int64) * 7 % SHAPE.vocab).reshape(1, tokens)
+
+
+def test_block_reads_the_written_weights_in_out_k_layout(pruned: Path) -> None:
+    block = bt.read_block(ir.load(str(pruned)), "layers.1", SHAPE.heads)
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(pruned)).graph.initializer}
+    assert set(block.projections) == set(bt.PROJECTIONS) and set(block.norms) == set(bt.NORMS)
+    for role in ("q_proj", "down_proj"):
+        name = f"layers.1.{'mlp' if role == 'down_proj' else 'self_attn'}.{role}.weight"
+        np.testing.assert_array_equal(block.projections[role], stored[name].T)  # MatMul B is [K, out]
+    np.testing.assert_array_equal(block.norms["input_layernorm"], stored["layers.1.input_layernorm.w"])
+    assert (block.hidden, block.intermediate) == (SHAPE.hidden, SHAPE.mlp)
+    assert block.violations() == dict.fromkeys(bt.PROJECTIONS, 0)
+    for w in block.projections.values():  # really pruned: half of every group of 4 along K is zero
+        assert (np.count_nonzero(w.reshape(w.shape[0], -1, 4), axis=-1) <= 2).all()
+        assert np.count_nonzero(w) <= w.size // 2
+
+
+def test_an_unpruned_block_shows_its_violations(tmp_path: Path) -> None:
+    block = bt.read_block(ir.from_proto(llama_decoder(SHAPE)), "layers.0", SHAPE.heads)
+    assert all(v > 0 for v in block.violations().values())
+
+
+def test_float32_forward_equals_onnx_runtime(pruned: Path) -> None:
+    block = bt.read_block(ir.load(str(pruned)), "layers.1", SHAPE.heads)
+    x, expected = bt.onnx_block_io(
+        str(pruned), {"input_ids": _ids(24)}, "layers.0.mlp_residual", "layers.1.mlp_residual"
+    )
+    forward = bt.build_block(torch, block, "fp32", device="cpu")
+    got = forward(torch.from_numpy(x[0])).numpy()
+    np.testing.assert_allclose(got, expected[0], atol=1e-4, rtol=1e-4)
+    # the causal mask matters: a block without it would see the future tokens and differ
+    assert np.abs(expected[0] - x[0]).max() > 1e-2
+
+
+def _numpy_w8a8(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Symmetric int8 W8A8 in numpy: per-output-channel weight scales, per-token activation scales."""
+
+    def codes(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = np.abs(a).max(axis=1, keepdims=True).astype(np.float32) / np.float32(127)
+        scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+        return np.clip(np.rint(a / scale), -127, 127).astype(np.int64), scale
+
+    (xq, xs), (wq, ws) = codes(x), codes(w)
+    return (xq @ wq.T).astype(np.float32) * xs * ws.T
+
+
+def test_int8_projection_equals_numpy() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((40, 64)).astype(np.float32)
+    w[:, ::4] = w[:, 1::4] = 0  # 2:4 along K
+    x = rng.standard_normal((12, 64)).astype(np.float32)
+    x[3] = 0  # an all-zero token: scale 1, codes 0, output 0
+    linear = bt.Int8Linear(torch, w, "cpu", sparse=False)
+    codes = linear.codes.numpy()
+    assert codes.dtype == np.int8 and (codes[w == 0] == 0).all() and np.abs(codes).max() == 127
+    got = linear(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, _numpy_w8a8(x, w), rtol=1e-6, atol=1e-6)
+    assert not got[3].any()
+
+
+def test_int8_and_fp16_blocks_stay_close_to_float32(pruned: Path) -> None:
+    block = bt.read_block(ir.load(str(pruned)), "layers.1", SHAPE.heads)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((32, SHAPE.hidden)).astype(np.float32))
+    reference = bt.build_block(torch, block, "fp32", device="cpu")(x)
+    int8 = bt.build_block(torch, block, "int8", device="cpu", dtype=torch.float32)(x)
+    assert 0.995 < bt.cosine(torch, int8, reference) < 1 - 1e-9  # quantized: close, not equal
+    half = bt.build_block(torch, block, "fp16", device="cpu")(x.half())
+    assert half.dtype == torch.float16 and bt.cosine(torch, half, reference) > 0.9999
+
+
+def test_a_quantized_file_is_read_as_its_dequantized_weights(pruned: Path, tmp_path: Path) -> None:
+    out, _ = quantize_file(pruned, QuantizeConfig(precision="int8", dynamic=True), tmp_path / "q.onnx", force=True)
+    quantized = bt.read_block(ir.load(str(out)), "layers.1", SHAPE.heads)
+    float_block = bt.read_block(ir.load(str(pruned)), "layers.1", SHAPE.heads)
+    assert quantized.violations() == dict.fromkeys(bt.PROJECTIONS, 0)
+    for role, w in float_block.projections.items():
+        q = quantized.projections[role]
+        assert (q[w == 0] == 0).all() and not np.array_equal(q, w)
+        np.testing.assert_allclose(q, w, atol=np.abs(w).max() / 254 + 1e-7)  # within half a step of the grid
+
+
+def test_missing_weights_and_bad_variants_are_one_line(pruned: Path) -> None:
+    model = ir.load(str(pruned))
+    with pytest.raises(GraphpruneError, match="no weight found for q_proj"):
+        bt.read_block(model, "layers.7", SHAPE.heads)
+    with pytest.raises(GraphpruneError, match="not divisible by 5 heads"):
+        bt.read_block(model, "layers.0", 5)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        bt.build_block(torch, bt.read_block(model, "layers.0", SHAPE.heads), "int4", device="cpu")
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [v for v in bt.VARIANTS if v != "fp32"])
+def test_gpu_variants_match_the_float32_block(pruned: Path, variant: str) -> None:
+    if not _cuda():
+        pytest.skip("needs PyTorch with a CUDA GPU of compute capability >= 8.0")
+    block = bt.read_block(ir.load(str(pruned)), "layers.1", SHAPE.heads)
+    x = torch.randn(128, SHAPE.hidden, device="cuda")
+    reference = bt.build_block(torch, block, "fp32")(x)
+    got = bt.build_block(torch, block, variant)(x.half())
+    assert bt.cosine(torch, got, reference) > (0.995 if variant.startswith("int8") else 0.9999)
+
+
+def test_the_gpu_script_cpu_half_checks_a_wanda_pruned_block(tmp_path: Path) -> None:
+    from benchmarks import gpu_block
+
+    assert gpu_block.check_cpu(tmp_path, "wanda")
+    block = bt.read_block(ir.load(str(tmp_path / "block.pruned.onnx")), "layers.0", gpu_block.TINY_BLOCKS.heads)
+    dense = bt.read_block(ir.from_proto(gpu_block.llama_decoder(gpu_block.TINY_BLOCKS)), "layers.0", 4)
+    assert block.violations() == dict.fromkeys(bt.PROJECTIONS, 0)
+    # Wanda weighs by the activations: its mask is not magnitude's (the 2 largest |w| of each group of 4)
+    kept, largest = block.projections["up_proj"] != 0, np.abs(dense.projections["up_proj"])
+    groups = largest.reshape(largest.shape[0], -1, 4)
+    top2 = groups >= np.sort(groups, axis=-1)[..., 2:3]
+    assert not np.array_equal(kept, top2.reshape(kept.shape))
+
+
+def test_the_gpu_script_refuses_bad_options_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import gpu_block
+
+    assert gpu_block.main(["--tokens", "4096,x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid `tokens`" in err

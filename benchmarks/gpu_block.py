@@ -31,6 +31,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,10 @@ def check_cpu(work: Path, method: str) -> bool:
     cos = block_torch.cosine(torch, int8, torch.from_numpy(got))
     say(f"PyTorch float32 block vs ONNX Runtime: max abs difference {error:.2e} (tolerance 1e-4)")
     say(f"INT8 (W8A8, CPU integer path) vs float32: cosine {cos:.6f} (at least 0.99)")
-    return error < 1e-4 and cos > 0.99
+    # the GPU run's loop on the CPU: the 2:4 variants are refused here (no cuSPARSELt), the rest compared
+    results, refused = block_torch.compare_variants(torch, block, [64], 2, device="cpu", progress=say)
+    print(markdown({"rows": [asdict(r) for r in results], "refused": refused}))
+    return error < 1e-4 and cos > 0.99 and all(r.cosine > 0.99 for r in results)
 
 
 def run_gpu(work: Path, tokens: list[int], rounds: int, method: str) -> dict:
@@ -111,47 +115,9 @@ def run_gpu(work: Path, tokens: list[int], rounds: int, method: str) -> dict:
     device = bench_torch.device_description()
     say(device)
     block = read_back(pruned_block(work, LLAMA_7B_BLOCK, method), "layers.0", LLAMA_7B_BLOCK.heads)
-    reference_block = block_torch.build_block(torch, block, "fp32")
-    built, refused = {}, {}
-    for variant in block_torch.VARIANTS[1:]:
-        try:
-            built[variant] = block_torch.build_block(torch, block, variant)
-        except (RuntimeError, ValueError, AttributeError) as exc:  # AttributeError: a torch without _cslt_*
-            refused[variant] = _first_line(exc)
-            say(f"{variant}: refused by PyTorch: {refused[variant]}")
-    say(f"blocks built on the GPU: {', '.join(built)}")
-    rows = []
-    for n in tokens:
-        generator = torch.Generator(device="cuda").manual_seed(n)
-        x = torch.randn(n, block.hidden, device="cuda", generator=generator)
-        half = x.half()
-        cosines, calls = {}, {}
-        with torch.inference_mode():
-            reference = reference_block(x)
-            for variant, forward in built.items():
-                try:
-                    cosines[variant] = block_torch.cosine(torch, forward(half), reference)
-                    calls[variant] = lambda f=forward, h=half: f(h)
-                except RuntimeError as exc:
-                    refused[f"{variant} at {n} tokens"] = _first_line(exc)
-                    say(f"{variant} at {n} tokens: refused by PyTorch: {_first_line(exc)}")
-            del reference
-            say(f"{n} tokens: cosines done, timing {len(calls)} variants in {rounds} interleaved rounds")
-            times = block_torch.time_interleaved(torch, calls, rounds)
-        base = times.get("fp16")
-        for variant, ms in times.items():
-            speedup = base / ms if base else None
-            rows.append(
-                {"tokens": n, "variant": variant, "ms": ms, "speedup_vs_fp16": speedup, "cosine": cosines[variant]}
-            )
-            say(f"{n} tokens, {variant}: {ms:.3f} ms, cosine {cosines[variant]:.6f}")
-        torch.cuda.empty_cache()
+    results, refused = block_torch.compare_variants(torch, block, tokens, rounds, progress=say)
+    rows = [asdict(r) for r in results]
     return {"device": device, "method": method, "rounds": rounds, "rows": rows, "refused": refused}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def markdown(result: dict) -> str:
@@ -162,7 +128,9 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         ratio = f"{r['speedup_vs_fp16']:.2f}x" if r["speedup_vs_fp16"] else "-"
         lines.append(f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {ratio} | {r['cosine']:.6f} |")
-    lines += [f"\n{variant}: refused ({why})" for variant, why in result["refused"].items()]
+    if result["refused"]:
+        lines.append("")
+    lines += [f"- {variant}: refused ({why})" for variant, why in result["refused"].items()]
     return "\n".join(lines)
 
 

@@ -163,3 +163,14 @@ def test_the_gpu_script_refuses_bad_options_in_one_line(capsys: pytest.CaptureFi
     assert gpu_block.main(["--tokens", "4096,x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid `tokens`" in err
+
+
+def test_compare_variants_on_the_cpu_times_what_runs_and_names_what_is_refused(pruned: Path) -> None:
+    block = bt.read_block(ir.load(str(pruned)), "layers.1", SHAPE.heads)
+    results, refused = bt.compare_variants(torch, block, [16, 40], rounds=2, device="cpu")
+    assert [(r.tokens, r.variant) for r in results] == [(n, v) for n in (16, 40) for v in ("fp16", "int8")]
+    assert set(refused) == {"fp16-2:4", "int8-2:4"}  # no cuSPARSELt on the CPU
+    assert all(why and "\n" not in why and len(why) <= 200 for why in refused.values())
+    for r in results:
+        assert r.ms > 0 and 0.995 < r.cosine <= 1 + 1e-12
+        assert r.speedup_vs_fp16 is not None and (r.variant != "fp16" or r.speedup_vs_fp16 == 1)

@@ -24,6 +24,7 @@ variant. ``torch`` is imported lazily; only the 2:4 variants need a GPU.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -217,7 +218,7 @@ class Int8Linear:
                 self._sparse_product(probe, dtype)
                 return dtype
             except RuntimeError as exc:
-                errors.append(f"{dtype}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}")
+                errors.append(f"{dtype}: {_first_line(exc)}")
         raise RuntimeError(f"cuSPARSELt refuses int8 x int8 products ({'; '.join(errors)})")
 
     def _sparse_product(self, codes: Any, dtype: Any) -> Any:
@@ -270,20 +271,101 @@ def cosine(torch: Any, a: Any, b: Any) -> float:
 
 
 def time_interleaved(
-    torch: Any, calls: Mapping[str, Callable[[], Any]], rounds: int, warmup: int = 2
+    torch: Any, calls: Mapping[str, Callable[[], Any]], rounds: int, device: str = "cuda", warmup: int = 2
 ) -> dict[str, float]:
-    """Median GPU milliseconds per call of each function, measured in interleaved rounds with CUDA events."""
+    """Median milliseconds per call of each function, in interleaved rounds (each round calls every function once).
+
+    On a GPU, between two CUDA events (GPU time; the host waits for each call to end before the next); on the
+    CPU, wall time.
+    """
     for fn in calls.values():
         for _ in range(warmup):
             fn()
-    torch.cuda.synchronize()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                began = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - began) * 1e3)
     return {name: float(np.median(t)) for name, t in times.items()}
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One variant at one token count: median time, speed-up against dense FP16 and cosine to float32."""
+
+    tokens: int
+    variant: str
+    ms: float
+    speedup_vs_fp16: float | None
+    cosine: float
+
+
+def compare_variants(
+    torch: Any,
+    weights: BlockWeights,
+    tokens: Sequence[int],
+    rounds: int,
+    device: str = "cuda",
+    variants: Sequence[str] = VARIANTS[1:],
+    progress: Callable[[str], None] = lambda _: None,
+) -> tuple[list[VariantResult], dict[str, str]]:
+    """Build every variant, then at each token count (batch 1, seeded random activations): each output's cosine
+    to the float32 block's, and the times of all variants in interleaved rounds.
+
+    A variant PyTorch refuses (to build, or to run at a token count) is left out; the second result says why, in
+    one line per variant.
+    """
+    reference_block = build_block(torch, weights, "fp32", device)
+    built, refused = {}, {}
+    for variant in variants:
+        try:
+            built[variant] = build_block(torch, weights, variant, device)
+        except (RuntimeError, ValueError, NotImplementedError, AttributeError) as exc:  # Attribute: no _cslt_*
+            refused[variant] = _first_line(exc)
+            progress(f"{variant}: refused by PyTorch: {refused[variant]}")
+    progress(f"built: {', '.join(built) or 'none'}")
+    results = []
+    for n in tokens:
+        generator = torch.Generator(device=device).manual_seed(n)
+        x = torch.randn(n, weights.hidden, device=device, generator=generator)
+        half = x.half()
+        cosines, calls = {}, {}
+        with torch.inference_mode():
+            reference = reference_block(x)
+            for variant, forward in built.items():
+                try:
+                    cosines[variant] = cosine(torch, forward(half), reference)
+                    calls[variant] = lambda f=forward, h=half: f(h)
+                except (RuntimeError, NotImplementedError) as exc:
+                    refused[f"{variant} at {n} tokens"] = _first_line(exc)
+                    progress(f"{variant} at {n} tokens: refused by PyTorch: {_first_line(exc)}")
+            del reference
+            progress(f"{n} tokens: timing {len(calls)} variants in {rounds} interleaved rounds")
+            times = time_interleaved(torch, calls, rounds, device)
+        base = times.get("fp16")
+        for variant, ms in times.items():
+            results.append(VariantResult(n, variant, ms, base / ms if base else None, cosines[variant]))
+            progress(f"{n} tokens, {variant}: {ms:.3f} ms, cosine {cosines[variant]:.6f}")
+        del x, half, calls
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results, refused
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line, cut at ``limit`` characters (PyTorch's dispatcher errors run to kilobytes)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -64,7 +64,8 @@ def pruned_block(work: Path, shape: DecoderShape, method: str) -> Path:
 
     source = work / "block.onnx"
     onnx.save_model(llama_decoder(shape), str(source))
-    say(f"built {source.name}: hidden {shape.hidden}, MLP {shape.mlp}, {shape.heads} heads, {shape.blocks} blocks")
+    dims = f"hidden {shape.hidden}, MLP {shape.mlp}, {shape.heads} heads"
+    say(f"built {source.name}: {shape.blocks} block(s), {dims}")
     calibration = None
     if method == "wanda":  # synthetic token ids, seeded: the machine has no network and no data set
         ids = np.random.default_rng(0).integers(0, shape.vocab, size=(2, 128), dtype=np.int64)

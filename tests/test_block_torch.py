@@ -174,3 +174,30 @@ def test_compare_variants_on_the_cpu_times_what_runs_and_names_what_is_refused(p
     for r in results:
         assert r.ms > 0 and 0.995 < r.cosine <= 1 + 1e-12
         assert r.speedup_vs_fp16 is not None and (r.variant != "fp16" or r.speedup_vs_fp16 == 1)
+
+
+@pytest.mark.gpu
+def test_gpu_int8_24_products_equal_the_dense_int8_ones() -> None:
+    if not _cuda():
+        pytest.skip("needs PyTorch with a CUDA GPU of compute capability >= 8.0")
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((128, 256)).astype(np.float32)
+    w[:, 1::4] = w[:, 2::4] = 0
+    x = torch.from_numpy(rng.standard_normal((64, 256)).astype(np.float32)).cuda().half()
+    dense = bt.Int8Linear(torch, w, "cuda", sparse=False)
+    try:
+        sparse = bt.Int8Linear(torch, w, "cuda", sparse=True)
+    except RuntimeError as exc:
+        pytest.skip(f"cuSPARSELt refuses int8 here: {exc}")
+    torch.testing.assert_close(sparse(x), dense(x), rtol=0, atol=0)  # integer products: exact both ways
+
+
+@pytest.mark.gpu
+def test_gpu_compare_variants_times_every_variant(pruned: Path) -> None:
+    if not _cuda():
+        pytest.skip("needs PyTorch with a CUDA GPU of compute capability >= 8.0")
+    block = bt.read_block(ir.load(str(pruned)), "layers.1", SHAPE.heads)
+    results, refused = bt.compare_variants(torch, block, [256], rounds=3)
+    timed = {r.variant for r in results}
+    assert {"fp16", "fp16-2:4", "int8"} <= timed and timed | set(refused) >= set(bt.VARIANTS[1:])
+    assert all(r.ms > 0 and r.cosine > 0.99 for r in results)

@@ -118,7 +118,9 @@ def _role(name: str, prefix: str, roles: Sequence[str]) -> str | None:
 class TorchBlock:
     """The block's forward with one variant's projections; call it on ``(tokens, hidden)`` activations."""
 
-    def __init__(self, torch: Any, weights: BlockWeights, linears: Mapping[str, Linear], dtype: Any, device: str):
+    def __init__(
+        self, torch: Any, weights: BlockWeights, linears: Mapping[str, Linear], dtype: Any, device: str
+    ) -> None:
         self.torch = torch
         self.heads = weights.heads
         self.eps = weights.eps

@@ -17,11 +17,11 @@ Steps, each printed with the seconds elapsed (no network access needed; every in
 3. for each token count (batch 1): the float32 reference output on the GPU (TF32 off), then the FP16 dense,
    FP16 2:4, INT8 dense and INT8 2:4 blocks (a variant PyTorch refuses is reported in one line and skipped),
    each output's cosine to the reference, and their times in interleaved rounds (CUDA events, warm-up first);
-4. a table (time, speed-up against dense FP16, cosine) and a JSON file.
+4. a table (time, speed-up against dense FP16, cosine) and a JSON file (``--json``, default ``gpu_block.json``).
 
-Bounded work: about 1 GB of FP32 weights, one forward per variant per round; the whole run is designed to take
-under 5 minutes on an H100 (the block build and prune take most of it). ``--check-cpu`` builds a tiny block the
-same way and checks the float32 PyTorch forward against ONNX Runtime and the INT8 path's cosine.
+Bounded work: 0.8 GB of FP32 weights (202 M parameters), one forward per variant per round; the whole run is
+designed to take under 5 minutes on an H100 (the block build and prune take most of it). ``--check-cpu`` builds a
+tiny block the same way and checks the float32 PyTorch forward against ONNX Runtime and the INT8 path's cosine.
 """
 
 from __future__ import annotations
@@ -118,7 +118,16 @@ def run_gpu(work: Path, tokens: list[int], rounds: int, method: str) -> dict:
     block = read_back(pruned_block(work, LLAMA_7B_BLOCK, method), "layers.0", LLAMA_7B_BLOCK.heads)
     results, refused = block_torch.compare_variants(torch, block, tokens, rounds, progress=say)
     rows = [asdict(r) for r in results]
-    return {"device": device, "method": method, "rounds": rounds, "rows": rows, "refused": refused}
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    version = cusparselt.version() if cusparselt is not None and cusparselt.is_available() else None
+    return {
+        "device": device,
+        "cusparselt": version,
+        "method": method,
+        "rounds": rounds,
+        "rows": rows,
+        "refused": refused,
+    }
 
 
 def markdown(result: dict) -> str:
@@ -140,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default="4096,16384", help="token counts (batch 1), e.g. 4096,16384")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds per token count")
     parser.add_argument("--method", choices=["magnitude", "wanda"], default="magnitude", help="2:4 pruning method")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    parser.add_argument("--json", type=Path, default=Path("gpu_block.json"), help="where the JSON results go")
     parser.add_argument("--check-cpu", action="store_true", help="run the CPU half at a tiny size and exit")
     args = parser.parse_args(argv)
     try:
         tokens = bench_torch.parse_tokens(args.tokens)
         if args.rounds < 1:
             raise GraphpruneError(f"invalid `rounds` {args.rounds}: need at least 1")
+        if not args.check_cpu and not args.json.parent.is_dir():  # before minutes of work, not after
+            raise GraphpruneError(f"{args.json}: its folder does not exist")
         with tempfile.TemporaryDirectory(prefix="gpu-block-") as work:
             if args.check_cpu:
                 ok = check_cpu(Path(work), args.method)
@@ -158,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"\n{result['device']}; 2:4 by {result['method']}; median of {result['rounds']} interleaved rounds\n")
     print(markdown(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        say(f"wrote {args.json}")
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    say(f"wrote {args.json}; done")
     return 0
 
 

@@ -157,12 +157,20 @@ def test_the_gpu_script_cpu_half_checks_a_wanda_pruned_block(tmp_path: Path) -> 
     assert not np.array_equal(kept, top2.reshape(kept.shape))
 
 
-def test_the_gpu_script_refuses_bad_options_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_gpu_script_refuses_bad_options_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from benchmarks import gpu_block
 
-    assert gpu_block.main(["--tokens", "4096,x"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "invalid `tokens`" in err
+    missing = tmp_path / "no" / "results.json"
+    for args, message in (
+        (["--tokens", "4096,x"], "invalid `tokens`"),
+        (["--json", str(missing)], "does not exist"),
+    ):
+        assert gpu_block.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert not missing.parent.exists()
 
 
 def test_compare_variants_on_the_cpu_times_what_runs_and_names_what_is_refused(pruned: Path) -> None:

@@ -209,3 +209,49 @@ def test_gpu_compare_variants_times_every_variant(pruned: Path) -> None:
     timed = {r.variant for r in results}
     assert {"fp16", "fp16-2:4", "int8"} <= timed and timed | set(refused) >= set(bt.VARIANTS[1:])
     assert all(r.ms > 0 and r.cosine > 0.99 for r in results)
+
+
+@pytest.mark.parametrize(
+    ("refuses", "form"),
+    [
+        (lambda dtype, transposed: False, ("int32", True)),
+        (lambda dtype, transposed: dtype == torch.int32, ("float32", True)),
+        (lambda dtype, transposed: transposed, ("int32", False)),
+    ],
+)
+def test_int8_24_takes_the_first_output_form_cusparselt_offers(
+    monkeypatch: pytest.MonkeyPatch, refuses: object, form: tuple[str, bool]
+) -> None:
+    """cuSPARSELt's entry points emulated on the CPU (a 2:4 weight times B, as the kernel would compute it), so the
+    choice of output form and its transposition are checked against the dense integer path."""
+    calls = []
+
+    def sparse_mm(packed, b, out_dtype=None, transpose_result=False):  # type: ignore[no-untyped-def]
+        calls.append((out_dtype, transpose_result))
+        if refuses(out_dtype, transpose_result):  # type: ignore[operator]
+            raise RuntimeError("CUSPARSE_STATUS_NOT_SUPPORTED\nmore detail")
+        product = (packed.long() @ b.long()).to(out_dtype)  # (out, tokens)
+        return product.t().contiguous() if transpose_result else product
+
+    monkeypatch.setattr(torch, "_cslt_compress", lambda codes: codes.clone(), raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm, raising=False)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((48, 64)).astype(np.float32)
+    w[:, 0::4] = w[:, 3::4] = 0
+    x = torch.from_numpy(rng.standard_normal((20, 64)).astype(np.float32))
+    sparse = bt.Int8Linear(torch, w, "cpu", sparse=True)
+    assert (str(sparse.form[0]).removeprefix("torch."), sparse.form[1]) == form
+    torch.testing.assert_close(sparse(x), bt.Int8Linear(torch, w, "cpu", sparse=False)(x), rtol=0, atol=0)
+    assert calls[-1] == sparse.form
+
+
+def test_int8_24_refused_in_every_form_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUSPARSE_STATUS_NOT_SUPPORTED\nmore detail")
+
+    monkeypatch.setattr(torch, "_cslt_compress", lambda codes: codes.clone(), raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", refuse, raising=False)
+    w = np.zeros((32, 32), dtype=np.float32)
+    with pytest.raises(RuntimeError, match="cuSPARSELt refuses int8 x int8 products") as caught:
+        bt.Int8Linear(torch, w, "cpu", sparse=True)
+    assert "\n" not in str(caught.value) and str(caught.value).count("NOT_SUPPORTED") == 4

@@ -15,7 +15,7 @@ Variants (:data:`VARIANTS`) differ only in how the seven projections multiply:
   (:mod:`graphprune.algorithms.quant_grid`: a pruned zero is code 0, so 2:4 survives), activations int8 per token
   with dynamic absmax scales, int32 accumulation, both scales applied in float32 after the product;
 * ``int8-2:4``: the same codes, the weight compressed by cuSPARSELt (``torch._cslt_compress``) and multiplied by
-  ``torch._cslt_sparse_mm``, int32 out where the library offers it, else FP16 out with the weight scales as alpha.
+  ``torch._cslt_sparse_mm``, int32 out where the library offers it, else float32 (the same epilogue follows).
 
 The unfused epilogue of the int8 variants (quantizing activations, scaling the int32 result) is part of their time.
 Norms, attention (``scaled_dot_product_attention``) and the SwiGLU product run in FP16 in every FP16 and INT8
@@ -207,32 +207,34 @@ class Int8Linear:
         self.sparse = sparse
         if sparse:
             self.packed = torch._cslt_compress(self.codes)
-            self.accumulator = self._sparse_accumulator()
+            self.form = self._sparse_form()
 
-    def _sparse_accumulator(self) -> Any:
-        """int32 where this cuSPARSELt build writes int8 products as int32, else float32 (exact to 2**24, then
-        rounded at 6e-8 relative); a one-line RuntimeError when it takes neither."""
+    def _sparse_form(self) -> tuple[Any, bool]:
+        """The first output form this cuSPARSELt build takes: int32, else float32 (exact to 2**24, then rounded
+        at 6e-8 relative), each written transposed ((tokens, out), as PyTorch's own 2:4 linear asks) or not; a
+        one-line RuntimeError when it takes none."""
         torch = self.torch
         probe = torch.zeros((32, self.codes.shape[1]), dtype=torch.int8, device=self.codes.device)
         errors = []
-        for dtype in (torch.int32, torch.float32):
+        for form in ((torch.int32, True), (torch.float32, True), (torch.int32, False), (torch.float32, False)):
             try:
-                self._sparse_product(probe, dtype)
-                return dtype
+                self._sparse_product(probe, form)
+                return form
             except RuntimeError as exc:
-                errors.append(f"{dtype}: {_first_line(exc)}")
+                errors.append(f"{form[0]}{' transposed' if form[1] else ''}: {_first_line(exc, 80)}")
         raise RuntimeError(f"cuSPARSELt refuses int8 x int8 products ({'; '.join(errors)})")
 
-    def _sparse_product(self, codes: Any, dtype: Any) -> Any:
-        # codes (tokens, K) row-major is B (K, tokens) column-major: the int8 "TN" layout; the result comes out
-        # (tokens, out) with transpose_result (contiguous() is then a no-op, a copy where a build ignores it)
-        product = self.torch._cslt_sparse_mm(self.packed, codes.t(), out_dtype=dtype, transpose_result=True)
-        return product.contiguous()
+    def _sparse_product(self, codes: Any, form: tuple[Any, bool]) -> Any:
+        """(tokens, out) accumulators of ``codes`` (tokens, K) times the compressed weight."""
+        # codes row-major is B (K, tokens) column-major: the int8 "TN" layout cuSPARSELt wants
+        dtype, transposed = form
+        product = self.torch._cslt_sparse_mm(self.packed, codes.t(), out_dtype=dtype, transpose_result=transposed)
+        return product.contiguous() if transposed else product.t().contiguous()
 
     def __call__(self, x: Any) -> Any:
         codes, token_scales = quantize_tokens(self.torch, x)
         codes = codes.contiguous()  # _int_mm and cuSPARSELt's int8 layout want row-major activations
-        acc = self._sparse_product(codes, self.accumulator) if self.sparse else self._int_mm(codes)
+        acc = self._sparse_product(codes, self.form) if self.sparse else self._int_mm(codes)
         return (acc.float() * token_scales * self.scales).to(x.dtype)
 
     def _int_mm(self, codes: Any) -> Any:

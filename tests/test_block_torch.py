@@ -53,7 +53,7 @@ def test_block_reads_the_written_weights_in_out_k_layout(pruned: Path) -> None:
         assert np.count_nonzero(w) <= w.size // 2
 
 
-def test_an_unpruned_block_shows_its_violations(tmp_path: Path) -> None:
+def test_an_unpruned_block_shows_its_violations() -> None:
     block = bt.read_block(ir.from_proto(llama_decoder(SHAPE)), "layers.0", SHAPE.heads)
     assert all(v > 0 for v in block.violations().values())
 

@@ -30,8 +30,8 @@ class TorchColumnRounder(ColumnRounder):
     def __init__(self, grid: QuantGrid, scales: np.ndarray, block_of: np.ndarray, static: bool, ops: TorchOps):
         super().__init__(grid, scales, block_of, static)
         self.torch = ops.torch
-        self.scales = self.torch.as_tensor(scales, dtype=self.torch.float32, device=ops.device)
-        self.codes = self.torch.zeros(self.codes.shape, dtype=self.torch.float32, device=ops.device)
+        self.scales: Any = self.torch.as_tensor(scales, dtype=self.torch.float32, device=ops.device)
+        self.codes: Any = self.torch.zeros(self.codes.shape, dtype=self.torch.float32, device=ops.device)
         self.qmax = self.torch.tensor(grid.qmax, dtype=self.torch.float32, device=ops.device)
 
     def column(self, j: int, i: int, w1: Any, keep1: Any) -> Any:

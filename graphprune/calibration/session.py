@@ -133,7 +133,8 @@ def session_model(
     for domain, version in model.opset_imports.items():
         proto.opset_import.add(domain=domain, version=version)
     proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-    ir.serde.serialize_graph_into(proto.graph, view)
+    # onnx-ir's GraphView does not match its own GraphViewProtocol (read-only meta, Optional doc_string)
+    ir.serde.serialize_graph_into(proto.graph, view)  # type: ignore[arg-type]
     for value in stubs:
         _stub(proto.graph.initializer.add(), value)
     for value in small:

@@ -158,7 +158,7 @@ class ActivationStats:
         }
         arrays["meta"] = np.array(json.dumps(meta))
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **arrays)
+        np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy: a ** mapping might fill allow_pickle
         return path
 
     @classmethod

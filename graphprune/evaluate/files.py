@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from graphprune.evaluate.compare import OutputComparison
 
 DEFAULT_TEXT_WINDOWS = 64
 # (stage, done, total): "comparing outputs" counts samples, "perplexity (dense|pruned)" windows
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, int | None], None]  # total: None when not known in advance
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def evaluate_files(
     scores = {}
     for name, model in (("dense", dense), ("pruned", pruned)):
         stage = f"perplexity ({name})"
-        scores[name] = perplexity(model, ids, progress=lambda done, total, s=stage: report(s, done, total))
+        scores[name] = perplexity(model, ids, progress=partial(report, stage))
     shape = (int(ids.shape[0]), int(ids.shape[1]))
     return Evaluation(dense, pruned, outputs, shape, found, scores["dense"], scores["pruned"])
 

@@ -88,7 +88,7 @@ def _target(shape: ir.Value | None, source: ir.Value, rank: int) -> list[_Entry]
 
 
 def _single_user(value: ir.Value, op: str) -> ir.Node | None:
-    uses = value.uses()
+    uses = list(value.uses())
     if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op or uses[0].idx != 0:
         return None
     return uses[0].node
@@ -137,7 +137,7 @@ def fold_key_transposes(model: ir.Model) -> int:
         perm = [*range(rank - 2), rank - 1, rank - 2]
         node = ir.node("Transpose", [x], attributes={"perm": perm}, name=f"{last.name}_folded_transpose")
         out, result = node.outputs[0], last.outputs[0]
-        out.shape, out.dtype, out.type = result.shape, result.dtype, result.type
+        out.shape, out.type = result.shape, result.type  # the type carries the dtype
         graph.insert_before(last, node)
         result.replace_all_uses_with(out)
         dead = [first.inputs[1], last.inputs[1]]
@@ -160,7 +160,7 @@ def fold_constant_reshapes(model: ir.Model) -> int:
         if node.op_type != "Reshape" or node.graph is not graph or len(node.inputs) < 2:
             continue
         data, shape = node.inputs[0], node.inputs[1]
-        if not stored(data) or _ints(shape) is None or len(data.uses()) != 1:  # type: ignore[arg-type]
+        if not stored(data) or _ints(shape) is None or len(data.uses()) != 1:
             continue
         array = data.const_value.numpy()  # type: ignore[union-attr]
         allowzero = "allowzero" in node.attributes and node.attributes["allowzero"].value

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -153,6 +154,10 @@ class PermutePass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if not isinstance(self.pattern, NMPattern):
             raise PassPreconditionError(f"channel permutation serves N:M patterns, not {self.pattern}")
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> PermuteResult:
+        # this pass's own result type (onnx-ir types it as a plain PassResult)
+        return cast(PermuteResult, super().__call__(model_or_result))
 
     def call(self, model: ir.Model) -> PermuteResult:
         groups, weights = self.groups if self.groups is not None else channel_groups(model)

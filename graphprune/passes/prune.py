@@ -6,6 +6,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -69,7 +70,7 @@ class PruneConfig:
             raise GraphpruneError(f"--quantize is a joint mode of sparsegpt and alps, not of {self.method.value}")
         check_reconstruction_options(self)
 
-    def solver_options(self) -> dict[str, float | int]:
+    def solver_options(self) -> dict[str, Any]:  # percdamp (float) and blocksize (int) as keywords
         return {"percdamp": self.percdamp, "blocksize": self.blocksize}
 
 
@@ -212,6 +213,10 @@ class PrunePass(ir.passes.InPlacePass):
                 f"{self.config.method.value} needs activation statistics: pass --calib DATA or --stats FILE"
             )
 
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> PruneResult:
+        # this pass's own result type (onnx-ir types it as a plain PassResult)
+        return cast(PruneResult, super().__call__(model_or_result))
+
     def call(self, model: ir.Model) -> PruneResult:
         targets, skips = self.given_plan or self.plan(model)
         _check_statistics(self.config.method, self.stats, targets)  # a mismatch fails before any weight changes
@@ -339,7 +344,8 @@ class _PruneRun:
             return weight.tensor(values)
 
         self.alps.sources[target.name] = source  # a peer solved with an earlier weight reads its dense values
-        replace_tensor(stored[target.name], ir.LazyTensor(pruned, source.dtype, source.shape, name=source.name))
+        shape = ir.Shape(source.shape.numpy())  # LazyTensor takes a concrete ir.Shape
+        replace_tensor(stored[target.name], ir.LazyTensor(pruned, source.dtype, shape, name=source.name))
         return report
 
     def _pruned_values(self, target: Target, stored: StoredWeight) -> np.ndarray:

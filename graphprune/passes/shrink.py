@@ -224,9 +224,9 @@ def _bias_add(out: ir.Value) -> ir.Value | None:
         return None
     add = uses[0].node
     other = add.inputs[1 - uses[0].idx]
-    if not stored(other) or len(other.uses()) != 1:  # type: ignore[arg-type]
+    if not stored(other) or len(other.uses()) != 1:
         return None
-    shape = other.const_value.shape  # type: ignore[union-attr]
+    shape = other.const_value.shape.numpy()  # type: ignore[union-attr]
     if len(shape) >= 1 and all(d == 1 for d in list(shape)[:-1]) and shape[-1] > 1:
         return other
     return None

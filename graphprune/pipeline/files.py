@@ -98,6 +98,7 @@ def _commit(outputs: OutputPlan, job: _Job, report: Path, pruned: _Pruned, exter
             if pruned.staged is None:  # deferred weights are pruned now, as they are written
                 files.model(job.output, job.model, external_data=True if external else None)
             else:  # written while it was pruned: lands with the report
+                assert pruned.staged.model is not None  # set when the pass streamed the weights
                 files.streamed_model(job.output, *pruned.staged.stage(pruned.staged.model))
             files.json(report, pruned.result.to_dict())
     finally:

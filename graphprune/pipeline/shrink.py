@@ -225,10 +225,10 @@ def _remove_blocks(model: ir.Model, count: int, measure: Measure, report: Shrink
             f"`blocks={count}`: the model has {len(blocks)} residual blocks; at most {len(blocks) - 1} can go"
         )
     stage(f"measuring the influence of {len(blocks)} blocks")
-    pairs = [(b.input.name, b.output.name) for b in blocks]
+    pairs = [(str(b.input.name), str(b.output.name)) for b in blocks]
     moments = measure(model, [], pairs)
     report.warnings += moments.warnings
-    influence = np.array([moments.influence(p) for p in pairs])  # type: ignore[arg-type]
+    influence = np.array([moments.influence(p) for p in pairs])
     chosen = set(np.argsort(influence, kind="stable")[:count].tolist())
     bypass_blocks(model, [b for b in blocks if b.index in chosen])
     report.blocks = [BlockRecord(b.index, float(influence[b.index]), b.index in chosen) for b in blocks]
@@ -398,7 +398,7 @@ def _refit(group: Group, units: np.ndarray, moments, damp: float):  # type: igno
         kept = np.setdiff1d(np.arange(w.shape[1]), removed)
         solved = refit(w, gram, mean, kept, damp)
         w[:, kept] = solved.weight
-        stored = slot.value.const_value.numpy()  # type: ignore[union-attr]
+        stored = slot.value.const_value.numpy()
         moved = np.moveaxis(stored, slot.axis, 0).shape
         weights[slot.value] = np.moveaxis(w.T.reshape(moved), 0, slot.axis).astype(stored.dtype)
         bias[slot.node] = solved.bias_delta * _output_scale(slot.node)

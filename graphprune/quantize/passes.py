@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -124,6 +125,10 @@ class QuantizePass(ir.passes.InPlacePass):
                 r = self.ranges.get(name)
                 if r is None or not (np.isfinite(r.lo).all() and np.isfinite(r.hi).all()):
                     raise PassPreconditionError(f"activation {name} has no finite calibrated range")
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> QuantizeResult:
+        # this pass's own result type (onnx-ir types it as a plain PassResult)
+        return cast(QuantizeResult, super().__call__(model_or_result))
 
     def call(self, model: ir.Model) -> QuantizeResult:
         graph = model.graph

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -164,11 +165,11 @@ def _bench_case(
         sparse, converts, note = None, False, str(exc).strip().splitlines()[0]
     for n in tokens:
         x = torch.randn(case.k, n, device="cuda", dtype=torch.float16)
-        dense_ms, dense_how = _time(torch, lambda d=dense, x=x: torch.mm(d, x), repeats)
+        dense_ms, dense_how = _time(torch, partial(torch.mm, dense, x), repeats)
         sparse_ms, sparse_how, error = None, "", ""
         if sparse is not None and converts:
             try:
-                sparse_ms, sparse_how = _time(torch, lambda s=sparse, x=x: torch.mm(s, x), repeats)
+                sparse_ms, sparse_how = _time(torch, partial(torch.mm, sparse, x), repeats)
             except RuntimeError as exc:  # shapes or layouts the sparse kernels refuse
                 error = str(exc).strip().splitlines()[0]
         how = dense_how if sparse_how in ("", dense_how) else f"dense {dense_how}, sparse {sparse_how}"

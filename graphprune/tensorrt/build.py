@@ -140,7 +140,7 @@ def plan_build(
         )
     strongly_typed = backend.always_strongly_typed or _major(version) >= 11
     if strongly_typed:
-        warnings = ()
+        warnings: tuple[str, ...] = ()
         if sparse:
             dtype = "BF16" if precision == "bf16" else "FP16"
             warnings = (

@@ -45,7 +45,7 @@ _QDQ_PRECISION = {
     "int4": "int4-qdq",
     "uint4": "int4-qdq",
 }
-_ONNX_PRECISION = {
+_ONNX_PRECISION: dict[int, str] = {
     onnx.TensorProto.FLOAT16: "fp16",
     onnx.TensorProto.BFLOAT16: "bf16",
     onnx.TensorProto.FLOAT: "fp32",

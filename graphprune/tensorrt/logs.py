@@ -51,7 +51,7 @@ def capturing_logger(trt: Any) -> Any:
         trt.ILogger.Severity.VERBOSE: "V",
     }
 
-    class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+    class _Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.lines: list[LogLine] = []

@@ -37,8 +37,8 @@ class TorchColumnRounder(ColumnRounder):
     def column(self, j: int, i: int, w1: Any, keep1: Any) -> Any:
         torch = self.torch
         b = int(self.block_of[j])
-        if self.dynamic and j % int(self.grid.block_size) == 0:  # type: ignore[arg-type]
-            span = slice(i, i + int(self.grid.block_size))  # type: ignore[arg-type]
+        if self.dynamic and j % int(self.grid.block_size) == 0:  # type: ignore[arg-type]  # dynamic: block_size set
+            span = slice(i, i + int(self.grid.block_size))  # type: ignore[arg-type]  # as above
             absmax = torch.where(keep1[:, span], w1[:, span], 0.0).float().abs().amax(dim=1)
             scale = absmax / self.qmax
             self.scales[:, b] = torch.where(scale > 0, scale, 1.0)

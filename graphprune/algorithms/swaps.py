@@ -148,7 +148,7 @@ class _Rows:
         per_row = k * (self.pattern.group if isinstance(self.pattern, NMPattern) else CANDIDATES)
         step = max(1, _CHUNK_ELEMENTS // per_row)
         parts = [self._best_chunk(rows[i : i + step]) for i in range(0, rows.size, step)]
-        return tuple(np.concatenate(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
+        return tuple(np.concatenate(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]  # tuple() of 4: _best_chunk's arrays
 
     def _best_chunk(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         w, g, keep = self.w[rows], self.g[rows], self.keep[rows]

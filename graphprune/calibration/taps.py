@@ -248,6 +248,6 @@ def tapped_model(
         read = {v for n in nodes for v in outer_reads(n)} | set(wanted) | set(keep)
         inputs = [carrier for value, carrier in available.items() if value in read]
     position = {node: i for i, node in enumerate(nodes)}
-    order = sorted(range(len(plan.nodes)), key=lambda j: -position.get(plan.anchors[j].producer(), -1))  # type: ignore[arg-type]
+    order = sorted(range(len(plan.nodes)), key=lambda j: -position.get(plan.anchors[j].producer(), -1))  # type: ignore[arg-type]  # a node or None, both valid keys of .get
     taps = [plan.nodes[j] for j in order]
     return session_model(model, [*nodes, *taps], inputs, [*plan.outputs, *keep], plan.constants)

@@ -329,7 +329,7 @@ def _quantize_grid(precision: str | None, block_size: int | None) -> QuantGrid |
         raise GraphpruneError(f"--quant-block-size must be at least 1, got {block_size}")
     if block_size is None and precision == "int4":
         block_size = 128
-    return QuantGrid(precision=precision, block_size=block_size)  # type: ignore[arg-type]
+    return QuantGrid(precision=precision, block_size=block_size)  # type: ignore[arg-type]  # a str checked above
 
 
 def _load_stats(path: Path) -> ActivationStats:

@@ -271,7 +271,7 @@ def _classify(graph: _Graph, name: str, value: ir.Value) -> Target | Skip | None
     multiplies = [u for u in uses if u.node is not None and _is_matmul_like(u.node)]
     if not multiplies:
         return None
-    first_op = multiplies[0].node.op_type  # type: ignore[union-attr]
+    first_op = multiplies[0].node.op_type  # type: ignore[union-attr]  # u.node checked not None above
     if value.is_graph_input():
         return Skip(name, first_op, "initializer is also a graph input: a caller may override it at run time")
     others = [u for u in uses if u not in multiplies]
@@ -337,7 +337,7 @@ def _weights_from_inputs_or_folds(graph: _Graph) -> list[Skip]:
                 Skip(source.name or "", node.op_type, f"weight of {label} is a graph input, not a constant")
             )
         elif graph.is_constant(source) and source.producer() is not None:
-            op = source.producer().op_type  # type: ignore[union-attr]
+            op = source.producer().op_type  # type: ignore[union-attr]  # producer() checked not None on the line above
             skips.append(
                 Skip(
                     source.name or "",

@@ -37,8 +37,7 @@ def value_types(model: ir.Model) -> dict[str, tuple[int, int | None]]:
         proto.opset_import.add(domain=domain, version=version)
     try:
         proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-        # onnx-ir's GraphView does not match its own GraphViewProtocol (read-only meta, Optional doc_string)
-        ir.serde.serialize_graph_into(proto.graph, view)  # type: ignore[arg-type]
+        ir.serde.serialize_graph_into(proto.graph, view)  # type: ignore[arg-type]  # onnx-ir's GraphView misses its own protocol as typed
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False).graph
     except Exception:  # best effort: unknown types fall back to what the caller can tell otherwise
         inferred = onnx.GraphProto()

@@ -65,7 +65,7 @@ def find_fold(x: ir.Value, width: int) -> Fold | str:
                 other = b if stored[0] is a else a
             elif op == "Mul":
                 # scaling one factor scales the product, if that factor has every channel (no broadcast)
-                other = next((v for v in (b, a) if _private(v) and _last_dim(v) == width), None)  # type: ignore[assignment]
+                other = next((v for v in (b, a) if _private(v) and _last_dim(v) == width), None)  # type: ignore[assignment]  # None: returned just below
                 if other is None:
                     return f"no operand of {op} {node.name} can carry the scales alone"
             else:

@@ -50,8 +50,7 @@ def _changed_by_conversion(model: ir.Model, target: int) -> list[str]:
     proto = onnx.ModelProto(ir_version=model.ir_version)
     for domain, version in model.opset_imports.items():
         proto.opset_import.add(domain=domain, version=version)
-    # onnx-ir's GraphView does not match its own GraphViewProtocol (read-only meta, Optional doc_string)
-    ir.serde.serialize_graph_into(proto.graph, view)  # type: ignore[arg-type]
+    ir.serde.serialize_graph_into(proto.graph, view)  # type: ignore[arg-type]  # onnx-ir's GraphView misses its own protocol as typed
     before = [_signature(n) for n in proto.graph.node]
     try:
         converted = onnx.version_converter.convert_version(proto, target)

@@ -213,7 +213,7 @@ class QuantizePass(ir.passes.InPlacePass):
                 or np.any(zero.const_value.numpy().astype(np.float32) != 0)
             ):
                 raise PassPostconditionError(f"weight {t.name}: a zero point is not 0")
-            codes = weight.const_value.numpy().astype(np.float32)  # type: ignore[union-attr]
+            codes = weight.const_value.numpy().astype(np.float32)  # type: ignore[union-attr]  # a stored weight
             after = group_maxima(to_canonical(codes, t.k_axis, t.out_axis) != 0)
             for m, before in self._groups_before.get(t.name, {}).items():
                 if after[m] > before:

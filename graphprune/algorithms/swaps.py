@@ -50,7 +50,7 @@ RELATIVE_GAIN = 1e-9  # a swap must lower its row's objective by more than this 
 _CHUNK_ELEMENTS = 1 << 21  # pair scores evaluated at a time (float64)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SwapResult:
     """The refined weight (in the input's dtype), its keep-mask, and what the refinement did."""
 
@@ -102,7 +102,13 @@ def swap_refine(
             break
         state.refit(rows)
     swaps = int((budget - left).sum())
-    return SwapResult(state.w.astype(weight_hat.dtype), state.keep, swaps, before, float(state.objective.sum()))
+    return SwapResult(
+        weight=state.w.astype(weight_hat.dtype),
+        keep=state.keep,
+        swaps=swaps,
+        objective_before=before,
+        objective_after=float(state.objective.sum()),
+    )
 
 
 class _Rows:

@@ -36,7 +36,7 @@ class ChannelTap:
     gram: bool = False  # also Σ x xᵀ over the channels (width x width)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Moments:
     """Σx, Σx² per channel (Σxxᵀ where asked) and rows per tapped tensor; summed (1 - cos) and tokens per pair."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ class CalibrationRequest:
     """Calibration data (a path, arrays, an iterable of feeds or None for synthetic inputs) and its options."""
 
     data: Any = None
+    _: KW_ONLY  # the rest by keyword
     tokenizer: str | None = None
     seqlen: int = 512
     nsamples: int = 128

@@ -46,7 +46,7 @@ class TargetInfo:
         return self.shape[self.k_axis]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ActivationStats:
     """Σx² per input channel (float64 ``[K]``) and rows seen, per target weight name; optional Grams XᵀX."""
 

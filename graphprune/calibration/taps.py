@@ -31,7 +31,7 @@ from graphprune.graph.targets import Target
 from graphprune.graph.types import value_types
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Tap:
     """One reduction over one activation tensor, and the weights whose statistics it feeds."""
 
@@ -44,7 +44,7 @@ class Tap:
     targets: tuple[str, ...]  # one entry per consumer that reads this activation along this axis
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TapPlan:
     """The tap nodes (connected to the model's values), their outputs, and the mapping from outputs to targets."""
 
@@ -206,13 +206,13 @@ def plan_taps(
                     b.output(gram_out, ir.DataType.FLOAT, [k, k])
             plan.taps.append(
                 Tap(
-                    activation,
-                    axis,
-                    k,
-                    str(sumsq.name),
-                    str(sizes[activation].name),
-                    _name(gram_out),
-                    tuple(names),
+                    activation=activation,
+                    axis=axis,
+                    k=k,
+                    sumsq_output=str(sumsq.name),
+                    size_output=str(sizes[activation].name),
+                    gram_output=_name(gram_out),
+                    targets=tuple(names),
                 )
             )
         yield plan

@@ -240,16 +240,16 @@ def apply(
         raise GraphpruneError("--target dense needs --sequential (it reconstructs the dense model's outputs)")
     config = PruneConfig(
         pattern,
-        chosen,
-        tuple(include or ()),
-        tuple(exclude or ()),
-        include_head,
-        percdamp,
-        blocksize,
-        permute,
-        _quantize_grid(quantize, quant_block_size),
-        target,
-        swaps,
+        method=chosen,
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        include_head=include_head,
+        percdamp=percdamp,
+        blocksize=blocksize,
+        permute=permute,
+        quantize=_quantize_grid(quantize, quant_block_size),
+        target=target,
+        swaps=swaps,
     )
     unit: SequentialUnit = "level" if by_level else "block"
 

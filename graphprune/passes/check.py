@@ -24,7 +24,7 @@ from graphprune.graph.weights import read_weight
 from graphprune.quantize.operators import operator_weight
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightCheck:
     """One target's verdict: its zeros, and the groups along K that hold too many non-zeros."""
 

@@ -137,7 +137,7 @@ class RoundingStats:
         self.saturated += other.saturated
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ConvertResult:
     """The converted model (the input object, changed in place) and what the conversion did."""
 
@@ -234,7 +234,7 @@ def convert(
             op_block_list=sorted(blocked),
             node_block_list=sorted(kept),
         )
-    result = ConvertResult(model, dtype)
+    result = ConvertResult(model=model, dtype=dtype)
     for (name, position), tensor in _float_tensors(model, nodes_before).items():
         if (name, position) not in stats:  # ConstantOfShape's default fill, written by the converter
             continue

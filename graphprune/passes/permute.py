@@ -38,7 +38,7 @@ from graphprune.passes.base import (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PermutedGroup:
     """The report of one permutation written into the model."""
 
@@ -185,9 +185,10 @@ class PermutePass(ir.passes.InPlacePass):
                 result.modified = True
             total = found.total or 1.0
             report = PermutedGroup(
-                group.reader, list(group.writers), list(group.biases), group.kind, group.period,
-                round(found.identity_kept / total, 6), round(max(found.kept, found.identity_kept) / total, 6),
-                round(max(found.recovered, 0.0), 6), written,
+                reader=group.reader, writers=list(group.writers), biases=list(group.biases), kind=group.kind,
+                period=group.period, kept_before=round(found.identity_kept / total, 6),
+                kept_after=round(max(found.kept, found.identity_kept) / total, 6),
+                recovered=round(max(found.recovered, 0.0), 6), written=written,
             )  # fmt: skip
             value.meta[PERMUTATION_REPORT] = asdict(report)
             result.groups.append(report)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -49,6 +49,7 @@ class PruneConfig:
     """What to prune and how. ``include``/``exclude`` are shell-style patterns on weight or node names."""
 
     pattern: Pattern = field(default_factory=lambda: NMPattern(2, 4))
+    _: KW_ONLY  # the rest by keyword
     method: Method = Method.MAGNITUDE
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -74,7 +75,7 @@ class PruneConfig:
         return {"percdamp": self.percdamp, "blocksize": self.blocksize}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WeightReport:
     """One weight's line in the report: what was done to it, or why it was left alone."""
 
@@ -136,7 +137,7 @@ def prune_result(model: ir.Model, config: PruneConfig, plan: Plan, reports: list
     """The result of any pruning run (one-shot, sequential, segment-wise): the reports of the pruned targets
     and of the plan's skipped weights, pruned first, each part by name."""
     targets, skips = plan
-    everything = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips] + reports
+    everything = [WeightReport(name=s.name, op=s.op, skipped=s.reason) for s in skips] + reports
     everything.sort(key=lambda r: (r.skipped is not None, r.name))
     return PruneResult(model, bool(targets), config, everything)
 
@@ -320,13 +321,13 @@ class _PruneRun:
         stored = self.stored
         source = stored_tensor(stored[target.name])
         report = WeightReport(
-            target.name,
-            target.op,
-            list(target.shape),
-            target.k_axis,
-            target.dtype,
-            self.config.method.value,
-            str(self.config.pattern),
+            name=target.name,
+            op=target.op,
+            shape=list(target.shape),
+            k_axis=target.k_axis,
+            dtype=target.dtype,
+            method=self.config.method.value,
+            pattern=str(self.config.pattern),
         )
 
         def pruned() -> ir.TensorProtocol:
@@ -481,7 +482,7 @@ def _check_statistics(method: Method, stats: StatisticsInput, targets: list[Targ
     ActivationStats.from_sumsq(sumsq, targets, gram).check(targets, gram=method.reconstructs)  # the one check
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _SharedInputSolves:
     """ALPS's bookkeeping for weights solved together: the run's targets in order (``peers``), the dense
     tensors of deferred weights, the names already pruned, and results waiting (keyed by name: the canonical

@@ -37,7 +37,7 @@ UNIT_KINDS = ("mlp", "heads", "channels")
 ALLOCATIONS = ("uniform", "global")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShrinkConfig:
     """What to remove: ``ratio`` of every group's units (of the ``units`` kinds) and ``blocks`` whole blocks."""
 

@@ -45,7 +45,7 @@ class GemmCase:
     weight: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GemmTiming:
     """Dense vs 2:4 sparse FP16 GEMM for one weight at one token count."""
 
@@ -174,7 +174,17 @@ def _bench_case(
                 error = str(exc).strip().splitlines()[0]
         how = dense_how if sparse_how in ("", dense_how) else f"dense {dense_how}, sparse {sparse_how}"
         results.append(
-            GemmTiming(case.name, case.out, case.k, n, converts, dense_ms, sparse_ms, note or error, how)
+            GemmTiming(
+                name=case.name,
+                out=case.out,
+                k=case.k,
+                tokens=n,
+                converts=converts,
+                dense_ms=dense_ms,
+                sparse_ms=sparse_ms,
+                note=note or error,
+                timing=how,
+            )
         )
     return results
 

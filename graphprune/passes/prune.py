@@ -320,15 +320,7 @@ class _PruneRun:
         """Replace the target's tensor by one that prunes the weight when read (see the class docstring)."""
         stored = self.stored
         source = stored_tensor(stored[target.name])
-        report = WeightReport(
-            name=target.name,
-            op=target.op,
-            shape=list(target.shape),
-            k_axis=target.k_axis,
-            dtype=target.dtype,
-            method=self.config.method.value,
-            pattern=str(self.config.pattern),
-        )
+        report = self._report_line(target)
 
         def pruned() -> ir.TensorProtocol:
             weight = read_weight(stored, target, source)
@@ -458,6 +450,12 @@ class _PruneRun:
     def _report(self, target: Target, stored: StoredWeight) -> WeightReport:
         effective = stored.effective()
         zeros = effective.size - int(np.count_nonzero(effective))
+        report = self._report_line(target)
+        report.sparsity = round(zeros / effective.size, 6)
+        return report
+
+    def _report_line(self, target: Target) -> WeightReport:
+        """A pruned target's line in the report, its sparsity still unset."""
         return WeightReport(
             name=target.name,
             op=target.op,
@@ -466,7 +464,6 @@ class _PruneRun:
             dtype=target.dtype,
             method=self.config.method.value,
             pattern=str(self.config.pattern),
-            sparsity=round(zeros / effective.size, 6),
         )
 
 

@@ -238,7 +238,7 @@ def child(case: str, model_path: Path, output: Path, profile: Path | None) -> No
         from graphprune.pipeline.files import prune_file
 
         pattern = NMPattern(2, 4) if case == "apply-2:4" else Unstructured(0.5, Scope.OUTPUT)
-        config = PruneConfig(pattern, Method.MAGNITUDE)
+        config = PruneConfig(pattern, method=Method.MAGNITUDE)
 
         def operation() -> None:
             prune_file(model_path, config, output)

@@ -66,7 +66,7 @@ def quantize_model(base: Path, out: Path, method: str, calib: Path, masked: bool
     the base's zeros when ``masked``)."""
     model = load_model(base)
     # The targets of a 2:4 prune: every MatMul/Gemm weight with K a multiple of 4, the LM head excluded.
-    targets, _ = PrunePass(config=PruneConfig(NMPattern(2, 4), Method.SPARSEGPT)).plan(model)
+    targets, _ = PrunePass(config=PruneConfig(NMPattern(2, 4), method=Method.SPARSEGPT)).plan(model)
     start = time.process_time()
     if method == "rtn":
         for target in targets:

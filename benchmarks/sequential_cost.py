@@ -39,7 +39,7 @@ def sequential_child(model: Path, data: Path, batch: int, sequential: str) -> di
     loaded = load_model(model)
     batches, _ = CalibrationRequest(str(data), batch_size=batch).batches(loaded)
     groups: list[int] = []
-    config = PruneConfig(NMPattern(2, 4), Method.WANDA)
+    config = PruneConfig(NMPattern(2, 4), method=Method.WANDA)
 
     class Groups(PruneProgress):
         def group_done(self, done: int, total: int) -> None:

@@ -30,8 +30,9 @@ if TYPE_CHECKING:
     from graphprune.evaluate.files import Evaluation, evaluate_files
     from graphprune.graph.model_io import load_model, save_model
     from graphprune.graph.targets import Consumer, Skip, Target, TargetScan, find_targets
+    from graphprune.passes.base import Statistics
     from graphprune.passes.check import CheckPass, CheckResult
-    from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, Statistics, WeightReport
+    from graphprune.passes.prune import PruneConfig, PrunePass, PruneResult, WeightReport
     from graphprune.passes.shrink import ShrinkPass
     from graphprune.pipeline.calibrate_file import calibrate_file
     from graphprune.pipeline.convert_file import ConvertFileResult, convert_file

@@ -497,8 +497,8 @@ def _signals_deferred() -> Iterator[None]:
     caught: list[int] = []
     previous: dict[int, Any] = {}
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+        for deferred in (signal.SIGINT, signal.SIGTERM):
+            previous[deferred] = signal.signal(deferred, lambda signum, frame: caught.append(signum))
     except ValueError:  # not the main thread: handlers cannot be changed, and signals go to the main thread
         pass
     try:

@@ -17,16 +17,16 @@ from onnx import TensorProto
 
 from graphprune.errors import GraphpruneError
 
-_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4}
+_BITS: dict[int, int] = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4}
 for _name in ("INT2", "UINT2"):
     if hasattr(TensorProto, _name):
         _BITS[getattr(TensorProto, _name)] = 2
-_UNCHECKED = {TensorProto.STRING, TensorProto.UNDEFINED}
+_UNCHECKED: set[int] = {TensorProto.STRING, TensorProto.UNDEFINED}
 for _name in ("FLOAT6E2M3", "FLOAT6E3M2"):
     if hasattr(TensorProto, _name):
         _UNCHECKED.add(getattr(TensorProto, _name))
 # typed fields that hold exactly one entry per element (others pack or are not used for weights)
-_FIELD_PER_ELEMENT = {
+_FIELD_PER_ELEMENT: dict[int, str] = {
     TensorProto.FLOAT: "float_data",
     TensorProto.DOUBLE: "double_data",
     TensorProto.INT64: "int64_data",

@@ -11,4 +11,6 @@ python3 -m venv .venv
 # compared with numpy instead of skipped. Never an unpinned `torch`: that resolves to GBs of CUDA wheels.
 .venv/bin/python -m pip install --quiet torch==2.13.0
 .venv/bin/ruff check graphprune tests benchmarks
+# type check: settings in pyproject.toml's [tool.mypy]
+.venv/bin/python -m mypy graphprune
 .venv/bin/python -m pytest -q "$@"

@@ -58,8 +58,8 @@ def test_model_cases_take_the_gemm_layout_with_k_last() -> None:
 
 def test_markdown_table() -> None:
     rows = [
-        bt.GemmTiming("w", 256, 512, 1024, True, 0.02, 0.01),
-        bt.GemmTiming("v", 8, 8, 16, False, 0.01, None, "x"),
+        bt.GemmTiming(name="w", out=256, k=512, tokens=1024, converts=True, dense_ms=0.02, sparse_ms=0.01),
+        bt.GemmTiming(name="v", out=8, k=8, tokens=16, converts=False, dense_ms=0.01, sparse_ms=None, note="x"),
     ]
     text = bt.markdown_table(rows)
     assert "| w | 256 x 512 | 1024 | yes | 0.0200 | 0.0100 | 2.00x |  |" in text

@@ -181,7 +181,7 @@ def test_sequential_calibration_of_a_decoder_with_a_cache(sequential: str) -> No
     h0 = hidden_states(model, full_feed(ids), ["h0"])[0]
     model = ir.from_proto(model)
     result, _ = prune_sequentially(
-        model, PruneConfig(NMPattern(2, 4), Method.WANDA), batches, sequential=sequential
+        model, PruneConfig(NMPattern(2, 4), method=Method.WANDA), batches, sequential=sequential
     )
     # every Q/K/V/O weight is pruned, only the LM head stays dense
     assert {w.name for w in result.pruned} == {f"l{i}.{p}" for i in range(LAYERS) for p in "qkvo"}

@@ -56,8 +56,19 @@ def weight(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> onnx.
 
 def target(name: str, shape: tuple[int, ...], k_axis: int, *uses: tuple[str, str, str, int]) -> Target:
     """``uses``: (node, op, activation, activation_axis) per consumer."""
-    consumers = tuple(Consumer(n, op, 1, act, axis, f"{n}_out") for n, op, act, axis in uses)
-    return Target(name, uses[0][1], shape, "float32", k_axis, 1 - k_axis if len(shape) == 2 else 0, consumers)
+    consumers = tuple(
+        Consumer(node=n, op=op, input_index=1, activation=act, activation_axis=axis, output=f"{n}_out")
+        for n, op, act, axis in uses
+    )
+    return Target(
+        name=name,
+        op=uses[0][1],
+        shape=shape,
+        dtype="float32",
+        k_axis=k_axis,
+        out_axis=1 - k_axis if len(shape) == 2 else 0,
+        consumers=consumers,
+    )
 
 
 def activations(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str]) -> dict:

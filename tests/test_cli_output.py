@@ -204,7 +204,7 @@ def test_prune_file_reports_calibration_progress_through_its_callback(model_path
         def weight_pruned(self, name: str) -> None:
             weights.append(name)
 
-    config = PruneConfig(NMPattern(2, 4), Method.SPARSEGPT, include_head=True)
+    config = PruneConfig(NMPattern(2, 4), method=Method.SPARSEGPT, include_head=True)
     request = CalibrationRequest(data=str(tmp_path / "calib.npz"), batch_size=4)
     prune_file(model_path, config, tmp_path / "p.onnx", calibration=request, progress=Heard())
     assert calls == [(4, 10), (8, 10), (10, 10)] and sorted(weights) == sorted(NAMES)

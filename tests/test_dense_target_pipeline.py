@@ -74,7 +74,7 @@ def test_the_cross_gram_pairs_the_dense_and_the_pruned_prefix_activations() -> N
     """What each group's solver receives: H = X_pᵀX_p and C = X_dᵀX_p, X_p with the earlier blocks as pruned."""
     dense = dense_weights()
     model = ir.from_proto(residual_blocks(dense))
-    config = PruneConfig(NMPattern(2, 4), Method.SPARSEGPT, target="dense")
+    config = PruneConfig(NMPattern(2, 4), method=Method.SPARSEGPT, target="dense")
     batches = calibration()
     targets, _ = PrunePass(config=config).plan(model)
     received: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -119,7 +119,7 @@ def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(method: Me
     errors = {}
     for target in ("pruned", "dense"):
         model = ir.from_proto(residual_blocks(dense))
-        prune_sequentially(model, PruneConfig(NMPattern(2, 4), method, target=target), batches)
+        prune_sequentially(model, PruneConfig(NMPattern(2, 4), method=method, target=target), batches)
         errors[target] = matmul_errors({n: initializer(model, n) for n in dense}, dense, x)
     # block 1 sees the same inputs either way; block 2 and the output come closer to the dense model's
     np.testing.assert_allclose(errors["dense"][:2], errors["pruned"][:2], rtol=1e-4)
@@ -131,7 +131,7 @@ def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(method: Me
 def test_segment_wise_dense_targets_prune_as_the_in_memory_engine(tmp_path: Path, max_memory: int | None) -> None:
     """Bit for bit, also when every boundary tensor of both streams is spilled to disk."""
     path = save_external(decoder_like(), tmp_path / "in" / "model.onnx")
-    config = PruneConfig(NMPattern(2, 4), Method.SPARSEGPT, target="dense")
+    config = PruneConfig(NMPattern(2, 4), method=Method.SPARSEGPT, target="dense")
     data = feeds()
     reference = load_model(path)
     batches, _ = request(data).batches(to_proto(reference))

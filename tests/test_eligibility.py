@@ -82,11 +82,23 @@ def test_conv_group_one_pattern_along_input_channels() -> None:
 
 def test_grouped_conv_and_unsupported_op_from_records() -> None:
     weight = sparse_24((256, 256, 1, 1), 1)
-    consumer = Consumer("conv", "Conv", 1, "x", 1, "y")
-    target = Target("w", "Conv", weight.shape, "float16", 1, 0, (consumer,))
+    consumer = Consumer(node="conv", op="Conv", input_index=1, activation="x", activation_axis=1, output="y")
+    target = Target(
+        name="w", op="Conv", shape=weight.shape, dtype="float16", k_axis=1, out_axis=0, consumers=(consumer,)
+    )
     record = assess(target, weight, "fp16", group=2)
     assert record.status == "ineligible" and "group=2" in record.reasons[0]
-    other = Target("w", "Einsum", (256, 256), "float16", 0, 1, (Consumer("e", "Einsum", 1, "x", -1, "y"),))
+    other = Target(
+        name="w",
+        op="Einsum",
+        shape=(256, 256),
+        dtype="float16",
+        k_axis=0,
+        out_axis=1,
+        consumers=(
+            Consumer(node="e", op="Einsum", input_index=1, activation="x", activation_axis=-1, output="y"),
+        ),
+    )
     assert "no sparse kernels" in assess(other, sparse_24((256, 256), 0), "fp16").reasons[0]
 
 

@@ -49,7 +49,7 @@ def test_sparsegpt_joint_mode_writes_the_solvers_values() -> None:
     stats = _stats(x)
     grid = QuantGrid(precision="int4", block_size=32)
     model = matmul_model(np.ascontiguousarray(w.T))
-    config = PruneConfig(PATTERN, Method.SPARSEGPT, include_head=True, blocksize=16, quantize=grid)
+    config = PruneConfig(PATTERN, method=Method.SPARSEGPT, include_head=True, blocksize=16, quantize=grid)
     result = PrunePass(config=config, stats=stats).call(model)
     written = initializer(model, "w")
     codes, scales, keep = sparsegpt_quantize(w, stats.gram["w"], PATTERN, grid, blocksize=16)
@@ -67,7 +67,9 @@ def test_alps_joint_mode_is_gptq_under_the_alps_mask() -> None:
     stats = _stats(x)
     grid = QuantGrid(precision="int8")
     model = linear_model(w)
-    PrunePass(config=PruneConfig(PATTERN, Method.ALPS, include_head=True, quantize=grid), stats=stats).call(model)
+    PrunePass(config=PruneConfig(PATTERN, method=Method.ALPS, include_head=True, quantize=grid), stats=stats).call(
+        model
+    )
     pruned = alps(w, stats.gram["w"], PATTERN)
     codes, scales = gptq_quantize(pruned, stats.gram["w"], grid, keep=pruned != 0)
     np.testing.assert_array_equal(initializer(model, "w"), dequantize_codes(codes, scales, grid))
@@ -76,7 +78,7 @@ def test_alps_joint_mode_is_gptq_under_the_alps_mask() -> None:
 
 def test_quantize_needs_a_reconstructing_method() -> None:
     with pytest.raises(GraphpruneError, match="joint mode of sparsegpt and alps"):
-        PruneConfig(PATTERN, Method.WANDA, quantize=QuantGrid(precision="int8"))
+        PruneConfig(PATTERN, method=Method.WANDA, quantize=QuantGrid(precision="int8"))
 
 
 def test_apply_quantize_cli(tmp_path) -> None:

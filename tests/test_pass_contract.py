@@ -58,7 +58,7 @@ def calibration() -> CalibrationRequest:
     return CalibrationRequest(data={"x": x}, batch_size=4)
 
 
-CONFIG = PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True)
+CONFIG = PruneConfig(NMPattern(2, 4), method=Method.WANDA, include_head=True)
 MODES = {
     "one-shot": dict(external=False, calibrate=True, sequential=None, max_memory=None),
     "one-shot streamed from external data": dict(external=True, calibrate=False, sequential=None, max_memory=None),

@@ -90,7 +90,7 @@ def weights(model: ir.Model) -> dict[str, bytes]:
 
 
 def config(method: Method, permute: bool = True) -> PruneConfig:
-    return PruneConfig(PATTERN, method, include_head=True, permute=permute)
+    return PruneConfig(PATTERN, method=method, include_head=True, permute=permute)
 
 
 @pytest.mark.parametrize("method", list(Method), ids=lambda m: m.value)
@@ -152,7 +152,7 @@ def test_the_permutation_pass_keeps_the_function_and_the_callers_shapes_unknown(
 
 
 def test_passes_show_their_configuration() -> None:
-    text = repr(PrunePass(config=PruneConfig(PATTERN, Method.WANDA), stats={"w": np.ones(4)}))
+    text = repr(PrunePass(config=PruneConfig(PATTERN, method=Method.WANDA), stats={"w": np.ones(4)}))
     assert text.startswith("PrunePass(config=PruneConfig(") and "wanda" in text and "<1 weights>" in text
     permute = repr(PermutePass(pattern=PATTERN, readers=["down"]))
     assert permute == "PermutePass(pattern=2:4, method=magnitude, stats=None, readers=['down'])"

@@ -87,7 +87,7 @@ def test_check_pass_changes_nothing_and_finds_dense_weights() -> None:
 def test_precondition_calibrated_method_without_statistics() -> None:
     model, w = mlp()
     with pytest.raises(ir.passes.PreconditionError, match="needs activation statistics") as caught:
-        PrunePass(config=PruneConfig(PATTERN, Method.WANDA, include_head=True))(model)
+        PrunePass(config=PruneConfig(PATTERN, method=Method.WANDA, include_head=True))(model)
     assert isinstance(caught.value, GraphpruneError)  # the CLI prints it as one line
     np.testing.assert_array_equal(model.graph.initializers["w1"].const_value.numpy(), w["w1"])
 

@@ -124,7 +124,7 @@ def test_the_pass_reorders_the_statistics_with_the_weights() -> None:
     x = rng.standard_normal((16, 8))
     h = _hidden(original, x)  # the dense MLP's intermediate activations, original order
     stats = SimpleNamespace(sumsq={"down": (h**2).sum(axis=0)}, gram={})
-    config = PruneConfig(PATTERN, Method.WANDA, include=("down",), include_head=True, permute=True)
+    config = PruneConfig(PATTERN, method=Method.WANDA, include=("down",), include_head=True, permute=True)
     (report,) = PrunePass(config=config, stats=stats)(model).pruned
     assert report.permutation is not None and report.permutation["kept_after"] > report.permutation["kept_before"]
 
@@ -151,7 +151,7 @@ def test_the_search_scores_with_the_methods_importance(method: Method) -> None:
     h = _hidden(original, rng.standard_normal((16, 8)))
     h[:, :4] *= 20.0  # loud channels side by side: Wanda's order differs from |W|'s
     stats = SimpleNamespace(sumsq={"down": (h**2).sum(axis=0)}, gram={"down": h.T @ h})
-    config = PruneConfig(PATTERN, method, include=("down",), include_head=True, permute=True)
+    config = PruneConfig(PATTERN, method=method, include=("down",), include_head=True, permute=True)
     (report,) = PrunePass(config=config, stats=stats)(model).pruned
     norms = np.ones(16) if method is Method.MAGNITUDE else np.sqrt((h**2).sum(axis=0))
     scores = np.abs(original["down"].T.astype(np.float64)) * norms  # (out, K)

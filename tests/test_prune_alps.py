@@ -43,7 +43,7 @@ def test_alps_writes_its_solution_into_the_stored_layout_and_beats_sparsegpt() -
     pruned = {}
     for method in (Method.ALPS, Method.SPARSEGPT):
         model = linear_model(w)
-        result = PrunePass(config=PruneConfig(PATTERN, method, include_head=True), stats=stats).call(model)
+        result = PrunePass(config=PruneConfig(PATTERN, method=method, include_head=True), stats=stats).call(model)
         assert result.pruned[0].method == method.value
         pruned[method] = model
     stored = initializer(pruned[Method.ALPS], "w")
@@ -60,7 +60,9 @@ def test_sequential_alps_calibrates_each_block_on_the_pruned_ones_before_it(bloc
     proto, w = blocks
     model = ir.from_proto(proto)
     x = rng.standard_normal((64, 8)).astype(np.float32)
-    prune_sequentially(model, PruneConfig(PATTERN, Method.ALPS, include_head=True), [{"x": x[:40]}, {"x": x[40:]}])
+    prune_sequentially(
+        model, PruneConfig(PATTERN, method=Method.ALPS, include_head=True), [{"x": x[:40]}, {"x": x[40:]}]
+    )
 
     def reference(weight_kn: np.ndarray, inputs: np.ndarray) -> np.ndarray:  # MatMul B [K, N]: canonical is Bᵀ
         inputs = inputs.astype(np.float64)
@@ -140,7 +142,7 @@ def test_the_weights_that_read_one_input_are_solved_together(tmp_path, sequentia
 
 def test_a_model_with_external_data_runs_alps_segment_by_segment_as_in_memory(tmp_path) -> None:
     dense, data = decoder_like(), feeds()
-    config = PruneConfig(PATTERN, Method.ALPS)
+    config = PruneConfig(PATTERN, method=Method.ALPS)
     in_memory = ir.from_proto(dense)
     batches, _ = CalibrationRequest(data=data, batch_size=2).batches(dense)
     prune_sequentially(in_memory, config, batches)

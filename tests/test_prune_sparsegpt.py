@@ -34,16 +34,16 @@ def test_sparsegpt_updates_the_stored_weight_and_beats_wanda() -> None:
     pattern = NMPattern(2, 4)
 
     model = linear_model(w)
-    PrunePass(config=PruneConfig(pattern, Method.SPARSEGPT, include_head=True, blocksize=16), stats=stats).call(
-        model
-    )
+    PrunePass(
+        config=PruneConfig(pattern, method=Method.SPARSEGPT, include_head=True, blocksize=16), stats=stats
+    ).call(model)
     pruned = initializer(model, "w")
     expected = sparsegpt(w, gram, pattern, blocksize=16)  # canonical (out, K) is the stored [N, K] here
     np.testing.assert_allclose(pruned, expected, rtol=1e-6, atol=1e-6)
     assert nm_violations(pruned, pattern).size == 0
 
     wanda_model = linear_model(w)
-    PrunePass(config=PruneConfig(pattern, Method.WANDA, include_head=True), stats=stats).call(wanda_model)
+    PrunePass(config=PruneConfig(pattern, method=Method.WANDA, include_head=True), stats=stats).call(wanda_model)
     dense_out = x @ w.T
     error = np.linalg.norm(run(model, {"x": x})[0] - dense_out)
     wanda_error = np.linalg.norm(run(wanda_model, {"x": x})[0] - dense_out)
@@ -98,7 +98,8 @@ def test_one_shot_grams_over_the_memory_budget_are_spilled_with_the_same_result(
     for label, memory in (("together", 4.0), ("spilled", budget_gb)):
         request = CalibrationRequest(str(tmp_path / "calib.npz"), gram_memory_gb=memory)
         out, result = prune_file(
-            path, PruneConfig(NMPattern(2, 4), Method.SPARSEGPT, include_head=True), tmp_path / f"{label}.onnx",
+            path, PruneConfig(NMPattern(2, 4), method=Method.SPARSEGPT, include_head=True),
+            tmp_path / f"{label}.onnx",
             calibration=request,
         )  # fmt: skip
         assert len(result.pruned) == 4

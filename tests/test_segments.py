@@ -26,7 +26,7 @@ from graphprune.pipeline.sequential import prune_sequentially
 from tests.decoder_models import VOCAB, decoder_like, feeds, save_external
 from tests.onnx_builders import initializer, run
 
-WANDA = PruneConfig(NMPattern(2, 4), Method.WANDA)
+WANDA = PruneConfig(NMPattern(2, 4), method=Method.WANDA)
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def test_each_block_is_calibrated_on_the_pruned_blocks_before_it() -> None:
     batches = [{"x": x[:4]}, {"x": x[4:]}]
 
     model = ir.from_proto(model)
-    result, warnings = prune_sequentially(model, PruneConfig(PATTERN, Method.WANDA), batches)
+    result, warnings = prune_sequentially(model, PruneConfig(PATTERN, method=Method.WANDA), batches)
     assert warnings == [] and sorted(w.name for w in result.pruned) == ["w1", "w2", "w3"]
 
     # numpy: block 2 sees relu(x W1') with W1' already pruned, block 3 sees relu(h1' W2')
@@ -92,7 +92,7 @@ def test_a_block_is_calibrated_dense_inside_and_pruned_before_the_next() -> None
     model, w = residual_blocks_model()
     x = rng.standard_normal((12, 8)).astype(np.float32)
     model = ir.from_proto(model)
-    prune_sequentially(model, PruneConfig(PATTERN, Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}])
+    prune_sequentially(model, PruneConfig(PATTERN, method=Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}])
 
     # the reference: inside a block, B is scored on relu(h A) with A still dense; the next block sees pruned ones
     a1 = wanda_numpy(w["a1"], x)
@@ -166,7 +166,7 @@ def test_later_blocks_see_pruned_weights_behind_other_nodes(variant: str, sequen
     x = rng.standard_normal((12, 16)).astype(np.float32)
 
     result, _ = prune_sequentially(
-        model, PruneConfig(PATTERN, Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}], sequential=sequential
+        model, PruneConfig(PATTERN, method=Method.WANDA), [{"x": x[:5]}, {"x": x[5:]}], sequential=sequential
     )
     assert sorted(w.name for w in result.pruned) == sorted(dense)
 

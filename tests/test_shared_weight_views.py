@@ -71,7 +71,7 @@ def test_statistics_of_a_shared_weight_sum_over_its_consumers() -> None:
     r = np.maximum(x @ w, 0)
     np.testing.assert_allclose(stats.sumsq["w"], (x**2).sum(0) + (r**2).sum(0), rtol=1e-5)
     model = ir.from_proto(proto)
-    PrunePass(config=PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True), stats=stats)(model)
+    PrunePass(config=PruneConfig(NMPattern(2, 4), method=Method.WANDA, include_head=True), stats=stats)(model)
     norms = np.sqrt((x**2).sum(0) + (r**2).sum(0))
     expected = np.where(reference_nm_mask(np.abs(w) * norms[:, None], 0, 2, 4), w, 0)
     np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), expected)

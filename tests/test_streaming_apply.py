@@ -77,7 +77,9 @@ def test_wanda_scores_each_chunk_of_a_large_weight_with_its_own_statistics(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], [tensor("x", shape=["n", 32])], [tensor("y")],
         [init(weight, "w")],
     )  # fmt: skip
-    PrunePass(config=PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True), stats={"w": sumsq})(model)
+    PrunePass(config=PruneConfig(NMPattern(2, 4), method=Method.WANDA, include_head=True), stats={"w": sumsq})(
+        model
+    )
     scores = np.abs(weight) * np.sqrt(sumsq)[:, None].astype(np.float32)
     expected = weight * reference_nm_mask(scores, 0, 2, 4)
     np.testing.assert_array_equal(initializer(model, "w"), expected)

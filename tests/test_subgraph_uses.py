@@ -95,7 +95,7 @@ def test_calibrated_methods_skip_weights_read_inside_bodies() -> None:
     rng = np.random.default_rng(2103)  # this function's own data, whatever ran before
     model = ir.from_proto(with_weight(MATMUL_IN_BODY, rng.standard_normal((8, 4)).astype(np.float32)))
     result = PrunePass(
-        config=PruneConfig(NMPattern(2, 4), Method.WANDA, include_head=True), stats={"w": np.ones(8)}
+        config=PruneConfig(NMPattern(2, 4), method=Method.WANDA, include_head=True), stats={"w": np.ones(8)}
     )(model)
     (skip,) = result.skipped
     assert "If/Loop/Scan body" in (skip.skipped or "") and not result.modified

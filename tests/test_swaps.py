@@ -139,7 +139,7 @@ def test_apply_with_swaps_brings_the_model_closer_to_the_dense_one_in_onnx_runti
         targets = find_targets(model, include_head=True).targets
         x64 = x.astype(np.float64)
         stats = ActivationStats.from_sumsq({"w": (x64**2).sum(axis=0)}, targets, {"w": x64.T @ x64})
-        config = PruneConfig(NMPattern(2, 4), Method.SPARSEGPT, include_head=True, swaps=swaps)
+        config = PruneConfig(NMPattern(2, 4), method=Method.SPARSEGPT, include_head=True, swaps=swaps)
         PrunePass(config=config, stats=stats)(model)
         assert not nm_violations(initializer(model, "w").T, NMPattern(2, 4)).any()
         errors.append(float(np.sum((run(model, {"x": x})[0] - dense_out) ** 2)))

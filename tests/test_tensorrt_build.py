@@ -141,7 +141,11 @@ def test_parse_builder_layers_and_io_from_a_captured_rtx_log() -> None:
 
 def test_sparsity_verdict() -> None:
     none = logs.SparsityLog((), (), False)
-    stub = [logs.LayerInfo("gemm0", "gemm", "__myelin_CASK_STUB", False, "")]
+    stub = [
+        logs.LayerInfo(
+            name="gemm0", layer_type="gemm", tactic="__myelin_CASK_STUB", sparse_tactic=False, origin=""
+        )
+    ]
     assert "dense build" in sparsity_verdict("TensorRT", False, logs.parse_sparsity_log(ILOGGER_LOG), [], "", None)
     seen = sparsity_verdict("TensorRT", True, logs.parse_sparsity_log(ILOGGER_LOG), [], "", None)
     assert seen.startswith("builder log: 1 of 3 layers eligible")
@@ -362,12 +366,12 @@ def test_cli_renders_full_tensorrt_sparsity_lines_modelled(
         build_seconds=1.0,
         parser={"onnx_nodes": 3, "network_layers": 3},
         sparsity=Sparsity(
-            True,
-            [f"[I] {line}" for line in ILOGGER_LOG[1:]],
-            list(log.eligible),
-            list(log.picked),
-            ["/l0/fc1/MatMul + /l0/act/Mul"],
-            sparsity_verdict("TensorRT", True, log, layers, "engine inspector", None),
+            flag=True,
+            lines=[f"[I] {line}" for line in ILOGGER_LOG[1:]],
+            eligible_layers=list(log.eligible),
+            sparse_layers=list(log.picked),
+            sparse_tactic_layers=["/l0/fc1/MatMul + /l0/act/Mul"],
+            verdict=sparsity_verdict("TensorRT", True, log, layers, "engine inspector", None),
         ),
         layers_source="engine inspector",
     )

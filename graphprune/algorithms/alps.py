@@ -64,7 +64,7 @@ CG_TOLERANCE = 1e-4  # relative residual per row, as the reference
 CG_MAX_STEPS = 10  # as the reference: more steps fit the damped objective closer, not the real error
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AlpsResult:
     """The pruned weight (in the input's dtype), its keep-mask, and how the solver got there."""
 
@@ -142,7 +142,14 @@ def alps_solve(
         raise ValueError(f"gram must be (K, K) = ({k}, {k}) for weight {weight.shape}, got {prepared.h_hat.shape}")
     ops = prepared.ops
     if rows == 0 or k == 0:
-        return AlpsResult(weight.copy(), np.ones(weight.shape, dtype=bool), 0, RHO_START, 0, ops.name)
+        return AlpsResult(
+            weight=weight.copy(),
+            keep=np.ones(weight.shape, dtype=bool),
+            iterations=0,
+            rho=RHO_START,
+            refit_steps=0,
+            device=ops.name,
+        )
 
     if cross is None:
         w0 = np.array(weight, dtype=np.float64)
@@ -161,7 +168,14 @@ def alps_solve(
     else:
         refitted, steps = _refit_cg(prepared, target, keep, b)
     refitted = np.where(keep, refitted / prepared.scale, 0.0)
-    return AlpsResult(refitted.astype(weight.dtype), keep, iterations, admm.rho, steps, ops.name)
+    return AlpsResult(
+        weight=refitted.astype(weight.dtype),
+        keep=keep,
+        iterations=iterations,
+        rho=admm.rho,
+        refit_steps=steps,
+        device=ops.name,
+    )
 
 
 def alps_solve_shared(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from graphprune.algorithms.pattern import NMPattern, Pattern, Scope
 class NumpyOps:
     """numpy on the CPU; masks come from :mod:`~graphprune.algorithms.masks` (its deterministic tie rule)."""
 
-    name = "numpy"
+    name: Literal["numpy"] = "numpy"  # a Literal: `ops.name == "torch"` narrows ArrayOps
 
     def asarray(self, values: np.ndarray, dtype: type) -> np.ndarray:
         return np.asarray(values, dtype=dtype)
@@ -54,7 +54,7 @@ class NumpyOps:
 class TorchOps:
     """PyTorch on ``device``. Masks by ``topk``: ties may fall otherwise than numpy's rule (float noise anyway)."""
 
-    name = "torch"
+    name: Literal["torch"] = "torch"
 
     def __init__(self, device: str) -> None:
         import torch

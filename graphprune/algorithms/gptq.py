@@ -134,13 +134,13 @@ class ColumnRounder:
         """The sweep's block size, a multiple of the scale block where scales are computed during the sweep."""
         if not self.dynamic:
             return blocksize
-        return math.lcm(blocksize, int(self.grid.block_size))  # type: ignore[arg-type]
+        return math.lcm(blocksize, int(self.grid.block_size))  # type: ignore[arg-type]  # dynamic: block_size set
 
     def column(self, j: int, i: int, w1: np.ndarray, keep1: np.ndarray) -> np.ndarray:
         """The grid values of sweep column ``j`` (column ``i`` of the current block ``w1``), 0 where pruned."""
         b = self.block_of[j]
-        if self.dynamic and j % int(self.grid.block_size) == 0:  # type: ignore[arg-type]
-            span = slice(i, i + int(self.grid.block_size))  # type: ignore[arg-type]
+        if self.dynamic and j % int(self.grid.block_size) == 0:  # type: ignore[arg-type]  # dynamic: block_size set
+            span = slice(i, i + int(self.grid.block_size))  # type: ignore[arg-type]  # as above
             self.scales[:, b] = grid_scales(np.where(keep1[:, span], w1[:, span], 0.0), self.column_grid)[:, 0]
         scale = self.scales[:, b : b + 1]
         codes = quantize_codes(w1[:, i : i + 1], scale, self.column_grid)[:, 0]

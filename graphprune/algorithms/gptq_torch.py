@@ -30,15 +30,15 @@ class TorchColumnRounder(ColumnRounder):
     def __init__(self, grid: QuantGrid, scales: np.ndarray, block_of: np.ndarray, static: bool, ops: TorchOps):
         super().__init__(grid, scales, block_of, static)
         self.torch = ops.torch
-        self.scales = self.torch.as_tensor(scales, dtype=self.torch.float32, device=ops.device)
-        self.codes = self.torch.zeros(self.codes.shape, dtype=self.torch.float32, device=ops.device)
+        self.scales: Any = self.torch.as_tensor(scales, dtype=self.torch.float32, device=ops.device)
+        self.codes: Any = self.torch.zeros(self.codes.shape, dtype=self.torch.float32, device=ops.device)
         self.qmax = self.torch.tensor(grid.qmax, dtype=self.torch.float32, device=ops.device)
 
     def column(self, j: int, i: int, w1: Any, keep1: Any) -> Any:
         torch = self.torch
         b = int(self.block_of[j])
-        if self.dynamic and j % int(self.grid.block_size) == 0:  # type: ignore[arg-type]
-            span = slice(i, i + int(self.grid.block_size))  # type: ignore[arg-type]
+        if self.dynamic and j % int(self.grid.block_size) == 0:  # type: ignore[arg-type]  # dynamic: block_size set
+            span = slice(i, i + int(self.grid.block_size))  # type: ignore[arg-type]  # as above
             absmax = torch.where(keep1[:, span], w1[:, span], 0.0).float().abs().amax(dim=1)
             scale = absmax / self.qmax
             self.scales[:, b] = torch.where(scale > 0, scale, 1.0)

@@ -185,7 +185,7 @@ def _half_pairs_2of4() -> tuple[np.ndarray, np.ndarray]:
     halves = (splits[:, :4], splits[:, 4:])
     return tuple(
         np.array([[index[p] for p in itertools.combinations(sorted(h), 2)] for h in half]) for half in halves
-    )  # type: ignore[return-value]
+    )  # type: ignore[return-value]  # tuple() of a 2-item generator: a pair
 
 
 def invert(order: np.ndarray) -> np.ndarray:

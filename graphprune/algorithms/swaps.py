@@ -50,7 +50,7 @@ RELATIVE_GAIN = 1e-9  # a swap must lower its row's objective by more than this 
 _CHUNK_ELEMENTS = 1 << 21  # pair scores evaluated at a time (float64)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SwapResult:
     """The refined weight (in the input's dtype), its keep-mask, and what the refinement did."""
 
@@ -102,7 +102,13 @@ def swap_refine(
             break
         state.refit(rows)
     swaps = int((budget - left).sum())
-    return SwapResult(state.w.astype(weight_hat.dtype), state.keep, swaps, before, float(state.objective.sum()))
+    return SwapResult(
+        weight=state.w.astype(weight_hat.dtype),
+        keep=state.keep,
+        swaps=swaps,
+        objective_before=before,
+        objective_after=float(state.objective.sum()),
+    )
 
 
 class _Rows:
@@ -148,7 +154,7 @@ class _Rows:
         per_row = k * (self.pattern.group if isinstance(self.pattern, NMPattern) else CANDIDATES)
         step = max(1, _CHUNK_ELEMENTS // per_row)
         parts = [self._best_chunk(rows[i : i + step]) for i in range(0, rows.size, step)]
-        return tuple(np.concatenate(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
+        return tuple(np.concatenate(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]  # tuple() of 4: _best_chunk's arrays
 
     def _best_chunk(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         w, g, keep = self.w[rows], self.g[rows], self.keep[rows]

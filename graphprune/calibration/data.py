@@ -11,7 +11,7 @@ import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 import onnx
@@ -227,7 +227,7 @@ def _npy_members(zf: zipfile.ZipFile, path: Path) -> list[str]:
     return members
 
 
-def _read_header(fp: BinaryIO, path: Path, member: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+def _read_header(fp: IO[bytes], path: Path, member: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     fmt = np.lib.format
     try:
         version = fmt.read_magic(fp)
@@ -243,7 +243,7 @@ def _read_header(fp: BinaryIO, path: Path, member: str) -> tuple[tuple[int, ...]
 class _RowReader:
     """Reads consecutive rows (along axis 0) of one ``.npy`` member without loading the rest."""
 
-    def __init__(self, fp: BinaryIO, path: Path, member: str) -> None:
+    def __init__(self, fp: IO[bytes], path: Path, member: str) -> None:
         self.fp, self.path, self.member = fp, path, member
         self.shape, fortran, self.dtype = _read_header(fp, path, member)
         self.whole: np.ndarray | None = None

@@ -84,5 +84,5 @@ def calibrate_within(
             merged.targets.update(stats.targets)
             merged.warnings.extend(stats.warnings)
     assert merged is not None
-    merged.gram = spilled  # type: ignore[assignment]
+    merged.gram = spilled  # type: ignore[assignment]  # spilled Grams: a read-only mapping read like the dict
     return merged

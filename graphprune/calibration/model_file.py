@@ -10,6 +10,7 @@ from the file itself, and the calibration process never holds a second copy of t
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -69,7 +70,7 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _fields(data: mmap.mmap | bytes, start: int, end: int):
+def _fields(data: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """(field number, wire type, start of the field, start of its payload, end of the field) of a message."""
     pos = start
     while pos < end:

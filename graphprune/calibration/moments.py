@@ -36,7 +36,7 @@ class ChannelTap:
     gram: bool = False  # also Σ x xᵀ over the channels (width x width)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Moments:
     """Σx, Σx² per channel (Σxxᵀ where asked) and rows per tapped tensor; summed (1 - cos) and tokens per pair."""
 
@@ -44,7 +44,7 @@ class Moments:
     sumsq: dict[str, np.ndarray] = field(default_factory=dict)
     grams: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
-    pair_terms: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=dict)
+    pair_terms: dict[tuple[str, str], list[list[np.ndarray]]] = field(default_factory=dict)  # per batch
     warnings: list[str] = field(default_factory=list)
 
     def influence(self, pair: tuple[str, str]) -> float:
@@ -55,15 +55,17 @@ class Moments:
 @contextmanager
 def _moment_taps(
     model: ir.Model, channels: Sequence[ChannelTap], pairs: Sequence[tuple[str, str]]
-) -> Iterator[tuple[TapPlan, list[tuple[str, object, str]]]]:
+) -> Iterator[tuple[TapPlan, list[tuple[str, str | tuple[str, str], str]]]]:
     """The reductions as a :class:`TapPlan` (connected to the model's values inside the block), and per output
     what it is: ``(part, tapped tensor or pair, output name)``."""
     values = values_by_name(model.graph)
     plan = TapPlan(taps=[])
     b = TapBuilder(model, values, plan)
-    fetch: list[tuple[str, object, str]] = []
+    fetch: list[tuple[str, str | tuple[str, str], str]] = []
 
-    def fetched(part: str, key: object, value: ir.Value, dtype: ir.DataType, shape: list[int]) -> None:
+    def fetched(
+        part: str, key: str | tuple[str, str], value: ir.Value, dtype: ir.DataType, shape: list[int]
+    ) -> None:
         b.output(value, dtype, shape)
         fetch.append((part, key, str(value.name)))
 
@@ -79,8 +81,8 @@ def _moment_taps(
             if tap.axis != -1:
                 if rank is None:
                     raise GraphpruneError(f"tensor {tap.value}: unknown rank, cannot reduce its channel axis")
-                c = rank + tap.axis
-                x = b.node("Transpose", [x], "channel_last", perm=[i for i in range(rank) if i != c] + [c])
+                axis = rank + tap.axis
+                x = b.node("Transpose", [x], "channel_last", perm=[i for i in range(rank) if i != axis] + [axis])
             rows = b.reshape(x, [-1, tap.width])
             fetched("sum", tap.value, b.reduce_sum(rows, [0]), ir.DataType.FLOAT, [tap.width])
             fetched("sumsq", tap.value, b.reduce_sumsq(rows, [0]), ir.DataType.FLOAT, [tap.width])
@@ -123,26 +125,26 @@ def collect_moments(
     seen = 0
     for label, feed in feeds:
         results = session.run(names, feed, label)
-        pending: dict[object, list[np.ndarray]] = {}
+        pending: dict[tuple[str, str], list[np.ndarray]] = {}
         for (part, key, _), array in zip(fetch, results, strict=True):
-            if part == "sum":
-                out.sums[key] = out.sums.get(key, 0) + array.astype(np.float64)  # type: ignore[index]
-            elif part == "sumsq":
-                out.sumsq[key] = out.sumsq.get(key, 0) + array.astype(np.float64)  # type: ignore[index]
-            elif part == "gram":
-                out.grams[key] = out.grams.get(key, 0) + array.astype(np.float64)  # type: ignore[index]
-            elif part == "size":
-                out.rows[key] = out.rows.get(key, 0) + int(array) // len(out.sums[key])  # type: ignore[index]
-            else:
+            if isinstance(key, tuple):  # a pair's dot and norms
                 pending.setdefault(key, []).append(array.astype(np.float64))
-        for key, terms in pending.items():
-            out.pair_terms.setdefault(key, []).append(terms)  # type: ignore[arg-type]
+            elif part == "sum":
+                out.sums[key] = out.sums.get(key, 0) + array.astype(np.float64)
+            elif part == "sumsq":
+                out.sumsq[key] = out.sumsq.get(key, 0) + array.astype(np.float64)
+            elif part == "gram":
+                out.grams[key] = out.grams.get(key, 0) + array.astype(np.float64)
+            elif part == "size":
+                out.rows[key] = out.rows.get(key, 0) + int(array) // len(out.sums[key])
+        for pair, terms in pending.items():
+            out.pair_terms.setdefault(pair, []).append(terms)
         seen += 1
         if on_batch:
             on_batch(seen)
     if not seen:
         raise GraphpruneError("the calibration data is empty")
     refuse_non_finite({**out.sums, **out.sumsq})  # NaN scores would choose the channels at random
-    terms = {f"{a} and {b}": [np.ravel(x) for batch in t for x in batch] for (a, b), t in out.pair_terms.items()}
-    refuse_non_finite({pair: np.concatenate(arrays) for pair, arrays in terms.items()})
+    flat = {f"{a} and {b}": [np.ravel(x) for batch in t for x in batch] for (a, b), t in out.pair_terms.items()}
+    refuse_non_finite({pair: np.concatenate(arrays) for pair, arrays in flat.items()})
     return out

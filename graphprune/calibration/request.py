@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from graphprune.calibration.cache_inputs import complete_feed, provided
 from graphprune.calibration.data import Source, open_source
-from graphprune.calibration.signature import InputSpec, model_inputs, validate_feed
+from graphprune.calibration.signature import Feed, InputSpec, model_inputs, validate_feed
 from graphprune.errors import GraphpruneError
 
 
@@ -23,6 +23,7 @@ class CalibrationRequest:
     """Calibration data (a path, arrays, an iterable of feeds or None for synthetic inputs) and its options."""
 
     data: Any = None
+    _: KW_ONLY  # the rest by keyword
     tokenizer: str | None = None
     seqlen: int = 512
     nsamples: int = 128
@@ -67,7 +68,7 @@ class CalibrationRequest:
     def open(self, model: ir.Model | onnx.ModelProto) -> Feeds:
         """The data as a stream of validated feeds for ``model`` (caches and positions filled in)."""
         specs = input_specs(model)
-        return Feeds(open_source(self.data, model, provided(specs), **self.options()), specs)  # type: ignore[arg-type]
+        return Feeds(open_source(self.data, model, provided(specs), **self.options()), specs)  # type: ignore[arg-type]  # open_source reads the ir.Model too
 
     def batches(self, model: ir.Model | onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], list[str]]:
         """Every feed, validated and kept in memory (sequential pruning reads them once per group)."""
@@ -84,7 +85,7 @@ class Feeds:
     def __init__(self, source: Source, specs: Sequence[InputSpec]) -> None:
         self.source, self.specs = source, specs
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[tuple[str, Feed]]:
         for label, feed in self.source:
             yield label, validate_feed(complete_feed(feed, self.specs), self.specs, label)
 

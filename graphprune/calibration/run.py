@@ -111,14 +111,16 @@ class Accumulator:
         for i, tap in enumerate(self.plan.taps):
             for name in tap.targets:
                 reads.setdefault(name, []).append(i)
-        sumsq, rows, gram = {}, {}, {}
+        sumsq: dict[str, np.ndarray] = {}
+        rows: dict[str, int] = {}
+        gram: dict[str, np.ndarray] = {}
         for t in targets:
             idx = reads.get(t.name, [])
             sumsq[t.name] = sum((self.sumsq[i] for i in idx), np.zeros(t.k, dtype=np.float64))
             rows[t.name] = sum(self.rows[i] for i in idx)
-            grams = [self.gram[i] for i in idx]
-            if grams and all(g is not None for g in grams):
-                gram[t.name] = grams[0] if len(grams) == 1 else sum(grams[1:], grams[0].copy())  # type: ignore[union-attr]
+            grams = [g for i in idx if (g := self.gram[i]) is not None]
+            if grams and len(grams) == len(idx):
+                gram[t.name] = grams[0] if len(grams) == 1 else sum(grams[1:], grams[0].copy())
             warnings.extend(_health(t.name, sumsq[t.name], rows[t.name]))
         return ActivationStats(
             sumsq=sumsq,

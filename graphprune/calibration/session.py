@@ -133,7 +133,7 @@ def session_model(
     for domain, version in model.opset_imports.items():
         proto.opset_import.add(domain=domain, version=version)
     proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-    ir.serde.serialize_graph_into(proto.graph, view)
+    ir.serde.serialize_graph_into(proto.graph, view)  # type: ignore[arg-type]  # onnx-ir's GraphView misses its own protocol as typed
     for value in stubs:
         _stub(proto.graph.initializer.add(), value)
     for value in small:

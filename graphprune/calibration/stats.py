@@ -46,7 +46,7 @@ class TargetInfo:
         return self.shape[self.k_axis]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ActivationStats:
     """Σx² per input channel (float64 ``[K]``) and rows seen, per target weight name; optional Grams XᵀX."""
 
@@ -158,7 +158,7 @@ class ActivationStats:
         }
         arrays["meta"] = np.array(json.dumps(meta))
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **arrays)
+        np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy: a ** mapping might fill allow_pickle
         return path
 
     @classmethod

@@ -59,6 +59,7 @@ def check_meta(meta: Any, path: Path, format_name: str, version: int) -> None:
     for key, value in (("rows", rows), ("shapes", shapes), ("k_axes", k_axes)):
         if not isinstance(value, list) or len(value) != len(names):
             raise bad(f"{key} must list one entry per name ({len(names)})")
+    assert rows is not None and shapes is not None and k_axes is not None  # lists: checked just above
     if not all(_count(r) for r in rows):
         raise bad("rows must be non-negative integers")
     for shape, k in zip(shapes, k_axes, strict=True):

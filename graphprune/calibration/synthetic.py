@@ -149,7 +149,7 @@ def _resolve(spec: InputSpec, given: Sequence[int] | None) -> tuple[int, ...]:
                 )
         return tuple(given)
     if spec.dims is not None and all(isinstance(d, int) and d > 0 for d in spec.dims):
-        return tuple(int(d) for d in spec.dims)  # type: ignore[arg-type]
+        return tuple(int(d) for d in spec.dims)  # type: ignore[arg-type]  # all ints: checked on the line above
     example = "x".join(
         str(d) if isinstance(d, int) and d > 0 else ("1" if i == 0 else "128")
         for i, d in enumerate(spec.dims or (None, None))

@@ -31,7 +31,7 @@ from graphprune.graph.targets import Target
 from graphprune.graph.types import value_types
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Tap:
     """One reduction over one activation tensor, and the weights whose statistics it feeds."""
 
@@ -44,7 +44,7 @@ class Tap:
     targets: tuple[str, ...]  # one entry per consumer that reads this activation along this axis
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TapPlan:
     """The tap nodes (connected to the model's values), their outputs, and the mapping from outputs to targets."""
 
@@ -206,13 +206,13 @@ def plan_taps(
                     b.output(gram_out, ir.DataType.FLOAT, [k, k])
             plan.taps.append(
                 Tap(
-                    activation,
-                    axis,
-                    k,
-                    str(sumsq.name),
-                    str(sizes[activation].name),
-                    _name(gram_out),
-                    tuple(names),
+                    activation=activation,
+                    axis=axis,
+                    k=k,
+                    sumsq_output=str(sumsq.name),
+                    size_output=str(sizes[activation].name),
+                    gram_output=_name(gram_out),
+                    targets=tuple(names),
                 )
             )
         yield plan
@@ -248,6 +248,6 @@ def tapped_model(
         read = {v for n in nodes for v in outer_reads(n)} | set(wanted) | set(keep)
         inputs = [carrier for value, carrier in available.items() if value in read]
     position = {node: i for i, node in enumerate(nodes)}
-    order = sorted(range(len(plan.nodes)), key=lambda j: -position.get(plan.anchors[j].producer(), -1))  # type: ignore[arg-type]
+    order = sorted(range(len(plan.nodes)), key=lambda j: -position.get(plan.anchors[j].producer(), -1))  # type: ignore[arg-type]  # a node or None, both valid keys of .get
     taps = [plan.nodes[j] for j in order]
     return session_model(model, [*nodes, *taps], inputs, [*plan.outputs, *keep], plan.constants)

@@ -73,12 +73,14 @@ class TextSource(Source):
             )
         rows = min(batch_size, nsamples)
         asks = "`batch_size` windows of `seqlen` tokens ask for"
-        check_feed_bytes([(rows, seqlen)] * (1 + len(self.fill)), asks, "give a smaller `batch_size`")
+        windows = 1 + sum(s.name in FILLED for s in specs)  # the ids and each filled input are rows x seqlen
+        check_feed_bytes([(rows, seqlen)] * windows, asks, "give a smaller `batch_size`")
         self.seed = seed
 
     def __iter__(self) -> Iterator[Labelled]:
         rng = random.Random(self.seed)  # drawn batch by batch: nsamples starts are never held at once
         last = len(self.tokens) - self.seqlen - 1
+        assert self.total is not None  # nsamples, set in __init__
         for b in range(0, self.total, self.batch_size):
             starts = [rng.randint(0, last) for _ in range(min(self.batch_size, self.total - b))]
             ids = np.stack([self.tokens[s : s + self.seqlen] for s in starts]).astype(self.ids_spec.dtype)

@@ -152,4 +152,4 @@ def user_errors(func: F) -> F:
             )
             sys.exit(143 if signal == "terminated" else 130)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # wraps F with its signature (functools.wraps)

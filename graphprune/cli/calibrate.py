@@ -97,7 +97,7 @@ def calibrate_command(
         document = {"statistics": str(written), "weights": weights, "warnings": list(stats.warnings)}
         typer.echo(json.dumps(document, indent=1))
         return
-    rows = [[w["name"], str(w["k"]), str(w["rows"]), "yes" if w["gram"] else "no"] for w in weights]
+    rows = [[str(w["name"]), str(w["k"]), str(w["rows"]), "yes" if w["gram"] else "no"] for w in weights]
     columns = [Col("weight"), Col("K", "right"), Col("rows", "right"), Col("Gram")]
     out.print(fitted_table(out, columns, rows))
     out.print(f"statistics for {len(weights)} weights written to {written}", highlight=False)

@@ -78,7 +78,7 @@ def evaluate(
     with display() as shown:
         bars: dict[str, Bar] = {}
 
-        def progress(stage: str, done: int, total: int) -> None:
+        def progress(stage: str, done: int, total: int | None) -> None:
             if stage not in bars:
                 bars[stage] = shown.bar(stage, total, unit="samples" if stage.startswith("compar") else "windows")
             bars[stage].update(done, total)

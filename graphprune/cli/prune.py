@@ -240,16 +240,16 @@ def apply(
         raise GraphpruneError("--target dense needs --sequential (it reconstructs the dense model's outputs)")
     config = PruneConfig(
         pattern,
-        chosen,
-        tuple(include or ()),
-        tuple(exclude or ()),
-        include_head,
-        percdamp,
-        blocksize,
-        permute,
-        _quantize_grid(quantize, quant_block_size),
-        target,
-        swaps,
+        method=chosen,
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        include_head=include_head,
+        percdamp=percdamp,
+        blocksize=blocksize,
+        permute=permute,
+        quantize=_quantize_grid(quantize, quant_block_size),
+        target=target,
+        swaps=swaps,
     )
     unit: SequentialUnit = "level" if by_level else "block"
 
@@ -329,7 +329,7 @@ def _quantize_grid(precision: str | None, block_size: int | None) -> QuantGrid |
         raise GraphpruneError(f"--quant-block-size must be at least 1, got {block_size}")
     if block_size is None and precision == "int4":
         block_size = 128
-    return QuantGrid(precision=precision, block_size=block_size)  # type: ignore[arg-type]
+    return QuantGrid(precision=precision, block_size=block_size)  # type: ignore[arg-type]  # a str checked above
 
 
 def _load_stats(path: Path) -> ActivationStats:

@@ -122,9 +122,9 @@ def quantize(
     Example: graphprune quantize model.pruned.onnx --precision int8 --calib calib.npz -o model.int8.onnx
     """
     config = QuantizeConfig(
-        precision=precision,  # type: ignore[arg-type]
-        method=method,  # type: ignore[arg-type]
-        target=target,  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]  # typer's str; QuantizeConfig checks the Literal
+        method=method,  # type: ignore[arg-type]  # as above
+        target=target,  # type: ignore[arg-type]  # as above
         dynamic=dynamic,
         block_size=block_size,
         smooth=smooth,

@@ -92,7 +92,7 @@ def _table(
         title_justify="left",
     )
     for col in columns:
-        table.add_column(col.header, justify=col.justify, no_wrap=True)  # type: ignore[arg-type]
+        table.add_column(col.header, justify=col.justify, no_wrap=True)  # type: ignore[arg-type]  # rich wants a Literal; Col.justify is left/right
     names = shorten_all([row[flex] for row in rows], flex_width)
     for row, name in zip(rows, names, strict=True):
         cells: list[str | Text] = list(row)

@@ -11,7 +11,7 @@ import numpy as np
 from graphprune.errors import GraphpruneError, a_few
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OutputComparison:
     """Running agreement of one output between the dense and the pruned model."""
 
@@ -77,7 +77,7 @@ def compare_outputs(
             if name not in pruned or np.shape(pruned[name]) != value.shape:
                 got = np.shape(pruned[name]) if name in pruned else "nothing"
                 raise GraphpruneError(f"output {name}: the dense model gives {value.shape}, the pruned {got}")
-            results.setdefault(name, OutputComparison(name)).add(value, pruned[name])
+            results.setdefault(name, OutputComparison(name=name)).add(value, pruned[name])
         if on_batch:
             on_batch(next(iter(batch.values())).shape[0])
     return list(results.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,10 @@ from graphprune.evaluate.compare import OutputComparison
 
 DEFAULT_TEXT_WINDOWS = 64
 # (stage, done, total): "comparing outputs" counts samples, "perplexity (dense|pruned)" windows
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, int | None], None]  # total: None when not known in advance
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Evaluation:
     """Per-output agreement on ``calib`` data and/or both models' perplexity on text windows."""
 
@@ -73,14 +74,22 @@ def evaluate_files(
             samples=windows, progress=report,
         )  # fmt: skip
     if text is None and token_windows is None:
-        return Evaluation(dense, pruned, outputs)
+        return Evaluation(dense=dense, pruned=pruned, outputs=outputs)
     ids, found = perplexity_windows(text, tokenizer, token_windows, seqlen, windows, offset, bos)
     scores = {}
     for name, model in (("dense", dense), ("pruned", pruned)):
         stage = f"perplexity ({name})"
-        scores[name] = perplexity(model, ids, progress=lambda done, total, s=stage: report(s, done, total))
+        scores[name] = perplexity(model, ids, progress=partial(report, stage))
     shape = (int(ids.shape[0]), int(ids.shape[1]))
-    return Evaluation(dense, pruned, outputs, shape, found, scores["dense"], scores["pruned"])
+    return Evaluation(
+        dense=dense,
+        pruned=pruned,
+        outputs=outputs,
+        windows=shape,
+        bos=found,
+        perplexity_dense=scores["dense"],
+        perplexity_pruned=scores["pruned"],
+    )
 
 
 def compare_files(

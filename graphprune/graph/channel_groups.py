@@ -38,7 +38,7 @@ PERIODIC = Policy(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChannelGroup:
     """Channels that ``writers`` write (output axis; ``biases`` along their last axis) and ``reader`` reads (K)."""
 
@@ -96,7 +96,9 @@ def _head_group(reader: Target, activation: ir.Value, targets: dict[str, Target]
     if group is None:
         return None
     period = math.gcd(*walk.lengths, reader.k)
-    return ChannelGroup(group.reader, group.writers, group.biases, group.channels, period)
+    return ChannelGroup(
+        reader=group.reader, writers=group.writers, biases=group.biases, channels=group.channels, period=period
+    )
 
 
 def _as_channel_group(
@@ -119,7 +121,13 @@ def _as_channel_group(
     if any(s.axis != len(const_shape(s.value)) - 1 for s in biases):
         return None
     names = tuple(sorted(w.name for w in writers if w is not None))
-    return ChannelGroup(target.name, names, tuple(sorted(str(s.value.name) for s in biases)), target.k, target.k)
+    return ChannelGroup(
+        reader=target.name,
+        writers=names,
+        biases=tuple(sorted(str(s.value.name) for s in biases)),
+        channels=target.k,
+        period=target.k,
+    )
 
 
 def _last_axis(value: ir.Value, axis: int) -> bool:

@@ -62,7 +62,7 @@ __all__ = [
 CHANNELS = Policy("channels", frozenset({Flow.UNARY, Flow.ELEMENTWISE, Flow.SPATIAL}))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Group:
     """Channels shared by producer and consumer weights, removed ``unit_size`` at a time."""
 

@@ -52,7 +52,7 @@ def _dims_of(value: ir.Value, source: ir.Value, rank: int) -> list[int] | None:
         return None
     if node.op_type == "Gather":
         picked = _ints(node.inputs[1])
-        if picked is None or node.inputs[1].const_value.shape.rank() != 1:  # type: ignore[union-attr]
+        if picked is None or node.inputs[1].const_value.shape.rank() != 1:  # type: ignore[union-attr]  # _ints() found a constant
             return None
         if any(not -len(inner) <= i < len(inner) for i in picked):
             return None
@@ -88,7 +88,7 @@ def _target(shape: ir.Value | None, source: ir.Value, rank: int) -> list[_Entry]
 
 
 def _single_user(value: ir.Value, op: str) -> ir.Node | None:
-    uses = value.uses()
+    uses = list(value.uses())
     if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op or uses[0].idx != 0:
         return None
     return uses[0].node
@@ -102,8 +102,8 @@ def _drop_dead(graph: ir.Graph, values: list[ir.Value | None]) -> None:
         node = value.producer()
         if node is None:
             unused = not value.uses() and not value.is_graph_input() and not value.is_graph_output()
-            if unused and value.is_initializer() and graph.initializers.get(value.name) is value:  # type: ignore[arg-type]
-                del graph.initializers[value.name]  # type: ignore[arg-type]
+            if unused and value.is_initializer() and graph.initializers.get(value.name) is value:  # type: ignore[arg-type]  # an initializer is named
+                del graph.initializers[value.name]  # type: ignore[arg-type]  # an initializer is named
             continue
         if node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
             continue
@@ -137,7 +137,7 @@ def fold_key_transposes(model: ir.Model) -> int:
         perm = [*range(rank - 2), rank - 1, rank - 2]
         node = ir.node("Transpose", [x], attributes={"perm": perm}, name=f"{last.name}_folded_transpose")
         out, result = node.outputs[0], last.outputs[0]
-        out.shape, out.dtype, out.type = result.shape, result.dtype, result.type
+        out.shape, out.type = result.shape, result.type  # the type carries the dtype
         graph.insert_before(last, node)
         result.replace_all_uses_with(out)
         dead = [first.inputs[1], last.inputs[1]]
@@ -160,16 +160,16 @@ def fold_constant_reshapes(model: ir.Model) -> int:
         if node.op_type != "Reshape" or node.graph is not graph or len(node.inputs) < 2:
             continue
         data, shape = node.inputs[0], node.inputs[1]
-        if not stored(data) or _ints(shape) is None or len(data.uses()) != 1:  # type: ignore[arg-type]
+        if not stored(data) or _ints(shape) is None or len(data.uses()) != 1:
             continue
-        array = data.const_value.numpy()  # type: ignore[union-attr]
+        array = data.const_value.numpy()  # type: ignore[union-attr]  # stored(): a constant
         allowzero = "allowzero" in node.attributes and node.attributes["allowzero"].value
-        target = [array.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(_ints(shape))]  # type: ignore[arg-type]
+        target = [array.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(_ints(shape))]  # type: ignore[arg-type]  # _ints() checked not None above
         out = node.outputs[0]
         if out.is_graph_output():
             continue
         value = ir.Value(name=out.name, const_value=ir.tensor(array.reshape(target), name=out.name))
-        value.shape, value.dtype = ir.Shape(array.reshape(target).shape), value.const_value.dtype  # type: ignore[union-attr]
+        value.shape, value.dtype = ir.Shape(array.reshape(target).shape), value.const_value.dtype  # type: ignore[union-attr]  # const_value given in the line above
         out.replace_all_uses_with(value)
         graph.remove(node, safe=True)
         graph.register_initializer(value)

@@ -26,7 +26,7 @@ def stored_tensor(value: ir.Value) -> ir.TensorProtocol:
 
 
 def stored_shape(value: ir.Value) -> tuple[int, ...]:
-    return tuple(int(d) for d in stored_tensor(value).shape)
+    return tuple(stored_tensor(value).shape.numpy())  # a stored tensor's dimensions are all known
 
 
 def stored_dtype(value: ir.Value) -> str:

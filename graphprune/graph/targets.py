@@ -19,7 +19,7 @@ import onnx_ir as ir
 from graphprune.graph.stored import stored_dtype, stored_shape, stored_values
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Consumer:
     """One node that multiplies by the weight."""
 
@@ -32,7 +32,7 @@ class Consumer:
     in_subgraph: bool = False  # the node is inside an If/Loop/Scan body, where calibration cannot tap
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Target:
     """A prunable weight: where it is stored and how its consumers see it."""
 
@@ -271,7 +271,7 @@ def _classify(graph: _Graph, name: str, value: ir.Value) -> Target | Skip | None
     multiplies = [u for u in uses if u.node is not None and _is_matmul_like(u.node)]
     if not multiplies:
         return None
-    first_op = multiplies[0].node.op_type  # type: ignore[union-attr]
+    first_op = multiplies[0].node.op_type  # type: ignore[union-attr]  # u.node checked not None above
     if value.is_graph_input():
         return Skip(name, first_op, "initializer is also a graph input: a caller may override it at run time")
     others = [u for u in uses if u not in multiplies]
@@ -301,13 +301,13 @@ def _classify(graph: _Graph, name: str, value: ir.Value) -> Target | Skip | None
         output = node.outputs[0].name or ""
         consumers.append(
             Consumer(
-                graph.label(node),
-                node.op_type,
-                use.input_index,
-                activation.name or "",
-                activation_axis,
-                output,
-                not graph.in_main(node),
+                node=graph.label(node),
+                op=node.op_type,
+                input_index=use.input_index,
+                activation=activation.name or "",
+                activation_axis=activation_axis,
+                output=output,
+                in_subgraph=not graph.in_main(node),
             )
         )
     if len(axes) > 1:
@@ -315,7 +315,16 @@ def _classify(graph: _Graph, name: str, value: ir.Value) -> Target | Skip | None
     # Consumers that agree on K are one target, whatever value-preserving ops (Identity, Transpose, Cast) each
     # sees the weight through: the pruned zeros reach every one of them at the same stored positions.
     ((k_axis, out_axis),) = axes
-    return Target(name, first_op, shape, dtype, k_axis, out_axis, tuple(consumers), multiplies[0].through)
+    return Target(
+        name=name,
+        op=first_op,
+        shape=shape,
+        dtype=dtype,
+        k_axis=k_axis,
+        out_axis=out_axis,
+        consumers=tuple(consumers),
+        through=multiplies[0].through,
+    )
 
 
 def _is_matmul_like(node: ir.Node) -> bool:
@@ -337,7 +346,7 @@ def _weights_from_inputs_or_folds(graph: _Graph) -> list[Skip]:
                 Skip(source.name or "", node.op_type, f"weight of {label} is a graph input, not a constant")
             )
         elif graph.is_constant(source) and source.producer() is not None:
-            op = source.producer().op_type  # type: ignore[union-attr]
+            op = source.producer().op_type  # type: ignore[union-attr]  # producer() checked not None on the line above
             skips.append(
                 Skip(
                     source.name or "",
@@ -445,22 +454,42 @@ def operator_targets(model: ir.Model, include_head: bool = False) -> TargetScan:
             continue
         activation = node.inputs[0]
         consumer = Consumer(
-            graph.label(node),
-            node.op_type,
-            index,
-            activation.name or "" if activation else "",
-            -1,
-            node.outputs[0].name or "",
+            node=graph.label(node),
+            op=node.op_type,
+            input_index=index,
+            activation=activation.name or "" if activation else "",
+            activation_axis=-1,
+            output=node.outputs[0].name or "",
         )
         if node.op_type == "MatMulNBits":
             n, k = node.attributes.get_int("N", 0), node.attributes.get_int("K", 0)
-            targets.append(Target(weight.name or "", node.op_type, (n, k), "uint4", 1, 0, (consumer,)))
+            targets.append(
+                Target(
+                    name=weight.name or "",
+                    op=node.op_type,
+                    shape=(n, k),
+                    dtype="uint4",
+                    k_axis=1,
+                    out_axis=0,
+                    consumers=(consumer,),
+                )
+            )
         else:
             shape = stored_shape(weight)
             if len(shape) != 2:
                 skips.append(Skip(weight.name or "", node.op_type, f"weight of rank {len(shape)}"))
                 continue
-            targets.append(Target(weight.name or "", node.op_type, shape, stored_dtype(weight), 0, 1, (consumer,)))
+            targets.append(
+                Target(
+                    name=weight.name or "",
+                    op=node.op_type,
+                    shape=shape,
+                    dtype=stored_dtype(weight),
+                    k_axis=0,
+                    out_axis=1,
+                    consumers=(consumer,),
+                )
+            )
     heads = _head_consumers(graph, targets)
     flagged = [replace(t, is_head=any(c.node in heads for c in t.consumers)) for t in targets]
     if include_head:

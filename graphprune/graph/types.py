@@ -25,7 +25,8 @@ def value_types(model: ir.Model) -> dict[str, tuple[int, int | None]]:
         if tensor.size <= _SMALL and not isinstance(tensor, ir.ExternalTensor):
             small.append(value)
         elif value not in graph.inputs:
-            large.append(ir.Value(name=value.name, type=ir.TensorType(tensor.dtype), shape=tensor.shape))
+            shape = ir.Shape(tensor.shape.numpy())  # a concrete ir.Shape: Value does not take a ShapeProtocol
+            large.append(ir.Value(name=value.name, type=ir.TensorType(tensor.dtype), shape=shape))
     types: dict[str, tuple[int, int | None]] = {}
     for value in [*graph.inputs, *(v for node in graph for v in node.outputs)]:
         if value.name and value.dtype is not None:
@@ -36,7 +37,7 @@ def value_types(model: ir.Model) -> dict[str, tuple[int, int | None]]:
         proto.opset_import.add(domain=domain, version=version)
     try:
         proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-        ir.serde.serialize_graph_into(proto.graph, view)
+        ir.serde.serialize_graph_into(proto.graph, view)  # type: ignore[arg-type]  # onnx-ir's GraphView misses its own protocol as typed
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False).graph
     except Exception:  # best effort: unknown types fall back to what the caller can tell otherwise
         inferred = onnx.GraphProto()

@@ -75,7 +75,7 @@ def _parameter(
     stored: Mapping[str, ir.Value], value: ir.Value, shape: tuple[int, ...], axis: int, block: int
 ) -> np.ndarray:
     """A DequantizeLinear scale or zero point, made to broadcast against the stored weight."""
-    if value.name not in stored or stored[value.name] is not value:
+    if value.name is None or value.name not in stored or stored[value.name] is not value:
         raise GraphpruneError(f"DequantizeLinear parameter {value.name} is not a constant")
     array = read_array(stored_tensor(value))
     if array.ndim == 0:

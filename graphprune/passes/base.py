@@ -33,8 +33,10 @@ class PassPostconditionError(GraphpruneError, ir.passes.PostconditionError):
 class Statistics(Protocol):
     """What calibration gives the scores: Σx² per input channel, and Gram matrices XᵀX for SparseGPT."""
 
-    sumsq: Mapping[str, np.ndarray]
-    gram: Mapping[str, np.ndarray]
+    @property  # read-only: a dataclass's dict fields match it
+    def sumsq(self) -> Mapping[str, np.ndarray]: ...
+    @property
+    def gram(self) -> Mapping[str, np.ndarray]: ...
 
 
 StatisticsInput = Statistics | Mapping[str, np.ndarray] | None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -23,7 +24,7 @@ from graphprune.graph.weights import read_weight
 from graphprune.quantize.operators import operator_weight
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightCheck:
     """One target's verdict: its zeros, and the groups along K that hold too many non-zeros."""
 
@@ -78,6 +79,10 @@ class CheckPass(ir.passes.InPlacePass):
         self.exclude = exclude
         self.include_head = include_head
         self.targets = targets
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> CheckResult:
+        # this pass's own result type (onnx-ir types it as a plain PassResult)
+        return cast(CheckResult, super().__call__(model_or_result))
 
     def call(self, model: ir.Model) -> CheckResult:
         if self.targets is not None:

@@ -47,7 +47,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import ml_dtypes
 import numpy as np
@@ -97,7 +97,7 @@ _FP16_MIN_POSITIVE = float(np.finfo(np.float16).smallest_subnormal)
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def _ort_float16():  # lazily: onnxruntime is an extra ([cpu] or [gpu])
+def _ort_float16() -> Any:  # lazily: onnxruntime is an extra ([cpu] or [gpu])
     try:
         from onnxruntime.transformers import float16
     except ImportError as exc:
@@ -137,7 +137,7 @@ class RoundingStats:
         self.saturated += other.saturated
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ConvertResult:
     """The converted model (the input object, changed in place) and what the conversion did."""
 
@@ -234,7 +234,7 @@ def convert(
             op_block_list=sorted(blocked),
             node_block_list=sorted(kept),
         )
-    result = ConvertResult(model, dtype)
+    result = ConvertResult(model=model, dtype=dtype)
     for (name, position), tensor in _float_tensors(model, nodes_before).items():
         if (name, position) not in stats:  # ConstantOfShape's default fill, written by the converter
             continue
@@ -444,7 +444,7 @@ def _inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     graph_model = ir.from_proto(model)  # wraps the TensorProtos, copies no weight
     ShapeInferencePass(check_type=False, strict_mode=False)(graph_model)
     outputs = [v for node in graph_model.graph for v in node.outputs if v.name]
-    untyped = sorted(v.name for v in outputs if v.dtype is None)
+    untyped = sorted(str(v.name) for v in outputs if v.dtype is None)
     if untyped:
         raise GraphpruneError(
             f"ONNX type inference gives no type for {len(untyped)} tensor(s) (first: {untyped[0]!r}); "

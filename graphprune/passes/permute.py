@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -37,7 +38,7 @@ from graphprune.passes.base import (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PermutedGroup:
     """The report of one permutation written into the model."""
 
@@ -154,6 +155,10 @@ class PermutePass(ir.passes.InPlacePass):
         if not isinstance(self.pattern, NMPattern):
             raise PassPreconditionError(f"channel permutation serves N:M patterns, not {self.pattern}")
 
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> PermuteResult:
+        # this pass's own result type (onnx-ir types it as a plain PassResult)
+        return cast(PermuteResult, super().__call__(model_or_result))
+
     def call(self, model: ir.Model) -> PermuteResult:
         groups, weights = self.groups if self.groups is not None else channel_groups(model)
         sumsq, _ = statistics_parts(self.stats)
@@ -180,9 +185,10 @@ class PermutePass(ir.passes.InPlacePass):
                 result.modified = True
             total = found.total or 1.0
             report = PermutedGroup(
-                group.reader, list(group.writers), list(group.biases), group.kind, group.period,
-                round(found.identity_kept / total, 6), round(max(found.kept, found.identity_kept) / total, 6),
-                round(max(found.recovered, 0.0), 6), written,
+                reader=group.reader, writers=list(group.writers), biases=list(group.biases), kind=group.kind,
+                period=group.period, kept_before=round(found.identity_kept / total, 6),
+                kept_after=round(max(found.kept, found.identity_kept) / total, 6),
+                recovered=round(max(found.recovered, 0.0), 6), written=written,
             )  # fmt: skip
             value.meta[PERMUTATION_REPORT] = asdict(report)
             result.groups.append(report)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -48,6 +49,7 @@ class PruneConfig:
     """What to prune and how. ``include``/``exclude`` are shell-style patterns on weight or node names."""
 
     pattern: Pattern = field(default_factory=lambda: NMPattern(2, 4))
+    _: KW_ONLY  # the rest by keyword
     method: Method = Method.MAGNITUDE
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -69,11 +71,11 @@ class PruneConfig:
             raise GraphpruneError(f"`quantize` is a joint mode of sparsegpt and alps, not of {self.method.value}")
         check_reconstruction_options(self)
 
-    def solver_options(self) -> dict[str, float | int]:
+    def solver_options(self) -> dict[str, Any]:  # percdamp (float) and blocksize (int) as keywords
         return {"percdamp": self.percdamp, "blocksize": self.blocksize}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WeightReport:
     """One weight's line in the report: what was done to it, or why it was left alone."""
 
@@ -135,7 +137,7 @@ def prune_result(model: ir.Model, config: PruneConfig, plan: Plan, reports: list
     """The result of any pruning run (one-shot, sequential, segment-wise): the reports of the pruned targets
     and of the plan's skipped weights, pruned first, each part by name."""
     targets, skips = plan
-    everything = [WeightReport(s.name, s.op, skipped=s.reason) for s in skips] + reports
+    everything = [WeightReport(name=s.name, op=s.op, skipped=s.reason) for s in skips] + reports
     everything.sort(key=lambda r: (r.skipped is not None, r.name))
     return PruneResult(model, bool(targets), config, everything)
 
@@ -211,6 +213,10 @@ class PrunePass(ir.passes.InPlacePass):
             raise PassPreconditionError(
                 f"{self.config.method.value} needs activation statistics: pass `calib` data or a `stats` file"
             )
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> PruneResult:
+        # this pass's own result type (onnx-ir types it as a plain PassResult)
+        return cast(PruneResult, super().__call__(model_or_result))
 
     def call(self, model: ir.Model) -> PruneResult:
         targets, skips = self.given_plan or self.plan(model)
@@ -314,15 +320,7 @@ class _PruneRun:
         """Replace the target's tensor by one that prunes the weight when read (see the class docstring)."""
         stored = self.stored
         source = stored_tensor(stored[target.name])
-        report = WeightReport(
-            target.name,
-            target.op,
-            list(target.shape),
-            target.k_axis,
-            target.dtype,
-            self.config.method.value,
-            str(self.config.pattern),
-        )
+        report = self._report_line(target)
 
         def pruned() -> ir.TensorProtocol:
             weight = read_weight(stored, target, source)
@@ -339,7 +337,8 @@ class _PruneRun:
             return weight.tensor(values)
 
         self.alps.sources[target.name] = source  # a peer solved with an earlier weight reads its dense values
-        replace_tensor(stored[target.name], ir.LazyTensor(pruned, source.dtype, source.shape, name=source.name))
+        shape = ir.Shape(source.shape.numpy())  # LazyTensor takes a concrete ir.Shape
+        replace_tensor(stored[target.name], ir.LazyTensor(pruned, source.dtype, shape, name=source.name))
         return report
 
     def _pruned_values(self, target: Target, stored: StoredWeight) -> np.ndarray:
@@ -451,6 +450,12 @@ class _PruneRun:
     def _report(self, target: Target, stored: StoredWeight) -> WeightReport:
         effective = stored.effective()
         zeros = effective.size - int(np.count_nonzero(effective))
+        report = self._report_line(target)
+        report.sparsity = round(zeros / effective.size, 6)
+        return report
+
+    def _report_line(self, target: Target) -> WeightReport:
+        """A pruned target's line in the report, its sparsity still unset."""
         return WeightReport(
             name=target.name,
             op=target.op,
@@ -459,7 +464,6 @@ class _PruneRun:
             dtype=target.dtype,
             method=self.config.method.value,
             pattern=str(self.config.pattern),
-            sparsity=round(zeros / effective.size, 6),
         )
 
 
@@ -475,7 +479,7 @@ def _check_statistics(method: Method, stats: StatisticsInput, targets: list[Targ
     ActivationStats.from_sumsq(sumsq, targets, gram).check(targets, gram=method.reconstructs)  # the one check
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _SharedInputSolves:
     """ALPS's bookkeeping for weights solved together: the run's targets in order (``peers``), the dense
     tensors of deferred weights, the names already pruned, and results waiting (keyed by name: the canonical

@@ -84,23 +84,23 @@ class ShrinkPass(ir.passes.InPlacePass):
             if units.size >= r.group.width:
                 raise PassPreconditionError(f"group {name} has {r.group.width} units: cannot remove all of them")
             for slot in r.group.slots:
-                if initializers.get(slot.value.name) is not slot.value:  # type: ignore[arg-type]
+                if initializers.get(slot.value.name) is not slot.value:  # type: ignore[arg-type]  # an initializer is named
                     raise PassPreconditionError(f"group {name}: tensor {slot.value.name} is not in this model")
             consumers = {id(s.value) for s in r.group.consumers}
             for value, array in r.weights.items():
                 if id(value) not in consumers:
                     raise PassPreconditionError(f"group {name}: {value.name} is not one of its consumer weights")
-                if tuple(array.shape) != tuple(value.const_value.shape):  # type: ignore[union-attr]
+                if tuple(array.shape) != tuple(value.const_value.shape):  # type: ignore[union-attr]  # a stored weight
                     raise PassPreconditionError(
                         f"group {name}: new values of {value.name} have shape {list(array.shape)}, "
-                        f"the tensor {list(value.const_value.shape)}"  # type: ignore[union-attr]
+                        f"the tensor {list(value.const_value.shape)}"  # type: ignore[union-attr]  # a stored weight
                     )
 
     def call(self, model: ir.Model) -> ShrinkResult:
         before = {id(r): r.group.parameters() for r in self.removals}
         for r in self.removals:  # refitted weights, at the width they were computed for
             for value, array in r.weights.items():
-                _set_tensor(value, array.astype(value.const_value.dtype.numpy(), copy=False))  # type: ignore[union-attr]
+                _set_tensor(value, array.astype(value.const_value.dtype.numpy(), copy=False))  # type: ignore[union-attr]  # stored (requires)
         # Biases first, on the full-width weights: a new bias of a node that also writes another group's
         # channels (Conv → Conv → Conv) joins that group, so its own slicing below shrinks it too.
         for r in self.removals:
@@ -131,7 +131,7 @@ class ShrinkPass(ir.passes.InPlacePass):
         for r in self.removals:
             group = r.group
             for i, slot in enumerate(group.slots):
-                have = slot.value.const_value.shape[slot.axis]  # type: ignore[union-attr]
+                have = slot.value.const_value.shape[slot.axis]  # type: ignore[union-attr]  # slots hold stored constants (checked above)
                 if have != group.width * group.unit_size_of(i):
                     raise PassPostconditionError(
                         f"group {group.name}: {slot.value.name} has {have} channels on axis {slot.axis}, "
@@ -146,7 +146,7 @@ def _join_groups(removals: Sequence[Removal], node: ir.Node, reader: ir.Node, bi
     """A bias added to ``node``'s output carries the channels of every group ``node`` produces for."""
     for r in removals:
         if any(s.role == "producer" and s.node is node for s in r.group.slots):
-            r.group.slots.append(Slot(bias, len(bias.const_value.shape) - 1, "channelwise", reader))  # type: ignore[union-attr]
+            r.group.slots.append(Slot(bias, len(bias.const_value.shape) - 1, "channelwise", reader))  # type: ignore[union-attr]  # a bias: a stored constant
             if reader is not node:
                 r.group.region.append(reader.outputs[0])
 
@@ -185,17 +185,17 @@ def add_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> tuple[ir.Node
         _set_tensor(bias, np.asarray(new, dtype=stored_bias.dtype))
         return None
     out = node.outputs[0]
-    dtype = node.inputs[1].const_value.numpy().dtype  # type: ignore[union-attr]
+    dtype = node.inputs[1].const_value.numpy().dtype  # type: ignore[union-attr]  # a stored weight (checked by the caller)
     if op == "MatMul":
         follower = _bias_add(out)
         if follower is not None:
-            _set_tensor(follower, np.asarray(follower.const_value.numpy() + delta, dtype=dtype))  # type: ignore[union-attr]
+            _set_tensor(follower, np.asarray(follower.const_value.numpy() + delta, dtype=dtype))  # type: ignore[union-attr]  # _bias_add() returns a stored constant
             return None
     value = ir.Value(
         name=f"{out.name}_graphprune_bias", const_value=ir.tensor(np.asarray(delta, dtype).reshape(-1))
     )
-    value.const_value.name = value.name  # type: ignore[union-attr]
-    value.shape, value.dtype = ir.Shape([delta.size]), value.const_value.dtype  # type: ignore[union-attr]
+    value.const_value.name = value.name  # type: ignore[union-attr]  # const_value given above
+    value.shape, value.dtype = ir.Shape([delta.size]), value.const_value.dtype  # type: ignore[union-attr]  # const_value given above
     graph.register_initializer(value)
     if op in ("Conv", "Gemm"):
         node.resize_inputs(3)
@@ -224,9 +224,9 @@ def _bias_add(out: ir.Value) -> ir.Value | None:
         return None
     add = uses[0].node
     other = add.inputs[1 - uses[0].idx]
-    if not stored(other) or len(other.uses()) != 1:  # type: ignore[arg-type]
+    if not stored(other) or len(other.uses()) != 1:
         return None
-    shape = other.const_value.shape  # type: ignore[union-attr]
+    shape = other.const_value.shape.numpy()  # type: ignore[union-attr]  # stored(): a constant
     if len(shape) >= 1 and all(d == 1 for d in list(shape)[:-1]) and shape[-1] > 1:
         return other
     return None

@@ -144,7 +144,7 @@ class DenseStream:
         for t in targets:
             idx = reads.get(t.name, [])
             if idx:
-                cross[t.name] = self._sums[idx[0]] if len(idx) == 1 else sum(self._sums[i] for i in idx)
+                cross[t.name] = sum((self._sums[i] for i in idx[1:]), self._sums[idx[0]])  # one tap: its array
         return cross
 
     def drop(self, name: str) -> None:

@@ -71,7 +71,14 @@ def prune_file(
     if sequential and calibration is None:
         raise GraphpruneError("`sequential` needs calibration data: pass `calib` data")
     model = load_model(model_path)
-    job = _Job(model, model_path, out, config, _plan(model, model_path, config, stats), progress)
+    job = _Job(
+        model=model,
+        model_path=model_path,
+        output=out,
+        config=config,
+        plan=_plan(model, model_path, config, stats),
+        progress=progress,
+    )
     progress.planned(len(job.plan[0]))
     notes: list[str] = []
     if calibration is not None and config.method is Method.MAGNITUDE:  # masks from |W| alone
@@ -98,6 +105,7 @@ def _commit(outputs: OutputPlan, job: _Job, report: Path, pruned: _Pruned, exter
             if pruned.staged is None:  # deferred weights are pruned now, as they are written
                 files.model(job.output, job.model, external_data=True if external else None)
             else:  # written while it was pruned: lands with the report
+                assert pruned.staged.model is not None  # set when the pass streamed the weights
                 files.streamed_model(job.output, *pruned.staged.stage(pruned.staged.model))
             files.json(report, pruned.result.to_dict())
     finally:
@@ -105,7 +113,7 @@ def _commit(outputs: OutputPlan, job: _Job, report: Path, pruned: _Pruned, exter
             pruned.staged.close()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Job:
     """What every strategy is given: the loaded model, where it came from and goes, what to do, who listens."""
 

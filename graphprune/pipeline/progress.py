@@ -26,21 +26,27 @@ class PruneProgress(Protocol):
 
     def planned(self, weights: int) -> None:
         """The plan is made: this many weights will be pruned."""
+        return None  # an explicit body: a default, not an abstract method
 
     def calibrated(self, samples_done: int, samples_total: int | None) -> None:
         """One-shot calibration ran another batch (``samples_total`` None when the source does not say)."""
+        return None
 
     def group_done(self, done: int, total: int) -> None:
         """Sequential runs: a group (block or level) was calibrated and pruned."""
+        return None
 
     def segment_done(self, step: SegmentProgress) -> None:
         """Segment-wise runs: a segment was calibrated and pruned, with its throughput and memory."""
+        return None
 
     def weight_pruned(self, name: str) -> None:
         """A weight was pruned (one-shot runs: as it is written; calls come one at a time)."""
+        return None
 
     def warning(self, text: str) -> None:
         """Something the user should know that does not stop the run (budget not enforced, data unused...)."""
+        return None
 
 
 class _Silent(PruneProgress):

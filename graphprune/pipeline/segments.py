@@ -236,7 +236,7 @@ class _Run:
             offset,
             length,
             like.dtype,
-            shape=ir.Shape(like.shape),
+            shape=ir.Shape(like.shape.numpy()),
             name=name,
             base_dir=self.staged.staging,
         )

@@ -37,7 +37,7 @@ UNIT_KINDS = ("mlp", "heads", "channels")
 ALLOCATIONS = ("uniform", "global")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShrinkConfig:
     """What to remove: ``ratio`` of every group's units (of the ``units`` kinds) and ``blocks`` whole blocks."""
 
@@ -152,7 +152,7 @@ def channel_taps(groups: list[Group], gram: bool = False) -> list[ChannelTap]:
     taps: dict[str, ChannelTap] = {}
     for g in groups:
         for node, value, axis in g.consumer_inputs:
-            weight = node.inputs[1].const_value  # type: ignore[union-attr]
+            weight = node.inputs[1].const_value  # type: ignore[union-attr]  # a consumer's weight: a stored constant
             assert weight is not None and value.name is not None
             rank = len(weight.shape) if node.op_type == "Conv" else None
             width = g.width * next(g.unit_size_of(i) for i, s in enumerate(g.slots) if s.node is node)
@@ -166,7 +166,7 @@ def refittable(slot: Slot) -> bool:
     """Whether the refit solves this consumer: a MatMul/Gemm with a 2-D weight, or a pointwise (1x1, ungrouped)
     Conv. A kxk Conv mixes neighbouring positions, whose cross terms the channel Gram matrix lacks: it gets
     FLAP's bias fold instead."""
-    shape = list(slot.value.const_value.shape)  # type: ignore[union-attr]
+    shape = list(slot.value.const_value.shape)  # type: ignore[union-attr]  # slots hold stored constants
     node = slot.node
     if node.op_type in ("MatMul", "Gemm"):
         return len(shape) == 2
@@ -209,7 +209,7 @@ def shrink_model(
         prepare_graph(model, heads="heads" in config.units)
     report = ShrinkReport(config, parameter_count(model))
     if config.blocks:
-        _remove_blocks(model, config.blocks, measure, report, stage)  # type: ignore[arg-type]
+        _remove_blocks(model, config.blocks, measure, report, stage)  # type: ignore[arg-type]  # not None: --blocks needs data (checked above)
     if config.ratio is not None:
         _shrink_groups(model, config, measure, report, stage)
     report.parameters_after = parameter_count(model)
@@ -225,10 +225,10 @@ def _remove_blocks(model: ir.Model, count: int, measure: Measure, report: Shrink
             f"`blocks={count}`: the model has {len(blocks)} residual blocks; at most {len(blocks) - 1} can go"
         )
     stage(f"measuring the influence of {len(blocks)} blocks")
-    pairs = [(b.input.name, b.output.name) for b in blocks]
+    pairs = [(str(b.input.name), str(b.output.name)) for b in blocks]
     moments = measure(model, [], pairs)
     report.warnings += moments.warnings
-    influence = np.array([moments.influence(p) for p in pairs])  # type: ignore[arg-type]
+    influence = np.array([moments.influence(p) for p in pairs])
     chosen = set(np.argsort(influence, kind="stable")[:count].tolist())
     bypass_blocks(model, [b for b in blocks if b.index in chosen])
     report.blocks = [BlockRecord(b.index, float(influence[b.index]), b.index in chosen) for b in blocks]
@@ -341,13 +341,13 @@ def _channel_first(array: np.ndarray, axis: int, consumer: bool) -> np.ndarray:
     return moved.reshape(moved.shape[0], moved.shape[1], -1) if consumer else moved.reshape(moved.shape[0], -1)
 
 
-def _consumer_terms(group: Group, moments):  # type: ignore[no-untyped-def]
+def _consumer_terms(group: Group, moments):  # type: ignore[no-untyped-def]  # moments: Moments, None for L2
     """Per consumer slot: (slot index, channel-first weight, its input's Σx, Σx², rows)."""
     inputs = {node: value for node, value, _ in group.consumer_inputs}
     for i, slot in enumerate(group.slots):
         if slot.role != "consumer":
             continue
-        weight = _channel_first(slot.value.const_value.numpy(), slot.axis, consumer=True)  # type: ignore[union-attr]
+        weight = _channel_first(slot.value.const_value.numpy(), slot.axis, consumer=True)  # type: ignore[union-attr]  # slots hold stored constants
         if moments is None:
             yield i, weight, None
             continue
@@ -355,10 +355,10 @@ def _consumer_terms(group: Group, moments):  # type: ignore[no-untyped-def]
         yield i, weight, (moments.sums[name], moments.sumsq[name], moments.rows[name])
 
 
-def _scores(group: Group, method: StructuredMethod, moments) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _scores(group: Group, method: StructuredMethod, moments) -> np.ndarray:  # type: ignore[no-untyped-def]  # as above
     if method is StructuredMethod.L2:
         tensors = [
-            _channel_first(s.value.const_value.numpy(), s.axis, consumer=s.role == "consumer")  # type: ignore[union-attr]
+            _channel_first(s.value.const_value.numpy(), s.axis, consumer=s.role == "consumer")  # type: ignore[union-attr]  # slots hold stored constants
             for s in group.slots
             if s.role in ("producer", "consumer")
         ]
@@ -371,7 +371,7 @@ def _scores(group: Group, method: StructuredMethod, moments) -> np.ndarray:  # t
     return st.flap_scores(weights, variances, group.width)
 
 
-def _flap_bias(group: Group, units: np.ndarray, moments) -> dict[ir.Node, np.ndarray]:  # type: ignore[no-untyped-def]
+def _flap_bias(group: Group, units: np.ndarray, moments) -> dict[ir.Node, np.ndarray]:  # type: ignore[no-untyped-def]  # as above
     bias: dict[ir.Node, np.ndarray] = {}
     for i, weight, m in _consumer_terms(group, moments):
         mean, _ = st.channel_moments(*m)
@@ -380,7 +380,7 @@ def _flap_bias(group: Group, units: np.ndarray, moments) -> dict[ir.Node, np.nda
     return bias
 
 
-def _refit(group: Group, units: np.ndarray, moments, damp: float):  # type: ignore[no-untyped-def]
+def _refit(group: Group, units: np.ndarray, moments, damp: float):  # type: ignore[no-untyped-def]  # as above
     """Per consumer: the refitted weight (stored layout, full width) and its bias change; consumers the refit
     cannot solve (kxk Convs) get FLAP's bias fold, the refit restricted to the bias."""
     bias: dict[ir.Node, np.ndarray] = {}
@@ -398,7 +398,7 @@ def _refit(group: Group, units: np.ndarray, moments, damp: float):  # type: igno
         kept = np.setdiff1d(np.arange(w.shape[1]), removed)
         solved = refit(w, gram, mean, kept, damp)
         w[:, kept] = solved.weight
-        stored = slot.value.const_value.numpy()  # type: ignore[union-attr]
+        stored = slot.value.const_value.numpy()
         moved = np.moveaxis(stored, slot.axis, 0).shape
         weights[slot.value] = np.moveaxis(w.T.reshape(moved), 0, slot.axis).astype(stored.dtype)
         bias[slot.node] = solved.bias_delta * _output_scale(slot.node)

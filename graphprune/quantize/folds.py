@@ -58,14 +58,14 @@ def find_fold(x: ir.Value, width: int) -> Fold | str:
             assert a is not None and b is not None
             stored = [v for v in (a, b) if _vector(v, width, node)]
             if op == "Mul" and stored:
-                edits.append(Edit(stored[0], len(stored[0].shape or ()) - 1))  # type: ignore[arg-type]
+                edits.append(Edit(stored[0], len(stored[0].shape or ()) - 1))
                 return Fold(tuple(edits), f"Mul {node.name} (per-channel weight)")
             if op == "Add" and stored:
-                edits.append(Edit(stored[0], len(stored[0].shape or ()) - 1))  # type: ignore[arg-type]
+                edits.append(Edit(stored[0], len(stored[0].shape or ()) - 1))
                 other = b if stored[0] is a else a
             elif op == "Mul":
                 # scaling one factor scales the product, if that factor has every channel (no broadcast)
-                other = next((v for v in (b, a) if _private(v) and _last_dim(v) == width), None)  # type: ignore[assignment]
+                other = next((v for v in (b, a) if _private(v) and _last_dim(v) == width), None)  # type: ignore[assignment]  # None: returned just below
                 if other is None:
                     return f"no operand of {op} {node.name} can carry the scales alone"
             else:
@@ -76,15 +76,15 @@ def find_fold(x: ir.Value, width: int) -> Fold | str:
             continue
         if op in ("MatMul", "Gemm"):
             w = node.inputs[1]
-            if w is None or not _owned(w, node) or len(w.shape or ()) != 2:  # type: ignore[arg-type]
+            if w is None or not _owned(w, node) or len(w.shape or ()) != 2:
                 return f"{op} {node.name} has no stored 2-D weight of its own"
-            trans_b = op == "Gemm" and node.attributes.get_int("transB", 0)
+            trans_b = op == "Gemm" and node.attributes.get_int("transB", 0) != 0
             edits.append(Edit(w, 0 if trans_b else 1))
             bias = node.inputs[2] if op == "Gemm" and len(node.inputs) > 2 else None
             if bias is not None:
                 if not _vector(bias, width, node):
                     return f"Gemm {node.name} has a bias that is not per channel"
-                edits.append(Edit(bias, len(bias.shape or ()) - 1))  # type: ignore[arg-type]
+                edits.append(Edit(bias, len(bias.shape or ()) - 1))
             return Fold(tuple(edits), f"{op} {node.name} output columns")
         return f"written by {op} {node.name}, which has no per-channel parameter"
 
@@ -113,7 +113,7 @@ def _vector(value: ir.Value, width: int, node: ir.Node) -> bool:
     """A stored tensor of ``node`` alone, one value per channel of the last axis (leading axes of size 1)."""
     if not _owned(value, node):
         return False
-    dims = [int(d) for d in value.const_value.shape]  # type: ignore[union-attr]
+    dims = list(value.const_value.shape.numpy())  # type: ignore[union-attr]  # _owned: a stored tensor
     return bool(dims) and dims[-1] == width and all(d == 1 for d in dims[:-1])
 
 

@@ -44,12 +44,13 @@ def _changed_by_conversion(model: ir.Model, target: int) -> list[str]:
         if tensor is not None and tensor.size <= _SMALL and not isinstance(tensor, ir.ExternalTensor):
             small.append(value)
         elif tensor is not None and value not in graph.inputs:
-            large.append(ir.Value(name=value.name, type=ir.TensorType(tensor.dtype), shape=tensor.shape))
+            shape = ir.Shape(tensor.shape.numpy())  # a concrete ir.Shape: Value does not take a ShapeProtocol
+            large.append(ir.Value(name=value.name, type=ir.TensorType(tensor.dtype), shape=shape))
     view = ir.GraphView([*graph.inputs, *large], graph.outputs, nodes=graph, initializers=small)
     proto = onnx.ModelProto(ir_version=model.ir_version)
     for domain, version in model.opset_imports.items():
         proto.opset_import.add(domain=domain, version=version)
-    ir.serde.serialize_graph_into(proto.graph, view)
+    ir.serde.serialize_graph_into(proto.graph, view)  # type: ignore[arg-type]  # onnx-ir's GraphView misses its own protocol as typed
     before = [_signature(n) for n in proto.graph.node]
     try:
         converted = onnx.version_converter.convert_version(proto, target)

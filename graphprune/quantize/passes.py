@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -125,6 +126,10 @@ class QuantizePass(ir.passes.InPlacePass):
                 if r is None or not (np.isfinite(r.lo).all() and np.isfinite(r.hi).all()):
                     raise PassPreconditionError(f"activation {name} has no finite calibrated range")
 
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> QuantizeResult:
+        # this pass's own result type (onnx-ir types it as a plain PassResult)
+        return cast(QuantizeResult, super().__call__(model_or_result))
+
     def call(self, model: ir.Model) -> QuantizeResult:
         graph = model.graph
         names = Names(graph)
@@ -208,7 +213,7 @@ class QuantizePass(ir.passes.InPlacePass):
                 or np.any(zero.const_value.numpy().astype(np.float32) != 0)
             ):
                 raise PassPostconditionError(f"weight {t.name}: a zero point is not 0")
-            codes = weight.const_value.numpy().astype(np.float32)  # type: ignore[union-attr]
+            codes = weight.const_value.numpy().astype(np.float32)  # type: ignore[union-attr]  # a stored weight
             after = group_maxima(to_canonical(codes, t.k_axis, t.out_axis) != 0)
             for m, before in self._groups_before.get(t.name, {}).items():
                 if after[m] > before:

@@ -100,12 +100,9 @@ def _quantized_operators(model: ir.Model) -> list[Kept]:
     kept = []
     for node in model.graph:
         index = _QUANTIZED_OPS.get(node.op_type)
-        if index is not None and len(node.inputs) > index and node.inputs[index] is not None:
-            weight = node.inputs[index]
-            if weight.is_initializer():  # type: ignore[union-attr]
-                kept.append(
-                    Kept(str(weight.name), node.op_type, f"already quantized ({node.op_type}): left as it is")
-                )
+        weight = node.inputs[index] if index is not None and len(node.inputs) > index else None
+        if weight is not None and weight.is_initializer():
+            kept.append(Kept(str(weight.name), node.op_type, f"already quantized ({node.op_type}): left as it is"))
     return kept
 
 

@@ -38,11 +38,11 @@ def untie_head_tables(model: ir.Model) -> list[str]:
             copy = np.ascontiguousarray(np.transpose(array, perm) if perm is not None else array)
             new_name = names(f"{name}_matmul")
             new = ir.Value(name=new_name, const_value=ir.Tensor(copy, name=new_name), shape=ir.Shape(copy.shape))
-            new.type = ir.TensorType(new.const_value.dtype)  # type: ignore[union-attr]
+            new.type = ir.TensorType(new.const_value.dtype)  # type: ignore[union-attr]  # given on the line above
             graph.register_initializer(new)
             reader = node.inputs[1]
             node.replace_input_with(1, new)
             if perm is not None and reader is not None and not reader.uses():
-                graph.remove(reader.producer(), safe=True)  # type: ignore[arg-type]
+                graph.remove(reader.producer(), safe=True)  # type: ignore[arg-type]  # perm set: a Transpose's output
             untied.append(name)
     return untied

@@ -24,7 +24,7 @@ from typing import Any
 from graphprune.errors import GraphpruneError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Backend:
     """One TensorRT product as graphprune uses it."""
 
@@ -39,19 +39,19 @@ class Backend:
 
 BACKENDS = {
     "tensorrt": Backend(
-        "tensorrt",
-        "TensorRT",
-        "tensorrt",
-        "pip install tensorrt  (10.x or 11.x, on a machine with an NVIDIA GPU)",
+        name="tensorrt",
+        product="TensorRT",
+        module="tensorrt",
+        install="pip install tensorrt  (10.x or 11.x, on a machine with an NVIDIA GPU)",
         builds_without_gpu=False,
         always_strongly_typed=False,  # TensorRT 10: weakly typed networks with flags; 11: see plan_build
         timing_cache=True,
     ),
     "tensorrt-rtx": Backend(
-        "tensorrt-rtx",
-        "TensorRT-RTX",
-        "tensorrt_rtx_bindings",
-        'pip install "graphprune[trt-rtx]"',
+        name="tensorrt-rtx",
+        product="TensorRT-RTX",
+        module="tensorrt_rtx_bindings",
+        install='pip install "graphprune[trt-rtx]"',
         builds_without_gpu=True,
         always_strongly_typed=True,
         timing_cache=False,

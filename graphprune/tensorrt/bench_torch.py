@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -44,7 +45,7 @@ class GemmCase:
     weight: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GemmTiming:
     """Dense vs 2:4 sparse FP16 GEMM for one weight at one token count."""
 
@@ -164,16 +165,26 @@ def _bench_case(
         sparse, converts, note = None, False, str(exc).strip().splitlines()[0]
     for n in tokens:
         x = torch.randn(case.k, n, device="cuda", dtype=torch.float16)
-        dense_ms, dense_how = _time(torch, lambda d=dense, x=x: torch.mm(d, x), repeats)
+        dense_ms, dense_how = _time(torch, partial(torch.mm, dense, x), repeats)
         sparse_ms, sparse_how, error = None, "", ""
         if sparse is not None and converts:
             try:
-                sparse_ms, sparse_how = _time(torch, lambda s=sparse, x=x: torch.mm(s, x), repeats)
+                sparse_ms, sparse_how = _time(torch, partial(torch.mm, sparse, x), repeats)
             except RuntimeError as exc:  # shapes or layouts the sparse kernels refuse
                 error = str(exc).strip().splitlines()[0]
         how = dense_how if sparse_how in ("", dense_how) else f"dense {dense_how}, sparse {sparse_how}"
         results.append(
-            GemmTiming(case.name, case.out, case.k, n, converts, dense_ms, sparse_ms, note or error, how)
+            GemmTiming(
+                name=case.name,
+                out=case.out,
+                k=case.k,
+                tokens=n,
+                converts=converts,
+                dense_ms=dense_ms,
+                sparse_ms=sparse_ms,
+                note=note or error,
+                timing=how,
+            )
         )
     return results
 

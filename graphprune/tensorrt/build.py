@@ -101,7 +101,7 @@ def onnx_precision(model: onnx.ModelProto) -> str:
 # --- the plan ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BuildPlan:
     """How the network and builder config are set up for one backend and version."""
 
@@ -136,11 +136,14 @@ def plan_build(
     sparse_flags = ("SPARSE_WEIGHTS",) if sparse else ()
     if model_precision != "fp32":
         return BuildPlan(
-            True, sparse_flags, model_precision, f"strongly typed: {model_precision} from the ONNX file"
+            strongly_typed=True,
+            flags=sparse_flags,
+            precision=model_precision,
+            note=f"strongly typed: {model_precision} from the ONNX file",
         )
     strongly_typed = backend.always_strongly_typed or _major(version) >= 11
     if strongly_typed:
-        warnings = ()
+        warnings: tuple[str, ...] = ()
         if sparse:
             dtype = "BF16" if precision == "bf16" else "FP16"
             warnings = (
@@ -148,10 +151,16 @@ def plan_build(
                 f"engine computes in FP32; sparse tensor cores need FP16, BF16 or INT8: convert {model_name} to "
                 f"{dtype} first (`graphprune convert` or graphprune.convert_file) and build that",
             )
-        return BuildPlan(True, sparse_flags, "fp32", "strongly typed: fp32 from the ONNX file", warnings)
+        return BuildPlan(
+            strongly_typed=True,
+            flags=sparse_flags,
+            precision="fp32",
+            note="strongly typed: fp32 from the ONNX file",
+            warnings=warnings,
+        )
     wanted = precision or "fp16"
     note = f"weakly typed with builder flags {', '.join(_FLAGS_TRT10[wanted])} (TensorRT 10)"
-    return BuildPlan(False, _FLAGS_TRT10[wanted] + sparse_flags, wanted, note)
+    return BuildPlan(strongly_typed=False, flags=_FLAGS_TRT10[wanted] + sparse_flags, precision=wanted, note=note)
 
 
 def _major(version: str) -> int:

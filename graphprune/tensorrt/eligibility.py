@@ -45,7 +45,7 @@ _QDQ_PRECISION = {
     "int4": "int4-qdq",
     "uint4": "int4-qdq",
 }
-_ONNX_PRECISION = {
+_ONNX_PRECISION: dict[int, str] = {
     onnx.TensorProto.FLOAT16: "fp16",
     onnx.TensorProto.BFLOAT16: "bf16",
     onnx.TensorProto.FLOAT: "fp32",
@@ -54,7 +54,7 @@ _ONNX_PRECISION = {
 _TRT_LAYER = {"MatMul": "MatrixMultiply (constant weights)", "Gemm": "MatrixMultiply (constant weights)"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Eligibility:
     """Whether one target can run on sparse tensor cores, and why not."""
 
@@ -118,7 +118,15 @@ def assess(
         status, reasons = "eligible", ()
     trt_layer = "Convolution" if ops == ["Conv"] else _TRT_LAYER.get(ops[0], ops[0])
     return Eligibility(
-        target.name, "/".join(ops), trt_layer, out_channels, k, precision, violations, status, reasons
+        name=target.name,
+        op="/".join(ops),
+        trt_layer=trt_layer,
+        out_channels=out_channels,
+        k=k,
+        precision=precision,
+        violations=violations,
+        status=status,
+        reasons=reasons,
     )
 
 

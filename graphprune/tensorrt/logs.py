@@ -51,7 +51,7 @@ def capturing_logger(trt: Any) -> Any:
         trt.ILogger.Severity.VERBOSE: "V",
     }
 
-    class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+    class _Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.lines: list[LogLine] = []
@@ -105,7 +105,7 @@ def sparsity_mentions(lines: Iterable[LogLine]) -> list[str]:
     ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerInfo:
     """One engine layer as the builder or the engine inspector describes it."""
 
@@ -117,7 +117,9 @@ class LayerInfo:
 
 
 def _layer(name: str, layer_type: str, tactic: str, origin: str) -> LayerInfo:
-    return LayerInfo(name, layer_type, tactic, "sparse" in tactic.lower(), origin)
+    return LayerInfo(
+        name=name, layer_type=layer_type, tactic=tactic, sparse_tactic="sparse" in tactic.lower(), origin=origin
+    )
 
 
 def _last_layer_list(lines: Iterable[LogLine]) -> list[str]:
@@ -138,7 +140,7 @@ def parse_builder_layers(lines: Iterable[LogLine]) -> list[LayerInfo]:
     ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineIO:
     """One engine input or output as the builder's verbose layer list describes it."""
 
@@ -159,7 +161,13 @@ def parse_builder_io(lines: Iterable[LogLine]) -> list[EngineIO]:
                 for lo, opt, hi in _IO_PROFILE_RE.findall(row)
             )
             tensors.append(
-                EngineIO(match["name"], match["mode"], match["dtype"], tuple(_dims(match["dims"])), profiles)
+                EngineIO(
+                    name=match["name"],
+                    mode=match["mode"],
+                    dtype=match["dtype"],
+                    dims=tuple(_dims(match["dims"])),
+                    profiles=profiles,
+                )
             )
     return tensors
 

@@ -10,7 +10,7 @@ from typing import Any
 from graphprune.tensorrt.logs import LayerInfo, SparsityLog
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Sparsity:
     """What the build said about sparse kernels, with where each fact comes from."""
 
@@ -22,7 +22,7 @@ class Sparsity:
     verdict: str  # one sentence built only from the above
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BuildReport:
     """What a build did."""
 

@@ -15,7 +15,7 @@ from graphprune.tensorrt.logs import capturing_logger
 from graphprune.tensorrt.profiles import parse_shapes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineTiming:
     engine: str
     median_ms: float
@@ -62,7 +62,13 @@ def time_engine(
     times.sort()
     first = next(iter(feeds.values()))
     batch = first.shape[0] if first.dim() else 1
-    return EngineTiming(str(engine_path), times[len(times) // 2], times[int(len(times) * 0.9)], iterations, batch)
+    return EngineTiming(
+        engine=str(engine_path),
+        median_ms=times[len(times) // 2],
+        p90_ms=times[int(len(times) * 0.9)],
+        iterations=iterations,
+        batch=batch,
+    )
 
 
 def run_engine(engine_path: str | Path, feeds: dict[str, np.ndarray], backend: str | None = None) -> dict:

@@ -160,13 +160,14 @@ def build_block(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant.startswith("fp") or dtype is None:
         dtype = torch.float32 if variant == "fp32" else torch.float16
-    make: Callable[[np.ndarray], Linear] = {
+    makers: dict[str, Callable[[np.ndarray], Linear]] = {
         "fp32": lambda w: _dense_linear(torch, w, torch.float32, device),
         "fp16": lambda w: _dense_linear(torch, w, torch.float16, device),
         "fp16-2:4": lambda w: _sparse_linear(torch, w, device),
         "int8": lambda w: Int8Linear(torch, w, device, sparse=False),
         "int8-2:4": lambda w: Int8Linear(torch, w, device, sparse=True),
-    }[variant]
+    }
+    make = makers[variant]
     return TorchBlock(torch, weights, {n: make(w) for n, w in weights.projections.items()}, dtype, device)
 
 

@@ -70,7 +70,7 @@ def pruned_block(work: Path, shape: DecoderShape, method: str) -> Path:
     if method == "wanda":  # synthetic token ids, seeded: the machine has no network and no data set
         ids = np.random.default_rng(0).integers(0, shape.vocab, size=(2, 128), dtype=np.int64)
         calibration = CalibrationRequest(data={"input_ids": ids})
-    config = PruneConfig(NMPattern(2, 4), Method(method))
+    config = PruneConfig(NMPattern(2, 4), method=Method(method))
     out, _ = prune_file(source, config, work / "block.pruned.onnx", calibration=calibration, force=True)
     say(f"pruned 2:4 ({method}) with graphprune: {out.name}")
     return out

@@ -30,7 +30,7 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("block")
     source = work / "decoder.onnx"
     onnx.save_model(llama_decoder(SHAPE), str(source))
-    out, _ = prune_file(source, PruneConfig(NMPattern(2, 4), Method.MAGNITUDE), work / "pruned.onnx")
+    out, _ = prune_file(source, PruneConfig(NMPattern(2, 4), method=Method.MAGNITUDE), work / "pruned.onnx")
     return out
 
 

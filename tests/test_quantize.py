@@ -122,8 +122,9 @@ def test_pattern_survives_and_zero_points_are_zero(tmp_path: Path) -> None:
         assert dq.op_type == "DequantizeLinear" and dq.attributes["axis"].value == 1
         assert not np.any(dq.inputs[2].const_value.numpy())
     for node in g:
-        if node.op_type == "QuantizeLinear":
-            assert node.inputs[2].const_value.numpy().dtype == np.int8 and node.inputs[2].const_value.numpy() == 0
+        if node.op_type == "QuantizeLinear":  # per tensor: scalar scale and zero point, the zero point 0
+            scale, zero = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
+            assert scale.shape == zero.shape == () and zero.dtype == np.int8 and zero == 0
     onnx.save(model, tmp_path / "check.onnx")
     result = check_file(tmp_path / "check.onnx", NMPattern(2, 4), include_head=True)
     assert result.ok and {w.name for w in result.weights} == {"W1", "W2"}
@@ -248,3 +249,15 @@ def test_tied_head_is_untied_exactly_and_quantized_with_include_head(tmp_path: P
     assert g.initializers["E_matmul"].const_value.dtype == ir.DataType.INT8
     _, report = quantize_file(src, QuantizeConfig(precision="int8"), tmp_path / "f.onnx", request, force=True)
     assert not report.untied and "E" in {k.name for k in report.kept}
+
+
+def test_onnx_runtime_fuses_every_ort_target_matmul(tmp_path: Path) -> None:
+    """Its CPU optimiser turns each DQ(uint8) -> MatMul <- DQ(int8) group into an integer kernel: no float MatMul is
+    left (with int8 activations, --target tensorrt, it fuses only some: BENCHMARKS.md)."""
+    calib = RNG.standard_normal((16, D)).astype(np.float32)
+    quantized(tmp_path, mlp(), calib, precision="int8", target="ort")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 2 and "MatMul" not in ops, ops

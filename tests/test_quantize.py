@@ -252,7 +252,7 @@ def test_tied_head_is_untied_exactly_and_quantized_with_include_head(tmp_path: P
 
 
 def test_onnx_runtime_fuses_every_ort_target_matmul(tmp_path: Path) -> None:
-    """Its CPU optimiser turns each DQ(uint8) -> MatMul <- DQ(int8) group into an integer kernel: no float MatMul is
+    """Its CPU optimiser turns each DQ(uint8) -> MatMul <- DQ(int8) group into an integer kernel, no float MatMul
     left (with int8 activations, --target tensorrt, it fuses only some: BENCHMARKS.md)."""
     calib = RNG.standard_normal((16, D)).astype(np.float32)
     quantized(tmp_path, mlp(), calib, precision="int8", target="ort")

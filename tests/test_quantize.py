@@ -262,3 +262,20 @@ def test_onnx_runtime_fuses_every_ort_target_matmul(tmp_path: Path) -> None:
     ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
     integer = {"MatMulIntegerToFloat", "QLinearMatMul"}  # the latter where a Relu -> Q follows (Relu folded)
     assert sum(op in integer for op in ops) == 2 and not {"MatMul", "DequantizeLinear"} & set(ops), ops
+
+
+def test_massive_inputs_stay_float_above_the_threshold(tmp_path: Path) -> None:
+    calib = RNG.standard_normal((32, D)).astype(np.float32)
+    calib[0, 3] = 500.0  # one massive activation in x; h = relu(x @ W1) inherits a large one too
+    peak_x = np.abs(calib).max()
+    peak_h = np.abs(np.maximum(calib @ W1, 0)).max()
+    threshold = float(min(peak_x, peak_h)) - 1.0
+    src = tmp_path / "model.onnx"
+    onnx.save(mlp(), src)
+    config = QuantizeConfig(include_head=True, float_above=threshold)
+    _, report = quantize_file(src, config, tmp_path / "q.onnx", CalibrationRequest(data={"x": calib}), force=True)
+    kept = {k.name: k.reason for k in report.kept}
+    assert {"W1", "W2"} <= set(kept) and "above" in kept["W1"] and not report.result.weights
+    config = QuantizeConfig(include_head=True, float_above=float(max(peak_x, peak_h)) + 1.0)
+    _, report = quantize_file(src, config, tmp_path / "q2.onnx", CalibrationRequest(data={"x": calib}), force=True)
+    assert {w.name for w in report.result.weights} == {"W1", "W2"}

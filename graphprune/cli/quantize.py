@@ -63,6 +63,15 @@ def quantize(
             "(asymmetric uint8, ONNX Runtime's x86 U8S8 kernels). Example: --target ort"
         ),
     ] = "tensorrt",
+    float_above: Annotated[
+        float | None,
+        typer.Option(
+            help="Leave float (and list) the weights whose calibrated input reaches |x| above this, after "
+            "smoothing: one per-tensor int8 scale cannot hold an LLM's massive activations and the small values "
+            "beside them. Example: --float-above 100",
+            show_default=False,
+        ),
+    ] = None,
     dynamic: Annotated[
         bool,
         typer.Option(
@@ -130,6 +139,7 @@ def quantize(
         smooth=smooth,
         include_head=include_head,
         exclude=tuple(exclude or ()),
+        float_above=float_above,
     )
     config.validate()
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)

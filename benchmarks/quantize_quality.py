@@ -81,8 +81,10 @@ def ours(
     request = CalibrationRequest(data=str(calib))
     configs = {run: config_of(run) for run in runs}
     base = load_model(model_path)
-    first = next(iter(configs.values()))
-    plan = plan_quantization(base, first)
+    widest = next((c for c in configs.values() if c.include_head), next(iter(configs.values())))
+    if widest.include_head:
+        untie_head_tables(base)  # the head's input is measured too
+    plan = plan_quantization(base, widest)
     start = time.process_time()
     measured = Measured()
     if any(c.needs_ranges for c in configs.values()):

@@ -279,3 +279,22 @@ def test_massive_inputs_stay_float_above_the_threshold(tmp_path: Path) -> None:
     config = QuantizeConfig(include_head=True, float_above=float(max(peak_x, peak_h)) + 1.0)
     _, report = quantize_file(src, config, tmp_path / "q2.onnx", CalibrationRequest(data={"x": calib}), force=True)
     assert {w.name for w in report.result.weights} == {"W1", "W2"}
+
+
+def test_the_pass_refuses_codes_that_break_the_pattern() -> None:
+    """The post-condition: codes with a non-zero where the weight was pruned break 2:4, and the pass says so."""
+    from graphprune.algorithms.quant_grid import QuantGrid, grid_scales, quantize_codes
+    from graphprune.passes.base import PassPostconditionError
+    from graphprune.quantize.passes import QuantizePass
+    from graphprune.quantize.select import plan_quantization
+
+    model = ir.from_proto(mlp())
+    config = QuantizeConfig(precision="int8", dynamic=True, include_head=True)
+    plan = plan_quantization(model, config)
+    canonical = W1.T.copy()  # (out, K)
+    grid = QuantGrid(precision="int8")
+    scales = grid_scales(canonical, grid)
+    codes = quantize_codes(canonical, scales, grid)
+    codes[0, np.flatnonzero(canonical[0] == 0)[0]] = 5  # a pruned weight comes back
+    with pytest.raises(PassPostconditionError, match="W1"):
+        QuantizePass(config=config, targets=plan.targets, solved={"W1": (codes, scales)})(model)

@@ -39,8 +39,8 @@ def config_of(run: str):  # type: ignore[no-untyped-def]
     fields: dict[str, object] = {"precision": precision}
     for option in options:
         key, _, value = option.partition("=")
-        if key == "smooth":
-            fields["smooth"] = float(value)
+        if key in ("smooth", "float_above"):
+            fields[key] = float(value)
         elif key == "block":
             fields["block_size"] = int(value)
         elif key in ("dynamic", "head"):
@@ -50,7 +50,26 @@ def config_of(run: str):  # type: ignore[no-untyped-def]
     return QuantizeConfig(**fields)  # type: ignore[arg-type]
 
 
-def ours(model_path: Path, runs: list[str], calib: Path, out_dir: Path) -> dict[str, tuple[Path, float]]:
+def cached_ranges(cache: Path | None, compute):  # type: ignore[no-untyped-def]
+    """Per-channel activation ranges from ``cache`` (an .npz this script wrote), else computed and saved there."""
+    from graphprune.quantize.ranges import ChannelRange
+
+    if cache is not None and cache.exists():
+        with np.load(cache) as f:
+            names = [str(n) for n in f["names"]]
+            return {n: ChannelRange(f[f"lo_{i}"], f[f"hi_{i}"], int(f[f"rows_{i}"])) for i, n in enumerate(names)}
+    ranges = compute()
+    if cache is not None:
+        arrays: dict[str, np.ndarray] = {"names": np.array(list(ranges))}
+        for i, r in enumerate(ranges.values()):
+            arrays.update({f"lo_{i}": r.lo, f"hi_{i}": r.hi, f"rows_{i}": np.array(r.rows)})
+        np.savez(cache, **arrays)
+    return ranges
+
+
+def ours(
+    model_path: Path, runs: list[str], calib: Path, out_dir: Path, cache: Path | None = None
+) -> dict[str, tuple[Path, float]]:
     """graphprune's variants: one range calibration (and one Gram calibration for gptq), then each variant."""
     from graphprune.calibration.request import CalibrationRequest
     from graphprune.graph.model_io import load_model
@@ -62,13 +81,17 @@ def ours(model_path: Path, runs: list[str], calib: Path, out_dir: Path) -> dict[
     request = CalibrationRequest(data=str(calib))
     configs = {run: config_of(run) for run in runs}
     base = load_model(model_path)
-    first = next(iter(configs.values()))
-    plan = plan_quantization(base, first)
+    widest = next((c for c in configs.values() if c.include_head), next(iter(configs.values())))
+    if widest.include_head:
+        untie_head_tables(base)  # the head's input is measured too
+    plan = plan_quantization(base, widest)
     start = time.process_time()
     measured = Measured()
     if any(c.needs_ranges for c in configs.values()):
         ranges_config = next(c for c in configs.values() if c.needs_ranges)
-        measured = measure(base, model_path, plan, ranges_config, request)
+        measured.ranges = cached_ranges(
+            cache, lambda: measure(base, model_path, plan, ranges_config, request).ranges
+        )
     if any(c.method == "gptq" for c in configs.values()):
         gptq_config = next(c for c in configs.values() if c.method == "gptq")
         measured.grams = measure(base, model_path, plan, gptq_config, request).grams
@@ -139,6 +162,7 @@ def main() -> None:
     parser.add_argument("--calib", type=Path, default=REFERENCE / "smollm2_brown_calib.npz")
     parser.add_argument("--eval", type=Path, default=REFERENCE / "smollm2_brown_eval.npz")
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--ranges-cache", type=Path, help="reuse (or save) this model's activation ranges here")
     parser.add_argument("--ort-calib", type=int, default=8)
     parser.add_argument("--results", type=Path, default=HERE / "results" / "quantize_quality.jsonl")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --results and stop")
@@ -151,7 +175,7 @@ def main() -> None:
         models: dict[str, tuple[Path, float]] = {}
         ours_runs = [r for r in args.runs if r not in ("fp32", "ort-static", "ort-dynamic")]
         if ours_runs:
-            models.update(ours(args.model, ours_runs, args.calib, out_dir))
+            models.update(ours(args.model, ours_runs, args.calib, out_dir, args.ranges_cache))
         for run in args.runs:
             start = time.process_time()
             if run == "fp32":

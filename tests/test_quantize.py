@@ -122,8 +122,9 @@ def test_pattern_survives_and_zero_points_are_zero(tmp_path: Path) -> None:
         assert dq.op_type == "DequantizeLinear" and dq.attributes["axis"].value == 1
         assert not np.any(dq.inputs[2].const_value.numpy())
     for node in g:
-        if node.op_type == "QuantizeLinear":
-            assert node.inputs[2].const_value.numpy().dtype == np.int8 and node.inputs[2].const_value.numpy() == 0
+        if node.op_type == "QuantizeLinear":  # per tensor: scalar scale and zero point, the zero point 0
+            scale, zero = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
+            assert scale.shape == zero.shape == () and zero.dtype == np.int8 and zero == 0
     onnx.save(model, tmp_path / "check.onnx")
     result = check_file(tmp_path / "check.onnx", NMPattern(2, 4), include_head=True)
     assert result.ok and {w.name for w in result.weights} == {"W1", "W2"}
@@ -248,3 +249,52 @@ def test_tied_head_is_untied_exactly_and_quantized_with_include_head(tmp_path: P
     assert g.initializers["E_matmul"].const_value.dtype == ir.DataType.INT8
     _, report = quantize_file(src, QuantizeConfig(precision="int8"), tmp_path / "f.onnx", request, force=True)
     assert not report.untied and "E" in {k.name for k in report.kept}
+
+
+def test_onnx_runtime_fuses_every_ort_target_matmul(tmp_path: Path) -> None:
+    """Its CPU optimiser turns each DQ(uint8) -> MatMul <- DQ(int8) group into an integer kernel, no float MatMul
+    left (with int8 activations, --target tensorrt, it fuses only some: BENCHMARKS.md)."""
+    calib = RNG.standard_normal((16, D)).astype(np.float32)
+    quantized(tmp_path, mlp(), calib, precision="int8", target="ort")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    integer = {"MatMulIntegerToFloat", "QLinearMatMul"}  # the latter where a Relu -> Q follows (Relu folded)
+    assert sum(op in integer for op in ops) == 2 and not {"MatMul", "DequantizeLinear"} & set(ops), ops
+
+
+def test_massive_inputs_stay_float_above_the_threshold(tmp_path: Path) -> None:
+    calib = RNG.standard_normal((32, D)).astype(np.float32)
+    calib[0, 3] = 500.0  # one massive activation in x; h = relu(x @ W1) inherits a large one too
+    peak_x = np.abs(calib).max()
+    peak_h = np.abs(np.maximum(calib @ W1, 0)).max()
+    threshold = float(min(peak_x, peak_h)) - 1.0
+    src = tmp_path / "model.onnx"
+    onnx.save(mlp(), src)
+    config = QuantizeConfig(include_head=True, float_above=threshold)
+    _, report = quantize_file(src, config, tmp_path / "q.onnx", CalibrationRequest(data={"x": calib}), force=True)
+    kept = {k.name: k.reason for k in report.kept}
+    assert {"W1", "W2"} <= set(kept) and "above" in kept["W1"] and not report.result.weights
+    config = QuantizeConfig(include_head=True, float_above=float(max(peak_x, peak_h)) + 1.0)
+    _, report = quantize_file(src, config, tmp_path / "q2.onnx", CalibrationRequest(data={"x": calib}), force=True)
+    assert {w.name for w in report.result.weights} == {"W1", "W2"}
+
+
+def test_the_pass_refuses_codes_that_break_the_pattern() -> None:
+    """The post-condition: codes with a non-zero where the weight was pruned break 2:4, and the pass says so."""
+    from graphprune.algorithms.quant_grid import QuantGrid, grid_scales, quantize_codes
+    from graphprune.passes.base import PassPostconditionError
+    from graphprune.quantize.passes import QuantizePass
+    from graphprune.quantize.select import plan_quantization
+
+    model = ir.from_proto(mlp())
+    config = QuantizeConfig(precision="int8", dynamic=True, include_head=True)
+    plan = plan_quantization(model, config)
+    canonical = W1.T.copy()  # (out, K)
+    grid = QuantGrid(precision="int8")
+    scales = grid_scales(canonical, grid)
+    codes = quantize_codes(canonical, scales, grid)
+    codes[0, np.flatnonzero(canonical[0] == 0)[0]] = 5  # a pruned weight comes back
+    with pytest.raises(PassPostconditionError, match="W1"):
+        QuantizePass(config=config, targets=plan.targets, solved={"W1": (codes, scales)})(model)

@@ -33,6 +33,7 @@ class QuantizeConfig:
     smooth: float | None = None
     include_head: bool = False
     exclude: tuple[str, ...] = ()
+    float_above: float | None = None  # activations reaching |x| above this (after smoothing) stay float
 
     def validate(self) -> None:
         if self.precision not in MIN_OPSET:
@@ -49,6 +50,10 @@ class QuantizeConfig:
             )
         if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
             raise GraphpruneError(f"smoothing strength {self.smooth} must be between 0 and 1 (0.5 is usual)")
+        if self.float_above is not None and not self.float_above > 0:
+            raise GraphpruneError(
+                f"the float threshold {self.float_above} must be a positive activation magnitude"
+            )
         if self.smooth is not None and self.precision == "int4":
             raise GraphpruneError(
                 "smoothing moves range into the weights for quantized activations; int4 is weight-only"

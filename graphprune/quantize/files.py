@@ -19,6 +19,7 @@ from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.stats import ActivationStats
 from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model, uses_external_data
+from graphprune.graph.targets import Target
 from graphprune.pipeline.files import report_path
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.gptq_weights import gptq_codes, gram_statistics
@@ -108,6 +109,8 @@ def quantize_model(
         with contextlib.suppress(Exception):  # best effort: folds through a product need its operands' widths
             ShapeInferencePass()(model)
         smoothing, scales = smooth(model, plan.targets, ranges, config.smooth)
+    targets, kept = _massive_inputs_float(plan, ranges, config)
+    plan = Planned(targets, plan.activations, plan.kept + kept)
     solved = {}
     if measured.grams is not None and config.method == "gptq":
         stage("GPTQ")
@@ -115,6 +118,27 @@ def quantize_model(
     stage("quantizing")
     result = QuantizePass(config=config, targets=plan.targets, ranges=ranges, solved=solved)(model)
     return QuantizeReport(config, result, plan.kept, smoothing, None, warnings)
+
+
+def _massive_inputs_float(
+    plan: Planned, ranges: dict[str, ChannelRange], config: QuantizeConfig
+) -> tuple[list[Target], list[Kept]]:
+    """Leave float the weights whose (smoothed) input reaches ``config.float_above``: one per-tensor scale
+    cannot hold a few massive activations and the many small ones beside them (down projections of LLMs)."""
+    if config.float_above is None or not config.quantizes_activations:
+        return plan.targets, []
+    targets, kept = [], []
+    for t in plan.targets:
+        r = ranges.get(t.consumers[0].activation)
+        peak = float(r.absmax.max()) if r is not None else 0.0
+        if peak > config.float_above:
+            reason = (
+                f"its input {t.consumers[0].activation} reaches |x| = {peak:.4g}, above {config.float_above:g}"
+            )
+            kept.append(Kept(t.name, t.op, reason))
+        else:
+            targets.append(t)
+    return targets, kept
 
 
 def default_quantized_output(model_path: Path, config: QuantizeConfig) -> Path:

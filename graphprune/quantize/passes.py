@@ -5,8 +5,9 @@ An ``onnx_ir`` in-place pass (``QuantizePass(config=..., targets=..., ranges=...
 ``solved`` holds codes computed elsewhere (GPTQ). Activations get static per-tensor scales from ``ranges`` (their
 calibrated min/max), or DynamicQuantizeLinear with ``config.dynamic``; int4 leaves them float.
 Pre-condition: every target is a float initializer of the model, every static activation has a finite range.
-Post-condition: every weight is stored as codes behind one DequantizeLinear whose zero points are all 0, and
-every weight that was N:M along K (for M in 4, 8, 16) still holds at most as many non-zeros per group.
+Post-condition: every weight is stored as codes behind one DequantizeLinear whose zero points are all 0 (and so
+are the activations' for TensorRT and fp8), and every weight that was N:M along K (for M in 4, 8, 16) still
+holds at most as many non-zeros per group.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.solved = solved or {}
         self._groups_before: dict[str, dict[int, int]] = {}
         self._readers: list[ir.Node] = []  # the MatMul/Gemm/Conv nodes whose weight is quantized
+        self._added: list[ir.Node] = []  # the static activation Q/DQ nodes
 
     @staticmethod
     def grid_of(config: QuantizeConfig) -> QuantGrid:
@@ -192,7 +194,7 @@ class QuantizePass(ir.passes.InPlacePass):
                 continue
             low, high = self.ranges[activation].tensor_range()
             scale, zero, kind = activation_grid(self.config, low, high)
-            quantize_activation(graph, names, x, uses, scale, zero, kind)
+            self._added += quantize_activation(graph, names, x, uses, scale, zero, kind)
             records.append(
                 ActivationRecord(activation, len(uses), low, high, scale, float(zero.astype(np.float32)))
             )
@@ -200,6 +202,11 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def ensures(self, model: ir.Model) -> None:
         graph = model.graph
+        if self.config.target == "tensorrt" or self.config.precision == "fp8":  # symmetric activations too
+            for node in self._added:
+                zero = node.inputs[2].const_value  # type: ignore[union-attr]
+                if zero is None or zero.numpy().astype(np.float32) != 0:
+                    raise PassPostconditionError(f"activation {node.inputs[0].name}: a zero point is not 0")  # type: ignore[union-attr]
         for t in self.targets:
             weight = graph.initializers[t.name]
             readers = [u.node for u in weight.uses()]

@@ -50,7 +50,9 @@ def constant(graph: ir.Graph, names: Names, wanted: str, array: np.ndarray, kind
     """A new initializer holding ``array`` (of code type ``kind`` when given)."""
     name = names(wanted)
     dtype = CODE_TYPES[kind][1] if kind else None
-    tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
+    # np.ascontiguousarray would make a scalar 1-D: a per-tensor scale must stay a scalar, or ONNX Runtime's QDQ
+    # fusions (and TensorRT) see a per-axis parameter
+    tensor = ir.Tensor(np.array(array, copy=True, order="C"), dtype=dtype, name=name)
     value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
     graph.register_initializer(value)
     return value

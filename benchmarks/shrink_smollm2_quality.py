@@ -35,6 +35,7 @@ except ImportError:  # run as a script from a checkout without installing graphp
     from graphprune import demo
 
 import onnx_ir as ir
+from shrink_variants import variant  # benchmarks/, beside this script
 
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.moments import ChannelTap, Moments, collect_moments
@@ -107,11 +108,11 @@ def main() -> None:
     results: list[dict] = previous.get("results", [])
     runs: list[tuple[ShrinkConfig, bool | None]] = []  # True: the cached moments; None: calibrate afresh
     for ratio in args.ratios:
-        runs += [(variant(v, ratio), True) for v in args.variants]
+        runs += [(mlp_variant(v, ratio), True) for v in args.variants]
         for m in args.methods:
-            runs.append((variant(m, ratio), True))
+            runs.append((mlp_variant(m, ratio), True))
         if args.steps > 1:
-            runs += [(replace(variant(v, ratio), steps=args.steps), False) for v in args.step_methods]
+            runs += [(replace(mlp_variant(v, ratio), steps=args.steps), False) for v in args.step_methods]
         if ratio == args.ratios[0]:  # the blocks right after the first ratio: most wanted first
             runs += [(ShrinkConfig(blocks=n), True) for n in args.blocks]
     runs += [(ShrinkConfig(ratio=r, units=("heads",), method=StructuredMethod.FLAP), None) for r in args.heads]
@@ -171,7 +172,7 @@ def time_refit(model_path: Path, windows: int, out: Path, rounds: int = 2) -> No
         for name in times:
             model = load_model(model_path)
             t, t_cpu = time.perf_counter(), time.process_time()
-            shrink_model(model, variant(name, 0.25), request)
+            shrink_model(model, mlp_variant(name, 0.25), request)
             times[name].append((time.perf_counter() - t, time.process_time() - t_cpu))
             print(name, times[name][-1], flush=True)
             del model
@@ -187,16 +188,8 @@ def time_refit(model_path: Path, windows: int, out: Path, rounds: int = 2) -> No
     out.write_text(json.dumps(row, indent=1) + "\n")
 
 
-def variant(text: str, ratio: float) -> ShrinkConfig:
-    """``METHOD[+refit][+global]`` as a configuration removing ``ratio`` of the MLP neurons."""
-    method, *flags = text.split("+")
-    return ShrinkConfig(
-        ratio=ratio,
-        units=("mlp",),
-        method=StructuredMethod(method),
-        refit="refit" in flags,
-        allocate="global" if "global" in flags else "uniform",
-    )
+def mlp_variant(text: str, ratio: float) -> ShrinkConfig:
+    return variant(text, ratio, ("mlp",))
 
 
 def _key(row: dict) -> tuple:

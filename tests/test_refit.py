@@ -8,12 +8,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphprune.algorithms.refit import output_error, refit
+from graphprune.algorithms.refit import output_error, refit, removal_costs
 from graphprune.algorithms.structured import StructuredMethod, flap_bias
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
-from tests.onnx_builders import run
+from tests.onnx_builders import init, make_model, run
 from tests.test_shrink import NETS, Net, _silu, llama_mlp
 
 RNG = np.random.default_rng(7)
@@ -191,3 +191,42 @@ def test_refit_needs_data_and_is_on_by_default_with_it() -> None:
     calib = CalibrationRequest(data={"x": net.feed["x"]}, batch_size=2)
     report = shrink_model(ir.from_proto(net.model), ShrinkConfig(ratio=0.25), calib)
     assert report.config.refit and report.config.allocate == "global" and report.groups[0].refitted == 1
+
+
+@pytest.mark.parametrize("unit_size", [1, 3])
+def test_removal_costs_equal_the_error_the_refit_leaves_per_unit(unit_size: int) -> None:
+    x, w, _ = _data(6)
+    gram, mean = _moments(x)
+    costs = removal_costs(w, gram, mean, unit_size, percdamp=0.0)
+    for u in range(w.shape[1] // unit_size):
+        kept = np.setdiff1d(np.arange(w.shape[1]), np.arange(u * unit_size, (u + 1) * unit_size))
+        solved = refit(w, gram, mean, kept, percdamp=0.0)
+        error = output_error(w, gram, mean, kept, solved.weight, solved.bias_delta)
+        assert costs[u] == pytest.approx(error, rel=1e-6)
+
+
+def test_removal_costs_of_uncorrelated_channels_are_flaps_scores() -> None:
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(200_000, 6)) * np.arange(1, 7) + 3.0  # independent channels, a mean to ignore
+    w = rng.normal(size=(4, 6))
+    gram, mean = _moments(x)
+    flap = x.var(axis=0) * (w**2).sum(axis=0)
+    np.testing.assert_allclose(removal_costs(w, gram, mean, 1, percdamp=0.0), flap, rtol=2e-2)
+
+
+def test_obs_removes_a_duplicated_neuron_and_the_refit_restores_the_output_exactly() -> None:
+    net = llama_mlp(hidden=12)
+    for name in ("gate", "up"):  # neuron 7 computes exactly what neuron 2 computes
+        net.weights[name][:, 7] = net.weights[name][:, 2]
+    model = make_model(
+        list(net.model.graph.node),
+        list(net.model.graph.input),
+        list(net.model.graph.output),
+        [init(v, k) for k, v in net.weights.items()],
+    )
+    calib = {"x": RNG.standard_normal((8, 16, 8)).astype(np.float32)}
+    m = ir.from_proto(model)
+    config = ShrinkConfig(ratio=1 / 12, method=StructuredMethod.OBS, refit=True, damp=1e-9)
+    report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=4))
+    assert report.groups[0].removed in ([2], [7])  # FLAP would rank them like any other neuron
+    np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], run(model, net.feed)[0], rtol=1e-4, atol=1e-4)

@@ -59,8 +59,10 @@ def shrink(
         StructuredMethod | None,
         typer.Option(
             help="Score: l2 (norm of the unit's weights, no data); wanda (Σ |W|·‖X‖ over the unit); flap "
-            "(Var(X)·‖W‖², and the removed channels' mean contribution folded into the next layer's bias). "
-            "wanda and flap need --calib. Default: flap with --calib, else l2 (which needs no data, but on "
+            "(Var(X)·‖W‖², and the removed channels' mean contribution folded into the next layer's bias); obs "
+            "(the output error the least-squares refit leaves without the unit, from the input's covariance: "
+            "flap's score where channels are uncorrelated, lower where the kept channels can stand in). "
+            "wanda, flap and obs need --calib. Default: flap with --calib, else l2 (which needs no data, but on "
             "language models loses far more than the activation-aware scores). Example: --method flap",
             show_default=False,
         ),

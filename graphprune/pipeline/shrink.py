@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from graphprune.algorithms import structured as st
 from graphprune.algorithms.allocation import allocate
-from graphprune.algorithms.refit import moments_from_sums, refit
+from graphprune.algorithms.refit import moments_from_sums, refit, removal_costs
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.moments import ChannelTap, Moments, collect_moments
 from graphprune.calibration.request import CalibrationRequest
@@ -267,10 +267,11 @@ def _shrink_groups(
         if config.method is not StructuredMethod.L2 or config.refit:
             assert measure is not None
             stage(f"round {step} of {config.steps}: calibrating")
-            moments = measure(model, channel_taps(groups, gram=bool(config.refit)), [])
+            gram = bool(config.refit) or config.method is StructuredMethod.OBS
+            moments = measure(model, channel_taps(groups, gram=gram), [])
             report.warnings += [w for w in moments.warnings if w not in report.warnings]
         stage(f"round {step} of {config.steps}: removing units")
-        scores = [_scores(g, config.method, moments) for g in groups]
+        scores = [_scores(g, config.method, moments, config.damp) for g in groups]
         counts = _round_counts(groups, records, scores, config, step / config.steps)
         removals = []
         for i, g in enumerate(groups):
@@ -355,7 +356,7 @@ def _consumer_terms(group: Group, moments):  # type: ignore[no-untyped-def]
         yield i, weight, (moments.sums[name], moments.sumsq[name], moments.rows[name])
 
 
-def _scores(group: Group, method: StructuredMethod, moments) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _scores(group: Group, method: StructuredMethod, moments, damp: float) -> np.ndarray:  # type: ignore[no-untyped-def]
     if method is StructuredMethod.L2:
         tensors = [
             _channel_first(s.value.const_value.numpy(), s.axis, consumer=s.role == "consumer")  # type: ignore[union-attr]
@@ -368,7 +369,20 @@ def _scores(group: Group, method: StructuredMethod, moments) -> np.ndarray:  # t
     if method is StructuredMethod.WANDA:
         return st.wanda_scores(weights, [m[1] for _, _, m in terms], group.width)
     variances = [st.channel_moments(*m)[1] for _, _, m in terms]
-    return st.flap_scores(weights, variances, group.width)
+    if method is StructuredMethod.FLAP:
+        return st.flap_scores(weights, variances, group.width)
+    # obs: per consumer the refit's error without each unit; FLAP's (its diagonal case) where there is no Gram
+    inputs = {node: value.name for node, value, _ in group.consumer_inputs}
+    total = np.zeros(group.width)
+    for (i, weight, _), variance in zip(terms, variances, strict=True):
+        slot, name = group.slots[i], inputs[group.slots[i].node]
+        if refittable(slot) and name in moments.grams:
+            gram, mean = moments_from_sums(moments.grams[name], moments.sums[name], moments.rows[name])
+            unit = group.unit_size_of(i)
+            total += removal_costs(weight[:, :, 0].T, gram, mean, unit, damp) * _output_scale(slot.node) ** 2
+        else:
+            total += st.flap_scores([weight], [variance], group.width)
+    return total
 
 
 def _flap_bias(group: Group, units: np.ndarray, moments) -> dict[ir.Node, np.ndarray]:  # type: ignore[no-untyped-def]

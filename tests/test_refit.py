@@ -3,6 +3,8 @@ checked through ONNX Runtime (removing zero channels changes nothing; the refitt
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -14,7 +16,7 @@ from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
 from tests.onnx_builders import init, make_model, run
-from tests.test_shrink import NETS, Net, _silu, llama_mlp
+from tests.test_shrink import NETS, Net, _silu, llama_mlp, residual_stack
 
 RNG = np.random.default_rng(7)
 
@@ -230,3 +232,39 @@ def test_obs_removes_a_duplicated_neuron_and_the_refit_restores_the_output_exact
     report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=4))
     assert report.groups[0].removed in ([2], [7])  # FLAP would rank them like any other neuron
     np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], run(model, net.feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    return out
+
+
+def test_sequential_refits_each_group_on_the_already_shrunk_prefix() -> None:
+    model, weights, _ = residual_stack(d=8, hidden=12)
+    calib = {"x": RNG.standard_normal((64, 8)).astype(np.float32)}
+    request = CalibrationRequest(data=calib, batch_size=16)
+    config = ShrinkConfig(ratio=0.25, method=StructuredMethod.FLAP, refit=True, damp=0.0, allocate="uniform")
+    m = ir.from_proto(model)
+    report = shrink_model(m, replace(config, sequential=True), request)
+    small = ir.to_proto(m)
+    # block 2's input on the shrunk model is what its refit saw: blocks 0 and 1 were shrunk before it
+    x2 = run(_with_outputs(small, ["x2"]), calib)[-1].astype(np.float64)
+    w1, w2 = (w.astype(np.float64) for w in weights[2])
+    h = np.maximum(x2 @ w1, 0.0)
+    kept = np.setdiff1d(np.arange(12), report.groups[2].removed)
+    design = np.concatenate([h[:, kept], np.ones((len(h), 1))], axis=1)
+    solution = np.linalg.lstsq(design, h @ w2, rcond=None)[0]
+    got = next(t for t in small.graph.initializer if t.name == "w2_2")
+    np.testing.assert_allclose(onnx.numpy_helper.to_array(got), solution[:-1], rtol=1e-3, atol=1e-4)
+    # one-shot refits block 2 on the dense model's activations instead: another result
+    one_shot = ir.from_proto(model)
+    shrink_model(one_shot, config, request)
+    dense_fit = next(t for t in ir.to_proto(one_shot).graph.initializer if t.name == "w2_2")
+    assert not np.allclose(onnx.numpy_helper.to_array(dense_fit), onnx.numpy_helper.to_array(got), atol=1e-3)
+
+
+def test_sequential_takes_no_steps() -> None:
+    with pytest.raises(GraphpruneError, match="steps"):
+        ShrinkConfig(ratio=0.25, sequential=True, steps=2).validate()

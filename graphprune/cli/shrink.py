@@ -89,6 +89,15 @@ def shrink(
             "only when channel counts are multiples of 8 (16 with AVX-512). Example: --round-to 8"
         ),
     ] = 1,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            help="Shrink one group at a time in graph order, each calibrated on the model with the earlier groups "
+            "already shrunk (and refitted), so their errors are seen rather than compounded; one calibration run "
+            "per group, each as long as the model up to that group. With --allocate global the ratios are chosen "
+            "once on the dense model. Example: --sequential"
+        ),
+    ] = False,
     refit: Annotated[
         bool | None,
         typer.Option(
@@ -153,6 +162,7 @@ def shrink(
         round_to=round_to,
         overrides=tuple(_override(text) for text in ratio_for or ()),
         refit=refit,
+        sequential=sequential,
         damp=refit_damp,
         allocate=allocate,
         ratio_min=layer_min,

@@ -268,3 +268,21 @@ def test_sequential_refits_each_group_on_the_already_shrunk_prefix() -> None:
 def test_sequential_takes_no_steps() -> None:
     with pytest.raises(GraphpruneError, match="steps"):
         ShrinkConfig(ratio=0.25, sequential=True, steps=2).validate()
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_gram_taps_equal_numpy_on_every_nth_row(stride: int) -> None:
+    from graphprune.calibration.moments import ChannelTap, collect_moments
+
+    net = llama_mlp(hidden=12)
+    calib = {"x": RNG.standard_normal((4, 10, 8)).astype(np.float32)}
+    m = ir.from_proto(net.model)
+    tap = ChannelTap("h", -1, 12, gram=True, gram_stride=stride)
+    moments = collect_moments(m, [tap], [], CalibrationRequest(data=calib, batch_size=2))
+    x = calib["x"].astype(np.float64)
+    h = (_silu(x @ net.weights["gate"]) * (x @ net.weights["up"])).reshape(2, -1, 12)  # per batch of 2 samples
+    sample = np.concatenate([batch[::stride] for batch in h])  # each run's rows, every n-th
+    gram, sums, rows = moments.gram_terms("h")
+    np.testing.assert_allclose(gram, sample.T @ sample, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sums, sample.sum(axis=0), rtol=1e-4, atol=1e-4)
+    assert rows == len(sample) and moments.rows["h"] == 40

@@ -116,6 +116,14 @@ def shrink(
             "percdamp); it pulls the refitted weights towards the original ones. Example: --refit-damp 0.01"
         ),
     ] = 0.01,
+    gram_stride: Annotated[
+        int,
+        typer.Option(
+            help="Measure the Gram matrices of the refit and obs on every N-th calibration row only (their own "
+            "mean too): the Gram matrix of a 1536-wide MLP input costs more than the model's own forward pass "
+            "per token, so 2 roughly halves that part of the calibration. Example: --gram-stride 2"
+        ),
+    ] = 1,
     allocate: Annotated[
         str | None,
         typer.Option(
@@ -164,6 +172,7 @@ def shrink(
         refit=refit,
         sequential=sequential,
         damp=refit_damp,
+        gram_stride=gram_stride,
         allocate=allocate,
         ratio_min=layer_min,
         ratio_max=layer_max,

@@ -55,6 +55,7 @@ class ShrinkConfig:
     ratio_min: float = 0.0  # global allocation: the least and most any one group loses
     ratio_max: float = 0.8
     sequential: bool = False  # one group at a time in graph order, each measured on the already shrunk prefix
+    gram_stride: int = 1  # the refit's Gram matrices from every n-th calibration row: 1/n of their cost
 
     def resolved(self, has_data: bool) -> ShrinkConfig:
         """The defaults that depend on whether calibration data is given, made explicit."""
@@ -94,6 +95,8 @@ class ShrinkConfig:
             raise GraphpruneError(
                 f"invalid per-layer bounds {self.ratio_min:g}..{self.ratio_max:g}: need 0 <= least <= most < 1"
             )
+        if self.gram_stride < 1:
+            raise GraphpruneError(f"invalid Gram stride {self.gram_stride}: need n >= 1")
         if self.sequential and self.steps > 1:
             raise GraphpruneError("sequential shrinking works one group at a time: it takes no rounds (steps)")
         if not 0.0 <= self.damp < 1e6:
@@ -149,7 +152,7 @@ Progress = Callable[[str], None]
 Measure = Callable[[ir.Model, list[ChannelTap], list[tuple[str, str]]], Moments]
 
 
-def channel_taps(groups: list[Group], gram: bool = False) -> list[ChannelTap]:
+def channel_taps(groups: list[Group], gram: bool = False, gram_stride: int = 1) -> list[ChannelTap]:
     """One tap per distinct consumer input of ``groups``: what wanda and flap need, and with ``gram`` the Gram
     matrix of the inputs of consumers the refit can solve (:func:`refittable`)."""
     taps: dict[str, ChannelTap] = {}
@@ -161,7 +164,7 @@ def channel_taps(groups: list[Group], gram: bool = False) -> list[ChannelTap]:
             width = g.width * next(g.unit_size_of(i) for i, s in enumerate(g.slots) if s.node is node)
             tap = taps.setdefault(value.name, ChannelTap(value.name, axis, width, rank))
             if gram and not tap.gram and any(refittable(s) for s in g.consumers if s.node is node):
-                taps[value.name] = replace(tap, gram=True)
+                taps[value.name] = replace(tap, gram=True, gram_stride=gram_stride)
     return sorted(taps.values(), key=lambda t: t.value)
 
 
@@ -307,7 +310,8 @@ class _Rounds:
             return None
         assert self.measure_fn is not None
         gram = bool(config.refit) or config.method is StructuredMethod.OBS
-        moments = self.measure_fn(self.model, channel_taps([self.groups[i] for i in indices], gram=gram), [])
+        taps = channel_taps([self.groups[i] for i in indices], gram=gram, gram_stride=config.gram_stride)
+        moments = self.measure_fn(self.model, taps, [])
         self.report.warnings += [w for w in moments.warnings if w not in self.report.warnings]
         return moments
 
@@ -440,7 +444,7 @@ def _scores(group: Group, method: StructuredMethod, moments, damp: float) -> np.
     for (i, weight, _), variance in zip(terms, variances, strict=True):
         slot, name = group.slots[i], inputs[group.slots[i].node]
         if refittable(slot) and name in moments.grams:
-            gram, mean = moments_from_sums(moments.grams[name], moments.sums[name], moments.rows[name])
+            gram, mean = moments_from_sums(*moments.gram_terms(name))
             unit = group.unit_size_of(i)
             total += removal_costs(weight[:, :, 0].T, gram, mean, unit, damp) * _output_scale(slot.node) ** 2
         else:
@@ -470,7 +474,7 @@ def _refit(group: Group, units: np.ndarray, moments, damp: float):  # type: igno
         if not (refittable(slot) and name in moments.grams):
             bias[slot.node] = st.flap_bias(weight, st.channel_moments(*m)[0], removed) * _output_scale(slot.node)
             continue
-        gram, mean = moments_from_sums(moments.grams[name], moments.sums[name], moments.rows[name])
+        gram, mean = moments_from_sums(*moments.gram_terms(name))
         w = weight[:, :, 0].T.astype(np.float64)  # (out, K)
         kept = np.setdiff1d(np.arange(w.shape[1]), removed)
         solved = refit(w, gram, mean, kept, damp)

@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=1, help="shrink in this many calibrated rounds")
     parser.add_argument("--sequential", action="store_true", help="one group at a time on the shrunk prefix")
+    parser.add_argument("--damp", type=float, default=0.1, help="the refit's and obs's damping")
     parser.add_argument("--unpadded", action="store_true", help="calibrate on each paragraph's real tokens only")
     parser.add_argument(
         "--variants", nargs="*", default=["flap", "flap+refit", "obs+refit", "obs+refit+global"], help="see below"
@@ -130,7 +131,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="graphprune-shrink-minilm-") as tmp:
         for name in args.variants:
             path = Path(tmp) / f"{name}.onnx"
-            config = variant(name, args.ratio, ("mlp", "heads"), steps=args.steps, sequential=args.sequential)
+            config = variant(
+                name, args.ratio, ("mlp", "heads"), steps=args.steps, sequential=args.sequential, damp=args.damp
+            )
             wall, cpu = time.perf_counter(), time.process_time()
             _, report = shrink_file(model, config, path, calibration=CalibrationRequest(data=calib, batch_size=16))
             cost = _since(wall, cpu)
@@ -175,6 +178,7 @@ def main() -> None:
         "ratio": args.ratio,
         "units": "mlp,heads",
         "calibration": "64 paragraphs, " + ("unpadded" if args.unpadded else "padded to 128"),
+        "damp": args.damp,
         "batch": list(held["input_ids"].shape),
         "repeats": args.repeats,
         "latency_dense_s": round(dense_s, 4),

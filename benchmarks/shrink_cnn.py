@@ -12,7 +12,11 @@ seconds of those runs and the load average around them.
 
 Needs Pillow for the rendering (``pip install pillow``; not a graphprune dependency).
 
-    nice -n 10 python benchmarks/shrink_cnn.py [--ratios 0.3] [--methods l2 flap] [--round-to 1 8] [--repeats 9]
+    nice -n 10 python benchmarks/shrink_cnn.py [--ratios 0.3] [--methods l2 flap flap+refit] [--round-to 1 8]
+        [--repeats 9]
+
+``--methods`` takes ``METHOD[+refit][+global]`` (benchmarks/shrink_variants.py): ``flap+refit`` refits the 1x1
+consumers by least squares (kxk consumers keep flap's bias fold), ``+global`` shares the ratio across groups.
 
 ``--round-to 8`` leaves a multiple of 8 channels in every group: ONNX Runtime's CPU convolutions use their fast
 blocked (NCHWc) layout only then, so without it a smaller model can be slower.
@@ -37,9 +41,10 @@ except ImportError:  # run as a script from a checkout without installing graphp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from graphprune import demo
 
-from graphprune.algorithms.structured import StructuredMethod
+from shrink_variants import variant  # benchmarks/, beside this script
+
 from graphprune.calibration.request import CalibrationRequest
-from graphprune.pipeline.shrink import ShrinkConfig, shrink_file
+from graphprune.pipeline.shrink import shrink_file
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -139,6 +144,10 @@ def _agreement(kind: str, dense: np.ndarray, small: np.ndarray, labels: np.ndarr
     }
 
 
+def _key(row: dict) -> tuple:
+    return row["model"], row["method"], row["ratio"], row["round_to"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.3])
@@ -151,7 +160,7 @@ def main() -> None:
     import onnxruntime as ort
 
     calibration_text, heldout_text = demo.brown_split()
-    results = []
+    results = json.loads(args.json.read_text())["results"] if args.json.exists() else []  # rows merged by key
     for kind in args.models:
         path = demo.rapidocr_cls() if kind == "cls" else demo.rapidocr_det()
         if kind == "cls":
@@ -171,9 +180,7 @@ def main() -> None:
             runs = [(r, m, n) for r in args.ratios for m in args.methods for n in args.round_to]
             for ratio, method, multiple in runs:
                 out = Path(tmp) / f"{kind}-{method}-{ratio}-{multiple}.onnx"
-                config = ShrinkConfig(
-                    ratio=ratio, units=("channels",), method=StructuredMethod(method), round_to=multiple
-                )
+                config = variant(method, ratio, ("channels",), round_to=multiple)
                 wall, cpu = time.perf_counter(), time.process_time()
                 request = CalibrationRequest(data={"x": calib}, batch_size=8)
                 _, report = shrink_file(path, config, out, calibration=request)
@@ -188,6 +195,7 @@ def main() -> None:
                     "model": path.name,
                     "method": method,
                     "ratio": ratio,
+                    "layer_ratios": [g.ratio for g in report.groups],
                     "round_to": multiple,
                     "batch": list(held.shape),
                     "groups_shrunk": len(report.groups),
@@ -203,7 +211,7 @@ def main() -> None:
                     "speedup": round(timing["latency_s"]["dense"] / timing["latency_s"]["shrunk"], 3),
                     **_agreement(kind, dense_out, small_out, labels),
                 }
-                results.append(row)
+                results = [r for r in results if _key(r) != _key(row)] + [row]
                 print(json.dumps(row), flush=True)
                 out.unlink()
                 args.json.parent.mkdir(parents=True, exist_ok=True)

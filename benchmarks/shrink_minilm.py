@@ -1,10 +1,12 @@
-"""MiniLM sentence embeddings with 25% of MLP neurons and 25% of attention heads removed (flap), in one round and
-in ``--steps`` calibrated rounds.
+"""MiniLM sentence embeddings with 25% of MLP neurons and 25% of attention heads removed, for each of
+``--variants`` (``METHOD[+refit][+global]``, benchmarks/shrink_variants.py), in ``--steps`` calibrated rounds or
+``--sequential``.
 
 Calibrates on 64 Brown calibration paragraphs, then compares on 64 held-out paragraphs (128 tokens, padded; none
 of them seen in calibration): mean cosine of the shrunk model's sentence embeddings to the dense ones, how many
 stay nearest their own paragraph, and ONNX Runtime CPU latency of the whole batch, dense and shrunk alternately
-in one process (medians, with the CPU seconds of those runs and the load average around them).
+in one process, every variant in turn (medians, with the CPU seconds of those runs and the load average around
+them). ``--unpadded`` calibrates on each paragraph's real tokens alone (no padded position in the statistics).
 Default model: paraphrase-MiniLM-L3-v2 from PyPI; all-MiniLM-L6-v2 is exported (mean pooling included) by
 ``benchmarks/export_all_minilm_l6.py``:
 
@@ -32,6 +34,8 @@ try:
 except ImportError:  # run as a script from a checkout without installing graphprune
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from graphprune import demo
+
+from shrink_variants import variant  # benchmarks/, beside this script
 
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.request import CalibrationRequest
@@ -66,7 +70,9 @@ def ablation(
         for units in (("mlp",), ("heads",), ("mlp", "heads")):
             for method in StructuredMethod:
                 path = Path(tmp) / "m.onnx"
-                config = ShrinkConfig(ratio=args.ratio, units=units, method=method)
+                config = ShrinkConfig(
+                    ratio=args.ratio, units=units, method=method, refit=False, allocate="uniform"
+                )
                 shrink_file(
                     model, config, path, force=True, calibration=CalibrationRequest(data=calib, batch_size=16)
                 )
@@ -82,7 +88,13 @@ def main() -> None:
     parser.add_argument("--output", default="461", help="the sentence-embedding output (L3: 461)")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--steps", type=int, default=4, help="also shrink in this many calibrated rounds")
+    parser.add_argument("--steps", type=int, default=1, help="shrink in this many calibrated rounds")
+    parser.add_argument("--sequential", action="store_true", help="one group at a time on the shrunk prefix")
+    parser.add_argument("--damp", type=float, default=0.1, help="the refit's and obs's damping")
+    parser.add_argument("--unpadded", action="store_true", help="calibrate on each paragraph's real tokens only")
+    parser.add_argument(
+        "--variants", nargs="*", default=["flap", "flap+refit", "obs+refit", "obs+refit+global"], help="see below"
+    )
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "shrink_minilm.json")
     parser.add_argument(
         "--ablation", action="store_true", help="instead: mean cosine per method (l2, wanda, flap) and unit kind"
@@ -109,77 +121,70 @@ def main() -> None:
         print(json.dumps(table, indent=1))
         args.json.write_text(json.dumps(table, indent=1) + "\n")
         return
+    sessions = {"dense": ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])}
+    (dense,) = sessions["dense"].run([args.output], held)
+    dense = dense / np.linalg.norm(dense, axis=-1, keepdims=True)
+    if args.unpadded:  # every paragraph alone, its real tokens only: no padded position in the statistics
+        lengths = calib["attention_mask"].sum(axis=1)
+        calib = [{k: v[i : i + 1, : lengths[i]] for k, v in calib.items()} for i in range(len(lengths))]
+    rows = []
     with tempfile.TemporaryDirectory(prefix="graphprune-shrink-minilm-") as tmp:
-        small = Path(tmp) / "small.onnx"
-        config = ShrinkConfig(ratio=args.ratio, units=("mlp", "heads"), method=StructuredMethod.FLAP)
-        wall, cpu = time.perf_counter(), time.process_time()
-        _, report = shrink_file(model, config, small, calibration=CalibrationRequest(data=calib, batch_size=16))
-        shrink_cost = {
-            "wall_s": round(time.perf_counter() - wall, 1),
-            "cpu_s": round(time.process_time() - cpu, 1),
-        }
-        sessions = {
-            n: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-            for n, p in (("dense", model), ("shrunk", small))
-        }
-        embeddings = {}
-        for name, s in sessions.items():
-            (e,) = s.run([args.output], held)
-            embeddings[name] = e / np.linalg.norm(e, axis=-1, keepdims=True)
-        times: dict[str, list[float]] = {"dense": [], "shrunk": []}
-        cpu_times = {"dense": 0.0, "shrunk": 0.0}
+        for name in args.variants:
+            path = Path(tmp) / f"{name}.onnx"
+            config = variant(
+                name, args.ratio, ("mlp", "heads"), steps=args.steps, sequential=args.sequential, damp=args.damp
+            )
+            wall, cpu = time.perf_counter(), time.process_time()
+            _, report = shrink_file(model, config, path, calibration=CalibrationRequest(data=calib, batch_size=16))
+            cost = _since(wall, cpu)
+            sessions[name] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            (e,) = sessions[name].run([args.output], held)
+            e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+            cosine = (dense * e).sum(axis=-1)
+            nearest = np.argmax(e @ dense.T, axis=1) == np.arange(len(cosine))
+            row = {
+                "variant": name,
+                "steps": args.steps,
+                "sequential": args.sequential,
+                "groups": [(g.kind, g.units_before, g.units_after) for g in report.groups],
+                "layer_ratios": [g.ratio for g in report.groups],
+                "mean_cosine": round(float(cosine.mean()), 4),
+                "min_cosine": round(float(cosine.min()), 4),
+                "nearest_own_paragraph": f"{int(nearest.sum())}/{len(nearest)}",
+                "shrink": cost,
+                "parameters_before": report.parameters_before,
+                "parameters_after": report.parameters_after,
+                "file_smaller": round(1 - path.stat().st_size / Path(model).stat().st_size, 4),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        times: dict[str, list[float]] = {n: [] for n in sessions}
+        cpu_times = dict.fromkeys(sessions, 0.0)
         load_before = os.getloadavg()[0]
-        for _ in range(args.repeats):
+        for _ in range(args.repeats):  # every model in turn: they all see the same load
             for name, s in sessions.items():
                 t, c = time.perf_counter(), time.process_time()
                 s.run([args.output], held)
                 times[name].append(time.perf_counter() - t)
                 cpu_times[name] += time.process_time() - c
         load_after = os.getloadavg()[0]
-        sizes = {"dense": Path(model).stat().st_size, "shrunk": small.stat().st_size}
-        rounds = Path(tmp) / "rounds.onnx"
-        config = ShrinkConfig(
-            ratio=args.ratio, units=("mlp", "heads"), method=StructuredMethod.FLAP, steps=args.steps
-        )
-        wall, cpu = time.perf_counter(), time.process_time()
-        shrink_file(model, config, rounds, calibration=CalibrationRequest(data=calib, batch_size=16))
-        rounds_cost = {
-            "wall_s": round(time.perf_counter() - wall, 1),
-            "cpu_s": round(time.process_time() - cpu, 1),
-        }
-        (e,) = ort.InferenceSession(str(rounds), providers=["CPUExecutionProvider"]).run([args.output], held)
-        embeddings["rounds"] = e / np.linalg.norm(e, axis=-1, keepdims=True)
-    cosine = (embeddings["dense"] * embeddings["shrunk"]).sum(axis=-1)
-    nearest = np.argmax(embeddings["shrunk"] @ embeddings["dense"].T, axis=1) == np.arange(len(cosine))
-    nearest_rounds = np.argmax(embeddings["rounds"] @ embeddings["dense"].T, axis=1) == np.arange(len(cosine))
-    dense_s, small_s = statistics.median(times["dense"]), statistics.median(times["shrunk"])
+    dense_s = statistics.median(times["dense"])
+    for row in rows:
+        row["latency_s"] = round(statistics.median(times[row["variant"]]), 4)
+        row["speedup"] = round(dense_s / row["latency_s"], 3)
+        row["runs_cpu_s"] = round(cpu_times[row["variant"]], 1)
     result = {
         "model": str(model),
         "ratio": args.ratio,
         "units": "mlp,heads",
-        "method": "flap",
-        "groups": [(g.kind, g.units_before, g.units_after) for g in report.groups],
-        "mean_cosine": round(float(cosine.mean()), 4),
-        "min_cosine": round(float(cosine.min()), 4),
-        "nearest_own_paragraph": f"{int(nearest.sum())}/{len(nearest)}",
-        "steps": args.steps,
-        f"mean_cosine_{args.steps}_rounds": round(
-            float((embeddings["dense"] * embeddings["rounds"]).sum(-1).mean()), 4
-        ),
-        f"nearest_own_paragraph_{args.steps}_rounds": f"{int(nearest_rounds.sum())}/{len(nearest)}",
-        "shrink_1_round": shrink_cost,
-        f"shrink_{args.steps}_rounds": rounds_cost,
+        "calibration": "64 paragraphs, " + ("unpadded" if args.unpadded else "padded to 128"),
+        "damp": args.damp,
         "batch": list(held["input_ids"].shape),
         "repeats": args.repeats,
         "latency_dense_s": round(dense_s, 4),
-        "latency_shrunk_s": round(small_s, 4),
-        "speedup": round(dense_s / small_s, 3),
-        "runs_cpu_s": {k: round(v, 1) for k, v in cpu_times.items()},
+        "runs_cpu_s_dense": round(cpu_times["dense"], 1),
         "load_average": [round(load_before, 2), round(load_after, 2)],
-        "skipped": len(report.skipped),
-        "parameters_before": report.parameters_before,
-        "parameters_after": report.parameters_after,
-        "file_smaller": round(1 - sizes["shrunk"] / sizes["dense"], 4),
+        "variants": rows,
     }
     print(json.dumps(result, indent=1))
     args.json.parent.mkdir(parents=True, exist_ok=True)

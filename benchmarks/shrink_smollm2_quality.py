@@ -35,6 +35,7 @@ except ImportError:  # run as a script from a checkout without installing graphp
     from graphprune import demo
 
 import onnx_ir as ir
+from shrink_variants import variant  # benchmarks/, beside this script
 
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.moments import ChannelTap, Moments, collect_moments
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="*", default=[2, 4, 6])
     parser.add_argument("--methods", nargs="*", default=["l2", "wanda", "flap"], help="plain one-round runs")
     parser.add_argument("--variants", nargs="*", default=["flap+refit", "flap+refit+global", "flap+global"])
+    parser.add_argument("--damp", type=float, default=0.01, help="the refit's and obs's damping")
     parser.add_argument("--time-windows", type=int, default=0, help="time shrink with/without refit on N windows")
     parser.add_argument("--steps", type=int, default=0, help="also run --step-methods in this many rounds")
     parser.add_argument("--step-methods", nargs="*", default=["flap+refit"], help="variants run in --steps rounds")
@@ -107,11 +109,12 @@ def main() -> None:
     results: list[dict] = previous.get("results", [])
     runs: list[tuple[ShrinkConfig, bool | None]] = []  # True: the cached moments; None: calibrate afresh
     for ratio in args.ratios:
-        runs += [(variant(v, ratio), True) for v in args.variants]
+        runs += [(mlp_variant(v, ratio, args.damp), True) for v in args.variants]
         for m in args.methods:
-            runs.append((variant(m, ratio), True))
+            runs.append((mlp_variant(m, ratio, args.damp), True))
         if args.steps > 1:
-            runs += [(replace(variant(v, ratio), steps=args.steps), False) for v in args.step_methods]
+            stepped = [replace(mlp_variant(v, ratio, args.damp), steps=args.steps) for v in args.step_methods]
+            runs += [(config, False) for config in stepped]
         if ratio == args.ratios[0]:  # the blocks right after the first ratio: most wanted first
             runs += [(ShrinkConfig(blocks=n), True) for n in args.blocks]
     runs += [(ShrinkConfig(ratio=r, units=("heads",), method=StructuredMethod.FLAP), None) for r in args.heads]
@@ -135,6 +138,7 @@ def main() -> None:
                 "blocks": config.blocks,
                 "steps": config.steps,
                 "refit": bool(report.config.refit) and config.ratio is not None,
+                "damp": config.damp,
                 "allocate": report.config.allocate,
                 "layer_ratios": [g.ratio for g in report.groups],
                 "brown_heldout_ppl": round(ppl, 2),
@@ -171,7 +175,7 @@ def time_refit(model_path: Path, windows: int, out: Path, rounds: int = 2) -> No
         for name in times:
             model = load_model(model_path)
             t, t_cpu = time.perf_counter(), time.process_time()
-            shrink_model(model, variant(name, 0.25), request)
+            shrink_model(model, mlp_variant(name, 0.25), request)
             times[name].append((time.perf_counter() - t, time.process_time() - t_cpu))
             print(name, times[name][-1], flush=True)
             del model
@@ -187,21 +191,13 @@ def time_refit(model_path: Path, windows: int, out: Path, rounds: int = 2) -> No
     out.write_text(json.dumps(row, indent=1) + "\n")
 
 
-def variant(text: str, ratio: float) -> ShrinkConfig:
-    """``METHOD[+refit][+global]`` as a configuration removing ``ratio`` of the MLP neurons."""
-    method, *flags = text.split("+")
-    return ShrinkConfig(
-        ratio=ratio,
-        units=("mlp",),
-        method=StructuredMethod(method),
-        refit="refit" in flags,
-        allocate="global" if "global" in flags else "uniform",
-    )
+def mlp_variant(text: str, ratio: float, damp: float = 0.01) -> ShrinkConfig:
+    return variant(text, ratio, ("mlp",), damp=damp)
 
 
 def _key(row: dict) -> tuple:
     # "units": mlp, heads, blocks; rows from before the refit and the allocation existed were uniform, no refit
-    extra = row.get("refit", False), row.get("allocate", "uniform")
+    extra = row.get("refit", False), row.get("allocate", "uniform"), row.get("damp", 0.01)
     return row["units"], row["method"], row["ratio"], row["blocks"], row["steps"], *extra
 
 

@@ -3,18 +3,20 @@ checked through ONNX Runtime (removing zero channels changes nothing; the refitt
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 
-from graphprune.algorithms.refit import output_error, refit
+from graphprune.algorithms.refit import output_error, refit, removal_costs
 from graphprune.algorithms.structured import StructuredMethod, flap_bias
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
-from tests.onnx_builders import run
-from tests.test_shrink import NETS, Net, _silu, llama_mlp
+from tests.onnx_builders import init, make_model, run
+from tests.test_shrink import NETS, Net, _silu, llama_mlp, residual_stack
 
 RNG = np.random.default_rng(7)
 
@@ -191,3 +193,96 @@ def test_refit_needs_data_and_is_on_by_default_with_it() -> None:
     calib = CalibrationRequest(data={"x": net.feed["x"]}, batch_size=2)
     report = shrink_model(ir.from_proto(net.model), ShrinkConfig(ratio=0.25), calib)
     assert report.config.refit and report.config.allocate == "global" and report.groups[0].refitted == 1
+
+
+@pytest.mark.parametrize("unit_size", [1, 3])
+def test_removal_costs_equal_the_error_the_refit_leaves_per_unit(unit_size: int) -> None:
+    x, w, _ = _data(6)
+    gram, mean = _moments(x)
+    costs = removal_costs(w, gram, mean, unit_size, percdamp=0.0)
+    for u in range(w.shape[1] // unit_size):
+        kept = np.setdiff1d(np.arange(w.shape[1]), np.arange(u * unit_size, (u + 1) * unit_size))
+        solved = refit(w, gram, mean, kept, percdamp=0.0)
+        error = output_error(w, gram, mean, kept, solved.weight, solved.bias_delta)
+        assert costs[u] == pytest.approx(error, rel=1e-6)
+
+
+def test_removal_costs_of_uncorrelated_channels_are_flaps_scores() -> None:
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(200_000, 6)) * np.arange(1, 7) + 3.0  # independent channels, a mean to ignore
+    w = rng.normal(size=(4, 6))
+    gram, mean = _moments(x)
+    flap = x.var(axis=0) * (w**2).sum(axis=0)
+    np.testing.assert_allclose(removal_costs(w, gram, mean, 1, percdamp=0.0), flap, rtol=2e-2)
+
+
+def test_obs_removes_a_duplicated_neuron_and_the_refit_restores_the_output_exactly() -> None:
+    net = llama_mlp(hidden=12)
+    for name in ("gate", "up"):  # neuron 7 computes exactly what neuron 2 computes
+        net.weights[name][:, 7] = net.weights[name][:, 2]
+    model = make_model(
+        list(net.model.graph.node),
+        list(net.model.graph.input),
+        list(net.model.graph.output),
+        [init(v, k) for k, v in net.weights.items()],
+    )
+    calib = {"x": RNG.standard_normal((8, 16, 8)).astype(np.float32)}
+    m = ir.from_proto(model)
+    config = ShrinkConfig(ratio=1 / 12, method=StructuredMethod.OBS, refit=True, damp=1e-9)
+    report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=4))
+    assert report.groups[0].removed in ([2], [7])  # FLAP would rank them like any other neuron
+    np.testing.assert_allclose(run(ir.to_proto(m), net.feed)[0], run(model, net.feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    return out
+
+
+def test_sequential_refits_each_group_on_the_already_shrunk_prefix() -> None:
+    model, weights, _ = residual_stack(d=8, hidden=12)
+    calib = {"x": RNG.standard_normal((64, 8)).astype(np.float32)}
+    request = CalibrationRequest(data=calib, batch_size=16)
+    config = ShrinkConfig(ratio=0.25, method=StructuredMethod.FLAP, refit=True, damp=0.0, allocate="uniform")
+    m = ir.from_proto(model)
+    report = shrink_model(m, replace(config, sequential=True), request)
+    small = ir.to_proto(m)
+    # block 2's input on the shrunk model is what its refit saw: blocks 0 and 1 were shrunk before it
+    x2 = run(_with_outputs(small, ["x2"]), calib)[-1].astype(np.float64)
+    w1, w2 = (w.astype(np.float64) for w in weights[2])
+    h = np.maximum(x2 @ w1, 0.0)
+    kept = np.setdiff1d(np.arange(12), report.groups[2].removed)
+    design = np.concatenate([h[:, kept], np.ones((len(h), 1))], axis=1)
+    solution = np.linalg.lstsq(design, h @ w2, rcond=None)[0]
+    got = next(t for t in small.graph.initializer if t.name == "w2_2")
+    np.testing.assert_allclose(onnx.numpy_helper.to_array(got), solution[:-1], rtol=1e-3, atol=1e-4)
+    # one-shot refits block 2 on the dense model's activations instead: another result
+    one_shot = ir.from_proto(model)
+    shrink_model(one_shot, config, request)
+    dense_fit = next(t for t in ir.to_proto(one_shot).graph.initializer if t.name == "w2_2")
+    assert not np.allclose(onnx.numpy_helper.to_array(dense_fit), onnx.numpy_helper.to_array(got), atol=1e-3)
+
+
+def test_sequential_takes_no_steps() -> None:
+    with pytest.raises(GraphpruneError, match="steps"):
+        ShrinkConfig(ratio=0.25, sequential=True, steps=2).validate()
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_gram_taps_equal_numpy_on_every_nth_row(stride: int) -> None:
+    from graphprune.calibration.moments import ChannelTap, collect_moments
+
+    net = llama_mlp(hidden=12)
+    calib = {"x": RNG.standard_normal((4, 10, 8)).astype(np.float32)}
+    m = ir.from_proto(net.model)
+    tap = ChannelTap("h", -1, 12, gram=True, gram_stride=stride)
+    moments = collect_moments(m, [tap], [], CalibrationRequest(data=calib, batch_size=2))
+    x = calib["x"].astype(np.float64)
+    h = (_silu(x @ net.weights["gate"]) * (x @ net.weights["up"])).reshape(2, -1, 12)  # per batch of 2 samples
+    sample = np.concatenate([batch[::stride] for batch in h])  # each run's rows, every n-th
+    gram, sums, rows = moments.gram_terms("h")
+    np.testing.assert_allclose(gram, sample.T @ sample, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sums, sample.sum(axis=0), rtol=1e-4, atol=1e-4)
+    assert rows == len(sample) and moments.rows["h"] == 40

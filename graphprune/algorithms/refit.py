@@ -24,8 +24,8 @@ Choices, on purpose:
 * FLAP's compensation is the special case that may change only the bias: ``Δb = W_R μ_R`` (:func:`flap_bias` in
   :mod:`.structured`); the refit minimises the same objective over a superset, so it never does worse on the
   calibration data.
-* If the damped system is not positive definite (statistics from float32 sums), λ grows tenfold, up to four
-  times, before giving up.
+* If the damped system is singular (statistics from float32 sums, λ = 0), λ grows tenfold, up to five times,
+  before giving up.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NOT_POSITIVE_DEFINITE = "the damped Gram matrix of the kept channels is not positive definite"
+SINGULAR = "the damped Gram matrix of the kept channels is singular"
 
 
 @dataclass(frozen=True)
@@ -82,23 +82,32 @@ def refit(
         cross = np.concatenate([cross, mu[removed, None]], axis=1)
         system = np.block([[system, mu[kept, None]], [mu[None, kept], np.ones((1, 1))]])
     rhs = w[:, removed] @ cross  # (out, |S| [+1])
-    base = percdamp * float(np.mean(np.diag(g))) if k else 0.0
     damp = np.zeros(system.shape[0])
     damp[: kept.size] = 1.0  # the ones row of the bias is not damped
-    for attempt in range(5):
+    delta, lam = _solve_damped(system, damp, percdamp * float(np.mean(np.diag(g))), rhs.T)
+    delta = delta.T  # A is symmetric: X A = R  ⇔  A Xᵀ = Rᵀ
+    weight_kept = w[:, kept] + delta[:, : kept.size]
+    bias_delta = delta[:, kept.size] if mean is not None else np.zeros(w.shape[0])
+    return Refit(weight_kept, bias_delta, lam)
+
+
+def _solve_damped(matrix: np.ndarray, where: np.ndarray, base: float, rhs: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(matrix + λ·diag(where))⁻¹ rhs`` with ``λ = base``, else ten times more, up to five times, while the
+    system is singular or the solution not finite (a zero ``base`` that fails starts again from 1e-8 of the mean
+    diagonal). One LU solve per try: with λ > 0 the damped Gram matrix is positive definite in exact arithmetic,
+    and a separate Cholesky check cost four times the solve."""
+    base = max(base, 0.0)
+    for attempt in range(6):
         lam = base * 10.0**attempt
-        damped = system + np.diag(damp * lam)
         try:
-            np.linalg.cholesky(damped)  # A must be positive definite; an LU solve would not say so
+            solution = np.linalg.solve(matrix + np.diag(where * lam), rhs)
+            if np.isfinite(solution).all():
+                return solution, lam
         except np.linalg.LinAlgError:
-            if base == 0.0:
-                base = 1e-8 * max(float(np.mean(np.abs(np.diag(g)))), 1e-30)
-            continue
-        delta = np.linalg.solve(damped, rhs.T).T  # A is symmetric: X A = R  ⇔  A Xᵀ = Rᵀ
-        weight_kept = w[:, kept] + delta[:, : kept.size]
-        bias_delta = delta[:, kept.size] if mean is not None else np.zeros(w.shape[0])
-        return Refit(weight_kept, bias_delta, lam)
-    raise np.linalg.LinAlgError(NOT_POSITIVE_DEFINITE)
+            pass
+        if base == 0.0:
+            base = 1e-8 * max(float(np.mean(np.abs(np.diag(matrix)))), 1e-30)
+    raise np.linalg.LinAlgError(SINGULAR)
 
 
 def output_error(
@@ -117,3 +126,31 @@ def output_error(
     dg = diff @ np.asarray(gram, np.float64)
     quad = float(np.einsum("ij,ij->", dg, diff))
     return quad - 2.0 * float(bias_delta @ (diff @ np.asarray(mean, np.float64))) + float(bias_delta @ bias_delta)
+
+
+def removal_costs(
+    weight: np.ndarray, gram: np.ndarray, mean: np.ndarray, unit_size: int, percdamp: float = 0.01
+) -> np.ndarray:
+    """The output error the refit leaves when each unit (``unit_size`` consecutive input channels) goes alone.
+
+    The structured OBS saliency (ZipLM, SlimGPT): with the bias refitted too, the inverse of the augmented Gram
+    matrix restricted to the channels is the inverse covariance ``Σ⁻¹``, ``Σ = G - μμᵀ`` (a Schur complement), so
+    removing the channels U costs ``tr(W_U [(Σ⁻¹)_UU]⁻¹ W_Uᵀ)``. Uncorrelated channels make ``Σ`` diagonal and
+    this FLAP's ``Var(x_j)·‖W_:,j‖²``; correlated ones are cheaper to remove, since the others stand in for them.
+    Damped as :func:`refit` damps (``λ`` on the diagonal of ``Σ``).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    g = np.asarray(gram, dtype=np.float64)
+    mu = np.asarray(mean, dtype=np.float64)
+    k = w.shape[1]
+    if k % unit_size:
+        raise ValueError(f"{k} channels do not split into units of {unit_size}")
+    inverse, _ = _solve_damped(g - np.outer(mu, mu), np.ones(k), percdamp * float(np.mean(np.diag(g))), np.eye(k))
+    units = k // unit_size
+    costs = np.empty(units)
+    for u in range(units):
+        cols = slice(u * unit_size, (u + 1) * unit_size)
+        block = inverse[cols, cols]
+        wu = w[:, cols]
+        costs[u] = float(np.einsum("ij,ij->", wu, np.linalg.solve(block, wu.T).T))
+    return costs

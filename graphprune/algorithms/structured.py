@@ -19,6 +19,7 @@ class StructuredMethod(str, Enum):
     L2 = "l2"  # ‖weights of the unit‖₂ over every coupled tensor, no data
     WANDA = "wanda"  # Σ over the unit of |W|·‖X‖ (Wanda-sp), needs calibration
     FLAP = "flap"  # Σ over the unit of Var(X)·‖W_:,j‖², plus bias compensation, needs calibration
+    OBS = "obs"  # the error the least-squares refit leaves without the unit (algorithms/refit.py), needs data
 
 
 def unit_sum(per_channel: np.ndarray, units: int) -> np.ndarray:

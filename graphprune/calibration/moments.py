@@ -34,6 +34,7 @@ class ChannelTap:
     width: int  # channels on that axis
     rank: int | None = None  # the tensor's rank, needed when the channel axis is not the last
     gram: bool = False  # also Σ x xᵀ over the channels (width x width)
+    gram_stride: int = 1  # the Gram matrix (with its own Σx and rows) from every n-th row only: 1/n of its cost
 
 
 @dataclass(kw_only=True)
@@ -43,9 +44,17 @@ class Moments:
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     sumsq: dict[str, np.ndarray] = field(default_factory=dict)
     grams: dict[str, np.ndarray] = field(default_factory=dict)
+    gram_sums: dict[str, np.ndarray] = field(default_factory=dict)  # Σx over the Gram's rows, when strided
+    gram_rows: dict[str, int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     pair_terms: dict[tuple[str, str], list[list[np.ndarray]]] = field(default_factory=dict)  # per batch
     warnings: list[str] = field(default_factory=list)
+
+    def gram_terms(self, name: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """Σxxᵀ, Σx and rows over the same rows (the Gram's own when it was strided)."""
+        if name in self.gram_sums:
+            return self.grams[name], self.gram_sums[name], self.gram_rows[name]
+        return self.grams[name], self.sums[name], self.rows[name]
 
     def influence(self, pair: tuple[str, str]) -> float:
         dot, na, nb = (np.concatenate(t) for t in zip(*self.pair_terms[pair], strict=True))
@@ -88,7 +97,15 @@ def _moment_taps(
             fetched("sumsq", tap.value, b.reduce_sumsq(rows, [0]), ir.DataType.FLOAT, [tap.width])
             fetched("size", tap.value, b.node("Size", [rows], "size"), ir.DataType.INT64, [])
             if tap.gram:  # one MatMul in the graph: only the width x width result leaves ONNX Runtime
-                gram = b.node("MatMul", [b.node("Transpose", [rows], "rows_t", perm=[1, 0]), rows], "gram")
+                sample = rows
+                if tap.gram_stride > 1 and b.opset >= 10:  # every n-th row, with its own Σx and count
+                    ends, step = b.const([2**62], "ends"), b.const([tap.gram_stride], "steps")
+                    sample = b.node(
+                        "Slice", [rows, b.const([0], "starts"), ends, b.const([0], "axes"), step], "rows"
+                    )
+                    fetched("gram_sum", tap.value, b.reduce_sum(sample, [0]), ir.DataType.FLOAT, [tap.width])
+                    fetched("gram_size", tap.value, b.node("Size", [sample], "size"), ir.DataType.INT64, [])
+                gram = b.node("MatMul", [b.node("Transpose", [sample], "rows_t", perm=[1, 0]), sample], "gram")
                 fetched("gram", tap.value, gram, ir.DataType.FLOAT, [tap.width, tap.width])
         for a, c in pairs:
             b.anchor = values[c]
@@ -135,6 +152,10 @@ def collect_moments(
                 out.sumsq[key] = out.sumsq.get(key, 0) + array.astype(np.float64)
             elif part == "gram":
                 out.grams[key] = out.grams.get(key, 0) + array.astype(np.float64)
+            elif part == "gram_sum":
+                out.gram_sums[key] = out.gram_sums.get(key, 0) + array.astype(np.float64)
+            elif part == "gram_size":
+                out.gram_rows[key] = out.gram_rows.get(key, 0) + int(array) // len(out.gram_sums[key])
             elif part == "size":
                 out.rows[key] = out.rows.get(key, 0) + int(array) // len(out.sums[key])
         for pair, terms in pending.items():

@@ -59,8 +59,10 @@ def shrink(
         StructuredMethod | None,
         typer.Option(
             help="Score: l2 (norm of the unit's weights, no data); wanda (Σ |W|·‖X‖ over the unit); flap "
-            "(Var(X)·‖W‖², and the removed channels' mean contribution folded into the next layer's bias). "
-            "wanda and flap need --calib. Default: flap with --calib, else l2 (which needs no data, but on "
+            "(Var(X)·‖W‖², and the removed channels' mean contribution folded into the next layer's bias); obs "
+            "(the output error the least-squares refit leaves without the unit, from the input's covariance: "
+            "flap's score where channels are uncorrelated, lower where the kept channels can stand in). "
+            "wanda, flap and obs need --calib. Default: flap with --calib, else l2 (which needs no data, but on "
             "language models loses far more than the activation-aware scores). Example: --method flap",
             show_default=False,
         ),
@@ -87,6 +89,15 @@ def shrink(
             "only when channel counts are multiples of 8 (16 with AVX-512). Example: --round-to 8"
         ),
     ] = 1,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            help="Shrink one group at a time in graph order, each calibrated on the model with the earlier groups "
+            "already shrunk (and refitted), so their errors are seen rather than compounded; one calibration run "
+            "per group, each as long as the model up to that group. With --allocate global the ratios are chosen "
+            "once on the dense model. Example: --sequential"
+        ),
+    ] = False,
     refit: Annotated[
         bool | None,
         typer.Option(
@@ -105,6 +116,14 @@ def shrink(
             "percdamp); it pulls the refitted weights towards the original ones. Example: --refit-damp 0.01"
         ),
     ] = 0.01,
+    gram_stride: Annotated[
+        int,
+        typer.Option(
+            help="Measure the Gram matrices of the refit and obs on every N-th calibration row only (their own "
+            "mean too): the Gram matrix of a 1536-wide MLP input costs more than the model's own forward pass "
+            "per token, so 2 roughly halves that part of the calibration. Example: --gram-stride 2"
+        ),
+    ] = 1,
     allocate: Annotated[
         str | None,
         typer.Option(
@@ -151,7 +170,9 @@ def shrink(
         round_to=round_to,
         overrides=tuple(_override(text) for text in ratio_for or ()),
         refit=refit,
+        sequential=sequential,
         damp=refit_damp,
+        gram_stride=gram_stride,
         allocate=allocate,
         ratio_min=layer_min,
         ratio_max=layer_max,

@@ -202,7 +202,7 @@ def add_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> tuple[ir.Node
         node.replace_input_with(2, value)
         return node, value
     uses = list(out.uses())
-    added = ir.node("Add", [out, value], name=f"{node.name}_graphprune_bias")
+    added = ir.node("Add", [out, value], name=f"{out.name}_graphprune_bias_add")  # node names may be empty
     graph.insert_after(node, added)
     new_out = added.outputs[0]
     new_out.name = f"{out.name}_biased"

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from graphprune.algorithms import structured as st
 from graphprune.algorithms.allocation import allocate
-from graphprune.algorithms.refit import moments_from_sums, refit
+from graphprune.algorithms.refit import moments_from_sums, refit, removal_costs
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.moments import ChannelTap, Moments, collect_moments
 from graphprune.calibration.request import CalibrationRequest
@@ -54,6 +54,8 @@ class ShrinkConfig:
     allocate: str | None = None  # "uniform" or "global"; None: global when calibration data is given
     ratio_min: float = 0.0  # global allocation: the least and most any one group loses
     ratio_max: float = 0.8
+    sequential: bool = False  # one group at a time in graph order, each measured on the already shrunk prefix
+    gram_stride: int = 1  # the refit's Gram matrices from every n-th calibration row: 1/n of their cost
 
     def resolved(self, has_data: bool) -> ShrinkConfig:
         """The defaults that depend on whether calibration data is given, made explicit."""
@@ -93,6 +95,10 @@ class ShrinkConfig:
             raise GraphpruneError(
                 f"invalid per-layer bounds {self.ratio_min:g}..{self.ratio_max:g}: need 0 <= least <= most < 1"
             )
+        if self.gram_stride < 1:
+            raise GraphpruneError(f"invalid Gram stride {self.gram_stride}: need n >= 1")
+        if self.sequential and self.steps > 1:
+            raise GraphpruneError("sequential shrinking works one group at a time: it takes no rounds (steps)")
         if not 0.0 <= self.damp < 1e6:
             raise GraphpruneError(f"invalid refit damping {self.damp:g}: need a fraction >= 0 (for example 0.01)")
 
@@ -146,7 +152,7 @@ Progress = Callable[[str], None]
 Measure = Callable[[ir.Model, list[ChannelTap], list[tuple[str, str]]], Moments]
 
 
-def channel_taps(groups: list[Group], gram: bool = False) -> list[ChannelTap]:
+def channel_taps(groups: list[Group], gram: bool = False, gram_stride: int = 1) -> list[ChannelTap]:
     """One tap per distinct consumer input of ``groups``: what wanda and flap need, and with ``gram`` the Gram
     matrix of the inputs of consumers the refit can solve (:func:`refittable`)."""
     taps: dict[str, ChannelTap] = {}
@@ -158,7 +164,7 @@ def channel_taps(groups: list[Group], gram: bool = False) -> list[ChannelTap]:
             width = g.width * next(g.unit_size_of(i) for i, s in enumerate(g.slots) if s.node is node)
             tap = taps.setdefault(value.name, ChannelTap(value.name, axis, width, rank))
             if gram and not tap.gram and any(refittable(s) for s in g.consumers if s.node is node):
-                taps[value.name] = replace(tap, gram=True)
+                taps[value.name] = replace(tap, gram=True, gram_stride=gram_stride)
     return sorted(taps.values(), key=lambda t: t.value)
 
 
@@ -261,41 +267,103 @@ def _shrink_groups(
         GroupRecord(g.name, g.kind, g.width, g.width, g.unit_size, [], g.parameters(), g.parameters())
         for g in groups
     ]
-    alive = [np.arange(g.width) for g in groups]
-    for step in range(1, config.steps + 1):
-        moments = None
-        if config.method is not StructuredMethod.L2 or config.refit:
-            assert measure is not None
+    rounds = _Rounds(model, config, measure, report, groups, records)
+    if config.sequential:
+        _one_by_one(rounds, stage)
+    else:
+        everything = list(range(len(groups)))
+        for step in range(1, config.steps + 1):
             stage(f"round {step} of {config.steps}: calibrating")
-            moments = measure(model, channel_taps(groups, gram=bool(config.refit)), [])
-            report.warnings += [w for w in moments.warnings if w not in report.warnings]
-        stage(f"round {step} of {config.steps}: removing units")
-        scores = [_scores(g, config.method, moments) for g in groups]
-        counts = _round_counts(groups, records, scores, config, step / config.steps)
-        removals = []
-        for i, g in enumerate(groups):
-            if counts[i] <= 0:
-                continue
-            units = st.units_to_remove(scores[i], counts[i])
-            weights: dict[ir.Value, np.ndarray] = {}
-            if config.refit:
-                bias, weights = _refit(g, units, moments, config.damp)
-            elif config.method is StructuredMethod.FLAP:
-                bias = _flap_bias(g, units, moments)
-            else:
-                bias = {}
-            removals.append(Removal(g, units, bias, weights))
-            records[i].removed += alive[i][units].tolist()
-            records[i].compensated |= bool(bias)
-            records[i].refitted = max(records[i].refitted, len(weights))
-            alive[i] = np.delete(alive[i], units)
-        ShrinkPass(removals)(model)
+            moments = rounds.measure(everything)
+            stage(f"round {step} of {config.steps}: removing units")
+            scores = rounds.scores(everything, moments)
+            counts = _round_counts(groups, records, scores, config, step / config.steps)
+            rounds.remove(everything, counts, scores, moments)
     for record, g in zip(records, groups, strict=True):
         record.units_after = g.width
         record.removed.sort()
         record.parameters_after = g.parameters()
         record.ratio = round(len(record.removed) / record.units_before, 4)
     report.groups = records
+
+
+class _Rounds:
+    """Measure, score and remove for some of the groups at a time (all of them per round, or one by one)."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        config: ShrinkConfig,
+        measure: Measure | None,
+        report: ShrinkReport,
+        groups: list[Group],
+        records: list[GroupRecord],
+    ) -> None:
+        self.model, self.config, self.measure_fn, self.report = model, config, measure, report
+        self.groups, self.records = groups, records
+        self.alive = [np.arange(g.width) for g in groups]
+
+    def measure(self, indices: list[int]):  # type: ignore[no-untyped-def]
+        """The moments of the given groups' consumer inputs on the model as it is now (None without data)."""
+        config = self.config
+        if config.method is StructuredMethod.L2 and not config.refit:
+            return None
+        assert self.measure_fn is not None
+        gram = bool(config.refit) or config.method is StructuredMethod.OBS
+        taps = channel_taps([self.groups[i] for i in indices], gram=gram, gram_stride=config.gram_stride)
+        moments = self.measure_fn(self.model, taps, [])
+        self.report.warnings += [w for w in moments.warnings if w not in self.report.warnings]
+        return moments
+
+    def scores(self, indices: list[int], moments) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+        return [_scores(self.groups[i], self.config.method, moments, self.config.damp) for i in indices]
+
+    def remove(self, indices: list[int], counts: list[int], scores: list[np.ndarray], moments) -> None:  # type: ignore[no-untyped-def]
+        """Remove ``counts`` units of each group, the lowest-scoring, with the refit or FLAP's fold."""
+        removals = []
+        for i, count, score in zip(indices, counts, scores, strict=True):
+            if count <= 0:
+                continue
+            g, record = self.groups[i], self.records[i]
+            units = st.units_to_remove(score, count)
+            weights: dict[ir.Value, np.ndarray] = {}
+            if self.config.refit:
+                bias, weights = _refit(g, units, moments, self.config.damp)
+            elif self.config.method is StructuredMethod.FLAP:
+                bias = _flap_bias(g, units, moments)
+            else:
+                bias = {}
+            removals.append(Removal(g, units, bias, weights))
+            record.removed += self.alive[i][units].tolist()
+            record.compensated |= bool(bias)
+            record.refitted = max(record.refitted, len(weights))
+            self.alive[i] = np.delete(self.alive[i], units)
+        ShrinkPass(removals)(self.model)
+
+
+def _one_by_one(rounds: _Rounds, stage: Progress) -> None:
+    """Each group in graph order, its units and its refit from its statistics on the already shrunk prefix.
+
+    Global allocation needs every group's scores at once: it allocates once on the dense model's."""
+    groups, records, config = rounds.groups, rounds.records, rounds.config
+    counts = None
+    if config.allocate == "global":
+        stage("allocating: calibrating every group")
+        everything = list(range(len(groups)))
+        counts = _round_counts(groups, records, rounds.scores(everything, rounds.measure(everything)), config, 1.0)
+    order = _in_graph_order(rounds.model, groups)
+    for n, i in enumerate(order, 1):
+        stage(f"group {n} of {len(order)}: calibrating on the shrunk prefix")
+        moments = rounds.measure([i])
+        scores = rounds.scores([i], moments)
+        own = _round_counts([groups[i]], [records[i]], scores, config, 1.0)[0]
+        rounds.remove([i], [counts[i] if counts is not None else own], scores, moments)
+
+
+def _in_graph_order(model: ir.Model, groups: list[Group]) -> list[int]:
+    """Group indices in the order their first consumer runs (the graph is topologically sorted)."""
+    position = {node: n for n, node in enumerate(model.graph)}
+    return sorted(range(len(groups)), key=lambda i: min(position.get(s.node, 0) for s in groups[i].consumers))
 
 
 def _round_counts(
@@ -355,7 +423,7 @@ def _consumer_terms(group: Group, moments):  # type: ignore[no-untyped-def]  # m
         yield i, weight, (moments.sums[name], moments.sumsq[name], moments.rows[name])
 
 
-def _scores(group: Group, method: StructuredMethod, moments) -> np.ndarray:  # type: ignore[no-untyped-def]  # as above
+def _scores(group: Group, method: StructuredMethod, moments, damp: float) -> np.ndarray:  # type: ignore[no-untyped-def]  # as above
     if method is StructuredMethod.L2:
         tensors = [
             _channel_first(s.value.const_value.numpy(), s.axis, consumer=s.role == "consumer")  # type: ignore[union-attr]  # slots hold stored constants
@@ -368,7 +436,20 @@ def _scores(group: Group, method: StructuredMethod, moments) -> np.ndarray:  # t
     if method is StructuredMethod.WANDA:
         return st.wanda_scores(weights, [m[1] for _, _, m in terms], group.width)
     variances = [st.channel_moments(*m)[1] for _, _, m in terms]
-    return st.flap_scores(weights, variances, group.width)
+    if method is StructuredMethod.FLAP:
+        return st.flap_scores(weights, variances, group.width)
+    # obs: per consumer the refit's error without each unit; FLAP's (its diagonal case) where there is no Gram
+    inputs = {node: value.name for node, value, _ in group.consumer_inputs}
+    total = np.zeros(group.width)
+    for (i, weight, _), variance in zip(terms, variances, strict=True):
+        slot, name = group.slots[i], inputs[group.slots[i].node]
+        if refittable(slot) and name in moments.grams:
+            gram, mean = moments_from_sums(*moments.gram_terms(name))
+            unit = group.unit_size_of(i)
+            total += removal_costs(weight[:, :, 0].T, gram, mean, unit, damp) * _output_scale(slot.node) ** 2
+        else:
+            total += st.flap_scores([weight], [variance], group.width)
+    return total
 
 
 def _flap_bias(group: Group, units: np.ndarray, moments) -> dict[ir.Node, np.ndarray]:  # type: ignore[no-untyped-def]  # as above
@@ -393,7 +474,7 @@ def _refit(group: Group, units: np.ndarray, moments, damp: float):  # type: igno
         if not (refittable(slot) and name in moments.grams):
             bias[slot.node] = st.flap_bias(weight, st.channel_moments(*m)[0], removed) * _output_scale(slot.node)
             continue
-        gram, mean = moments_from_sums(moments.grams[name], moments.sums[name], moments.rows[name])
+        gram, mean = moments_from_sums(*moments.gram_terms(name))
         w = weight[:, :, 0].T.astype(np.float64)  # (out, K)
         kept = np.setdiff1d(np.arange(w.shape[1]), removed)
         solved = refit(w, gram, mean, kept, damp)

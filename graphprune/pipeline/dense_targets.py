@@ -16,7 +16,7 @@ into the pruned segment as extra graph inputs, where one MatMul tap per activati
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -146,6 +146,14 @@ class DenseStream:
             if idx:
                 cross[t.name] = sum((self._sums[i] for i in idx[1:]), self._sums[idx[0]])  # one tap: its array
         return cross
+
+    def release(self, pending: Iterable[str]) -> None:
+        """Forget the dense tensors of pruned targets whose consumers will not run again (``pending``: the targets
+        some segment still to run multiplies by), so that the dense weights held stay within about two groups."""
+        keep = set(pending)
+        for name in list(self.dense):
+            if name not in keep and stored_tensor(self.values[name]) is not self.dense[name]:
+                del self.dense[name], self.values[name]
 
     def drop(self, name: str) -> None:
         """Forget a boundary tensor no segment still to run reads."""

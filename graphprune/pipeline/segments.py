@@ -64,9 +64,14 @@ class SegmentReport:
 
 
 def boundary_budget(
-    model: ir.Model, targets: list[Target], sequential: SequentialUnit | None, max_memory: int | None
+    model: ir.Model,
+    targets: list[Target],
+    sequential: SequentialUnit | None,
+    max_memory: int | None,
+    sessions: int = 1,
 ) -> int | None:
-    """The bytes of boundary tensors to keep in memory: ``max_memory`` less what the largest segment needs."""
+    """The bytes of boundary tensors to keep in memory: ``max_memory`` less what the largest segment needs
+    (``sessions``: open at once per segment; dense targets run the dense model's segment beside the pruned one)."""
     if max_memory is None:
         return None
     sizes = {
@@ -74,7 +79,7 @@ def boundary_budget(
     }
     groups = target_groups(model, targets, sequential or "block")
     largest_group = max((sum(sizes.get(t.name, 0) for t in g) for g in groups), default=0)
-    segment = _SEGMENT_OVERHEAD * max(largest_group, max(sizes.values(), default=0))
+    segment = (_SEGMENT_OVERHEAD + sessions - 1) * max(largest_group, max(sizes.values(), default=0))
     return max(max_memory - segment, 0)
 
 
@@ -105,16 +110,16 @@ def prune_in_segments(
             "`permute` with a one-shot segment-wise run (`max_memory` without `sequential`) is not supported: "
             "add `sequential`, or drop `max_memory`"
         )
+    if config.target == "dense" and sequential is None:
+        raise GraphpruneError("dense targets reconstruct on the pruned prefix: they need a sequential mode")
     providers = resolve_providers(calibration.provider)  # a missing provider fails before any work
     batches, warnings = calibration.batches(model)
-    budget = boundary_budget(model, targets, sequential, calibration.max_memory)
+    shares = 2 if config.target == "dense" else 1  # dense targets: a second session and stream of boundary tensors
+    budget = boundary_budget(model, targets, sequential, calibration.max_memory, shares)
     if budget == 0:
         warnings.append(
             "`max_memory` is below what the largest segment needs: every boundary tensor is spilled to disk"
         )
-    if config.target == "dense" and sequential is None:
-        raise GraphpruneError("dense targets reconstruct on the pruned prefix: they need a sequential mode")
-    shares = 2 if config.target == "dense" else 1  # dense targets hold a second stream of boundary tensors
     store = BoundaryTensors(None if budget is None else budget // shares)
     own = staged is None
     with contextlib.nullcontext(staged) if staged is not None else StagedOutput(output) as staged:

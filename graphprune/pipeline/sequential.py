@@ -217,6 +217,7 @@ class SequentialCalibration:
         stats = accumulator.result(group, [])
         if self.dense is not None:
             stats.cross = self.dense.result(group)
+            self.dense.release(t.name for node, (t, _) in self._consumers.items() if node not in self._executed)
         return stats
 
     def _advance(self, activations: list[ir.Value], group_nodes: set[ir.Node]) -> list[ir.Value]:

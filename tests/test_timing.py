@@ -99,3 +99,34 @@ def test_compare_models_runs_each_model_on_the_feed(tmp_path) -> None:  # type: 
     result = compare_models([tmp_path / "b.onnx", tmp_path / "a.onnx"], feed, rounds=2)
     assert [t.name for t in result.timings] == [str(tmp_path / "b.onnx"), str(tmp_path / "a.onnx")]
     assert all(t.wall_s > 0 and t.cpu_s >= 0 for t in result.timings)
+
+
+def test_eval_speed_reports_both_models_and_the_ratio_of_their_medians(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import onnx
+    from typer.testing import CliRunner
+
+    from graphprune.cli import app
+    from tests.test_evaluate import VOCAB, bigram_model
+
+    rng = np.random.default_rng(1)
+    for name in ("dense", "pruned"):
+        onnx.save(bigram_model(rng.standard_normal((VOCAB, VOCAB)), with_mask=True), tmp_path / f"{name}.onnx")
+    np.savez(
+        tmp_path / "heldout.npz",
+        input_ids=rng.integers(0, VOCAB, (2, 5)),
+        attention_mask=np.ones((2, 5), np.int64),
+    )
+    dense, pruned, calib = (str(tmp_path / n) for n in ("dense.onnx", "pruned.onnx", "heldout.npz"))
+    result = CliRunner().invoke(app, ["eval", dense, pruned, "--calib", calib, "--speed", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    speed = json.loads(result.stdout)["speed"]
+    assert speed["rounds"] == 3 and [row["model"] for row in speed["models"]] == [dense, pruned]
+    base, other = speed["models"]
+    assert base["speedup"] == 1.0
+    assert other["speedup"] == pytest.approx(base["wall_s"] / other["wall_s"], rel=2e-3)
+
+    refused = CliRunner().invoke(app, ["eval", dense, pruned, "--calib", calib, "--speed", "-1"])
+    assert refused.exit_code == 2 and "--speed" in refused.output and "Traceback" not in refused.output
+    assert refused.output.strip().count("\n") == 0

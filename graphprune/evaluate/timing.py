@@ -53,8 +53,8 @@ class SpeedComparison:
         rows = [
             {
                 "model": t.name,
-                "wall_s": round(t.wall_s, 5),
-                "cpu_s": round(t.cpu_s, 5),
+                "wall_s": t.wall_s,
+                "cpu_s": t.cpu_s,
                 "speedup": round(self.speedup(i), 3),
                 "cpu_speedup": round(self.cpu_speedup(i), 3),
             }

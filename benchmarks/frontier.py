@@ -160,7 +160,9 @@ def plot(results: dict, png: Path) -> None:
 
     colours = {"fp32": "tab:blue", "int8": "tab:orange", "int4": "tab:green"}
     markers = {"dense": "o", "2:4": "s", "shrink": "^"}
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(8.5, 5))
     rows = {k: v for k, v in results["variants"].items() if "ppl" in v and "speedup" in v}
     for name, row in rows.items():
         base, _, quant = name.partition("+")
@@ -168,19 +170,23 @@ def plot(results: dict, png: Path) -> None:
             base, quant = "dense", base
         shape = markers["shrink" if base.startswith("shrink") else base]
         ax.scatter(row["speedup"], row["ppl"], c=colours[quant or "fp32"], marker=shape, s=60, zorder=3)
-        ax.annotate(name, (row["speedup"], row["ppl"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        label = f"{name} ({row['ppl']:.1f}, {row['speedup']:.2f}x)"
+        ax.annotate(label, (row["speedup"], row["ppl"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     for quant, colour in colours.items():
         ax.scatter([], [], c=colour, marker="o", label=quant)
     for base, shape in markers.items():
         ax.scatter([], [], c="grey", marker=shape, label=base)
     ax.set_yscale("log")
-    ax.set_xlabel("ONNX Runtime CPU speed-up over dense FP32 (one 512-token window, median of interleaved rounds)")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_xlabel("ONNX Runtime CPU speed-up over dense FP32 (1x512 tokens, interleaved rounds, median)")
     ax.set_ylabel(f"Brown held-out perplexity ({results['protocol']['eval_windows']} windows, lower is better)")
     missing = [v for v in results["protocol"]["variants"] if v not in rows]
-    title = "SmolLM2-135M: quality against speed on this CPU"
+    title = "SmolLM2-135M: quality against speed on a 2-core CPU (lower right is better)"
     ax.set_title(title + (f"\n(not measured: {', '.join(missing)})" if missing else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.margins(x=0.3, y=0.1)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

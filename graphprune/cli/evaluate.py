@@ -60,6 +60,14 @@ def evaluate(
             "beside it, or its template), else none. Example: --bos '<s>'"
         ),
     ] = None,
+    speed: Annotated[
+        int,
+        typer.Option(
+            help="Also time both models on this CPU with ONNX Runtime: this many interleaved rounds on one random "
+            "sample of --seqlen tokens (0: no timing); prints the median times and the speed-up over the dense "
+            "model. Example: --speed 10"
+        ),
+    ] = 0,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON document on stdout instead of the tables. Example: --json"),
@@ -73,8 +81,11 @@ def evaluate(
 
     Example: graphprune eval model.onnx model.pruned.onnx --text heldout.txt --tokenizer tokenizer.json
     """
+    from graphprune.errors import GraphpruneError
     from graphprune.evaluate.files import evaluate_files
 
+    if speed < 0:
+        raise GraphpruneError(f"--speed {speed}: give a number of timing rounds, or 0 for no timing")
     with display() as shown:
         bars: dict[str, Bar] = {}
 
@@ -88,6 +99,10 @@ def evaluate(
             batch_size=batch_size, seqlen=seqlen, windows=windows, offset=offset, bos=bos, progress=progress,
         )  # fmt: skip
     report = result.to_dict()
+    if speed:
+        from graphprune.evaluate.timing import compare_models, synthetic_feed
+
+        report["speed"] = compare_models([dense, pruned], synthetic_feed(dense, seqlen), speed).to_dict()
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:
@@ -112,3 +127,12 @@ def _print(report: dict[str, Any]) -> None:
         ]
         title = f"perplexity on {count} windows of {length} tokens (BOS: {report['bos']})"
         out.print(fitted_table(out, [Col("model"), Col("perplexity", "right")], rows, title=title))
+    if "speed" in report:
+        timed = report["speed"]
+        rows = [
+            [name, f"{row['wall_s'] * 1000:.1f}", f"{row['cpu_s'] * 1000:.1f}", f"{row['speedup']:.2f}x"]
+            for name, row in zip(("dense", "pruned"), timed["models"], strict=True)
+        ]
+        columns = [Col("model"), Col("ms / run", "right"), Col("CPU ms", "right"), Col("speed-up", "right")]
+        title = f"speed on this CPU (ONNX Runtime, median of {timed['rounds']} interleaved rounds)"
+        out.print(fitted_table(out, columns, rows, title=title))

@@ -129,4 +129,4 @@ def synthetic_feed(model: str | Path, seqlen: int, seed: int = 0) -> dict[str, n
         if s.dims is not None
     }
     source = SyntheticSource(loaded, specs, shapes, nsamples=1, seed=seed)
-    return next(iter(source))[1]
+    return dict(next(iter(source))[1])

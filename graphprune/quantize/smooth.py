@@ -2,10 +2,11 @@
 
 For an activation ``x`` read by the consumers W_1..W_n (each ``(out, K)``), with a = alpha:
 s_j = max|x_j|^a / max|W_j|^(1-a), max|W_j| taken over every consumer's column j (Xiao et al. 2023,
-``smoothquant/smooth.py``). Then x' = x / s is folded into ``x``'s producer (:mod:`graphprune.quantize.folds`) and
-each consumer's K row j is multiplied by s_j: x' W' = x W, so the float model computes the same function. Scaling
-a K row keeps its zeros zero, so N:M survives. The calibrated range of x' is x's per-channel range divided by s:
-no second calibration run.
+``smoothquant/smooth.py``). Then x' = x / s is folded into ``x``'s producer, where the channel-coupling engine
+proves it exact (:func:`graphprune.graph.scale_folds.scale_fold`: a norm's weight and bias, the producing weights'
+output columns, V's columns through the attention heads), and each consumer's K row j is multiplied by s_j:
+x' W' = x W, so the float model computes the same function. Scaling a K row keeps its zeros zero, so N:M
+survives. The calibrated range of x' is x's per-channel range divided by s: no second calibration run.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.algorithms.layout import to_canonical
+from graphprune.graph.scale_folds import ScaleFold, fold_scale, scale_fold
 from graphprune.graph.stored import read_array, stored_tensor
 from graphprune.graph.targets import Target
-from graphprune.quantize.folds import find_fold
 from graphprune.quantize.ranges import ChannelRange
 
 _S_RANGE = (1e-5, 1e5)  # scales outside this would trade one overflow for another
@@ -64,20 +65,18 @@ def smooth(
         names = tuple(t.name for t in group)
         x = values.get(activation)
         reason = _unsmoothable(x, group, graph)
-        fold = find_fold(x, group[0].k) if x is not None and not reason else reason
-        if isinstance(fold, str):
-            records.append(SmoothRecord(activation, names, fold, False))
+        fold = scale_fold(x) if x is not None and not reason else None
+        if fold is None:
+            why = reason or "no exact fold point: what writes it has no per-channel parameter the scales can enter"
+            records.append(SmoothRecord(activation, names, why, False))
             continue
         weights = [graph.initializers[t.name] for t in group]
         w_absmax = np.max([_column_absmax(w, t) for w, t in zip(weights, group, strict=True)], axis=0)
         s = smoothing_scales(ranges[activation].absmax, w_absmax, alpha)
-        for edit in fold.edits:
-            _scale_along(edit.value, edit.axis, 1.0 / s)
-        for w, t in zip(weights, group, strict=True):
-            _scale_along(w, t.k_axis, s)
+        fold_scale(fold, 1.0 / s)  # the producer's side times 1/s, every consumer's K rows times s
         ranges[activation] = ranges[activation].scaled(s)
         scales[activation] = s
-        records.append(SmoothRecord(activation, names, fold.description, True, float(s.min()), float(s.max())))
+        records.append(SmoothRecord(activation, names, _describe(fold), True, float(s.min()), float(s.max())))
     return records, scales
 
 
@@ -102,10 +101,7 @@ def _column_absmax(weight: ir.Value, target: Target) -> np.ndarray:
     return np.abs(canonical).max(axis=(0, 1))
 
 
-def _scale_along(value: ir.Value, axis: int, factors: np.ndarray) -> None:
-    """Multiply a stored float tensor by ``factors`` along ``axis`` (kept in its own dtype)."""
-    array = read_array(stored_tensor(value))
-    shape = [1] * array.ndim
-    shape[axis] = factors.size
-    scaled = (array.astype(np.float64) * factors.reshape(shape)).astype(array.dtype)
-    value.const_value = ir.Tensor(scaled, name=value.name)
+def _describe(fold: ScaleFold) -> str:
+    """Where x / s went: "norm: <node>" or "weight: <node>, ..." (the fold's scaled tensors' nodes)."""
+    nodes = dict.fromkeys(str(slot.node.name or slot.node.op_type) for slot in fold.scaled)
+    return f"{fold.kind}: {', '.join(nodes)}"

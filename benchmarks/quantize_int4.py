@@ -47,7 +47,6 @@ from graphprune.passes.prune import PruneConfig, PrunePass  # noqa: E402
 from graphprune.pipeline.sequential import SequentialCalibration  # noqa: E402
 
 GRID = QuantGrid(precision="int4", block_size=128)
-BATCH = 8
 
 
 def _write(model, target, values: np.ndarray) -> None:  # type: ignore[no-untyped-def]
@@ -61,7 +60,7 @@ def _canonical(model, target) -> np.ndarray:  # type: ignore[no-untyped-def]
     return to_canonical(weight.values, target.k_axis, target.out_axis)[:, 0, :]
 
 
-def quantize_model(base: Path, out: Path, method: str, calib: Path, masked: bool) -> dict:
+def quantize_model(base: Path, out: Path, method: str, calib: Path, masked: bool, batch: int) -> dict:
     """Write ``base`` with every targeted weight on the int4 grid: round to nearest, or sequential GPTQ (under
     the base's zeros when ``masked``)."""
     model = load_model(base)
@@ -75,7 +74,7 @@ def quantize_model(base: Path, out: Path, method: str, calib: Path, masked: bool
         with np.load(calib) as data:
             feeds = {name: data[name] for name in ("input_ids", "attention_mask")}
         n = len(feeds["input_ids"])
-        batches = [{k: v[i : i + BATCH] for k, v in feeds.items()} for i in range(0, n, BATCH)]
+        batches = [{k: v[i : i + batch] for k, v in feeds.items()} for i in range(0, n, batch)]
 
         def quantize_group(group, stats) -> None:  # type: ignore[no-untyped-def]
             for target in group:
@@ -94,7 +93,7 @@ def quantize_model(base: Path, out: Path, method: str, calib: Path, masked: bool
 def apply_model(method: str, out: Path, args: argparse.Namespace, quantize: bool) -> dict:
     """``graphprune apply`` 2:4 sequential (joint with int4 when ``quantize``) in a child process."""
     cli = ["apply", str(args.bases["dense"]), "--nm", "2:4", "--method", method, "--sequential"]
-    cli += ["--calib", str(args.calib), "--batch-size", str(BATCH), "-o", str(out), "--force"]
+    cli += ["--calib", str(args.calib), "--batch-size", str(args.batch), "-o", str(out), "--force"]
     if quantize:
         cli += ["--quantize", "int4", "--quant-block-size", str(GRID.block_size)]
     seconds, cpu, peak, _ = timed(cli, None)
@@ -132,7 +131,7 @@ def one_run(text: str, args: argparse.Namespace) -> dict:
     if method == "fp32":
         return {"run": text, "ppl": perplexity(base, args), "cpu_seconds": 0.0}
     out = work / f"{base_name}_{method}.onnx"
-    info = quantize_model(base, out, method, args.calib, masked=base_name != "dense")
+    info = quantize_model(base, out, method, args.calib, masked=base_name != "dense", batch=args.batch)
     return {"run": text, "ppl": perplexity(out, args), **info}
 
 
@@ -160,6 +159,7 @@ def main() -> int:
     parser.add_argument("--eval", type=Path, default=REFERENCE / "smollm2_brown_eval.npz")
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows to score (of 32)")
     parser.add_argument("--calib-windows", type=int, default=64, help="calibration windows to use (of 64)")
+    parser.add_argument("--batch", type=int, default=8, help="calibration windows per ONNX Runtime run")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "quantize_int4.json")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphprune-int4"))
     parser.add_argument("--base", action="append", default=[], help="NAME=PATH of a base model")

@@ -15,7 +15,8 @@ VOCAB = 11
 
 
 def bigram_model(table: np.ndarray, with_mask: bool, extra_input: bool = False) -> onnx.ModelProto:
-    """logits[b, t] = table[input_ids[b, t]] (times attention_mask[b, t] when the model takes a mask)."""
+    """logits[b, t] = table[input_ids[b, t]] (times attention_mask[b, t] when the model takes a mask); with
+    ``extra_input`` the model also takes `speaker_ids`, an input nothing can fill."""
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", table.shape[1]])
     inits = [numpy_helper.from_array(table.astype(np.float32), "table")]
@@ -33,7 +34,7 @@ def bigram_model(table: np.ndarray, with_mask: bool, extra_input: bool = False) 
             helper.make_node("Mul", ["raw", "mask_3d"], ["logits"]),
         ]
     if extra_input:
-        inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "seq"]))
+        inputs.append(helper.make_tensor_value_info("speaker_ids", TensorProto.INT64, ["batch", "seq"]))
     graph = helper.make_graph(nodes, "bigram", inputs, [logits], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

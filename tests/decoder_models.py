@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from graphprune.calibration.request import CalibrationRequest
+from graphprune.graph.model_io import load_model, to_proto
 from tests.onnx_builders import init, make_model, tensor
 
 VOCAB, HIDDEN, BLOCKS = 32, 8, 3
@@ -49,3 +51,12 @@ def feeds() -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(1401)  # this function's own data, whatever ran before
     ids = rng.integers(0, VOCAB, size=(6, 10), dtype=np.int64)
     return [{"input_ids": ids[:2]}, {"input_ids": ids[2:4]}, {"input_ids": ids[4:]}]
+
+
+def request(data: list, max_memory: int | None = None) -> CalibrationRequest:
+    return CalibrationRequest(data=data, batch_size=2, max_memory=max_memory)
+
+
+def weights_of(path: Path) -> dict[str, np.ndarray]:
+    model = to_proto(load_model(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -22,8 +22,8 @@ from graphprune.graph.targets import Target
 from graphprune.passes.prune import PruneConfig, PrunePass
 from graphprune.pipeline.segments import prune_in_segments
 from graphprune.pipeline.sequential import SequentialCalibration, dense_stream, prune_sequentially
+from tests.decoder_models import decoder_like, feeds, request, save_external, weights_of
 from tests.onnx_builders import init, initializer, make_model, run, tensor
-from tests.test_segments import decoder_like, feeds, request, save_external, weights_of
 
 HIDDEN, INNER = 16, 32
 MATMULS = ["u1", "v1", "u2", "v2"]  # the outputs of a1, b1, a2, b2

@@ -18,6 +18,7 @@ from graphprune.algorithms.quant_grid import (
     quantize_codes,
 )
 from graphprune.algorithms.sparsegpt import sparsegpt_reconstruction_error, sparsegpt_with_mask
+from tests.gram_data import correlated_layer, random_nm_keep
 
 QMAX = {"int8": 127.0, "int4": 7.0}
 
@@ -93,23 +94,6 @@ def reference_gptq(
     return codes[:, inverse], scales, keep[:, inverse]
 
 
-def _layer(seed: int, rows: int = 12, k: int = 48, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """A weight and the Gram matrix of correlated inputs with a few large channels, as in LLM activations."""
-    rng = np.random.default_rng(seed)
-    mix = rng.standard_normal((k, k)) * 0.4 + np.eye(k)
-    x = rng.standard_normal((n, k)) @ mix
-    x[:, rng.choice(k, 3, replace=False)] *= 8.0
-    w = rng.standard_normal((rows, k)).astype(np.float32)
-    return w, x.T @ x
-
-
-def _nm_keep(w: np.ndarray, pattern: NMPattern, seed: int) -> np.ndarray:
-    """A random N:M keep-mask (not the magnitude one, so that nothing depends on the weights' order)."""
-    rng = np.random.default_rng(seed)
-    order = np.argsort(rng.random((w.shape[0], w.shape[1] // pattern.group, pattern.group)), axis=-1)
-    return (order < pattern.keep).reshape(w.shape)
-
-
 @pytest.mark.parametrize(
     ("precision", "block", "act_order", "masked"),
     [
@@ -128,8 +112,8 @@ def _nm_keep(w: np.ndarray, pattern: NMPattern, seed: int) -> np.ndarray:
 def test_matches_column_by_column_reference(
     precision: str, block: int | None, act_order: bool, masked: str
 ) -> None:
-    w, gram = _layer(1)
-    keep = _nm_keep(w, NMPattern(2, 4), 2) if masked else None
+    w, gram = correlated_layer(1)
+    keep = random_nm_keep(w, NMPattern(2, 4), 2) if masked else None
     if masked == "pruned":
         w = np.where(keep, w, 0.0).astype(np.float32)
     grid = QuantGrid(precision=precision, block_size=block)  # type: ignore[arg-type]
@@ -140,7 +124,7 @@ def test_matches_column_by_column_reference(
 
 
 def test_joint_mode_matches_reference() -> None:
-    w, gram = _layer(3, rows=10, k=32)
+    w, gram = correlated_layer(3, rows=10, k=32)
     grid = QuantGrid(precision="int4", block_size=8)
     codes, scales, keep = sparsegpt_quantize(w, gram, NMPattern(2, 4), grid, blocksize=16)
     ref_codes, ref_scales, ref_keep = reference_gptq(w, gram, "int4", 8, nm=NMPattern(2, 4))
@@ -156,7 +140,7 @@ def test_joint_mode_matches_reference() -> None:
 @pytest.mark.parametrize("act_order", [False, True])
 def test_uncorrelated_inputs_give_round_to_nearest(precision: str, block: int | None, act_order: bool) -> None:
     # H diagonal: rounding one weight changes no other weight's best value, so GPTQ is round to nearest.
-    w, _ = _layer(4)
+    w, _ = correlated_layer(4)
     gram = np.diag(np.random.default_rng(5).uniform(0.5, 4.0, w.shape[1]))
     grid = QuantGrid(precision=precision, block_size=block)  # type: ignore[arg-type]
     codes, scales = gptq_quantize(w, gram, grid, act_order=act_order, blocksize=16)
@@ -168,7 +152,7 @@ def test_uncorrelated_inputs_give_round_to_nearest(precision: str, block: int | 
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), block=st.sampled_from([None, 16]), act_order=st.booleans())
 def test_layer_error_at_most_round_to_nearest(seed: int, block: int | None, act_order: bool) -> None:
-    w, gram = _layer(seed, rows=16, k=64)
+    w, gram = correlated_layer(seed, rows=16, k=64)
     grid = QuantGrid(precision="int4", block_size=block)
     codes, scales = gptq_quantize(w, gram, grid, act_order=act_order, blocksize=32)
     gptq_error = sparsegpt_reconstruction_error(w, dequantize_codes(codes, scales, grid), gram)
@@ -178,7 +162,7 @@ def test_layer_error_at_most_round_to_nearest(seed: int, block: int | None, act_
 
 @pytest.mark.parametrize("precision", ["int8", "int4", "fp8"])
 def test_pruned_weights_stay_zero_and_the_pattern_survives(precision: str) -> None:
-    w, gram = _layer(6, rows=16, k=64)
+    w, gram = correlated_layer(6, rows=16, k=64)
     pattern = NMPattern(2, 4)
     pruned, keep = sparsegpt_with_mask(w, gram, pattern)
     grid = QuantGrid(precision=precision, block_size=16)  # type: ignore[arg-type]
@@ -199,7 +183,7 @@ def test_joint_mode_beats_pruning_then_rounding_to_nearest(seed: int) -> None:
     # With blocks of 16 scales the rounding error is small next to the pruning error, and the joint mode's
     # mask (chosen on weights its rounding has moved) wins or loses by the mask's luck (1 layer in 40 here);
     # with one scale per row, rounding matters and the joint mode wins on every seed we tried (40 of 40).
-    w, gram = _layer(seed, rows=16, k=64)
+    w, gram = correlated_layer(seed, rows=16, k=64)
     grid = QuantGrid(precision="int4")
     codes, scales, _ = sparsegpt_quantize(w, gram, NMPattern(2, 4), grid)
     pruned = sparsegpt_with_mask(w, gram, NMPattern(2, 4))[0]
@@ -208,14 +192,14 @@ def test_joint_mode_beats_pruning_then_rounding_to_nearest(seed: int) -> None:
 
 
 def test_dead_inputs_get_code_zero() -> None:
-    w, gram = _layer(8)
+    w, gram = correlated_layer(8)
     gram[:, 5] = gram[5, :] = 0.0
     codes, _ = gptq_quantize(w, gram, QuantGrid(precision="int8"), act_order=True)
     assert np.all(codes[:, 5] == 0) and np.count_nonzero(codes[:, 4])
 
 
 def test_bad_inputs() -> None:
-    w, gram = _layer(9)
+    w, gram = correlated_layer(9)
     grid = QuantGrid(precision="int8")
     with pytest.raises(ValueError, match="keep must have"):
         gptq_quantize(w, gram, grid, keep=np.ones((2, 2), dtype=bool))

@@ -20,11 +20,10 @@ from graphprune.algorithms.scores import Method
 from graphprune.cli import app
 from graphprune.errors import GraphpruneError
 from graphprune.passes.prune import PruneConfig, PrunePass
-from tests.onnx_builders import init, initializer, run, tensor
+from tests.onnx_builders import init, initializer, linear_model, run, tensor
 from tests.onnx_builders import make_ir_model as make_model
-from tests.test_prune_sparsegpt import correlated_inputs, linear_model
+from tests.references import correlated_inputs
 
-RNG = np.random.default_rng(23)
 PATTERN = NMPattern(2, 4)
 
 
@@ -44,8 +43,9 @@ def matmul_model(w_kn: np.ndarray):  # type: ignore[no-untyped-def]
 
 
 def test_sparsegpt_joint_mode_writes_the_solvers_values() -> None:
-    w = RNG.standard_normal((32, 128)).astype(np.float32)  # canonical (N, K)
-    x = correlated_inputs(512, 128)
+    rng = np.random.default_rng(5200)  # this function's own data, whatever ran before
+    w = rng.standard_normal((32, 128)).astype(np.float32)  # canonical (N, K)
+    x = correlated_inputs(rng, 128, rows=512).astype(np.float32)
     stats = _stats(x)
     grid = QuantGrid(precision="int4", block_size=32)
     model = matmul_model(np.ascontiguousarray(w.T))
@@ -62,8 +62,9 @@ def test_sparsegpt_joint_mode_writes_the_solvers_values() -> None:
 
 
 def test_alps_joint_mode_is_gptq_under_the_alps_mask() -> None:
-    w = RNG.standard_normal((12, 16)).astype(np.float32)
-    x = correlated_inputs(128, 16)
+    rng = np.random.default_rng(5201)  # this function's own data, whatever ran before
+    w = rng.standard_normal((12, 16)).astype(np.float32)
+    x = correlated_inputs(rng, 16, rows=128).astype(np.float32)
     stats = _stats(x)
     grid = QuantGrid(precision="int8")
     model = linear_model(w)
@@ -82,10 +83,11 @@ def test_quantize_needs_a_reconstructing_method() -> None:
 
 
 def test_apply_quantize_cli(tmp_path) -> None:
-    w = RNG.standard_normal((16, 32)).astype(np.float32)
+    rng = np.random.default_rng(5202)  # this function's own data, whatever ran before
+    w = rng.standard_normal((16, 32)).astype(np.float32)
     path = tmp_path / "linear.onnx"
     onnx.save(onnx.load_from_string(_proto_bytes(linear_model(w))), str(path))
-    x = correlated_inputs(64, 32)
+    x = correlated_inputs(rng, 32, rows=64).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
     runner = CliRunner()
     base = ["apply", str(path), "--method", "sparsegpt", "--include-head", "--calib", str(tmp_path / "calib.npz")]

@@ -10,7 +10,7 @@ import pytest
 from graphprune.algorithms.gptq import gptq_quantize, sparsegpt_quantize
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.quant_grid import QuantGrid
-from tests.test_gptq import _layer, _nm_keep
+from tests.gram_data import correlated_layer, random_nm_keep
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch (CPU is enough)")
 
@@ -24,9 +24,9 @@ CASES = [
 
 
 def _compare(device: str, precision: str, block: int | None, act_order: bool, masked: bool) -> None:
-    w, gram = _layer(21, rows=12, k=64)
+    w, gram = correlated_layer(21, rows=12, k=64)
     gram[:, 7] = gram[7, :] = 0.0  # a dead input
-    keep = _nm_keep(w, NMPattern(2, 4), 3) if masked else None
+    keep = random_nm_keep(w, NMPattern(2, 4), 3) if masked else None
     grid = QuantGrid(precision=precision, block_size=block)  # type: ignore[arg-type]
     expected = gptq_quantize(w, gram, grid, keep=keep, blocksize=32, act_order=act_order, device="numpy")
     got = gptq_quantize(w, gram, grid, keep=keep, blocksize=32, act_order=act_order, device=device)
@@ -41,7 +41,7 @@ def test_cpu_torch_equals_numpy(precision: str, block: int | None, act_order: bo
 
 
 def test_cpu_torch_joint_mode_equals_numpy() -> None:
-    w, gram = _layer(22, rows=12, k=64)
+    w, gram = correlated_layer(22, rows=12, k=64)
     grid = QuantGrid(precision="int4", block_size=16)
     expected = sparsegpt_quantize(w, gram, NMPattern(2, 4), grid, blocksize=32, device="numpy")
     got = sparsegpt_quantize(w, gram, NMPattern(2, 4), grid, blocksize=32, device="cpu")

@@ -24,7 +24,6 @@ from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.files import quantize_file
 from tests.onnx_builders import init, make_model, reference_nm_mask, run, tensor
 
-RNG = np.random.default_rng(5)
 D, H = 16, 32
 
 
@@ -86,9 +85,10 @@ def fake_asymmetric(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def test_int8_tensorrt_matches_numpy_fake_quantization(tmp_path: Path) -> None:
-    calib = RNG.standard_normal((64, D)).astype(np.float32)
+    rng = np.random.default_rng(5300)  # this function's own data, whatever ran before
+    calib = rng.standard_normal((64, D)).astype(np.float32)
     model = quantized(tmp_path, mlp(), calib, precision="int8", target="tensorrt")
-    x = RNG.standard_normal((8, D)).astype(np.float32)
+    x = rng.standard_normal((8, D)).astype(np.float32)
     h_calib = np.maximum(calib @ W1, 0)
     h = np.maximum(fake_symmetric(x, np.abs(calib).max()) @ fake_weight(W1), 0)
     want = fake_symmetric(h, np.abs(h_calib).max()) @ fake_weight(W2)
@@ -98,9 +98,10 @@ def test_int8_tensorrt_matches_numpy_fake_quantization(tmp_path: Path) -> None:
 
 
 def test_int8_ort_target_uses_asymmetric_uint8_activations(tmp_path: Path) -> None:
-    calib = (RNG.standard_normal((64, D)) + 0.7).astype(np.float32)
+    rng = np.random.default_rng(5301)  # this function's own data, whatever ran before
+    calib = (rng.standard_normal((64, D)) + 0.7).astype(np.float32)
     model = quantized(tmp_path, mlp(), calib, precision="int8", target="ort")
-    x = (RNG.standard_normal((8, D)) + 0.7).astype(np.float32)
+    x = (rng.standard_normal((8, D)) + 0.7).astype(np.float32)
     h_calib = np.maximum(calib @ W1, 0)
     h = np.maximum(fake_asymmetric(x, calib.min(), calib.max()) @ fake_weight(W1), 0)
     want = fake_asymmetric(h, h_calib.min(), h_calib.max()) @ fake_weight(W2)
@@ -111,7 +112,8 @@ def test_int8_ort_target_uses_asymmetric_uint8_activations(tmp_path: Path) -> No
 
 
 def test_pattern_survives_and_zero_points_are_zero(tmp_path: Path) -> None:
-    calib = RNG.standard_normal((16, D)).astype(np.float32)
+    rng = np.random.default_rng(5302)  # this function's own data, whatever ran before
+    calib = rng.standard_normal((16, D)).astype(np.float32)
     model = quantized(tmp_path, mlp(), calib, precision="int8")
     g = ir.from_proto(model).graph
     for name, w in (("W1", W1), ("W2", W2)):
@@ -131,7 +133,8 @@ def test_pattern_survives_and_zero_points_are_zero(tmp_path: Path) -> None:
 
 
 def test_fp8_matches_numpy_e4m3(tmp_path: Path) -> None:
-    calib = RNG.standard_normal((32, D)).astype(np.float32)
+    rng = np.random.default_rng(5303)  # this function's own data, whatever ran before
+    calib = rng.standard_normal((32, D)).astype(np.float32)
     model = quantized(tmp_path, mlp(), calib, precision="fp8")
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
 
@@ -143,7 +146,7 @@ def test_fp8_matches_numpy_e4m3(tmp_path: Path) -> None:
     def fp8_weight(w: np.ndarray) -> np.ndarray:
         return fp8(w, (np.abs(w).max(axis=0, keepdims=True) / 448).astype(np.float32))
 
-    x = RNG.standard_normal((8, D)).astype(np.float32)
+    x = rng.standard_normal((8, D)).astype(np.float32)
     h_calib = np.maximum(calib @ W1, 0)
     h = np.maximum(fp8(x, np.float32(np.abs(calib).max() / 448)) @ fp8_weight(W1), 0)
     want = fp8(h, np.float32(np.abs(h_calib).max() / 448)) @ fp8_weight(W2)
@@ -152,6 +155,7 @@ def test_fp8_matches_numpy_e4m3(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("block", [32, 64])
 def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
+    rng = np.random.default_rng(5304)  # this function's own data, whatever ran before
     k, n = 128, 16
     w = sparse((k, n), 3)
     src = single_matmul(tmp_path, w)
@@ -170,7 +174,7 @@ def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
     np.testing.assert_array_equal(codes.numpy().astype(np.int8), ref)
     assert np.all(ref[w == 0] == 0)  # the pruned zeros
     assert not any(node.op_type == "QuantizeLinear" for node in g)  # weight-only
-    x = RNG.standard_normal((4, k)).astype(np.float32)
+    x = rng.standard_normal((4, k)).astype(np.float32)
     np.testing.assert_allclose(run(ir.load(out), {"x": x})[0], x @ (ref * expanded), rtol=1e-4, atol=1e-4)
     assert report.result.weights[0].precision == "int4"
     options = ort.SessionOptions()  # ONNX Runtime's CPU optimiser fuses DQ(int4) -> MatMul into MatMulNBits
@@ -181,11 +185,12 @@ def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
 
 
 def test_gptq_under_the_mask_beats_round_to_nearest_and_keeps_zeros(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5305)  # this function's own data, whatever ran before
     k, n = 64, 32
     w = sparse((k, n), 4)
     src = single_matmul(tmp_path, w)
     mix = np.random.default_rng(8).standard_normal((k, k)).astype(np.float32)
-    calib = (RNG.standard_normal((256, k)) @ mix).astype(np.float32)  # correlated inputs: GPTQ's case
+    calib = (rng.standard_normal((256, k)) @ mix).astype(np.float32)  # correlated inputs: GPTQ's case
     request = CalibrationRequest(data={"x": calib}, batch_size=64)
     errors = {}
     for method in ("rtn", "gptq"):
@@ -202,12 +207,13 @@ def test_gptq_under_the_mask_beats_round_to_nearest_and_keeps_zeros(tmp_path: Pa
 
 def test_dynamic_activations_match_numpy(tmp_path: Path) -> None:
     """DynamicQuantizeLinear: uint8, per tensor, range widened to hold 0, computed on the input itself."""
+    rng = np.random.default_rng(5306)  # this function's own data, whatever ran before
     src = tmp_path / "model.onnx"
     onnx.save(mlp(), src)
     config = QuantizeConfig(precision="int8", dynamic=True, include_head=True)
     out, report = quantize_file(src, config, tmp_path / "q.onnx", force=True)
     assert all(a.scale is None for a in report.result.activations)
-    x = RNG.standard_normal((8, D)).astype(np.float32)
+    x = rng.standard_normal((8, D)).astype(np.float32)
     h = np.maximum(fake_asymmetric(x, x.min(), x.max()) @ fake_weight(W1), 0)
     want = fake_asymmetric(h, h.min(), h.max()) @ fake_weight(W2)
     np.testing.assert_allclose(run(onnx.load(out), {"x": x})[0], want, rtol=1e-4, atol=1e-4)
@@ -215,11 +221,12 @@ def test_dynamic_activations_match_numpy(tmp_path: Path) -> None:
 
 def test_tied_head_is_untied_exactly_and_quantized_with_include_head(tmp_path: Path) -> None:
     """Gather(E, ids) embeds, MatMul(h, Transpose(E)) is the head: the head gets its own int8 copy."""
+    rng = np.random.default_rng(5307)  # this function's own data, whatever ran before
     from graphprune.graph.model_io import load_model
     from graphprune.quantize.untie import untie_head_tables
 
     v = 24
-    e = RNG.standard_normal((v, D)).astype(np.float32)
+    e = rng.standard_normal((v, D)).astype(np.float32)
     nodes = [
         helper.make_node("Gather", ["E", "ids"], ["x"]),
         helper.make_node("MatMul", ["x", "W1"], ["a"]),
@@ -236,7 +243,7 @@ def test_tied_head_is_untied_exactly_and_quantized_with_include_head(tmp_path: P
     )
     src = tmp_path / "tied.onnx"
     onnx.save(model, src)
-    ids = RNG.integers(0, v, (2, 6)).astype(np.int64)
+    ids = rng.integers(0, v, (2, 6)).astype(np.int64)
     untied = load_model(src)
     assert untie_head_tables(untied) == ["E"]
     np.testing.assert_array_equal(run(untied, {"ids": ids})[0], run(model, {"ids": ids})[0])  # exact
@@ -254,7 +261,8 @@ def test_tied_head_is_untied_exactly_and_quantized_with_include_head(tmp_path: P
 def test_onnx_runtime_fuses_every_ort_target_matmul(tmp_path: Path) -> None:
     """Its CPU optimiser turns each DQ(uint8) -> MatMul <- DQ(int8) group into an integer kernel, no float MatMul
     left (with int8 activations, --target tensorrt, it fuses only some: BENCHMARKS.md)."""
-    calib = RNG.standard_normal((16, D)).astype(np.float32)
+    rng = np.random.default_rng(5308)  # this function's own data, whatever ran before
+    calib = rng.standard_normal((16, D)).astype(np.float32)
     quantized(tmp_path, mlp(), calib, precision="int8", target="ort")
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -265,7 +273,8 @@ def test_onnx_runtime_fuses_every_ort_target_matmul(tmp_path: Path) -> None:
 
 
 def test_massive_inputs_stay_float_above_the_threshold(tmp_path: Path) -> None:
-    calib = RNG.standard_normal((32, D)).astype(np.float32)
+    rng = np.random.default_rng(5309)  # this function's own data, whatever ran before
+    calib = rng.standard_normal((32, D)).astype(np.float32)
     calib[0, 3] = 500.0  # one massive activation in x; h = relu(x @ W1) inherits a large one too
     peak_x = np.abs(calib).max()
     peak_h = np.abs(np.maximum(calib @ W1, 0)).max()

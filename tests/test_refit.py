@@ -15,10 +15,10 @@ from graphprune.algorithms.structured import StructuredMethod, flap_bias
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
-from tests.onnx_builders import init, make_model, run
-from tests.test_shrink import NETS, Net, _silu, llama_mlp, residual_stack
+from tests.mobilenet_models import CIN, HW, C, block_np, mobilenet_block, mobilenet_weights
+from tests.onnx_builders import Net, bert_mlp, gemm_mlp, init, llama_mlp, make_model, residual_stack, run, silu
 
-RNG = np.random.default_rng(7)
+NETS = {"llama_mlp": llama_mlp, "bert_mlp": bert_mlp, "gemm_mlp": gemm_mlp}
 
 
 def _data(seed: int = 0, rows: int = 400, k: int = 12, out: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,8 +140,9 @@ def test_refit_that_removes_zero_channels_changes_nothing(kind: str) -> None:
 
 
 def test_refit_end_to_end_equals_lstsq_on_the_calibration_activations() -> None:
+    rng = np.random.default_rng(5500)  # this function's own data, whatever ran before
     net = llama_mlp(hidden=16)
-    calib = {"x": RNG.standard_normal((8, 16, 8)).astype(np.float32)}
+    calib = {"x": rng.standard_normal((8, 16, 8)).astype(np.float32)}
     m = ir.from_proto(net.model)
     config = ShrinkConfig(ratio=0.25, method=StructuredMethod.WANDA, refit=True, damp=0.0)
     report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=4))
@@ -149,7 +150,7 @@ def test_refit_end_to_end_equals_lstsq_on_the_calibration_activations() -> None:
     kept = np.setdiff1d(np.arange(16), removed)
     x = calib["x"].reshape(-1, 8).astype(np.float64)
     w = {k: v.astype(np.float64) for k, v in net.weights.items()}
-    h = _silu(x @ w["gate"]) * (x @ w["up"])  # down's input, the refit's activations
+    h = silu(x @ w["gate"]) * (x @ w["up"])  # down's input, the refit's activations
     design = np.concatenate([h[:, kept], np.ones((len(h), 1))], axis=1)
     solution = np.linalg.lstsq(design, h @ w["down"], rcond=None)[0]
     expected = x + design @ solution
@@ -162,10 +163,9 @@ def test_refit_end_to_end_equals_lstsq_on_the_calibration_activations() -> None:
 
 
 def test_refit_of_a_pointwise_conv_equals_lstsq_on_its_input_channels() -> None:
-    from tests.test_shrink_cnn import CIN, HW, C, _weights, block_np, mobilenet_block
-
-    w = _weights()
-    calib = {"x": RNG.standard_normal((16, CIN, HW, HW)).astype(np.float32)}
+    rng = np.random.default_rng(5501)  # this function's own data, whatever ran before
+    w = mobilenet_weights()
+    calib = {"x": rng.standard_normal((16, CIN, HW, HW)).astype(np.float32)}
     m = ir.from_proto(mobilenet_block(w))
     config = ShrinkConfig(ratio=0.34, units=("channels",), refit=True, damp=0.0, allocate="uniform")
     report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=8))
@@ -217,6 +217,7 @@ def test_removal_costs_of_uncorrelated_channels_are_flaps_scores() -> None:
 
 
 def test_obs_removes_a_duplicated_neuron_and_the_refit_restores_the_output_exactly() -> None:
+    rng = np.random.default_rng(5502)  # this function's own data, whatever ran before
     net = llama_mlp(hidden=12)
     for name in ("gate", "up"):  # neuron 7 computes exactly what neuron 2 computes
         net.weights[name][:, 7] = net.weights[name][:, 2]
@@ -226,7 +227,7 @@ def test_obs_removes_a_duplicated_neuron_and_the_refit_restores_the_output_exact
         list(net.model.graph.output),
         [init(v, k) for k, v in net.weights.items()],
     )
-    calib = {"x": RNG.standard_normal((8, 16, 8)).astype(np.float32)}
+    calib = {"x": rng.standard_normal((8, 16, 8)).astype(np.float32)}
     m = ir.from_proto(model)
     config = ShrinkConfig(ratio=1 / 12, method=StructuredMethod.OBS, refit=True, damp=1e-9)
     report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=4))
@@ -242,8 +243,9 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def test_sequential_refits_each_group_on_the_already_shrunk_prefix() -> None:
+    rng = np.random.default_rng(5503)  # this function's own data, whatever ran before
     model, weights, _ = residual_stack(d=8, hidden=12)
-    calib = {"x": RNG.standard_normal((64, 8)).astype(np.float32)}
+    calib = {"x": rng.standard_normal((64, 8)).astype(np.float32)}
     request = CalibrationRequest(data=calib, batch_size=16)
     config = ShrinkConfig(ratio=0.25, method=StructuredMethod.FLAP, refit=True, damp=0.0, allocate="uniform")
     m = ir.from_proto(model)
@@ -272,15 +274,16 @@ def test_sequential_takes_no_steps() -> None:
 
 @pytest.mark.parametrize("stride", [1, 3])
 def test_gram_taps_equal_numpy_on_every_nth_row(stride: int) -> None:
+    rng = np.random.default_rng(5504)  # this function's own data, whatever ran before
     from graphprune.calibration.moments import ChannelTap, collect_moments
 
     net = llama_mlp(hidden=12)
-    calib = {"x": RNG.standard_normal((4, 10, 8)).astype(np.float32)}
+    calib = {"x": rng.standard_normal((4, 10, 8)).astype(np.float32)}
     m = ir.from_proto(net.model)
     tap = ChannelTap("h", -1, 12, gram=True, gram_stride=stride)
     moments = collect_moments(m, [tap], [], CalibrationRequest(data=calib, batch_size=2))
     x = calib["x"].astype(np.float64)
-    h = (_silu(x @ net.weights["gate"]) * (x @ net.weights["up"])).reshape(2, -1, 12)  # per batch of 2 samples
+    h = (silu(x @ net.weights["gate"]) * (x @ net.weights["up"])).reshape(2, -1, 12)  # per batch of 2 samples
     sample = np.concatenate([batch[::stride] for batch in h])  # each run's rows, every n-th
     gram, sums, rows = moments.gram_terms("h")
     np.testing.assert_allclose(gram, sample.T @ sample, rtol=1e-4, atol=1e-4)

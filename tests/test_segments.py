@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from graphprune.algorithms.pattern import NMPattern
 from graphprune.algorithms.scores import Method
-from graphprune.calibration.request import CalibrationRequest
 from graphprune.cli import app
 from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model, to_proto, uses_external_data
@@ -23,7 +22,7 @@ from graphprune.pipeline.files import prune_file
 from graphprune.pipeline.progress import PruneProgress, SegmentProgress
 from graphprune.pipeline.segments import prune_in_segments
 from graphprune.pipeline.sequential import prune_sequentially
-from tests.decoder_models import VOCAB, decoder_like, feeds, save_external
+from tests.decoder_models import VOCAB, decoder_like, feeds, request, save_external, weights_of
 from tests.onnx_builders import initializer, run
 
 WANDA = PruneConfig(NMPattern(2, 4), method=Method.WANDA)
@@ -32,10 +31,6 @@ WANDA = PruneConfig(NMPattern(2, 4), method=Method.WANDA)
 @pytest.fixture
 def external_model(tmp_path: Path) -> Path:
     return save_external(decoder_like(), tmp_path / "in" / "model.onnx")
-
-
-def request(data: list, max_memory: int | None = None) -> CalibrationRequest:
-    return CalibrationRequest(data=data, batch_size=2, max_memory=max_memory)
 
 
 def digest(path: Path) -> str:
@@ -68,11 +63,6 @@ def segment_run(
     return prune_in_segments(
         model, path.parent, out, WANDA, request(data, max_memory), sequential, plan, progress=progress or Seen()
     )
-
-
-def weights_of(path: Path) -> dict[str, np.ndarray]:
-    model = to_proto(load_model(path))
-    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
 @pytest.mark.parametrize("sequential", ["block", "level"])

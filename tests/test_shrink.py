@@ -21,6 +21,7 @@ from tests.onnx_builders import (
     bert_mlp,
     draw,
     gelu_erf,
+    gemm_mlp,
     init,
     llama_mlp,
     make_model,
@@ -29,25 +30,6 @@ from tests.onnx_builders import (
     silu,
     tensor,
 )
-
-
-def gemm_mlp(d: int = 6, hidden: int = 10) -> Net:
-    """Gemm(transB=1) → Relu → Gemm(transB=1), PyTorch's Linear layout."""
-    rng = np.random.default_rng(2)  # this function's own data, whatever ran before
-    w = {"w1": draw(rng, hidden, d), "b1": draw(rng, hidden), "w2": draw(rng, d, hidden), "b2": draw(rng, d)}
-    nodes = [
-        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1),
-    ]
-    model = make_model(
-        nodes, [tensor("x", shape=[4, d])], [tensor("y", shape=[4, d])], [init(v, k) for k, v in w.items()]
-    )
-
-    def forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-        return np.maximum(x @ p["w1"].T + p["b1"], 0) @ p["w2"].T + p["b2"]
-
-    return Net(model, w, {"x": draw(rng, 4, d, scale=1.0)}, forward, {"w1": 0, "b1": 0, "w2": 1})
 
 
 def _conv_np(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:

@@ -11,19 +11,18 @@ from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
-from tests.test_shrink import _w, residual_stack
-
-RNG = np.random.default_rng(11)
+from tests.onnx_builders import draw, residual_stack
 
 
-def _scores(widths: list[int]) -> list[np.ndarray]:
+def _scores(rng: np.random.Generator, widths: list[int]) -> list[np.ndarray]:
     # each group on its own scale: standardising is what makes them comparable
-    return [RNG.gamma(2.0, size=n) * 10.0**i for i, n in enumerate(widths)]
+    return [rng.gamma(2.0, size=n) * 10.0**i for i, n in enumerate(widths)]
 
 
 def test_without_bounds_the_lowest_standardised_units_of_all_groups_go() -> None:
+    rng = np.random.default_rng(5600)  # this function's own data, whatever ran before
     widths = [40, 40, 40, 40]
-    scores = _scores(widths)
+    scores = _scores(rng, widths)
     counts = allocate(scores, widths, [3.0] * 4, budget=0.3 * 160 * 3.0)
     z = np.concatenate([standardize(s) for s in scores])
     owner = np.repeat(np.arange(4), widths)
@@ -33,10 +32,11 @@ def test_without_bounds_the_lowest_standardised_units_of_all_groups_go() -> None
 
 
 def test_floor_cap_and_multiple_are_respected_and_the_budget_is_met() -> None:
+    rng = np.random.default_rng(5601)  # this function's own data, whatever ran before
     widths = [64, 64, 48, 64, 32]
     cost = [2.0, 2.0, 3.0, 2.0, 4.0]
     budget = 0.25 * sum(c * w for c, w in zip(cost, widths, strict=True))
-    counts = allocate(_scores(widths), widths, cost, budget, floor=0.1, cap=0.5, multiple=8)
+    counts = allocate(_scores(rng, widths), widths, cost, budget, floor=0.1, cap=0.5, multiple=8)
     for n, w in zip(counts, widths, strict=True):
         assert 0.1 * w - 4 <= n <= 0.5 * w  # the floor to the nearest multiple, the cap exactly
         assert (w - n) % 8 == 0 and w - n >= 8
@@ -45,8 +45,9 @@ def test_floor_cap_and_multiple_are_respected_and_the_budget_is_met() -> None:
 
 
 def test_rounds_continue_from_what_earlier_rounds_removed() -> None:
+    rng = np.random.default_rng(5602)  # this function's own data, whatever ran before
     widths = [32, 32, 32]
-    first = allocate(_scores(widths), widths, [1.0] * 3, budget=12.0, cap=0.5)
+    first = allocate(_scores(rng, widths), widths, [1.0] * 3, budget=12.0, cap=0.5)
     assert sum(first) == 12
     now = [np.ones(w - n) for w, n in zip(widths, first, strict=True)]  # the survivors, all alike
     second = allocate(now, widths, [1.0] * 3, budget=24.0, cap=0.5)
@@ -60,8 +61,9 @@ def test_small_groups_stay_whole_and_equal_scores_do_not_fail() -> None:
 
 
 def test_global_allocation_in_shrink_meets_the_ratio_and_reports_each_groups_ratio() -> None:
+    rng = np.random.default_rng(5603)  # this function's own data, whatever ran before
     model, _, _ = residual_stack(hidden=16, small=1)
-    calib = CalibrationRequest(data={"x": _w(64, 8, scale=1.0)}, batch_size=16)
+    calib = CalibrationRequest(data={"x": draw(rng, 64, 8, scale=1.0)}, batch_size=16)
     m = ir.from_proto(model)
     config = ShrinkConfig(ratio=0.25, method=StructuredMethod.FLAP, allocate="global", ratio_max=0.75)
     report = shrink_model(m, config, calib)

@@ -18,29 +18,8 @@ from graphprune.graph.groups import find_groups
 from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
-from tests.onnx_builders import draw, init, make_model, run, tensor
-
-CIN, C, R, COUT, HW = 3, 6, 3, 4, 4
-
-
-
-def _weights() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(300)  # this function's own data, whatever ran before
-    return {
-        "c1": draw(rng, C, CIN, 3, 3),
-        "scale": 1 + draw(rng, C, scale=0.1),
-        "shift": draw(rng, C),
-        "mean": draw(rng, C),
-        "var": np.abs(draw(rng, C)) + 0.5,
-        "dw": draw(rng, C, 1, 3, 3),
-        "dwb": draw(rng, C),
-        "se1": draw(rng, R, C, 1, 1),
-        "se1b": draw(rng, R),
-        "se2": draw(rng, C, R, 1, 1),
-        "se2b": draw(rng, C),
-        "c2": draw(rng, COUT, C, 1, 1),
-    }
-
+from tests.mobilenet_models import CIN, HW, C, block_np, mobilenet_block, mobilenet_weights
+from tests.onnx_builders import draw, run
 
 # the weights that carry each group's channels, and on which axis
 MAIN = {
@@ -58,90 +37,6 @@ MAIN = {
 }
 SQUEEZE = {"se1": 0, "se1b": 0, "se2": 1}
 FOLDED = {"se1b_r": "se1b", "se2b_r": "se2b"}  # a bias reshaped to [1, C, 1, 1], folded: its channels on axis 1
-
-
-def mobilenet_block(w: dict[str, np.ndarray], constant_nodes: bool = True) -> onnx.ModelProto:
-    """Conv → BN → HardSwish (x·Clip(x+3, 0, 6)/6) → depthwise Conv(+bias) → Relu → squeeze-excitation
-    (GlobalAveragePool → 1x1 Conv + bias → Relu → 1x1 Conv + bias → HardSigmoid → Mul) → Resize (2x) → MaxPool 2
-    → 1x1 Conv. SE biases are ``Reshape(b, [1, C, 1, 1])``; weights are Constant nodes when ``constant_nodes``."""
-    scalars = {"three": 3.0, "zero": 0.0, "six": 6.0}
-    consts = {k: np.array(v, np.float32) for k, v in scalars.items()}
-    consts |= {
-        "se1b_shape": np.array([1, R, 1, 1], np.int64),
-        "se2b_shape": np.array([1, C, 1, 1], np.int64),
-        "scales": np.array([1, 1, 2, 2], np.float32),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "c1"], ["a"], pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["a", "scale", "shift", "mean", "var"], ["n"], epsilon=1e-5),
-        helper.make_node("Add", ["n", "three"], ["n3"]),
-        helper.make_node("Clip", ["n3", "zero", "six"], ["nc"]),
-        helper.make_node("Mul", ["n", "nc"], ["nm"]),
-        helper.make_node("Div", ["nm", "six"], ["hs"]),
-        helper.make_node("Conv", ["hs", "dw", "dwb"], ["d"], pads=[1, 1, 1, 1], group=C),
-        helper.make_node("Relu", ["d"], ["dr"]),
-        helper.make_node("GlobalAveragePool", ["dr"], ["p"]),
-        helper.make_node("Conv", ["p", "se1"], ["s1"]),
-        helper.make_node("Reshape", ["se1b", "se1b_shape"], ["se1b_r"]),
-        helper.make_node("Add", ["s1", "se1b_r"], ["s1b"]),
-        helper.make_node("Relu", ["s1b"], ["s1r"]),
-        helper.make_node("Conv", ["s1r", "se2"], ["s2"]),
-        helper.make_node("Reshape", ["se2b", "se2b_shape"], ["se2b_r"]),
-        helper.make_node("Add", ["s2", "se2b_r"], ["s2b"]),
-        helper.make_node("HardSigmoid", ["s2b"], ["gate"], alpha=0.2, beta=0.5),
-        helper.make_node("Mul", ["dr", "gate"], ["e"]),
-        helper.make_node("Resize", ["e", "", "scales"], ["up"], mode="nearest"),
-        helper.make_node("MaxPool", ["up"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Conv", ["mp", "c2"], ["y"]),
-    ]
-    tensors = {**w, **consts}
-    if constant_nodes:
-        inits = []
-        nodes = [
-            helper.make_node("Constant", [], [k], value=onnx.numpy_helper.from_array(v, k))
-            for k, v in tensors.items()
-        ] + nodes
-    else:
-        inits = [init(v, k) for k, v in tensors.items()]
-    return make_model(
-        nodes, [tensor("x", shape=["n", CIN, HW, HW])], [tensor("y", shape=["n", COUT, HW, HW])], inits, opset=13
-    )
-
-
-def _conv3(x: np.ndarray, w: np.ndarray, groups: int = 1) -> np.ndarray:
-    """3x3 convolution, stride 1, padding 1, NCHW; ``groups`` = channels for a depthwise one."""
-    n, _, h, wd = x.shape
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((n, w.shape[0], h, wd))
-    for i in range(3):
-        for j in range(3):
-            patch = xp[:, :, i : i + h, j : j + wd]
-            if groups == 1:
-                out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
-            else:
-                out += patch * w[None, :, 0, i, j, None, None]
-    return out
-
-
-def block_np(w: dict[str, np.ndarray], x: np.ndarray, last: bool = True) -> np.ndarray:
-    """The block's output, or (``last=False``) the input of its final 1x1 Conv."""
-
-    def per_channel(v: np.ndarray) -> np.ndarray:
-        return v.reshape(1, -1, 1, 1)
-
-    a = _conv3(x, w["c1"])
-    n = (a - per_channel(w["mean"])) * per_channel(w["scale"] / np.sqrt(w["var"] + 1e-5)) + per_channel(w["shift"])
-    hs = n * np.clip(n + 3, 0, 6) / 6
-    dr = np.maximum(_conv3(hs, w["dw"], groups=C) + per_channel(w["dwb"]), 0)
-    p = dr.mean(axis=(2, 3))
-    s1 = np.maximum(p @ w["se1"][:, :, 0, 0].T + w["se1b"], 0)
-    gate = np.clip(0.2 * (s1 @ w["se2"][:, :, 0, 0].T + w["se2b"]) + 0.5, 0, 1)
-    e = dr * gate[:, :, None, None]
-    up = e.repeat(2, axis=2).repeat(2, axis=3)
-    mp = up.reshape(up.shape[0], up.shape[1], HW, 2, HW, 2).max(axis=(3, 5))
-    if not last:
-        return mp
-    return np.einsum("nchw,oc->nohw", mp, w["c2"][:, :, 0, 0]).astype(np.float32)
 
 
 def _sliced(w: dict[str, np.ndarray], axes: dict[str, int], units: list[int]) -> dict[str, np.ndarray]:
@@ -164,12 +59,12 @@ X = draw(np.random.default_rng(3), 2, CIN, HW, HW, scale=1.0)  # one input for e
 
 
 def test_the_block_matches_its_numpy_forward() -> None:
-    w = _weights()
+    w = mobilenet_weights()
     np.testing.assert_allclose(run(mobilenet_block(w), {"x": X})[0], block_np(w, X), rtol=1e-4, atol=1e-5)
 
 
 def test_prepare_lifts_constant_nodes_and_folds_the_bias_reshapes_exactly() -> None:
-    model = mobilenet_block(_weights())
+    model = mobilenet_block(mobilenet_weights())
     m = _prepared(model)
     assert not any(n.op_type in ("Constant", "Reshape") for n in m.graph)
     assert m.graph.initializers["se2b_r"].const_value.shape == (1, C, 1, 1)
@@ -177,7 +72,7 @@ def test_prepare_lifts_constant_nodes_and_folds_the_bias_reshapes_exactly() -> N
 
 
 def test_both_groups_found_with_every_coupled_tensor() -> None:
-    groups = _groups(_prepared(mobilenet_block(_weights())))
+    groups = _groups(_prepared(mobilenet_block(mobilenet_weights())))
     for group, axes in ((groups["main"], MAIN), (groups["squeeze"], SQUEEZE)):
         found = {FOLDED.get(s.value.name, s.value.name): s.axis for s in group.slots}  # type: ignore[attr-defined]
         assert found == {k: 1 if f"{k}_r" in FOLDED else v for k, v in axes.items()}
@@ -192,7 +87,7 @@ def test_removing_all_zero_channels_is_bit_identical(which: str) -> None:
     # Arbitrary channels are checked against numpy below.
     units = [4, 5] if which == "main" else [2]
     axes = MAIN if which == "main" else SQUEEZE
-    w = _weights()
+    w = mobilenet_weights()
     for name, axis in axes.items():
         if name not in ("scale", "var"):  # BatchNormalization's scale and variance: any value
             index = [slice(None)] * w[name].ndim
@@ -205,7 +100,7 @@ def test_removing_all_zero_channels_is_bit_identical(which: str) -> None:
 
 
 def test_removing_real_channels_equals_numpy_of_the_smaller_network() -> None:
-    w = _weights()
+    w = mobilenet_weights()
     m = _prepared(mobilenet_block(w))
     groups = _groups(m)
     ShrinkPass([Removal(groups["main"], np.array([0, 3])), Removal(groups["squeeze"], np.array([1]))])(m)  # type: ignore[arg-type]
@@ -219,7 +114,7 @@ def test_removing_real_channels_equals_numpy_of_the_smaller_network() -> None:
 
 def test_a_depthwise_conv_with_a_channel_multiplier_is_skipped_with_its_reason() -> None:
     rng = np.random.default_rng(301)  # this function's own data, whatever ran before
-    w = _weights()
+    w = mobilenet_weights()
     model = mobilenet_block(w, constant_nodes=False)
     for t in model.graph.initializer:
         if t.name == "dw":  # two filters per input channel: output channel 2c+k reads input channel c
@@ -230,7 +125,7 @@ def test_a_depthwise_conv_with_a_channel_multiplier_is_skipped_with_its_reason()
 
 
 def test_a_resize_that_scales_the_channels_is_skipped() -> None:
-    model = mobilenet_block(_weights(), constant_nodes=False)
+    model = mobilenet_block(mobilenet_weights(), constant_nodes=False)
     for t in model.graph.initializer:
         if t.name == "scales":
             t.CopyFrom(onnx.numpy_helper.from_array(np.array([1, 2, 2, 2], np.float32), "scales"))
@@ -241,7 +136,7 @@ def test_a_resize_that_scales_the_channels_is_skipped() -> None:
 
 def test_flap_folds_the_removed_channels_mean_contribution_into_the_last_conv() -> None:
     rng = np.random.default_rng(302)  # this function's own data, whatever ran before
-    w = _weights()
+    w = mobilenet_weights()
     model = mobilenet_block(w)
     calib = {"x": draw(rng, 16, CIN, HW, HW, scale=1.0)}
     m = ir.from_proto(model)

@@ -20,20 +20,20 @@ from graphprune.cli.app import app
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
 from tests.onnx_builders import init, make_model, run, tensor
 
-RNG = np.random.default_rng(21)
 VOCAB, D, HIDDEN, SEQ = 30, 8, 12, 10
 WORDS = [f"w{i}" for i in range(VOCAB - 1)]
 
 
 def encoder() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Word + segment embeddings (segment 1 far from segment 0, so a wrong fill shows), masked, then an MLP."""
+    rng = np.random.default_rng(5700)  # this function's own data, whatever ran before
     w = {
-        "words": RNG.standard_normal((VOCAB, D)).astype(np.float32),
+        "words": rng.standard_normal((VOCAB, D)).astype(np.float32),
         "segments": np.stack([np.zeros(D), np.full(D, 5.0)]).astype(np.float32),
-        "w1": (RNG.standard_normal((D, HIDDEN)) * 0.5).astype(np.float32),
-        "b1": (RNG.standard_normal(HIDDEN) * 0.5).astype(np.float32),
-        "w2": (RNG.standard_normal((HIDDEN, D)) * 0.5).astype(np.float32),
-        "b2": (RNG.standard_normal(D) * 0.5).astype(np.float32),
+        "w1": (rng.standard_normal((D, HIDDEN)) * 0.5).astype(np.float32),
+        "b1": (rng.standard_normal(HIDDEN) * 0.5).astype(np.float32),
+        "w2": (rng.standard_normal((HIDDEN, D)) * 0.5).astype(np.float32),
+        "b2": (rng.standard_normal(D) * 0.5).astype(np.float32),
         "last": np.array([-1], np.int64),
     }
     nodes = [
@@ -55,12 +55,13 @@ def encoder() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
 
 
 def corpus(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(5701)  # this function's own data, whatever ran before
     tok = Tokenizer(
         models.WordLevel({w: i for i, w in enumerate(WORDS)} | {"[UNK]": VOCAB - 1}, unk_token="[UNK]")
     )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "corpus.txt").write_text(" ".join(RNG.choice(WORDS, 400)))
+    (tmp_path / "corpus.txt").write_text(" ".join(rng.choice(WORDS, 400)))
     return tmp_path / "corpus.txt", tmp_path / "tokenizer.json"
 
 

@@ -108,7 +108,7 @@ def test_eval_speed_reports_both_models_and_the_ratio_of_their_medians(tmp_path)
     from typer.testing import CliRunner
 
     from graphprune.cli import app
-    from tests.test_evaluate import VOCAB, bigram_model
+    from tests.bigram import VOCAB, bigram_model
 
     rng = np.random.default_rng(1)
     for name in ("dense", "pruned"):

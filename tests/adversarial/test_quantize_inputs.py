@@ -15,7 +15,6 @@ from tests.adversarial.builders import mlp, refused, snapshot
 from tests.onnx_builders import init, make_model, tensor
 
 runner = CliRunner()
-RNG = np.random.default_rng(11)
 
 
 def quantize(tmp_path: Path, model: onnx.ModelProto, *args: str):  # type: ignore[no-untyped-def]
@@ -31,7 +30,8 @@ def quantize(tmp_path: Path, model: onnx.ModelProto, *args: str):  # type: ignor
 
 def tied_embedding() -> onnx.ModelProto:
     """The embedding table E [V, D] gathered by ids and multiplied as a [K=V, N=D] weight: tied."""
-    e = RNG.standard_normal((8, 16)).astype(np.float32)
+    rng = np.random.default_rng(5100)  # this function's own data, whatever ran before
+    e = rng.standard_normal((8, 16)).astype(np.float32)
     nodes = [
         helper.make_node("Gather", ["E", "ids"], ["emb"]),
         helper.make_node("MatMul", ["x", "E"], ["y"]),
@@ -46,7 +46,8 @@ def tied_embedding() -> onnx.ModelProto:
 
 
 def integer_weight() -> onnx.ModelProto:
-    w = RNG.integers(-3, 3, (16, 4)).astype(np.int32)
+    rng = np.random.default_rng(5101)  # this function's own data, whatever ran before
+    w = rng.integers(-3, 3, (16, 4)).astype(np.int32)
     node = helper.make_node("MatMul", ["x", "w"], ["y"])
     return make_model(
         [node], [tensor("x", TensorProto.INT32, [2, 16])], [tensor("y", TensorProto.INT32, [2, 4])], [init(w, "w")]
@@ -55,7 +56,8 @@ def integer_weight() -> onnx.ModelProto:
 
 def weight_in_body() -> onnx.ModelProto:
     """The only weight is multiplied inside an If branch."""
-    w = RNG.standard_normal((16, 4)).astype(np.float32)
+    rng = np.random.default_rng(5102)  # this function's own data, whatever ran before
+    w = rng.standard_normal((16, 4)).astype(np.float32)
     branch = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["yb"])], "then", [], [tensor("yb", shape=[2, 4])]
     )
@@ -73,7 +75,8 @@ def weight_in_body() -> onnx.ModelProto:
 
 def old_opset() -> onnx.ModelProto:
     """Opset 12 with Softmax, which opset 13 redefined: raising it to 19 for fp8 is not exact."""
-    w = RNG.standard_normal((16, 4)).astype(np.float32)
+    rng = np.random.default_rng(5103)  # this function's own data, whatever ran before
+    w = rng.standard_normal((16, 4)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Softmax", ["a"], ["y"])]
     return make_model(nodes, [tensor("x", shape=[2, 16])], [tensor("y", shape=[2, 4])], [init(w, "w")], opset=12)
 

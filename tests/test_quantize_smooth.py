@@ -67,7 +67,9 @@ def test_smoothing_is_exact_and_keeps_the_pattern() -> None:
         m, records, _, _ = smoothed(model, calib, 0.5)
         assert {r.activation for r in records if r.smoothed} == {"n", "h"}, records
         x = (rng.standard_normal((3, 4, D)) * 5).astype(np.float32)
-        np.testing.assert_allclose(run(m, {"x": x})[0], run(model, {"x": x})[0], rtol=2e-5, atol=2e-5)
+        got, want = run(m, {"x": x})[0], run(model, {"x": x})[0]
+        # float32 rounding of outputs up to ~1e3: an element that cancels to near zero is judged on the scale
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * float(np.abs(want).max()))
         for name in ("Wg", "Wu", "Wd"):
             original = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
             now = m.graph.initializers[name].const_value.numpy()

@@ -57,7 +57,7 @@ def graphprune(*args: str) -> float:
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     after = os.times()
-    return after.children_user + after.children_system - before.children_user - before.children_system
+    return round(after.children_user + after.children_system - before.children_user - before.children_system, 1)
 
 
 class Builder:

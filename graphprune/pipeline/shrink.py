@@ -14,7 +14,7 @@ and mean of its input measured in that round, on the model as the earlier rounds
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -35,6 +35,8 @@ from graphprune.passes.shrink import Removal, ShrinkPass, parameter_count
 
 UNIT_KINDS = ("mlp", "heads", "channels")
 ALLOCATIONS = ("uniform", "global")
+
+ChannelSums = tuple[np.ndarray, np.ndarray, int]  # a consumer input's Σx, Σx² and rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -303,7 +305,7 @@ class _Rounds:
         self.groups, self.records = groups, records
         self.alive = [np.arange(g.width) for g in groups]
 
-    def measure(self, indices: list[int]):  # type: ignore[no-untyped-def]
+    def measure(self, indices: list[int]) -> Moments | None:
         """The moments of the given groups' consumer inputs on the model as it is now (None without data)."""
         config = self.config
         if config.method is StructuredMethod.L2 and not config.refit:
@@ -315,10 +317,12 @@ class _Rounds:
         self.report.warnings += [w for w in moments.warnings if w not in self.report.warnings]
         return moments
 
-    def scores(self, indices: list[int], moments) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    def scores(self, indices: list[int], moments: Moments | None) -> list[np.ndarray]:
         return [_scores(self.groups[i], self.config.method, moments, self.config.damp) for i in indices]
 
-    def remove(self, indices: list[int], counts: list[int], scores: list[np.ndarray], moments) -> None:  # type: ignore[no-untyped-def]
+    def remove(
+        self, indices: list[int], counts: list[int], scores: list[np.ndarray], moments: Moments | None
+    ) -> None:
         """Remove ``counts`` units of each group, the lowest-scoring, with the refit or FLAP's fold."""
         removals = []
         for i, count, score in zip(indices, counts, scores, strict=True):
@@ -328,8 +332,10 @@ class _Rounds:
             units = st.units_to_remove(score, count)
             weights: dict[ir.Value, np.ndarray] = {}
             if self.config.refit:
+                assert moments is not None  # measured whenever the refit is on
                 bias, weights = _refit(g, units, moments, self.config.damp)
             elif self.config.method is StructuredMethod.FLAP:
+                assert moments is not None  # FLAP is measured
                 bias = _flap_bias(g, units, moments)
             else:
                 bias = {}
@@ -409,21 +415,18 @@ def _channel_first(array: np.ndarray, axis: int, consumer: bool) -> np.ndarray:
     return moved.reshape(moved.shape[0], moved.shape[1], -1) if consumer else moved.reshape(moved.shape[0], -1)
 
 
-def _consumer_terms(group: Group, moments):  # type: ignore[no-untyped-def]  # moments: Moments, None for L2
+def _consumer_terms(group: Group, moments: Moments) -> Iterator[tuple[int, np.ndarray, ChannelSums]]:
     """Per consumer slot: (slot index, channel-first weight, its input's Σx, Σx², rows)."""
     inputs = {node: value for node, value, _ in group.consumer_inputs}
     for i, slot in enumerate(group.slots):
         if slot.role != "consumer":
             continue
         weight = _channel_first(slot.value.const_value.numpy(), slot.axis, consumer=True)  # type: ignore[union-attr]  # slots hold stored constants
-        if moments is None:
-            yield i, weight, None
-            continue
-        name = inputs[slot.node].name
+        name = str(inputs[slot.node].name)
         yield i, weight, (moments.sums[name], moments.sumsq[name], moments.rows[name])
 
 
-def _scores(group: Group, method: StructuredMethod, moments, damp: float) -> np.ndarray:  # type: ignore[no-untyped-def]  # as above
+def _scores(group: Group, method: StructuredMethod, moments: Moments | None, damp: float) -> np.ndarray:
     if method is StructuredMethod.L2:
         tensors = [
             _channel_first(s.value.const_value.numpy(), s.axis, consumer=s.role == "consumer")  # type: ignore[union-attr]  # slots hold stored constants
@@ -431,6 +434,7 @@ def _scores(group: Group, method: StructuredMethod, moments, damp: float) -> np.
             if s.role in ("producer", "consumer")
         ]
         return st.l2_scores([t.reshape(t.shape[0], -1) for t in tensors], group.width)
+    assert moments is not None  # every method but l2 is measured
     terms = list(_consumer_terms(group, moments))
     weights = [w for _, w, _ in terms]
     if method is StructuredMethod.WANDA:
@@ -439,7 +443,7 @@ def _scores(group: Group, method: StructuredMethod, moments, damp: float) -> np.
     if method is StructuredMethod.FLAP:
         return st.flap_scores(weights, variances, group.width)
     # obs: per consumer the refit's error without each unit; FLAP's (its diagonal case) where there is no Gram
-    inputs = {node: value.name for node, value, _ in group.consumer_inputs}
+    inputs = {node: str(value.name) for node, value, _ in group.consumer_inputs}
     total = np.zeros(group.width)
     for (i, weight, _), variance in zip(terms, variances, strict=True):
         slot, name = group.slots[i], inputs[group.slots[i].node]
@@ -452,7 +456,7 @@ def _scores(group: Group, method: StructuredMethod, moments, damp: float) -> np.
     return total
 
 
-def _flap_bias(group: Group, units: np.ndarray, moments) -> dict[ir.Node, np.ndarray]:  # type: ignore[no-untyped-def]  # as above
+def _flap_bias(group: Group, units: np.ndarray, moments: Moments) -> dict[ir.Node, np.ndarray]:
     bias: dict[ir.Node, np.ndarray] = {}
     for i, weight, m in _consumer_terms(group, moments):
         mean, _ = st.channel_moments(*m)
@@ -461,7 +465,9 @@ def _flap_bias(group: Group, units: np.ndarray, moments) -> dict[ir.Node, np.nda
     return bias
 
 
-def _refit(group: Group, units: np.ndarray, moments, damp: float):  # type: ignore[no-untyped-def]  # as above
+def _refit(
+    group: Group, units: np.ndarray, moments: Moments, damp: float
+) -> tuple[dict[ir.Node, np.ndarray], dict[ir.Value, np.ndarray]]:
     """Per consumer: the refitted weight (stored layout, full width) and its bias change; consumers the refit
     cannot solve (kxk Convs) get FLAP's bias fold, the refit restricted to the bias."""
     bias: dict[ir.Node, np.ndarray] = {}
@@ -479,7 +485,7 @@ def _refit(group: Group, units: np.ndarray, moments, damp: float):  # type: igno
         kept = np.setdiff1d(np.arange(w.shape[1]), removed)
         solved = refit(w, gram, mean, kept, damp)
         w[:, kept] = solved.weight
-        stored = slot.value.const_value.numpy()
+        stored = slot.value.const_value.numpy()  # type: ignore[union-attr]  # slots hold stored constants
         moved = np.moveaxis(stored, slot.axis, 0).shape
         weights[slot.value] = np.moveaxis(w.T.reshape(moved), 0, slot.axis).astype(stored.dtype)
         bias[slot.node] = solved.bias_delta * _output_scale(slot.node)

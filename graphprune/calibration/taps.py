@@ -133,13 +133,13 @@ def _sumsq(b: TapBuilder, x: ir.Value, axis: int, rank: int | None, k: int) -> i
     return b.reduce_sumsq(x, [i for i in range(rank) if i != c])
 
 
-def _rows(b: TapBuilder, x: ir.Value, axis: int, rank: int | None, k: int) -> ir.Value | None:
+def as_rows(b: TapBuilder, x: ir.Value, axis: int, rank: int | None, k: int) -> ir.Value | None:
     """``x`` as a [rows, K] matrix, or None when that needs a rank nobody knows."""
     if rank is None:
         if axis == -1:
             return b.reshape(x, [-1, k])
         if axis >= 0:
-            return _rows(b, b.reshape(x, [0] * axis + [k, -1]), axis, axis + 2, k)
+            return as_rows(b, b.reshape(x, [0] * axis + [k, -1]), axis, axis + 2, k)
         return None
     c = axis % rank
     if c != rank - 1:
@@ -196,7 +196,7 @@ def plan_taps(
             b.output(sumsq, ir.DataType.FLOAT, [k])
             gram_out = None
             if gram:
-                rows = _rows(b, x, axis, rank, k)
+                rows = as_rows(b, x, axis, rank, k)
                 if rows is None:
                     plan.warnings.append(
                         f"no Gram for {activation!r}: its rank is unknown and K is not its last axis"

@@ -429,8 +429,16 @@ def _owner(value: ir.Value) -> ir.Graph | None:
     return node.graph if node is not None else value.graph
 
 
-# ONNX Runtime's quantized matrix multiplications and the input that holds their weight.
-QUANTIZED_OPERATORS = {"MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1}
+# ONNX Runtime's quantized operators and the input that holds their weight.
+QUANTIZED_WEIGHT_INPUT = {
+    "MatMulInteger": 1,
+    "QLinearMatMul": 3,
+    "MatMulNBits": 1,
+    "ConvInteger": 1,
+    "QLinearConv": 3,
+}
+# The matrix multiplications among them: the weights :func:`operator_targets` reads for checking.
+QUANTIZED_OPERATORS = {op: index for op, index in QUANTIZED_WEIGHT_INPUT.items() if "Conv" not in op}
 
 
 def operator_targets(model: ir.Model, include_head: bool = False) -> TargetScan:

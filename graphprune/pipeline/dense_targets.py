@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from graphprune.calibration.session import Session, cut, outer_reads, session_model, values_by_name
-from graphprune.calibration.taps import Tap, TapBuilder, TapPlan, _rows
+from graphprune.calibration.taps import Tap, TapBuilder, TapPlan, as_rows
 from graphprune.graph.stored import replace_tensor, stored_tensor, stored_values
 from graphprune.graph.targets import Target
 from graphprune.pipeline.boundary import BoundaryTensors
@@ -170,4 +170,4 @@ def rows_matrix(
     """``x`` as float32 ``[rows, K]`` (K: the channel ``axis``), or None when that needs an unknown rank."""
     if elem_type != onnx.TensorProto.FLOAT:  # fp16/bf16: multiply in float32, as the Gram taps do
         x = b.node("Cast", [x], "float32", to=onnx.TensorProto.FLOAT)
-    return _rows(b, x, axis, rank, k)
+    return as_rows(b, x, axis, rank, k)

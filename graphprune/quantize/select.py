@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from graphprune.algorithms.pattern import Unstructured
 from graphprune.graph.selection import select_targets
-from graphprune.graph.targets import FLOAT_DTYPES, Target, find_targets
+from graphprune.graph.targets import FLOAT_DTYPES, QUANTIZED_WEIGHT_INPUT, Target, find_targets
 from graphprune.graph.types import value_types
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.ranges import RangeTap
@@ -92,14 +92,11 @@ def _unfit(graph: ir.Graph, target: Target, config: QuantizeConfig) -> str:
     return ""
 
 
-_QUANTIZED_OPS = {"MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1, "ConvInteger": 1, "QLinearConv": 3}
-
-
 def _quantized_operators(model: ir.Model) -> list[Kept]:
     """Weights already held by ONNX Runtime's quantized operators: they stay as they are."""
     kept = []
     for node in model.graph:
-        index = _QUANTIZED_OPS.get(node.op_type)
+        index = QUANTIZED_WEIGHT_INPUT.get(node.op_type)
         weight = node.inputs[index] if index is not None and len(node.inputs) > index else None
         if weight is not None and weight.is_initializer():
             kept.append(Kept(str(weight.name), node.op_type, f"already quantized ({node.op_type}): left as it is"))

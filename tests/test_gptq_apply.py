@@ -92,11 +92,14 @@ def test_apply_quantize_cli(tmp_path) -> None:
     runner = CliRunner()
     base = ["apply", str(path), "--method", "sparsegpt", "--include-head", "--calib", str(tmp_path / "calib.npz")]
     out = tmp_path / "q.onnx"
-    done = runner.invoke(app, [*base, "--quantize", "int4", "--quant-block-size", "16", "-o", str(out), "--json"])
+    done = runner.invoke(app, [*base, "--quantize", "int4", "--quant-block-size", "32", "-o", str(out), "--json"])
     assert done.exit_code == 0, done.output
-    assert json.loads(done.output[done.output.index("{") :])["quantize"] == {"precision": "int4", "block_size": 16}
+    summary = json.loads(done.output[done.output.index("{") :])
+    assert summary["quantize"] == {"precision": "int4", "block_size": 32}
+    # behind a Transpose, Q/DQ does not reach the weight (as in `quantize`): it stays float, on the grid, listed
+    assert [k["name"] for k in summary["qdq"]["kept_float"]] == ["w"] and summary["qdq"]["weights"] == 0
     written = initializer(onnx.load(str(out)), "w")
-    grid = QuantGrid(precision="int4", block_size=16)
+    grid = QuantGrid(precision="int4", block_size=32)
     codes, scales, _ = sparsegpt_quantize(w, _stats(x).gram["w"], PATTERN, grid)
     np.testing.assert_allclose(written, dequantize_codes(codes, scales, grid), rtol=1e-6, atol=1e-6)
 

@@ -62,7 +62,7 @@ import numpy as np
 
 from graphprune.algorithms.arrays import choose_ops
 from graphprune.algorithms.pattern import Pattern, Unstructured
-from graphprune.algorithms.quant_grid import QuantGrid, dequantize_codes, grid_scales, quantize_codes
+from graphprune.algorithms.quant_grid import QuantGrid, grid_scales, quantize_codes
 from graphprune.algorithms.sparsegpt import (
     FLOAT64_MAX_K,
     NumpyBackend,
@@ -212,11 +212,11 @@ def prune_and_quantize(
     *,
     blocksize: int = 128,
     percdamp: float = 0.01,
-) -> np.ndarray:
-    """The pruning pass's joint mode, as float values on ``grid`` in ``w``'s dtype: with a ``pattern``,
-    :func:`sparsegpt_quantize`; without (``w`` already pruned, e.g. by ALPS), GPTQ under ``w``'s own zeros."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pruning pass's joint mode: codes ``(out, K)`` and float32 scales ``(out, n_blocks)`` on ``grid``. With a
+    ``pattern``, :func:`sparsegpt_quantize`; without (``w`` already pruned, e.g. by ALPS), GPTQ under ``w``'s own
+    zeros. The weights are ``dequantize_codes(codes, scales, grid)``, what a DequantizeLinear of them computes."""
     if pattern is None:
-        codes, scales = gptq_quantize(w, hessian, grid, keep=w != 0, blocksize=blocksize, percdamp=percdamp)
-    else:
-        codes, scales, _ = sparsegpt_quantize(w, hessian, pattern, grid, blocksize=blocksize, percdamp=percdamp)
-    return dequantize_codes(codes, scales, grid).astype(w.dtype, copy=False)
+        return gptq_quantize(w, hessian, grid, keep=w != 0, blocksize=blocksize, percdamp=percdamp)
+    codes, scales, _ = sparsegpt_quantize(w, hessian, pattern, grid, blocksize=blocksize, percdamp=percdamp)
+    return codes, scales

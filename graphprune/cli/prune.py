@@ -176,16 +176,19 @@ def apply(
             help="sparsegpt and alps: prune and quantize the weights jointly (symmetric, zero point 0, so the "
             "pattern survives): sparsegpt rounds each column's kept weights as it fixes them and spreads the "
             "error over the columns after it (the SparseGPT paper's joint mode); alps rounds after its solve, "
-            "by GPTQ under its mask on the same Gram matrices. int8 and fp8 (E4M3): one scale per output "
-            "channel; int4: blocks along K (--quant-block-size). The weights are written as float values on "
-            "the grid, and the report records it. Example: --quantize int4"
+            "by GPTQ under its mask on the same Gram matrices. Writes a Q/DQ model with the solver's own codes "
+            "and scales (DequantizeLinear gives its weights exactly, no second rounding): int8 and fp8 (E4M3) "
+            "one scale per output channel, with activation Q/DQ calibrated on --calib after pruning (W8A8, "
+            "TensorRT's symmetric grid); int4 weight-only, blocks of --quant-block-size along K. The LM head and "
+            "tables a Gather reads stay float, as in `quantize`. Not with --max-memory or --sequential on a model "
+            "with external data. Example: --quantize int4"
         ),
     ] = None,
     quant_block_size: Annotated[
         int | None,
         typer.Option(
-            help="With --quantize: weights per scale along K (default: 128 for int4, one scale per output "
-            "channel for int8 and fp8). Example: --quant-block-size 64"
+            help="With --quantize int4: weights per scale along K, 32, 64 or 128 (default 128); int8 and fp8 "
+            "take one scale per output channel. Example: --quant-block-size 64"
         ),
     ] = None,
     permute: Annotated[
@@ -349,8 +352,24 @@ def _apply_dict(result: PruneResult, written: Path) -> dict:
         "sparsity_achieved": result.achieved_sparsity(),
         **_permutation_summary(result),
         "quantize": result.config.quantize.to_dict() if result.config.quantize else None,
+        **_qdq_summary(result),
         "model": str(written),
         "report": str(report_path(written)),
+    }
+
+
+def _qdq_summary(result: PruneResult) -> dict:
+    """The joint mode's Q/DQ step: weights written with the solver's codes, activations quantized, weights kept
+    float (each with its reason)."""
+    if result.qdq is None:
+        return {}
+    kept = [{"name": k["name"], "reason": k["reason"]} for k in result.qdq["kept_float"]]
+    return {
+        "qdq": {
+            "weights": len(result.qdq["weights"]),
+            "activations": len(result.qdq["activations"]),
+            "kept_float": kept,
+        }
     }
 
 
@@ -376,7 +395,10 @@ def _print_summary(result: PruneResult, written: Path) -> None:
     if result.config.quantize is not None:
         grid = result.config.quantize
         blocks = f"blocks of {grid.block_size} along K" if grid.block_size else "one scale per output channel"
-        rows.append(["quantized", f"{grid.precision}, {blocks} (written as float values on the grid)"])
+        rows.append(["quantized", f"{grid.precision}, {blocks}: Q/DQ with the solver's codes and scales"])
+        qdq = summary["qdq"]
+        acts = f"{qdq['activations']} activations" if qdq["activations"] else "weight-only"
+        rows.append(["Q/DQ", f"{qdq['weights']} weights, {acts}, {len(qdq['kept_float'])} kept float"])
     if result.config.permute:
         groups = summary["permuted_groups"]
         written = sum(g["written"] for g in groups)
@@ -389,6 +411,8 @@ def _print_summary(result: PruneResult, written: Path) -> None:
         _print_permutations(summary["permuted_groups"])
     for weight in result.skipped:
         out.print(f"  skipped {weight.name}: {weight.skipped}", highlight=False)
+    for kept in summary.get("qdq", {}).get("kept_float", []):
+        out.print(f"  kept float {kept['name']}: {kept['reason']}", highlight=False)
 
 
 def _print_permutations(groups: list[dict]) -> None:

@@ -65,6 +65,9 @@ def describe_statistics(stats: StatisticsInput) -> str:
 # order the statistics were measured in, and the permutation's report.
 CHANNEL_ORDER = "graphprune.channel_order"
 PERMUTATION_REPORT = "graphprune.permutation"
+# The joint prune-and-quantize mode records the solver's codes and scales of a weight there too (canonical
+# ``(out, K)`` codes, ``(out, n_blocks)`` float32 scales): the Q/DQ writer stores them as they are.
+GRID_CODES = "graphprune.grid_codes"
 
 
 def channel_order(value: ir.Value) -> np.ndarray | None:

@@ -16,7 +16,7 @@ from graphprune.algorithms.gptq import prune_and_quantize
 from graphprune.algorithms.layout import from_canonical, to_canonical
 from graphprune.algorithms.masks import mask_from_scores, nm_mask
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
-from graphprune.algorithms.quant_grid import QuantGrid
+from graphprune.algorithms.quant_grid import QuantGrid, dequantize_codes
 from graphprune.algorithms.scores import Method, magnitude_scores, wanda_scores
 from graphprune.algorithms.sparsegpt import sparsegpt
 from graphprune.algorithms.swaps import swap_refine
@@ -27,6 +27,7 @@ from graphprune.graph.stored import replace_tensor, stored_tensor, stored_values
 from graphprune.graph.targets import Skip, Target, find_targets
 from graphprune.graph.weights import StoredWeight, read_weight
 from graphprune.passes.base import (
+    GRID_CODES,
     PERMUTATION_REPORT,
     PassPostconditionError,
     PassPreconditionError,
@@ -57,7 +58,8 @@ class PruneConfig:
     percdamp: float = 0.01  # SparseGPT's and ALPS's dampening, a fraction of the mean diagonal of XᵀX
     blocksize: int = 128  # SparseGPT's column block
     permute: bool = False  # N:M: reorder channels where the graph absorbs it exactly (passes/permute.py)
-    # SparseGPT/ALPS joint mode: the kept weights land on this grid (written as float; algorithms/gptq.py)
+    # SparseGPT/ALPS joint mode: the kept weights land on this grid (algorithms/gptq.py); the pass writes their
+    # float values and records the codes and scales (``GRID_CODES``) for the Q/DQ writer (quantize/joint.py)
     quantize: QuantGrid | None = None
     target: str = "pruned"  # SparseGPT/ALPS reconstruct the pruned model's outputs, or "dense": the dense model's
     swaps: int = 0  # SparseGPT/ALPS: mask refinement by swaps after the solver, at most this many per row
@@ -97,6 +99,7 @@ class PruneResult(ir.passes.PassResult):
 
     config: PruneConfig = field(default_factory=PruneConfig)
     weights: list[WeightReport] = field(default_factory=list)
+    qdq: dict | None = None  # the joint mode's Q/DQ step, when a driver wrote one (quantize/joint.py)
 
     @property
     def pruned(self) -> list[WeightReport]:
@@ -124,9 +127,10 @@ class PruneResult(ir.passes.PassResult):
             "skipped": len(self.skipped),
             "sparsity_achieved": round(self.achieved_sparsity(), 6),
             "permuted_groups": [w.permutation for w in self.weights if w.permutation],
-            # the joint mode's grid: the weights are written as float values on it
+            # the joint mode's grid, and what its Q/DQ step wrote
             "quantize": self.config.quantize.to_dict() if self.config.quantize else None,
             "weights": [asdict(w) for w in self.weights],
+            **({"qdq": self.qdq} if self.qdq is not None else {}),
         }
 
 
@@ -383,7 +387,8 @@ class _PruneRun:
                 updated = self._alps_weight(target, canonical, gram, cross)
             elif grid is not None:  # SparseGPT's joint mode: each column's kept weights rounded as it prunes
                 options = self.config.solver_options()
-                updated = prune_and_quantize(canonical, gram, self.config.pattern, grid, **options)
+                solved = prune_and_quantize(canonical, gram, self.config.pattern, grid, **options)
+                updated = self._on_grid(target, solved, canonical.dtype)
             else:
                 updated = sparsegpt(
                     canonical, gram, self.config.pattern, **self.config.solver_options(), cross=cross
@@ -392,10 +397,18 @@ class _PruneRun:
                 pattern, budget, damp = self.config.pattern, self.config.swaps, self.config.percdamp
                 updated = swap_refine(canonical, updated, gram, pattern, budget, damp, cross).weight
             if grid is not None and self.config.method is Method.ALPS:  # GPTQ under ALPS's (final) mask
-                updated = prune_and_quantize(updated, gram, None, grid, **self.config.solver_options())
+                solved = prune_and_quantize(updated, gram, None, grid, **self.config.solver_options())
+                updated = self._on_grid(target, solved, canonical.dtype)
         except ValueError as exc:  # the solver's word on this weight's data (e.g. a Gram that is not definite)
             raise GraphpruneError(f"{self.config.method.value} cannot prune {target.name}: {exc}") from None
         return from_canonical(updated[:, None, :], target.shape, target.k_axis, target.out_axis)
+
+    def _on_grid(self, target: Target, solved: tuple[np.ndarray, np.ndarray], dtype: np.dtype) -> np.ndarray:
+        """The joint mode's weights as float values ``code · scale`` (float32, as DequantizeLinear computes them,
+        then the weight's dtype); the codes and scales are recorded on the weight's value for the Q/DQ writer."""
+        assert self.config.quantize is not None
+        self.stored[target.name].meta[GRID_CODES] = solved
+        return dequantize_codes(*solved, self.config.quantize).astype(dtype, copy=False)
 
     def _alps_weight(
         self, target: Target, canonical: np.ndarray, gram: np.ndarray, cross: np.ndarray | None = None

@@ -26,6 +26,7 @@ from graphprune.pipeline.budget import budget_warnings, statistics_bytes
 from graphprune.pipeline.progress import SILENT, PruneProgress
 from graphprune.pipeline.sequential import SequentialUnit, check_sequential
 from graphprune.pipeline.streaming import StagedOutput
+from graphprune.quantize.joint import joint_config, prepare_opset, write_joint_qdq
 
 
 def report_path(output: Path) -> Path:
@@ -58,6 +59,9 @@ def prune_file(
     (:func:`prune_segment_wise`). ``max_memory`` (bytes; default ``calibration.max_memory``) is honoured where it
     can be, and otherwise warned about or refused before any work (:mod:`graphprune.pipeline.budget`).
     Magnitude reads no activations: given calibration data, it says so and does not calibrate.
+    With ``config.quantize`` (SparseGPT's or ALPS's joint mode) the output is a Q/DQ model holding the solver's
+    codes and scales (:mod:`graphprune.quantize.joint`; int8 and fp8 activations calibrated on ``calibration``
+    after pruning); it needs the model in memory, so it is refused where the run would go segment by segment.
     ``reads`` names other files the caller read (a statistics file): no output may replace them. ``progress``
     hears of the plan, each calibration batch, group, segment and weight, and each warning.
     """
@@ -71,6 +75,10 @@ def prune_file(
     if sequential and calibration is None:
         raise GraphpruneError("`sequential` needs calibration data: pass `calib` data")
     model = load_model(model_path)
+    grid = config.quantize
+    if grid is not None:  # the Q/DQ options and the opset fail before any work
+        joint_config(grid, config.include_head, config.exclude)
+        raised = prepare_opset(model, grid)
     job = _Job(
         model=model,
         model_path=model_path,
@@ -91,7 +99,28 @@ def prune_file(
         model, model_path, budget, calibration is not None, job.plan[0], statistics_bytes(stats)
     )
     external = uses_external_data(model)  # before pruning: deferred weights read from the data files are not
-    pruned = _strategy(calibration, sequential, external)(job, stats, calibration, sequential)
+    strategy = _strategy(calibration, sequential, external)
+    if grid is not None and strategy is prune_segment_wise:
+        raise GraphpruneError(
+            "joint quantization writes its Q/DQ model from the whole pruned model in memory; this model's "
+            "external data with `sequential` or `max_memory` prunes it segment by segment: prune one-shot "
+            "without `max_memory`, or prune first and run `quantize --method gptq` on the result"
+        )
+    pruned = strategy(job, stats, calibration, sequential)
+    if grid is not None:
+        label = f"{config.method.value}+{grid.precision}"
+        qdq = write_joint_qdq(
+            model,
+            grid,
+            job.plan[0],
+            calibration,
+            include_head=config.include_head,
+            exclude=config.exclude,
+            label=label,
+        )
+        qdq.opset_raised_from = raised
+        pruned.result.qdq = qdq.to_dict()
+        pruned.warnings += [w for w in qdq.warnings if w not in pruned.warnings]
     for message in notes + pruned.warnings:
         progress.warning(message)
     _commit(outputs, job, report, pruned, external)
@@ -185,7 +214,8 @@ def prune_one_shot(
         else:
             stats = calibrate_chunk(targets)
         warnings = stats.warnings
-    prune = PrunePass(config=config, stats=stats, plan=job.plan, defer=True, on_weight=job.progress.weight_pruned)
+    defer = config.quantize is None  # the joint mode's Q/DQ step reads every pruned weight before the write
+    prune = PrunePass(config=config, stats=stats, plan=job.plan, defer=defer, on_weight=job.progress.weight_pruned)
     return _Pruned(prune(job.model), warnings)
 
 

@@ -2,8 +2,9 @@
 
 An ``onnx_ir`` in-place pass (``QuantizePass(config=..., targets=..., ranges=...)(model)``, composable with
 ``ir.passes.Sequential``). Weights come from :mod:`graphprune.algorithms.quant_grid` (round to nearest) unless
-``solved`` holds codes computed elsewhere (GPTQ). Activations get static per-tensor scales from ``ranges`` (their
-calibrated min/max), or DynamicQuantizeLinear with ``config.dynamic``; int4 leaves them float.
+``solved`` holds codes computed elsewhere (GPTQ, or the pruning solvers' joint mode, named by ``solved_by``).
+Activations get static per-tensor scales from ``ranges`` (their calibrated min/max), or DynamicQuantizeLinear with
+``config.dynamic``; int4 leaves them float.
 Pre-condition: every target is a float initializer of the model, every static activation has a finite range.
 Post-condition: every weight is stored as codes behind one DequantizeLinear whose zero points are all 0 (and so
 are the activations' for TensorRT and fp8), and every weight that was N:M along K (for M in 4, 8, 16) still
@@ -93,12 +94,14 @@ class QuantizePass(ir.passes.InPlacePass):
         targets: Sequence[Target],
         ranges: Mapping[str, ChannelRange] | None = None,
         solved: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        solved_by: str | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.targets = list(targets)
         self.ranges = ranges or {}
         self.solved = solved or {}
+        self.solved_by = solved_by or config.method  # the report's method for the solved weights
         self._groups_before: dict[str, dict[int, int]] = {}
         self._readers: list[ir.Node] = []  # the MatMul/Gemm/Conv nodes whose weight is quantized
         self._added: list[ir.Node] = []  # the static activation Q/DQ nodes
@@ -151,7 +154,7 @@ class QuantizePass(ir.passes.InPlacePass):
         grid = self.grid
         if t.name in self.solved:
             codes, scales = self.solved[t.name]
-            method = self.config.method
+            method = self.solved_by
         else:
             scales = grid_scales(flat, grid)
             codes = quantize_codes(flat, scales, grid)

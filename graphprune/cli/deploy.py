@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -139,6 +140,11 @@ def build(
         title = f"{report.product} {report.version} on {report.gpu}: {report.note}"
         console.print(fitted_table(console, [Col("eligible layer"), Col("sparse kernel")], rows, title=title))
     console.print(f"sparsity: {escape(facts.verdict)}", highlight=False, soft_wrap=True)
+    if report.layers:
+        counts = Counter(layer["precision"] or "unknown" for layer in report.layers)
+        seen = ", ".join(f"{n} {label}" for label, n in counts.most_common())
+        text = f"layer precision ({len(report.layers)} layers, {report.layers_source}): {seen}; "
+        console.print(escape(text + report.layer_precision_note), highlight=False, soft_wrap=True)
     console.print(
         f"wrote {output} ({report.engine_bytes / 2**20:.1f} MiB) in {report.build_seconds:.1f} s with "
         f"{report.product} {report.version}; report in {output}.json",

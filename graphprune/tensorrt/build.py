@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from graphprune.errors import GraphpruneError
 from graphprune.model_checks import check_tensors
 from graphprune.tensorrt.backends import Backend, LoadedBackend, load_backend
+from graphprune.tensorrt.layer_precision import precision_note, with_precisions
 from graphprune.tensorrt.logs import (
     capturing_logger,
     parse_builder_io,
@@ -378,7 +379,7 @@ def build_engine(
         header_check=_header_note(problems),
         warnings=[*plan.warnings, *notes],
         note=plan.note,
-        **_what_the_build_said(loaded, logger, engine, sparse),
+        **_what_the_build_said(loaded, logger, engine, sparse, model),
     )
     with outputs.transaction() as files:
         files.bytes(engine_path, engine, "engine")
@@ -388,15 +389,19 @@ def build_engine(
     return report
 
 
-def _what_the_build_said(loaded: LoadedBackend, logger: Any, engine: bytes, sparse: bool) -> dict[str, Any]:
-    """The report's sparsity facts, layers, engine I/O and builder warnings: from the builder's log, or from the
-    engine inspector where the engine loads on this machine's GPU."""
+def _what_the_build_said(
+    loaded: LoadedBackend, logger: Any, engine: bytes, sparse: bool, model: onnx.ModelProto
+) -> dict[str, Any]:
+    """The report's sparsity facts, layers (each with the precision its ONNX origin shows), engine I/O and
+    builder warnings: from the builder's log, or from the engine inspector where the engine loads on this
+    machine's GPU."""
     layers, source = parse_builder_layers(logger.lines), "builder log"
     if has_cuda_gpu():
         inspected = inspect_engine(loaded, logger, engine)
         if inspected is not None:
             layers, source = inspected, "engine inspector"
     source = source if layers else ""
+    layers = with_precisions(model, layers)
     log = parse_sparsity_log(line.text for line in logger.lines)
     deferred = next((line.text for line in logger.lines if _DEFERRED_RE.search(line.text)), None)
     sparsity = Sparsity(
@@ -411,6 +416,9 @@ def _what_the_build_said(loaded: LoadedBackend, logger: Any, engine: bytes, spar
         "sparsity": sparsity,
         "layers_source": source,
         "layers": [asdict(layer) for layer in layers],
+        "layer_precision_note": precision_note(loaded.backend.product, loaded.backend.builds_without_gpu)
+        if layers
+        else "",
         "engine_io": [asdict(tensor) for tensor in parse_builder_io(logger.lines)],
         "builder_warnings": [line.text for line in logger.lines if line.severity == "W"],
     }

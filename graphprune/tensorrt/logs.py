@@ -114,6 +114,8 @@ class LayerInfo:
     tactic: str
     sparse_tactic: bool  # the tactic's name says "sparse": the only per-layer evidence of a sparse kernel
     origin: str  # ONNX node(s) it came from (the Metadata field), when present
+    precision: str = ""  # as its ONNX origin shows it (tensorrt/layer_precision.py): int8, fp8, int4, float16...
+    precision_from: str = ""  # where that precision was read
 
 
 def _layer(name: str, layer_type: str, tactic: str, origin: str) -> LayerInfo:

@@ -42,6 +42,7 @@ class BuildReport:
     sparsity: Sparsity
     layers_source: str  # where `layers` comes from: builder log, engine inspector, or "" (none available)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    layer_precision_note: str = ""  # what the layers' precision fields mean for this backend
     engine_io: list[dict[str, Any]] = field(default_factory=list)  # the engine's I/O and profiles (builder log)
     header_check: str = ""  # what the runtime said about the serialized engine's header
     warnings: list[str] = field(default_factory=list)  # graphprune's own, one line each

@@ -29,6 +29,7 @@ from graphprune.cli import app
 from graphprune.graph.model_io import load_model
 from graphprune.passes.prune import PruneConfig, PrunePass
 from graphprune.pipeline.files import prune_file
+from graphprune.pipeline.sequential import prune_sequentially
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.files import quantize_file
 from tests.decoder_models import save_external
@@ -199,3 +200,19 @@ def test_joint_mode_refuses_in_one_line(tmp_path: Path, extra: list[str], extern
     assert message in refused.output and "Traceback" not in refused.output
     assert len(refused.output.strip().splitlines()) == 1
     assert not target.exists() and path.read_bytes() == before
+
+
+def test_sequential_joint_mode_writes_qdq(tmp_path: Path) -> None:
+    """`--sequential`: each layer solved on the already pruned and rounded layers' outputs, written as Q/DQ."""
+    path, x = mlp_file(tmp_path, seed=1804)
+    config = PruneConfig(PATTERN, method=Method.SPARSEGPT, include_head=True, quantize=GRIDS["int4"])
+    out, _ = prune_file(path, config, tmp_path / "joint.onnx", calibration=request(x), sequential="block")
+    reference = load_model(path)
+    batches, _ = request(x).batches(reference)
+    prune_sequentially(reference, config, batches, sequential="block")
+    written = onnx.load(str(out))
+    weights = dequantized_weights(written)
+    assert sorted(weights) == ["W1", "W2"]
+    for name, (_, values) in weights.items():
+        np.testing.assert_array_equal(values, reference.graph.initializers[name].const_value.numpy())  # type: ignore[union-attr]
+    np.testing.assert_allclose(run(written, {"x": x})[0], run(reference, {"x": x})[0], rtol=1e-5, atol=1e-5)

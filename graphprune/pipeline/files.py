@@ -104,7 +104,7 @@ def prune_file(
         raise GraphpruneError(
             "joint quantization writes its Q/DQ model from the whole pruned model in memory; this model's "
             "external data with `sequential` or `max_memory` prunes it segment by segment: prune one-shot "
-            "without `max_memory`, or prune first and run `quantize --method gptq` on the result"
+            "without `max_memory`, or prune first and quantize the pruned model by GPTQ under its mask"
         )
     pruned = strategy(job, stats, calibration, sequential)
     if grid is not None:

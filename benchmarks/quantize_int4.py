@@ -15,7 +15,9 @@ embeddings stay float. Under a mask, the mask is the base model's zeros.
 A run is BASE:METHOD (BASE a model of ``--base NAME=PATH``, defaults ``dense`` = the exported model, ``alps24`` =
 the lead's ALPS 2:4 sequential model, ``sparsegpt24`` = SparseGPT 2:4 sequential, made by ``graphprune apply`` on
 first use; METHOD ``fp32``, ``rtn``, ``gptq`` or ``gptq-act`` with activation order) or ``joint-sparsegpt`` /
-``joint-alps`` (``graphprune apply --method M --nm 2:4 --sequential --quantize int4``). CPU seconds are this
+``joint-alps`` (``graphprune apply --method M --nm 2:4 --sequential --quantize int4``: a Q/DQ model with the
+solver's codes, scored with float compute, ``ppl``, and with ONNX Runtime's default int8 activations in its fused
+int4 kernel, ``ppl_ort_default``). CPU seconds are this
 process's (or the child's) user + system time, calibration included; results are appended to ``--results``.
 """
 
@@ -100,10 +102,22 @@ def apply_model(method: str, out: Path, args: argparse.Namespace, quantize: bool
     return {"cpu_seconds": cpu, "seconds": seconds, "peak_mb": peak}
 
 
-def perplexity(model: Path, args: argparse.Namespace) -> float:
-    """Brown held-out perplexity on the first ``--eval-windows`` reference windows (all 32 by default)."""
+def perplexity(model: Path, args: argparse.Namespace, accuracy_level: int | None = None) -> float:
+    """Brown held-out perplexity on the first ``--eval-windows`` reference windows (all 32 by default).
+
+    ``accuracy_level``: ONNX Runtime's ``session.qdq_matmulnbits_accuracy_level`` for a Q/DQ int4 model, whose
+    DequantizeLinear → MatMul its optimiser fuses into MatMulNBits: 0 computes in float (weight-only int4, what the
+    float model on the grid computes), the default (4) quantizes the activations to int8 at run time."""
+    import onnxruntime as ort
+
+    from graphprune.calibration.providers import session_options
+
+    options = session_options(optimize=True)
+    if accuracy_level is not None:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     with np.load(args.eval) as data:
-        return model_perplexity(model, data["input_ids"][: args.eval_windows])
+        return model_perplexity(session, data["input_ids"][: args.eval_windows])
 
 
 def calibration_subset(args: argparse.Namespace) -> Path:
@@ -120,8 +134,9 @@ def one_run(text: str, args: argparse.Namespace) -> dict:
     if text.startswith("joint-"):
         method = text.split("-", 1)[1]
         out = work / f"{text}.onnx"
-        info = apply_model(method, out, args, quantize=True)
-        return {"run": text, "ppl": perplexity(out, args), **info}
+        info = apply_model(method, out, args, quantize=True)  # a Q/DQ model with the solver's codes
+        scored = {"ppl": perplexity(out, args, accuracy_level=0), "ppl_ort_default": perplexity(out, args)}
+        return {"run": text, **scored, **info}
     base_name, method = text.split(":")
     base = args.bases[base_name]
     if not base.exists() and base_name == "sparsegpt24":

@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graphprune.algorithms.pattern import NMPattern
+from graphprune.algorithms.quant_grid import QuantGrid
 from graphprune.algorithms.scores import Method
 from graphprune.artifacts import OutputPlan
 from graphprune.calibration.request import CalibrationRequest
@@ -75,7 +76,7 @@ def prune_file(
     if sequential and calibration is None:
         raise GraphpruneError("`sequential` needs calibration data: pass `calib` data")
     model = load_model(model_path)
-    grid = config.quantize
+    grid, raised = config.quantize, None
     if grid is not None:  # the Q/DQ options and the opset fail before any work
         joint_config(grid, config.include_head, config.exclude)
         raised = prepare_opset(model, grid)
@@ -108,19 +109,7 @@ def prune_file(
         )
     pruned = strategy(job, stats, calibration, sequential)
     if grid is not None:
-        label = f"{config.method.value}+{grid.precision}"
-        qdq = write_joint_qdq(
-            model,
-            grid,
-            job.plan[0],
-            calibration,
-            include_head=config.include_head,
-            exclude=config.exclude,
-            label=label,
-        )
-        qdq.opset_raised_from = raised
-        pruned.result.qdq = qdq.to_dict()
-        pruned.warnings += [w for w in qdq.warnings if w not in pruned.warnings]
+        _write_qdq(job, grid, calibration, pruned, raised)
     for message in notes + pruned.warnings:
         progress.warning(message)
     _commit(outputs, job, report, pruned, external)
@@ -140,6 +129,25 @@ def _commit(outputs: OutputPlan, job: _Job, report: Path, pruned: _Pruned, exter
     finally:
         if pruned.staged is not None:
             pruned.staged.close()
+
+
+def _write_qdq(
+    job: _Job, grid: QuantGrid, calibration: CalibrationRequest | None, pruned: _Pruned, raised: int | None
+) -> None:
+    """The joint mode's Q/DQ step on the pruned model in memory; its report and warnings join the run's."""
+    config = job.config
+    qdq = write_joint_qdq(
+        job.model,
+        grid,
+        job.plan[0],
+        calibration,
+        include_head=config.include_head,
+        exclude=config.exclude,
+        label=f"{config.method.value}+{grid.precision}",
+    )
+    qdq.opset_raised_from = raised  # raised before the pruning, so the step itself found it high enough
+    pruned.result.qdq = qdq.to_dict()
+    pruned.warnings += [w for w in qdq.warnings if w not in pruned.warnings]
 
 
 @dataclass(frozen=True, kw_only=True)

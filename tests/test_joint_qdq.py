@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
@@ -139,6 +140,11 @@ def test_joint_mode_writes_the_solvers_codes_as_qdq(tmp_path: Path, precision: s
     got, on_grid = run(written, feeds)[0], run(reference, feeds)[0]
     if precision == "int4":
         np.testing.assert_allclose(got, on_grid, rtol=1e-5, atol=1e-5)
+        # with ONNX Runtime's optimiser, which fuses DequantizeLinear → MatMul into MatMulNBits (float compute)
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        fused = ort.InferenceSession(written.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(fused.run(None, feeds)[0], on_grid, rtol=1e-5, atol=1e-5)
     else:  # activation rounding only: close, not equal
         assert np.linalg.norm(got - on_grid) / np.linalg.norm(on_grid) < 0.1
 

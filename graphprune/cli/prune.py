@@ -394,11 +394,12 @@ def _print_summary(result: PruneResult, written: Path) -> None:
     ]
     if result.config.quantize is not None:
         grid = result.config.quantize
-        blocks = f"blocks of {grid.block_size} along K" if grid.block_size else "one scale per output channel"
-        rows.append(["quantized", f"{grid.precision}, {blocks}: Q/DQ with the solver's codes and scales"])
+        blocks = f"blocks of {grid.block_size} along K" if grid.block_size else "per output channel"
+        rows.append(["quantized", f"{grid.precision}, {blocks}"])
         qdq = summary["qdq"]
         acts = f"{qdq['activations']} activations" if qdq["activations"] else "weight-only"
-        rows.append(["Q/DQ", f"{qdq['weights']} weights, {acts}, {len(qdq['kept_float'])} kept float"])
+        text = f"{qdq['weights']} weights (the solver's codes), {acts}, {len(qdq['kept_float'])} float"
+        rows.append(["Q/DQ", text])
     if result.config.permute:
         groups = summary["permuted_groups"]
         written = sum(g["written"] for g in groups)

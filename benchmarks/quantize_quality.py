@@ -13,7 +13,9 @@ on the first ``--ort-calib`` windows (its calibrator keeps every intermediate te
     python benchmarks/quantize_quality.py --table --results benchmarks/results/quantize_quality.jsonl
 
 A run is ``fp32``, ``ort-static``, ``ort-dynamic`` or ``PRECISION[:key=value...]`` with keys ``smooth``,
-``target``, ``method``, ``block``, ``dynamic``, ``head`` (QuantizeConfig's fields; ``head``: include the head).
+``target``, ``method``, ``block``, ``dynamic``, ``head``, ``clip``, ``percentile``, ``float_above``
+(QuantizeConfig's fields; ``head``: include the head). A ``clip`` other than minmax runs its own in-graph
+calibration per variant.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def config_of(run: str):  # type: ignore[no-untyped-def]
     fields: dict[str, object] = {"precision": precision}
     for option in options:
         key, _, value = option.partition("=")
-        if key in ("smooth", "float_above"):
+        if key in ("smooth", "float_above", "percentile"):
             fields[key] = float(value)
         elif key == "block":
             fields["block_size"] = int(value)
@@ -104,7 +106,7 @@ def ours(
         if config.include_head:
             untie_head_tables(model)
         require_opset(model, config.opset, run)
-        quantize_model(model, config, plan_quantization(model, config), measured)
+        quantize_model(model, config, plan_quantization(model, config), measured, calibration=request)
         path = out_dir / f"{run.replace(':', '_').replace('=', '')}.onnx"
         import onnx_ir as ir
 

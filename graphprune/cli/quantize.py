@@ -72,6 +72,19 @@ def quantize(
             show_default=False,
         ),
     ] = None,
+    clip: Annotated[
+        str,
+        typer.Option(
+            help="Range of each static activation scale: minmax (the calibrated range), mse (the clip of it with "
+            "the least squared quantization error) or percentile (the narrowest clip holding --percentile of "
+            "|x|). "
+            "mse and percentile score 24 candidate clips inside ONNX Runtime in one more calibration run (after "
+            "--smooth); no activation is stored. Example: --clip mse"
+        ),
+    ] = "minmax",
+    percentile: Annotated[
+        float, typer.Option(help="--clip percentile: the share of |x| (in %) the range holds. Example: 99.99")
+    ] = 99.99,
     dynamic: Annotated[
         bool,
         typer.Option(
@@ -142,6 +155,8 @@ def quantize(
         include_head=include_head,
         exclude=tuple(exclude or ()),
         float_above=float_above,
+        clip=clip,  # type: ignore[arg-type]  # typer's str; QuantizeConfig checks the Literal
+        percentile=percentile,
     )
     config.validate()
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)

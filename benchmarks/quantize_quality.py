@@ -69,18 +69,34 @@ def cached_ranges(cache: Path | None, compute):  # type: ignore[no-untyped-def]
     return ranges
 
 
-def ours(
-    model_path: Path, runs: list[str], calib: Path, out_dir: Path, cache: Path | None = None
-) -> dict[str, tuple[Path, float]]:
-    """graphprune's variants: one range calibration (and one Gram calibration for gptq), then each variant."""
+def first_windows(calib: Path, windows: int | None):  # type: ignore[no-untyped-def]
+    """A calibration request on the first ``windows`` windows of ``calib`` (all of them: None)."""
     from graphprune.calibration.request import CalibrationRequest
+
+    if windows is None:
+        return CalibrationRequest(data=str(calib))
+    with np.load(calib) as data:
+        return CalibrationRequest(data={k: data[k][:windows] for k in data.files}, batch_size=1)
+
+
+def ours(
+    model_path: Path,
+    runs: list[str],
+    calib: Path,
+    out_dir: Path,
+    cache: Path | None = None,
+    clip_windows: int | None = None,
+    gram_windows: int | None = None,
+) -> dict[str, tuple[Path, float]]:
+    """graphprune's variants: one range calibration (and one Gram calibration for gptq), then each variant (a
+    clip other than minmax runs its own pass on the smoothed model, on the first ``clip_windows`` windows)."""
     from graphprune.graph.model_io import load_model
     from graphprune.quantize.files import Measured, measure, quantize_model
     from graphprune.quantize.opset import require_opset
     from graphprune.quantize.select import plan_quantization
     from graphprune.quantize.untie import untie_head_tables
 
-    request = CalibrationRequest(data=str(calib))
+    request = first_windows(calib, None)
     configs = {run: config_of(run) for run in runs}
     base = load_model(model_path)
     widest = next((c for c in configs.values() if c.include_head), next(iter(configs.values())))
@@ -96,7 +112,7 @@ def ours(
         )
     if any(c.method == "gptq" for c in configs.values()):
         gptq_config = next(c for c in configs.values() if c.method == "gptq")
-        measured.grams = measure(base, model_path, plan, gptq_config, request).grams
+        measured.grams = measure(base, model_path, plan, gptq_config, first_windows(calib, gram_windows)).grams
     calibration_cpu = time.process_time() - start
     print(f"calibration: {calibration_cpu:.0f} CPU s", flush=True)
     written = {}
@@ -106,7 +122,8 @@ def ours(
         if config.include_head:
             untie_head_tables(model)
         require_opset(model, config.opset, run)
-        quantize_model(model, config, plan_quantization(model, config), measured, calibration=request)
+        clip_request = first_windows(calib, clip_windows)
+        quantize_model(model, config, plan_quantization(model, config), measured, calibration=clip_request)
         path = out_dir / f"{run.replace(':', '_').replace('=', '')}.onnx"
         import onnx_ir as ir
 
@@ -166,6 +183,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--ranges-cache", type=Path, help="reuse (or save) this model's activation ranges here")
     parser.add_argument("--ort-calib", type=int, default=8)
+    parser.add_argument("--clip-windows", type=int, help="calibration windows of a clip pass (default: all)")
+    parser.add_argument("--gram-windows", type=int, help="calibration windows of gptq's Grams (default: all)")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "quantize_quality.jsonl")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --results and stop")
     args = parser.parse_args()
@@ -177,7 +196,8 @@ def main() -> None:
         models: dict[str, tuple[Path, float]] = {}
         ours_runs = [r for r in args.runs if r not in ("fp32", "ort-static", "ort-dynamic")]
         if ours_runs:
-            models.update(ours(args.model, ours_runs, args.calib, out_dir, args.ranges_cache))
+            windows = (args.clip_windows, args.gram_windows)
+            models.update(ours(args.model, ours_runs, args.calib, out_dir, args.ranges_cache, *windows))
         for run in args.runs:
             start = time.process_time()
             if run == "fp32":
@@ -201,6 +221,10 @@ def main() -> None:
                 "quantize_cpu_s": round(seconds, 1),
                 "eval_cpu_s": round(time.process_time() - start, 1),
             }
+            if "clip=" in run and "clip=minmax" not in run:
+                row["clip_windows"] = args.clip_windows or "all"
+            if "method=gptq" in run:
+                row["gram_windows"] = args.gram_windows or "all"
             print(json.dumps(row), flush=True)
             with args.results.open("a") as f:
                 f.write(json.dumps(row) + "\n")

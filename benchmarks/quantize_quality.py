@@ -92,6 +92,7 @@ def ours(
     clip other than minmax runs its own pass on the smoothed model, on the first ``clip_windows`` windows)."""
     from graphprune.graph.model_io import load_model
     from graphprune.quantize.files import Measured, measure, quantize_model
+    from graphprune.quantize.gptq_weights import gram_statistics
     from graphprune.quantize.opset import require_opset
     from graphprune.quantize.select import plan_quantization
     from graphprune.quantize.untie import untie_head_tables
@@ -111,8 +112,8 @@ def ours(
             cache, lambda: measure(base, model_path, plan, ranges_config, request).ranges
         )
     if any(c.method == "gptq" for c in configs.values()):
-        gptq_config = next(c for c in configs.values() if c.method == "gptq")
-        measured.grams = measure(base, model_path, plan, gptq_config, first_windows(calib, gram_windows)).grams
+        # the Grams alone: measure() would calibrate the ranges again
+        measured.grams = gram_statistics(model_path, plan.targets, None, first_windows(calib, gram_windows))
     calibration_cpu = time.process_time() - start
     print(f"calibration: {calibration_cpu:.0f} CPU s", flush=True)
     written = {}

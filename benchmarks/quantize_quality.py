@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,11 @@ def ours(
             untie_head_tables(model)
         require_opset(model, config.opset, run)
         clip_request = first_windows(calib, clip_windows)
-        quantize_model(model, config, plan_quantization(model, config), measured, calibration=clip_request)
+        planned = plan_quantization(model, config)
+        report = quantize_model(model, config, planned, measured, calibration=clip_request)
+        if config.clip != "minmax":  # which clips were chosen: fraction of max|x| -> how many activations
+            chosen = Counter(round(a.clip, 3) for a in report.result.activations)
+            print(json.dumps({"run": run, "clip_fractions": dict(sorted(chosen.items()))}), flush=True)
         path = out_dir / f"{run.replace(':', '_').replace('=', '')}.onnx"
         import onnx_ir as ir
 

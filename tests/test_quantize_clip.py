@@ -9,6 +9,7 @@ that candidate's.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import ml_dtypes
@@ -165,3 +166,17 @@ def test_bad_clip_options_exit_2_and_write_nothing(tmp_path: Path, extra: list[s
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not out.exists()
+
+
+def test_cli_reports_how_many_ranges_were_clipped(tmp_path: Path) -> None:
+    src, data, out = tmp_path / "model.onnx", tmp_path / "calib.npz", tmp_path / "q.onnx"
+    onnx.save(mlp(7140), src)
+    np.savez(data, x=calibration(7141))
+    args = ["quantize", str(src), "--include-head", "--clip", "percentile", "--percentile", "99"]
+    args += ["--calib", str(data)]
+    result = CliRunner().invoke(app, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    clipped = sum(a["clip"] < 1.0 for a in report["activations"])
+    assert clipped >= 1
+    assert f"{clipped} of {len(report['activations'])} activation ranges clipped" in result.output

@@ -186,6 +186,12 @@ def _print(report: QuantizeReport, written: Path) -> None:
     acts = Counter("dynamic" if a.scale is None else "static" for a in report.result.activations)
     shown = ", ".join(f"{n} {kind}" for kind, n in acts.items()) or "none (weight-only)"
     out.print(f"{len(report.result.weights)} weights quantized; activations quantized: {shown}", highlight=False)
+    if report.config.clip != "minmax":
+        fractions = [a.clip for a in report.result.activations]
+        narrower = [f for f in fractions if f < 1.0]
+        smallest = f", the narrowest {min(narrower):.3g} of max |x|" if narrower else ""
+        clipped = f"{len(narrower)} of {len(fractions)} activation ranges clipped"
+        out.print(f"--clip {report.config.clip}: {clipped}{smallest}", highlight=False)
     for name in report.untied:
         out.print(
             f"head tied to {name}: quantized as its own copy, the embedding table stays float", highlight=False

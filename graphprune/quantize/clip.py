@@ -29,7 +29,7 @@ import onnx_ir as ir
 from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.session import Session, values_by_name
-from graphprune.calibration.taps import TapBuilder, TapPlan, tapped_model
+from graphprune.calibration.taps import TapBuilder, TapPlan, connected, tapped_model
 from graphprune.errors import GraphpruneError
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.qdq import CODE_TYPES
@@ -98,11 +98,10 @@ def _clip_taps(
 ) -> Iterator[tuple[TapPlan, list[str]]]:
     """Per activation the name of its ``[K]`` score output (connected to the model inside the block)."""
     values = values_by_name(model.graph)
-    plan = TapPlan(taps=[])
-    b = TapBuilder(model, values, plan)
+    b = TapBuilder(model, values, TapPlan(taps=[]))
     k = len(CLIP_FRACTIONS)
     names: list[str] = []
-    try:
+    with connected(b.plan) as plan:
         for name, r in ranges.items():
             b.anchor = x = values[name]
             if x.dtype != ir.DataType.FLOAT:  # fp16/bf16 activations: compare in float32
@@ -129,9 +128,6 @@ def _clip_taps(
             b.output(size, ir.DataType.INT64, [])
             names += [str(score.name), str(size.name)]
         yield plan, names
-    finally:
-        for node in plan.nodes:  # the model's values forget their tap uses
-            node.resize_inputs(0)
 
 
 def collect_clip_scores(

@@ -13,7 +13,9 @@ on the first ``--ort-calib`` windows (its calibrator keeps every intermediate te
     python benchmarks/quantize_quality.py --table --results benchmarks/results/quantize_quality.jsonl
 
 A run is ``fp32``, ``ort-static``, ``ort-dynamic`` or ``PRECISION[:key=value...]`` with keys ``smooth``,
-``target``, ``method``, ``block``, ``dynamic``, ``head`` (QuantizeConfig's fields; ``head``: include the head).
+``target``, ``method``, ``block``, ``dynamic``, ``head``, ``clip``, ``percentile``, ``float_above``
+(QuantizeConfig's fields; ``head``: include the head). A ``clip`` other than minmax runs its own in-graph
+calibration per variant.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +42,7 @@ def config_of(run: str):  # type: ignore[no-untyped-def]
     fields: dict[str, object] = {"precision": precision}
     for option in options:
         key, _, value = option.partition("=")
-        if key in ("smooth", "float_above"):
+        if key in ("smooth", "float_above", "percentile"):
             fields[key] = float(value)
         elif key == "block":
             fields["block_size"] = int(value)
@@ -67,18 +70,35 @@ def cached_ranges(cache: Path | None, compute):  # type: ignore[no-untyped-def]
     return ranges
 
 
-def ours(
-    model_path: Path, runs: list[str], calib: Path, out_dir: Path, cache: Path | None = None
-) -> dict[str, tuple[Path, float]]:
-    """graphprune's variants: one range calibration (and one Gram calibration for gptq), then each variant."""
+def first_windows(calib: Path, windows: int | None):  # type: ignore[no-untyped-def]
+    """A calibration request on the first ``windows`` windows of ``calib`` (all of them: None)."""
     from graphprune.calibration.request import CalibrationRequest
+
+    if windows is None:
+        return CalibrationRequest(data=str(calib))
+    with np.load(calib) as data:
+        return CalibrationRequest(data={k: data[k][:windows] for k in data.files}, batch_size=1)
+
+
+def ours(
+    model_path: Path,
+    runs: list[str],
+    calib: Path,
+    out_dir: Path,
+    cache: Path | None = None,
+    clip_windows: int | None = None,
+    gram_windows: int | None = None,
+) -> dict[str, tuple[Path, float]]:
+    """graphprune's variants: one range calibration (and one Gram calibration for gptq), then each variant (a
+    clip other than minmax runs its own pass on the smoothed model, on the first ``clip_windows`` windows)."""
     from graphprune.graph.model_io import load_model
     from graphprune.quantize.files import Measured, measure, quantize_model
+    from graphprune.quantize.gptq_weights import gram_statistics
     from graphprune.quantize.opset import require_opset
     from graphprune.quantize.select import plan_quantization
     from graphprune.quantize.untie import untie_head_tables
 
-    request = CalibrationRequest(data=str(calib))
+    request = first_windows(calib, None)
     configs = {run: config_of(run) for run in runs}
     base = load_model(model_path)
     widest = next((c for c in configs.values() if c.include_head), next(iter(configs.values())))
@@ -93,8 +113,8 @@ def ours(
             cache, lambda: measure(base, model_path, plan, ranges_config, request).ranges
         )
     if any(c.method == "gptq" for c in configs.values()):
-        gptq_config = next(c for c in configs.values() if c.method == "gptq")
-        measured.grams = measure(base, model_path, plan, gptq_config, request).grams
+        # the Grams alone: measure() would calibrate the ranges again
+        measured.grams = gram_statistics(model_path, plan.targets, None, first_windows(calib, gram_windows))
     calibration_cpu = time.process_time() - start
     print(f"calibration: {calibration_cpu:.0f} CPU s", flush=True)
     written = {}
@@ -104,7 +124,12 @@ def ours(
         if config.include_head:
             untie_head_tables(model)
         require_opset(model, config.opset, run)
-        quantize_model(model, config, plan_quantization(model, config), measured)
+        clip_request = first_windows(calib, clip_windows)
+        planned = plan_quantization(model, config)
+        report = quantize_model(model, config, planned, measured, calibration=clip_request)
+        if config.clip != "minmax":  # which clips were chosen: fraction of max|x| -> how many activations
+            chosen = Counter(round(a.clip, 3) for a in report.result.activations)
+            print(json.dumps({"run": run, "clip_fractions": dict(sorted(chosen.items()))}), flush=True)
         path = out_dir / f"{run.replace(':', '_').replace('=', '')}.onnx"
         import onnx_ir as ir
 
@@ -164,6 +189,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--ranges-cache", type=Path, help="reuse (or save) this model's activation ranges here")
     parser.add_argument("--ort-calib", type=int, default=8)
+    parser.add_argument("--clip-windows", type=int, help="calibration windows of a clip pass (default: all)")
+    parser.add_argument("--gram-windows", type=int, help="calibration windows of gptq's Grams (default: all)")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "quantize_quality.jsonl")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --results and stop")
     args = parser.parse_args()
@@ -175,7 +202,8 @@ def main() -> None:
         models: dict[str, tuple[Path, float]] = {}
         ours_runs = [r for r in args.runs if r not in ("fp32", "ort-static", "ort-dynamic")]
         if ours_runs:
-            models.update(ours(args.model, ours_runs, args.calib, out_dir, args.ranges_cache))
+            windows = (args.clip_windows, args.gram_windows)
+            models.update(ours(args.model, ours_runs, args.calib, out_dir, args.ranges_cache, *windows))
         for run in args.runs:
             start = time.process_time()
             if run == "fp32":
@@ -199,6 +227,10 @@ def main() -> None:
                 "quantize_cpu_s": round(seconds, 1),
                 "eval_cpu_s": round(time.process_time() - start, 1),
             }
+            if "clip=" in run and "clip=minmax" not in run:
+                row["clip_windows"] = args.clip_windows or "all"
+            if "method=gptq" in run:
+                row["gram_windows"] = args.gram_windows or "all"
             print(json.dumps(row), flush=True)
             with args.results.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -221,6 +221,17 @@ def plan_taps(
             node.resize_inputs(0)
 
 
+@contextmanager
+def connected(plan: TapPlan) -> Iterator[TapPlan]:
+    """Inside the block ``plan``'s tap nodes read the model's values; on leaving it the values forget those uses,
+    leaving the model as it was (for tap builders other than :func:`plan_taps`)."""
+    try:
+        yield plan
+    finally:
+        for node in plan.nodes:
+            node.resize_inputs(0)
+
+
 def _name(value: ir.Value | None) -> str | None:
     return None if value is None else str(value.name)
 

@@ -10,6 +10,7 @@ from graphprune.errors import GraphpruneError
 Precision = Literal["int8", "fp8", "int4"]
 Target = Literal["tensorrt", "ort"]
 Method = Literal["rtn", "gptq"]
+Clip = Literal["minmax", "mse", "percentile"]
 BLOCK_SIZES = (32, 64, 128)
 # Lowest default-domain opset whose QuantizeLinear/DequantizeLinear read the precision (fp8: 19; blocked int4: 21).
 MIN_OPSET = {"int8": 13, "fp8": 19, "int4": 21}
@@ -22,7 +23,9 @@ class QuantizeConfig:
     ``target`` decides the activations' int8 grid: ``tensorrt`` is symmetric int8 with zero point 0 (the only form
     TensorRT reads), ``ort`` is asymmetric uint8 (ONNX Runtime's x86 U8S8 kernels). Weights are always symmetric,
     so a pruned zero stays exactly zero. ``dynamic`` computes activation scales at run time instead.
-    ``smooth`` is SmoothQuant's migration strength alpha (None: no smoothing).
+    ``smooth`` is SmoothQuant's migration strength alpha (None: no smoothing). ``clip`` chooses each static
+    activation scale's range: the calibrated min/max, or a clip of it chosen in the graph by least squared
+    quantization error (``mse``) or at the ``percentile`` of |x| (:mod:`graphprune.quantize.clip`).
     """
 
     precision: Precision = "int8"
@@ -34,6 +37,8 @@ class QuantizeConfig:
     include_head: bool = False
     exclude: tuple[str, ...] = ()
     float_above: float | None = None  # activations reaching |x| above this (after smoothing) stay float
+    clip: Clip = "minmax"
+    percentile: float = 99.99  # clip "percentile": the share of |x| (in %) the range must hold
 
     def validate(self) -> None:
         if self.precision not in MIN_OPSET:
@@ -54,6 +59,14 @@ class QuantizeConfig:
             raise GraphpruneError(
                 f"the float threshold {self.float_above} must be a positive activation magnitude"
             )
+        if self.clip not in ("minmax", "mse", "percentile"):
+            raise GraphpruneError(f"unknown clip method {self.clip!r}: choose minmax, mse or percentile")
+        if self.clip != "minmax" and not (self.quantizes_activations and not self.dynamic):
+            raise GraphpruneError(
+                "clipping chooses static activation scales: int4 is weight-only, dynamic scales are set when run"
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise GraphpruneError(f"percentile {self.percentile} must be above 50 and at most 100 (e.g. 99.99)")
         if self.smooth is not None and self.precision == "int4":
             raise GraphpruneError(
                 "smoothing moves range into the weights for quantized activations; int4 is weight-only"

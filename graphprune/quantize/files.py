@@ -21,6 +21,7 @@ from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model, uses_external_data
 from graphprune.graph.targets import Target
 from graphprune.pipeline.files import report_path
+from graphprune.quantize.clip import clip_fractions
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.gptq_weights import gptq_codes, gram_statistics
 from graphprune.quantize.opset import require_opset
@@ -93,8 +94,10 @@ def quantize_model(
     plan: Planned,
     measured: Measured,
     stage: Callable[[str], None] = lambda _: None,
+    calibration: CalibrationRequest | None = None,
 ) -> QuantizeReport:
-    """Smooth (if asked), solve GPTQ (if asked) and quantize ``model`` in place; ``measured`` is not changed."""
+    """Smooth (if asked), clip (if asked: one more calibration run, on ``calibration``, of the smoothed model),
+    solve GPTQ (if asked) and quantize ``model`` in place; ``measured`` is not changed."""
     warnings = list(measured.warnings)
     done = already_quantized(plan.kept)
     if done:
@@ -111,12 +114,18 @@ def quantize_model(
         smoothing, scales = smooth(model, plan.targets, ranges, config.smooth)
     targets, kept = _massive_inputs_float(plan, ranges, config)
     plan = Planned(targets, plan.activations, plan.kept + kept)
+    clips: dict[str, float] = {}
+    if config.clip != "minmax":
+        stage(f"choosing activation clips ({config.clip})")
+        quantized = dict.fromkeys(c.activation for t in plan.targets for c in t.consumers)
+        request = calibration or CalibrationRequest()
+        clips = clip_fractions(model, {a: ranges[a] for a in quantized}, config, request)
     solved = {}
     if measured.grams is not None and config.method == "gptq":
         stage("GPTQ")
         solved = gptq_codes(model, plan.targets, QuantizePass.grid_of(config), measured.grams, scales)
     stage("quantizing")
-    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges, solved=solved)(model)
+    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges, solved=solved, clips=clips)(model)
     return QuantizeReport(config, result, plan.kept, smoothing, None, warnings)
 
 
@@ -180,7 +189,7 @@ def quantize_file(
         raise GraphpruneError(f"nothing to quantize in {model_path}: no float MatMul/Gemm/Conv weight{detail}")
     raised = require_opset(model, config.opset, f"{config.precision} Q/DQ")
     measured = measure(model, model_path, plan, config, calibration, stats, stage)
-    report = quantize_model(model, config, plan, measured, stage)
+    report = quantize_model(model, config, plan, measured, stage, calibration)
     report.opset_raised_from, report.untied = raised, untied
     stage("writing")
     with outputs.transaction() as files:

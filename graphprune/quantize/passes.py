@@ -3,8 +3,8 @@
 An ``onnx_ir`` in-place pass (``QuantizePass(config=..., targets=..., ranges=...)(model)``, composable with
 ``ir.passes.Sequential``). Weights come from :mod:`graphprune.algorithms.quant_grid` (round to nearest) unless
 ``solved`` holds codes computed elsewhere (GPTQ, or the pruning solvers' joint mode, named by ``solved_by``).
-Activations get static per-tensor scales from ``ranges`` (their calibrated min/max), or DynamicQuantizeLinear with
-``config.dynamic``; int4 leaves them float.
+Activations get static per-tensor scales from ``ranges`` (their calibrated min/max, or ``clips``' fraction of it),
+or DynamicQuantizeLinear with ``config.dynamic``; int4 leaves them float.
 Pre-condition: every target is a float initializer of the model, every static activation has a finite range.
 Post-condition: every weight is stored as codes behind one DequantizeLinear whose zero points are all 0 (and so
 are the activations' for TensorRT and fp8), and every weight that was N:M along K (for M in 4, 8, 16) still
@@ -26,6 +26,7 @@ from graphprune.graph.stored import stored_values
 from graphprune.graph.targets import Target
 from graphprune.graph.weights import read_weight
 from graphprune.passes.base import PassPostconditionError, PassPreconditionError
+from graphprune.quantize.clip import clipped_range
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.qdq import CODE_TYPES, Names, dequantize_weight, quantize_activation
 from graphprune.quantize.ranges import ChannelRange
@@ -53,6 +54,7 @@ class ActivationRecord:
     high: float | None
     scale: float | None
     zero_point: float | None
+    clip: float = 1.0  # the scale's range as a fraction of the calibrated max |x| (1: min/max)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class QuantizePass(ir.passes.InPlacePass):
         ranges: Mapping[str, ChannelRange] | None = None,
         solved: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
         solved_by: str | None = None,
+        clips: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -102,6 +105,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.ranges = ranges or {}
         self.solved = solved or {}
         self.solved_by = solved_by or config.method  # the report's method for the solved weights
+        self.clips = clips or {}  # per activation, a fraction of its max |x| (graphprune.quantize.clip)
         self._groups_before: dict[str, dict[int, int]] = {}
         self._readers: list[ir.Node] = []  # the MatMul/Gemm/Conv nodes whose weight is quantized
         self._added: list[ir.Node] = []  # the static activation Q/DQ nodes
@@ -196,11 +200,13 @@ class QuantizePass(ir.passes.InPlacePass):
                 records.append(ActivationRecord(activation, len(uses), None, None, None, None))
                 continue
             low, high = self.ranges[activation].tensor_range()
-            scale, zero, kind = activation_grid(self.config, low, high)
+            fraction = self.clips.get(activation, 1.0)
+            # the arithmetic of clip.candidate_grids, so the scale is the very candidate the clip run scored
+            clipped = clipped_range(low, high, fraction * max(abs(low), abs(high)))
+            scale, zero, kind = activation_grid(self.config, *clipped)
             self._added += quantize_activation(graph, names, x, uses, scale, zero, kind)
-            records.append(
-                ActivationRecord(activation, len(uses), low, high, scale, float(zero.astype(np.float32)))
-            )
+            zero_point = float(zero.astype(np.float32))
+            records.append(ActivationRecord(activation, len(uses), low, high, scale, zero_point, fraction))
         return records
 
     def ensures(self, model: ir.Model) -> None:

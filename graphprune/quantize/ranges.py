@@ -22,7 +22,7 @@ import onnx_ir as ir
 from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.session import Session, values_by_name
-from graphprune.calibration.taps import TapBuilder, TapPlan, tapped_model
+from graphprune.calibration.taps import TapBuilder, TapPlan, connected, tapped_model
 from graphprune.errors import GraphpruneError
 
 
@@ -68,10 +68,9 @@ def _reduce(b: TapBuilder, op: str, x: ir.Value, axes: list[int]) -> ir.Value:
 def _range_taps(model: ir.Model, taps: Sequence[RangeTap]) -> Iterator[tuple[TapPlan, list[str]]]:
     """Per tap the names of its min, max and size outputs (connected to the model inside the block)."""
     values = values_by_name(model.graph)
-    plan = TapPlan(taps=[])
-    b = TapBuilder(model, values, plan)
+    b = TapBuilder(model, values, TapPlan(taps=[]))
     names: list[str] = []
-    try:
+    with connected(b.plan) as plan:
         for tap in taps:
             b.anchor = values[tap.value]
             x = values[tap.value]
@@ -91,9 +90,6 @@ def _range_taps(model: ir.Model, taps: Sequence[RangeTap]) -> Iterator[tuple[Tap
                 b.output(value, dtype, shape)
                 names.append(str(value.name))
         yield plan, names
-    finally:
-        for node in plan.nodes:  # the model's values forget their tap uses
-            node.resize_inputs(0)
 
 
 def collect_ranges(

@@ -13,12 +13,15 @@ on the first ``--ort-calib`` windows (its calibrator keeps every intermediate te
     python benchmarks/quantize_quality.py --table --results benchmarks/results/quantize_quality.jsonl
 
 A run is ``fp32``, ``ort-static``, ``ort-dynamic`` or ``PRECISION[:key=value...]`` with keys ``smooth``,
-``target``, ``method``, ``block``, ``dynamic``, ``head`` (QuantizeConfig's fields; ``head``: include the head).
+``target``, ``method``, ``block``, ``dynamic``, ``head`` (QuantizeConfig's fields; ``head``: include the head),
+``bmm=off`` (attention's activation x activation MatMuls left float). ``--target ort`` variants also get the NaN
+guard move that ``quantize_file`` makes for that target. ``--keep DIR`` keeps the quantized models (for timing).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -45,6 +48,8 @@ def config_of(run: str):  # type: ignore[no-untyped-def]
             fields["block_size"] = int(value)
         elif key in ("dynamic", "head"):
             fields["include_head" if key == "head" else key] = True
+        elif key == "bmm":
+            fields["bmm"] = value != "off"
         else:
             fields[key] = value
     return QuantizeConfig(**fields)  # type: ignore[arg-type]
@@ -74,6 +79,7 @@ def ours(
     from graphprune.calibration.request import CalibrationRequest
     from graphprune.graph.model_io import load_model
     from graphprune.quantize.files import Measured, measure, quantize_model
+    from graphprune.quantize.guards import move_nan_guards
     from graphprune.quantize.opset import require_opset
     from graphprune.quantize.select import plan_quantization
     from graphprune.quantize.untie import untie_head_tables
@@ -82,6 +88,7 @@ def ours(
     configs = {run: config_of(run) for run in runs}
     base = load_model(model_path)
     widest = next((c for c in configs.values() if c.include_head), next(iter(configs.values())))
+    widest = dataclasses.replace(widest, bmm=True)  # the attention MatMuls' operands are measured too
     if widest.include_head:
         untie_head_tables(base)  # the head's input is measured too
     plan = plan_quantization(base, widest)
@@ -103,6 +110,8 @@ def ours(
         model = load_model(model_path)
         if config.include_head:
             untie_head_tables(model)
+        if config.target == "ort":
+            move_nan_guards(model)
         require_opset(model, config.opset, run)
         quantize_model(model, config, plan_quantization(model, config), measured)
         path = out_dir / f"{run.replace(':', '_').replace('=', '')}.onnx"
@@ -164,6 +173,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--ranges-cache", type=Path, help="reuse (or save) this model's activation ranges here")
     parser.add_argument("--ort-calib", type=int, default=8)
+    parser.add_argument("--keep", type=Path, help="write graphprune's quantized models here (kept)")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "quantize_quality.jsonl")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --results and stop")
     args = parser.parse_args()
@@ -172,10 +182,12 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
         models: dict[str, tuple[Path, float]] = {}
         ours_runs = [r for r in args.runs if r not in ("fp32", "ort-static", "ort-dynamic")]
         if ours_runs:
-            models.update(ours(args.model, ours_runs, args.calib, out_dir, args.ranges_cache))
+            models.update(ours(args.model, ours_runs, args.calib, args.keep or out_dir, args.ranges_cache))
         for run in args.runs:
             start = time.process_time()
             if run == "fp32":

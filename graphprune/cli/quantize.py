@@ -98,6 +98,15 @@ def quantize(
             "Example: --exclude '*down_proj*'",
         ),
     ] = None,
+    bmm: Annotated[
+        bool,
+        typer.Option(
+            "--bmm/--no-bmm",
+            help="Also quantize the MatMuls of two activations (attention's Q.K^T and probabilities.V, TensorRT's "
+            "BMM1/BMM2): static per-tensor scales on both operands, [0, 1] for softmax probabilities (int8, fp8; "
+            "not with --dynamic).",
+        ),
+    ] = True,
     stats: Annotated[
         Path | None,
         typer.Option(
@@ -142,6 +151,7 @@ def quantize(
         include_head=include_head,
         exclude=tuple(exclude or ()),
         float_above=float_above,
+        bmm=bmm,
     )
     config.validate()
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
@@ -171,6 +181,12 @@ def _print(report: QuantizeReport, written: Path) -> None:
     acts = Counter("dynamic" if a.scale is None else "static" for a in report.result.activations)
     shown = ", ".join(f"{n} {kind}" for kind, n in acts.items()) or "none (weight-only)"
     out.print(f"{len(report.result.weights)} weights quantized; activations quantized: {shown}", highlight=False)
+    if report.result.matmuls:
+        out.print(f"activation x activation MatMuls quantized: {len(report.result.matmuls)}", highlight=False)
+    if report.guards_moved:
+        out.print(
+            f"softmax NaN guards moved past their MatMul (exact): {len(report.guards_moved)}", highlight=False
+        )
     for name in report.untied:
         out.print(
             f"head tied to {name}: quantized as its own copy, the embedding table stays float", highlight=False

@@ -22,7 +22,10 @@ class QuantizeConfig:
     ``target`` decides the activations' int8 grid: ``tensorrt`` is symmetric int8 with zero point 0 (the only form
     TensorRT reads), ``ort`` is asymmetric uint8 (ONNX Runtime's x86 U8S8 kernels). Weights are always symmetric,
     so a pruned zero stays exactly zero. ``dynamic`` computes activation scales at run time instead.
-    ``smooth`` is SmoothQuant's migration strength alpha (None: no smoothing).
+    ``smooth`` is SmoothQuant's migration strength alpha (None: no smoothing). ``bmm`` also quantizes the
+    MatMuls of two activations (attention's Q·Kᵀ and probabilities·V), both operands per tensor, with static
+    scales only (int8, fp8). ``target`` ``ort`` also moves the exporter's softmax NaN guards past the
+    probabilities·V MatMul (:mod:`graphprune.quantize.guards`), a rewrite that only ONNX Runtime needs.
     """
 
     precision: Precision = "int8"
@@ -34,6 +37,7 @@ class QuantizeConfig:
     include_head: bool = False
     exclude: tuple[str, ...] = ()
     float_above: float | None = None  # activations reaching |x| above this (after smoothing) stay float
+    bmm: bool = True
 
     def validate(self) -> None:
         if self.precision not in MIN_OPSET:

@@ -23,6 +23,7 @@ from graphprune.graph.targets import Target
 from graphprune.pipeline.files import report_path
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.gptq_weights import gptq_codes, gram_statistics
+from graphprune.quantize.guards import move_nan_guards
 from graphprune.quantize.opset import require_opset
 from graphprune.quantize.passes import QuantizePass, QuantizeResult
 from graphprune.quantize.ranges import ChannelRange, collect_ranges
@@ -42,6 +43,7 @@ class QuantizeReport:
     opset_raised_from: int | None = None
     warnings: list[str] = field(default_factory=list)
     untied: list[str] = field(default_factory=list)  # tables a Gather reads whose head got its own copy
+    guards_moved: list[str] = field(default_factory=list)  # softmax NaN guards moved past their MatMul (ort)
 
     def to_dict(self) -> dict:
         return {
@@ -51,6 +53,7 @@ class QuantizeReport:
             "smoothing": [asdict(s) for s in self.smoothing],
             "opset_raised_from": self.opset_raised_from,
             "untied_heads": self.untied,
+            "nan_guards_moved": self.guards_moved,
             "warnings": self.warnings,
         }
 
@@ -110,13 +113,15 @@ def quantize_model(
             ShapeInferencePass()(model)
         smoothing, scales = smooth(model, plan.targets, ranges, config.smooth)
     targets, kept = _massive_inputs_float(plan, ranges, config)
-    plan = Planned(targets, plan.activations, plan.kept + kept)
+    plan = Planned(targets, plan.activations, plan.kept + kept, plan.matmuls)
     solved = {}
     if measured.grams is not None and config.method == "gptq":
         stage("GPTQ")
         solved = gptq_codes(model, plan.targets, QuantizePass.grid_of(config), measured.grams, scales)
     stage("quantizing")
-    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges, solved=solved)(model)
+    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges, solved=solved, matmuls=plan.matmuls)(
+        model
+    )
     return QuantizeReport(config, result, plan.kept, smoothing, None, warnings)
 
 
@@ -173,6 +178,7 @@ def quantize_file(
     model = load_model(model_path)
     external = uses_external_data(model)
     untied = untie_head_tables(model) if config.include_head else []
+    guards = move_nan_guards(model) if config.target == "ort" else []  # exact: before calibration, or after
     plan = plan_quantization(model, config)
     if not plan.targets:
         reasons = sorted({k.reason for k in plan.kept})
@@ -181,7 +187,7 @@ def quantize_file(
     raised = require_opset(model, config.opset, f"{config.precision} Q/DQ")
     measured = measure(model, model_path, plan, config, calibration, stats, stage)
     report = quantize_model(model, config, plan, measured, stage)
-    report.opset_raised_from, report.untied = raised, untied
+    report.opset_raised_from, report.untied, report.guards_moved = raised, untied, guards
     stage("writing")
     with outputs.transaction() as files:
         files.model(out, model, external_data=True if external else None)

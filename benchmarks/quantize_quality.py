@@ -14,8 +14,8 @@ on the first ``--ort-calib`` windows (its calibrator keeps every intermediate te
 
 A run is ``fp32``, ``ort-static``, ``ort-dynamic`` or ``PRECISION[:key=value...]`` with keys ``smooth``,
 ``target``, ``method``, ``block``, ``dynamic``, ``head`` (QuantizeConfig's fields; ``head``: include the head),
-``bmm=off`` (attention's activation x activation MatMuls left float). ``--target ort`` variants also get the NaN
-guard move that ``quantize_file`` makes for that target. ``--keep DIR`` keeps the quantized models (for timing).
+``bmm=off`` (attention's activation x activation MatMuls left float). ``--target ort`` variants also get the exact
+rewrites that ``quantize_file`` makes for that target. ``--keep DIR`` keeps the quantized models (for timing).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def ours(
     from graphprune.calibration.request import CalibrationRequest
     from graphprune.graph.model_io import load_model
     from graphprune.quantize.files import Measured, measure, quantize_model
-    from graphprune.quantize.guards import move_nan_guards
     from graphprune.quantize.opset import require_opset
+    from graphprune.quantize.ort_rewrites import rewrite_for_ort
     from graphprune.quantize.select import plan_quantization
     from graphprune.quantize.untie import untie_head_tables
 
@@ -111,7 +111,7 @@ def ours(
         if config.include_head:
             untie_head_tables(model)
         if config.target == "ort":
-            move_nan_guards(model)
+            rewrite_for_ort(model)
         require_opset(model, config.opset, run)
         quantize_model(model, config, plan_quantization(model, config), measured)
         path = out_dir / f"{run.replace(':', '_').replace('=', '')}.onnx"

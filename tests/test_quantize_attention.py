@@ -24,6 +24,7 @@ from graphprune.cli.app import app
 from graphprune.graph.model_io import load_model
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.files import quantize_file
+from graphprune.quantize.gelu import reorder_erf_gelus
 from graphprune.quantize.guards import move_nan_guards
 from tests.onnx_builders import init, make_model, run, tensor
 
@@ -195,12 +196,12 @@ def test_nan_guard_with_another_reader_is_left_alone() -> None:
 def test_guard_moved_only_for_the_ort_target(tmp_path: Path) -> None:
     calib = feeds(np.random.default_rng(1804), 4)
     out, report = quantize(tmp_path, calib, target="ort")
-    assert report["nan_guards_moved"] and not any(
+    assert report["ort_rewrites"]["nan_guards_moved"] and not any(
         n.op_type == "IsNaN" and n.inputs[0].producer().op_type == "Softmax"  # type: ignore[union-attr]
         for n in load_model(out).graph
     )
     _, trt = quantize(tmp_path, calib, target="tensorrt")
-    assert trt["nan_guards_moved"] == []
+    assert trt["ort_rewrites"] == {}
 
 
 def test_cli_no_bmm_leaves_them_float_and_help_lists_it(tmp_path: Path) -> None:
@@ -213,3 +214,40 @@ def test_cli_no_bmm_leaves_them_float_and_help_lists_it(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["activation_matmuls"] == [] and not report["config"]["bmm"]
     assert "--no-bmm" in runner.invoke(app, ["quantize", "--help"], terminal_width=200).output
+
+
+def exported_gelu_mlp(seed: int = 2) -> onnx.ModelProto:
+    """(x W1 + b) → x·(0.5·(1 + erf(x/√2))) → W2: the operand order PyTorch's exporter writes for gelu."""
+    rng = np.random.default_rng(seed)
+    consts = {
+        "w1": (rng.standard_normal((D, 4 * D)) * 0.5).astype(np.float32),
+        "b1": rng.standard_normal(4 * D).astype(np.float32),
+        "w2": (rng.standard_normal((4 * D, D)) * 0.5).astype(np.float32),
+        "root2": np.array(np.sqrt(2.0), np.float32),
+        "one": np.array(1.0, np.float32),
+        "half": np.array(0.5, np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h"]),
+        helper.make_node("Div", ["h", "root2"], ["h_scaled"]),
+        helper.make_node("Erf", ["h_scaled"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]),
+        helper.make_node("Mul", ["half", "e1"], ["e_half"]),
+        helper.make_node("Mul", ["h", "e_half"], ["g"]),
+        helper.make_node("MatMul", ["g", "w2"], ["y"], name="fc2"),
+    ]
+    inits = [init(v, k) for k, v in consts.items()]
+    return make_model(nodes, [tensor("x", shape=["b", S, D])], [tensor("y", shape=["b", S, D])], inits)
+
+
+def test_reordered_gelu_is_bit_exact_and_fused_by_onnx_runtime(tmp_path: Path) -> None:
+    x = {"x": (np.random.default_rng(1805).standard_normal((3, S, D)) * 3).astype(np.float32)}
+    before = exported_gelu_mlp()
+    model = ir.from_proto(before)
+    assert reorder_erf_gelus(model) == ["g"]
+    np.testing.assert_array_equal(run(model, x)[0], run(before, x)[0])  # reference kernels: the same floats
+    for proto, fused in ((before, False), (ir.to_proto(model), True)):
+        onnx.save(proto, tmp_path / "m.onnx")
+        ops = optimised_ops(tmp_path / "m.onnx", tmp_path)
+        assert ("Erf" not in ops) == fused and bool({"Gelu", "BiasGelu"} & set(ops)) == fused, ops

@@ -183,9 +183,12 @@ def _print(report: QuantizeReport, written: Path) -> None:
     out.print(f"{len(report.result.weights)} weights quantized; activations quantized: {shown}", highlight=False)
     if report.result.matmuls:
         out.print(f"activation x activation MatMuls quantized: {len(report.result.matmuls)}", highlight=False)
-    if report.guards_moved:
+    moved, gelus = (report.rewrites.get(k, []) for k in ("nan_guards_moved", "gelus_reordered"))
+    if moved or gelus:
         out.print(
-            f"softmax NaN guards moved past their MatMul (exact): {len(report.guards_moved)}", highlight=False
+            f"exact rewrites for ONNX Runtime: {len(moved)} softmax NaN guards moved past their MatMul, "
+            f"{len(gelus)} erf GELUs reordered for its Gelu fusion",
+            highlight=False,
         )
     for name in report.untied:
         out.print(

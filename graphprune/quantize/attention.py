@@ -71,9 +71,14 @@ def _is_nan_guard(where: ir.Node) -> bool:
     return test is not None and test.op_type == "IsNaN" and p is not None and test.inputs[0] is p and is_zero(zero)
 
 
+def constant_scalar(value: ir.Value | None) -> float | None:
+    """The value of a one-element constant (initializer or Constant node), else None."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(tensor.numpy().reshape(-1)[0])
+
+
 def is_zero(value: ir.Value | None) -> bool:
     """A constant that holds one element, 0."""
-    if value is None:
-        return False
-    tensor = ir.convenience.get_const_tensor(value)
-    return tensor is not None and tensor.size == 1 and float(tensor.numpy().reshape(-1)[0]) == 0.0
+    return constant_scalar(value) == 0.0

@@ -23,8 +23,8 @@ from graphprune.graph.targets import Target
 from graphprune.pipeline.files import report_path
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.gptq_weights import gptq_codes, gram_statistics
-from graphprune.quantize.guards import move_nan_guards
 from graphprune.quantize.opset import require_opset
+from graphprune.quantize.ort_rewrites import rewrite_for_ort
 from graphprune.quantize.passes import QuantizePass, QuantizeResult
 from graphprune.quantize.ranges import ChannelRange, collect_ranges
 from graphprune.quantize.select import Kept, Planned, already_quantized, plan_quantization
@@ -43,7 +43,7 @@ class QuantizeReport:
     opset_raised_from: int | None = None
     warnings: list[str] = field(default_factory=list)
     untied: list[str] = field(default_factory=list)  # tables a Gather reads whose head got its own copy
-    guards_moved: list[str] = field(default_factory=list)  # softmax NaN guards moved past their MatMul (ort)
+    rewrites: dict[str, list[str]] = field(default_factory=dict)  # target ort: exact rewrites, what they changed
 
     def to_dict(self) -> dict:
         return {
@@ -53,7 +53,7 @@ class QuantizeReport:
             "smoothing": [asdict(s) for s in self.smoothing],
             "opset_raised_from": self.opset_raised_from,
             "untied_heads": self.untied,
-            "nan_guards_moved": self.guards_moved,
+            "ort_rewrites": self.rewrites,
             "warnings": self.warnings,
         }
 
@@ -178,7 +178,7 @@ def quantize_file(
     model = load_model(model_path)
     external = uses_external_data(model)
     untied = untie_head_tables(model) if config.include_head else []
-    guards = move_nan_guards(model) if config.target == "ort" else []  # exact: before calibration, or after
+    rewrites = rewrite_for_ort(model) if config.target == "ort" else {}  # exact: calibration sees the same values
     plan = plan_quantization(model, config)
     if not plan.targets:
         reasons = sorted({k.reason for k in plan.kept})
@@ -187,7 +187,7 @@ def quantize_file(
     raised = require_opset(model, config.opset, f"{config.precision} Q/DQ")
     measured = measure(model, model_path, plan, config, calibration, stats, stage)
     report = quantize_model(model, config, plan, measured, stage)
-    report.opset_raised_from, report.untied, report.guards_moved = raised, untied, guards
+    report.opset_raised_from, report.untied, report.rewrites = raised, untied, rewrites
     stage("writing")
     with outputs.transaction() as files:
         files.model(out, model, external_data=True if external else None)

@@ -14,8 +14,8 @@ on the first ``--ort-calib`` windows (its calibrator keeps every intermediate te
 
 A run is ``fp32``, ``ort-static``, ``ort-dynamic`` or ``PRECISION[:key=value...]`` with keys ``smooth``,
 ``target``, ``method``, ``block``, ``dynamic``, ``head`` (QuantizeConfig's fields; ``head``: include the head),
-``bmm=off`` (attention's activation x activation MatMuls left float). ``--target ort`` variants also get the exact
-rewrites that ``quantize_file`` makes for that target. ``--keep DIR`` keeps the quantized models (for timing).
+``bmm=on|off`` (attention's activation x activation MatMuls quantized or not). ``--target ort`` variants get
+the exact rewrites that ``quantize_file`` makes for that target. ``--keep DIR`` keeps the quantized models.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def config_of(run: str):  # type: ignore[no-untyped-def]
         elif key in ("dynamic", "head"):
             fields["include_head" if key == "head" else key] = True
         elif key == "bmm":
-            fields["bmm"] = value != "off"
+            fields["bmm"] = value == "on"
         else:
             fields[key] = value
     return QuantizeConfig(**fields)  # type: ignore[arg-type]

@@ -104,7 +104,7 @@ def fake_quant(x: np.ndarray, scale: float, zero: float, lo: int, hi: int) -> np
 def test_both_bmms_match_numpy_qdq_with_calibrated_and_softmax_ranges(tmp_path: Path, target: str) -> None:
     rng = np.random.default_rng(1800)  # this function's own data, whatever ran before
     calib = feeds(rng, 16)
-    out, report = quantize(tmp_path, calib, target=target)
+    out, report = quantize(tmp_path, calib, target=target, bmm=True)
     matmuls = report["activation_matmuls"]
     assert len(matmuls) == 2
     # ranges: Q and Kᵀ measured on the calibration data in the float model; the probabilities are [0, 1]
@@ -163,7 +163,7 @@ def test_optimised_ort_session_keeps_no_float_bmm_when_on(tmp_path: Path, bmm: b
 
 def test_dynamic_scales_leave_the_bmms_float(tmp_path: Path) -> None:
     calib = feeds(np.random.default_rng(1802), 4)
-    _, report = quantize(tmp_path, calib, target="ort", dynamic=True)
+    _, report = quantize(tmp_path, calib, target="ort", dynamic=True, bmm=True)
     assert report["activation_matmuls"] == []
 
 
@@ -204,16 +204,18 @@ def test_guard_moved_only_for_the_ort_target(tmp_path: Path) -> None:
     assert trt["ort_rewrites"] == {}
 
 
-def test_cli_no_bmm_leaves_them_float_and_help_lists_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flag", [None, "--bmm"])
+def test_cli_bmm_is_off_by_default_and_on_with_the_flag(tmp_path: Path, flag: str | None) -> None:
     src = tmp_path / "model.onnx"
     onnx.save(exported_attention(), src)
     runner = CliRunner()
-    args = ["quantize", str(src), "--target", "ort", "--no-bmm", "--shape", "x=2x6x8", "--shape", "mask=2x1x6x6"]
+    args = ["quantize", str(src), "--target", "ort", "--shape", "x=2x6x8", "--shape", "mask=2x1x6x6"]
+    args += [flag] if flag else []
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "q.onnx")], terminal_width=200)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "q.report.json").read_text())
-    assert report["activation_matmuls"] == [] and not report["config"]["bmm"]
-    assert "--no-bmm" in runner.invoke(app, ["quantize", "--help"], terminal_width=200).output
+    assert len(report["activation_matmuls"]) == (2 if flag else 0) and report["config"]["bmm"] == bool(flag)
+    assert "--bmm" in runner.invoke(app, ["quantize", "--help"], terminal_width=200).output
 
 
 def exported_gelu_mlp(seed: int = 2) -> onnx.ModelProto:

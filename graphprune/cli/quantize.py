@@ -104,9 +104,10 @@ def quantize(
             "--bmm/--no-bmm",
             help="Also quantize the MatMuls of two activations (attention's Q.K^T and probabilities.V, TensorRT's "
             "BMM1/BMM2): static per-tensor scales on both operands, [0, 1] for softmax probabilities (int8, fp8; "
-            "not with --dynamic).",
+            "not with --dynamic). Off by default: no faster on ONNX Runtime's CPU here, and a quality cost "
+            "(BENCHMARKS.md); TensorRT's INT8 BERT engines quantize both.",
         ),
-    ] = True,
+    ] = False,
     stats: Annotated[
         Path | None,
         typer.Option(

@@ -37,7 +37,7 @@ class QuantizeConfig:
     include_head: bool = False
     exclude: tuple[str, ...] = ()
     float_above: float | None = None  # activations reaching |x| above this (after smoothing) stay float
-    bmm: bool = True
+    bmm: bool = False  # off: measured no faster on ONNX Runtime's CPU, and a quality cost (BENCHMARKS.md)
 
     def validate(self) -> None:
         if self.precision not in MIN_OPSET:

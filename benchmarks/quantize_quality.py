@@ -14,13 +14,16 @@ on the first ``--ort-calib`` windows (its calibrator keeps every intermediate te
 
 A run is ``fp32``, ``ort-static``, ``ort-dynamic`` or ``PRECISION[:key=value...]`` with keys ``smooth``,
 ``target``, ``method``, ``block``, ``dynamic``, ``head``, ``clip``, ``percentile``, ``float_above``
-(QuantizeConfig's fields; ``head``: include the head). A ``clip`` other than minmax runs its own in-graph
-calibration per variant.
+(QuantizeConfig's fields; ``head``: include the head), ``bmm=on|off`` (attention's activation x activation
+MatMuls quantized or not). A ``clip`` other than minmax runs its own in-graph calibration per variant.
+``--target ort`` variants get the exact rewrites that ``quantize_file`` makes for that target. ``--keep DIR``
+keeps the quantized models.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -48,6 +51,8 @@ def config_of(run: str):  # type: ignore[no-untyped-def]
             fields["block_size"] = int(value)
         elif key in ("dynamic", "head"):
             fields["include_head" if key == "head" else key] = True
+        elif key == "bmm":
+            fields["bmm"] = value == "on"
         else:
             fields[key] = value
     return QuantizeConfig(**fields)  # type: ignore[arg-type]
@@ -95,6 +100,7 @@ def ours(
     from graphprune.quantize.files import Measured, measure, quantize_model
     from graphprune.quantize.gptq_weights import gram_statistics
     from graphprune.quantize.opset import require_opset
+    from graphprune.quantize.ort_rewrites import rewrite_for_ort
     from graphprune.quantize.select import plan_quantization
     from graphprune.quantize.untie import untie_head_tables
 
@@ -102,6 +108,7 @@ def ours(
     configs = {run: config_of(run) for run in runs}
     base = load_model(model_path)
     widest = next((c for c in configs.values() if c.include_head), next(iter(configs.values())))
+    widest = dataclasses.replace(widest, bmm=True)  # the attention MatMuls' operands are measured too
     if widest.include_head:
         untie_head_tables(base)  # the head's input is measured too
     plan = plan_quantization(base, widest)
@@ -123,6 +130,8 @@ def ours(
         model = load_model(model_path)
         if config.include_head:
             untie_head_tables(model)
+        if config.target == "ort":
+            rewrite_for_ort(model)
         require_opset(model, config.opset, run)
         clip_request = first_windows(calib, clip_windows)
         planned = plan_quantization(model, config)
@@ -191,6 +200,7 @@ def main() -> None:
     parser.add_argument("--ort-calib", type=int, default=8)
     parser.add_argument("--clip-windows", type=int, help="calibration windows of a clip pass (default: all)")
     parser.add_argument("--gram-windows", type=int, help="calibration windows of gptq's Grams (default: all)")
+    parser.add_argument("--keep", type=Path, help="write graphprune's quantized models here (kept)")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "quantize_quality.jsonl")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --results and stop")
     args = parser.parse_args()
@@ -199,11 +209,14 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
         models: dict[str, tuple[Path, float]] = {}
         ours_runs = [r for r in args.runs if r not in ("fp32", "ort-static", "ort-dynamic")]
         if ours_runs:
             windows = (args.clip_windows, args.gram_windows)
-            models.update(ours(args.model, ours_runs, args.calib, out_dir, args.ranges_cache, *windows))
+            kept = args.keep or out_dir
+            models.update(ours(args.model, ours_runs, args.calib, kept, args.ranges_cache, *windows))
         for run in args.runs:
             start = time.process_time()
             if run == "fp32":

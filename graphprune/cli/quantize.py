@@ -111,6 +111,16 @@ def quantize(
             "Example: --exclude '*down_proj*'",
         ),
     ] = None,
+    bmm: Annotated[
+        bool,
+        typer.Option(
+            "--bmm/--no-bmm",
+            help="Also quantize the MatMuls of two activations (attention's Q.K^T and probabilities.V, TensorRT's "
+            "BMM1/BMM2): static per-tensor scales on both operands, [0, 1] for softmax probabilities (int8, fp8; "
+            "not with --dynamic). Off by default: no faster on ONNX Runtime's CPU here, and a quality cost "
+            "(BENCHMARKS.md); TensorRT's INT8 BERT engines quantize both.",
+        ),
+    ] = False,
     stats: Annotated[
         Path | None,
         typer.Option(
@@ -157,6 +167,7 @@ def quantize(
         float_above=float_above,
         clip=clip,  # type: ignore[arg-type]  # typer's str; QuantizeConfig checks the Literal
         percentile=percentile,
+        bmm=bmm,
     )
     config.validate()
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
@@ -192,6 +203,15 @@ def _print(report: QuantizeReport, written: Path) -> None:
         smallest = f", the narrowest {min(narrower):.3g} of max |x|" if narrower else ""
         clipped = f"{len(narrower)} of {len(fractions)} activation ranges clipped"
         out.print(f"--clip {report.config.clip}: {clipped}{smallest}", highlight=False)
+    if report.result.matmuls:
+        out.print(f"activation x activation MatMuls quantized: {len(report.result.matmuls)}", highlight=False)
+    moved, gelus = (report.rewrites.get(k, []) for k in ("nan_guards_moved", "gelus_reordered"))
+    if moved or gelus:
+        out.print(
+            f"exact rewrites for ONNX Runtime: {len(moved)} softmax NaN guards moved past their MatMul, "
+            f"{len(gelus)} erf GELUs reordered for its Gelu fusion",
+            highlight=False,
+        )
     for name in report.untied:
         out.print(
             f"head tied to {name}: quantized as its own copy, the embedding table stays float", highlight=False

@@ -25,7 +25,10 @@ class QuantizeConfig:
     so a pruned zero stays exactly zero. ``dynamic`` computes activation scales at run time instead.
     ``smooth`` is SmoothQuant's migration strength alpha (None: no smoothing). ``clip`` chooses each static
     activation scale's range: the calibrated min/max, or a clip of it chosen in the graph by least squared
-    quantization error (``mse``) or at the ``percentile`` of |x| (:mod:`graphprune.quantize.clip`).
+    quantization error (``mse``) or at the ``percentile`` of |x| (:mod:`graphprune.quantize.clip`). ``bmm``
+    also quantizes the MatMuls of two activations (attention's Q·Kᵀ and probabilities·V), both operands per
+    tensor, with static scales only (int8, fp8). ``target`` ``ort`` also moves the exporter's softmax NaN guards
+    past the probabilities·V MatMul (:mod:`graphprune.quantize.guards`), a rewrite that only ONNX Runtime needs.
     """
 
     precision: Precision = "int8"
@@ -39,6 +42,7 @@ class QuantizeConfig:
     float_above: float | None = None  # activations reaching |x| above this (after smoothing) stay float
     clip: Clip = "minmax"
     percentile: float = 99.99  # clip "percentile": the share of |x| (in %) the range must hold
+    bmm: bool = False  # off: measured no faster on ONNX Runtime's CPU, and a quality cost (BENCHMARKS.md)
 
     def validate(self) -> None:
         if self.precision not in MIN_OPSET:

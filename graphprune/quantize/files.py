@@ -25,6 +25,7 @@ from graphprune.quantize.clip import clip_fractions
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.gptq_weights import gptq_codes, gram_statistics
 from graphprune.quantize.opset import require_opset
+from graphprune.quantize.ort_rewrites import rewrite_for_ort
 from graphprune.quantize.passes import QuantizePass, QuantizeResult
 from graphprune.quantize.ranges import ChannelRange, collect_ranges
 from graphprune.quantize.select import Kept, Planned, already_quantized, plan_quantization
@@ -43,6 +44,7 @@ class QuantizeReport:
     opset_raised_from: int | None = None
     warnings: list[str] = field(default_factory=list)
     untied: list[str] = field(default_factory=list)  # tables a Gather reads whose head got its own copy
+    rewrites: dict[str, list[str]] = field(default_factory=dict)  # target ort: exact rewrites, what they changed
 
     def to_dict(self) -> dict:
         return {
@@ -52,6 +54,7 @@ class QuantizeReport:
             "smoothing": [asdict(s) for s in self.smoothing],
             "opset_raised_from": self.opset_raised_from,
             "untied_heads": self.untied,
+            "ort_rewrites": self.rewrites,
             "warnings": self.warnings,
         }
 
@@ -113,7 +116,7 @@ def quantize_model(
             ShapeInferencePass()(model)
         smoothing, scales = smooth(model, plan.targets, ranges, config.smooth)
     targets, kept = _massive_inputs_float(plan, ranges, config)
-    plan = Planned(targets, plan.activations, plan.kept + kept)
+    plan = Planned(targets, plan.activations, plan.kept + kept, plan.matmuls)
     clips: dict[str, float] = {}
     if config.clip != "minmax":
         stage(f"choosing activation clips ({config.clip})")
@@ -125,7 +128,9 @@ def quantize_model(
         stage("GPTQ")
         solved = gptq_codes(model, plan.targets, QuantizePass.grid_of(config), measured.grams, scales)
     stage("quantizing")
-    result = QuantizePass(config=config, targets=plan.targets, ranges=ranges, solved=solved, clips=clips)(model)
+    result = QuantizePass(
+        config=config, targets=plan.targets, ranges=ranges, solved=solved, clips=clips, matmuls=plan.matmuls
+    )(model)
     return QuantizeReport(config, result, plan.kept, smoothing, None, warnings)
 
 
@@ -182,6 +187,7 @@ def quantize_file(
     model = load_model(model_path)
     external = uses_external_data(model)
     untied = untie_head_tables(model) if config.include_head else []
+    rewrites = rewrite_for_ort(model) if config.target == "ort" else {}  # exact: calibration sees the same values
     plan = plan_quantization(model, config)
     if not plan.targets:
         reasons = sorted({k.reason for k in plan.kept})
@@ -190,7 +196,7 @@ def quantize_file(
     raised = require_opset(model, config.opset, f"{config.precision} Q/DQ")
     measured = measure(model, model_path, plan, config, calibration, stats, stage)
     report = quantize_model(model, config, plan, measured, stage, calibration)
-    report.opset_raised_from, report.untied = raised, untied
+    report.opset_raised_from, report.untied, report.rewrites = raised, untied, rewrites
     stage("writing")
     with outputs.transaction() as files:
         files.model(out, model, external_data=True if external else None)

@@ -26,6 +26,7 @@ from graphprune.graph.stored import stored_values
 from graphprune.graph.targets import Target
 from graphprune.graph.weights import read_weight
 from graphprune.passes.base import PassPostconditionError, PassPreconditionError
+from graphprune.quantize.attention import PROBABILITIES, ActivationMatMul
 from graphprune.quantize.clip import clipped_range
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.qdq import CODE_TYPES, Names, dequantize_weight, quantize_activation
@@ -57,13 +58,26 @@ class ActivationRecord:
     clip: float = 1.0  # the scale's range as a fraction of the calibrated max |x| (1: min/max)
 
 
+@dataclass(frozen=True)
+class MatMulRecord:
+    """A MatMul of two activations, both operands through Q → DQ (``low``/``high`` 0/1: a softmax's output)."""
+
+    node: str
+    operands: tuple[ActivationRecord, ActivationRecord]
+
+
 @dataclass
 class QuantizeResult(ir.passes.PassResult):
     weights: list[WeightRecord] = field(default_factory=list)
     activations: list[ActivationRecord] = field(default_factory=list)
+    matmuls: list[MatMulRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"weights": [asdict(w) for w in self.weights], "activations": [asdict(a) for a in self.activations]}
+        return {
+            "weights": [asdict(w) for w in self.weights],
+            "activations": [asdict(a) for a in self.activations],
+            "activation_matmuls": [asdict(m) for m in self.matmuls],
+        }
 
 
 def activation_grid(config: QuantizeConfig, low: float, high: float) -> tuple[float, np.ndarray, str]:
@@ -98,10 +112,12 @@ class QuantizePass(ir.passes.InPlacePass):
         solved: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
         solved_by: str | None = None,
         clips: Mapping[str, float] | None = None,
+        matmuls: Sequence[ActivationMatMul] = (),
     ) -> None:
         super().__init__()
         self.config = config
         self.targets = list(targets)
+        self.matmuls = list(matmuls)
         self.ranges = ranges or {}
         self.solved = solved or {}
         self.solved_by = solved_by or config.method  # the report's method for the solved weights
@@ -109,6 +125,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self._groups_before: dict[str, dict[int, int]] = {}
         self._readers: list[ir.Node] = []  # the MatMul/Gemm/Conv nodes whose weight is quantized
         self._added: list[ir.Node] = []  # the static activation Q/DQ nodes
+        self._bmm_nodes: list[ir.Node] = []  # the activation x activation MatMuls quantized
 
     @staticmethod
     def grid_of(config: QuantizeConfig) -> QuantGrid:
@@ -134,6 +151,15 @@ class QuantizePass(ir.passes.InPlacePass):
                 r = self.ranges.get(name)
                 if r is None or not (np.isfinite(r.lo).all() and np.isfinite(r.hi).all()):
                     raise PassPreconditionError(f"activation {name} has no finite calibrated range")
+        if self.matmuls and (self.config.dynamic or not self.config.quantizes_activations):
+            raise PassPreconditionError("activation x activation MatMuls need static activation scales")
+        for m in self.matmuls:
+            if self._matmul_node(model.graph, m) is None:
+                raise PassPreconditionError(f"no MatMul of {m.inputs[0]} and {m.inputs[1]} in this model")
+            for name, known in zip(m.inputs, m.probabilities, strict=True):
+                r = self.ranges.get(name)
+                if not known and (r is None or not (np.isfinite(r.lo).all() and np.isfinite(r.hi).all())):
+                    raise PassPreconditionError(f"activation {name} has no finite calibrated range")
 
     def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> QuantizeResult:
         # this pass's own result type (onnx-ir types it as a plain PassResult)
@@ -146,7 +172,30 @@ class QuantizePass(ir.passes.InPlacePass):
         stored = stored_values(graph)
         weights = [self._weight(graph, names, order, stored, t) for t in self.targets]
         activations = self._activations(graph, names) if self.config.quantizes_activations else []
-        return QuantizeResult(model, bool(weights), weights, activations)
+        matmuls = [self._matmul(graph, names, m) for m in self.matmuls]
+        return QuantizeResult(model, bool(weights), weights, activations, matmuls)
+
+    @staticmethod
+    def _matmul_node(graph: ir.Graph, m: ActivationMatMul) -> ir.Node | None:
+        """The main-graph MatMul that reads exactly ``m``'s operands (an unnamed node has nothing else)."""
+        for node in graph:
+            if node.op_type == "MatMul" and tuple(str(v.name) if v else "" for v in node.inputs) == m.inputs:
+                return node
+        return None
+
+    def _matmul(self, graph: ir.Graph, names: Names, m: ActivationMatMul) -> MatMulRecord:
+        """Q → DQ on both operands of ``m``, per tensor: the calibrated range, or [0, 1] for probabilities."""
+        node = self._matmul_node(graph, m)
+        assert node is not None  # checked by requires
+        records = []
+        for index, (x, known) in enumerate(zip(list(node.inputs), m.probabilities, strict=True)):
+            assert x is not None
+            low, high = PROBABILITIES if known else self.ranges[str(x.name)].tensor_range()
+            scale, zero, kind = activation_grid(self.config, low, high)
+            self._added += quantize_activation(graph, names, x, [(node, index)], scale, zero, kind)
+            records.append(ActivationRecord(str(x.name), 1, low, high, scale, float(zero.astype(np.float32))))
+        self._bmm_nodes.append(node)
+        return MatMulRecord(m.node, (records[0], records[1]))
 
     def _weight(
         self, graph: ir.Graph, names: Names, order: dict[ir.Node, int], stored: Mapping[str, ir.Value], t: Target
@@ -216,6 +265,10 @@ class QuantizePass(ir.passes.InPlacePass):
                 zero = node.inputs[2].const_value  # type: ignore[union-attr]
                 if zero is None or zero.numpy().astype(np.float32) != 0:
                     raise PassPostconditionError(f"activation {node.inputs[0].name}: a zero point is not 0")  # type: ignore[union-attr]
+        for node in self._bmm_nodes:
+            producers = [x.producer() if x is not None else None for x in node.inputs]
+            if any(p is None or p.op_type != "DequantizeLinear" for p in producers):
+                raise PassPostconditionError(f"MatMul {node.name}: an operand is not read through DQ")
         for t in self.targets:
             weight = graph.initializers[t.name]
             readers = [u.node for u in weight.uses()]

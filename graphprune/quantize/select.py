@@ -10,7 +10,8 @@ lists them, because each one counts against the speed a quantized model reaches.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import onnx_ir as ir
 
@@ -18,6 +19,7 @@ from graphprune.algorithms.pattern import Unstructured
 from graphprune.graph.selection import select_targets
 from graphprune.graph.targets import FLOAT_DTYPES, QUANTIZED_WEIGHT_INPUT, Target, find_targets
 from graphprune.graph.types import value_types
+from graphprune.quantize.attention import ActivationMatMul, find_activation_matmuls
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.ranges import RangeTap
 
@@ -33,11 +35,13 @@ class Kept:
 
 @dataclass(frozen=True)
 class Planned:
-    """The weights to quantize, the activation tensors their consumers read (one tap each), the rest."""
+    """The weights to quantize, the activation tensors their consumers read (one tap each), the rest, and the
+    MatMuls of two activations to quantize (their operands' taps are among ``activations``)."""
 
     targets: list[Target]
     activations: list[RangeTap]
     kept: list[Kept]
+    matmuls: list[ActivationMatMul] = field(default_factory=list)
 
 
 def plan_quantization(model: ir.Model, config: QuantizeConfig) -> Planned:
@@ -61,7 +65,19 @@ def plan_quantization(model: ir.Model, config: QuantizeConfig) -> Planned:
             if axis >= 0:
                 axis = axis - rank if rank is not None else axis
             taps.setdefault(c.activation, RangeTap(c.activation, axis, target.k, rank))
-    return Planned(targets, list(taps.values()), kept)
+    matmuls = _activation_matmuls(model, config)
+    for m in matmuls:
+        for tap in m.taps():
+            taps.setdefault(tap.value, tap)
+    return Planned(targets, list(taps.values()), kept, matmuls)
+
+
+def _activation_matmuls(model: ir.Model, config: QuantizeConfig) -> list[ActivationMatMul]:
+    """Attention's activation x activation MatMuls, when asked for and static scales exist for them."""
+    if not (config.bmm and config.quantizes_activations and not config.dynamic):
+        return []
+    found = find_activation_matmuls(model.graph)
+    return [m for m in found if not any(fnmatchcase(m.node, pattern) for pattern in config.exclude)]
 
 
 def _reworded(reason: str) -> str:

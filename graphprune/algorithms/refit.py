@@ -30,9 +30,12 @@ Choices, on purpose:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from graphprune.algorithms.structured import channels_of_units
 
 SINGULAR = "the damped Gram matrix of the kept channels is singular"
 
@@ -154,3 +157,88 @@ def removal_costs(
         wu = w[:, cols]
         costs[u] = float(np.einsum("ij,ij->", wu, np.linalg.solve(block, wu.T).T))
     return costs
+
+
+def greedy_costs(
+    consumers: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    unit_size: Sequence[int],
+    percdamp: float = 0.01,
+    steps: int | None = None,
+) -> np.ndarray:
+    """Structured OBS one unit at a time (ZipLM's and SlimGPT's greedy walk): scores whose ascending order is the
+    order in which the walk removes units.
+
+    ``consumers``: ``(W (out, K), G, μ)`` of every consumer the units feed (``unit_size[c]`` channels per unit
+    in consumer c). Each step removes the unit whose removal, with the kept weights and bias refitted, adds the
+    least output error *given the units already gone* (summed over the consumers), then applies that unit's OBS
+    update to the weights and the inverse covariance. One-shot costs (:func:`removal_costs`) price every unit
+    against the full set, so two correlated units both look cheap although each stands in for the other; the
+    walk sees that once the first has gone. ``steps`` bounds the walk (default: all but one unit); each removed
+    unit scores the largest step cost so far (a running maximum, so lowest-first selection follows the walk),
+    units never reached score above every removed one, by their costs at the end of the walk.
+    """
+    units = consumers[0][0].shape[1] // unit_size[0]
+    state: list[tuple[np.ndarray, np.ndarray, int]] = []  # per consumer: W and H⁻¹ over the working channels
+    for (weight, gram, mean), size in zip(consumers, unit_size, strict=True):
+        w = np.array(weight, dtype=np.float64)
+        g, mu = np.asarray(gram, np.float64), np.asarray(mean, np.float64)
+        if w.shape[1] != units * size:
+            raise ValueError(f"{w.shape[1]} channels do not split into {units} units of {size}")
+        k = w.shape[1]
+        inverse, _ = _solve_damped(
+            g - np.outer(mu, mu), np.ones(k), percdamp * float(np.mean(np.diag(g))), np.eye(k)
+        )
+        state.append((w, inverse, size))
+    work = np.arange(units)  # the working units' original indices
+    live = np.ones(units, dtype=bool)  # per working unit
+    scores = np.empty(units)
+    level = -np.inf
+    for _ in range(units - 1 if steps is None else min(steps, units - 1)):
+        costs = _walk_costs(state)
+        costs[~live] = np.inf
+        j = int(np.argmin(costs))
+        level = max(np.nextafter(level, np.inf), float(costs[j]))  # strictly increasing along the walk
+        scores[work[j]], live[j] = level, False
+        for w, inverse, size in state:
+            cols = slice(j * size, (j + 1) * size)
+            pivot = np.linalg.pinv(inverse[cols, cols]) if size > 1 else 1.0 / inverse[cols, cols]
+            row = pivot @ inverse[cols, :] if size > 1 else pivot * inverse[cols, :]  # [H⁻¹_UU]⁻¹ H⁻¹_U:
+            w -= w[:, cols] @ row  # the OBS update: the unit's columns become zero, the others compensate
+            inverse -= inverse[:, cols] @ row
+            w[:, cols] = 0.0
+            inverse[cols, :] = 0.0
+            inverse[:, cols] = 0.0
+        if 8 * np.count_nonzero(~live) >= live.size:  # compact: later steps cost what the units left cost
+            keep = np.flatnonzero(live)
+            picks = [channels_of_units(keep, n) for _, _, n in state]
+            state = [(w[:, c], inv[np.ix_(c, c)], n) for (w, inv, n), c in zip(state, picks, strict=True)]
+            work, live = work[keep], np.ones(keep.size, dtype=bool)
+    if live.any():  # never reached: above every removed unit, in the order of their costs at the end
+        rest = _walk_costs(state)
+        scores[work[live]] = np.maximum(rest[live], np.nextafter(level, np.inf))
+    return scores
+
+
+def _walk_costs(state: Sequence[tuple[np.ndarray, np.ndarray, int]]) -> np.ndarray:
+    """Per working unit, the error its removal adds, summed over the consumers."""
+    return np.sum([_unit_costs(w, inverse, size) for w, inverse, size in state], axis=0)
+
+
+def _unit_costs(w: np.ndarray, inverse: np.ndarray, size: int) -> np.ndarray:
+    """``tr(W_U [H⁻¹_UU]⁻¹ W_Uᵀ)`` per unit U of ``size`` channels (removed units: inf or anything; the caller
+    masks them)."""
+    if size == 1:
+        d = np.diag(inverse)
+        safe = np.where(d > 0, d, 1.0)
+        return np.where(d > 0, np.einsum("ij,ij->j", w, w) / safe, np.inf)
+    units = w.shape[1] // size
+    out = np.empty(units)
+    for u in range(units):
+        cols = slice(u * size, (u + 1) * size)
+        block = inverse[cols, cols]
+        if not np.any(block):
+            out[u] = np.inf
+            continue
+        wu = w[:, cols]
+        out[u] = float(np.einsum("ij,ij->", wu, np.linalg.solve(block, wu.T).T))
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -79,3 +81,25 @@ def test_bad_bounds_are_refused() -> None:
         ShrinkConfig(ratio=0.25, ratio_min=0.5, ratio_max=0.4).validate()
     with pytest.raises(GraphpruneError, match="allocation"):
         ShrinkConfig(ratio=0.25, allocate="everywhere").validate()
+
+
+def test_allocate_by_shares_the_budget_by_one_score_and_chooses_units_by_the_method() -> None:
+    rng = np.random.default_rng(5604)  # this function's own data, whatever ran before
+    model, _, _ = residual_stack(hidden=16, small=1)
+    calib = CalibrationRequest(data={"x": draw(rng, 64, 8, scale=1.0)}, batch_size=16)
+
+    def shrunk(config: ShrinkConfig) -> list[list[int]]:
+        return [g.removed for g in shrink_model(ir.from_proto(model), config, calib).groups]
+
+    base = ShrinkConfig(ratio=0.25, allocate="global", ratio_max=0.75, refit=True)
+    by_flap = StructuredMethod.FLAP
+    flap = shrunk(replace(base, method=by_flap))
+    mixed = shrunk(replace(base, method=StructuredMethod.OBS, allocate_by=by_flap))
+    assert [len(r) for r in mixed] == [len(r) for r in flap]  # the shares: flap's
+    names = [g.name for g in shrink_model(ir.from_proto(model), base, calib).groups]
+    # the units: obs's own choice at those counts, as per-group ratios of a uniform obs shrink give them
+    overrides = tuple((n, len(r) / 16) for n, r in zip(names, flap, strict=True))
+    obs = shrunk(replace(base, method=StructuredMethod.OBS, allocate="uniform", overrides=overrides))
+    assert mixed == obs
+    with pytest.raises(GraphpruneError, match="allocate_by"):
+        replace(base, method=StructuredMethod.OBS, allocate_by=StructuredMethod.L2).validate()

@@ -60,8 +60,9 @@ def shrink(
         typer.Option(
             help="Score: l2 (norm of the unit's weights, no data); wanda (Σ |W|·‖X‖ over the unit); flap "
             "(Var(X)·‖W‖², and the removed channels' mean contribution folded into the next layer's bias); obs "
-            "(the output error the least-squares refit leaves without the unit, from the input's covariance: "
-            "flap's score where channels are uncorrelated, lower where the kept channels can stand in). "
+            "(the output error the least-squares refit leaves without the unit, from the input's covariance, "
+            "removed one at a time and each priced after those already gone: flap's score where channels are "
+            "uncorrelated, lower where the kept channels can stand in). "
             "wanda, flap and obs need --calib. Default: flap with --calib, else l2 (which needs no data, but on "
             "language models loses far more than the activation-aware scores). Example: --method flap",
             show_default=False,
@@ -134,6 +135,15 @@ def shrink(
             show_default=False,
         ),
     ] = None,
+    allocate_by: Annotated[
+        StructuredMethod | None,
+        typer.Option(
+            help="With --allocate global, share the budget among the groups by this method's scores while "
+            "--method chooses the units inside each group (e.g. --method obs --allocate-by flap). Default: "
+            "--method's own scores. Example: --allocate-by flap",
+            show_default=False,
+        ),
+    ] = None,
     layer_min: Annotated[
         float,
         typer.Option(help="With --allocate global, the least ratio any group loses. Example: --layer-min 0.1"),
@@ -174,6 +184,7 @@ def shrink(
         damp=refit_damp,
         gram_stride=gram_stride,
         allocate=allocate,
+        allocate_by=allocate_by,
         ratio_min=layer_min,
         ratio_max=layer_max,
     )

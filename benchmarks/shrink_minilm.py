@@ -215,7 +215,8 @@ def main() -> None:
         "model": str(model),
         "ratio": args.ratio,
         "units": "mlp,heads",
-        "calibration": "64 paragraphs, " + ("unpadded" if args.unpadded else "padded to 128"),
+        "calibration": f"{args.calib_paragraphs} paragraphs, "
+        + ("unpadded" if args.unpadded else "padded to 128"),
         "damp": args.damp,
         "batch": list(held["input_ids"].shape),
         "repeats": args.repeats,

@@ -327,3 +327,19 @@ def test_gram_taps_equal_numpy_on_every_nth_row(stride: int) -> None:
     np.testing.assert_allclose(gram, sample.T @ sample, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(sums, sample.sum(axis=0), rtol=1e-4, atol=1e-4)
     assert rows == len(sample) and moments.rows["h"] == 40
+
+
+@pytest.mark.parametrize("block", [4, 5])
+def test_gram_from_blocks_of_the_upper_triangle_equals_numpy(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import graphprune.calibration.moments as moments_module
+
+    rng = np.random.default_rng(5505)  # this function's own data, whatever ran before
+    monkeypatch.setattr(moments_module, "GRAM_BLOCK", block)  # 12 channels: 3 x 3 blocks of 4, 2 x 2 of 6
+    assert len(moments_module.gram_blocks(12, 17)) == (6 if block == 4 else 3)
+    net = llama_mlp(hidden=12)
+    calib = {"x": rng.standard_normal((4, 10, 8)).astype(np.float32)}
+    tap = moments_module.ChannelTap("h", -1, 12, gram=True)
+    moments = moments_module.collect_moments(ir.from_proto(net.model), [tap], [], CalibrationRequest(data=calib))
+    x = calib["x"].astype(np.float64)
+    h = (silu(x @ net.weights["gate"]) * (x @ net.weights["up"])).reshape(-1, 12)
+    np.testing.assert_allclose(moments.grams["h"], h.T @ h, rtol=1e-4, atol=1e-4)

@@ -4,7 +4,8 @@
 Without ``+refit`` the consumers get only what the method itself does (flap's bias fold); without ``+global`` every
 group loses the same ratio (uniform); ``+gram4`` measures the Gram matrices on every 4th row; ``+byflap`` shares
 the global budget by flap's scores while METHOD chooses the units inside each group; ``+damp0.1`` sets the refit's
-damping, ``+min0.1``/``+max0.5`` global allocation's least and most per group.
+damping, ``+min0.1``/``+max0.5`` global allocation's least and most per group; ``+error`` allocates globally on the
+raw scores (not standardised).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) 
     valued = {"gram": ("gram_stride", int), "by": ("allocate_by", StructuredMethod), "damp": ("damp", float),
               "min": ("ratio_min", float), "max": ("ratio_max", float)}  # fmt: skip
     for flag in flags:
-        if flag in ("refit", "global"):
+        if flag in ("refit", "global", "error"):
             continue
         prefix = next((p for p in valued if flag.startswith(p) and len(flag) > len(p)), None)
         if prefix is None:
@@ -31,6 +32,6 @@ def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) 
         units=units,
         method=StructuredMethod(method),
         refit="refit" in flags,
-        allocate="global" if "global" in flags else "uniform",
+        allocate="global" if "global" in flags else "error" if "error" in flags else "uniform",
         **options,  # type: ignore[arg-type]
     )

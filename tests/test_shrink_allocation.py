@@ -103,3 +103,19 @@ def test_allocate_by_shares_the_budget_by_one_score_and_chooses_units_by_the_met
     assert mixed == obs
     with pytest.raises(GraphpruneError, match="allocate_by"):
         replace(base, method=StructuredMethod.OBS, allocate_by=StructuredMethod.L2).validate()
+
+
+def test_unstandardised_allocation_takes_the_lowest_raw_scores_of_all_groups() -> None:
+    rng = np.random.default_rng(5605)  # this function's own data, whatever ran before
+    widths = [40, 40, 40]
+    scores = _scores(rng, widths)  # group i on the scale 10**i: raw, the first group's units go first
+    counts = allocate(scores, widths, [1.0] * 3, budget=36.0, standardised=False)
+    owner = np.repeat(np.arange(3), widths)
+    chosen = owner[np.argsort(np.concatenate(scores), kind="stable")[:36]]
+    assert counts == np.bincount(chosen, minlength=3).tolist()
+    assert counts != allocate(scores, widths, [1.0] * 3, budget=36.0)  # standardised shares differ
+    model, _, _ = residual_stack(hidden=16, small=1)
+    calib = CalibrationRequest(data={"x": draw(rng, 64, 8, scale=1.0)}, batch_size=16)
+    config = ShrinkConfig(ratio=0.25, method=StructuredMethod.OBS, allocate="error", ratio_max=0.75)
+    report = shrink_model(ir.from_proto(model), config, calib)
+    assert sum(len(g.removed) for g in report.groups) == 12 and report.config.allocate == "error"

@@ -130,8 +130,9 @@ def shrink(
         typer.Option(
             help="How --ratio is shared among the groups of one kind: uniform (the same ratio everywhere) or "
             "global (FLAP's adaptive structure: scores standardised per group, one threshold over all groups of "
-            "the kind, the parameters removed equal to the uniform case). Default: global with --calib, else "
-            "uniform. Example: --allocate uniform",
+            "the kind, the parameters removed equal to the uniform case) or error (the same on the raw scores, "
+            "not standardised: with --method obs each unit's output error, on the scale shared by consumers that "
+            "write one residual stream). Default: global with --calib, else uniform. Example: --allocate uniform",
             show_default=False,
         ),
     ] = None,

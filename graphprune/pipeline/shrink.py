@@ -34,7 +34,7 @@ from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass, parameter_count
 
 UNIT_KINDS = ("mlp", "heads", "channels")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "error")  # error: global on raw scores, not standardised
 
 ChannelSums = tuple[np.ndarray, np.ndarray, int]  # a consumer input's Σx, Σx² and rows
 
@@ -333,7 +333,7 @@ class _Rounds:
     ) -> list[np.ndarray]:
         """The scores global allocation shares the budget by: ``scores`` unless ``allocate_by`` names another."""
         by = self.config.allocate_by
-        if self.config.allocate != "global" or by is None or by is self.config.method:
+        if self.config.allocate == "uniform" or by is None or by is self.config.method:
             return scores
         return [_scores(self.groups[i], by, moments, self.config.damp, self._most(i)) for i in indices]
 
@@ -342,7 +342,7 @@ class _Rounds:
         allocation, else up to the group's own ratio."""
         g, record, config = self.groups[i], self.records[i], self.config
         pooled = not any(fnmatch.fnmatchcase(g.name, p) for p, _ in config.overrides)
-        ratio = config.ratio_max if config.allocate == "global" and pooled else config.ratio_for(g.name)
+        ratio = config.ratio_max if config.allocate != "uniform" and pooled else config.ratio_for(g.name)
         return st.removal_count(record.units_before, ratio, config.round_to) - (record.units_before - g.width)
 
     def remove(
@@ -378,7 +378,7 @@ def _one_by_one(rounds: _Rounds, stage: Progress) -> None:
     Global allocation needs every group's scores at once: it allocates once on the dense model's."""
     groups, records, config = rounds.groups, rounds.records, rounds.config
     counts = None
-    if config.allocate == "global":
+    if config.allocate != "uniform":
         stage("allocating: calibrating every group")
         everything = list(range(len(groups)))
         moments = rounds.measure(everything)
@@ -413,7 +413,7 @@ def _round_counts(
     for g, record in zip(groups, records, strict=True):
         target = st.removal_count(record.units_before, config.ratio_for(g.name) * fraction, config.round_to)
         counts.append(target - (record.units_before - g.width))
-    if config.allocate != "global":
+    if config.allocate == "uniform":
         return counts
     pooled = [
         i for i, g in enumerate(groups) if not any(fnmatch.fnmatchcase(g.name, p) for p, _ in config.overrides)
@@ -431,6 +431,7 @@ def _round_counts(
             floor=config.ratio_min * fraction,
             cap=config.ratio_max,
             multiple=config.round_to,
+            standardised=config.allocate == "global",
         )
         for i, share in zip(members, shares, strict=True):
             counts[i] = share

@@ -132,7 +132,8 @@ def shrink(
             "global (FLAP's adaptive structure: scores standardised per group, one threshold over all groups of "
             "the kind, the parameters removed equal to the uniform case) or error (the same on the raw scores, "
             "not standardised: with --method obs each unit's output error, on the scale shared by consumers that "
-            "write one residual stream). Default: global with --calib, else uniform. Example: --allocate uniform",
+            "write one residual stream; suits post-LayerNorm encoders, not decoders whose residual stream grows "
+            "with depth). Default: global with --calib, else uniform. Example: --allocate uniform",
             show_default=False,
         ),
     ] = None,

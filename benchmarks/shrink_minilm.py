@@ -82,6 +82,33 @@ def ablation(
     return table
 
 
+def timings(model: Path, calib: dict, args: argparse.Namespace) -> None:
+    """``shrink_file`` with each variant in turn, ``--time-rounds`` rounds in this process (every variant sees
+    the same load): CPU seconds of each call, and each variant's median over the first variant's."""
+    cpu: dict[str, list[float]] = {name: [] for name in args.variants}
+    with tempfile.TemporaryDirectory(prefix="graphprune-shrink-time-") as tmp:
+        for _ in range(args.time_rounds):
+            for name in args.variants:
+                config = variant(name, args.ratio, ("mlp", "heads"), damp=args.damp)
+                request = CalibrationRequest(data=calib, batch_size=16)
+                t = time.process_time()
+                shrink_file(model, config, Path(tmp) / "m.onnx", force=True, calibration=request)
+                cpu[name].append(round(time.process_time() - t, 2))
+                print(name, cpu[name][-1], flush=True)
+    base = statistics.median(cpu[args.variants[0]])
+    result = {
+        "model": str(model),
+        "calibration": f"{len(calib['input_ids'])} paragraphs, padded to 128",
+        "rounds": args.time_rounds,
+        "cpu_s": cpu,
+        "median_over_first": {n: round(statistics.median(v) / base, 3) for n, v in cpu.items()},
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+    print(json.dumps(result, indent=1))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
@@ -99,6 +126,13 @@ def main() -> None:
     parser.add_argument(
         "--ablation", action="store_true", help="instead: mean cosine per method (l2, wanda, flap) and unit kind"
     )
+    parser.add_argument(
+        "--time-rounds",
+        type=int,
+        default=0,
+        help="instead: shrink with every variant in turn, this many rounds in this process; CPU seconds each",
+    )
+    parser.add_argument("--calib-paragraphs", type=int, default=64, help="calibration paragraphs (default 64)")
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -106,10 +140,14 @@ def main() -> None:
     tokenizer = demo.all_minilm_l6() / "tokenizer.json"
     calibration, heldout = demo.brown_split()
 
-    def paragraphs(text: str) -> list[str]:
-        return [p for p in text.split("\n\n") if len(p) > 80][:64]
+    def paragraphs(text: str, count: int = 64) -> list[str]:
+        return [p for p in text.split("\n\n") if len(p) > 80][:count]
 
-    calib, held = feeds(tokenizer, paragraphs(calibration)), feeds(tokenizer, paragraphs(heldout))
+    calib = feeds(tokenizer, paragraphs(calibration, args.calib_paragraphs))
+    held = feeds(tokenizer, paragraphs(heldout))
+    if args.time_rounds:
+        timings(model, calib, args)
+        return
     if args.ablation:
         (dense,) = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run([args.output], held)
         dense = dense / np.linalg.norm(dense, axis=-1, keepdims=True)
@@ -177,7 +215,8 @@ def main() -> None:
         "model": str(model),
         "ratio": args.ratio,
         "units": "mlp,heads",
-        "calibration": "64 paragraphs, " + ("unpadded" if args.unpadded else "padded to 128"),
+        "calibration": f"{args.calib_paragraphs} paragraphs, "
+        + ("unpadded" if args.unpadded else "padded to 128"),
         "damp": args.damp,
         "batch": list(held["input_ids"].shape),
         "repeats": args.repeats,

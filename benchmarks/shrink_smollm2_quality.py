@@ -44,6 +44,7 @@ from graphprune.evaluate.perplexity import perplexity
 from graphprune.graph.blocks import find_blocks
 from graphprune.graph.groups import find_groups
 from graphprune.graph.model_io import load_model, save_model
+from graphprune.graph.prepare import prepare_graph
 from graphprune.pipeline.shrink import Measure, ShrinkConfig, channel_taps, shrink_model
 
 REFERENCE = Path("/work/shared/reference")
@@ -57,6 +58,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["l2", "wanda", "flap"], help="plain one-round runs")
     parser.add_argument("--variants", nargs="*", default=["flap+refit", "flap+refit+global", "flap+global"])
     parser.add_argument("--damp", type=float, default=0.01, help="the refit's and obs's damping")
+    parser.add_argument(
+        "--units", nargs="*", default=["mlp"], help="unit kinds the variants remove (mlp, heads); the moments too"
+    )
     parser.add_argument("--time-windows", type=int, default=0, help="time shrink with/without refit on N windows")
     parser.add_argument("--steps", type=int, default=0, help="also run --step-methods in this many rounds")
     parser.add_argument("--step-methods", nargs="*", default=["flap+refit"], help="variants run in --steps rounds")
@@ -81,12 +85,15 @@ def main() -> None:
         print(f"dense moments from {args.moments}", flush=True)
     else:
         dense = load_model(args.model)
-        taps = channel_taps(find_groups(dense, ("mlp",)).groups, gram=True)
+        prepare_graph(dense, heads="heads" in args.units)  # as shrink prepares its copy: the same tap names
+        taps = channel_taps(find_groups(dense, tuple(args.units)).groups, gram=True)
         pairs = [(b.input.name, b.output.name) for b in find_blocks(dense)]
         t0 = time.perf_counter()
         moments = collect_moments(dense, taps, pairs, calibration)  # type: ignore[arg-type]
         calib_seconds = round(time.perf_counter() - t0, 1)
-        print(f"calibrated {len(taps)} MLP inputs and {len(pairs)} blocks in {calib_seconds:.0f} s", flush=True)
+        print(
+            f"calibrated {len(taps)} consumer inputs and {len(pairs)} blocks in {calib_seconds:.0f} s", flush=True
+        )
         del dense
         if args.moments is not None:
             save_moments(moments, args.moments)
@@ -107,21 +114,26 @@ def main() -> None:
         return measure
 
     results: list[dict] = previous.get("results", [])
-    runs: list[tuple[ShrinkConfig, bool | None]] = []  # True: the cached moments; None: calibrate afresh
+    units = tuple(args.units)
+    # (variant name, configuration, True: the cached moments / False: cached, then calibrated / None: afresh)
+    runs: list[tuple[str, ShrinkConfig, bool | None]] = []
     for ratio in args.ratios:
-        runs += [(mlp_variant(v, ratio, args.damp), True) for v in args.variants]
+        runs += [(v, variant(v, ratio, units, damp=args.damp), True) for v in args.variants]
         for m in args.methods:
-            runs.append((mlp_variant(m, ratio, args.damp), True))
+            runs.append((m, variant(m, ratio, units, damp=args.damp), True))
         if args.steps > 1:
-            stepped = [replace(mlp_variant(v, ratio, args.damp), steps=args.steps) for v in args.step_methods]
-            runs += [(config, False) for config in stepped]
+            stepped = [(v, replace(variant(v, ratio, units, damp=args.damp), steps=args.steps)) for v in
+                       args.step_methods]  # fmt: skip
+            runs += [(v, config, False) for v, config in stepped]
         if ratio == args.ratios[0]:  # the blocks right after the first ratio: most wanted first
-            runs += [(ShrinkConfig(blocks=n), True) for n in args.blocks]
-    runs += [(ShrinkConfig(ratio=r, units=("heads",), method=StructuredMethod.FLAP), None) for r in args.heads]
+            runs += [("blocks", ShrinkConfig(blocks=n), True) for n in args.blocks]
+    runs += [
+        ("flap", ShrinkConfig(ratio=r, units=("heads",), method=StructuredMethod.FLAP), None) for r in args.heads
+    ]
     reference = json.loads((REFERENCE / "smollm2_brown_reference.json").read_text())
     dense_ppl = next(r["brown_heldout_ppl"] for r in reference["results"] if r["method"] == "dense")
     with tempfile.TemporaryDirectory(prefix="graphprune-shrink-quality-") as tmp:
-        for config, use_cache in runs:
+        for name, config, use_cache in runs:
             model = load_model(args.model)  # a fresh dense copy
             t = time.perf_counter()
             t_cpu = time.process_time()
@@ -132,7 +144,8 @@ def main() -> None:
             save_model(model, path)
             ppl = perplexity(path, windows)
             row = {
-                "units": "blocks" if config.blocks else config.units[0],
+                "units": "blocks" if config.blocks else ",".join(config.units),
+                "variant": name,
                 "method": "block influence" if config.blocks else config.method.value,
                 "ratio": config.ratio,
                 "blocks": config.blocks,
@@ -175,7 +188,7 @@ def time_refit(model_path: Path, windows: int, out: Path, rounds: int = 2) -> No
         for name in times:
             model = load_model(model_path)
             t, t_cpu = time.perf_counter(), time.process_time()
-            shrink_model(model, mlp_variant(name, 0.25), request)
+            shrink_model(model, variant(name, 0.25, ("mlp",)), request)
             times[name].append((time.perf_counter() - t, time.process_time() - t_cpu))
             print(name, times[name][-1], flush=True)
             del model
@@ -191,13 +204,9 @@ def time_refit(model_path: Path, windows: int, out: Path, rounds: int = 2) -> No
     out.write_text(json.dumps(row, indent=1) + "\n")
 
 
-def mlp_variant(text: str, ratio: float, damp: float = 0.01) -> ShrinkConfig:
-    return variant(text, ratio, ("mlp",), damp=damp)
-
-
 def _key(row: dict) -> tuple:
     # "units": mlp, heads, blocks; rows from before the refit and the allocation existed were uniform, no refit
-    extra = row.get("refit", False), row.get("allocate", "uniform"), row.get("damp", 0.01)
+    extra = row.get("refit", False), row.get("allocate", "uniform"), row.get("damp", 0.01), row.get("variant")
     return row["units"], row["method"], row["ratio"], row["blocks"], row["steps"], *extra
 
 

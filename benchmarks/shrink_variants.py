@@ -1,7 +1,11 @@
-"""The shrink benchmarks' names for configurations: ``METHOD[+refit][+global][+gramN]`` (``flap+refit+global``).
+"""The shrink benchmarks' names for configurations: ``METHOD[+refit][+global][+gramN][+byMETHOD][+dampX]
+[+minX][+maxX]`` (``flap+refit+global``).
 
 Without ``+refit`` the consumers get only what the method itself does (flap's bias fold); without ``+global`` every
-group loses the same ratio (uniform); ``+gram4`` measures the Gram matrices on every 4th row.
+group loses the same ratio (uniform); ``+gram4`` measures the Gram matrices on every 4th row; ``+byflap`` shares
+the global budget by flap's scores while METHOD chooses the units inside each group; ``+damp0.1`` sets the refit's
+damping, ``+min0.1``/``+max0.5`` global allocation's least and most per group; ``+error`` allocates globally on the
+raw scores (not standardised).
 """
 
 from __future__ import annotations
@@ -13,17 +17,21 @@ from graphprune.pipeline.shrink import ShrinkConfig
 def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) -> ShrinkConfig:
     """The configuration ``text`` names, removing ``ratio`` of the ``units``; ``options`` set other fields."""
     method, *flags = text.split("+")
-    strides = [int(f.removeprefix("gram")) for f in flags if f.startswith("gram") and f[4:].isdigit()]
-    unknown = {f for f in flags if not (f.startswith("gram") and f[4:].isdigit())} - {"refit", "global"}
-    if unknown:
-        raise ValueError(f"unknown variant flag(s) {sorted(unknown)} in {text!r}")
-    if strides:
-        options["gram_stride"] = strides[0]
+    valued = {"gram": ("gram_stride", int), "by": ("allocate_by", StructuredMethod), "damp": ("damp", float),
+              "min": ("ratio_min", float), "max": ("ratio_max", float)}  # fmt: skip
+    for flag in flags:
+        if flag in ("refit", "global", "error"):
+            continue
+        prefix = next((p for p in valued if flag.startswith(p) and len(flag) > len(p)), None)
+        if prefix is None:
+            raise ValueError(f"unknown variant flag {flag!r} in {text!r}")
+        field, kind = valued[prefix]
+        options[field] = kind(flag.removeprefix(prefix))
     return ShrinkConfig(
         ratio=ratio,
         units=units,
         method=StructuredMethod(method),
         refit="refit" in flags,
-        allocate="global" if "global" in flags else "uniform",
+        allocate="global" if "global" in flags else "error" if "error" in flags else "uniform",
         **options,  # type: ignore[arg-type]
     )

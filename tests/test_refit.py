@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphprune.algorithms.refit import output_error, refit, removal_costs
+from graphprune.algorithms.refit import greedy_costs, output_error, refit, removal_costs
 from graphprune.algorithms.structured import StructuredMethod, flap_bias
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
@@ -216,6 +216,44 @@ def test_removal_costs_of_uncorrelated_channels_are_flaps_scores() -> None:
     np.testing.assert_allclose(removal_costs(w, gram, mean, 1, percdamp=0.0), flap, rtol=2e-2)
 
 
+def _refit_error(w: np.ndarray, gram: np.ndarray, mean: np.ndarray, removed: list[int], size: int) -> float:
+    gone = np.concatenate([np.arange(u * size, (u + 1) * size) for u in removed])
+    kept = np.setdiff1d(np.arange(w.shape[1]), gone)
+    solved = refit(w, gram, mean, kept, percdamp=0.0)
+    return output_error(w, gram, mean, kept, solved.weight, solved.bias_delta)
+
+
+@pytest.mark.parametrize("unit_size", [1, 3])
+def test_greedy_walk_removes_units_in_the_order_of_an_exhaustive_greedy_refit(unit_size: int) -> None:
+    x, w, _ = _data(11, k=24)
+    gram, mean = _moments(x)
+    order = np.argsort(greedy_costs([(w, gram, mean)], [unit_size], percdamp=0.0))
+    gone: list[int] = []
+    for _ in range(24 // unit_size - 1):  # each step: the unit whose exact refit (numpy, every subset) costs least
+        left = [u for u in range(24 // unit_size) if u not in gone]
+        gone.append(min(left, key=lambda u: _refit_error(w, gram, mean, [*gone, u], unit_size)))
+    assert order[: len(gone)].tolist() == gone
+
+
+def test_greedy_walk_sums_the_consumers_and_stops_after_its_steps() -> None:
+    x, w, _ = _data(12, k=12)
+    gram, mean = _moments(x)
+    w2 = np.random.default_rng(3).normal(size=(7, 24))  # a second consumer reading the same units, 2 channels each
+    x2 = np.repeat(x, 2, axis=1) + 0.1 * np.random.default_rng(4).normal(size=(len(x), 24))
+    gram2, mean2 = _moments(x2)
+    scores = greedy_costs([(w, gram, mean), (w2, gram2, mean2)], [1, 2], percdamp=0.0, steps=4)
+    first = min(
+        range(12), key=lambda u: _refit_error(w, gram, mean, [u], 1) + _refit_error(w2, gram2, mean2, [u], 2)
+    )
+    assert int(np.argmin(scores)) == first
+    order = np.argsort(scores)
+    assert np.all(np.diff(scores[order]) > 0)  # strictly increasing: lowest-first selection follows the walk
+    both = _refit_error(w, gram, mean, order[:4].tolist(), 1) + _refit_error(
+        w2, gram2, mean2, order[:4].tolist(), 2
+    )
+    assert scores[order[3]] <= both + 1e-9  # a step's cost is the increase of the joint error, at most the total
+
+
 def test_obs_removes_a_duplicated_neuron_and_the_refit_restores_the_output_exactly() -> None:
     rng = np.random.default_rng(5502)  # this function's own data, whatever ran before
     net = llama_mlp(hidden=12)
@@ -289,3 +327,19 @@ def test_gram_taps_equal_numpy_on_every_nth_row(stride: int) -> None:
     np.testing.assert_allclose(gram, sample.T @ sample, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(sums, sample.sum(axis=0), rtol=1e-4, atol=1e-4)
     assert rows == len(sample) and moments.rows["h"] == 40
+
+
+@pytest.mark.parametrize("block", [4, 5])
+def test_gram_from_blocks_of_the_upper_triangle_equals_numpy(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import graphprune.calibration.moments as moments_module
+
+    rng = np.random.default_rng(5505)  # this function's own data, whatever ran before
+    monkeypatch.setattr(moments_module, "GRAM_BLOCK", block)  # 12 channels: 3 x 3 blocks of 4, 2 x 2 of 6
+    assert len(moments_module.gram_blocks(12, 17)) == (6 if block == 4 else 3)
+    net = llama_mlp(hidden=12)
+    calib = {"x": rng.standard_normal((4, 10, 8)).astype(np.float32)}
+    tap = moments_module.ChannelTap("h", -1, 12, gram=True)
+    moments = moments_module.collect_moments(ir.from_proto(net.model), [tap], [], CalibrationRequest(data=calib))
+    x = calib["x"].astype(np.float64)
+    h = (silu(x @ net.weights["gate"]) * (x @ net.weights["up"])).reshape(-1, 12)
+    np.testing.assert_allclose(moments.grams["h"], h.T @ h, rtol=1e-4, atol=1e-4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -79,3 +81,41 @@ def test_bad_bounds_are_refused() -> None:
         ShrinkConfig(ratio=0.25, ratio_min=0.5, ratio_max=0.4).validate()
     with pytest.raises(GraphpruneError, match="allocation"):
         ShrinkConfig(ratio=0.25, allocate="everywhere").validate()
+
+
+def test_allocate_by_shares_the_budget_by_one_score_and_chooses_units_by_the_method() -> None:
+    rng = np.random.default_rng(5604)  # this function's own data, whatever ran before
+    model, _, _ = residual_stack(hidden=16, small=1)
+    calib = CalibrationRequest(data={"x": draw(rng, 64, 8, scale=1.0)}, batch_size=16)
+
+    def shrunk(config: ShrinkConfig) -> list[list[int]]:
+        return [g.removed for g in shrink_model(ir.from_proto(model), config, calib).groups]
+
+    base = ShrinkConfig(ratio=0.25, allocate="global", ratio_max=0.75, refit=True)
+    by_flap = StructuredMethod.FLAP
+    flap = shrunk(replace(base, method=by_flap))
+    mixed = shrunk(replace(base, method=StructuredMethod.OBS, allocate_by=by_flap))
+    assert [len(r) for r in mixed] == [len(r) for r in flap]  # the shares: flap's
+    names = [g.name for g in shrink_model(ir.from_proto(model), base, calib).groups]
+    # the units: obs's own choice at those counts, as per-group ratios of a uniform obs shrink give them
+    overrides = tuple((n, len(r) / 16) for n, r in zip(names, flap, strict=True))
+    obs = shrunk(replace(base, method=StructuredMethod.OBS, allocate="uniform", overrides=overrides))
+    assert mixed == obs
+    with pytest.raises(GraphpruneError, match="allocate_by"):
+        replace(base, method=StructuredMethod.OBS, allocate_by=StructuredMethod.L2).validate()
+
+
+def test_unstandardised_allocation_takes_the_lowest_raw_scores_of_all_groups() -> None:
+    rng = np.random.default_rng(5605)  # this function's own data, whatever ran before
+    widths = [40, 40, 40]
+    scores = _scores(rng, widths)  # group i on the scale 10**i: raw, the first group's units go first
+    counts = allocate(scores, widths, [1.0] * 3, budget=36.0, standardised=False)
+    owner = np.repeat(np.arange(3), widths)
+    chosen = owner[np.argsort(np.concatenate(scores), kind="stable")[:36]]
+    assert counts == np.bincount(chosen, minlength=3).tolist()
+    assert counts != allocate(scores, widths, [1.0] * 3, budget=36.0)  # standardised shares differ
+    model, _, _ = residual_stack(hidden=16, small=1)
+    calib = CalibrationRequest(data={"x": draw(rng, 64, 8, scale=1.0)}, batch_size=16)
+    config = ShrinkConfig(ratio=0.25, method=StructuredMethod.OBS, allocate="error", ratio_max=0.75)
+    report = shrink_model(ir.from_proto(model), config, calib)
+    assert sum(len(g.removed) for g in report.groups) == 12 and report.config.allocate == "error"

@@ -102,6 +102,11 @@ def test_the_default_score_is_flap_with_data_and_l2_without(
         (["--ratio", "0.2", "--method", "wanda"], "need calibration data"),
         (["--ratio", "0.2", "--ratio-for", "oops"], "invalid --ratio-for"),
         (["--ratio", "0.2", "--ratio-for", "mlp*=1.0"], "invalid --ratio-for"),
+        (
+            ["--ratio", "0.2", "--method", "obs", "--allocate-by", "l2"],
+            "--allocate-by l2 with a calibrated --method",
+        ),
+        (["--ratio", "0.2", "--allocate", "everywhere"], "choose from uniform, global, error"),
     ],
 )
 def test_bad_options_are_one_line_errors(bert, tmp_path: Path, options: list[str], needle: str) -> None:  # type: ignore[no-untyped-def]

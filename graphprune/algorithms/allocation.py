@@ -47,15 +47,17 @@ def allocate(
     floor: float = 0.0,
     cap: float = 1.0,
     multiple: int = 1,
+    standardised: bool = True,
 ) -> list[int]:
     """Units each group loses now, its current units scored by ``scores`` (standardised inside).
 
     ``original``: each group's width before any removal (its current width is ``len(scores[g])``, the rest went
     in earlier rounds); ``cost``: parameters per unit; ``budget``: parameters removed in all, earlier rounds
     included, once this call's removals are done. ``floor`` and ``cap`` bound each group's removed fraction of
-    its original width.
+    its original width. ``standardised=False`` compares the raw scores across groups (when they are on one scale,
+    as the output errors of consumers that write the same residual stream are).
     """
-    z = [np.sort(standardize(s)) for s in scores]
+    z = [np.sort(standardize(s) if standardised else np.asarray(s, dtype=np.float64)) for s in scores]
     gone = [o - len(s) for o, s in zip(original, scores, strict=True)]
     total = list(gone)  # units removed so far, per group, counted on the original width
     spent = float(sum(g * c for g, c in zip(gone, cost, strict=True)))

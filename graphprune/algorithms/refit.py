@@ -30,9 +30,12 @@ Choices, on purpose:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from graphprune.algorithms.structured import channels_of_units
 
 SINGULAR = "the damped Gram matrix of the kept channels is singular"
 
@@ -154,3 +157,140 @@ def removal_costs(
         wu = w[:, cols]
         costs[u] = float(np.einsum("ij,ij->", wu, np.linalg.solve(block, wu.T).T))
     return costs
+
+
+def greedy_costs(
+    consumers: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    unit_size: Sequence[int],
+    percdamp: float = 0.01,
+    steps: int | None = None,
+) -> np.ndarray:
+    """Structured OBS one unit at a time (ZipLM's and SlimGPT's greedy walk): scores whose ascending order is the
+    order in which the walk removes units.
+
+    ``consumers``: ``(W (out, K), G, μ)`` of every consumer the units feed (``unit_size[c]`` channels per unit
+    in consumer c). Each step removes the unit whose removal, with the kept weights and bias refitted, adds the
+    least output error *given the units already gone* (summed over the consumers), then applies that unit's OBS
+    update to the weights and the inverse covariance. One-shot costs (:func:`removal_costs`) price every unit
+    against the full set, so two correlated units both look cheap although each stands in for the other; the
+    walk sees that once the first has gone. ``steps`` bounds the walk (default: all but one unit); each removed
+    unit scores the largest step cost so far (a running maximum, so lowest-first selection follows the walk),
+    units never reached score above every removed one, by their costs at the end of the walk.
+    """
+    units = consumers[0][0].shape[1] // unit_size[0]
+    state = [
+        _Walker(w, g, mu, size, units, percdamp) for (w, g, mu), size in zip(consumers, unit_size, strict=True)
+    ]
+    work = np.arange(units)  # the working units' original indices
+    live = np.ones(units, dtype=bool)  # per working unit
+    scores = np.empty(units)
+    level = -np.inf
+    for _ in range(units - 1 if steps is None else min(steps, units - 1)):
+        costs = np.sum([c.costs() for c in state], axis=0)
+        costs[~live] = np.inf
+        j = int(np.argmin(costs))
+        level = max(np.nextafter(level, np.inf), float(costs[j]))  # strictly increasing along the walk
+        scores[work[j]], live[j] = level, False
+        for c in state:
+            c.remove(j)
+        if 8 * np.count_nonzero(~live) >= live.size:  # compact: later steps cost what the units left cost
+            keep = np.flatnonzero(live)
+            for c in state:
+                c.keep(keep)
+            work, live = work[keep], np.ones(keep.size, dtype=bool)
+    if live.any():  # never reached: above every removed unit, in the order of their costs at the end
+        rest = np.sum([c.costs() for c in state], axis=0)
+        scores[work[live]] = np.maximum(rest[live], np.nextafter(level, np.inf))
+    return scores
+
+
+class _Walker:
+    """One consumer's weights ``W`` and damped inverse covariance ``H⁻¹`` over the working channels, as the walk
+    removes units from them.
+
+    Removing unit U is the OBS update ``W -= W_:U R``, ``H⁻¹ -= H⁻¹_:U R`` with ``R = [H⁻¹_UU]⁻¹ H⁻¹_U:``. For
+    single channels (MLP neurons, filters) the updates are kept as factors and applied in blocks (as GPTQ's lazy
+    batches): a step needs only column j of ``W``, row j of ``H⁻¹``, ``diag H⁻¹`` and the columns' squared norms,
+    each brought up to date in O(K x pending) instead of rewriting the K x K inverse at every step.
+    """
+
+    BLOCK = 32  # pending single-channel updates before they are applied
+
+    def __init__(self, weight: np.ndarray, gram: np.ndarray, mean: np.ndarray, size: int, units: int, damp: float):
+        self.w = np.array(weight, dtype=np.float64)
+        g, mu = np.asarray(gram, np.float64), np.asarray(mean, np.float64)
+        if self.w.shape[1] != units * size:
+            raise ValueError(f"{self.w.shape[1]} channels do not split into {units} units of {size}")
+        k = self.w.shape[1]
+        self.h, _ = _solve_damped(g - np.outer(mu, mu), np.ones(k), damp * float(np.mean(np.diag(g))), np.eye(k))
+        self.size = size
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (W_:j, H⁻¹_j:, R) per removal
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.diag, self.norms = np.diag(self.h).copy(), np.einsum("ij,ij->j", self.w, self.w)
+
+    def costs(self) -> np.ndarray:
+        """``tr(W_U [H⁻¹_UU]⁻¹ W_Uᵀ)`` per working unit (inf where the unit is gone)."""
+        if self.size > 1:
+            return _unit_costs(self.w, self.h, self.size)
+        gone = self.diag <= 0
+        return np.where(gone, np.inf, self.norms / np.where(gone, 1.0, self.diag))
+
+    def remove(self, j: int) -> None:
+        if self.size > 1:
+            cols = slice(j * self.size, (j + 1) * self.size)
+            row = np.linalg.pinv(self.h[cols, cols]) @ self.h[cols, :]
+            self.w -= self.w[:, cols] @ row  # the unit's columns become zero, the others compensate
+            self.h -= self.h[:, cols] @ row
+            self.w[:, cols], self.h[cols, :], self.h[:, cols] = 0.0, 0.0, 0.0
+            return
+        a, hrow = self.w[:, j].copy(), self.h[j, :].copy()
+        aw = a @ self.w
+        if self.pending:  # column j of W, row j of H⁻¹ and aᵀW as they are with the pending updates
+            a_cols, h_rows, r_rows = (np.stack(parts) for parts in zip(*self.pending, strict=True))
+            a -= r_rows[:, j] @ a_cols
+            hrow -= h_rows[:, j] @ r_rows
+            aw = a @ self.w - (a_cols @ a) @ r_rows
+        row = hrow / hrow[j]
+        self.norms += row * (row * float(a @ a) - 2.0 * aw)  # ‖W_:i - a r_i‖²
+        self.diag -= hrow * row  # H⁻¹ is symmetric: column j is row j
+        self.norms[j], self.diag[j] = 0.0, 0.0
+        self.pending.append((a, hrow, row))
+        if len(self.pending) >= self.BLOCK:
+            self._apply()
+
+    def _apply(self) -> None:
+        if self.pending:
+            a_cols, h_rows, r_rows = (np.stack(parts) for parts in zip(*self.pending, strict=True))
+            self.w -= a_cols.T @ r_rows
+            self.h -= h_rows.T @ r_rows
+            self.pending = []
+            self._refresh()
+
+    def keep(self, units: np.ndarray) -> None:
+        """Only the given working units stay (the others are gone)."""
+        self._apply()
+        cols = channels_of_units(units, self.size)
+        self.w, self.h = self.w[:, cols], self.h[np.ix_(cols, cols)]
+        self._refresh()
+
+
+def _unit_costs(w: np.ndarray, inverse: np.ndarray, size: int) -> np.ndarray:
+    """``tr(W_U [H⁻¹_UU]⁻¹ W_Uᵀ)`` per unit U of ``size`` channels (removed units: inf or anything; the caller
+    masks them)."""
+    if size == 1:
+        d = np.diag(inverse)
+        safe = np.where(d > 0, d, 1.0)
+        return np.where(d > 0, np.einsum("ij,ij->j", w, w) / safe, np.inf)
+    units = w.shape[1] // size
+    out = np.empty(units)
+    for u in range(units):
+        cols = slice(u * size, (u + 1) * size)
+        block = inverse[cols, cols]
+        if not np.any(block):
+            out[u] = np.inf
+            continue
+        wu = w[:, cols]
+        out[u] = float(np.einsum("ij,ij->", wu, np.linalg.solve(block, wu.T).T))
+    return out

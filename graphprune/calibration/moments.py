@@ -11,6 +11,7 @@ the weights handed to ONNX Runtime without a copy (no single protobuf, so no 2 G
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -105,8 +106,14 @@ def _moment_taps(
                     )
                     fetched("gram_sum", tap.value, b.reduce_sum(sample, [0]), ir.DataType.FLOAT, [tap.width])
                     fetched("gram_size", tap.value, b.node("Size", [sample], "size"), ir.DataType.INT64, [])
-                gram = b.node("MatMul", [b.node("Transpose", [sample], "rows_t", perm=[1, 0]), sample], "gram")
-                fetched("gram", tap.value, gram, ir.DataType.FLOAT, [tap.width, tap.width])
+                transposed = b.node("Transpose", [sample], "rows_t", perm=[1, 0])
+                for (r0, r1), (c0, c1) in gram_blocks(tap.width, b.opset):
+                    left, right = transposed, sample
+                    if (r0, r1) != (0, tap.width):  # one block of the upper triangle: X_Rᵀ X_C
+                        left = b.node("Slice", [transposed, *_range(b, r0, r1, 0)], "rows_t_block")
+                        right = b.node("Slice", [sample, *_range(b, c0, c1, 1)], "rows_block")
+                    gram = b.node("MatMul", [left, right], "gram")
+                    fetched(f"gram:{r0}:{c0}", tap.value, gram, ir.DataType.FLOAT, [r1 - r0, c1 - c0])
         for a, c in pairs:
             b.anchor = values[c]
             xa, xc = float32(values[a]), float32(values[c])
@@ -121,6 +128,25 @@ def _moment_taps(
     finally:
         for node in plan.nodes:  # the model's values forget their tap uses
             node.resize_inputs(0)
+
+
+GRAM_BLOCK = 384  # Gram matrices wider than twice this are computed as blocks of the upper triangle
+
+
+def gram_blocks(width: int, opset: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The ``(rows, columns)`` ranges of the blocks of ``XᵀX`` to compute: the whole matrix, or for a wide one the
+    blocks on and above the diagonal of an n x n tiling (the others are their transposes): n(n+1)/2 of n² blocks,
+    5/8 of the multiply-adds at n = 4."""
+    n = width // GRAM_BLOCK if opset >= 10 else 1
+    if n < 2:
+        return [((0, width), (0, width))]
+    edges = [width * i // n for i in range(n + 1)]
+    spans = list(itertools.pairwise(edges))
+    return [(spans[i], spans[j]) for i in range(n) for j in range(i, n)]
+
+
+def _range(b: TapBuilder, start: int, end: int, axis: int) -> list[ir.Value]:
+    return [b.const([start], "starts"), b.const([end], "ends"), b.const([axis], "axes")]
 
 
 def collect_moments(
@@ -139,6 +165,7 @@ def collect_moments(
         session = Session(tapped_model(model, plan), resolve_providers(request.provider), request.optimize)
     out = Moments(warnings=list(feeds.source.warnings))
     names = [name for _, _, name in fetch]
+    mirrored: set[tuple[str, int, int, int, int]] = set()
     seen = 0
     for label, feed in feeds:
         results = session.run(names, feed, label)
@@ -150,8 +177,13 @@ def collect_moments(
                 out.sums[key] = out.sums.get(key, 0) + array.astype(np.float64)
             elif part == "sumsq":
                 out.sumsq[key] = out.sumsq.get(key, 0) + array.astype(np.float64)
-            elif part == "gram":
-                out.grams[key] = out.grams.get(key, 0) + array.astype(np.float64)
+            elif part.startswith("gram:"):  # a block on or above the diagonal, at its offsets
+                r0, c0 = (int(v) for v in part.split(":")[1:])
+                if key not in out.grams:
+                    out.grams[key] = np.zeros((len(out.sums[key]),) * 2)  # "sum" is fetched before the blocks
+                out.grams[key][r0 : r0 + array.shape[0], c0 : c0 + array.shape[1]] += array
+                if r0 != c0:
+                    mirrored.add((key, r0, r0 + array.shape[0], c0, c0 + array.shape[1]))
             elif part == "gram_sum":
                 out.gram_sums[key] = out.gram_sums.get(key, 0) + array.astype(np.float64)
             elif part == "gram_size":
@@ -165,6 +197,8 @@ def collect_moments(
             on_batch(seen)
     if not seen:
         raise GraphpruneError("the calibration data is empty")
+    for key, r0, r1, c0, c1 in mirrored:  # the blocks below the diagonal are the transposes of those above
+        out.grams[key][c0:c1, r0:r1] = out.grams[key][r0:r1, c0:c1].T
     refuse_non_finite({**out.sums, **out.sumsq})  # NaN scores would choose the channels at random
     flat = {f"{a} and {b}": [np.ravel(x) for batch in t for x in batch] for (a, b), t in out.pair_terms.items()}
     refuse_non_finite({pair: np.concatenate(arrays) for pair, arrays in flat.items()})

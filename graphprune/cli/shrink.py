@@ -60,8 +60,9 @@ def shrink(
         typer.Option(
             help="Score: l2 (norm of the unit's weights, no data); wanda (Σ |W|·‖X‖ over the unit); flap "
             "(Var(X)·‖W‖², and the removed channels' mean contribution folded into the next layer's bias); obs "
-            "(the output error the least-squares refit leaves without the unit, from the input's covariance: "
-            "flap's score where channels are uncorrelated, lower where the kept channels can stand in). "
+            "(the output error the least-squares refit leaves without the unit, from the input's covariance, "
+            "removed one at a time and each priced after those already gone: flap's score where channels are "
+            "uncorrelated, lower where the kept channels can stand in). "
             "wanda, flap and obs need --calib. Default: flap with --calib, else l2 (which needs no data, but on "
             "language models loses far more than the activation-aware scores). Example: --method flap",
             show_default=False,
@@ -129,8 +130,19 @@ def shrink(
         typer.Option(
             help="How --ratio is shared among the groups of one kind: uniform (the same ratio everywhere) or "
             "global (FLAP's adaptive structure: scores standardised per group, one threshold over all groups of "
-            "the kind, the parameters removed equal to the uniform case). Default: global with --calib, else "
-            "uniform. Example: --allocate uniform",
+            "the kind, the parameters removed equal to the uniform case) or error (the same on the raw scores, "
+            "not standardised: with --method obs each unit's output error, on the scale shared by consumers that "
+            "write one residual stream; suits post-LayerNorm encoders, not decoders whose residual stream grows "
+            "with depth). Default: global with --calib, else uniform. Example: --allocate uniform",
+            show_default=False,
+        ),
+    ] = None,
+    allocate_by: Annotated[
+        StructuredMethod | None,
+        typer.Option(
+            help="With --allocate global, share the budget among the groups by this method's scores while "
+            "--method chooses the units inside each group (e.g. --method obs --allocate-by flap). Default: "
+            "--method's own scores. Example: --allocate-by flap",
             show_default=False,
         ),
     ] = None,
@@ -174,6 +186,7 @@ def shrink(
         damp=refit_damp,
         gram_stride=gram_stride,
         allocate=allocate,
+        allocate_by=allocate_by,
         ratio_min=layer_min,
         ratio_max=layer_max,
     )

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from graphprune.algorithms import structured as st
 from graphprune.algorithms.allocation import allocate
-from graphprune.algorithms.refit import moments_from_sums, refit, removal_costs
+from graphprune.algorithms.refit import greedy_costs, moments_from_sums, refit
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.moments import ChannelTap, Moments, collect_moments
 from graphprune.calibration.request import CalibrationRequest
@@ -34,7 +34,7 @@ from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass, parameter_count
 
 UNIT_KINDS = ("mlp", "heads", "channels")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "error")  # error: global on raw scores, not standardised
 
 ChannelSums = tuple[np.ndarray, np.ndarray, int]  # a consumer input's Σx, Σx² and rows
 
@@ -58,6 +58,9 @@ class ShrinkConfig:
     ratio_max: float = 0.8
     sequential: bool = False  # one group at a time in graph order, each measured on the already shrunk prefix
     gram_stride: int = 1  # the refit's Gram matrices from every n-th calibration row: 1/n of their cost
+    # global allocation: the scores that share the budget across groups (None: ``method``'s, which also choose
+    # the units inside each group)
+    allocate_by: StructuredMethod | None = None
 
     def resolved(self, has_data: bool) -> ShrinkConfig:
         """The defaults that depend on whether calibration data is given, made explicit."""
@@ -99,6 +102,8 @@ class ShrinkConfig:
             )
         if self.gram_stride < 1:
             raise GraphpruneError(f"invalid Gram stride {self.gram_stride}: need n >= 1")
+        if self.allocate_by is StructuredMethod.L2 and self.method is not StructuredMethod.L2:
+            raise GraphpruneError("`allocate_by=l2` with a calibrated `method`: allocate by a calibrated score")
         if self.sequential and self.steps > 1:
             raise GraphpruneError("sequential shrinking works one group at a time: it takes no rounds (steps)")
         if not 0.0 <= self.damp < 1e6:
@@ -279,7 +284,8 @@ def _shrink_groups(
             moments = rounds.measure(everything)
             stage(f"round {step} of {config.steps}: removing units")
             scores = rounds.scores(everything, moments)
-            counts = _round_counts(groups, records, scores, config, step / config.steps)
+            shares = rounds.allocation_scores(everything, moments, scores)
+            counts = _round_counts(groups, records, shares, config, step / config.steps)
             rounds.remove(everything, counts, scores, moments)
     for record, g in zip(records, groups, strict=True):
         record.units_after = g.width
@@ -318,7 +324,26 @@ class _Rounds:
         return moments
 
     def scores(self, indices: list[int], moments: Moments | None) -> list[np.ndarray]:
-        return [_scores(self.groups[i], self.config.method, moments, self.config.damp) for i in indices]
+        return [
+            _scores(self.groups[i], self.config.method, moments, self.config.damp, self._most(i)) for i in indices
+        ]
+
+    def allocation_scores(
+        self, indices: list[int], moments: Moments | None, scores: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """The scores global allocation shares the budget by: ``scores`` unless ``allocate_by`` names another."""
+        by = self.config.allocate_by
+        if self.config.allocate == "uniform" or by is None or by is self.config.method:
+            return scores
+        return [_scores(self.groups[i], by, moments, self.config.damp, self._most(i)) for i in indices]
+
+    def _most(self, i: int) -> int:
+        """The most units group ``i`` can lose now (where obs's greedy walk may stop): up to the cap under global
+        allocation, else up to the group's own ratio."""
+        g, record, config = self.groups[i], self.records[i], self.config
+        pooled = not any(fnmatch.fnmatchcase(g.name, p) for p, _ in config.overrides)
+        ratio = config.ratio_max if config.allocate != "uniform" and pooled else config.ratio_for(g.name)
+        return st.removal_count(record.units_before, ratio, config.round_to) - (record.units_before - g.width)
 
     def remove(
         self, indices: list[int], counts: list[int], scores: list[np.ndarray], moments: Moments | None
@@ -353,10 +378,12 @@ def _one_by_one(rounds: _Rounds, stage: Progress) -> None:
     Global allocation needs every group's scores at once: it allocates once on the dense model's."""
     groups, records, config = rounds.groups, rounds.records, rounds.config
     counts = None
-    if config.allocate == "global":
+    if config.allocate != "uniform":
         stage("allocating: calibrating every group")
         everything = list(range(len(groups)))
-        counts = _round_counts(groups, records, rounds.scores(everything, rounds.measure(everything)), config, 1.0)
+        moments = rounds.measure(everything)
+        shares = rounds.allocation_scores(everything, moments, rounds.scores(everything, moments))
+        counts = _round_counts(groups, records, shares, config, 1.0)
     order = _in_graph_order(rounds.model, groups)
     for n, i in enumerate(order, 1):
         stage(f"group {n} of {len(order)}: calibrating on the shrunk prefix")
@@ -386,7 +413,7 @@ def _round_counts(
     for g, record in zip(groups, records, strict=True):
         target = st.removal_count(record.units_before, config.ratio_for(g.name) * fraction, config.round_to)
         counts.append(target - (record.units_before - g.width))
-    if config.allocate != "global":
+    if config.allocate == "uniform":
         return counts
     pooled = [
         i for i, g in enumerate(groups) if not any(fnmatch.fnmatchcase(g.name, p) for p, _ in config.overrides)
@@ -404,6 +431,7 @@ def _round_counts(
             floor=config.ratio_min * fraction,
             cap=config.ratio_max,
             multiple=config.round_to,
+            standardised=config.allocate == "global",
         )
         for i, share in zip(members, shares, strict=True):
             counts[i] = share
@@ -426,7 +454,9 @@ def _consumer_terms(group: Group, moments: Moments) -> Iterator[tuple[int, np.nd
         yield i, weight, (moments.sums[name], moments.sumsq[name], moments.rows[name])
 
 
-def _scores(group: Group, method: StructuredMethod, moments: Moments | None, damp: float) -> np.ndarray:
+def _scores(
+    group: Group, method: StructuredMethod, moments: Moments | None, damp: float, steps: int | None = None
+) -> np.ndarray:
     if method is StructuredMethod.L2:
         tensors = [
             _channel_first(s.value.const_value.numpy(), s.axis, consumer=s.role == "consumer")  # type: ignore[union-attr]  # slots hold stored constants
@@ -442,17 +472,20 @@ def _scores(group: Group, method: StructuredMethod, moments: Moments | None, dam
     variances = [st.channel_moments(*m)[1] for _, _, m in terms]
     if method is StructuredMethod.FLAP:
         return st.flap_scores(weights, variances, group.width)
-    # obs: per consumer the refit's error without each unit; FLAP's (its diagonal case) where there is no Gram
+    # obs: the greedy walk over the consumers the refit solves; FLAP's score (its diagonal case) for the others
     inputs = {node: str(value.name) for node, value, _ in group.consumer_inputs}
+    walked, sizes = [], []
     total = np.zeros(group.width)
     for (i, weight, _), variance in zip(terms, variances, strict=True):
         slot, name = group.slots[i], inputs[group.slots[i].node]
         if refittable(slot) and name in moments.grams:
             gram, mean = moments_from_sums(*moments.gram_terms(name))
-            unit = group.unit_size_of(i)
-            total += removal_costs(weight[:, :, 0].T, gram, mean, unit, damp) * _output_scale(slot.node) ** 2
+            walked.append((weight[:, :, 0].T * _output_scale(slot.node), gram, mean))
+            sizes.append(group.unit_size_of(i))
         else:
             total += st.flap_scores([weight], [variance], group.width)
+    if walked:
+        total += greedy_costs(walked, sizes, damp, steps)
     return total
 
 

@@ -16,9 +16,22 @@ from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
 from tests.mobilenet_models import CIN, HW, C, block_np, mobilenet_block, mobilenet_weights
-from tests.onnx_builders import Net, bert_mlp, gemm_mlp, init, llama_mlp, make_model, residual_stack, run, silu
+from tests.onnx_builders import (
+    Net,
+    bert_mlp,
+    gelu_tanh,
+    gemm_mlp,
+    gemma_mlp,
+    init,
+    llama_mlp,
+    make_model,
+    residual_stack,
+    rms_norm,
+    run,
+    silu,
+)
 
-NETS = {"llama_mlp": llama_mlp, "bert_mlp": bert_mlp, "gemm_mlp": gemm_mlp}
+NETS = {"llama_mlp": llama_mlp, "gemma_mlp": gemma_mlp, "bert_mlp": bert_mlp, "gemm_mlp": gemm_mlp}
 
 
 def _data(seed: int = 0, rows: int = 400, k: int = 12, out: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,7 +136,7 @@ def _zeroed(net: Net, units: list[int]) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama_mlp", "bert_mlp", "gemm_mlp"])
+@pytest.mark.parametrize("kind", sorted(NETS))
 def test_refit_that_removes_zero_channels_changes_nothing(kind: str) -> None:
     net = NETS[kind]()
     consumer = _consumer(net)
@@ -160,6 +173,34 @@ def test_refit_end_to_end_equals_lstsq_on_the_calibration_activations() -> None:
     flap = x + h[:, kept] @ w["down"][kept] + (h[:, removed] @ w["down"][removed]).mean(axis=0)
     dense = x + h @ w["down"]
     assert np.sum((got - dense) ** 2) < 0.9 * np.sum((flap - dense) ** 2)
+
+
+def test_refit_of_a_gemma_block_equals_lstsq_on_down_inputs_under_the_post_norm() -> None:
+    """Gemma 3's family: gated tanh-GELU, RMSNorm with (1 + w) before the MLP and after down. The refit solves for
+    down's output (the post-norm's input), so the block equals numpy's lstsq there, pushed through the norm."""
+    rng = np.random.default_rng(5501)  # this function's own data, whatever ran before
+    net = gemma_mlp(hidden=16)
+    calib = {"x": rng.standard_normal((8, 16, 8)).astype(np.float32)}
+    m = ir.from_proto(net.model)
+    config = ShrinkConfig(ratio=0.25, method=StructuredMethod.FLAP, refit=True, damp=0.0)
+    report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=4))
+    (record,) = report.groups
+    assert record.refitted == 1 and len(record.removed) == 4
+    kept = np.setdiff1d(np.arange(16), record.removed)
+    x = calib["x"].reshape(-1, 8).astype(np.float64)
+    w = {k: v.astype(np.float64) for k, v in net.weights.items()}
+    by_name = {t.name: onnx.numpy_helper.to_array(t) for t in net.model.graph.initializer}
+    n = rms_norm(x, by_name["pre_w"])
+    h = gelu_tanh(n @ w["gate"]) * (n @ w["up"])  # down's input
+    design = np.concatenate([h[:, kept], np.ones((len(h), 1))], axis=1)
+    solution = np.linalg.lstsq(design, h @ w["down"], rcond=None)[0]
+    expected = x + rms_norm(design @ solution, by_name["post_w"])
+    got = run(ir.to_proto(m), calib)[0].reshape(-1, 8)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    dense = net.forward(net.weights, x)  # type: ignore[operator]
+    flap = x + rms_norm(h[:, kept] @ w["down"][kept] + (h[:, record.removed] @ w["down"][record.removed]).mean(0),
+                        by_name["post_w"])  # fmt: skip
+    assert np.sum((got - dense) ** 2) < np.sum((flap - dense) ** 2)
 
 
 def test_refit_of_a_pointwise_conv_equals_lstsq_on_its_input_channels() -> None:

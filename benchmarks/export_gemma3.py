@@ -4,7 +4,7 @@ A second decoder family beside SmolLM2's LLaMA blocks: gated-GELU MLPs (``gelu_t
 shared by four query heads, RMSNorm with a ``(1 + w)`` weight and a norm on Q and K, embeddings scaled by
 √hidden and a 262,144-token vocabulary tied to the head; 18 blocks, hidden 640, MLP 2048, head dim 256.
 
-Needs the optional torch stack, as ``export_smollm2.py`` (whose loader, exporter and check this reuses):
+Needs the optional torch stack, as ``export_smollm2.py`` (whose export and check this reuses):
 
     pip install torch==2.13.0
     pip install -e ".[export]"
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 try:
@@ -30,7 +29,7 @@ except ImportError:  # run as a script from a checkout without installing graphp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from graphprune import demo
 
-from export_smollm2 import check_against_torch, export_onnx, load_model  # benchmarks/, beside this script
+from export_smollm2 import export_gguf  # benchmarks/, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,28 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: <cache>/gemma3)")
     parser.add_argument("--force", action="store_true", help="export again even if model.onnx exists")
     args = parser.parse_args(argv)
-    gguf = demo.gemma3_270m_gguf()
-    out: Path = args.out or demo.cache_dir() / "gemma3"
-    model_path, tokenizer_path = out / "model.onnx", out / "tokenizer.json"
-    if model_path.exists() and tokenizer_path.exists() and not args.force:
-        print(f"{model_path} exists (use --force to export again)")
-        return 0
-
-    start = time.perf_counter()
-    model, tokenizer = load_model(gguf)
-    config = model.config
-    print(
-        f"{config.model_type}: {config.num_hidden_layers} blocks, hidden {config.hidden_size}, MLP "
-        f"{config.intermediate_size} ({config.hidden_activation}), {config.num_attention_heads} heads / "
-        f"{config.num_key_value_heads} KV, vocab {config.vocab_size}, tied {config.tie_word_embeddings}"
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend_tokenizer.save(str(tokenizer_path))
-    export_onnx(model, model_path)
-    diff = check_against_torch(model, model_path)
-    print(f"wrote {model_path} and {tokenizer_path} in {time.perf_counter() - start:.1f} s")
-    print(f"max |logits(onnxruntime) - logits(torch)| = {diff:.2e}")
-    return 0
+    return export_gguf(demo.gemma3_270m_gguf, args.out or demo.cache_dir() / "gemma3", args.force)
 
 
 if __name__ == "__main__":

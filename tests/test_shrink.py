@@ -22,6 +22,7 @@ from tests.onnx_builders import (
     draw,
     gelu_erf,
     gemm_mlp,
+    gemma_mlp,
     init,
     llama_mlp,
     make_model,
@@ -81,7 +82,7 @@ def cnn(cin: int = 3, mid: int = 6, cout: int = 4) -> Net:
     return Net(model, w, {"x": draw(rng, 2, cin, 5, 5, scale=1.0)}, forward, axes)
 
 
-NETS = {"llama_mlp": llama_mlp, "bert_mlp": bert_mlp, "gemm_mlp": gemm_mlp, "cnn": cnn}
+NETS = {"llama_mlp": llama_mlp, "gemma_mlp": gemma_mlp, "bert_mlp": bert_mlp, "gemm_mlp": gemm_mlp, "cnn": cnn}
 
 
 def _shrunk(model: onnx.ModelProto, units: list[int]) -> onnx.ModelProto:

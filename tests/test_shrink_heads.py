@@ -10,6 +10,7 @@ from onnx import helper
 from onnx_ir.passes.common import TopologicalSortPass
 
 from graphprune.graph.groups import find_groups
+from graphprune.graph.heads import ONE_KV_GROUP
 from graphprune.passes.shrink import Removal, ShrinkPass
 from tests.onnx_builders import SEQ, attention, attention_np, draw, init, run
 
@@ -71,6 +72,13 @@ def test_grouped_query_attention_removes_kv_groups_with_their_query_heads() -> N
     assert group.width == 1 and group.unit_size == 4  # type: ignore[attr-defined]  # 2 KV groups, 1 left
     expected = attention_np(_drop(w, [0, 1], [0], 2), x, 2, 1, 2)
     np.testing.assert_allclose(run(small, {"x": x})[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_multi_query_attention_offers_no_head_unit_and_says_why() -> None:
+    model, _ = attention(heads=4, kv_heads=1, head_dim=2)  # one KV head for four query heads, as Gemma 3 270M
+    scan = find_groups(ir.from_proto(model), units=("heads",))
+    assert scan.groups == []
+    assert [skip.reason for skip in scan.skips] == [ONE_KV_GROUP]
 
 
 def test_a_head_count_hidden_in_a_dynamic_shape_is_skipped_with_its_reason() -> None:

@@ -7,7 +7,9 @@ through unchanged: Reshape/Unsqueeze/Squeeze/Expand (their recorded input and ou
 head axis goes, and a constant entry of their target shape that counts heads is rewritten), Transpose, elementwise
 ops whose other inputs broadcast over heads, MatMul batched over heads (Q·Kᵀ, P·V), Softmax and Slice/Concat along
 other axes. Under grouped-query attention a key/value head is expanded to several query heads; the unit then
-becomes the KV group (its key/value head and all its query heads), which keeps the query-to-KV grouping valid.
+becomes the KV group (its key/value head and all its query heads), which keeps the query-to-KV grouping valid;
+with a single key/value head (multi-query attention, Gemma 3 270M's) that group is the whole attention, so none is
+offered.
 Anything else (a Shape read of a head tensor, a Reshape that merges heads with a dynamic axis, a missing recorded
 shape) ends the candidate with its reason.
 """
@@ -50,6 +52,9 @@ HEADS = Policy(
 )
 
 
+ONE_KV_GROUP = "one key/value head serves every query head: the only unit would be the whole attention"
+
+
 def _grow(seed: ir.Node, units: int, per: int) -> Walk:
     walk = Walk(HEADS, units).grow([(required(seed.inputs[0]), Layout(-1, per))])
     if not walk.producers:
@@ -90,6 +95,10 @@ def find_head_groups(model: ir.Model) -> GroupScan:
                     region = None
                     break
                 units, per = units // coarser.factor, per * coarser.factor
+                if units == 1:  # multi-query attention: no unit is smaller than the whole attention
+                    skips.append(GroupSkip(f"attention read by {node.name}", ONE_KV_GROUP))
+                    region = None
+                    break
             except Unprovable as why:
                 skips.append(GroupSkip(f"attention read by {node.name}", str(why)))
                 region = None

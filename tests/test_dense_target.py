@@ -35,17 +35,23 @@ def solve(solver: str, w: np.ndarray, h: np.ndarray, pattern: Pattern, cross: np
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
 @pytest.mark.parametrize("solver", ["sparsegpt", "alps"])
 def test_nothing_pruned_upstream_gives_the_usual_solution(solver: str, pattern: Pattern) -> None:
-    """C = H (the dense and pruned inputs are the same): the solver's output of today, to 1e-6."""
+    """C = H (the dense and pruned inputs are the same), or a blend of 0: the solver's output of today, to 1e-6.
+    A blend of 1 is today's dense target, bit for bit; a half blend is neither."""
     for seed in range(3):
         rng = np.random.default_rng(seed)
-        x, _ = inputs(rng, 64)
-        h = x.T @ x
+        x_dense, x_pruned = inputs(rng, 64)
+        h, cross = x_pruned.T @ x_pruned, x_dense.T @ x_pruned
         w = rng.standard_normal((12, 64)).astype(np.float32)
         usual, usual_keep = solve(solver, w, h, pattern, None)
-        aimed, aimed_keep = solve(solver, w, h, pattern, h.copy())
-        np.testing.assert_array_equal(aimed_keep, usual_keep)
-        np.testing.assert_allclose(aimed, usual, atol=1e-6, rtol=0)
-        assert aimed.dtype == usual.dtype == w.dtype
+        for same in (h.copy(), blended_cross(cross, h, 0.0)):
+            aimed, aimed_keep = solve(solver, w, h, pattern, same)
+            np.testing.assert_array_equal(aimed_keep, usual_keep)
+            np.testing.assert_allclose(aimed, usual, atol=1e-6, rtol=0)
+            assert aimed.dtype == usual.dtype == w.dtype
+        dense = solve(solver, w, h, pattern, cross)[0]
+        np.testing.assert_array_equal(solve(solver, w, h, pattern, blended_cross(cross, h, 1.0))[0], dense)
+        half = solve(solver, w, h, pattern, blended_cross(cross, h, 0.5))[0]
+        assert not np.allclose(half, usual) and not np.allclose(half, dense)
 
 
 @pytest.mark.parametrize("percdamp", [0.0, 0.05])
@@ -132,26 +138,6 @@ def test_alps_keeps_the_least_squares_weights_of_the_blended_objective_on_its_ma
         reference = np.linalg.lstsq(a[:, kept], b[:, row], rcond=None)[0]
         np.testing.assert_allclose(result.weight[row, kept], reference, rtol=1e-6, atol=1e-8)
         assert not result.weight[row, ~kept].any()
-
-
-@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
-@pytest.mark.parametrize("solver", ["sparsegpt", "alps"])
-def test_the_ends_of_the_blend_are_the_plain_solver_and_the_dense_target(solver: str, pattern: Pattern) -> None:
-    """a = 0: the solver without a cross-Gram (to 1e-6); a = 1: today's dense target, bit for bit."""
-    for seed in range(3):
-        rng = np.random.default_rng(seed)
-        x_dense, x_pruned = inputs(rng, 64)
-        h, cross = x_pruned.T @ x_pruned, x_dense.T @ x_pruned
-        w = rng.standard_normal((12, 64)).astype(np.float32)
-        plain, plain_keep = solve(solver, w, h, pattern, None)
-        none, none_keep = solve(solver, w, h, pattern, blended_cross(cross, h, 0.0))
-        np.testing.assert_array_equal(none_keep, plain_keep)
-        np.testing.assert_allclose(none, plain, atol=1e-6, rtol=0)
-        dense, _ = solve(solver, w, h, pattern, cross)
-        full, _ = solve(solver, w, h, pattern, blended_cross(cross, h, 1.0))
-        np.testing.assert_array_equal(full, dense)
-        half, _ = solve(solver, w, h, pattern, blended_cross(cross, h, 0.5))
-        assert not np.allclose(half, plain) and not np.allclose(half, dense)
 
 
 def test_a_blend_outside_zero_to_one_is_refused() -> None:

@@ -4,6 +4,11 @@
     python benchmarks/alps_dense_swaps.py --runs pruned:0 dense:16   # prune (TARGET:SWAPS), then evaluate
     python benchmarks/alps_dense_swaps.py --evaluate NAME=MODEL.onnx ...   # evaluate models pruned elsewhere
     python benchmarks/alps_dense_swaps.py --minilm pruned:0 dense:0 dense:16  # all-MiniLM-L6 2:4, a cheaper check
+    python benchmarks/alps_dense_swaps.py --minilm pruned:0 dense@0.5:0 --calib-split --method sparsegpt
+
+A run is ``TARGET:SWAPS[:PERCDAMP]``; ``TARGET`` is ``pruned``, ``dense`` or ``dense@BLEND`` (``--target dense
+--target-blend BLEND``: the share of the dense outputs in each layer's target). ``--method`` (default alps) names
+the solver of every run.
 
 Text sets (512-token windows, BOS in front, perplexity as ``graphprune eval``):
 
@@ -20,7 +25,9 @@ swaps refine it with each budget, and the relative layer error ``tr(ΔH Δᵀ) /
 second. Each prune runs as ``graphprune apply`` in a child process (CPU seconds: user + system of the child).
 
 ``--minilm`` prunes all-MiniLM-L6 (``minilm_quality.py``'s export, calibration and held-out paragraphs) with ALPS
-2:4 ``--sequential`` and each TARGET:SWAPS, and reports the mean cosine to the dense sentence embeddings.
+2:4 ``--sequential`` and each TARGET:SWAPS, and reports the mean cosine to the dense sentence embeddings. With
+``--calib-split`` it chooses instead of measuring: it calibrates on the first 80% of the Brown *calibration* text
+(by paragraphs) and scores on 512 paragraphs of the remaining 20%, so Brown's held-out text is never looked at.
 """
 
 from __future__ import annotations
@@ -183,39 +190,72 @@ def search(block: int, windows: int) -> list[dict]:
     return rows
 
 
-def apply_command(model: Path, target: str, swaps: str, out: Path, damp: list[str]) -> list[str]:
-    """``graphprune apply`` ALPS 2:4 ``--sequential`` with dense targets or not and a swap budget."""
-    command = ["apply", str(model), "--nm", "2:4", "--method", "alps", "--batch-size", "8", "--sequential"]
+def apply_command(model: Path, run: str, out: Path, method: str) -> list[str]:
+    """``graphprune apply`` 2:4 ``--sequential`` for one run ``TARGET[@BLEND]:SWAPS[:PERCDAMP]`` (see above)."""
+    target, swaps, *damp = run.split(":")
+    target, _, blend = target.partition("@")
+    command = ["apply", str(model), "--nm", "2:4", "--method", method, "--batch-size", "8", "--sequential"]
     command += ["--target", target, "--swaps", swaps, "-o", str(out), "--force"]
+    command += ["--target-blend", blend] if blend else []
     return command + (["--percdamp", damp[0]] if damp else [])
 
 
-def minilm(runs: list[str], workdir: Path) -> dict[str, dict]:
-    """all-MiniLM-L6 2:4: mean cosine of each run's sentence embeddings to the dense model's."""
+def run_name(run: str, method: str) -> str:
+    return run if method == "alps" else f"{method}/{run}"
+
+
+def file_name(run: str, method: str) -> str:
+    return f"{method}_{run.replace(':', '_').replace('@', '_')}.onnx"
+
+
+def calibration_split(workdir: Path) -> tuple[Path, Path]:
+    """The Brown calibration text cut by paragraphs: the first 80% of its characters to calibrate on, the rest to
+    choose options on (written under ``workdir``)."""
+    from graphprune import demo
+
+    paragraphs = demo.brown_calibration_file().read_text(encoding="utf-8").split("\n\n")
+    sizes = np.cumsum([len(p) + 2 for p in paragraphs])
+    cut = int(np.searchsorted(sizes, 0.8 * sizes[-1]))
+    fit, held = workdir / "calibration_fit.txt", workdir / "calibration_heldout.txt"
+    fit.write_text("\n\n".join(paragraphs[:cut]), encoding="utf-8")
+    held.write_text("\n\n".join(paragraphs[cut:]), encoding="utf-8")
+    return fit, held
+
+
+def minilm(runs: list[str], workdir: Path, method: str, split: bool) -> dict[str, dict]:
+    """all-MiniLM-L6 2:4: mean cosine of each run's sentence embeddings to the dense model's (``split``: on the
+    calibration text's held-out split, calibrated on the rest)."""
     import minilm_quality
 
     from graphprune import demo
 
     tokenizer = demo.all_minilm_l6() / "tokenizer.json"
-    feeds = minilm_quality.heldout_feeds(demo.brown_heldout_file(), tokenizer, 512, 128)
+    calib, heldout = (
+        calibration_split(workdir) if split else (demo.brown_calibration_file(), demo.brown_heldout_file())
+    )
+    feeds = minilm_quality.heldout_feeds(heldout, tokenizer, 512, 128)
     dense = minilm_quality.embeddings(minilm_quality.DEFAULT_MODEL, feeds)
     found = {}
     for text in runs:
-        target, swaps, *damp = text.split(":")
-        out = workdir / f"minilm_{text.replace(':', '_')}.onnx"
-        command = apply_command(minilm_quality.DEFAULT_MODEL, target, swaps, out, damp)
-        command += ["--calib", str(demo.brown_calibration_file()), "--tokenizer", str(tokenizer)]
+        out = workdir / f"minilm_{file_name(text, method)}"
+        command = apply_command(minilm_quality.DEFAULT_MODEL, text, out, method)
+        command += ["--calib", str(calib), "--tokenizer", str(tokenizer)]
         seconds, cpu, peak, _ = timed([*command, "--seqlen", "128", "--nsamples", "128"], None)
         agreement = minilm_quality.agreement(dense, minilm_quality.embeddings(out, feeds))
-        found[text] = {**agreement, "seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}
-        print(json.dumps({text: found[text]}), flush=True)
+        name = run_name(text, method) + (" (calibration split)" if split else "")
+        found[name] = {**agreement, "seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}
+        print(json.dumps({name: found[name]}), flush=True)
     return found
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=CACHE / "smollm2" / "model.onnx")
-    parser.add_argument("--runs", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP], e.g. pruned:0 dense:16")
+    parser.add_argument(
+        "--runs", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP], e.g. pruned:0 dense@0.5:16"
+    )
+    parser.add_argument("--method", default="alps", choices=["alps", "sparsegpt"], help="the solver of every run")
+    parser.add_argument("--calib-split", action="store_true", help="--minilm: choose on the calibration text")
     parser.add_argument("--evaluate", nargs="*", default=[], help="NAME=MODEL.onnx: evaluate only")
     parser.add_argument("--search", action="store_true", help="held-out choice of percdamp and swap budget")
     parser.add_argument("--minilm", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP] on all-MiniLM-L6")
@@ -230,17 +270,18 @@ def main() -> int:
         results["search"] = search(args.block, args.windows)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.minilm:
-        results.setdefault("minilm", {}).update(minilm(args.minilm, args.workdir))
+        results.setdefault("minilm", {}).update(minilm(args.minilm, args.workdir, args.method, args.calib_split))
     models = dict(item.split("=", 1) for item in args.evaluate)
     timing = {}
     for text in args.runs:
-        target, swaps, *damp = text.split(":")
-        out = args.workdir / f"alps_{text.replace(':', '_')}.onnx"
-        command = apply_command(args.model, target, swaps, out, damp)
+        out = args.workdir / file_name(text, args.method)
+        command = apply_command(args.model, text, out, args.method)
         command += ["--calib", str(REFERENCE / "smollm2_brown_calib.npz")]
         seconds, cpu, peak, _ = timed(command, None)
-        timing[text] = {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}
-        models[text] = str(out)
+        name = run_name(text, args.method)
+        timing[name] = {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}
+        print(json.dumps({name: timing[name]}), flush=True)
+        models[name] = str(out)
     if models:
         for name, ppl in evaluate({k: Path(v) for k, v in models.items()}, args.windows).items():
             results.setdefault("perplexity", {})[name] = {**ppl, **timing.get(name, {})}

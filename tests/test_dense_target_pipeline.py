@@ -151,6 +151,29 @@ def test_segment_wise_dense_targets_prune_as_the_in_memory_engine(tmp_path: Path
     )
 
 
+@pytest.mark.parametrize("method", [Method.SPARSEGPT, Method.ALPS])
+def test_sequential_blends_zero_and_one_prune_as_the_pruned_and_dense_targets(method: Method) -> None:
+    """Through the sequential engine: blend 0 gives --target pruned's weights, blend 1 --target dense's, and a
+    half blend something between (block 2, the first with a pruned prefix, differs from both)."""
+    dense, data = dense_weights(), calibration()
+    pruned_weights = {}
+    for name, options in {
+        "pruned": {"target": "pruned"},
+        "zero": {"target": "dense", "target_blend": 0.0},
+        "dense": {"target": "dense"},
+        "one": {"target": "dense", "target_blend": 1.0},
+        "half": {"target": "dense", "target_blend": 0.5},
+    }.items():
+        model = ir.from_proto(residual_blocks(dense))
+        prune_sequentially(model, PruneConfig(NMPattern(2, 4), method=method, **options), data)  # type: ignore[arg-type]
+        pruned_weights[name] = {n: initializer(model, n) for n in dense}
+    for n in dense:
+        np.testing.assert_allclose(pruned_weights["zero"][n], pruned_weights["pruned"][n], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(pruned_weights["one"][n], pruned_weights["dense"][n])
+    assert not np.allclose(pruned_weights["half"]["a2"], pruned_weights["pruned"]["a2"], atol=1e-4)
+    assert not np.allclose(pruned_weights["half"]["a2"], pruned_weights["dense"]["a2"], atol=1e-4)
+
+
 def test_cli_dense_targets_and_swaps(tmp_path: Path) -> None:
     path = tmp_path / "blocks.onnx"
     path.write_bytes(residual_blocks(dense_weights()).SerializeToString())
@@ -167,6 +190,16 @@ def test_cli_dense_targets_and_swaps(tmp_path: Path) -> None:
     ]
     ok = runner.invoke(app, [*base, "--method", "alps", "--sequential", "--target", "dense", "--swaps", "8"])
     assert ok.exit_code == 0, ok.output
+    # --target-blend reaches the pass: the CLI's blend-0.5 model is the engine's, not the dense target's
+    blended = [*base[:-1], str(tmp_path / "b.onnx"), "--method", "alps", "--sequential", "--target", "dense"]
+    ok = runner.invoke(app, [*blended, "--target-blend", "0.5", "--batch-size", "100"])
+    assert ok.exit_code == 0, ok.output
+    got = initializer(onnx.load(tmp_path / "b.onnx"), "a2")
+    for blend, same in ((0.5, True), (1.0, False)):
+        model = ir.from_proto(residual_blocks(dense_weights()))
+        config = PruneConfig(NMPattern(2, 4), method=Method.ALPS, target="dense", target_blend=blend)
+        prune_sequentially(model, config, calibration())
+        assert np.allclose(got, initializer(model, "a2"), atol=1e-6) == same
     check = runner.invoke(app, ["check", str(tmp_path / "o.onnx"), "--include-head", "--no-eligibility"])
     assert check.exit_code == 0, check.output
     for extra, message in (
@@ -174,6 +207,8 @@ def test_cli_dense_targets_and_swaps(tmp_path: Path) -> None:
         (["--method", "wanda", "--sequential", "--target", "dense"], "sparsegpt and alps"),
         (["--method", "sparsegpt", "--sequential", "--target", "densest"], "'pruned' or 'dense'"),
         (["--method", "wanda", "--swaps", "3"], "sparsegpt and alps"),
+        (["--method", "alps", "--sequential", "--target", "dense", "--target-blend", "1.5"], "--target-blend"),
+        (["--method", "alps", "--sequential", "--target-blend", "0.5"], "needs --target"),
     ):
         (tmp_path / "bad.onnx").unlink(missing_ok=True)
         bad = runner.invoke(app, [*base[:-1], str(tmp_path / "bad.onnx"), *extra])

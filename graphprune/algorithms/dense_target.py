@@ -21,6 +21,18 @@ Reduction to the usual problem. With ``W' = W (C + λI)(H + λI)⁻¹`` (the unc
 dense-target objective by a constant: any solver of the usual problem (SparseGPT's column loop, ALPS's ADMM, the
 swaps) solves the dense-target one when given ``W'`` in place of ``W``. ALPS uses the linear term directly.
 
+Tempered (blended) targets. Aiming all the way at the dense outputs fits each layer to outputs its perturbed
+inputs cannot fully explain, and the least-squares answer shrinks the output towards its mean in the directions
+where ``X_p`` is noisier than ``X_d`` (regression dilution), which LayerNorm and attention downstream can punish
+more than the smaller squared error gains. A blend ``a ∈ [0, 1]`` minimises::
+
+    a ‖W X_d - Ŵ X_p‖² + (1 - a) ‖W X_p - Ŵ X_p‖²  =  tr(Ŵ H Ŵᵀ) - 2 tr(W C_a Ŵᵀ) + const,
+    C_a = a C + (1 - a) H
+
+so it is the dense-target problem with ``C_a`` in place of ``C`` (:func:`blended_cross`): ``a = 0`` is the usual
+problem, ``a = 1`` the dense target, and, since ``C_a + λI = a (C + λI) + (1 - a)(H + λI)``, the weight of the
+reduction below is the convex combination ``a W'_dense + (1 - a) W``.
+
 Inputs that never fired in the pruned model (``H_jj = 0``) cannot carry anything: their columns of the linear term
 are zeroed (the solvers zero those weights), while W's own columns stay, since the dense model's input j may well
 be alive and its contribution must then come through correlated channels.
@@ -44,6 +56,18 @@ def damped_gram(gram: np.ndarray, percdamp: float) -> tuple[np.ndarray, np.ndarr
     damping = percdamp * float(np.mean(diag)) if diag.size else 0.0
     diag += damping
     return h, dead, damping
+
+
+def blended_cross(cross: np.ndarray, gram: np.ndarray, blend: float) -> np.ndarray:
+    """``C_a = a C + (1 - a) H`` in float64 (``blend``: a in [0, 1]; 1 returns ``cross`` itself)."""
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f"blend must be in [0, 1], got {blend}")
+    if blend == 1.0:
+        return cross
+    c, h = np.asarray(cross, dtype=np.float64), np.asarray(gram, dtype=np.float64)
+    if c.shape != h.shape:
+        raise ValueError(f"cross {c.shape} and gram {h.shape} must have the same shape")
+    return blend * c + (1.0 - blend) * h
 
 
 def dense_linear_term(weight: np.ndarray, cross: np.ndarray, dead: np.ndarray, damping: float) -> np.ndarray:

@@ -212,6 +212,16 @@ def apply(
             "Gram matrix is collected per input, the same size as the Gram matrix). Example: --target dense"
         ),
     ] = "pruned",
+    target_blend: Annotated[
+        float,
+        typer.Option(
+            help="With --target dense: the share of the dense model's outputs in the target, from 0 (the pruned "
+            "model's own outputs, as --target pruned) to 1 (all of the dense outputs, the default); each layer "
+            "minimises blend x its error to the dense outputs + (1 - blend) x its error to its own outputs, "
+            "solved exactly from the same Gram and cross-Gram matrices. Aiming all the way at the dense outputs "
+            "can shrink what the layers pass on; a blend tempers that. Example: --target dense --target-blend 0.5"
+        ),
+    ] = 1.0,
     swaps: Annotated[
         int,
         typer.Option(
@@ -252,6 +262,7 @@ def apply(
         permute=permute,
         quantize=_quantize_grid(quantize, quant_block_size),
         target=target,
+        target_blend=target_blend,
         swaps=swaps,
     )
     unit: SequentialUnit = "level" if by_level else "block"

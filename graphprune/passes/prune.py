@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.algorithms.alps import PreparedGram, alps_solve_shared
+from graphprune.algorithms.dense_target import blended_cross
 from graphprune.algorithms.gptq import prune_and_quantize
 from graphprune.algorithms.layout import from_canonical, to_canonical
 from graphprune.algorithms.masks import mask_from_scores, nm_mask
@@ -63,6 +64,7 @@ class PruneConfig:
     quantize: QuantGrid | None = None
     target: str = "pruned"  # SparseGPT/ALPS reconstruct the pruned model's outputs, or "dense": the dense model's
     swaps: int = 0  # SparseGPT/ALPS: mask refinement by swaps after the solver, at most this many per row
+    target_blend: float = 1.0  # dense targets: the dense outputs' share of the target (algorithms/dense_target.py)
 
     def __post_init__(self) -> None:  # options fail before any calibration, not after it
         if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
@@ -312,7 +314,14 @@ class _PruneRun:
     def cross_of(self, target: Target) -> np.ndarray | None:
         """Dense targets: Σ x_denseᵀ x of the target's input (sequential runs), in the model's channel order."""
         cross = self.cross.get(target.name)
-        return None if cross is None else gram_in_model_order(self.stored[target.name], cross)
+        if cross is None:
+            return None
+        cross = gram_in_model_order(self.stored[target.name], cross)
+        if self.config.target_blend == 1.0:
+            return cross
+        gram = self.gram_of(target)
+        assert gram is not None  # a sequential calibration collects both
+        return blended_cross(cross, gram, self.config.target_blend)  # the tempered target a C + (1 - a) H
 
     def gram_of(self, target: Target) -> np.ndarray | None:
         """The Gram matrix of the target's input in the model's channel order (the statistics' own array, shared
@@ -514,6 +523,11 @@ def check_reconstruction_options(config: PruneConfig) -> None:
     """Dense targets and swaps refine SparseGPT's and ALPS's reconstruction; refuse them elsewhere."""
     if config.target not in ("pruned", "dense"):
         raise GraphpruneError(f"the reconstruction target must be 'pruned' or 'dense', got {config.target!r}")
+    blend = config.target_blend
+    if not (math.isfinite(blend) and 0.0 <= blend <= 1.0):
+        raise GraphpruneError(f"`target_blend` must be a number in [0, 1], got {blend}")
+    if blend != 1.0 and config.target != "dense":
+        raise GraphpruneError("`target_blend` tempers dense targets: it needs `target` 'dense'")
     if config.swaps < 0:
         raise GraphpruneError(f"the swap budget must be >= 0, got {config.swaps}")
     if (config.target == "dense" or config.swaps) and not config.method.reconstructs:

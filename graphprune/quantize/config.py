@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from graphprune.algorithms.clip_search import CLIP_MODES, ClipMode
 from graphprune.errors import GraphpruneError
 
 Precision = Literal["int8", "fp8", "int4"]
@@ -22,7 +23,11 @@ class QuantizeConfig:
     ``target`` decides the activations' int8 grid: ``tensorrt`` is symmetric int8 with zero point 0 (the only form
     TensorRT reads), ``ort`` is asymmetric uint8 (ONNX Runtime's x86 U8S8 kernels). Weights are always symmetric,
     so a pruned zero stays exactly zero. ``dynamic`` computes activation scales at run time instead.
-    ``smooth`` is SmoothQuant's migration strength alpha (None: no smoothing).
+    ``smooth`` is SmoothQuant's migration strength alpha (None: no smoothing). ``clip``: each weight scale is
+    the best clip of its group's absmax (``mse``: weight error; ``hessian``: error weighted by the Gram matrix,
+    so it needs calibration). GPTQ's ``act_order`` (columns by descending Gram diagonal, scales fixed up front
+    from the original weights), ``percdamp`` and ``sequential`` (each block's Grams measured on the model whose
+    earlier blocks are already quantized) apply to ``method="gptq"`` only.
     """
 
     precision: Precision = "int8"
@@ -34,6 +39,10 @@ class QuantizeConfig:
     include_head: bool = False
     exclude: tuple[str, ...] = ()
     float_above: float | None = None  # activations reaching |x| above this (after smoothing) stay float
+    clip: ClipMode = "none"
+    act_order: bool = False
+    percdamp: float = 0.01
+    sequential: bool = False
 
     def validate(self) -> None:
         if self.precision not in MIN_OPSET:
@@ -54,6 +63,12 @@ class QuantizeConfig:
             raise GraphpruneError(
                 f"the float threshold {self.float_above} must be a positive activation magnitude"
             )
+        if self.clip not in CLIP_MODES:
+            raise GraphpruneError(f"unknown clip {self.clip!r}: choose none, mse or hessian")
+        if self.method != "gptq" and (self.act_order or self.sequential or self.percdamp != 0.01):
+            raise GraphpruneError("`act_order`, `sequential` and `percdamp` are options of the gptq method")
+        if not 0.0 < self.percdamp < 1.0:
+            raise GraphpruneError(f"dampening {self.percdamp} must be a fraction between 0 and 1 (0.01 is usual)")
         if self.smooth is not None and self.precision == "int4":
             raise GraphpruneError(
                 "smoothing moves range into the weights for quantized activations; int4 is weight-only"
@@ -67,6 +82,11 @@ class QuantizeConfig:
     def needs_ranges(self) -> bool:
         """Calibrated activation ranges: static scales, or smoothing's per-channel maxima."""
         return (self.quantizes_activations and not self.dynamic) or self.smooth is not None
+
+    @property
+    def needs_grams(self) -> bool:
+        """Gram matrices: GPTQ, or the Gram-weighted clip search."""
+        return self.method == "gptq" or self.clip == "hessian"
 
     @property
     def opset(self) -> int:

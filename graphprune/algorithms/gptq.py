@@ -25,6 +25,9 @@ Scales (:mod:`~graphprune.algorithms.quant_grid`: symmetric, absmax / qmax):
   in the original column order (the reference's ``static_groups``), so that a block is still a contiguous run
   of K, the only form ONNX's blocked ``DequantizeLinear`` can express; in the permuted sweep each column is
   rounded with its original block's scale.
+* with ``clip`` (:mod:`~graphprune.algorithms.clip_search`), each of those scales is the best shrink of its
+  absmax instead of the absmax, searched at the same moment on the same weights (``"hessian"``: the error
+  weighted by the block's diagonal block of H, in sweep order).
 
 Under a mask ``keep`` (a pruned model): a pruned weight's target is 0 on every grid, and it is exactly 0, code 0,
 in the output. The sweep treats it as SparseGPT treats a pruned weight: the updates of earlier columns may move
@@ -56,7 +59,7 @@ Deviations from the reference, on purpose:
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -117,32 +120,35 @@ def sparsegpt_quantize(
     return _sweep(w, hessian, grid, pattern, keep, blocksize, percdamp, False, device)
 
 
+@dataclass(frozen=True)
+class Rounding:
+    """What a sweep rounds onto: ``block_of[j]``, the scale block of sweep column j; ``scales`` filled before the
+    sweep (``static``) or block by block as the sweep reaches each block's first column, then with ``clip``
+    searched on the block's current weights (and ``gram``'s diagonal block, in sweep order, for the
+    ``"hessian"`` clip)."""
+
+    grid: QuantGrid
+    scales: np.ndarray
+    block_of: np.ndarray
+    static: bool
+    clip: ClipMode = "none"
+    gram: np.ndarray | None = None
+
+
 class ColumnRounder:
     """Rounds the kept weights of each column of the OBS sweep onto a grid and records the codes (numpy arrays;
-    :class:`~graphprune.algorithms.gptq_torch.TorchColumnRounder` on torch tensors).
+    :class:`~graphprune.algorithms.gptq_torch.TorchColumnRounder` on torch tensors), as ``rounding`` says."""
 
-    ``block_of[j]``: the scale block of sweep column j. ``scales`` is filled before the sweep (``static``) or
-    block by block as the sweep reaches each block's first column, then with ``clip`` searched on the block's
-    current weights (and ``gram``'s diagonal block, in sweep order, for the ``"hessian"`` clip).
-    """
-
-    def __init__(
-        self,
-        grid: QuantGrid,
-        scales: np.ndarray,
-        block_of: np.ndarray,
-        static: bool,
-        clip: ClipMode = "none",
-        gram: np.ndarray | None = None,
-    ) -> None:
+    def __init__(self, rounding: Rounding) -> None:
+        grid = rounding.grid
         self.grid = grid
         self.column_grid = replace(grid, block_size=None)  # one column, one scale per row
-        self.scales = scales
-        self.block_of = block_of
-        self.dynamic = not static and grid.block_size is not None
-        self.clip = clip
-        self.gram = gram
-        self.codes = np.zeros((scales.shape[0], block_of.shape[0]), dtype=grid.code_dtype)
+        self.scales = rounding.scales
+        self.block_of = rounding.block_of
+        self.dynamic = not rounding.static and grid.block_size is not None
+        self.clip = rounding.clip
+        self.gram = rounding.gram
+        self.codes = np.zeros((self.scales.shape[0], self.block_of.shape[0]), dtype=grid.code_dtype)
 
     def searched(self, j: int, block: np.ndarray) -> np.ndarray:
         """The scales ``(out,)`` of the scale block starting at sweep column ``j`` (``block``: its current
@@ -203,15 +209,15 @@ def _sweep(
     keep_p = np.ascontiguousarray(keep[:, perm])
     gram_p = np.asarray(gram)[np.ix_(perm, perm)]
     block_gram = gram_p if clip == "hessian" and not static else None
-    rounder_args = (grid, scales, grid.scale_columns(k)[perm], static, clip, block_gram)
+    rounding = Rounding(grid, scales, grid.scale_columns(k)[perm], static, clip, block_gram)
     inverse = np.argsort(perm)
     ops = choose_ops(device)
     if ops.name == "torch":
         from graphprune.algorithms.gptq_torch import torch_sweep
 
-        codes, scales, keep_p = torch_sweep(w_p, keep_p, gram_p, pattern, blocksize, percdamp, rounder_args, ops)
+        codes, scales, keep_p = torch_sweep(w_p, keep_p, gram_p, pattern, blocksize, percdamp, rounding, ops)
         return codes[:, inverse], scales, keep_p[:, inverse]
-    rounder = ColumnRounder(*rounder_args)
+    rounder = ColumnRounder(rounding)
     hinv_u = _inverse_cholesky_upper(gram_p, w_p, percdamp)
     hinv_w = hinv_u.astype(dtype, copy=False)
     obs_blocks(w_p, keep_p, hinv_w, np.diag(hinv_u).copy(), pattern, blocksize, NumpyBackend(dtype), rounder)

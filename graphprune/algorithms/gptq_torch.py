@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from graphprune.algorithms.clip_search import ClipMode
-from graphprune.algorithms.gptq import ColumnRounder
-from graphprune.algorithms.quant_grid import QuantGrid
+from graphprune.algorithms.gptq import ColumnRounder, Rounding
 from graphprune.algorithms.sparsegpt import obs_blocks
 from graphprune.algorithms.sparsegpt_torch import TorchBackend, _inverse_cholesky_upper
 
@@ -28,21 +26,12 @@ class TorchColumnRounder(ColumnRounder):
     """:class:`~graphprune.algorithms.gptq.ColumnRounder` on torch tensors; codes held as float32 values (exact
     for int8, int4 and E4M3 codes) until the end, since few torch kernels take float8 tensors."""
 
-    def __init__(
-        self,
-        grid: QuantGrid,
-        scales: np.ndarray,
-        block_of: np.ndarray,
-        static: bool,
-        clip: ClipMode,
-        gram: np.ndarray | None,
-        ops: TorchOps,
-    ):
-        super().__init__(grid, scales, block_of, static, clip, gram)
+    def __init__(self, rounding: Rounding, ops: TorchOps):
+        super().__init__(rounding)
         self.torch = ops.torch
-        self.scales: Any = self.torch.as_tensor(scales, dtype=self.torch.float32, device=ops.device)
+        self.scales: Any = self.torch.as_tensor(rounding.scales, dtype=self.torch.float32, device=ops.device)
         self.codes: Any = self.torch.zeros(self.codes.shape, dtype=self.torch.float32, device=ops.device)
-        self.qmax = self.torch.tensor(grid.qmax, dtype=self.torch.float32, device=ops.device)
+        self.qmax = self.torch.tensor(rounding.grid.qmax, dtype=self.torch.float32, device=ops.device)
 
     def column(self, j: int, i: int, w1: Any, keep1: Any) -> Any:
         torch = self.torch
@@ -77,7 +66,7 @@ def torch_sweep(
     pattern: Any,
     blocksize: int,
     percdamp: float,
-    rounder_args: tuple[QuantGrid, np.ndarray, np.ndarray, bool, ClipMode, np.ndarray | None],
+    rounding: Rounding,
     ops: TorchOps,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The OBS loop with rounding on ``ops``' device: the permuted weight, mask and Gram matrix in, the codes,
@@ -86,7 +75,7 @@ def torch_sweep(
     w = ops.asarray(w_p, w_p.dtype.type)
     keep = torch.as_tensor(keep_p, device=ops.device)
     hinv_u = _inverse_cholesky_upper(torch, ops.asarray(gram_p, np.float64), w, percdamp)
-    rounder = TorchColumnRounder(*rounder_args, ops)
+    rounder = TorchColumnRounder(rounding, ops)
     obs_blocks(
         w, keep, hinv_u.to(w.dtype), hinv_u.diagonal().clone(), pattern, blocksize, TorchBackend(ops), rounder
     )

@@ -57,3 +57,16 @@ def test_cuda_equals_numpy(precision: str, block: int | None, act_order: bool, m
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     _compare("cuda", precision, block, act_order, masked)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cpu_torch_clip_search_equals_numpy(act_order: bool) -> None:
+    # The scale search runs on the host for both (per scale block as the torch sweep reaches it).
+    w, gram = correlated_layer(23, rows=12, k=64)
+    keep = random_nm_keep(w, NMPattern(2, 4), 5)
+    grid = QuantGrid(precision="int4", block_size=16)
+    options = {"keep": keep, "blocksize": 32, "act_order": act_order, "clip": "hessian"}
+    expected = gptq_quantize(w, gram, grid, device="numpy", **options)  # type: ignore[arg-type]
+    got = gptq_quantize(w, gram, grid, device="cpu", **options)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])

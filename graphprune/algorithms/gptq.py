@@ -25,6 +25,9 @@ Scales (:mod:`~graphprune.algorithms.quant_grid`: symmetric, absmax / qmax):
   in the original column order (the reference's ``static_groups``), so that a block is still a contiguous run
   of K, the only form ONNX's blocked ``DequantizeLinear`` can express; in the permuted sweep each column is
   rounded with its original block's scale.
+* with ``clip`` (:mod:`~graphprune.algorithms.clip_search`), each of those scales is the best shrink of its
+  absmax instead of the absmax, searched at the same moment on the same weights (``"hessian"``: the error
+  weighted by the block's diagonal block of H, in sweep order).
 
 Under a mask ``keep`` (a pruned model): a pruned weight's target is 0 on every grid, and it is exactly 0, code 0,
 in the output. The sweep treats it as SparseGPT treats a pruned weight: the updates of earlier columns may move
@@ -56,13 +59,14 @@ Deviations from the reference, on purpose:
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from graphprune.algorithms.arrays import choose_ops
+from graphprune.algorithms.clip_search import ClipMode, searched_scales
 from graphprune.algorithms.pattern import Pattern, Unstructured
-from graphprune.algorithms.quant_grid import QuantGrid, grid_scales, quantize_codes
+from graphprune.algorithms.quant_grid import QuantGrid, quantize_codes
 from graphprune.algorithms.sparsegpt import (
     FLOAT64_MAX_K,
     NumpyBackend,
@@ -81,18 +85,20 @@ def gptq_quantize(
     blocksize: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
+    clip: ClipMode = "none",
     device: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Codes ``(out, K)`` (``grid.code_dtype``) and float32 scales ``(out, n_blocks)`` of ``w`` ``(out, K)``.
 
     ``hessian`` is the Gram matrix ``Σ xᵀx`` ``(K, K)`` (any common scale gives the same result). ``keep``: the
-    boolean keep-mask (True = kept) of a pruned weight; every other position gets code 0. ``device`` as
-    SparseGPT's: ``"auto"`` (a CUDA GPU through PyTorch when both are present, else numpy), ``"numpy"``, or a
-    torch device (:mod:`.gptq_torch`; the same codes).
+    boolean keep-mask (True = kept) of a pruned weight; every other position gets code 0. ``clip``: each scale
+    is the best clip of its group's absmax (:mod:`~graphprune.algorithms.clip_search`) instead of the absmax.
+    ``device`` as SparseGPT's: ``"auto"`` (a CUDA GPU through PyTorch when both are present, else numpy),
+    ``"numpy"``, or a torch device (:mod:`.gptq_torch`; the same codes).
     """
     rows, k = _check_inputs(w, hessian, Unstructured(0.0), percdamp, blocksize)
     keep = _check_keep(keep, (rows, k))
-    codes, scales, _ = _sweep(w, hessian, grid, None, keep, blocksize, percdamp, act_order, device)
+    codes, scales, _ = _sweep(w, hessian, grid, None, keep, blocksize, percdamp, act_order, device, clip)
     return codes, scales
 
 
@@ -114,21 +120,42 @@ def sparsegpt_quantize(
     return _sweep(w, hessian, grid, pattern, keep, blocksize, percdamp, False, device)
 
 
+@dataclass(frozen=True)
+class Rounding:
+    """What a sweep rounds onto: ``block_of[j]``, the scale block of sweep column j; ``scales`` filled before the
+    sweep (``static``) or block by block as the sweep reaches each block's first column, then with ``clip``
+    searched on the block's current weights (and ``gram``'s diagonal block, in sweep order, for the
+    ``"hessian"`` clip)."""
+
+    grid: QuantGrid
+    scales: np.ndarray
+    block_of: np.ndarray
+    static: bool
+    clip: ClipMode = "none"
+    gram: np.ndarray | None = None
+
+
 class ColumnRounder:
     """Rounds the kept weights of each column of the OBS sweep onto a grid and records the codes (numpy arrays;
-    :class:`~graphprune.algorithms.gptq_torch.TorchColumnRounder` on torch tensors).
+    :class:`~graphprune.algorithms.gptq_torch.TorchColumnRounder` on torch tensors), as ``rounding`` says."""
 
-    ``block_of[j]``: the scale block of sweep column j. ``scales`` is filled before the sweep (``static``) or
-    block by block as the sweep reaches each block's first column.
-    """
-
-    def __init__(self, grid: QuantGrid, scales: np.ndarray, block_of: np.ndarray, static: bool) -> None:
+    def __init__(self, rounding: Rounding) -> None:
+        grid = rounding.grid
         self.grid = grid
         self.column_grid = replace(grid, block_size=None)  # one column, one scale per row
-        self.scales = scales
-        self.block_of = block_of
-        self.dynamic = not static and grid.block_size is not None
-        self.codes = np.zeros((scales.shape[0], block_of.shape[0]), dtype=grid.code_dtype)
+        self.scales = rounding.scales
+        self.block_of = rounding.block_of
+        self.dynamic = not rounding.static and grid.block_size is not None
+        self.clip = rounding.clip
+        self.gram = rounding.gram
+        self.codes = np.zeros((self.scales.shape[0], self.block_of.shape[0]), dtype=grid.code_dtype)
+
+    def searched(self, j: int, block: np.ndarray) -> np.ndarray:
+        """The scales ``(out,)`` of the scale block starting at sweep column ``j`` (``block``: its current
+        weights, pruned positions 0, as numpy): absmax, or its best clip."""
+        span = slice(j, j + block.shape[1])
+        gram = self.gram[span, span] if self.gram is not None else None
+        return searched_scales(block, self.column_grid, self.clip, gram)[:, 0]
 
     def aligned_blocksize(self, blocksize: int) -> int:
         """The sweep's block size, a multiple of the scale block where scales are computed during the sweep."""
@@ -141,7 +168,7 @@ class ColumnRounder:
         b = self.block_of[j]
         if self.dynamic and j % int(self.grid.block_size) == 0:  # type: ignore[arg-type]  # dynamic: block_size set
             span = slice(i, i + int(self.grid.block_size))  # type: ignore[arg-type]  # as above
-            self.scales[:, b] = grid_scales(np.where(keep1[:, span], w1[:, span], 0.0), self.column_grid)[:, 0]
+            self.scales[:, b] = self.searched(j, np.where(keep1[:, span], w1[:, span], 0.0))
         scale = self.scales[:, b : b + 1]
         codes = quantize_codes(w1[:, i : i + 1], scale, self.column_grid)[:, 0]
         codes[~keep1[:, i]] = 0
@@ -159,6 +186,7 @@ def _sweep(
     percdamp: float,
     act_order: bool,
     device: str,
+    clip: ClipMode = "none",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Steps 1-4 of the module docstring; ``pattern=None``: ``keep`` is the given mask."""
     rows, k = weight.shape
@@ -173,20 +201,23 @@ def _sweep(
     w[:, dead] = 0.0  # before any scale is computed; _inverse_cholesky_upper does it again in the permuted copy
     static = act_order or grid.block_size is None
     # Static scales from the kept weights; a pruned position's value is removed (and compensated) in the sweep.
-    scales = grid_scales(np.where(keep, w, 0.0), grid) if static else np.ones((rows, n_blocks), np.float32)
-    rounder_args = (grid, scales, grid.scale_columns(k)[perm], static)
-
+    if static:
+        scales = searched_scales(np.where(keep, w, 0.0), grid, clip, np.asarray(gram, dtype=np.float64))
+    else:
+        scales = np.ones((rows, n_blocks), np.float32)
     w_p = np.ascontiguousarray(w[:, perm])
     keep_p = np.ascontiguousarray(keep[:, perm])
     gram_p = np.asarray(gram)[np.ix_(perm, perm)]
+    block_gram = gram_p if clip == "hessian" and not static else None
+    rounding = Rounding(grid, scales, grid.scale_columns(k)[perm], static, clip, block_gram)
     inverse = np.argsort(perm)
     ops = choose_ops(device)
     if ops.name == "torch":
         from graphprune.algorithms.gptq_torch import torch_sweep
 
-        codes, scales, keep_p = torch_sweep(w_p, keep_p, gram_p, pattern, blocksize, percdamp, rounder_args, ops)
+        codes, scales, keep_p = torch_sweep(w_p, keep_p, gram_p, pattern, blocksize, percdamp, rounding, ops)
         return codes[:, inverse], scales, keep_p[:, inverse]
-    rounder = ColumnRounder(*rounder_args)
+    rounder = ColumnRounder(rounding)
     hinv_u = _inverse_cholesky_upper(gram_p, w_p, percdamp)
     hinv_w = hinv_u.astype(dtype, copy=False)
     obs_blocks(w_p, keep_p, hinv_w, np.diag(hinv_u).copy(), pattern, blocksize, NumpyBackend(dtype), rounder)

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from graphprune.algorithms.gptq import ColumnRounder
-from graphprune.algorithms.quant_grid import QuantGrid
+from graphprune.algorithms.gptq import ColumnRounder, Rounding
 from graphprune.algorithms.sparsegpt import obs_blocks
 from graphprune.algorithms.sparsegpt_torch import TorchBackend, _inverse_cholesky_upper
 
@@ -27,21 +26,25 @@ class TorchColumnRounder(ColumnRounder):
     """:class:`~graphprune.algorithms.gptq.ColumnRounder` on torch tensors; codes held as float32 values (exact
     for int8, int4 and E4M3 codes) until the end, since few torch kernels take float8 tensors."""
 
-    def __init__(self, grid: QuantGrid, scales: np.ndarray, block_of: np.ndarray, static: bool, ops: TorchOps):
-        super().__init__(grid, scales, block_of, static)
+    def __init__(self, rounding: Rounding, ops: TorchOps):
+        super().__init__(rounding)
         self.torch = ops.torch
-        self.scales: Any = self.torch.as_tensor(scales, dtype=self.torch.float32, device=ops.device)
+        self.scales: Any = self.torch.as_tensor(rounding.scales, dtype=self.torch.float32, device=ops.device)
         self.codes: Any = self.torch.zeros(self.codes.shape, dtype=self.torch.float32, device=ops.device)
-        self.qmax = self.torch.tensor(grid.qmax, dtype=self.torch.float32, device=ops.device)
+        self.qmax = self.torch.tensor(rounding.grid.qmax, dtype=self.torch.float32, device=ops.device)
 
     def column(self, j: int, i: int, w1: Any, keep1: Any) -> Any:
         torch = self.torch
         b = int(self.block_of[j])
         if self.dynamic and j % int(self.grid.block_size) == 0:  # type: ignore[arg-type]  # dynamic: block_size set
             span = slice(i, i + int(self.grid.block_size))  # type: ignore[arg-type]  # as above
-            absmax = torch.where(keep1[:, span], w1[:, span], 0.0).float().abs().amax(dim=1)
-            scale = absmax / self.qmax
-            self.scales[:, b] = torch.where(scale > 0, scale, 1.0)
+            block = torch.where(keep1[:, span], w1[:, span], 0.0)
+            if self.clip != "none":  # the search on the host: once per scale block, not per column
+                searched = self.searched(j, block.cpu().numpy())
+                self.scales[:, b] = torch.as_tensor(searched, device=self.scales.device)
+            else:
+                scale = block.float().abs().amax(dim=1) / self.qmax
+                self.scales[:, b] = torch.where(scale > 0, scale, 1.0)
         scale = self.scales[:, b].to(w1.dtype)
         ratio = w1[:, i] / scale
         if self.grid.precision == "fp8":
@@ -63,7 +66,7 @@ def torch_sweep(
     pattern: Any,
     blocksize: int,
     percdamp: float,
-    rounder_args: tuple[QuantGrid, np.ndarray, np.ndarray, bool],
+    rounding: Rounding,
     ops: TorchOps,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The OBS loop with rounding on ``ops``' device: the permuted weight, mask and Gram matrix in, the codes,
@@ -72,7 +75,7 @@ def torch_sweep(
     w = ops.asarray(w_p, w_p.dtype.type)
     keep = torch.as_tensor(keep_p, device=ops.device)
     hinv_u = _inverse_cholesky_upper(torch, ops.asarray(gram_p, np.float64), w, percdamp)
-    rounder = TorchColumnRounder(*rounder_args, ops)
+    rounder = TorchColumnRounder(rounding, ops)
     obs_blocks(
         w, keep, hinv_u.to(w.dtype), hinv_u.diagonal().clone(), pattern, blocksize, TorchBackend(ops), rounder
     )

@@ -48,6 +48,34 @@ def quantize(
             "Example: --method rtn"
         ),
     ] = "rtn",
+    act_order: Annotated[
+        bool,
+        typer.Option(
+            help="--method gptq: round the columns in order of descending input energy (Gram diagonal) while the "
+            "block scales stay those of the original weights (static groups), so the int4 blocks along K are "
+            "the file's blocks. Example: --act-order"
+        ),
+    ] = False,
+    weight_clip: Annotated[
+        str,
+        typer.Option(
+            help="Weight scales: none (absmax of each group), mse (the shrink of the absmax, 1.0 down to 0.6, "
+            "with the smallest rounding error of the group's weights) or hessian (the same, the error weighted "
+            "by the calibration Gram matrix; needs --calib or --stats). Example: --weight-clip hessian"
+        ),
+    ] = "none",
+    percdamp: Annotated[
+        float,
+        typer.Option(help="--method gptq: dampening, a fraction of mean(diag XᵀX). Example: --percdamp 0.01"),
+    ] = 0.01,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            help="--method gptq: measure each block's Gram matrices on the model whose earlier blocks are already "
+            "quantized, as the GPTQ reference does (about one more inference pass; needs --calib). "
+            "Example: --sequential"
+        ),
+    ] = False,
     smooth: Annotated[
         float | None,
         typer.Option(
@@ -168,6 +196,10 @@ def quantize(
         clip=clip,  # type: ignore[arg-type]  # typer's str; QuantizeConfig checks the Literal
         percentile=percentile,
         bmm=bmm,
+        weight_clip=weight_clip,  # type: ignore[arg-type]  # as above
+        act_order=act_order,
+        percdamp=percdamp,
+        sequential=sequential,
     )
     config.validate()
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from graphprune.algorithms.clip_search import CLIP_MODES, ClipMode
 from graphprune.errors import GraphpruneError
 
 Precision = Literal["int8", "fp8", "int4"]
@@ -29,6 +30,10 @@ class QuantizeConfig:
     also quantizes the MatMuls of two activations (attention's Q·Kᵀ and probabilities·V), both operands per
     tensor, with static scales only (int8, fp8). ``target`` ``ort`` also moves the exporter's softmax NaN guards
     past the probabilities·V MatMul (:mod:`graphprune.quantize.guards`), a rewrite that only ONNX Runtime needs.
+    ``weight_clip``: each weight scale is the best clip of its group's absmax (``mse``: weight error;
+    ``hessian``: error weighted by the Gram matrix, so it needs calibration). GPTQ's ``act_order`` (columns by descending Gram diagonal, scales fixed up front
+    from the original weights), ``percdamp`` and ``sequential`` (each block's Grams measured on the model whose
+    earlier blocks are already quantized) apply to ``method="gptq"`` only.
     """
 
     precision: Precision = "int8"
@@ -43,6 +48,10 @@ class QuantizeConfig:
     clip: Clip = "minmax"
     percentile: float = 99.99  # clip "percentile": the share of |x| (in %) the range must hold
     bmm: bool = False  # off: measured no faster on ONNX Runtime's CPU, and a quality cost (BENCHMARKS.md)
+    weight_clip: ClipMode = "none"
+    act_order: bool = False
+    percdamp: float = 0.01
+    sequential: bool = False
 
     def validate(self) -> None:
         if self.precision not in MIN_OPSET:
@@ -71,6 +80,12 @@ class QuantizeConfig:
             )
         if not 50.0 < self.percentile <= 100.0:
             raise GraphpruneError(f"percentile {self.percentile} must be above 50 and at most 100 (e.g. 99.99)")
+        if self.weight_clip not in CLIP_MODES:
+            raise GraphpruneError(f"unknown weight clip {self.weight_clip!r}: choose none, mse or hessian")
+        if self.method != "gptq" and (self.act_order or self.sequential or self.percdamp != 0.01):
+            raise GraphpruneError("`act_order`, `sequential` and `percdamp` are options of the gptq method")
+        if not 0.0 < self.percdamp < 1.0:
+            raise GraphpruneError(f"dampening {self.percdamp} must be a fraction between 0 and 1 (0.01 is usual)")
         if self.smooth is not None and self.precision == "int4":
             raise GraphpruneError(
                 "smoothing moves range into the weights for quantized activations; int4 is weight-only"
@@ -84,6 +99,11 @@ class QuantizeConfig:
     def needs_ranges(self) -> bool:
         """Calibrated activation ranges: static scales, or smoothing's per-channel maxima."""
         return (self.quantizes_activations and not self.dynamic) or self.smooth is not None
+
+    @property
+    def needs_grams(self) -> bool:
+        """Gram matrices: GPTQ, or the Gram-weighted clip search."""
+        return self.method == "gptq" or self.weight_clip == "hessian"
 
     @property
     def opset(self) -> int:

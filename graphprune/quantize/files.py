@@ -23,7 +23,7 @@ from graphprune.graph.targets import Target
 from graphprune.pipeline.files import report_path
 from graphprune.quantize.clip import clip_fractions
 from graphprune.quantize.config import QuantizeConfig
-from graphprune.quantize.gptq_weights import gptq_codes, gram_statistics
+from graphprune.quantize.gptq_weights import gram_statistics, solved_codes
 from graphprune.quantize.opset import require_opset
 from graphprune.quantize.ort_rewrites import rewrite_for_ort
 from graphprune.quantize.passes import QuantizePass, QuantizeResult
@@ -61,11 +61,14 @@ class QuantizeReport:
 
 @dataclass
 class Measured:
-    """What calibration gave: activation ranges (per channel), Gram matrices for GPTQ, and its warnings."""
+    """What calibration gave: activation ranges (per channel), Gram matrices for GPTQ (or, for sequential GPTQ,
+    the calibration batches and providers it measures them on, block by block), and its warnings."""
 
     ranges: dict[str, ChannelRange] = field(default_factory=dict)
     grams: ActivationStats | None = None
     warnings: list[str] = field(default_factory=list)
+    batches: list[dict[str, np.ndarray]] = field(default_factory=list)
+    providers: list[str] = field(default_factory=list)
 
 
 def measure(
@@ -83,7 +86,14 @@ def measure(
         stage("calibrating activation ranges")
         measured.ranges, more = collect_ranges(model, plan.activations, calibration or CalibrationRequest())
         measured.warnings += more
-    if config.method == "gptq":
+    if config.sequential:
+        from graphprune.calibration.providers import resolve_providers
+
+        assert calibration is not None  # quantize_file refuses sequential runs without calibration data
+        measured.batches, more = calibration.batches(model)
+        measured.providers = resolve_providers(calibration.provider)
+        measured.warnings += more
+    elif config.needs_grams:
         stage("calibrating Gram matrices")
         saved = ActivationStats.load(stats, plan.targets) if stats else None
         measured.grams = gram_statistics(model_path, plan.targets, saved, calibration or CalibrationRequest())
@@ -123,10 +133,16 @@ def quantize_model(
         quantized = dict.fromkeys(c.activation for t in plan.targets for c in t.consumers)
         request = calibration or CalibrationRequest()
         clips = clip_fractions(model, {a: ranges[a] for a in quantized}, config, request)
-    solved = {}
-    if measured.grams is not None and config.method == "gptq":
-        stage("GPTQ")
-        solved = gptq_codes(model, plan.targets, QuantizePass.grid_of(config), measured.grams, scales)
+    solved: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if config.sequential:
+        from graphprune.quantize.sequential import solve_sequentially
+
+        stage("GPTQ, block by block")
+        solved, more = solve_sequentially(model, plan.targets, config, measured.batches, measured.providers)
+        warnings += [w for w in more if w not in warnings]
+    elif config.method == "gptq" or config.weight_clip != "none":
+        stage("GPTQ" if config.method == "gptq" else "searching the weight scales")
+        solved = solved_codes(model, plan.targets, config, measured.grams, scales)
     stage("quantizing")
     result = QuantizePass(
         config=config, targets=plan.targets, ranges=ranges, solved=solved, clips=clips, matmuls=plan.matmuls
@@ -176,6 +192,10 @@ def quantize_file(
     saved with Grams) or from ``calibration``. Returns the model path and the report.
     """
     config.validate()
+    if config.sequential and (calibration is None or calibration.data is None):
+        raise GraphpruneError("`sequential` needs calibration data: pass `calib` data")
+    if config.sequential and stats:
+        raise GraphpruneError("`sequential` measures its Gram matrices on the quantized blocks: drop `stats`")
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_quantized_output(model_path, config)
     outputs = OutputPlan([*(calibration.files() if calibration else ()), *([stats] if stats else [])], force)

@@ -31,9 +31,10 @@ class QuantizeConfig:
     tensor, with static scales only (int8, fp8). ``target`` ``ort`` also moves the exporter's softmax NaN guards
     past the probabilities·V MatMul (:mod:`graphprune.quantize.guards`), a rewrite that only ONNX Runtime needs.
     ``weight_clip``: each weight scale is the best clip of its group's absmax (``mse``: weight error;
-    ``hessian``: error weighted by the Gram matrix, so it needs calibration). GPTQ's ``act_order`` (columns by descending Gram diagonal, scales fixed up front
-    from the original weights), ``percdamp`` and ``sequential`` (each block's Grams measured on the model whose
-    earlier blocks are already quantized) apply to ``method="gptq"`` only.
+    ``hessian``: error weighted by the Gram matrix, so it needs calibration). GPTQ's ``act_order`` (columns by
+    descending Gram diagonal, scales fixed up front from the original weights), ``percdamp`` and ``sequential``
+    (each block's Grams measured on the model whose earlier blocks are already quantized) apply to
+    ``method="gptq"`` only.
     """
 
     precision: Precision = "int8"

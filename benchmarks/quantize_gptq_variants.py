@@ -56,13 +56,17 @@ def one_run(name: str, args: argparse.Namespace) -> dict:
     if name == "fp32":
         return {"run": name, "ppl": perplexity(args.base, args.eval), "cpu_seconds": 0.0}
     out = args.workdir / f"{args.base.stem}_{name}.onnx"
-    cli = ["quantize", str(args.base), "--precision", "int4", "--block-size", "128", *RUNS[name]]
+    cli = ["quantize", str(args.base), "--precision", "int4", "--block-size", str(args.block_size)]
+    cli += RUNS[name]
     if "--sequential" in RUNS[name]:
         cli += ["--calib", str(args.calib), "--batch-size", "8"]
     elif name in NEEDS_GRAMS:
         cli += ["--stats", str(grams(args))]
     seconds, cpu, peak, _ = timed([*cli, "-o", str(out), "--force", "--json"], None)
-    result = {"run": name, "ppl": perplexity(out, args.eval), "cpu_seconds": cpu, "seconds": seconds}
+    run = name if args.block_size == 128 else f"{name}@g{args.block_size}"  # g128 rows keep their old names
+    weights = len(json.loads(out.with_suffix(".report.json").read_text())["weights"])
+    result = {"run": run, "ppl": perplexity(out, args.eval), "cpu_seconds": cpu, "seconds": seconds}
+    result["int4_weights"] = weights
     out.unlink()  # 150 MB each: only the figures are kept
     return {**result, "peak_mb": peak}
 
@@ -79,7 +83,7 @@ def record(args: argparse.Namespace, result: dict) -> None:
 def table(results: list[dict], base: str) -> str:
     rows = [r for r in results if r.get("base") == base]
     fp32 = next((r["ppl"] for r in rows if r["run"] == "fp32"), None)
-    rtn = next((r["ppl"] for r in rows if r["run"] == "rtn"), None)
+    rtn = {r["run"].partition("@")[2]: r["ppl"] for r in rows if r["run"].partition("@")[0] == "rtn"}
     lines = ["| run | quantize options | perplexity (32 windows) | x FP32 | vs rtn | CPU s |"]
     lines.append("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
@@ -87,8 +91,10 @@ def table(results: list[dict], base: str) -> str:
             lines.append(f"| {r['run']} | Gram matrices, 64 windows | - | - | - | {r['cpu_seconds']:.0f} |")
             continue
         ratio = f"{r['ppl'] / fp32:.3f}" if fp32 else "-"
-        gain = f"{r['ppl'] / rtn - 1:+.1%}" if rtn else "-"
-        options = " ".join(RUNS.get(r["run"], ["(the base model)"]))
+        name, _, block = r["run"].partition("@")
+        gain = f"{r['ppl'] / rtn[block] - 1:+.1%}" if block in rtn else "-"
+        size = [f"--block-size {block[1:]}"] if block else []
+        options = " ".join([*RUNS.get(name, ["(the base model)"]), *size])
         lines.append(f"| {r['run']} | `{options}` | {r['ppl']:.2f} | {ratio} | {gain} | {r['cpu_seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -102,6 +108,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphprune-gptq-variants"))
     parser.add_argument("--grams", type=Path, help="saved Gram matrices of the base model (default: made once)")
     parser.add_argument("--runs", nargs="*", default=["fp32", "rtn", "gptq", "gptq-act-hclip"])
+    parser.add_argument("--block-size", type=int, default=128, help="int4 block along K (rows NAME@gB)")
     parser.add_argument("--table", action="store_true", help="only print the table of the results so far")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -46,9 +46,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from smollm2_quality import CACHE, REFERENCE, timed  # noqa: E402
 
-if not REFERENCE.exists():  # a worktree one level deeper than the main checkout (wt/NAME)
-    REFERENCE = HERE.parents[2] / "shared" / "reference"
-
 GENRES = CACHE / "genres"
 SEQLEN, BOS = 512, 1
 PLAYS = ("tempest_gut.txt", "lear_gut.txt", "hamlet_gut.txt")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-REFERENCE = HERE.parent.parent / "shared" / "reference"
-CACHE = Path(os.environ.get("GRAPHPRUNE_CACHE", Path.home() / ".cache" / "graphprune"))
+sys.path.insert(0, str(HERE))
+from smollm2_quality import CACHE, REFERENCE  # noqa: E402
 
 
 def config_of(run: str):  # type: ignore[no-untyped-def]

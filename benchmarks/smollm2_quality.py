@@ -25,7 +25,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REFERENCE = HERE.parent.parent / "shared" / "reference"
+# ../shared/reference beside the checkout; a git worktree sits deeper (wt/NAME), so look up the parents.
+REFERENCE = next(
+    (p / "shared" / "reference" for p in HERE.parents if (p / "shared" / "reference").is_dir()),
+    HERE.parent.parent / "shared" / "reference",
+)
 CACHE = Path(os.environ.get("GRAPHPRUNE_CACHE", Path.home() / ".cache" / "graphprune"))
 DEFAULT_RUNS = [
     "dense",

@@ -94,9 +94,14 @@ class TapBuilder:
         return out
 
     def const(self, values: list[int], hint: str) -> ir.Value:
+        return self.array(np.array(values, dtype=np.int64), hint)
+
+    def array(self, array: np.ndarray, hint: str, dtype: ir.DataType | None = None) -> ir.Value:
+        """A constant the taps read; ``dtype`` where numpy's type does not name it (e.g. float8 codes)."""
         name = self.fresh(hint)
-        value = ir.Value(name=name, const_value=ir.tensor(np.array(values, dtype=np.int64), name=name))
-        value.dtype, value.shape = ir.DataType.INT64, ir.Shape([len(values)])
+        tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
+        value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype))
+        value.shape = ir.Shape(array.shape)
         self.plan.constants.append(value)
         return value
 

@@ -75,23 +75,6 @@ def choose_fraction(scores: ClipScores, method: str, percentile: float) -> float
     return float(CLIP_FRACTIONS[int(within.max(initial=0))])
 
 
-def _constant(b: TapBuilder, array: np.ndarray, hint: str, dtype: ir.DataType | None = None) -> ir.Value:
-    """A constant the taps read (float scales, code-typed zero points): ``TapBuilder.const`` makes int64 only."""
-    name = b.fresh(hint)
-    tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
-    b.plan.constants.append(value)
-    return value
-
-
-def _reduce(b: TapBuilder, op: str, x: ir.Value) -> ir.Value:
-    """``op`` (ReduceSum or ReduceSumSquare) over axis 1 of a [K, n] tensor: an input from opset 18 (13 for
-    ReduceSum), an attribute before."""
-    if b.opset >= (13 if op == "ReduceSum" else 18):
-        return b.node(op, [x, b.const([1], "axes")], op.lower(), keepdims=0)
-    return b.node(op, [x], op.lower(), axes=[1], keepdims=0)
-
-
 @contextmanager
 def _clip_taps(
     model: ir.Model, ranges: Mapping[str, ChannelRange], config: QuantizeConfig, method: str
@@ -111,17 +94,17 @@ def _clip_taps(
             if method == "mse":
                 scales, zeros, kind = candidate_grids(config, low, high)
                 wide = b.node("Expand", [flat, b.const([k, 1], "shape")], "candidates")
-                s = _constant(b, scales, "scales")
-                z = _constant(b, zeros, "zero_points", CODE_TYPES[kind][1])
+                s = b.array(scales, "scales")
+                z = b.array(zeros, "zero_points", CODE_TYPES[kind][1])
                 q = b.node("QuantizeLinear", [wide, s, z], "quantized", axis=0)
                 dq = b.node("DequantizeLinear", [q, s, z], "dequantized", axis=0)
-                score = _reduce(b, "ReduceSumSquare", b.node("Sub", [dq, flat], "error"))
+                score = b.reduce_sumsq(b.node("Sub", [dq, flat], "error"), [1])
                 dtype = ir.DataType.FLOAT
             else:
                 peak = max(abs(low), abs(high))
-                thresholds = _constant(b, (CLIP_FRACTIONS * peak).astype(np.float32)[:, None], "thresholds")
+                thresholds = b.array((CLIP_FRACTIONS * peak).astype(np.float32)[:, None], "thresholds")
                 above = b.node("Greater", [b.node("Abs", [flat], "abs"), thresholds], "above")
-                score = _reduce(b, "ReduceSum", b.node("Cast", [above], "count", to=ir.DataType.INT64.value))
+                score = b.reduce_sum(b.node("Cast", [above], "count", to=ir.DataType.INT64.value), [1])
                 dtype = ir.DataType.INT64
             b.output(score, dtype, [k])
             size = b.node("Size", [flat], "size")

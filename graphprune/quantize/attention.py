@@ -57,12 +57,12 @@ def find_activation_matmuls(graph: ir.Graph) -> list[ActivationMatMul]:
 def _is_softmax(value: ir.Value) -> bool:
     """A softmax's output, directly or through the exporter's guard ``Where(IsNaN(p), 0, p)``."""
     node = value.producer()
-    if node is not None and node.op_type == "Where" and _is_nan_guard(node):
-        node = node.inputs[2].producer()  # type: ignore[union-attr]  # checked by _is_nan_guard
+    if node is not None and node.op_type == "Where" and is_nan_guard(node):
+        node = node.inputs[2].producer()  # type: ignore[union-attr]  # checked by is_nan_guard
     return node is not None and node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
 
 
-def _is_nan_guard(where: ir.Node) -> bool:
+def is_nan_guard(where: ir.Node) -> bool:
     """``Where(IsNaN(p), 0, p)``: NaN probabilities (a fully masked row) replaced by zeros."""
     if len(where.inputs) != 3:
         return False

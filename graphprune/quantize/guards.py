@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.quantize.attention import is_zero
+from graphprune.quantize.attention import is_nan_guard
 from graphprune.quantize.qdq import Names, constant
 
 
@@ -68,13 +68,10 @@ def move_nan_guards(model: ir.Model) -> list[str]:
 
 def _guarded_matmul(graph: ir.Graph, where: ir.Node) -> ir.Node | None:
     """The MatMul that alone reads a softmax NaN guard ``where`` as its first operand, else None."""
-    if where.op_type != "Where" or where.domain not in ("", "ai.onnx") or len(where.inputs) != 3:
+    if where.op_type != "Where" or where.domain not in ("", "ai.onnx") or not is_nan_guard(where):
         return None
-    cond, zero, p = where.inputs
-    test = cond.producer() if cond is not None else None
+    cond, _, p = where.inputs
     softmax = p.producer() if p is not None else None
-    if test is None or test.op_type != "IsNaN" or test.inputs[0] is not p or not is_zero(zero):
-        return None
     if softmax is None or softmax.op_type != "Softmax" or softmax.domain not in ("", "ai.onnx"):
         return None
     axis = softmax.attributes.get_int("axis", -1)

@@ -202,7 +202,8 @@ def _sweep(
     static = act_order or grid.block_size is None
     # Static scales from the kept weights; a pruned position's value is removed (and compensated) in the sweep.
     if static:
-        scales = searched_scales(np.where(keep, w, 0.0), grid, clip, np.asarray(gram, dtype=np.float64))
+        hessian = gram if clip == "hessian" else None  # read only by the hessian clip: no float64 K x K copy
+        scales = searched_scales(np.where(keep, w, 0.0), grid, clip, hessian)
     else:
         scales = np.ones((rows, n_blocks), np.float32)
     w_p = np.ascontiguousarray(w[:, perm])

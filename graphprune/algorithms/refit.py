@@ -143,20 +143,18 @@ def removal_costs(
     Damped as :func:`refit` damps (``λ`` on the diagonal of ``Σ``).
     """
     w = np.asarray(weight, dtype=np.float64)
-    g = np.asarray(gram, dtype=np.float64)
-    mu = np.asarray(mean, dtype=np.float64)
     k = w.shape[1]
     if k % unit_size:
         raise ValueError(f"{k} channels do not split into units of {unit_size}")
+    return _unit_costs(w, _inverse_covariance(gram, mean, percdamp), unit_size)
+
+
+def _inverse_covariance(gram: np.ndarray, mean: np.ndarray, percdamp: float) -> np.ndarray:
+    """``Σ⁻¹``, ``Σ = G - μμᵀ``, damped as :func:`refit` damps (``λ`` on the diagonal of ``Σ``), float64."""
+    g, mu = np.asarray(gram, np.float64), np.asarray(mean, np.float64)
+    k = g.shape[0]
     inverse, _ = _solve_damped(g - np.outer(mu, mu), np.ones(k), percdamp * float(np.mean(np.diag(g))), np.eye(k))
-    units = k // unit_size
-    costs = np.empty(units)
-    for u in range(units):
-        cols = slice(u * unit_size, (u + 1) * unit_size)
-        block = inverse[cols, cols]
-        wu = w[:, cols]
-        costs[u] = float(np.einsum("ij,ij->", wu, np.linalg.solve(block, wu.T).T))
-    return costs
+    return inverse
 
 
 def greedy_costs(
@@ -218,11 +216,9 @@ class _Walker:
 
     def __init__(self, weight: np.ndarray, gram: np.ndarray, mean: np.ndarray, size: int, units: int, damp: float):
         self.w = np.array(weight, dtype=np.float64)
-        g, mu = np.asarray(gram, np.float64), np.asarray(mean, np.float64)
         if self.w.shape[1] != units * size:
             raise ValueError(f"{self.w.shape[1]} channels do not split into {units} units of {size}")
-        k = self.w.shape[1]
-        self.h, _ = _solve_damped(g - np.outer(mu, mu), np.ones(k), damp * float(np.mean(np.diag(g))), np.eye(k))
+        self.h = _inverse_covariance(gram, mean, damp)
         self.size = size
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (W_:j, H⁻¹_j:, R) per removal
         self._refresh()
@@ -277,12 +273,7 @@ class _Walker:
 
 
 def _unit_costs(w: np.ndarray, inverse: np.ndarray, size: int) -> np.ndarray:
-    """``tr(W_U [H⁻¹_UU]⁻¹ W_Uᵀ)`` per unit U of ``size`` channels (removed units: inf or anything; the caller
-    masks them)."""
-    if size == 1:
-        d = np.diag(inverse)
-        safe = np.where(d > 0, d, 1.0)
-        return np.where(d > 0, np.einsum("ij,ij->j", w, w) / safe, np.inf)
+    """``tr(W_U [H⁻¹_UU]⁻¹ W_Uᵀ)`` per unit U of ``size`` channels (a removed unit, its block all zero: inf)."""
     units = w.shape[1] // size
     out = np.empty(units)
     for u in range(units):

@@ -68,6 +68,10 @@ class ShrinkConfig:
         allocate = self.allocate or ("global" if has_data else "uniform")
         return replace(self, refit=refit, allocate=allocate)
 
+    def pooled(self, group_name: str) -> bool:
+        """Whether the group shares the global budget: no ``overrides`` pattern gives it its own ratio."""
+        return not any(fnmatch.fnmatchcase(group_name, pattern) for pattern, _ in self.overrides)
+
     def ratio_for(self, group_name: str) -> float:
         for pattern, ratio in self.overrides:
             if fnmatch.fnmatchcase(group_name, pattern):
@@ -341,8 +345,8 @@ class _Rounds:
         """The most units group ``i`` can lose now (where obs's greedy walk may stop): up to the cap under global
         allocation, else up to the group's own ratio."""
         g, record, config = self.groups[i], self.records[i], self.config
-        pooled = not any(fnmatch.fnmatchcase(g.name, p) for p, _ in config.overrides)
-        ratio = config.ratio_max if config.allocate != "uniform" and pooled else config.ratio_for(g.name)
+        pooled = config.allocate != "uniform" and config.pooled(g.name)
+        ratio = config.ratio_max if pooled else config.ratio_for(g.name)
         return st.removal_count(record.units_before, ratio, config.round_to) - (record.units_before - g.width)
 
     def remove(
@@ -415,9 +419,7 @@ def _round_counts(
         counts.append(target - (record.units_before - g.width))
     if config.allocate == "uniform":
         return counts
-    pooled = [
-        i for i, g in enumerate(groups) if not any(fnmatch.fnmatchcase(g.name, p) for p, _ in config.overrides)
-    ]
+    pooled = [i for i, g in enumerate(groups) if config.pooled(g.name)]
     for kind in sorted({groups[i].kind for i in pooled}):
         members = [i for i in pooled if groups[i].kind == kind]
         cost = [records[i].parameters_before / records[i].units_before for i in members]

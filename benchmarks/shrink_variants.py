@@ -1,11 +1,12 @@
 """The shrink benchmarks' names for configurations: ``METHOD[+refit][+global][+gramN][+byMETHOD][+dampX]
-[+minX][+maxX]`` (``flap+refit+global``).
+[+minX][+maxX][+seq]`` (``flap+refit+global``).
 
 Without ``+refit`` the consumers get only what the method itself does (flap's bias fold); without ``+global`` every
 group loses the same ratio (uniform); ``+gram4`` measures the Gram matrices on every 4th row; ``+byflap`` shares
 the global budget by flap's scores while METHOD chooses the units inside each group; ``+damp0.1`` sets the refit's
 damping, ``+min0.1``/``+max0.5`` global allocation's least and most per group; ``+error`` allocates globally on the
-raw scores (not standardised).
+raw scores (not standardised); ``+seq`` shrinks group by group on the already shrunk prefix (``sequential``,
+streamed block by block when the benchmark passes its calibration data).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) 
     valued = {"gram": ("gram_stride", int), "by": ("allocate_by", StructuredMethod), "damp": ("damp", float),
               "min": ("ratio_min", float), "max": ("ratio_max", float)}  # fmt: skip
     for flag in flags:
-        if flag in ("refit", "global", "error"):
+        if flag in ("refit", "global", "error", "seq"):
             continue
         prefix = next((p for p in valued if flag.startswith(p) and len(flag) > len(p)), None)
         if prefix is None:
@@ -33,5 +34,6 @@ def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) 
         method=StructuredMethod(method),
         refit="refit" in flags,
         allocate="global" if "global" in flags else "error" if "error" in flags else "uniform",
+        sequential="seq" in flags,
         **options,  # type: ignore[arg-type]
     )

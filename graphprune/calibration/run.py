@@ -97,6 +97,7 @@ class Accumulator:
         self.sumsq = [np.zeros(t.k, dtype=np.float64) for t in plan.taps]
         self.rows = [0 for _ in plan.taps]
         self.gram = [np.zeros((t.k, t.k), dtype=np.float64) if t.gram_output else None for t in plan.taps]
+        self.sums = [np.zeros(t.k, dtype=np.float64) if t.sum_output else None for t in plan.taps]
 
     def add(self, outputs: Sequence[np.ndarray]) -> None:
         for i, tap in enumerate(self.plan.taps):
@@ -105,6 +106,9 @@ class Accumulator:
             g = self.gram[i]
             if g is not None and tap.gram_output is not None:
                 g += outputs[self.index[tap.gram_output]]
+            s = self.sums[i]
+            if s is not None and tap.sum_output is not None:
+                s += outputs[self.index[tap.sum_output]]
 
     def result(self, targets: Sequence[Target], warnings: list[str]) -> ActivationStats:
         reads: dict[str, list[int]] = {}
@@ -114,6 +118,7 @@ class Accumulator:
         sumsq: dict[str, np.ndarray] = {}
         rows: dict[str, int] = {}
         gram: dict[str, np.ndarray] = {}
+        sums: dict[str, np.ndarray] = {}
         for t in targets:
             idx = reads.get(t.name, [])
             sumsq[t.name] = sum((self.sumsq[i] for i in idx), np.zeros(t.k, dtype=np.float64))
@@ -121,6 +126,9 @@ class Accumulator:
             grams = [g for i in idx if (g := self.gram[i]) is not None]
             if grams and len(grams) == len(idx):
                 gram[t.name] = grams[0] if len(grams) == 1 else sum(grams[1:], grams[0].copy())
+            parts = [s for i in idx if (s := self.sums[i]) is not None]
+            if parts and len(parts) == len(idx):
+                sums[t.name] = sum(parts[1:], parts[0].copy())
             warnings.extend(_health(t.name, sumsq[t.name], rows[t.name]))
         return ActivationStats(
             sumsq=sumsq,
@@ -129,6 +137,7 @@ class Accumulator:
             model_fingerprint=fingerprint(targets),
             gram=gram,
             warnings=warnings,
+            sums=sums,
         )
 
 

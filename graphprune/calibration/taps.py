@@ -42,6 +42,7 @@ class Tap:
     size_output: str  # int64 scalar: number of elements of ``activation``; rows = size / K
     gram_output: str | None  # float32 [K, K], when asked for and possible
     targets: tuple[str, ...]  # one entry per consumer that reads this activation along this axis
+    sum_output: str | None = None  # float32 [K]: Σx per channel, when asked for (the refit's bias needs E[x])
 
 
 @dataclass(kw_only=True)
@@ -158,10 +159,12 @@ def plan_taps(
     targets: Sequence[Target],
     gram: bool = False,
     types: Mapping[str, tuple[int, int | None]] | None = None,
+    sums: bool = False,
 ) -> Iterator[TapPlan]:
     """The taps for ``targets``, connected to the model's values for the duration of the block.
 
-    ``types`` is :func:`value_types` of the model when the caller has it (sequential calibration plans many).
+    ``types`` is :func:`value_types` of the model when the caller has it (sequential calibration plans many);
+    ``sums`` adds Σx per channel (with ``gram``, the refit of ``shrink`` solves the bias from it).
     """
     graph = model.graph
     values = values_by_name(graph)
@@ -199,9 +202,12 @@ def plan_taps(
             x = as_float[activation]
             sumsq = _sumsq(b, x, axis, rank, k)
             b.output(sumsq, ir.DataType.FLOAT, [k])
-            gram_out = None
+            rows = as_rows(b, x, axis, rank, k) if gram or sums else None
+            sum_out = gram_out = None
+            if sums and rows is not None:
+                sum_out = b.reduce_sum(rows, [0])
+                b.output(sum_out, ir.DataType.FLOAT, [k])
             if gram:
-                rows = as_rows(b, x, axis, rank, k)
                 if rows is None:
                     plan.warnings.append(
                         f"no Gram for {activation!r}: its rank is unknown and K is not its last axis"
@@ -218,6 +224,7 @@ def plan_taps(
                     size_output=str(sizes[activation].name),
                     gram_output=_name(gram_out),
                     targets=tuple(names),
+                    sum_output=_name(sum_out),
                 )
             )
         yield plan

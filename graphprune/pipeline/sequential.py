@@ -152,6 +152,7 @@ class SequentialCalibration:
     store: BoundaryTensors = field(default_factory=BoundaryTensors)
     rerun_pruned: bool = True
     dense: DenseStream | None = None  # dense targets: the dense model's stream and the cross-Gram taps
+    sums: bool = False  # also Σx per channel (shrink's refit solves the bias from the mean)
 
     def run(self, targets: Sequence[Target], prune_group: PruneGroup) -> int:
         """Calibrate and prune every group in order; returns the number of groups."""
@@ -186,7 +187,7 @@ class SequentialCalibration:
 
     def _calibrate(self, group: list[Target]) -> ActivationStats:
         group_nodes = {node for node, (t, _) in self._consumers.items() if t in group}
-        with plan_taps(self.model, group, self.gram, self._types) as plan:
+        with plan_taps(self.model, group, self.gram, self._types, self.sums) as plan:
             self.warnings.extend(plan.warnings)
             wanted = [
                 v for node in plan.nodes for v in node.inputs if v is not None and v.producer() not in plan.nodes

@@ -32,6 +32,7 @@ from graphprune.graph.blocks import bypass_blocks, find_blocks
 from graphprune.graph.groups import Group, GroupSkip, Slot, find_groups
 from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass, parameter_count
+from graphprune.pipeline.shrink_stream import shrink_streamed, stream_targets
 
 UNIT_KINDS = ("mlp", "heads", "channels")
 ALLOCATIONS = ("uniform", "global", "error")  # error: global on raw scores, not standardised
@@ -228,7 +229,7 @@ def shrink_model(
     if config.blocks:
         _remove_blocks(model, config.blocks, measure, report, stage)  # type: ignore[arg-type]  # not None: --blocks needs data (checked above)
     if config.ratio is not None:
-        _shrink_groups(model, config, measure, report, stage)
+        _shrink_groups(model, config, measure, report, stage, calibration)
     report.parameters_after = parameter_count(model)
     return report
 
@@ -257,6 +258,7 @@ def _shrink_groups(
     measure: Measure | None,
     report: ShrinkReport,
     stage: Progress,
+    calibration: CalibrationRequest | None = None,
 ) -> None:
     assert config.ratio is not None
     scan = find_groups(model, config.units)
@@ -280,7 +282,7 @@ def _shrink_groups(
     ]
     rounds = _Rounds(model, config, measure, report, groups, records)
     if config.sequential:
-        _one_by_one(rounds, stage)
+        _one_by_one(rounds, stage, calibration)
     else:
         everything = list(range(len(groups)))
         for step in range(1, config.steps + 1):
@@ -376,10 +378,12 @@ class _Rounds:
         ShrinkPass(removals)(self.model)
 
 
-def _one_by_one(rounds: _Rounds, stage: Progress) -> None:
+def _one_by_one(rounds: _Rounds, stage: Progress, calibration: CalibrationRequest | None = None) -> None:
     """Each group in graph order, its units and its refit from its statistics on the already shrunk prefix.
 
-    Global allocation needs every group's scores at once: it allocates once on the dense model's."""
+    Global allocation needs every group's scores at once: it allocates once on the dense model's. With
+    ``calibration`` the prefix is streamed block by block (:mod:`.shrink_stream`: about one inference in all);
+    without it, or where the groups do not fall into blocks, every group is measured by a run of its own."""
     groups, records, config = rounds.groups, rounds.records, rounds.config
     counts = None
     if config.allocate != "uniform":
@@ -389,12 +393,32 @@ def _one_by_one(rounds: _Rounds, stage: Progress) -> None:
         shares = rounds.allocation_scores(everything, moments, rounds.scores(everything, moments))
         counts = _round_counts(groups, records, shares, config, 1.0)
     order = _in_graph_order(rounds.model, groups)
-    for n, i in enumerate(order, 1):
-        stage(f"group {n} of {len(order)}: calibrating on the shrunk prefix")
-        moments = rounds.measure([i])
+
+    def shrink_group(i: int, moments: Moments | None) -> None:
         scores = rounds.scores([i], moments)
         own = _round_counts([groups[i]], [records[i]], scores, config, 1.0)[0]
         rounds.remove([i], [counts[i] if counts is not None else own], scores, moments)
+
+    measured = config.method is not StructuredMethod.L2 or config.refit
+    targets = stream_targets(rounds.model, groups) if calibration is not None and measured else None
+    if targets is not None:
+        assert calibration is not None
+        gram = bool(config.refit) or config.method is StructuredMethod.OBS
+        warnings = shrink_streamed(
+            rounds.model,
+            groups,
+            order,
+            targets,
+            calibration,
+            gram,
+            shrink_group,
+            lambda done, total: stage(f"block {done} of {total} measured on the shrunk prefix and shrunk"),
+        )
+        rounds.report.warnings += [w for w in warnings if w not in rounds.report.warnings]
+        return
+    for n, i in enumerate(order, 1):
+        stage(f"group {n} of {len(order)}: calibrating on the shrunk prefix")
+        shrink_group(i, rounds.measure([i]))
 
 
 def _in_graph_order(model: ir.Model, groups: list[Group]) -> list[int]:

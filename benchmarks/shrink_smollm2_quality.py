@@ -69,6 +69,13 @@ def main() -> None:
         "--heads", type=float, nargs="*", default=[], help="also remove this ratio of heads (KV groups) with flap"
     )
     parser.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="choose options without the Brown windows: calibrate on the first 64-N reference calibration windows "
+        "and measure perplexity on the last N of them (give --moments a file of its own)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=Path(__file__).parent / "results" / "shrink_smollm2_quality.json"
     )
     args = parser.parse_args()
@@ -78,6 +85,11 @@ def main() -> None:
         time_refit(args.model, args.time_windows, args.json.with_name("shrink_smollm2_refit_time.json"))
         return
     windows = np.load(REFERENCE / "smollm2_brown_eval.npz")["input_ids"]
+    if args.holdout:  # the calibration windows split in two: the Brown held-out windows are not read
+        data = np.load(REFERENCE / "smollm2_brown_calib.npz")
+        split = len(data["input_ids"]) - args.holdout
+        calibration = CalibrationRequest(data={k: data[k][:split] for k in data.files}, batch_size=8)
+        windows = data["input_ids"][split:]
     previous = json.loads(args.json.read_text()) if args.json.exists() else {}
     if args.moments is not None and args.moments.exists():
         moments = load_moments(args.moments)

@@ -384,3 +384,31 @@ def test_gram_from_blocks_of_the_upper_triangle_equals_numpy(block: int, monkeyp
     x = calib["x"].astype(np.float64)
     h = (silu(x @ net.weights["gate"]) * (x @ net.weights["up"])).reshape(-1, 12)
     np.testing.assert_allclose(moments.grams["h"], h.T @ h, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_target_refit_equals_numpy_least_squares_of_the_dense_output() -> None:
+    rng = np.random.default_rng(5701)  # this function's own data, whatever ran before
+    x_d, w, _ = _data(seed=11)
+    x_s = x_d + 0.3 * rng.normal(size=x_d.shape) @ rng.normal(size=(12, 12)) / 4  # a perturbed (shrunk) prefix
+    b = rng.normal(size=w.shape[0])
+    kept = np.array([0, 2, 3, 5, 6, 8, 9, 11])
+    n = len(x_s)
+    gram, mean = x_s.T @ x_s / n, x_s.mean(axis=0)
+    solved = refit(w, gram, mean, kept, 0.0, target=(x_d.T @ x_s / n, x_d.mean(axis=0)))
+    design = np.concatenate([x_s[:, kept], np.ones((n, 1))], axis=1)
+    reference = np.linalg.lstsq(design, x_d @ w.T + b, rcond=None)[0]  # W x_d + b ≈ Ŵ_S x_s + b̂
+    np.testing.assert_allclose(solved.weight, reference[:-1].T, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b + solved.bias_delta, reference[-1], rtol=1e-6, atol=1e-8)
+    # with nothing shrunk upstream (x_d = x_s) the dense target is today's refit, damped or not
+    for damp in (0.0, 0.1):
+        same = refit(w, gram, mean, kept, damp, target=(gram, mean))
+        today = refit(w, gram, mean, kept, damp)
+        np.testing.assert_allclose(same.weight, today.weight, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(same.bias_delta, today.bias_delta, rtol=1e-9, atol=1e-10)
+
+
+def test_dense_target_refit_without_the_dense_mean_is_refused() -> None:
+    x, w, _ = _data(seed=12)
+    gram, mean = x.T @ x / len(x), x.mean(axis=0)
+    with pytest.raises(ValueError, match="dense input's mean"):
+        refit(w, gram, mean, np.arange(6), 0.01, target=(gram, None))

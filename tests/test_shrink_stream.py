@@ -14,6 +14,7 @@ import graphprune.pipeline.shrink as shrink_module
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.run import calibrate
+from graphprune.errors import GraphpruneError
 from graphprune.graph.targets import find_targets
 from graphprune.pipeline.shrink import ShrinkConfig, calibrated, shrink_model
 from tests.decoder_models import decoder_like, feeds
@@ -131,3 +132,69 @@ def test_sequential_without_calibration_data_keeps_the_per_group_runs() -> None:
     m = ir.from_proto(model)
     report = shrink_model(m, replace(config), measure=calibrated(CalibrationRequest(data=calib, batch_size=16)))
     assert [g.units_after for g in report.groups] == [9, 9, 9]
+
+
+def _dense_target_numpy(x: np.ndarray, weights: list, removed: list[list[int]], blend: float) -> list:
+    """Block by block in numpy: each block's kept W2 rows and bias fitted by least squares from the shrunk
+    prefix's hidden activations to ``blend`` of the dense block's output plus the rest of the shrunk one's."""
+    dense, shrunk, fitted = x.astype(np.float64), x.astype(np.float64), []
+    for (w1, w2), gone in zip(weights, removed, strict=True):
+        h_d, h_s = np.maximum(dense @ w1, 0.0), np.maximum(shrunk @ w1, 0.0)
+        kept = np.setdiff1d(np.arange(w1.shape[1]), gone)
+        design = np.concatenate([h_s[:, kept], np.ones((len(h_s), 1))], axis=1)
+        goal = blend * (h_d @ w2) + (1.0 - blend) * (h_s @ w2)
+        solution = np.linalg.lstsq(design, goal, rcond=None)[0]
+        fitted.append(solution)
+        dense = dense + h_d @ w2
+        shrunk = shrunk + design @ solution
+    return fitted
+
+
+@pytest.mark.parametrize("blend", [1.0, 0.5])
+def test_dense_target_refit_equals_numpy_least_squares_block_by_block(blend: float) -> None:
+    rng = np.random.default_rng(5605)  # this function's own data, whatever ran before
+    model, weights, _ = residual_stack(d=8, hidden=12)
+    calib = {"x": rng.standard_normal((96, 8)).astype(np.float32)}
+    request = CalibrationRequest(data=calib, batch_size=32)
+    config = ShrinkConfig(
+        ratio=0.25, method=StructuredMethod.FLAP, refit=True, damp=0.0, allocate="uniform", sequential=True,
+        target="dense", target_blend=blend,
+    )  # fmt: skip
+    m = ir.from_proto(model)
+    report = shrink_model(m, config, request)
+    fitted = _dense_target_numpy(calib["x"], weights, [g.removed for g in report.groups], blend)
+    got = _initializers(m)
+    for i, solution in enumerate(fitted):
+        np.testing.assert_allclose(got[f"w2_{i}"], solution[:-1], rtol=2e-3, atol=2e-4)
+        np.testing.assert_allclose(got[f"m{i}_graphprune_bias"], solution[-1], rtol=2e-3, atol=2e-4)
+    # the shrunk model computes what numpy's fitted blocks compute
+    x = calib["x"].astype(np.float64)
+    for (w1, _), solution, g in zip(weights, fitted, report.groups, strict=True):
+        kept = np.setdiff1d(np.arange(12), g.removed)
+        x = x + np.maximum(x @ w1, 0.0)[:, kept] @ solution[:-1] + solution[-1]
+    np.testing.assert_allclose(run(ir.to_proto(m), calib)[0], 2 * x, rtol=1e-3, atol=1e-3)
+
+
+def test_dense_target_with_nothing_shrunk_upstream_is_todays_refit() -> None:
+    rng = np.random.default_rng(5606)  # this function's own data, whatever ran before
+    model, _, _ = residual_stack(d=8, hidden=12)
+    calib = {"x": rng.standard_normal((64, 8)).astype(np.float32)}
+    request = CalibrationRequest(data=calib, batch_size=16)
+    # only the first block loses units: its dense and shrunk inputs are the same
+    config = ShrinkConfig(
+        ratio=0.25, units=("mlp",), method=StructuredMethod.FLAP, refit=True, damp=0.01, sequential=True,
+        overrides=(("*w2_0*", 0.25), ("*", 0.0)), allocate="uniform",
+    )  # fmt: skip
+    dense, pruned = ir.from_proto(model), ir.from_proto(model)
+    shrink_model(dense, replace(config, target="dense"), request)
+    shrink_model(pruned, config, request)
+    a, b = _initializers(dense), _initializers(pruned)
+    for name in b:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_dense_target_needs_sequential() -> None:
+    with pytest.raises(GraphpruneError, match="sequential"):
+        ShrinkConfig(ratio=0.25, target="dense").validate()
+    with pytest.raises(GraphpruneError, match="target_blend"):
+        ShrinkConfig(ratio=0.25, sequential=True, target="dense", target_blend=1.5).validate()

@@ -24,6 +24,12 @@ Choices, on purpose:
 * FLAP's compensation is the special case that may change only the bias: ``Δb = W_R μ_R`` (:func:`flap_bias` in
   :mod:`.structured`); the refit minimises the same objective over a superset, so it never does worse on the
   calibration data.
+* Dense targets (``target``): after upstream layers were shrunk, the consumer's input is ``x_s`` (the shrunk
+  prefix's) while the dense model computed ``W x_d + b``. Fitting ``Ŵ_S x_s + b̂`` to the dense output needs
+  the cross moments ``C = E[x_d x_sᵀ]`` and ``μ_d = E[x_d]``: the right-hand side becomes
+  ``[W C_:S - W_S G_SS, W μ_d - W_S μ_S]``, which with ``x_d = x_s`` is the one above (``W_R [G_RS, μ_R]``).
+  The damping still pulls towards ``W_S``. A blend of the two targets is the same problem with
+  ``a C + (1 - a) G`` and ``a μ_d + (1 - a) μ`` (:func:`graphprune.algorithms.dense_target.blended_cross`).
 * If the damped system is singular (statistics from float32 sums, λ = 0), λ grows tenfold, up to five times,
   before giving up.
 """
@@ -62,12 +68,15 @@ def refit(
     mean: np.ndarray | None,
     kept: np.ndarray,
     percdamp: float = 0.01,
+    target: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> Refit:
     """Refit ``weight`` ``(out, K)`` on the ``kept`` input channels; with ``mean`` the bias is refitted too.
 
     ``gram`` is ``E[x xᵀ]`` ``(K, K)`` and ``mean`` ``E[x]`` ``(K,)`` of the consumer's input over the
     calibration rows (both on the same scale: divided by the same row count). Without ``mean`` the bias stays
-    as it is and ``bias_delta`` is zero.
+    as it is and ``bias_delta`` is zero. ``target`` ``(C, μ_d)``: fit the dense model's output instead, from the
+    cross moments ``C = E[x_d xᵀ]`` ``(K, K)`` (row: dense channel) and the dense input's mean ``μ_d`` (needed
+    with ``mean``).
     """
     w = np.asarray(weight, dtype=np.float64)
     g = np.asarray(gram, dtype=np.float64)
@@ -85,6 +94,8 @@ def refit(
         cross = np.concatenate([cross, mu[removed, None]], axis=1)
         system = np.block([[system, mu[kept, None]], [mu[None, kept], np.ones((1, 1))]])
     rhs = w[:, removed] @ cross  # (out, |S| [+1])
+    if target is not None:
+        rhs = _dense_rhs(w, g, mean, kept, *target)
     damp = np.zeros(system.shape[0])
     damp[: kept.size] = 1.0  # the ones row of the bias is not damped
     delta, lam = _solve_damped(system, damp, percdamp * float(np.mean(np.diag(g))), rhs.T)
@@ -92,6 +103,27 @@ def refit(
     weight_kept = w[:, kept] + delta[:, : kept.size]
     bias_delta = delta[:, kept.size] if mean is not None else np.zeros(w.shape[0])
     return Refit(weight_kept, bias_delta, lam)
+
+
+def _dense_rhs(
+    w: np.ndarray,
+    g: np.ndarray,
+    mean: np.ndarray | None,
+    kept: np.ndarray,
+    cross: np.ndarray,
+    dense_mean: np.ndarray | None,
+) -> np.ndarray:
+    """``[W C_:S - W_S G_SS, W μ_d - W_S μ_S]``: the right-hand side when the target is the dense output."""
+    c = np.asarray(cross, dtype=np.float64)
+    if c.shape != g.shape:
+        raise ValueError(f"cross moments of shape {c.shape} for a Gram matrix of shape {g.shape}")
+    rhs = w @ c[:, kept] - w[:, kept] @ g[np.ix_(kept, kept)]
+    if mean is None:
+        return rhs
+    if dense_mean is None:
+        raise ValueError("a refitted bias towards the dense output needs the dense input's mean")
+    bias = w @ np.asarray(dense_mean, np.float64) - w[:, kept] @ np.asarray(mean, np.float64)[kept]
+    return np.concatenate([rhs, bias[:, None]], axis=1)
 
 
 def _solve_damped(matrix: np.ndarray, where: np.ndarray, base: float, rhs: np.ndarray) -> tuple[np.ndarray, float]:

@@ -58,6 +58,7 @@ class ActivationStats:
     warnings: list[str] = field(default_factory=list)
     cross: dict[str, np.ndarray] = field(default_factory=dict)  # Σ x_denseᵀ x [K, K] (dense targets; not saved)
     sums: dict[str, np.ndarray] = field(default_factory=dict)  # Σx [K] where asked for (shrink; not saved)
+    dense_sums: dict[str, np.ndarray] = field(default_factory=dict)  # Σ x_dense [K] beside ``cross`` (not saved)
 
     def __contains__(self, name: object) -> bool:
         return name in self.sumsq

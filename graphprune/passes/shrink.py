@@ -217,6 +217,14 @@ def add_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> tuple[ir.Node
     return added, value
 
 
+def stored_bias(node: ir.Node) -> ir.Value | None:
+    """The stored bias :func:`add_bias` would change: Gemm's or Conv's bias input, or a MatMul's bias ``Add``."""
+    if node.op_type in ("Conv", "Gemm"):
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        return bias if bias is not None and stored(bias) else None
+    return _bias_add(node.outputs[0]) if node.op_type == "MatMul" else None
+
+
 def _bias_add(out: ir.Value) -> ir.Value | None:
     """The stored bias of an ``Add`` that is the only reader of a MatMul's output, when it is per channel."""
     uses = list(out.uses())

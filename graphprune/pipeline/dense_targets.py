@@ -36,10 +36,20 @@ class DenseStream:
     data files for external weights, so nothing is read into memory until a dense segment needs it).
     """
 
-    def __init__(self, model: ir.Model, targets: Sequence[Target], providers: list[str], store: BoundaryTensors):
+    def __init__(
+        self,
+        model: ir.Model,
+        targets: Sequence[Target],
+        providers: list[str],
+        store: BoundaryTensors,
+        also: Sequence[str] = (),
+    ):
+        """``also``: other stored tensors the dense segments must see as they are now (a bias that ``shrink``'s
+        refit will change)."""
         stored = stored_values(model.graph)
-        self.values = {t.name: stored[t.name] for t in targets}
-        self.dense = {t.name: stored_tensor(stored[t.name]) for t in targets}
+        names = [*(t.name for t in targets), *also]
+        self.values = {name: stored[name] for name in names}
+        self.dense = {name: stored_tensor(stored[name]) for name in names}
         self.providers = providers
         self.store = store
         self._session: Session | None = None
@@ -49,6 +59,8 @@ class DenseStream:
         self._feeds: dict[str, str] = {}  # dense activation name -> the pruned segment's input that carries it
         self._taps: list[tuple[Tap, str]] = []  # (a Gram tap, its cross-Gram output)
         self._sums: list[np.ndarray] = []
+        self._dense_sum_outputs: list[str] = []  # per tap: Σ x_dense over the rows (the dense input's mean)
+        self._dense_sums: list[np.ndarray] = []
 
     def start(self, batches: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> None:
         """The graph inputs ``names`` of every batch: the boundary tensors both streams start from."""
@@ -66,7 +78,7 @@ class DenseStream:
         b.taken.update(str(n.name) for n in plan.nodes)
         b.taken.update(str(v.name) for n in plan.nodes for v in n.outputs)
         b.taken.update(str(v.name) for v in plan.constants)
-        self._taps, self._feeds, carriers = [], {}, {}
+        self._taps, self._feeds, carriers, self._dense_sum_outputs = [], {}, {}, []
         for tap in plan.taps:
             if tap.gram_output is None:
                 continue
@@ -85,10 +97,14 @@ class DenseStream:
                 "MatMul", [b.node("Transpose", [dense_rows], "dense_t", perm=[1, 0]), pruned_rows], "cross"
             )
             b.output(cross, ir.DataType.FLOAT, [tap.k, tap.k])
+            dense_sum = b.reduce_sum(dense_rows, [0])
+            b.output(dense_sum, ir.DataType.FLOAT, [tap.k])
             self._taps.append((tap, str(cross.name)))
+            self._dense_sum_outputs.append(str(dense_sum.name))
             self._feeds[tap.activation] = str(dense.name)
             carriers[dense] = dense
         self._sums = [np.zeros((tap.k, tap.k)) for tap, _ in self._taps]
+        self._dense_sums = [np.zeros(tap.k) for tap, _ in self._taps]
         return carriers
 
     def open(self, model: ir.Model, keep: Sequence[ir.Value], carriers: Mapping[ir.Value, ir.Value]) -> None:
@@ -131,21 +147,30 @@ class DenseStream:
         index = {name: i for i, name in enumerate(names)}
         for total, (_, output) in zip(self._sums, self._taps, strict=True):
             total += outputs[index[output]]
+        for total, output in zip(self._dense_sums, self._dense_sum_outputs, strict=True):
+            total += outputs[index[output]]
 
     def result(self, targets: Sequence[Target]) -> dict[str, np.ndarray]:
         """Each target's cross-Gram matrix (summed over the taps that feed it, shared by targets of one input,
         as the Gram matrices are), and the dense segment closed."""
         self._session = None
+        return self._per_target(targets, self._sums)
+
+    def dense_sums(self, targets: Sequence[Target]) -> dict[str, np.ndarray]:
+        """Each target's Σ x_dense over the rows of its cross-Gram matrix."""
+        return self._per_target(targets, self._dense_sums)
+
+    def _per_target(self, targets: Sequence[Target], arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         reads: dict[str, list[int]] = {}
         for i, (tap, _) in enumerate(self._taps):
             for name in tap.targets:
                 reads.setdefault(name, []).append(i)
-        cross = {}
+        out = {}
         for t in targets:
             idx = reads.get(t.name, [])
             if idx:
-                cross[t.name] = sum((self._sums[i] for i in idx[1:]), self._sums[idx[0]])  # one tap: its array
-        return cross
+                out[t.name] = sum((arrays[i] for i in idx[1:]), arrays[idx[0]])  # one tap: its array
+        return out
 
     def release(self, pending: Iterable[str]) -> None:
         """Forget the dense tensors of pruned targets whose consumers will not run again (``pending``: the targets

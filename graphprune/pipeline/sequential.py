@@ -217,6 +217,7 @@ class SequentialCalibration:
         self._forget_consumed()
         stats = accumulator.result(group, [])
         if self.dense is not None:
+            stats.dense_sums = self.dense.dense_sums(group)
             stats.cross = self.dense.result(group)
             self.dense.release(t.name for node, (t, _) in self._consumers.items() if node not in self._executed)
         return stats

@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from graphprune.algorithms import structured as st
 from graphprune.algorithms.allocation import allocate
+from graphprune.algorithms.dense_target import blended_cross
 from graphprune.algorithms.refit import greedy_costs, moments_from_sums, refit
 from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.moments import ChannelTap, Moments, collect_moments
@@ -32,10 +33,11 @@ from graphprune.graph.blocks import bypass_blocks, find_blocks
 from graphprune.graph.groups import Group, GroupSkip, Slot, find_groups
 from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass, parameter_count
-from graphprune.pipeline.shrink_stream import shrink_streamed, stream_targets
+from graphprune.pipeline.shrink_stream import DenseMoments, shrink_streamed, stream_targets
 
 UNIT_KINDS = ("mlp", "heads", "channels")
 ALLOCATIONS = ("uniform", "global", "error")  # error: global on raw scores, not standardised
+TARGETS = ("pruned", "dense")  # what the refit reconstructs: the shrunk model's own outputs or the dense model's
 
 ChannelSums = tuple[np.ndarray, np.ndarray, int]  # a consumer input's Σx, Σx² and rows
 
@@ -62,6 +64,10 @@ class ShrinkConfig:
     # global allocation: the scores that share the budget across groups (None: ``method``'s, which also choose
     # the units inside each group)
     allocate_by: StructuredMethod | None = None
+    # sequential refit: fit the shrunk prefix's inputs to the "pruned" (shrunk) model's own outputs, or to the
+    # "dense" model's (cross moments from a dense stream beside the shrunk one); ``target_blend`` of the dense
+    target: str = "pruned"
+    target_blend: float = 1.0
 
     def resolved(self, has_data: bool) -> ShrinkConfig:
         """The defaults that depend on whether calibration data is given, made explicit."""
@@ -111,6 +117,14 @@ class ShrinkConfig:
             raise GraphpruneError("`allocate_by=l2` with a calibrated `method`: allocate by a calibrated score")
         if self.sequential and self.steps > 1:
             raise GraphpruneError("sequential shrinking works one group at a time: it takes no rounds (steps)")
+        if self.target not in TARGETS:
+            raise GraphpruneError(f"invalid refit target {self.target!r}: choose from {', '.join(TARGETS)}")
+        if self.target == "dense" and not (self.sequential and self.refit is not False):
+            raise GraphpruneError(
+                "`target=dense` refits on the shrunk prefix: it needs `sequential` and the refit"
+            )
+        if not 0.0 <= self.target_blend <= 1.0:
+            raise GraphpruneError(f"invalid `target_blend` {self.target_blend:g}: need 0 <= a <= 1")
         if not 0.0 <= self.damp < 1e6:
             raise GraphpruneError(f"invalid refit damping {self.damp:g}: need a fraction >= 0 (for example 0.01)")
 
@@ -352,9 +366,15 @@ class _Rounds:
         return st.removal_count(record.units_before, ratio, config.round_to) - (record.units_before - g.width)
 
     def remove(
-        self, indices: list[int], counts: list[int], scores: list[np.ndarray], moments: Moments | None
+        self,
+        indices: list[int],
+        counts: list[int],
+        scores: list[np.ndarray],
+        moments: Moments | None,
+        dense: DenseMoments | None = None,
     ) -> None:
-        """Remove ``counts`` units of each group, the lowest-scoring, with the refit or FLAP's fold."""
+        """Remove ``counts`` units of each group, the lowest-scoring, with the refit or FLAP's fold (the refit
+        towards the dense model's outputs where ``dense`` has the consumer input's cross moments)."""
         removals = []
         for i, count, score in zip(indices, counts, scores, strict=True):
             if count <= 0:
@@ -364,7 +384,7 @@ class _Rounds:
             weights: dict[ir.Value, np.ndarray] = {}
             if self.config.refit:
                 assert moments is not None  # measured whenever the refit is on
-                bias, weights = _refit(g, units, moments, self.config.damp)
+                bias, weights = _refit(g, units, moments, self.config.damp, dense or {}, self.config.target_blend)
             elif self.config.method is StructuredMethod.FLAP:
                 assert moments is not None  # FLAP is measured
                 bias = _flap_bias(g, units, moments)
@@ -394,16 +414,21 @@ def _one_by_one(rounds: _Rounds, stage: Progress, calibration: CalibrationReques
         counts = _round_counts(groups, records, shares, config, 1.0)
     order = _in_graph_order(rounds.model, groups)
 
-    def shrink_group(i: int, moments: Moments | None) -> None:
+    def shrink_group(i: int, moments: Moments | None, dense: DenseMoments | None = None) -> None:
         scores = rounds.scores([i], moments)
         own = _round_counts([groups[i]], [records[i]], scores, config, 1.0)[0]
-        rounds.remove([i], [counts[i] if counts is not None else own], scores, moments)
+        rounds.remove([i], [counts[i] if counts is not None else own], scores, moments, dense)
 
     measured = config.method is not StructuredMethod.L2 or config.refit
     targets = stream_targets(rounds.model, groups) if calibration is not None and measured else None
+    if targets is None and config.target == "dense":
+        raise GraphpruneError(
+            "`target=dense` needs calibration data and groups whose weights fall into the model's blocks"
+        )
     if targets is not None:
         assert calibration is not None
         gram = bool(config.refit) or config.method is StructuredMethod.OBS
+        losing = [i for i in order if (counts[i] if counts is not None else _uniform_count(groups[i], config)) > 0]
         warnings = shrink_streamed(
             rounds.model,
             groups,
@@ -413,12 +438,17 @@ def _one_by_one(rounds: _Rounds, stage: Progress, calibration: CalibrationReques
             gram,
             shrink_group,
             lambda done, total: stage(f"block {done} of {total} measured on the shrunk prefix and shrunk"),
+            dense=[groups[i] for i in losing] if config.target == "dense" else None,
         )
         rounds.report.warnings += [w for w in warnings if w not in rounds.report.warnings]
         return
     for n, i in enumerate(order, 1):
         stage(f"group {n} of {len(order)}: calibrating on the shrunk prefix")
         shrink_group(i, rounds.measure([i]))
+
+
+def _uniform_count(group: Group, config: ShrinkConfig) -> int:
+    return st.removal_count(group.width, config.ratio_for(group.name), config.round_to)
 
 
 def _in_graph_order(model: ir.Model, groups: list[Group]) -> list[int]:
@@ -525,10 +555,17 @@ def _flap_bias(group: Group, units: np.ndarray, moments: Moments) -> dict[ir.Nod
 
 
 def _refit(
-    group: Group, units: np.ndarray, moments: Moments, damp: float
+    group: Group,
+    units: np.ndarray,
+    moments: Moments,
+    damp: float,
+    dense: DenseMoments | None = None,
+    blend: float = 1.0,
 ) -> tuple[dict[ir.Node, np.ndarray], dict[ir.Value, np.ndarray]]:
     """Per consumer: the refitted weight (stored layout, full width) and its bias change; consumers the refit
-    cannot solve (kxk Convs) get FLAP's bias fold, the refit restricted to the bias."""
+    cannot solve (kxk Convs) get FLAP's bias fold, the refit restricted to the bias. ``dense``: per consumer
+    input, Σ x_dense xᵀ and Σ x_dense over the Gram's rows, to fit the dense model's outputs (``blend`` of
+    them)."""
     bias: dict[ir.Node, np.ndarray] = {}
     weights: dict[ir.Value, np.ndarray] = {}
     inputs = {node: value for node, value, _ in group.consumer_inputs}
@@ -542,7 +579,11 @@ def _refit(
         gram, mean = moments_from_sums(*moments.gram_terms(name))
         w = weight[:, :, 0].T.astype(np.float64)  # (out, K)
         kept = np.setdiff1d(np.arange(w.shape[1]), removed)
-        solved = refit(w, gram, mean, kept, damp)
+        target = None
+        if dense and name in dense:
+            cross, dense_mean = moments_from_sums(*dense[name], moments.gram_terms(name)[2])
+            target = (blended_cross(cross, gram, blend), blend * dense_mean + (1.0 - blend) * mean)
+        solved = refit(w, gram, mean, kept, damp, target)
         w[:, kept] = solved.weight
         stored = slot.value.const_value.numpy()  # type: ignore[union-attr]  # slots hold stored constants
         moved = np.moveaxis(stored, slot.axis, 0).shape

@@ -14,24 +14,38 @@ tensors between its producers and consumers, whose width the shrink changes, are
 from the block's (unchanged) inputs, never read back at their old width. A group whose weights span two blocks
 (or that owns a weight the engine cannot calibrate) makes the whole model fall back to the per-group runs.
 Groups of one block (an attention's heads and the MLP after it) are measured together, before either shrinks.
+
+Dense targets (``dense``): a :class:`~graphprune.pipeline.dense_targets.DenseStream` runs the dense model's
+segments beside the shrunk ones and measures, per consumer input, the cross moments Σ x_dense xᵀ and Σ x_dense,
+from which the refit fits the dense model's outputs (the ``target`` of :func:`graphprune.algorithms.refit.refit`).
+The dense segments must compute what the dense model computes: they swap every tensor the shrink changes back to
+its dense value, the groups' weights, biases and norms, and the consumers' biases, which the refit changes (a zero
+bias is added first where a consumer has none, so that the dense segments see it as zero). Groups that rewrite
+shapes (heads) or depthwise convolutions are not offered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from graphprune.calibration.moments import Moments
 from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.stats import ActivationStats
+from graphprune.errors import GraphpruneError
 from graphprune.graph.groups import Group
 from graphprune.graph.targets import Target, find_targets
+from graphprune.passes.shrink import add_bias, stored_bias
+from graphprune.pipeline.boundary import BoundaryTensors
+from graphprune.pipeline.dense_targets import DenseStream
 from graphprune.pipeline.sequential import SequentialCalibration, target_groups
 
-# Shrinks group i (an index into the groups given) from the moments of its consumer inputs.
-ShrinkGroup = Callable[[int, Moments], None]
+DenseMoments = dict[str, tuple[np.ndarray, np.ndarray]]  # per consumer input: Σ x_dense xᵀ, Σ x_dense
+# Shrinks group i (an index into the groups given) from the moments of its consumer inputs (and dense ones).
+ShrinkGroup = Callable[[int, Moments, DenseMoments | None], None]
 
 
 def _weights(group: Group) -> set[str]:
@@ -78,20 +92,53 @@ def shrink_streamed(
     gram: bool,
     shrink_group: ShrinkGroup,
     on_block: Callable[[int, int], None] | None = None,
+    dense: Sequence[Group] | None = None,
 ) -> list[str]:
     """Run ``model`` block by block over ``calibration``'s data, calling ``shrink_group`` for every group (in
-    ``order``) as soon as its block is measured; returns the calibration warnings."""
+    ``order``) as soon as its block is measured; returns the calibration warnings. With ``dense`` (the groups
+    that will lose units) the dense model's stream runs beside, for the refit towards its outputs."""
     batches, warnings = calibration.batches(model)
-    engine = SequentialCalibration(
-        model, batches, resolve_providers(calibration.provider), gram, "block", on_block, sums=True
-    )
+    providers = resolve_providers(calibration.provider)
+    engine = SequentialCalibration(model, batches, providers, gram, "block", on_block, sums=True)
+    if dense is not None:
+        also = _kept_dense(model, groups, dense, {t.name for t in targets})
+        engine.dense = DenseStream(model, targets, providers, BoundaryTensors(), also)
     pending = list(order)
 
     def shrink_block(block: list[Target], stats: ActivationStats) -> None:
         measured = {t.name for t in block}
         for i in [i for i in pending if {str(s.value.name) for s in groups[i].consumers} <= measured]:
-            shrink_group(i, moments_of(stats, groups[i]))
+            shrink_group(i, moments_of(stats, groups[i]), _dense_moments(stats, groups[i]) if dense else None)
             pending.remove(i)
 
     engine.run(targets, shrink_block)
     return [*warnings, *engine.warnings]
+
+
+def _kept_dense(model: ir.Model, groups: Sequence[Group], losing: Sequence[Group], targets: set[str]) -> list[str]:
+    """The stored tensors besides ``targets`` that the dense segments swap back: every tensor of the groups and
+    each consumer's bias (a zero one added to the consumers of ``losing`` groups that have none)."""
+    producers = {id(s.node) for g in groups for s in g.slots if s.role == "producer"}
+    for g in losing:
+        if g.shape_edits or g.depthwise:
+            raise GraphpruneError(f"`target=dense`: group {g.name} rewrites shapes or depthwise convolutions")
+        for slot in g.consumers:
+            if id(slot.node) in producers:  # its new bias would join the next group: not offered
+                raise GraphpruneError(f"`target=dense`: consumer {slot.node.name} also produces another group")
+            if stored_bias(slot.node) is None:
+                weight = np.moveaxis(slot.value.const_value.numpy(), slot.axis, 0)  # type: ignore[union-attr]  # slots hold stored constants
+                add_bias(model.graph, slot.node, np.zeros(weight.shape[1], weight.dtype))
+    names = {str(s.value.name) for g in groups for s in g.slots}
+    names |= {str(b.name) for g in groups for s in g.consumers if (b := stored_bias(s.node)) is not None}
+    return sorted(names - targets)
+
+
+def _dense_moments(stats: ActivationStats, group: Group) -> DenseMoments:
+    """Per consumer input: Σ x_dense xᵀ and Σ x_dense, where the dense stream measured them."""
+    consumers = {id(s.node): str(s.value.name) for s in group.consumers}
+    out: DenseMoments = {}
+    for node, value, _ in group.consumer_inputs:
+        weight = consumers[id(node)]
+        if weight in stats.cross and weight in stats.dense_sums:
+            out[str(value.name)] = (stats.cross[weight], stats.dense_sums[weight])
+    return out

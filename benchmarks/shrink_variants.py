@@ -6,7 +6,8 @@ group loses the same ratio (uniform); ``+gram4`` measures the Gram matrices on e
 the global budget by flap's scores while METHOD chooses the units inside each group; ``+damp0.1`` sets the refit's
 damping, ``+min0.1``/``+max0.5`` global allocation's least and most per group; ``+error`` allocates globally on the
 raw scores (not standardised); ``+seq`` shrinks group by group on the already shrunk prefix (``sequential``,
-streamed block by block when the benchmark passes its calibration data).
+streamed block by block when the benchmark passes its calibration data); ``+dense`` refits towards the dense
+model's outputs (with ``+seq``), ``+blend0.5`` the dense outputs' share of that target.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) 
     """The configuration ``text`` names, removing ``ratio`` of the ``units``; ``options`` set other fields."""
     method, *flags = text.split("+")
     valued = {"gram": ("gram_stride", int), "by": ("allocate_by", StructuredMethod), "damp": ("damp", float),
-              "min": ("ratio_min", float), "max": ("ratio_max", float)}  # fmt: skip
+              "min": ("ratio_min", float), "max": ("ratio_max", float),
+              "blend": ("target_blend", float)}  # fmt: skip
     for flag in flags:
-        if flag in ("refit", "global", "error", "seq"):
+        if flag in ("refit", "global", "error", "seq", "dense"):
             continue
         prefix = next((p for p in valued if flag.startswith(p) and len(flag) > len(p)), None)
         if prefix is None:
@@ -35,5 +37,6 @@ def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) 
         refit="refit" in flags,
         allocate="global" if "global" in flags else "error" if "error" in flags else "uniform",
         sequential="seq" in flags,
+        target="dense" if "dense" in flags else "pruned",
         **options,  # type: ignore[arg-type]
     )

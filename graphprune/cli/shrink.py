@@ -93,12 +93,30 @@ def shrink(
     sequential: Annotated[
         bool,
         typer.Option(
-            help="Shrink one group at a time in graph order, each calibrated on the model with the earlier groups "
-            "already shrunk (and refitted), so their errors are seen rather than compounded; one calibration run "
-            "per group, each as long as the model up to that group. With --allocate global the ratios are chosen "
-            "once on the dense model. Example: --sequential"
+            help="Shrink one block at a time in graph order, each calibrated on the model with the earlier blocks "
+            "already shrunk (and refitted), so their errors are seen rather than compounded; the model runs "
+            "block by block, about one inference pass in all (groups whose weights span two blocks: one "
+            "calibration run per group). With --allocate global the ratios are chosen once on the dense model "
+            "(one more pass). Example: --sequential"
         ),
     ] = False,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="With --sequential, what the refit reconstructs: pruned (the outputs the shrunk prefix's own "
+            "inputs give, as without --sequential) or dense (the dense model's outputs on the same windows: a "
+            "dense stream runs beside the shrunk one, about twice the calibration; MLP neurons and Conv "
+            "channels, not heads). Example: --sequential --target dense"
+        ),
+    ] = "pruned",
+    target_blend: Annotated[
+        float,
+        typer.Option(
+            help="With --target dense, the dense outputs' share of the refit's target (the rest: the shrunk "
+            "prefix's own); 1 aims at the dense model. Choose it on held-out calibration text. "
+            "Example: --target dense --target-blend 0.5"
+        ),
+    ] = 1.0,
     refit: Annotated[
         bool | None,
         typer.Option(
@@ -183,6 +201,8 @@ def shrink(
         overrides=tuple(_override(text) for text in ratio_for or ()),
         refit=refit,
         sequential=sequential,
+        target=target,
+        target_blend=target_blend,
         damp=refit_damp,
         gram_stride=gram_stride,
         allocate=allocate,

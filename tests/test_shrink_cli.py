@@ -107,6 +107,9 @@ def test_the_default_score_is_flap_with_data_and_l2_without(
             "--allocate-by l2 with a calibrated --method",
         ),
         (["--ratio", "0.2", "--allocate", "everywhere"], "choose from uniform, global, error"),
+        (["--ratio", "0.2", "--target", "dense"], "refits on the shrunk prefix: it needs --sequential"),
+        (["--ratio", "0.2", "--target", "teacher"], "choose from pruned, dense"),
+        (["--ratio", "0.2", "--sequential", "--target", "dense", "--target-blend", "2"], "invalid --target-blend"),
     ],
 )
 def test_bad_options_are_one_line_errors(bert, tmp_path: Path, options: list[str], needle: str) -> None:  # type: ignore[no-untyped-def]

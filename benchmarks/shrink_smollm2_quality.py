@@ -48,6 +48,7 @@ from graphprune.graph.prepare import prepare_graph
 from graphprune.pipeline.shrink import Measure, ShrinkConfig, channel_taps, shrink_model
 
 REFERENCE = Path("/work/shared/reference")
+JSON = Path(__file__).parent / "results" / "shrink_smollm2_quality.json"
 
 
 def main() -> None:
@@ -62,6 +63,10 @@ def main() -> None:
         "--units", nargs="*", default=["mlp"], help="unit kinds the variants remove (mlp, heads); the moments too"
     )
     parser.add_argument("--time-windows", type=int, default=0, help="time shrink with/without refit on N windows")
+    parser.add_argument(
+        "--time-variants", nargs="*", default=["flap", "flap+refit"], help="what --time-windows times (first: 1.0)"
+    )
+    parser.add_argument("--time-rounds", type=int, default=2, help="rounds of --time-windows")
     parser.add_argument("--steps", type=int, default=0, help="also run --step-methods in this many rounds")
     parser.add_argument("--step-methods", nargs="*", default=["flap+refit"], help="variants run in --steps rounds")
     parser.add_argument("--moments", type=Path, default=None, help="cache of the dense model's moments (.npz)")
@@ -75,14 +80,13 @@ def main() -> None:
         help="choose options without the Brown windows: calibrate on the first 64-N reference calibration windows "
         "and measure perplexity on the last N of them (give --moments a file of its own)",
     )
-    parser.add_argument(
-        "--json", type=Path, default=Path(__file__).parent / "results" / "shrink_smollm2_quality.json"
-    )
+    parser.add_argument("--json", type=Path, default=JSON)
     args = parser.parse_args()
 
     calibration = CalibrationRequest(data=str(REFERENCE / "smollm2_brown_calib.npz"), batch_size=8)
     if args.time_windows:
-        time_refit(args.model, args.time_windows, args.json.with_name("shrink_smollm2_refit_time.json"))
+        out = args.json.with_name("shrink_smollm2_refit_time.json") if args.json == JSON else args.json
+        time_refit(args.model, args.time_windows, out, args.time_rounds, args.time_variants)
         return
     windows = np.load(REFERENCE / "smollm2_brown_eval.npz")["input_ids"]
     if args.holdout:  # the calibration windows split in two: the Brown held-out windows are not read
@@ -190,12 +194,19 @@ def main() -> None:
             )
 
 
-def time_refit(model_path: Path, windows: int, out: Path, rounds: int = 2) -> None:
+def time_refit(
+    model_path: Path,
+    windows: int,
+    out: Path,
+    rounds: int = 2,
+    variants: tuple[str, ...] | list[str] = ("flap", "flap+refit"),
+) -> None:
     """``shrink`` at 25% of MLP neurons from scratch (tapped calibration on ``windows`` windows, scores, slicing),
-    flap with and without the refit, alternately in this process: CPU and wall seconds of each."""
+    each of ``variants`` in turn in this process (flap with and without the refit by default): CPU and wall
+    seconds of each, and each one's CPU seconds over the first's."""
     data = np.load(REFERENCE / "smollm2_brown_calib.npz")
     request = CalibrationRequest(data={k: data[k][:windows] for k in data.files}, batch_size=8)
-    times: dict[str, list[tuple[float, float]]] = {"flap": [], "flap+refit": []}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name in times:
             model = load_model(model_path)
@@ -210,7 +221,7 @@ def time_refit(model_path: Path, windows: int, out: Path, rounds: int = 2) -> No
         "rounds": rounds,
         "seconds": {k: [round(w, 1) for w, _ in v] for k, v in times.items()},
         "cpu_seconds": {k: [round(c, 1) for _, c in v] for k, v in times.items()},
-        "refit_over_flap_cpu": round(cpu["flap+refit"] / cpu["flap"], 3),
+        "over_first_cpu": {k: round(v / cpu[variants[0]], 3) for k, v in cpu.items()},
     }
     print(json.dumps(row), flush=True)
     out.write_text(json.dumps(row, indent=1) + "\n")

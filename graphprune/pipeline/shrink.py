@@ -331,13 +331,15 @@ class _Rounds:
         self.groups, self.records = groups, records
         self.alive = [np.arange(g.width) for g in groups]
 
-    def measure(self, indices: list[int]) -> Moments | None:
-        """The moments of the given groups' consumer inputs on the model as it is now (None without data)."""
+    def measure(self, indices: list[int], gram: bool | None = None) -> Moments | None:
+        """The moments of the given groups' consumer inputs on the model as it is now (None without data), with
+        the Gram matrices where the refit or obs need them (or as ``gram`` says)."""
         config = self.config
         if config.method is StructuredMethod.L2 and not config.refit:
             return None
         assert self.measure_fn is not None
-        gram = bool(config.refit) or config.method is StructuredMethod.OBS
+        if gram is None:
+            gram = bool(config.refit) or config.method is StructuredMethod.OBS
         taps = channel_taps([self.groups[i] for i in indices], gram=gram, gram_stride=config.gram_stride)
         moments = self.measure_fn(self.model, taps, [])
         self.report.warnings += [w for w in moments.warnings if w not in self.report.warnings]
@@ -345,7 +347,7 @@ class _Rounds:
 
     def scores(self, indices: list[int], moments: Moments | None) -> list[np.ndarray]:
         return [
-            _scores(self.groups[i], self.config.method, moments, self.config.damp, self._most(i)) for i in indices
+            _scores(self.groups[i], self.config.method, moments, self.config.damp, self.most(i)) for i in indices
         ]
 
     def allocation_scores(
@@ -355,9 +357,9 @@ class _Rounds:
         by = self.config.allocate_by
         if self.config.allocate == "uniform" or by is None or by is self.config.method:
             return scores
-        return [_scores(self.groups[i], by, moments, self.config.damp, self._most(i)) for i in indices]
+        return [_scores(self.groups[i], by, moments, self.config.damp, self.most(i)) for i in indices]
 
-    def _most(self, i: int) -> int:
+    def most(self, i: int) -> int:
         """The most units group ``i`` can lose now (where obs's greedy walk may stop): up to the cap under global
         allocation, else up to the group's own ratio."""
         g, record, config = self.groups[i], self.records[i], self.config
@@ -409,8 +411,9 @@ def _one_by_one(rounds: _Rounds, stage: Progress, calibration: CalibrationReques
     if config.allocate != "uniform":
         stage("allocating: calibrating every group")
         everything = list(range(len(groups)))
-        moments = rounds.measure(everything)
-        shares = rounds.allocation_scores(everything, moments, rounds.scores(everything, moments))
+        by = config.allocate_by or config.method  # the units themselves are chosen later, on the shrunk prefix
+        moments = rounds.measure(everything, gram=by is StructuredMethod.OBS)
+        shares = [_scores(groups[i], by, moments, config.damp, rounds.most(i)) for i in everything]
         counts = _round_counts(groups, records, shares, config, 1.0)
     order = _in_graph_order(rounds.model, groups)
 

@@ -136,7 +136,8 @@ def test_sequential_without_calibration_data_keeps_the_per_group_runs() -> None:
 
 def _dense_target_numpy(x: np.ndarray, weights: list, removed: list[list[int]], blend: float) -> list:
     """Block by block in numpy: each block's kept W2 rows and bias fitted by least squares from the shrunk
-    prefix's hidden activations to ``blend`` of the dense block's output plus the rest of the shrunk one's."""
+    prefix's hidden activations to ``blend`` of the dense block's output plus the rest of the shrunk one's (a block
+    that loses nothing too: its input changed)."""
     dense, shrunk, fitted = x.astype(np.float64), x.astype(np.float64), []
     for (w1, w2), gone in zip(weights, removed, strict=True):
         h_d, h_s = np.maximum(dense @ w1, 0.0), np.maximum(shrunk @ w1, 0.0)
@@ -150,18 +151,19 @@ def _dense_target_numpy(x: np.ndarray, weights: list, removed: list[list[int]], 
     return fitted
 
 
-@pytest.mark.parametrize("blend", [1.0, 0.5])
-def test_dense_target_refit_equals_numpy_least_squares_block_by_block(blend: float) -> None:
+@pytest.mark.parametrize(("blend", "overrides"), [(1.0, ()), (0.5, ()), (1.0, (("*w2_1*", 0.0),))])
+def test_dense_target_refit_equals_numpy_least_squares_block_by_block(blend: float, overrides: tuple) -> None:
     rng = np.random.default_rng(5605)  # this function's own data, whatever ran before
     model, weights, _ = residual_stack(d=8, hidden=12)
     calib = {"x": rng.standard_normal((96, 8)).astype(np.float32)}
     request = CalibrationRequest(data=calib, batch_size=32)
     config = ShrinkConfig(
         ratio=0.25, method=StructuredMethod.FLAP, refit=True, damp=0.0, allocate="uniform", sequential=True,
-        target="dense", target_blend=blend,
+        target="dense", target_blend=blend, overrides=overrides,
     )  # fmt: skip
     m = ir.from_proto(model)
     report = shrink_model(m, config, request)
+    assert [len(g.removed) for g in report.groups] == ([3, 0, 3] if overrides else [3, 3, 3])
     fitted = _dense_target_numpy(calib["x"], weights, [g.removed for g in report.groups], blend)
     got = _initializers(m)
     for i, solution in enumerate(fitted):
@@ -189,8 +191,9 @@ def test_dense_target_with_nothing_shrunk_upstream_is_todays_refit() -> None:
     shrink_model(dense, replace(config, target="dense"), request)
     shrink_model(pruned, config, request)
     a, b = _initializers(dense), _initializers(pruned)
-    for name in b:
+    for name in ("w1_0", "w2_0", "m0_graphprune_bias"):  # the later blocks' inputs differ: refitted towards dense
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert not np.allclose(a["w2_1"], b["w2_1"], atol=1e-4)
 
 
 def test_dense_target_needs_sequential() -> None:

@@ -376,13 +376,14 @@ class _Rounds:
         dense: DenseMoments | None = None,
     ) -> None:
         """Remove ``counts`` units of each group, the lowest-scoring, with the refit or FLAP's fold (the refit
-        towards the dense model's outputs where ``dense`` has the consumer input's cross moments)."""
+        towards the dense model's outputs where ``dense`` has the consumer input's cross moments: then also of a
+        group that loses no unit, whose input the shrunk prefix changed)."""
         removals = []
         for i, count, score in zip(indices, counts, scores, strict=True):
-            if count <= 0:
+            if count <= 0 and not (dense and self.config.refit):
                 continue
             g, record = self.groups[i], self.records[i]
-            units = st.units_to_remove(score, count)
+            units = st.units_to_remove(score, max(count, 0))
             weights: dict[ir.Value, np.ndarray] = {}
             if self.config.refit:
                 assert moments is not None  # measured whenever the refit is on
@@ -431,7 +432,6 @@ def _one_by_one(rounds: _Rounds, stage: Progress, calibration: CalibrationReques
     if targets is not None:
         assert calibration is not None
         gram = bool(config.refit) or config.method is StructuredMethod.OBS
-        losing = [i for i in order if (counts[i] if counts is not None else _uniform_count(groups[i], config)) > 0]
         warnings = shrink_streamed(
             rounds.model,
             groups,
@@ -441,17 +441,13 @@ def _one_by_one(rounds: _Rounds, stage: Progress, calibration: CalibrationReques
             gram,
             shrink_group,
             lambda done, total: stage(f"block {done} of {total} measured on the shrunk prefix and shrunk"),
-            dense=[groups[i] for i in losing] if config.target == "dense" else None,
+            dense=config.target == "dense",
         )
         rounds.report.warnings += [w for w in warnings if w not in rounds.report.warnings]
         return
     for n, i in enumerate(order, 1):
         stage(f"group {n} of {len(order)}: calibrating on the shrunk prefix")
         shrink_group(i, rounds.measure([i]))
-
-
-def _uniform_count(group: Group, config: ShrinkConfig) -> int:
-    return st.removal_count(group.width, config.ratio_for(group.name), config.round_to)
 
 
 def _in_graph_order(model: ir.Model, groups: list[Group]) -> list[int]:

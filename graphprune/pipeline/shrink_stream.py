@@ -92,16 +92,16 @@ def shrink_streamed(
     gram: bool,
     shrink_group: ShrinkGroup,
     on_block: Callable[[int, int], None] | None = None,
-    dense: Sequence[Group] | None = None,
+    dense: bool = False,
 ) -> list[str]:
     """Run ``model`` block by block over ``calibration``'s data, calling ``shrink_group`` for every group (in
-    ``order``) as soon as its block is measured; returns the calibration warnings. With ``dense`` (the groups
-    that will lose units) the dense model's stream runs beside, for the refit towards its outputs."""
+    ``order``) as soon as its block is measured; returns the calibration warnings. With ``dense`` the dense
+    model's stream runs beside, for the refit towards its outputs."""
     batches, warnings = calibration.batches(model)
     providers = resolve_providers(calibration.provider)
     engine = SequentialCalibration(model, batches, providers, gram, "block", on_block, sums=True)
-    if dense is not None:
-        also = _kept_dense(model, groups, dense, {t.name for t in targets})
+    if dense:
+        also = _kept_dense(model, groups, {t.name for t in targets})
         engine.dense = DenseStream(model, targets, providers, BoundaryTensors(), also)
     pending = list(order)
 
@@ -115,11 +115,11 @@ def shrink_streamed(
     return [*warnings, *engine.warnings]
 
 
-def _kept_dense(model: ir.Model, groups: Sequence[Group], losing: Sequence[Group], targets: set[str]) -> list[str]:
+def _kept_dense(model: ir.Model, groups: Sequence[Group], targets: set[str]) -> list[str]:
     """The stored tensors besides ``targets`` that the dense segments swap back: every tensor of the groups and
-    each consumer's bias (a zero one added to the consumers of ``losing`` groups that have none)."""
+    each consumer's bias (a zero one added where a consumer has none)."""
     producers = {id(s.node) for g in groups for s in g.slots if s.role == "producer"}
-    for g in losing:
+    for g in groups:
         if g.shape_edits or g.depthwise:
             raise GraphpruneError(f"`target=dense`: group {g.name} rewrites shapes or depthwise convolutions")
         for slot in g.consumers:

@@ -345,9 +345,11 @@ class _Rounds:
         self.report.warnings += [w for w in moments.warnings if w not in self.report.warnings]
         return moments
 
-    def scores(self, indices: list[int], moments: Moments | None) -> list[np.ndarray]:
+    def scores(self, indices: list[int], moments: Moments | None, most: int | None = None) -> list[np.ndarray]:
+        """Each group's unit scores; obs's walk stops after ``most`` units (default: :meth:`most`)."""
+        method, damp = self.config.method, self.config.damp
         return [
-            _scores(self.groups[i], self.config.method, moments, self.config.damp, self.most(i)) for i in indices
+            _scores(self.groups[i], method, moments, damp, self.most(i) if most is None else most) for i in indices
         ]
 
     def allocation_scores(
@@ -419,7 +421,7 @@ def _one_by_one(rounds: _Rounds, stage: Progress, calibration: CalibrationReques
     order = _in_graph_order(rounds.model, groups)
 
     def shrink_group(i: int, moments: Moments | None, dense: DenseMoments | None = None) -> None:
-        scores = rounds.scores([i], moments)
+        scores = rounds.scores([i], moments, counts[i] if counts is not None else None)  # walk no further
         own = _round_counts([groups[i]], [records[i]], scores, config, 1.0)[0]
         rounds.remove([i], [counts[i] if counts is not None else own], scores, moments, dense)
 

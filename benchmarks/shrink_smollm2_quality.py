@@ -170,7 +170,8 @@ def main() -> None:
                 "damp": config.damp,
                 "allocate": report.config.allocate,
                 "layer_ratios": [g.ratio for g in report.groups],
-                "brown_heldout_ppl": round(ppl, 2),
+                "brown_heldout_ppl": round(ppl, 2),  # with --holdout: the calibration text's held-out windows
+                "evaluated_on": f"last {args.holdout} calibration windows" if args.holdout else "Brown held-out",
                 "parameters": report.parameters_after,
                 "parameters_dense": report.parameters_before,
                 "shrink_seconds": round(seconds, 1),

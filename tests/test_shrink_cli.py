@@ -198,3 +198,29 @@ def test_minilm_heads_and_mlp_shrunk_by_a_quarter_stay_close(minilm: MiniLM, tmp
     assert (np.argmax(small @ dense.T, axis=1) == np.arange(len(dense))).mean() > 0.9
     assert cosine.mean() > 0.8
     assert run  # the ONNX Runtime helper the tiny-model tests share
+
+
+def test_sequential_dense_target_options_reach_the_refit(tmp_path: Path) -> None:
+    model, _, _ = residual_stack()
+    path = _save(model, tmp_path / "res.onnx")
+    x = draw(np.random.default_rng(44), 64, 8, scale=1.0)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=x)
+    common = ["shrink", str(path), "--ratio", "0.25", "--units", "mlp", "--allocate", "uniform", "--sequential"]
+    common += ["--calib", str(calib), "--refit-damp", "0"]
+    outputs = {}
+    for name, extra in {
+        "pruned": [],
+        "blend0": ["--target", "dense", "--target-blend", "0"],
+        "dense": ["--target", "dense"],
+    }.items():
+        out = tmp_path / f"{name}.onnx"
+        result = runner.invoke(app, [*common, *extra, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        outputs[name] = run(onnx.load(str(out)), {"x": x})[0]
+    dense = run(model, {"x": x})[0]
+    # a blend of 0 aims at the shrunk prefix's own outputs: the plain sequential refit
+    np.testing.assert_allclose(outputs["blend0"], outputs["pruned"], rtol=1e-4, atol=1e-4)
+    # the dense target lands closer to the dense model's outputs on its calibration data
+    error = {k: float(np.mean((v - dense) ** 2)) for k, v in outputs.items()}
+    assert error["dense"] < error["pruned"]

@@ -4,23 +4,27 @@ tensor's rows, the Gram matrix (with its Σx and row count) is numpy's over the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
+from graphprune.algorithms.structured import StructuredMethod
 from graphprune.calibration.moments import ChannelTap, collect_moments, token_mask
 from graphprune.calibration.request import CalibrationRequest
-from tests.onnx_builders import draw, init, make_model, tensor
+from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
+from tests.onnx_builders import draw, init, make_model, run, tensor
 
 D, HIDDEN = 6, 800  # wider than 2 x 384: the Gram matrix is computed as blocks of its upper triangle
 
 
-def _encoder(mask_dims: list[str | int]) -> tuple[ir.Model, dict[str, np.ndarray]]:
-    """x [b, s, D] -> MatMul w1 -> Relu = g [b, s, HIDDEN] -> MatMul w2; the mask input has ``mask_dims``."""
+def _encoder(mask_dims: list[str | int] | None, hidden: int = HIDDEN) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """x [b, s, D] -> MatMul w1 -> Relu = g [b, s, hidden] -> MatMul w2; the mask input has ``mask_dims``."""
     rng = np.random.default_rng(5)
-    w = {"w1": draw(rng, D, HIDDEN), "w2": draw(rng, HIDDEN, D)}
+    w = {"w1": draw(rng, D, hidden), "w2": draw(rng, hidden, D)}
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"]),
         helper.make_node("Relu", ["h"], ["g"]),
@@ -32,6 +36,7 @@ def _encoder(mask_dims: list[str | int]) -> tuple[ir.Model, dict[str, np.ndarray
 
 
 def _calibration(rng: np.random.Generator, batch: int = 10, seq: int = 7) -> dict[str, np.ndarray]:
+    """Random inputs, each sample padded after a random number (1 to ``seq``) of real tokens."""
     lengths = rng.integers(1, seq + 1, size=batch)
     mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
     return {"x": draw(rng, batch, seq, D, scale=1.0), "attention_mask": mask}
@@ -72,7 +77,7 @@ def _batches(g: np.ndarray, mask: np.ndarray, size: int) -> list[tuple[np.ndarra
 @pytest.mark.parametrize("mask_dims", [["b", "t"], ["b", 7], None])
 def test_a_mask_that_is_not_provably_the_rows_changes_nothing(mask_dims: list | None) -> None:
     """A decoder's mask over past and new tokens (another length), or one of unknown shape: every row counts."""
-    model, w = _encoder(mask_dims)  # type: ignore[arg-type]
+    model, w = _encoder(mask_dims)
     assert token_mask(model, next(v for n in model.graph for v in n.outputs if v.name == "g")) is None
     data = _calibration(np.random.default_rng(7))
     tap = ChannelTap("g", -1, HIDDEN, gram=True, pad_stride=0)
@@ -92,3 +97,42 @@ def test_all_tokens_when_asked() -> None:
     gram, _, rows = moments.gram_terms("g")
     assert rows == every.shape[0]
     np.testing.assert_allclose(gram, every.T @ every, rtol=1e-4, atol=1e-3)
+
+
+def test_shrink_refits_on_the_real_tokens_alone_with_pad_stride_0() -> None:
+    """End to end: the undamped refit with no padded rows is numpy's least squares over the real rows only (the
+    dense output from the kept neurons and a bias); with every row it is a different fit."""
+    model, w = _encoder(["b", "s"], hidden=16)
+    data = _calibration(np.random.default_rng(9), batch=40, seq=8)
+    fits = {}
+    for pad in (0, 1):
+        m = ir.from_proto(ir.to_proto(model))
+        config = ShrinkConfig(ratio=0.25, units=("mlp",), method=StructuredMethod.WANDA, damp=0.0, pad_stride=pad)
+        (record,) = shrink_model(m, config, CalibrationRequest(data=data, batch_size=8)).groups
+        assert record.refitted == 1 and len(record.removed) == 4
+        fits[pad] = run(m, data)[0].reshape(-1, D), record.removed
+    real = data["attention_mask"].ravel() == 1
+    h = np.maximum(data["x"] @ w["w1"], 0).astype(np.float64).reshape(-1, 16)
+    kept = np.setdiff1d(np.arange(16), fits[0][1])
+    design = np.concatenate([h[:, kept], np.ones((len(h), 1))], axis=1)
+    solution = np.linalg.lstsq(design[real], h[real] @ w["w2"], rcond=None)[0]
+    np.testing.assert_allclose(fits[0][0], design @ solution, rtol=1e-3, atol=1e-3)
+    assert fits[1][1] == fits[0][1]  # the same neurons (wanda's scores: every row), refitted on every row
+    assert np.abs(fits[1][0] - fits[0][0]).max() > 1e-2
+
+
+def test_a_negative_padding_stride_is_a_one_line_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from graphprune.cli import app
+
+    model, _ = _encoder(["b", "s"], hidden=16)
+    path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    ir.save(model, path)
+    before = path.read_bytes()
+    result = CliRunner().invoke(
+        app, ["shrink", str(path), "--ratio", "0.25", "--gram-padding", "-1", "-o", str(out)]
+    )
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "invalid padding stride -1" in result.output
+    assert not out.exists() and path.read_bytes() == before

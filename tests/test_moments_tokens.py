@@ -21,7 +21,9 @@ from tests.onnx_builders import draw, init, make_model, run, tensor
 D, HIDDEN = 6, 800  # wider than 2 x 384: the Gram matrix is computed as blocks of its upper triangle
 
 
-def _encoder(mask_dims: list[str | int] | None, hidden: int = HIDDEN) -> tuple[ir.Model, dict[str, np.ndarray]]:
+def _encoder(
+    mask_dims: list[str | int] | None, hidden: int = HIDDEN, mask_type: int = TensorProto.INT64
+) -> tuple[ir.Model, dict[str, np.ndarray]]:
     """x [b, s, D] -> MatMul w1 -> Relu = g [b, s, hidden] -> MatMul w2; the mask input has ``mask_dims``."""
     rng = np.random.default_rng(5)
     w = {"w1": draw(rng, D, hidden), "w2": draw(rng, hidden, D)}
@@ -30,7 +32,7 @@ def _encoder(mask_dims: list[str | int] | None, hidden: int = HIDDEN) -> tuple[i
         helper.make_node("Relu", ["h"], ["g"]),
         helper.make_node("MatMul", ["g", "w2"], ["y"]),
     ]
-    inputs = [tensor("x", shape=["b", "s", D]), tensor("attention_mask", TensorProto.INT64, mask_dims)]
+    inputs = [tensor("x", shape=["b", "s", D]), tensor("attention_mask", mask_type, mask_dims)]
     proto = make_model(nodes, inputs, [tensor("y", shape=["b", "s", D])], [init(v, k) for k, v in w.items()])
     return ir.from_proto(onnx.shape_inference.infer_shapes(proto)), w
 
@@ -136,3 +138,11 @@ def test_a_negative_padding_stride_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "invalid padding stride -1" in result.output
     assert not out.exists() and path.read_bytes() == before
+
+
+def test_a_float_mask_is_never_read_as_real_tokens() -> None:
+    """A float mask may be additive (0 for a real token, -inf for padding): its nonzeros are not the tokens."""
+    model, _ = _encoder(["b", "s"], mask_type=TensorProto.FLOAT)
+    assert token_mask(model, next(v for n in model.graph for v in n.outputs if v.name == "g")) is None
+    model, _ = _encoder(["b", "s"])
+    assert token_mask(model, next(v for n in model.graph for v in n.outputs if v.name == "g")) is not None

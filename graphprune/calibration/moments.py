@@ -140,7 +140,8 @@ def token_mask(model: ir.Model, value: ir.Value) -> ir.Value | None:
     return mask if known and same else None
 
 
-_MASK_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL, ir.DataType.FLOAT)
+# 1 for a real token, 0 for padding; a float mask may be additive (0 real, -inf padded), so it is never read
+_MASK_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
 Fetch = Callable[[str, str, ir.Value, ir.DataType, list[int]], None]
 
 

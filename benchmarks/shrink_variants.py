@@ -1,8 +1,9 @@
-"""The shrink benchmarks' names for configurations: ``METHOD[+refit][+global][+gramN][+byMETHOD][+dampX]
-[+minX][+maxX][+seq]`` (``flap+refit+global``).
+"""The shrink benchmarks' names for configurations: ``METHOD[+refit][+global][+gramN][+padN][+byMETHOD][+dampX]
+[+minX][+maxX][+seq][+dense][+blendX]`` (``flap+refit+global``).
 
 Without ``+refit`` the consumers get only what the method itself does (flap's bias fold); without ``+global`` every
-group loses the same ratio (uniform); ``+gram4`` measures the Gram matrices on every 4th row; ``+byflap`` shares
+group loses the same ratio (uniform); ``+gram4`` measures the Gram matrices on every 4th row,
+``+pad4`` on every 4th padded row (weighted 4); ``+byflap`` shares
 the global budget by flap's scores while METHOD chooses the units inside each group; ``+damp0.1`` sets the refit's
 damping, ``+min0.1``/``+max0.5`` global allocation's least and most per group; ``+error`` allocates globally on the
 raw scores (not standardised); ``+seq`` shrinks group by group on the already shrunk prefix (``sequential``,
@@ -19,8 +20,8 @@ from graphprune.pipeline.shrink import ShrinkConfig
 def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) -> ShrinkConfig:
     """The configuration ``text`` names, removing ``ratio`` of the ``units``; ``options`` set other fields."""
     method, *flags = text.split("+")
-    valued = {"gram": ("gram_stride", int), "by": ("allocate_by", StructuredMethod), "damp": ("damp", float),
-              "min": ("ratio_min", float), "max": ("ratio_max", float),
+    valued = {"gram": ("gram_stride", int), "pad": ("pad_stride", int), "by": ("allocate_by", StructuredMethod),
+              "damp": ("damp", float), "min": ("ratio_min", float), "max": ("ratio_max", float),
               "blend": ("target_blend", float)}  # fmt: skip
     for flag in flags:
         if flag in ("refit", "global", "error", "seq", "dense"):

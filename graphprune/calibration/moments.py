@@ -36,6 +36,10 @@ class ChannelTap:
     rank: int | None = None  # the tensor's rank, needed when the channel axis is not the last
     gram: bool = False  # also Σ x xᵀ over the channels (width x width)
     gram_stride: int = 1  # the Gram matrix (with its own Σx and rows) from every n-th row only: 1/n of its cost
+    # where an attention mask provably marks the rows (:func:`token_mask`), the padded rows in the Gram matrix
+    # (with its own Σx and rows): 1 every one (the plain Gram matrix), n > 1 every n-th weighted n (an unbiased
+    # estimate of it at real + padded / n of its cost), 0 none (real tokens only)
+    pad_stride: int = 1
 
 
 @dataclass(kw_only=True)
@@ -45,7 +49,7 @@ class Moments:
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     sumsq: dict[str, np.ndarray] = field(default_factory=dict)
     grams: dict[str, np.ndarray] = field(default_factory=dict)
-    gram_sums: dict[str, np.ndarray] = field(default_factory=dict)  # Σx over the Gram's rows, when strided
+    gram_sums: dict[str, np.ndarray] = field(default_factory=dict)  # Σx over the Gram's rows, when not all rows
     gram_rows: dict[str, int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     pair_terms: dict[tuple[str, str], list[list[np.ndarray]]] = field(default_factory=dict)  # per batch
@@ -98,14 +102,7 @@ def _moment_taps(
             fetched("sumsq", tap.value, b.reduce_sumsq(rows, [0]), ir.DataType.FLOAT, [tap.width])
             fetched("size", tap.value, b.node("Size", [rows], "size"), ir.DataType.INT64, [])
             if tap.gram:  # one MatMul in the graph: only the width x width result leaves ONNX Runtime
-                sample = rows
-                if tap.gram_stride > 1 and b.opset >= 10:  # every n-th row, with its own Σx and count
-                    ends, step = b.const([2**62], "ends"), b.const([tap.gram_stride], "steps")
-                    sample = b.node(
-                        "Slice", [rows, b.const([0], "starts"), ends, b.const([0], "axes"), step], "rows"
-                    )
-                    fetched("gram_sum", tap.value, b.reduce_sum(sample, [0]), ir.DataType.FLOAT, [tap.width])
-                    fetched("gram_size", tap.value, b.node("Size", [sample], "size"), ir.DataType.INT64, [])
+                sample = _gram_rows(b, model, tap, values[tap.value], rows, fetched)
                 transposed = b.node("Transpose", [sample], "rows_t", perm=[1, 0])
                 for (r0, r1), (c0, c1) in gram_blocks(tap.width, b.opset):
                     left, right = transposed, sample
@@ -128,6 +125,63 @@ def _moment_taps(
     finally:
         for node in plan.nodes:  # the model's values forget their tap uses
             node.resize_inputs(0)
+
+
+def token_mask(model: ir.Model, value: ir.Value) -> ir.Value | None:
+    """The graph input ``attention_mask`` when it provably marks ``value``'s rows: ``value`` is
+    ``[*mask dims, channels]`` with the mask's dimensions (the same symbols or sizes), so its rows in order are the
+    mask's entries in order. Else None (a decoder's mask over past and new tokens has another length)."""
+    mask = next((v for v in model.graph.inputs if v.name == "attention_mask"), None)
+    if mask is None or mask.shape is None or value.shape is None or mask.dtype not in _MASK_TYPES:
+        return None
+    dims, lead = list(mask.shape), list(value.shape)[:-1]
+    known = all(isinstance(d, int) or d.value is not None for d in dims)
+    same = len(lead) == len(dims) and all(a == b for a, b in zip(lead, dims, strict=True))
+    return mask if known and same else None
+
+
+# 1 for a real token, 0 for padding; a float mask may be additive (0 real, -inf padded), so it is never read
+_MASK_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
+Fetch = Callable[[str, str, ir.Value, ir.DataType, list[int]], None]
+
+
+def _gram_rows(
+    b: TapBuilder, model: ir.Model, tap: ChannelTap, value: ir.Value, rows: ir.Value, fetched: Fetch
+) -> ir.Value:
+    """The rows the Gram matrix of ``tap`` is computed from, fetching their Σx and counts where they are not all
+    of ``rows``: strided, and where a token mask marks the rows, the real tokens' and a weighted sample of the
+    padded ones (as many weighted rows as padded ones, in expectation)."""
+    mask = token_mask(model, value) if tap.pad_stride != 1 and tap.axis == -1 and b.opset >= 10 else None
+    if mask is None:
+        if tap.gram_stride == 1 or b.opset < 10:
+            return rows
+        sample = _every(b, rows, tap.gram_stride)
+        fetched("gram_sum", tap.value, b.reduce_sum(sample, [0]), ir.DataType.FLOAT, [tap.width])
+        fetched("gram_size", tap.value, b.node("Size", [sample], "size"), ir.DataType.INT64, [])
+        return sample
+    real = b.reshape(b.node("Cast", [mask], "real", to=ir.DataType.BOOL.value), [-1])
+    fetched("mask_size", tap.value, b.node("Size", [real], "size"), ir.DataType.INT64, [])
+    sample = _every(b, b.node("Compress", [rows, real], "real_rows", axis=0), tap.gram_stride)
+    total = b.reduce_sum(sample, [0])
+    fetched("gram_size", tap.value, b.node("Size", [sample], "size"), ir.DataType.INT64, [])
+    if tap.pad_stride > 1:  # Σ over every n-th padded row, n times: n Σ x (and n x xᵀ, from rows scaled by √n)
+        padded = b.node("Compress", [rows, b.node("Not", [real], "padded")], "padded_rows", axis=0)
+        padded = _every(b, padded, tap.gram_stride * tap.pad_stride)
+        fetched("pad_size", tap.value, b.node("Size", [padded], "size"), ir.DataType.INT64, [])
+        n = float(tap.pad_stride)
+        weighted = b.node("Mul", [b.reduce_sum(padded, [0]), b.array(np.array([n], np.float32), "n")], "weighted")
+        total = b.node("Add", [total, weighted], "sum")
+        scaled = b.node("Mul", [padded, b.array(np.array([np.sqrt(n)], np.float32), "root_n")], "scaled")
+        sample = b.node("Concat", [sample, scaled], "rows", axis=0)
+    fetched("gram_sum", tap.value, total, ir.DataType.FLOAT, [tap.width])
+    return sample
+
+
+def _every(b: TapBuilder, rows: ir.Value, stride: int) -> ir.Value:
+    if stride == 1:
+        return rows
+    step = [b.const([0], "starts"), b.const([2**62], "ends"), b.const([0], "axes"), b.const([stride], "steps")]
+    return b.node("Slice", [rows, *step], "rows")
 
 
 GRAM_BLOCK = 384  # Gram matrices wider than twice this are computed as blocks of the upper triangle
@@ -166,7 +220,8 @@ def collect_moments(
     out = Moments(warnings=list(feeds.source.warnings))
     names = [name for _, _, name in fetch]
     mirrored: set[tuple[str, int, int, int, int]] = set()
-    seen = 0
+    seen = batch_rows = 0
+    strides = {tap.value: tap.pad_stride for tap in channels}
     for label, feed in feeds:
         results = session.run(names, feed, label)
         pending: dict[tuple[str, str], list[np.ndarray]] = {}
@@ -186,10 +241,14 @@ def collect_moments(
                     mirrored.add((key, r0, r0 + array.shape[0], c0, c0 + array.shape[1]))
             elif part == "gram_sum":
                 out.gram_sums[key] = out.gram_sums.get(key, 0) + array.astype(np.float64)
-            elif part == "gram_size":
-                out.gram_rows[key] = out.gram_rows.get(key, 0) + int(array) // len(out.gram_sums[key])
+            elif part == "mask_size" and int(array) != batch_rows:  # its tensor's "size" came before
+                raise GraphpruneError(f"tensor {key}: {batch_rows} rows, {int(array)} attention-mask values")
+            elif part in ("gram_size", "pad_size"):  # padded rows count n times each
+                weight = strides[key] if part == "pad_size" else 1
+                out.gram_rows[key] = out.gram_rows.get(key, 0) + weight * int(array) // len(out.sums[key])
             elif part == "size":
-                out.rows[key] = out.rows.get(key, 0) + int(array) // len(out.sums[key])
+                batch_rows = int(array) // len(out.sums[key])
+                out.rows[key] = out.rows.get(key, 0) + batch_rows
         for pair, terms in pending.items():
             out.pair_terms.setdefault(pair, []).append(terms)
         seen += 1

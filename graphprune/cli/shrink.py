@@ -143,6 +143,15 @@ def shrink(
             "per token, so 2 roughly halves that part of the calibration. Example: --gram-stride 2"
         ),
     ] = 1,
+    gram_padding: Annotated[
+        int,
+        typer.Option(
+            help="Where the model's attention_mask input marks padded tokens (text calibration of an encoder), "
+            "put every N-th padded row in the Gram matrices, counted N times (an unbiased estimate of them at "
+            "the real tokens' cost plus 1/N of the padding's); 0 leaves padding out, 1 keeps every row. "
+            "Example: --gram-padding 0",
+        ),
+    ] = 8,
     allocate: Annotated[
         str | None,
         typer.Option(
@@ -205,6 +214,7 @@ def shrink(
         target_blend=target_blend,
         damp=refit_damp,
         gram_stride=gram_stride,
+        pad_stride=gram_padding,
         allocate=allocate,
         allocate_by=allocate_by,
         ratio_min=layer_min,

@@ -207,7 +207,8 @@ def quantize_file(
     model = load_model(model_path)
     external = uses_external_data(model)
     untied = untie_head_tables(model) if config.include_head else []
-    rewrites = rewrite_for_ort(model) if config.target == "ort" else {}  # exact: calibration sees the same values
+    # before calibration, which then measures the rewritten model (the exact rewrites change no value it sees)
+    rewrites = rewrite_for_ort(model, config.fuses_attention) if config.target == "ort" else {}
     plan = plan_quantization(model, config)
     if not plan.targets:
         reasons = sorted({k.reason for k in plan.kept})

@@ -22,9 +22,10 @@ Matched, per Softmax over the last axis (everything else is refused with a reaso
 
 Reshape targets are read with :mod:`graphprune.quantize.shape_tokens`: batch and sequence sizes must be provably
 those of the projection. The bias is expanded to ``[·, ·, S, L]`` (MultiHeadAttention reads four dimensions
-with only the first two broadcast). Only the main graph is rewritten. A guarded core keeps its guard on the fused output (``Where(IsNaN(y), 0, y)``,
-equal to the original wherever V is finite). The rewrite is not bit-exact: the fused kernel sums in another order
-(measured deviations in BENCHMARKS.md, "Fused attention for ONNX Runtime").
+with only the first two broadcast). Only the main graph is rewritten. A guarded core keeps its guard on the fused
+output (``Where(IsNaN(y), 0, y)``, equal to the original wherever V is finite). The rewrite is not bit-exact:
+the fused kernel sums in another order (measured deviations in BENCHMARKS.md, "Fused attention for ONNX
+Runtime").
 """
 
 from __future__ import annotations

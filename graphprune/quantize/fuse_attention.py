@@ -437,7 +437,7 @@ def _remove_if_dead(graph: ir.Graph, node: ir.Node) -> None:
         producer = value.producer()
         if producer is not None:
             _remove_if_dead(graph, producer)
-        elif value.name in graph.initializers and not value.uses() and not value.is_graph_output():
+        elif value.name and value.name in graph.initializers and not value.uses() and not value.is_graph_output():
             del graph.initializers[value.name]  # a constant only the removed nodes read
 
 

@@ -247,11 +247,14 @@ def _print(report: QuantizeReport, written: Path) -> None:
         out.print(f"--clip {report.config.clip}: {clipped}{smallest}", highlight=False)
     if report.result.matmuls:
         out.print(f"activation x activation MatMuls quantized: {len(report.result.matmuls)}", highlight=False)
-    moved, gelus = (report.rewrites.get(k, []) for k in ("nan_guards_moved", "gelus_reordered"))
-    if moved or gelus:
+    moved, gelus, sums = (
+        report.rewrites.get(k, []) for k in ("nan_guards_moved", "gelus_reordered", "layer_norm_sums")
+    )
+    if moved or gelus or sums:
         out.print(
             f"exact rewrites for ONNX Runtime: {len(moved)} softmax NaN guards moved past their MatMul, "
-            f"{len(gelus)} erf GELUs reordered for its Gelu fusion",
+            f"{len(gelus)} erf GELUs reordered for its Gelu fusion, {len(sums)} residual Adds before "
+            "LayerNormalization written as Sum (its SkipLayerNormalization kernel is slower)",
             highlight=False,
         )
     fused, unfused = (report.rewrites.get(k, []) for k in ("attention_fused", "attention_not_fused"))

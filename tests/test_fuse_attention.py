@@ -26,7 +26,7 @@ from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.files import quantize_file
 from graphprune.quantize.fuse_attention import fuse_attention
 from graphprune.quantize.shape_tokens import shape_tokens
-from tests.onnx_builders import init, make_model, run, tensor
+from tests.onnx_builders import SEQ, attention, init, make_model, run, tensor
 
 S, D, H, HD = 6, 8, 2, 4  # tokens, width, heads, head width
 FP32_RTOL = 2e-6  # the fused kernel's float32 rounding, relative to the largest output
@@ -343,3 +343,19 @@ def test_cli_fuses_by_default_for_ort(tmp_path: Path, flag: str | None) -> None:
     fused = [n for n in onnx.load(tmp_path / "q.onnx").graph.node if n.op_type == "If"]
     assert len(fused) == (0 if flag else 2)
     assert ("attention cores fused into MultiHeadAttention: 2" in result.output) == (flag is None)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (4, 2)])
+def test_unmasked_attention_fuses_and_grouped_query_attention_is_refused(heads: int, kv_heads: int) -> None:
+    """No mask: one MultiHeadAttention, no If. K/V repeated for grouped-query attention: not this kernel's form."""
+    proto, _ = attention(heads, kv_heads, head_dim=4)
+    model = ir.from_proto(proto)
+    fused, refused = fuse_attention(model)
+    ops = [n.op_type for n in model.graph]
+    if heads == kv_heads:
+        assert len(fused) == 1 and "If" not in ops and ops.count("MultiHeadAttention") == 1
+    else:
+        assert fused == [] and len(refused) == 1 and "keys" in refused[0] and "Softmax" in ops
+    x = {"x": np.random.default_rng(1855).standard_normal((2, SEQ, 8)).astype(np.float32)}
+    want = run(proto, x)[0]
+    np.testing.assert_allclose(run(model, x)[0], want, rtol=0, atol=FP32_RTOL * np.abs(want).max())

@@ -190,17 +190,8 @@ def _scores(value: ir.Value | None) -> tuple[ir.Value, float, ir.Value | None, l
 
 
 def _reaches_matmul(value: ir.Value | None) -> bool:
-    while value is not None:
-        node = value.producer()
-        if node is None:
-            return False
-        if node.op_type == "MatMul":
-            return True
-        found = _scalar_factor(node)
-        if found is None:
-            return False
-        value = found[1]
-    return False
+    inner, _, _ = _strip_scalars(value)
+    return _producer(inner, "MatMul") is not None
 
 
 def _scalar_factor(node: ir.Node) -> tuple[float, ir.Value] | None:

@@ -59,8 +59,9 @@ def _legacy_split(prefix: str, t: str) -> list:
     ]
 
 
-def legacy_bert(seed: int = 0, axis: int = -1) -> onnx.ModelProto:
-    """One legacy-exported attention block: y = x + O(softmax(Q·Kᵀ/√d + (1 - mask)·-10000)·V)."""
+def legacy_bert(seed: int = 0, axis: int = -1, scale_last: bool = False) -> onnx.ModelProto:
+    """One legacy-exported attention block: y = x + O(softmax(Q·Kᵀ/√d + (1 - mask)·-10000)·V); with
+    ``scale_last``, softmax((Q·Kᵀ + mask)/√d) instead, which scales the mask too."""
     rng = np.random.default_rng(seed)
     nodes, inits = _projections(rng, "", "x")
     consts = {
@@ -87,8 +88,11 @@ def legacy_bert(seed: int = 0, axis: int = -1) -> onnx.ModelProto:
         helper.make_node("Sub", ["one", "mf"], ["inv"]),
         helper.make_node("Mul", ["inv", "big"], ["bias"]),
         helper.make_node("MatMul", ["qh", "kt"], ["s0"]),
-        helper.make_node("Div", ["s0", "root"], ["s1"]),
-        helper.make_node("Add", ["s1", "bias"], ["s"]),
+        *(
+            [helper.make_node("Add", ["s0", "bias"], ["s1"]), helper.make_node("Div", ["s1", "root"], ["s"])]
+            if scale_last
+            else [helper.make_node("Div", ["s0", "root"], ["s1"]), helper.make_node("Add", ["s1", "bias"], ["s"])]
+        ),
         helper.make_node("Softmax", ["s"], ["p"], axis=axis),
         helper.make_node("MatMul", ["p", "vh"], ["a0"]),
         helper.make_node("Transpose", ["a0"], ["a1"], perm=[0, 2, 1, 3]),
@@ -258,6 +262,7 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     [
         (dynamo_bert(scaled_values=True), "the values are scaled", 1),  # the second layer still matches
         (legacy_bert(axis=2), "softmax over axis 2", 0),
+        (legacy_bert(scale_last=True), "scaled after the bias is added", 0),
     ],
 )
 def test_unmatched_cores_are_refused_and_left_as_they_are(

@@ -134,6 +134,8 @@ def _match(graph: ir.Graph, softmax: ir.Node) -> _Core:
     sizes = {(h.heads, h.head_size) for h in (query, key, value)}
     if len(sizes) != 1:
         raise _Refused(f"queries, keys and values split into different heads: {sorted(sizes)}")
+    if any(h.projection.dtype != ir.DataType.FLOAT for h in (query, key, value)):
+        raise _Refused("the projections are not float32 (ONNX Runtime's CPU kernel is float32 only)")
     output, out_nodes = _merged_output(matmul.outputs[0], query)
     nodes = [*q_nodes, *k_nodes, *v_nodes, qk, *pre, softmax, *matched, matmul, *out_nodes]
     if any(n.graph is not graph for n in nodes):
@@ -173,6 +175,8 @@ def _scores(value: ir.Value | None) -> tuple[ir.Value, float, ir.Value | None, l
             passed.append(node)
             continue
         if node.op_type == "Add" and bias is None and len(node.inputs) == 2:
+            if scale != 1.0:  # (Q·Kᵀ + bias)·c scales the bias too; the kernel adds it unscaled
+                raise _Refused("the scores are scaled after the bias is added")
             a, b = node.inputs
             # the scores side comes from the Q·Kᵀ MatMul (through scalars); the other is the bias
             side = next((i for i, v in enumerate((a, b)) if _reaches_matmul(v)), None)
@@ -184,8 +188,11 @@ def _scores(value: ir.Value | None) -> tuple[ir.Value, float, ir.Value | None, l
         break
     if value is None:
         raise _Refused("the scores have no producer")
-    if bias is not None and bias.dtype not in (None, ir.DataType.FLOAT):
-        raise _Refused("the attention bias is not float32")
+    if bias is not None and bias.dtype != ir.DataType.FLOAT:
+        raise _Refused("the attention bias is not known to be float32")
+    rank = bias.shape.rank() if bias is not None and bias.shape is not None else None
+    if bias is not None and (rank is None or rank > 4):
+        raise _Refused("the attention bias has more than four dimensions, or an unknown number")
     return value, scale, bias, passed
 
 
@@ -198,12 +205,18 @@ def _scalar_factor(node: ir.Node) -> tuple[float, ir.Value] | None:
     """``x · c``, ``c · x`` or ``x / c`` with a finite non-zero scalar constant c: (the factor, x), else None."""
     if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2 or node.domain not in _DEFAULT:
         return None
-    x, c = node.inputs[0], constant_scalar(node.inputs[1])
+    x, c = node.inputs[0], _scalar(node.inputs[1])
     if node.op_type == "Mul" and c is None:
-        x, c = node.inputs[1], constant_scalar(node.inputs[0])
+        x, c = node.inputs[1], _scalar(node.inputs[0])
     if x is None or c is None or c == 0.0 or not np.isfinite(c):
         return None
     return (c if node.op_type == "Mul" else 1.0 / c), x
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    """A one-element constant of rank 0 or 1 (a higher rank could broadcast the other operand up)."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return constant_scalar(value) if tensor is not None and len(tensor.shape) <= 1 else None
 
 
 def _strip_scalars(value: ir.Value | None) -> tuple[ir.Value | None, float, list[ir.Node]]:

@@ -45,11 +45,14 @@ _DEFAULT = ("", "ai.onnx")
 
 @dataclass
 class _Heads:
-    """A 3-D projection split into heads: ``[B, S, N·H]`` → (Transpose of) ``[B, S, N, H]``."""
+    """Queries, keys or values in heads: ``bnsh`` is the ``[B, N, S, H]`` tensor (None for keys the legacy
+    exporter transposes straight to ``[B, N, H, L]``), ``projection`` the 3-D ``[B, S, N·H]`` it was proven to be
+    split from (None when it was not: rotary embeddings, keys and values repeated for grouped-query attention)."""
 
-    projection: ir.Value
+    bnsh: ir.Value | None
     heads: int
     head_size: int
+    projection: ir.Value | None = None
 
 
 @dataclass
@@ -62,6 +65,7 @@ class _Core:
     guarded: bool
     output: ir.Value  # the 3-D ``[B, S, N·H]`` tensor that the fused node replaces
     nodes: list[ir.Node]  # the matched nodes, removed once nothing reads them
+    four_d: bool  # keys and values fed in heads, [B, N, L, H], not as 3-D projections
 
 
 class _Refused(Exception):
@@ -134,13 +138,30 @@ def _match(graph: ir.Graph, softmax: ir.Node) -> _Core:
     sizes = {(h.heads, h.head_size) for h in (query, key, value)}
     if len(sizes) != 1:
         raise _Refused(f"queries, keys and values split into different heads: {sorted(sizes)}")
-    if any(h.projection.dtype != ir.DataType.FLOAT for h in (query, key, value)):
+    four_d = key.projection is None or value.projection is None
+    if four_d:
+        _check_heads_agree(query, key, value)
+    inputs = (
+        [query.projection or query.bnsh, key.bnsh, value.bnsh] if four_d else [key.projection, value.projection]
+    )
+    if any(v is None or v.dtype != ir.DataType.FLOAT for v in inputs):
         raise _Refused("the projections are not float32 (ONNX Runtime's CPU kernel is float32 only)")
     output, out_nodes = _merged_output(matmul.outputs[0], query)
     nodes = [*q_nodes, *k_nodes, *v_nodes, qk, *pre, softmax, *matched, matmul, *out_nodes]
     if any(n.graph is not graph for n in nodes):
         raise _Refused("part of it lies inside a subgraph")
-    return _Core(query, key, value, scale * q_scale * k_scale, bias, guarded, output, nodes)
+    return _Core(query, key, value, scale * q_scale * k_scale, bias, guarded, output, nodes, four_d)
+
+
+def _check_heads_agree(query: _Heads, key: _Heads, value: _Heads) -> None:
+    """Keys and values fed in heads (``[B, N, L, H]``): same batch as the queries, same length as each other."""
+    if key.bnsh is None or value.bnsh is None or query.bnsh is None:
+        raise _Refused("the keys are transposed straight from their split but the values are not split")
+    batch = {dim_token(h.bnsh, 0) for h in (query, key, value)}  # type: ignore[arg-type]  # checked above
+    if len(batch) != 1 or None in batch or dim_token(key.bnsh, 2) != dim_token(value.bnsh, 2):
+        raise _Refused(
+            "queries, keys and values do not provably share their batch, or keys and values their length"
+        )
 
 
 def _probabilities_matmul(graph: ir.Graph, p: ir.Value) -> tuple[ir.Node, bool, list[ir.Node]]:
@@ -243,14 +264,30 @@ def _perm(node: ir.Node | None) -> list[int] | None:
 
 
 def _heads(value: ir.Value | None, what: str) -> tuple[_Heads, list[ir.Node], float]:
-    """``Transpose(0,2,1,3)(Reshape(x, [B, S, N, H]))``, scalars allowed around the Transpose."""
+    """``Transpose(0,2,1,3)(Reshape(x, [B, S, N, H]))`` of a 3-D ``x``, else any 4-D ``[B, N, S, H]`` tensor whose
+    N and H are known; scalar factors after it are returned as one."""
     inner, scale, passed = _strip_scalars(value)
     transpose = _producer(inner, "Transpose")
-    if transpose is None or _perm(transpose) != [0, 2, 1, 3]:
-        raise _Refused(f"the {what} are not a head split transposed to [B, N, S, H]")
-    split, scale2, passed2 = _strip_scalars(transpose.inputs[0])
-    heads, reshape = _split(split, what)
-    return heads, [*passed, transpose, *passed2, reshape], scale * scale2
+    if transpose is not None and _perm(transpose) == [0, 2, 1, 3]:
+        try:
+            heads, reshape = _split(transpose.inputs[0], what)
+            heads.bnsh = inner
+            return heads, [*passed, transpose, reshape], scale
+        except _Refused:
+            pass  # not a proven split; the transpose's output is still in heads
+    return _opaque(inner, what), passed, scale
+
+
+def _opaque(value: ir.Value | None, what: str) -> _Heads:
+    """A ``[B, N, S, H]`` tensor computed some other way: attention is the same for every (B, N) pair whatever
+    made it, so only N and H must be known."""
+    shape = value.shape if value is not None else None
+    if value is None or shape is None or shape.rank() != 4:
+        raise _Refused(f"the {what} are neither a head split nor a 4-D tensor of known shape")
+    heads, size = shape[1], shape[3]
+    if not isinstance(heads, int) or not isinstance(size, int) or heads <= 0 or size <= 0:
+        raise _Refused(f"the head count or size of the {what} is not known")
+    return _Heads(value, heads, size)
 
 
 def _split(value: ir.Value | None, what: str) -> tuple[_Heads, ir.Node]:
@@ -274,7 +311,7 @@ def _split(value: ir.Value | None, what: str) -> tuple[_Heads, ir.Node]:
         n = width // h
     if n <= 0 or (isinstance(width, int) and n * h != width) or (not isinstance(width, int) and n == -1):
         raise _Refused(f"the {what} head split does not divide the width {width} into heads of {h}")
-    return _Heads(x, n, h), reshape
+    return _Heads(None, n, h, projection=x), reshape
 
 
 def _target(reshape: ir.Node) -> list[Token] | None:
@@ -294,9 +331,8 @@ def _transposed_keys(value: ir.Value | None) -> tuple[_Heads, list[ir.Node], flo
     inner, scale, passed = _strip_scalars(value)
     transpose = _producer(inner, "Transpose")
     if transpose is not None and _perm(transpose) == [0, 2, 3, 1]:  # legacy export: straight from the split
-        split, scale2, passed2 = _strip_scalars(transpose.inputs[0])
-        heads, reshape = _split(split, "keys")
-        return heads, [*passed, transpose, *passed2, reshape], scale * scale2
+        heads, reshape = _split(transpose.inputs[0], "keys")
+        return heads, [*passed, transpose, reshape], scale
     if transpose is not None and _perm(transpose) == [0, 1, 3, 2]:
         heads, nodes, scale2 = _heads(transpose.inputs[0], "keys")
         return heads, [*passed, transpose, *nodes], scale * scale2
@@ -332,9 +368,10 @@ def _merged_output(value: ir.Value, query: _Heads) -> tuple[ir.Value, list[ir.No
     width = query.heads * query.head_size
     if target is None or len(target) != 3:
         raise _Refused("the attention output's merge has a target shape this matcher cannot read")
-    if target[0] not in (dim_token(t, 0), dim_token(query.projection, 0)):
+    source = query.projection or t
+    if target[0] not in (dim_token(t, 0), dim_token(source, 0)):
         raise _Refused("the attention output's merge does not keep the batch")
-    if target[1] not in (dim_token(t, 1), dim_token(query.projection, 1)) or target[2] not in (-1, width):
+    if target[1] not in (dim_token(t, 1), dim_token(source, 1)) or target[2] not in (-1, width):
         raise _Refused("the attention output's merge is not [B, S, heads · head size]")
     return reshape.outputs[0], [transpose, reshape]
 
@@ -351,7 +388,12 @@ def _replace(graph: ir.Graph, names: Names, core: _Core, zero_tests: dict[int, i
     """Insert the fused node after the merge it replaces, point every reader at it, drop the dead nodes."""
     label = str(core.output.name)
     added: list[ir.Node] = []
-    projections: list[ir.Value | None] = [core.query.projection, core.key.projection, core.value.projection]
+    query = core.query.projection
+    if query is None:  # the kernel reads queries as [B, S, N·H] only
+        query, nodes = _merge_heads(graph, names, core.query, label)
+        added += nodes
+    kv = [core.key.bnsh, core.value.bnsh] if core.four_d else [core.key.projection, core.value.projection]
+    projections: list[ir.Value | None] = [query, *kv]
     if core.bias is None:
         fused = ir.Value(name=names(f"{label}_mha"), type=core.output.type, shape=core.output.shape)
         added.append(_mha(names, core, projections, fused, label))
@@ -378,6 +420,28 @@ def _replace(graph: ir.Graph, names: Names, core: _Core, zero_tests: dict[int, i
         graph.outputs[list(graph.outputs).index(core.output)] = result
     for node in reversed(core.nodes):  # readers before producers
         _remove_if_dead(graph, node)
+
+
+def _merge_heads(graph: ir.Graph, names: Names, heads: _Heads, label: str) -> tuple[ir.Value, list[ir.Node]]:
+    """``Reshape(Transpose(0,2,1,3)(x), [0, 0, N·H])``: queries in heads back to ``[B, S, N·H]``."""
+    assert heads.bnsh is not None  # queries always come in heads
+    width = constant(
+        graph, names, f"{label}_query_width", np.array([0, 0, heads.heads * heads.head_size], np.int64)
+    )
+    swapped = ir.Value(name=names(f"{label}_query_bsnh"))
+    merged = ir.Value(name=names(f"{label}_query_3d"), type=heads.bnsh.type)
+    nodes = [
+        ir.Node(
+            "",
+            "Transpose",
+            [heads.bnsh],
+            [ir.AttrInt64s("perm", [0, 2, 1, 3])],
+            outputs=[swapped],
+            name=names(f"{label}_QueryBSNH"),
+        ),
+        ir.Node("", "Reshape", [swapped, width], outputs=[merged], name=names(f"{label}_Query3D")),
+    ]
+    return merged, nodes
 
 
 def _mha(names: Names, core: _Core, inputs: list[ir.Value | None], out: ir.Value, label: str) -> ir.Node:
@@ -423,8 +487,9 @@ def _branches(
         [], [plain], nodes=[_mha(names, core, projections, plain, label)], name=names(f"{label}_unmasked")
     )
     masked = ir.Value(name=names(f"{label}_mha_masked"), type=out.type, shape=out.shape)
-    assert core.bias is not None and core.query.projection is not None
-    bias, nodes = _expand_bias(graph, names, core.bias, core.query.projection, label)
+    query = projections[0]  # the 3-D queries: their length is the bias's third dimension
+    assert core.bias is not None and query is not None
+    bias, nodes = _expand_bias(graph, names, core.bias, query, label)
     nodes.append(_mha(names, core, [*projections, None, None, bias], masked, label))
     else_branch = ir.Graph([], [masked], nodes=nodes, name=names(f"{label}_masked"))
     attributes = [ir.AttrGraph("then_branch", then_branch), ir.AttrGraph("else_branch", else_branch)]

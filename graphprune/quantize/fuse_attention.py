@@ -12,13 +12,21 @@ flash kernel without the bias then (adding zeros changes nothing), the bias othe
 
 Matched, per Softmax over the last axis (everything else is refused with a reason, and left as it is):
 
-* ``P = Softmax(S)``, ``S = MatMul(Qh, Kt)`` times / divided by scalar constants, plus at most one bias term;
-* ``Qh`` = ``Transpose(0,2,1,3)(Reshape(q, [B, S, N, H]))`` of a 3-D ``q``, scalars allowed in between;
+* ``P = Softmax(S)``, ``S = MatMul(Qh, Kt)`` times / divided by scalar constants, plus at most one bias term
+  (added after the scaling);
+* ``Qh`` = ``Transpose(0,2,1,3)(Reshape(q, [B, S, N, H]))`` of a 3-D ``q``, then fed as ``q`` itself; or any
+  other 4-D ``[B, N, S, H]`` tensor with N and H known (queries after rotary embeddings), merged back to
+  ``[B, S, N·H]`` for the kernel;
 * ``Kt`` is ``Kh`` with its last two axes swapped, in one of the three forms the exporters write:
   ``Transpose(0,2,3,1)`` of the split, ``Transpose(0,1,3,2)`` of ``Kh``, or dynamo's
-  ``Reshape([-1, L, H]) → Transpose(0,2,1) → Reshape([B, N, H, L])`` of ``Kh``;
+  ``Reshape([-1, L, H]) → Transpose(0,2,1) → Reshape([B, N, H, L])`` of ``Kh``; ``Kh`` and ``Vh`` are fed as
+  their 3-D projections when both are proven head splits, else as ``[B, N, L, H]`` tensors (rotary keys, keys
+  and values repeated for grouped-query attention), which the kernel also reads;
 * ``P`` (or its NaN guard) is the first operand of ``MatMul(·, Vh)``, whose output goes through
   ``Transpose(0,2,1,3)`` into a ``Reshape`` back to ``[B, S, N·H]``.
+
+Attention is computed independently for every (B, N) pair, so a ``[B, N, S, H]`` tensor needs no proof of how it
+was made; batch and key length must still be provably shared by Q, K and V.
 
 Reshape targets are read with :mod:`graphprune.quantize.shape_tokens`: batch and sequence sizes must be provably
 those of the projection. The bias is expanded to ``[·, ·, S, L]`` (MultiHeadAttention reads four dimensions

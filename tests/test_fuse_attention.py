@@ -403,3 +403,20 @@ def test_rotated_queries_are_fed_in_heads_and_merged_for_the_kernel() -> None:
     x = {"x": np.random.default_rng(1857).standard_normal((2, SEQ, 8)).astype(np.float32)}
     want = run(proto, x)[0]
     np.testing.assert_allclose(run(model, x)[0], want, rtol=0, atol=FP32_RTOL * np.abs(want).max())
+
+
+def test_fusion_runs_after_quantization_so_sequential_gptq_sees_no_control_flow(tmp_path: Path) -> None:
+    """The If the fusion writes would stop ``sequential`` (it refuses control flow) and hide the o-projections'
+    inputs from calibration: fused after quantization, the fused and unfused models hold the same weights."""
+    out, report = quantize(tmp_path, target="ort", method="gptq", sequential=True)
+    assert len(report["ort_rewrites"]["attention_fused"]) == 2 and len(report["weights"]) == 8
+    (tmp_path / "unfused").mkdir()
+    unfused, _ = quantize(tmp_path / "unfused", target="ort", method="gptq", sequential=True, fuse_attention=False)
+    fused_model, plain = ir.load(out), ir.load(unfused)
+    for weight in report["weights"]:  # codes and scales: GPTQ's blocks saw the same graph
+        for name in (weight["name"], f"{weight['name']}_scale"):
+            want_w = plain.graph.initializers[name].const_value.numpy()  # type: ignore[union-attr]
+            np.testing.assert_array_equal(fused_model.graph.initializers[name].const_value.numpy(), want_w)  # type: ignore[union-attr]
+    x = feeds(np.random.default_rng(1858))
+    want = run(onnx.load(unfused), x)[0]
+    assert np.abs(run(fused_model, x)[0] - want).max() < 1e-5 * np.abs(want).max()

@@ -147,7 +147,7 @@ def _match(graph: ir.Graph, softmax: ir.Node) -> _Core:
     if len(sizes) != 1:
         raise _Refused(f"queries, keys and values split into different heads: {sorted(sizes)}")
     four_d = key.projection is None or value.projection is None
-    if four_d:
+    if four_d or query.projection is None:  # tensors in heads: MatMul would broadcast a batch of 1, the kernel not
         _check_heads_agree(query, key, value)
     inputs = (
         [query.projection or query.bnsh, key.bnsh, value.bnsh] if four_d else [key.projection, value.projection]
@@ -164,7 +164,9 @@ def _match(graph: ir.Graph, softmax: ir.Node) -> _Core:
 def _check_heads_agree(query: _Heads, key: _Heads, value: _Heads) -> None:
     """Keys and values fed in heads (``[B, N, L, H]``): same batch as the queries, same length as each other."""
     if key.bnsh is None or value.bnsh is None or query.bnsh is None:
-        raise _Refused("the keys are transposed straight from their split but the values are not split")
+        raise _Refused(
+            "the keys are transposed straight from their split, but the queries or values are not split"
+        )
     batch = {dim_token(h.bnsh, 0) for h in (query, key, value)}  # type: ignore[arg-type]  # checked above
     if len(batch) != 1 or None in batch or dim_token(key.bnsh, 2) != dim_token(value.bnsh, 2):
         raise _Refused(

@@ -4,7 +4,7 @@ keeps its vectorised LayerNormalization kernel instead of fusing the pair into `
 ONNX Runtime's CPU optimiser fuses ``LayerNormalization(Add(x, skip))`` into its SkipLayerNormalization contrib op,
 whose CPU kernel (1.32) is a scalar loop per row with a division per element. On a ``[512, 384]`` activation it
 took 1.0 ms where the Add and the LayerNormalization kernel it replaced took 0.16 ms (measured here, one thread);
-in all-MiniLM-L6's int8 model its 13 instances were 14% of the time (BENCHMARKS.md, "Fused attention for ONNX
+in all-MiniLM-L6's int8 model its 12 instances were 11-14% of the time (BENCHMARKS.md, "Fused attention for ONNX
 Runtime"). The fusion matches ``Add`` only. ``Sum`` of two tensors is ``Add`` (same multidirectional broadcast,
 one float addition per element), so the rewritten graph computes exactly the same numbers, and ONNX Runtime runs
 the Sum and the LayerNormalization as written.

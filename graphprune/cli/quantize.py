@@ -149,6 +149,15 @@ def quantize(
             "(BENCHMARKS.md); TensorRT's INT8 BERT engines quantize both.",
         ),
     ] = False,
+    fuse_attention: Annotated[
+        bool,
+        typer.Option(
+            "--fuse-attention/--no-fuse-attention",
+            help="--target ort: replace each attention core (Q.K^T, scale, mask, softmax, .V and their head "
+            "reshapes) by ONNX Runtime's fused MultiHeadAttention kernel. Not bit-exact (float sums in another "
+            "order); cores the matcher does not recognise stay as they are, listed in the report. Not with --bmm.",
+        ),
+    ] = True,
     stats: Annotated[
         Path | None,
         typer.Option(
@@ -200,6 +209,7 @@ def quantize(
         act_order=act_order,
         percdamp=percdamp,
         sequential=sequential,
+        fuse_attention=fuse_attention,
     )
     config.validate()
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
@@ -237,13 +247,21 @@ def _print(report: QuantizeReport, written: Path) -> None:
         out.print(f"--clip {report.config.clip}: {clipped}{smallest}", highlight=False)
     if report.result.matmuls:
         out.print(f"activation x activation MatMuls quantized: {len(report.result.matmuls)}", highlight=False)
-    moved, gelus = (report.rewrites.get(k, []) for k in ("nan_guards_moved", "gelus_reordered"))
-    if moved or gelus:
+    moved, gelus, sums = (
+        report.rewrites.get(k, []) for k in ("nan_guards_moved", "gelus_reordered", "layer_norm_sums")
+    )
+    if moved or gelus or sums:
         out.print(
             f"exact rewrites for ONNX Runtime: {len(moved)} softmax NaN guards moved past their MatMul, "
-            f"{len(gelus)} erf GELUs reordered for its Gelu fusion",
+            f"{len(gelus)} erf GELUs reordered for its Gelu fusion, {len(sums)} residual Adds before "
+            "LayerNormalization written as Sum (its SkipLayerNormalization kernel is slower)",
             highlight=False,
         )
+    fused, unfused = (report.rewrites.get(k, []) for k in ("attention_fused", "attention_not_fused"))
+    if fused or unfused:
+        out.print(f"attention cores fused into MultiHeadAttention: {len(fused)}", highlight=False)
+    for reason in unfused:
+        out.print(f"[dim]attention left unfused, {reason}[/dim]", highlight=False)
     for name in report.untied:
         out.print(
             f"head tied to {name}: quantized as its own copy, the embedding table stays float", highlight=False

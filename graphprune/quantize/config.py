@@ -29,7 +29,9 @@ class QuantizeConfig:
     quantization error (``mse``) or at the ``percentile`` of |x| (:mod:`graphprune.quantize.clip`). ``bmm``
     also quantizes the MatMuls of two activations (attention's Q·Kᵀ and probabilities·V), both operands per
     tensor, with static scales only (int8, fp8). ``target`` ``ort`` also moves the exporter's softmax NaN guards
-    past the probabilities·V MatMul (:mod:`graphprune.quantize.guards`), a rewrite that only ONNX Runtime needs.
+    past the probabilities·V MatMul (:mod:`graphprune.quantize.guards`), a rewrite that only ONNX Runtime needs,
+    and with ``fuse_attention`` (and no ``bmm``) fuses each attention core into ONNX Runtime's MultiHeadAttention
+    (:mod:`graphprune.quantize.fuse_attention`; not bit-exact).
     ``weight_clip``: each weight scale is the best clip of its group's absmax (``mse``: weight error;
     ``hessian``: error weighted by the Gram matrix, so it needs calibration). GPTQ's ``act_order`` (columns by
     descending Gram diagonal, scales fixed up front from the original weights), ``percdamp`` and ``sequential``
@@ -53,6 +55,7 @@ class QuantizeConfig:
     act_order: bool = False
     percdamp: float = 0.01
     sequential: bool = False
+    fuse_attention: bool = True  # target ort without bmm: attention cores → MultiHeadAttention (BENCHMARKS.md)
 
     def validate(self) -> None:
         if self.precision not in MIN_OPSET:
@@ -100,6 +103,12 @@ class QuantizeConfig:
     def needs_ranges(self) -> bool:
         """Calibrated activation ranges: static scales, or smoothing's per-channel maxima."""
         return (self.quantizes_activations and not self.dynamic) or self.smooth is not None
+
+    @property
+    def fuses_attention(self) -> bool:
+        """Attention cores become ONNX Runtime's MultiHeadAttention: ``target`` ``ort`` only (a contrib op
+        TensorRT does not read), and not with ``bmm``, which quantizes the MatMuls the fusion removes."""
+        return self.fuse_attention and self.target == "ort" and not self.bmm
 
     @property
     def needs_grams(self) -> bool:

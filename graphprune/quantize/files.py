@@ -25,7 +25,7 @@ from graphprune.quantize.clip import clip_fractions
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.gptq_weights import gram_statistics, solved_codes
 from graphprune.quantize.opset import require_opset
-from graphprune.quantize.ort_rewrites import rewrite_for_ort
+from graphprune.quantize.ort_rewrites import fuse_for_ort, rewrite_for_ort
 from graphprune.quantize.passes import QuantizePass, QuantizeResult
 from graphprune.quantize.ranges import ChannelRange, collect_ranges
 from graphprune.quantize.select import Kept, Planned, already_quantized, plan_quantization
@@ -207,7 +207,8 @@ def quantize_file(
     model = load_model(model_path)
     external = uses_external_data(model)
     untied = untie_head_tables(model) if config.include_head else []
-    rewrites = rewrite_for_ort(model) if config.target == "ort" else {}  # exact: calibration sees the same values
+    # exact, before calibration, which then measures the rewritten model (they change no value it sees)
+    rewrites = rewrite_for_ort(model, config.fuses_attention) if config.target == "ort" else {}
     plan = plan_quantization(model, config)
     if not plan.targets:
         reasons = sorted({k.reason for k in plan.kept})
@@ -216,6 +217,9 @@ def quantize_file(
     raised = require_opset(model, config.opset, f"{config.precision} Q/DQ")
     measured = measure(model, model_path, plan, config, calibration, stats, stage)
     report = quantize_model(model, config, plan, measured, stage, calibration)
+    if config.fuses_attention:
+        stage("fusing attention")
+        rewrites.update(fuse_for_ort(model))
     report.opset_raised_from, report.untied, report.rewrites = raised, untied, rewrites
     stage("writing")
     with outputs.transaction() as files:

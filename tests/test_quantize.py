@@ -72,6 +72,14 @@ def fake_weight(w: np.ndarray, qmax: float = 127.0) -> np.ndarray:
     return np.clip(np.rint(w / scale), -qmax, qmax) * scale
 
 
+def int4_scale(w: np.ndarray) -> np.ndarray:
+    """int4 scales of blocks ``[..., rows of K, N]`` along K: the larger of max(w) / 7 and max(-w) / 8 (ONNX's
+    INT4 holds -8..7), per column."""
+    return np.maximum(
+        np.maximum(w, 0).max(axis=-2) / np.float32(7), np.maximum(-w, 0).max(axis=-2) / np.float32(8)
+    )
+
+
 def fake_symmetric(x: np.ndarray, amax: float) -> np.ndarray:
     scale = np.float32(amax / 127.0)
     return (np.clip(np.rint(x / scale), -128, 127) * scale).astype(np.float32)
@@ -167,10 +175,11 @@ def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
     dq = next(u.node for u in g.initializers["W"].uses())
     assert dq.attributes["axis"].value == 0 and dq.attributes["block_size"].value == block
     scale = dq.inputs[1].const_value.numpy()
-    blocks = np.abs(w).reshape(k // block, block, n).max(axis=1) / 7
+    blocks = int4_scale(w.reshape(k // block, block, n))
     np.testing.assert_allclose(scale, blocks, rtol=1e-6)  # [K / block, N]: one scale per block along K
     expanded = np.repeat(blocks, block, axis=0)
-    ref = np.clip(np.rint(w / expanded), -7, 7)
+    ref = np.clip(np.rint(w / expanded), -8, 7)
+    assert ref.min() == -8  # some block's extreme weight is negative and takes the code -8
     np.testing.assert_array_equal(codes.numpy().astype(np.int8), ref)
     assert np.all(ref[w == 0] == 0)  # the pruned zeros
     assert not any(node.op_type == "QuantizeLinear" for node in g)  # weight-only
@@ -201,10 +210,10 @@ def test_int4_partial_last_block(tmp_path: Path, k: int, n: int, target: str, st
     config = QuantizeConfig(precision="int4", block_size=64, target=target, include_head=True)  # type: ignore[arg-type]
     out, report = quantize_file(src, config, tmp_path / "q.onnx", force=True)
     assert [r.name for r in report.result.weights] == ["W"] and not report.kept
-    # numpy's grid, block by block: absmax / 7 over 64 rows of K (the last block what is left), round half even
-    scales = np.stack([np.abs(w[i : i + 64]).max(axis=0) / np.float32(7) for i in range(0, k, 64)])
+    # numpy's grid, block by block over 64 rows of K (the last block what is left), round half to even
+    scales = np.stack([int4_scale(w[i : i + 64]) for i in range(0, k, 64)])
     expanded = np.repeat(scales, 64, axis=0)[:k]  # one scale per row of K
-    ref = np.clip(np.rint(w / expanded), -7, 7)
+    ref = np.clip(np.rint(w / expanded), -8, 7)
     proto = onnx.load(out)
     values = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}  # onnx's own unpacking
     np.testing.assert_array_equal(values["W"].astype(np.int8), ref)
@@ -246,7 +255,7 @@ def test_gptq_under_the_mask_beats_round_to_nearest_and_keeps_zeros(tmp_path: Pa
         scale = next(u.node for u in g.initializers["W"].uses()).inputs[1].const_value.numpy()
         effective = codes * np.repeat(scale, 32, axis=0)
         errors[method] = np.linalg.norm(calib @ effective - calib @ w)
-    assert errors["gptq"] < 0.92 * errors["rtn"], errors
+    assert errors["gptq"] < 0.95 * errors["rtn"], errors  # 0.93 here on the -8..7 grid (0.90 on -7..7)
 
 
 def test_dynamic_activations_match_numpy(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Symmetric weight quantization grids (int8, int4, fp8 E4M3) on the canonical ``(out, K)`` layout.
+"""Weight quantization grids with zero point 0 (int8, int4, fp8 E4M3) on the canonical ``(out, K)`` layout.
 
 One grid serves the rounding solvers (round to nearest, GPTQ, the joint prune-and-quantize mode) and the graph
 side that writes the codes as ONNX ``DequantizeLinear`` initializers, so both agree on every code and scale:

@@ -23,12 +23,15 @@ def reference_clip(w: np.ndarray, block: int, gram: np.ndarray | None) -> np.nda
     for r in range(rows):
         for b, start in enumerate(range(0, k, block)):
             g = w[r, start : start + block].astype(np.float64)
-            absmax = np.float32(np.abs(g).max()) / np.float32(7.0)
+            # int4's base scale: the largest positive weight on 7, the largest negative magnitude on -8
+            absmax = max(
+                np.float32(max(g.max(), 0.0)) / np.float32(7.0), np.float32(max(-g.min(), 0.0)) / np.float32(8.0)
+            )
             absmax = absmax if absmax > 0 else np.float32(1.0)
             best, best_err = absmax, np.inf
             for shrink in SHRINKS:
                 s = np.float32(absmax * np.float32(shrink))
-                e = np.clip(np.rint(g / np.float64(s)), -7, 7) * np.float64(s) - g
+                e = np.clip(np.rint(g / np.float64(s)), -8, 7) * np.float64(s) - g
                 err = e @ e if gram is None else e @ gram[start : start + block, start : start + block] @ e
                 if err < best_err:
                     best, best_err = s, err

@@ -21,19 +21,24 @@ from graphprune.algorithms.sparsegpt import sparsegpt_reconstruction_error, spar
 from tests.gram_data import correlated_layer, random_nm_keep
 
 QMAX = {"int8": 127.0, "int4": 7.0}
+QMIN = {"int8": -127.0, "int4": -8.0}
 
 # --------------------------------------------------------------------------------------------------------------
 # An independent reference, straight from the equations: the inverse Hessian of the columns not yet fixed, F, is
 # kept as a full matrix and shrunk by one Schur elimination per column; fixing column j at q moves the remaining
 # weights of each row by δ = -(w_j - q_j) / [H_F⁻¹]_jj · [H_F⁻¹]_j,: . No Cholesky factor, no blocks, no lazy
 # updates. Scales: per row before the sweep, or per block of K when the sweep reaches it (static: before the
-# sweep, from the original weights), from the kept weights; codes: round half to even, clamped to ±qmax.
+# sweep, from the original weights), from the kept weights: the larger of the largest positive weight / qmax
+# and the largest negative magnitude / -qmin; codes: round half to even, clamped to [qmin, qmax].
 # The joint mode chooses each N:M group's mask at its first column by the saliency w² / [H_{j..}⁻¹]_jj.
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _scale(values: np.ndarray, qmax: float) -> np.ndarray:
-    s = np.abs(values.astype(np.float32)).max(axis=1) / np.float32(qmax)
+def _scale(values: np.ndarray, precision: str) -> np.ndarray:
+    v = values.astype(np.float32)
+    positive = np.maximum(v, 0).max(axis=1) / np.float32(QMAX[precision])
+    negative = np.maximum(-v, 0).max(axis=1) / np.float32(-QMIN[precision])
+    s = np.maximum(positive, negative)
     return np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
 
 
@@ -64,7 +69,7 @@ def reference_gptq(
     if static:
         for b in range(n_blocks):
             cols = slice(b * block_size, (b + 1) * block_size)
-            scales[:, b] = _scale(np.where(keep[:, cols], w[:, cols], 0.0), qmax)
+            scales[:, b] = _scale(np.where(keep[:, cols], w[:, cols], 0.0), precision)
     w, h, keep = w[:, order], h[np.ix_(order, order)], keep[:, order]
     for j in range(k):
         if h[j, j] == 0.0:
@@ -82,9 +87,9 @@ def reference_gptq(
                 keep[r, g] = [t in kept for t in range(nm.group)]
         b = order[j] // block_size
         if not static and j % block_size == 0:
-            scales[:, b] = _scale(np.where(keep[:, j : j + block_size], w[:, j : j + block_size], 0.0), qmax)
+            scales[:, b] = _scale(np.where(keep[:, j : j + block_size], w[:, j : j + block_size], 0.0), precision)
         s = scales[:, b].astype(np.float64)
-        codes[:, j] = np.where(keep[:, j], np.clip(np.rint(w[:, j] / s), -qmax, qmax), 0)
+        codes[:, j] = np.where(keep[:, j], np.clip(np.rint(w[:, j] / s), QMIN[precision], qmax), 0)
         q = codes[:, j] * s
         delta = (w[:, j] - q) / hinv[0, 0]
         w[:, j:] -= np.outer(delta, hinv[0, :])
@@ -104,6 +109,8 @@ def reference_gptq(
         ("int4", None, True, ""),
         ("int4", 8, True, "pruned"),
         ("int4", 12, False, "pruned"),  # a scale block that is not a divisor of the sweep block
+        ("int4", 20, False, "pruned"),  # K = 48 = 2 x 20 + 8: the last scale block is shorter
+        ("int4", 20, True, "pruned"),  # the same with static scales (activation order)
         # A dense weight with a mask: its pruned values are removed in the sweep and compensated.
         ("int4", 8, False, "dense"),
         ("int8", None, True, "dense"),

@@ -19,10 +19,12 @@ from graphprune.algorithms.quant_grid import (
 from tests.onnx_builders import init, make_model, run, tensor
 
 QMAX = {"int8": 127, "int4": 7, "fp8": 448.0}
+QMIN = {"int8": -127, "int4": -8}  # int4: ONNX's whole INT4 range; int8 stays symmetric
 
 # --------------------------------------------------------------------------------------------------------------
-# An independent reference, element by element: the scale of a slice is max |w| / qmax in float32; a code is
-# Python's round() (half to even) of the float32 ratio, clamped to ±qmax.
+# An independent reference, element by element: the scale of a slice is the larger of (largest positive weight)
+# / qmax and (largest negative magnitude) / -qmin in float32; a code is Python's round() (half to even) of the
+# float32 ratio, clamped to [qmin, qmax].
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -33,8 +35,14 @@ def reference_scales(w: np.ndarray, precision: str, block: int | None) -> np.nda
     for r in range(rows):
         row = []
         for start in range(0, max(k, 1), block):
-            absmax = max((abs(float(np.float32(x))) for x in w[r, start : start + block]), default=0.0)
-            s = np.float32(np.float32(absmax) / np.float32(QMAX[precision]))
+            values = [float(np.float32(x)) for x in w[r, start : start + block]]
+            maxpos = max([x for x in values if x > 0], default=0.0)
+            maxneg = max([-x for x in values if x < 0], default=0.0)
+            qmin = QMIN.get(precision, -QMAX[precision])
+            s = max(
+                np.float32(np.float32(maxpos) / np.float32(QMAX[precision])),
+                np.float32(np.float32(maxneg) / np.float32(-qmin)),
+            )
             row.append(s if s > 0 else np.float32(1.0))
         out.append(row)
     return np.array(out, dtype=np.float32)
@@ -47,7 +55,7 @@ def reference_int_codes(w: np.ndarray, scales: np.ndarray, precision: str, block
     for r in range(rows):
         for j in range(k):
             ratio = float(np.float32(w[r, j]) / scales[r, j // block])
-            codes[r, j] = max(-QMAX[precision], min(QMAX[precision], round(ratio)))
+            codes[r, j] = max(QMIN[precision], min(QMAX[precision], round(ratio)))
     return codes
 
 
@@ -85,16 +93,23 @@ def test_int_grid_matches_scalar_reference(
     assert np.all(np.abs(deq - w) <= 0.5 * scales[:, block_of] * (1 + 1e-6))
 
 
-def test_ties_round_half_to_even_and_saturation_is_symmetric() -> None:
+def test_ties_round_half_to_even_and_saturation_to_the_grid_range() -> None:
     grid = QuantGrid(precision="int4")
-    # absmax 1.75 = 7 · 0.25: scale 0.25, and k · 0.125 are exact ties at odd k.
-    w = np.array([[1.75, 0.125, 0.375, -0.125, -0.375, 0.625, 0.0]], dtype=np.float32)
+    assert (grid.qmin, grid.qmax) == (-8.0, 7.0)
+    # largest weight 1.75 = 7 · 0.25 positive: scale 0.25 (-1.0 / 8 is smaller), and k · 0.125 are exact ties
+    w = np.array([[1.75, 0.125, 0.375, -0.125, -0.375, 0.625, 0.0, -1.0]], dtype=np.float32)
     scales = grid_scales(w, grid)
     assert scales[0, 0] == np.float32(0.25)
-    np.testing.assert_array_equal(quantize_codes(w, scales, grid), [[7, 0, 2, 0, -2, 2, 0]])
-    # Weights past the absmax (as a solver's updates make them) saturate to ±qmax, never -8.
+    np.testing.assert_array_equal(quantize_codes(w, scales, grid), [[7, 0, 2, 0, -2, 2, 0, -4]])
+    # a negative extreme takes the code -8: scale 2.0 / 8, finer than 2.0 / 7
+    negative = np.array([[-2.0, 1.5, 0.0]], dtype=np.float32)
+    assert grid_scales(negative, grid)[0, 0] == np.float32(0.25)
+    np.testing.assert_array_equal(quantize_codes(negative, grid_scales(negative, grid), grid), [[-8, 6, 0]])
+    # Weights past the extremes (as a solver's updates make them) saturate to [-8, 7]; int8 stays symmetric
     far = np.array([[10.0, -10.0]], dtype=np.float32)
-    np.testing.assert_array_equal(quantize_codes(far, scales, grid), [[7, -7]])
+    np.testing.assert_array_equal(quantize_codes(far, scales, grid), [[7, -8]])
+    int8 = QuantGrid(precision="int8")
+    np.testing.assert_array_equal(quantize_codes(far, np.ones((1, 1), np.float32) * 0.01, int8), [[127, -127]])
 
 
 def test_fp8_grid() -> None:

@@ -72,6 +72,14 @@ def fake_weight(w: np.ndarray, qmax: float = 127.0) -> np.ndarray:
     return np.clip(np.rint(w / scale), -qmax, qmax) * scale
 
 
+def int4_scale(w: np.ndarray) -> np.ndarray:
+    """int4 scales of blocks ``[..., rows of K, N]`` along K: the larger of max(w) / 7 and max(-w) / 8 (ONNX's
+    INT4 holds -8..7), per column."""
+    return np.maximum(
+        np.maximum(w, 0).max(axis=-2) / np.float32(7), np.maximum(-w, 0).max(axis=-2) / np.float32(8)
+    )
+
+
 def fake_symmetric(x: np.ndarray, amax: float) -> np.ndarray:
     scale = np.float32(amax / 127.0)
     return (np.clip(np.rint(x / scale), -128, 127) * scale).astype(np.float32)
@@ -167,10 +175,11 @@ def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
     dq = next(u.node for u in g.initializers["W"].uses())
     assert dq.attributes["axis"].value == 0 and dq.attributes["block_size"].value == block
     scale = dq.inputs[1].const_value.numpy()
-    blocks = np.abs(w).reshape(k // block, block, n).max(axis=1) / 7
+    blocks = int4_scale(w.reshape(k // block, block, n))
     np.testing.assert_allclose(scale, blocks, rtol=1e-6)  # [K / block, N]: one scale per block along K
     expanded = np.repeat(blocks, block, axis=0)
-    ref = np.clip(np.rint(w / expanded), -7, 7)
+    ref = np.clip(np.rint(w / expanded), -8, 7)
+    assert ref.min() == -8  # some block's extreme weight is negative and takes the code -8
     np.testing.assert_array_equal(codes.numpy().astype(np.int8), ref)
     assert np.all(ref[w == 0] == 0)  # the pruned zeros
     assert not any(node.op_type == "QuantizeLinear" for node in g)  # weight-only
@@ -182,6 +191,50 @@ def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
     ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
     assert [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node] == ["MatMulNBits"]
     assert check_file(out, NMPattern(2, 4), include_head=True).ok
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "target", "stored"),
+    [
+        (96, 3, "ort", 64),  # the last block of 32: ONNX's shorter last block, scale [2, N]
+        (96, 3, "tensorrt", 32),  # gcd(96, 64) = 32: every block whole, each grid scale written twice
+        (45, 3, "ort", 64),  # K odd: 135 int4 codes, an odd count packed two per byte
+    ],
+)
+def test_int4_partial_last_block(tmp_path: Path, k: int, n: int, target: str, stored: int) -> None:
+    """K not a multiple of the block: blocks of 64 along K, the last one shorter; ONNX Runtime, fused or not,
+    computes x @ (code · scale) with numpy's codes and scales."""
+    rng = np.random.default_rng(5309)  # this function's own data, whatever ran before
+    w = sparse((k, n), 6) if k % 4 == 0 else rng.standard_normal((k, n)).astype(np.float32)
+    src = single_matmul(tmp_path, w)
+    config = QuantizeConfig(precision="int4", block_size=64, target=target, include_head=True)  # type: ignore[arg-type]
+    out, report = quantize_file(src, config, tmp_path / "q.onnx", force=True)
+    assert [r.name for r in report.result.weights] == ["W"] and not report.kept
+    # numpy's grid, block by block over 64 rows of K (the last block what is left), round half to even
+    scales = np.stack([int4_scale(w[i : i + 64]) for i in range(0, k, 64)])
+    expanded = np.repeat(scales, 64, axis=0)[:k]  # one scale per row of K
+    ref = np.clip(np.rint(w / expanded), -8, 7)
+    proto = onnx.load(out)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}  # onnx's own unpacking
+    np.testing.assert_array_equal(values["W"].astype(np.int8), ref)
+    assert np.all(ref[w == 0] == 0)
+    dq = next(node for node in proto.graph.node if node.op_type == "DequantizeLinear")
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    assert attrs == {"axis": 0, "block_size": stored}
+    stored_scale = values[dq.input[1]]
+    assert stored_scale.shape == (-(-k // stored), n) and values[dq.input[2]].shape == stored_scale.shape
+    np.testing.assert_array_equal(np.repeat(stored_scale, stored, axis=0)[:k], expanded)  # the same weights
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    want = x @ (ref * expanded)
+    np.testing.assert_allclose(run(proto, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+    options = ort.SessionOptions()  # ONNX Runtime's optimiser fuses DQ(int4) -> MatMul into MatMulNBits
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # float compute
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    fused = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(fused.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+    assert [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node] == ["MatMulNBits"]
+    if k % 4 == 0:
+        assert check_file(out, NMPattern(2, 4), include_head=True).ok
 
 
 def test_gptq_under_the_mask_beats_round_to_nearest_and_keeps_zeros(tmp_path: Path) -> None:
@@ -202,7 +255,7 @@ def test_gptq_under_the_mask_beats_round_to_nearest_and_keeps_zeros(tmp_path: Pa
         scale = next(u.node for u in g.initializers["W"].uses()).inputs[1].const_value.numpy()
         effective = codes * np.repeat(scale, 32, axis=0)
         errors[method] = np.linalg.norm(calib @ effective - calib @ w)
-    assert errors["gptq"] < 0.92 * errors["rtn"], errors
+    assert errors["gptq"] < 0.95 * errors["rtn"], errors  # 0.93 here on the -8..7 grid (0.90 on -7..7)
 
 
 def test_dynamic_activations_match_numpy(tmp_path: Path) -> None:

@@ -1,10 +1,10 @@
 """Per-group scale search: the clip of each scale group's absmax that rounds its weights best.
 
-Absmax scales (:func:`~graphprune.algorithms.quant_grid.grid_scales`) spend the grid's few int4 levels on the
-group's single largest weight; shrinking the scale to ``s · absmax / qmax`` (``s < 1``) clips that weight to
-``±qmax`` but rounds all the others on a finer grid. For each row and scale group, every factor of ``shrinks``
-is tried and the one whose rounding error is smallest is kept (``s = 1`` is always among them, so the chosen
-error is never above absmax's):
+Absmax scales (:func:`~graphprune.algorithms.quant_grid.grid_scales`: the group's extreme weight on the grid's
+extreme code) spend the grid's few int4 levels on the group's single largest weight; shrinking the scale by
+``s < 1`` clips that weight to the extreme code but rounds all the others on a finer grid. For each row and
+scale group, every factor of ``shrinks`` is tried and the one whose rounding error is smallest is kept (``s = 1``
+is always among them, so the chosen error is never above absmax's):
 
 * ``"mse"``: the error is ``Σ (q - w)²`` over the group's weights (no calibration needed);
 * ``"hessian"``: the error is ``e H_g eᵀ`` with ``H_g`` the group's diagonal block of the Gram matrix ``Σ xᵀx``,

@@ -16,7 +16,7 @@ numpy (or PyTorch, :mod:`.gptq_torch`, the same codes) on the canonical ``(out, 
    accumulated errors update the later columns in one product (lazy batch update). This is SparseGPT's loop
    (:func:`~graphprune.algorithms.sparsegpt.obs_blocks`) with rounding in place of masking, and it runs there.
 
-Scales (:mod:`~graphprune.algorithms.quant_grid`: symmetric, absmax / qmax):
+Scales (:mod:`~graphprune.algorithms.quant_grid`'s: zero point 0, the extremes on ``qmax`` and ``qmin``):
 
 * one per output row: computed once, before the sweep, from the (kept) weights, as the reference;
 * one per block of ``block_size`` along K: computed when the sweep reaches the block's first column, from the
@@ -43,10 +43,11 @@ per-row scales come from the dense weights, as the reference's joint mode comput
 
 Deviations from the reference, on purpose:
 
-* symmetric grids with zero point 0: the reference's ``sym=True`` spends 2^b levels on ``[-2^(b-1), 2^(b-1) - 1]``
-  with scale ``2·absmax / (2^b - 1)`` and a zero point of 2^(b-1) (so +absmax is clipped); here the grid is
-  ``[-qmax, qmax]`` with scale ``absmax / qmax`` and zero point 0, what ONNX's DequantizeLinear without a zero
-  point and TensorRT's symmetric quantization read, at the cost of the unused level -2^(b-1);
+* zero point 0: the reference's ``sym=True`` spends 2^b levels on ``[-2^(b-1), 2^(b-1) - 1]`` with scale
+  ``2·absmax / (2^b - 1)`` and a zero point of 2^(b-1) (so +absmax is clipped); here the zero point is 0, what
+  ONNX's DequantizeLinear without a zero point and TensorRT's symmetric quantization read, int8 on
+  ``[-127, 127]`` with scale ``absmax / 127``, and int4 on ONNX's whole ``[-8, 7]`` with scale
+  ``max(maxpos / 7, maxneg / 8)`` (:mod:`~graphprune.algorithms.quant_grid`), so neither extreme is clipped;
 * the joint mode accepts blocked scales too (the reference's joint mode has one scale per row, found once on
   the dense weights);
 * blocked scales are computed from the weights as the current block's updates have left them (the reference

@@ -3,9 +3,10 @@
 :func:`~graphprune.algorithms.gptq.gptq_quantize` runs SparseGPT's block loop
 (:func:`~graphprune.algorithms.sparsegpt.obs_blocks`) on torch tensors with
 :class:`~graphprune.algorithms.sparsegpt_torch.TorchBackend`; this module adds the one piece that differs: rounding
-a column onto the grid, with numpy's arithmetic step for step (float32 scales from the float32 absmax of the kept
-weights, the ratio in the compute precision, round half to even, symmetric saturation; E4M3 through float32),
-so that the codes equal the numpy path's. torch is imported by the caller's :func:`choose_ops`, not here.
+a column onto the grid, with numpy's arithmetic step for step (float32 scales from the float32 extremes of the
+kept weights, the ratio in the compute precision, round half to even, saturation to the grid's range; E4M3
+through float32), so that the codes equal the numpy path's. torch is imported by the caller's
+:func:`choose_ops`, not here.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class TorchColumnRounder(ColumnRounder):
         self.scales: Any = self.torch.as_tensor(rounding.scales, dtype=self.torch.float32, device=ops.device)
         self.codes: Any = self.torch.zeros(self.codes.shape, dtype=self.torch.float32, device=ops.device)
         self.qmax = self.torch.tensor(rounding.grid.qmax, dtype=self.torch.float32, device=ops.device)
+        self.qmin = self.torch.tensor(rounding.grid.qmin, dtype=self.torch.float32, device=ops.device)
 
     def column(self, j: int, i: int, w1: Any, keep1: Any) -> Any:
         torch = self.torch
@@ -43,14 +45,17 @@ class TorchColumnRounder(ColumnRounder):
                 searched = self.searched(j, block.cpu().numpy())
                 self.scales[:, b] = torch.as_tensor(searched, device=self.scales.device)
             else:
-                scale = block.float().abs().amax(dim=1) / self.qmax
+                block = block.float()  # quant_grid.grid_scales' arithmetic: float32 extremes over qmax and -qmin
+                scale = torch.maximum(
+                    block.clamp(min=0).amax(dim=1) / self.qmax, (-block).clamp(min=0).amax(dim=1) / -self.qmin
+                )
                 self.scales[:, b] = torch.where(scale > 0, scale, 1.0)
         scale = self.scales[:, b].to(w1.dtype)
         ratio = w1[:, i] / scale
         if self.grid.precision == "fp8":
-            codes = ratio.clamp(-self.grid.qmax, self.grid.qmax).float().to(torch.float8_e4m3fn).float()
+            codes = ratio.clamp(self.grid.qmin, self.grid.qmax).float().to(torch.float8_e4m3fn).float()
         else:
-            codes = torch.round(ratio).clamp(-self.grid.qmax, self.grid.qmax).float()
+            codes = torch.round(ratio).clamp(self.grid.qmin, self.grid.qmax).float()
         codes = torch.where(keep1[:, i], codes, 0.0)
         self.codes[:, j] = codes
         return codes.to(w1.dtype) * scale

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from graphprune.algorithms.clip_search import SHRINKS, searched_scales
 from graphprune.algorithms.gptq import gptq_quantize
@@ -91,22 +89,25 @@ def test_gptq_with_identity_hessian_is_round_to_nearest_on_the_same_scales(act_o
     np.testing.assert_array_equal(codes, quantize_codes(pruned, expected, grid))
 
 
-@settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), clip=st.sampled_from(["none", "hessian"]))
-def test_gptq_objective_at_most_round_to_nearest_under_the_mask(seed: int, clip: str) -> None:
-    # On the same static scales (activation order's static groups) GPTQ's tr(ΔW H ΔWᵀ) is at most round to
-    # nearest's; every pruned weight is exactly zero afterwards and 2:4 holds. (Without activation order the
-    # scales of a group come from weights the sweep has moved, and on some seeds GPTQ under a 2:4 mask loses to
-    # round to nearest: seed 1 of correlated_layer by 5%.)
-    act_order = True
-    w, gram = correlated_layer(seed, rows=12, k=64)
-    keep = random_nm_keep(w, NMPattern(2, 4), seed % 7)
-    pruned = np.where(keep, w, 0.0).astype(np.float32)
+@pytest.mark.parametrize("clip", ["none", "hessian"])
+def test_gptq_objective_below_round_to_nearest_under_the_mask(clip: str) -> None:
+    # On the same static scales (activation order's static groups) GPTQ's tr(ΔW H ΔWᵀ) is below round to
+    # nearest's over many layers; every pruned weight is exactly zero afterwards and 2:4 holds. GPTQ is greedy,
+    # so a single layer may lose: 4 of 600 seeds of this generator by up to 6.5%, hence the sum over layers.
+    # (Without activation order the scales of a group come from weights the sweep has moved, and GPTQ under a
+    # 2:4 mask loses more often: seed 1 of correlated_layer by 5%.)
     grid = QuantGrid(precision="int4", block_size=16)
-    codes, scales = gptq_quantize(pruned, gram, grid, keep=keep, act_order=act_order, clip=clip)  # type: ignore[arg-type]
-    w_hat = dequantize_codes(codes, scales, grid)
-    rtn_scales = searched_scales(pruned, grid, clip, gram)  # type: ignore[arg-type]
-    rtn = dequantize_codes(quantize_codes(pruned, rtn_scales, grid), rtn_scales, grid)
-    assert objective(pruned, w_hat, gram) <= objective(pruned, rtn, gram)
-    assert np.all(w_hat[~keep] == 0) and nm_violations(w_hat, NMPattern(2, 4)).size == 0
-    np.testing.assert_array_equal(scales, rtn_scales)  # static groups: fixed from the original weights
+    gptq_total = rtn_total = 0.0
+    for seed in range(24):
+        w, gram = correlated_layer(seed, rows=12, k=64)
+        keep = random_nm_keep(w, NMPattern(2, 4), seed % 7)
+        pruned = np.where(keep, w, 0.0).astype(np.float32)
+        codes, scales = gptq_quantize(pruned, gram, grid, keep=keep, act_order=True, clip=clip)  # type: ignore[arg-type]
+        w_hat = dequantize_codes(codes, scales, grid)
+        rtn_scales = searched_scales(pruned, grid, clip, gram)  # type: ignore[arg-type]
+        rtn = dequantize_codes(quantize_codes(pruned, rtn_scales, grid), rtn_scales, grid)
+        gptq_total += objective(pruned, w_hat, gram)
+        rtn_total += objective(pruned, rtn, gram)
+        assert np.all(w_hat[~keep] == 0) and nm_violations(w_hat, NMPattern(2, 4)).size == 0
+        np.testing.assert_array_equal(scales, rtn_scales)  # static groups: fixed from the original weights
+    assert gptq_total < 0.9 * rtn_total

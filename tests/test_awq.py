@@ -212,3 +212,23 @@ def test_awq_options_refused_where_they_do_not_apply(tmp_path: Path) -> None:
     assert good.exit_code == 0, good.output
     report = json.loads(good.output)
     assert report["config"]["awq"] and {a["activation"] for a in report["awq"]} == {"n", "h"}
+
+
+def test_sequential_gptq_searches_on_the_base_model_grams(tmp_path: Path) -> None:
+    src = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), src)
+    request = CalibrationRequest(data={"x": calibration_data()}, batch_size=16)
+    base = dict(precision="int4", block_size=BLOCK, method="gptq", include_head=True, sequential=True)
+    stats_file = tmp_path / "stats.npz"
+    m = ir.load(src)
+    targets = plan_quantization(m, QuantizeConfig(**base)).targets  # type: ignore[arg-type]
+    calibrate(src, CalibrationRequest(data={"x": calibration_data()}, gram=True), targets).save(stats_file)
+    with pytest.raises(GraphpruneError, match="drop `stats`"):
+        quantize_file(src, QuantizeConfig(**base), tmp_path / "q.onnx", request, stats=stats_file)  # type: ignore[arg-type]
+    config = QuantizeConfig(**base, awq=True)  # type: ignore[arg-type]
+    out, report = quantize_file(src, config, tmp_path / "q.onnx", request, stats=stats_file)
+    stats = calibrate(src, CalibrationRequest(data={"x": calibration_data()}, gram=True), targets)
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in mlp().graph.initializer}
+    alphas = {a.activation: a.alpha for a in report.awq}
+    assert alphas["h"] == search_scales([original["Wd"].T], stats.gram["Wd"], GRID).alpha
+    assert {w.method for w in report.result.weights} == {"gptq"} and out.exists()

@@ -104,6 +104,8 @@ def reference_gptq(
         ("int4", None, True, ""),
         ("int4", 8, True, "pruned"),
         ("int4", 12, False, "pruned"),  # a scale block that is not a divisor of the sweep block
+        ("int4", 20, False, "pruned"),  # K = 48 = 2 x 20 + 8: the last scale block is shorter
+        ("int4", 20, True, "pruned"),  # the same with static scales (activation order)
         # A dense weight with a mask: its pruned values are removed in the sweep and compensated.
         ("int4", 8, False, "dense"),
         ("int8", None, True, "dense"),

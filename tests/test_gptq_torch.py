@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reaso
 
 CASES = [
     ("int4", 16, False, False),
+    ("int4", 24, False, True),  # K = 64 = 2 x 24 + 16: the last scale block is shorter
     ("int4", None, True, True),
     ("int8", None, False, True),
     ("fp8", 8, False, False),

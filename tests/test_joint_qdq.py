@@ -42,6 +42,7 @@ GRIDS = {
     "int8": QuantGrid(precision="int8"),
     "fp8": QuantGrid(precision="fp8"),
     "int4": QuantGrid(precision="int4", block_size=32),
+    "int4-g128": QuantGrid(precision="int4", block_size=128),  # K = 64: one block, shorter than 128
 }
 
 
@@ -99,11 +100,13 @@ def dequantized_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, n
 
 
 @pytest.mark.parametrize(
-    ("precision", "method"), [("int4", "sparsegpt"), ("int8", "sparsegpt"), ("fp8", "sparsegpt"), ("int4", "alps")]
+    ("precision", "method"),
+    [("int4", "sparsegpt"), ("int8", "sparsegpt"), ("fp8", "sparsegpt"), ("int4", "alps"), ("int4-g128", "alps")],
 )
 def test_joint_mode_writes_the_solvers_codes_as_qdq(tmp_path: Path, precision: str, method: str) -> None:
     path, x = mlp_file(tmp_path)
     grid = GRIDS[precision]
+    precision = grid.precision
     config = PruneConfig(PATTERN, method=Method(method), include_head=True, quantize=grid)
     out, result = prune_file(path, config, tmp_path / "joint.onnx", calibration=request(x))
     written = onnx.load(str(out))

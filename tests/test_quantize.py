@@ -184,6 +184,50 @@ def test_int4_blocks_along_k(tmp_path: Path, block: int) -> None:
     assert check_file(out, NMPattern(2, 4), include_head=True).ok
 
 
+@pytest.mark.parametrize(
+    ("k", "n", "target", "stored"),
+    [
+        (96, 3, "ort", 64),  # the last block of 32: ONNX's shorter last block, scale [2, N]
+        (96, 3, "tensorrt", 32),  # gcd(96, 64) = 32: every block whole, each grid scale written twice
+        (45, 3, "ort", 64),  # K odd: 135 int4 codes, an odd count packed two per byte
+    ],
+)
+def test_int4_partial_last_block(tmp_path: Path, k: int, n: int, target: str, stored: int) -> None:
+    """K not a multiple of the block: blocks of 64 along K, the last one shorter; ONNX Runtime, fused or not,
+    computes x @ (code · scale) with numpy's codes and scales."""
+    rng = np.random.default_rng(5309)  # this function's own data, whatever ran before
+    w = sparse((k, n), 6) if k % 4 == 0 else rng.standard_normal((k, n)).astype(np.float32)
+    src = single_matmul(tmp_path, w)
+    config = QuantizeConfig(precision="int4", block_size=64, target=target, include_head=True)  # type: ignore[arg-type]
+    out, report = quantize_file(src, config, tmp_path / "q.onnx", force=True)
+    assert [r.name for r in report.result.weights] == ["W"] and not report.kept
+    # numpy's grid, block by block: absmax / 7 over 64 rows of K (the last block what is left), round half even
+    scales = np.stack([np.abs(w[i : i + 64]).max(axis=0) / np.float32(7) for i in range(0, k, 64)])
+    expanded = np.repeat(scales, 64, axis=0)[:k]  # one scale per row of K
+    ref = np.clip(np.rint(w / expanded), -7, 7)
+    proto = onnx.load(out)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}  # onnx's own unpacking
+    np.testing.assert_array_equal(values["W"].astype(np.int8), ref)
+    assert np.all(ref[w == 0] == 0)
+    dq = next(node for node in proto.graph.node if node.op_type == "DequantizeLinear")
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    assert attrs == {"axis": 0, "block_size": stored}
+    stored_scale = values[dq.input[1]]
+    assert stored_scale.shape == (-(-k // stored), n) and values[dq.input[2]].shape == stored_scale.shape
+    np.testing.assert_array_equal(np.repeat(stored_scale, stored, axis=0)[:k], expanded)  # the same weights
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    want = x @ (ref * expanded)
+    np.testing.assert_allclose(run(proto, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+    options = ort.SessionOptions()  # ONNX Runtime's optimiser fuses DQ(int4) -> MatMul into MatMulNBits
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # float compute
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    fused = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(fused.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+    assert [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node] == ["MatMulNBits"]
+    if k % 4 == 0:
+        assert check_file(out, NMPattern(2, 4), include_head=True).ok
+
+
 def test_gptq_under_the_mask_beats_round_to_nearest_and_keeps_zeros(tmp_path: Path) -> None:
     rng = np.random.default_rng(5305)  # this function's own data, whatever ran before
     k, n = 64, 32

@@ -21,7 +21,7 @@ from graphprune.cli import app
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.files import quantize_file
 from tests.onnx_builders import run
-from tests.tensorrt_models import llama_decoder
+from tests.tensorrt_models import DecoderShape, llama_decoder
 
 SHAPES = ["input_ids:1x1,4x64,8x256"]
 
@@ -62,6 +62,33 @@ def test_quantized_24_model_builds_strongly_typed(pruned: Path, precision: str, 
             part for part in fused[0].split("\x1f") if "DequantizeLinear" in part and "weight" not in part
         ]
         assert activation_dq, fused[0]
+
+
+@pytest.mark.tensorrt
+def test_int4_blocks_that_do_not_tile_k_build(tmp_path: Path) -> None:
+    """hidden 192 and MLP 320 against blocks of 128: TensorRT reads a block as K / scale entries and refuses a
+    scale that does not tile K, so the TensorRT target writes blocks of gcd(K, 128) with repeated scales."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not installed")
+    onnx.save(llama_decoder(DecoderShape(hidden=192, mlp=320)), tmp_path / "decoder.onnx")
+    cli("apply", tmp_path / "decoder.onnx", "--nm", "2:4", "-o", tmp_path / "pruned.onnx")
+    model = tmp_path / "int4.onnx"
+    cli("quantize", tmp_path / "pruned.onnx", "--precision", "int4", "--block-size", "128", "-o", model)
+    weights = json.loads((tmp_path / "int4.report.json").read_text())["weights"]
+    assert len(weights) == 14  # every projection but the head: none left float for its K
+    graph = onnx.load(model).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    blocks = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in {w["name"] for w in weights}:
+            k = shapes[node.input[0]][0]
+            block = next(a.i for a in node.attribute if a.name == "block_size")
+            assert shapes[node.input[1]][0] * block == k  # whole blocks
+            blocks[k] = block
+    assert blocks == {192: 64, 320: 64}
+    engine = model.with_suffix(".engine")
+    cli("build", model, "-o", engine, "--backend", "tensorrt-rtx", *[a for s in SHAPES for a in ("--shapes", s)])
+    layers = json.loads(engine.with_name(engine.name + ".json").read_text())["layers"]
+    assert sum(layer["precision"] == "int4" for layer in layers) >= 7
 
 
 def test_eval_reads_quantized_models(pruned: Path, tmp_path: Path) -> None:

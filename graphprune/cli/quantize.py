@@ -110,7 +110,9 @@ def quantize(
         str,
         typer.Option(
             help="Activation grid: tensorrt (symmetric int8, zero point 0: the only form TensorRT reads) or ort "
-            "(asymmetric uint8: ONNX Runtime's CPU kernels, measured 1.6x faster here). Example: --target ort"
+            "(asymmetric uint8: ONNX Runtime's CPU kernels, measured 1.6x faster here). int4: where K is not a "
+            "multiple of --block-size, ort writes ONNX's shorter last block, tensorrt the same weights in blocks "
+            "of gcd(K, block size) (TensorRT needs whole blocks). Example: --target ort"
         ),
     ] = "tensorrt",
     float_above: Annotated[
@@ -143,7 +145,11 @@ def quantize(
         ),
     ] = False,
     block_size: Annotated[
-        int, typer.Option(help="int4: weights per scale along K (32, 64 or 128). Example: --block-size 64")
+        int,
+        typer.Option(
+            help="int4: weights per scale along K (32, 64 or 128); where K is not a multiple, the last block of "
+            "each column is shorter. Example: --block-size 64"
+        ),
     ] = 128,
     include_head: Annotated[
         bool,

@@ -11,8 +11,8 @@ model into the one ``quantize`` writes, through the same pass (:class:`~graphpru
 * int8 and fp8 activations get static Q → DQ scales from the same calibration data, measured on the pruned model
   (running min/max inside ONNX Runtime, :mod:`~graphprune.quantize.ranges`), as ``quantize`` measures them on
   the model it is given; int4 is weight-only;
-* the weights ``quantize`` would leave float (the head, tables a Gather reads, int4 weights whose K is not a
-  multiple of the block) keep their float values on the grid, and the report lists each with its reason.
+* the weights ``quantize`` would leave float (the head, tables a Gather reads) keep their float values on the
+  grid, and the report lists each with its reason.
 
 The activation grid is TensorRT's (symmetric int8, zero point 0); smoothing is not applied (it would move the
 weights off the solver's grid).

@@ -13,6 +13,7 @@ holds at most as many non-zeros per group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import cast
@@ -216,9 +217,11 @@ class QuantizePass(ir.passes.InPlacePass):
             np.linalg.norm(dequantize_codes(codes, scales, grid) - flat) / max(np.linalg.norm(flat), 1e-30)
         )
         stored_codes = from_canonical(codes.reshape(canonical.shape), w.shape, t.k_axis, t.out_axis)
-        if grid.block_size:  # scales per block along K, laid out like the weight with K shortened
+        block = stored_block(t.k, grid.block_size, self.config.target) if grid.block_size else None
+        if block:  # scales per stored block along K, laid out like the weight with K shortened
+            per_block = scales[:, grid.scale_columns(t.k)[::block]]  # each stored block's grid scale
             scale = from_canonical(
-                scales[:, None, :], _blocked(w.shape, t.k_axis, scales.shape[1]), t.k_axis, t.out_axis
+                per_block[:, None, :], _blocked(w.shape, t.k_axis, per_block.shape[1]), t.k_axis, t.out_axis
             )
             axis = t.k_axis
         else:
@@ -227,9 +230,7 @@ class QuantizePass(ir.passes.InPlacePass):
         readers = [u.node for u in weight.uses()]
         self._readers.extend(r for r in readers if r not in self._readers)
         first = min(readers, key=lambda n: order.get(n, 0))
-        dequantize_weight(
-            graph, names, weight, stored_codes, scale, self.config.precision, first, axis, grid.block_size
-        )
+        dequantize_weight(graph, names, weight, stored_codes, scale, self.config.precision, first, axis, block)
         zeros = float(np.count_nonzero(codes.astype(np.float32) == 0) / codes.size)
         return WeightRecord(
             t.name, t.op, tuple(w.shape), self.config.precision, method, round(error, 6), round(zeros, 6)
@@ -289,6 +290,23 @@ class QuantizePass(ir.passes.InPlacePass):
                     raise PassPostconditionError(
                         f"weight {t.name}: a group of {m} along K holds {after[m]} non-zeros, {before} before"
                     )
+
+
+def stored_block(k: int, block_size: int, target: str) -> int:
+    """The ``block_size`` the file's DequantizeLinear carries for a reduction axis of ``k`` on a grid of
+    ``block_size``: the grid's own, or, where ``k`` is not a multiple of it and the ``target`` is TensorRT,
+    ``gcd(k, block_size)`` with each grid scale repeated over its stored blocks.
+
+    ONNX lets the last block be shorter (the scale holds ceil(k / block_size) entries along K; ONNX Runtime reads
+    it and fuses it into MatMulNBits), but TensorRT's blocked dequantization has no block size of its own: it
+    reads ``k / scale entries`` as the block, and refuses a scale that does not tile K (TensorRT-RTX 1.7:
+    "The quantization axis must divide into whole blocks"), or reads blocks of the wrong length where it does
+    (K=192 and 2 scales: blocks of 96, not 128 and 64). ``gcd(k, block_size)`` tiles both K and every grid
+    block, so the repeated scales give the very same weights in every runtime.
+    """
+    if target == "ort" or k % block_size == 0:
+        return block_size
+    return math.gcd(k, block_size)
 
 
 def _blocked(shape: tuple[int, ...], k_axis: int, blocks: int) -> tuple[int, ...]:

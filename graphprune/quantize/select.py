@@ -100,11 +100,10 @@ def _unfit(graph: ir.Graph, target: Target, config: QuantizeConfig) -> str:
     ops = {c.op for c in target.consumers}
     if "MatMul" in ops and len(target.shape) != 2:
         return f"batched MatMul weight of rank {len(target.shape)}"
-    if config.precision == "int4":
-        if ops != {"MatMul"} and ops != {"Gemm"}:
-            return "int4 weight-only quantization covers MatMul/Gemm weights, not Conv"
-        if target.k % config.block_size:
-            return f"K={target.k} is not a multiple of the block size {config.block_size}"
+    # int4 takes any K: where it is not a multiple of the block size, the last block of each row is shorter, as
+    # ONNX's blocked DequantizeLinear allows (the scale holds ceil(K / block_size) entries along K)
+    if config.precision == "int4" and ops != {"MatMul"} and ops != {"Gemm"}:
+        return "int4 weight-only quantization covers MatMul/Gemm weights, not Conv"
     return ""
 
 

@@ -26,7 +26,7 @@ from graphprune.quantize.awq import awq
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.files import quantize_file
 from graphprune.quantize.select import plan_quantization
-from tests.onnx_builders import init, make_model, reference_nm_mask, run, tensor
+from tests.onnx_builders import init, normed_mlp, reference_nm_mask, run
 
 D, HID, BLOCK = 64, 128, 32
 GRID = QuantGrid(precision="int4", block_size=BLOCK)
@@ -128,22 +128,8 @@ def mlp(seed: int = 10) -> onnx.ModelProto:
     """x * g (an RMSNorm's weight) -> gate/up -> silu(gate) * up -> down -> + x, every MatMul 2:4 along K."""
     rng = np.random.default_rng(seed)
     weights = {"Wg": pruned((HID, D), 11).T, "Wu": pruned((HID, D), 12).T, "Wd": pruned((D, HID), 13).T}
-    nodes = [
-        helper.make_node("Mul", ["x", "g"], ["n"]),
-        helper.make_node("MatMul", ["n", "Wg"], ["gate"], name="gate"),
-        helper.make_node("MatMul", ["n", "Wu"], ["up"], name="up"),
-        helper.make_node("Sigmoid", ["gate"], ["sg"]),
-        helper.make_node("Mul", ["gate", "sg"], ["silu"]),
-        helper.make_node("Mul", ["silu", "up"], ["h"]),
-        helper.make_node("MatMul", ["h", "Wd"], ["down"], name="down"),
-        helper.make_node("Add", ["x", "down"], ["y"]),
-    ]
-    params = [init(rng.uniform(0.5, 2.0, D).astype(np.float32), "g")]
-    params += [init(np.ascontiguousarray(w), name) for name, w in weights.items()]
-    model = make_model(nodes, [tensor("x", shape=["b", 4, D])], [tensor("y", shape=["b", 4, D])], params)
-    model.graph.value_info.append(tensor("up", shape=["b", 4, HID]))
-    model.graph.value_info.append(tensor("silu", shape=["b", 4, HID]))
-    return model
+    first = [helper.make_node("Mul", ["x", "g"], ["n"])]
+    return normed_mlp(first, [init(rng.uniform(0.5, 2.0, D).astype(np.float32), "g")], weights)
 
 
 def calibration_data() -> np.ndarray:

@@ -180,8 +180,8 @@ def quantize(
     stats: Annotated[
         Path | None,
         typer.Option(
-            help="--method gptq: Gram matrices saved by `graphprune calibrate --gram` (default: from --calib). "
-            "Example: --stats stats.npz",
+            help="Gram matrices saved by `graphprune calibrate --gram`, for --method gptq, --weight-clip hessian, "
+            "--awq and --refit-scales (default: from --calib). Example: --stats stats.npz",
             show_default=False,
         ),
     ] = None,

@@ -218,3 +218,26 @@ def test_sequential_gptq_searches_on_the_base_model_grams(tmp_path: Path) -> Non
     alphas = {a.activation: a.alpha for a in report.awq}
     assert alphas["h"] == search_scales([original["Wd"].T], stats.gram["Wd"], GRID).alpha
     assert {w.method for w in report.result.weights} == {"gptq"} and out.exists()
+
+
+def test_rtn_refit_writes_the_refit_scales_on_the_rounded_codes(tmp_path: Path) -> None:
+    src = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), src)
+    request = CalibrationRequest(data={"x": calibration_data()})
+    config = QuantizeConfig(precision="int4", block_size=BLOCK, refit_scales=True, include_head=True)
+    out, _ = quantize_file(src, config, tmp_path / "q.onnx", request)
+    targets = plan_quantization(ir.load(src), config).targets
+    stats = calibrate(src, CalibrationRequest(data={"x": calibration_data()}, gram=True), targets)
+    graph = ir.load(out).graph
+    for t in targets:
+        w = onnx.numpy_helper.to_array(next(i for i in mlp().graph.initializer if i.name == t.name)).T
+        scales = (np.abs(w).reshape(w.shape[0], -1, BLOCK).max(axis=2) / np.float32(7)).astype(np.float32)
+        assert (scales > 0).all()  # no all-zero block: the absmax scales are round to nearest's
+        codes = np.clip(np.rint(w / np.repeat(scales, BLOCK, axis=1)), -7, 7).astype(np.int8)
+        expected = refit_scales(w, codes, scales, stats.gram[t.name], GRID)
+        value = graph.initializers[t.name]
+        written_codes = value.const_value.numpy().astype(np.int8).T  # type: ignore[union-attr]
+        written_scales = next(u.node for u in value.uses()).inputs[1].const_value.numpy().T  # type: ignore[union-attr]
+        np.testing.assert_array_equal(written_codes, codes)
+        np.testing.assert_array_equal(written_scales, expected)
+        assert not np.array_equal(expected, scales)  # the refit moved some scale

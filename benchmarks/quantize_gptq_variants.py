@@ -36,10 +36,17 @@ RUNS: dict[str, list[str]] = {
     "gptq-act-hclip": ["--method", "gptq", *ACT, *HCLIP],
     "gptq-act-hclip-d0.1": ["--method", "gptq", *ACT, *HCLIP, "--percdamp", "0.1"],
     "gptq-act-hclip-d0.001": ["--method", "gptq", *ACT, *HCLIP, "--percdamp", "0.001"],
+    "rtn-awq": ["--method", "rtn", "--awq"],
+    "rtn-refit": ["--method", "rtn", "--refit-scales"],
+    "rtn-awq-hclip-refit": ["--method", "rtn", "--awq", *HCLIP, "--refit-scales"],
+    "gptq-act-hclip-refit": ["--method", "gptq", *ACT, *HCLIP, "--refit-scales"],
+    "gptq-act-hclip-awq": ["--method", "gptq", *ACT, *HCLIP, "--awq"],
+    "gptq-act-hclip-awq-refit": ["--method", "gptq", *ACT, *HCLIP, "--awq", "--refit-scales"],
+    "seq-gptq-act-hclip-awq-refit": ["--method", "gptq", "--sequential", *ACT, *HCLIP, "--awq", "--refit-scales"],
     "seq-gptq": ["--method", "gptq", "--sequential"],
     "seq-gptq-act-hclip": ["--method", "gptq", "--sequential", *ACT, *HCLIP],
 }
-NEEDS_GRAMS = {name for name, args in RUNS.items() if "gptq" in args or "hessian" in args}
+NEEDS_GRAMS = {n for n, a in RUNS.items() if {"gptq", "hessian", "--awq", "--refit-scales"} & set(a)}
 
 
 def grams(args: argparse.Namespace) -> Path:
@@ -60,7 +67,8 @@ def one_run(name: str, args: argparse.Namespace) -> dict:
     cli += RUNS[name]
     if "--sequential" in RUNS[name]:
         cli += ["--calib", str(args.calib), "--batch-size", "8"]
-    elif name in NEEDS_GRAMS:
+    sequential_awq = "--sequential" in RUNS[name] and "--awq" in RUNS[name]  # its search reads the base's Grams
+    if name in NEEDS_GRAMS and ("--sequential" not in RUNS[name] or sequential_awq):
         cli += ["--stats", str(grams(args))]
     seconds, cpu, peak, _ = timed([*cli, "-o", str(out), "--force", "--json"], None)
     run = name if args.block_size == 128 else f"{name}@g{args.block_size}"  # g128 rows keep their old names

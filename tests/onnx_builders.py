@@ -127,6 +127,29 @@ def layered_model() -> onnx.ModelProto:
     return model
 
 
+def normed_mlp(
+    first: list[onnx.NodeProto], params: list[onnx.TensorProto], weights: dict[str, np.ndarray]
+) -> onnx.ModelProto:
+    """x -> ``first`` (a norm writing ``n``) -> gate/up -> SiLU(gate) * up -> down -> + x: a LLaMA MLP whose
+    three weights (``Wg``, ``Wu`` [D, H], ``Wd`` [H, D]) read two activations a per-channel scale folds into."""
+    d, hidden = weights["Wg"].shape
+    nodes = [
+        *first,
+        helper.make_node("MatMul", ["n", "Wg"], ["gate"], name="gate"),
+        helper.make_node("MatMul", ["n", "Wu"], ["up"], name="up"),
+        helper.make_node("Sigmoid", ["gate"], ["sg"]),
+        helper.make_node("Mul", ["gate", "sg"], ["silu"]),
+        helper.make_node("Mul", ["silu", "up"], ["h"]),
+        helper.make_node("MatMul", ["h", "Wd"], ["down"], name="down"),
+        helper.make_node("Add", ["x", "down"], ["y"]),
+    ]
+    inits = params + [init(np.ascontiguousarray(w), name) for name, w in weights.items()]
+    model = make_model(nodes, [tensor("x", shape=["b", 4, d])], [tensor("y", shape=["b", 4, d])], inits)
+    model.graph.value_info.append(tensor("up", shape=["b", 4, hidden]))
+    model.graph.value_info.append(tensor("silu", shape=["b", 4, hidden]))
+    return model
+
+
 @dataclass
 class Net:
     """A tiny model, the names of its weights, and a numpy forward pass given (possibly sliced) weights."""

@@ -24,6 +24,7 @@ def decoder_with_cache() -> onnx.ModelProto:
     """One attention block (single head) with past/present K and V, an MLP and a tied-free LM head."""
 
     rng = np.random.default_rng(900)  # this function's own data, whatever ran before
+
     def w(name: str, k: int, n: int) -> onnx.TensorProto:
         return init((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), name)
 

@@ -12,7 +12,7 @@ from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.ranges import collect_ranges
 from graphprune.quantize.select import plan_quantization
 from graphprune.quantize.smooth import smooth
-from tests.onnx_builders import init, make_model, reference_nm_mask, run, tensor
+from tests.onnx_builders import init, normed_mlp, reference_nm_mask, run
 
 D, H = 16, 32
 
@@ -33,21 +33,8 @@ def block(norm: str) -> onnx.ModelProto:
     else:
         first = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1)]
         params = [init(g, "g"), init(b, "b")]
-    nodes = [
-        *first,
-        helper.make_node("MatMul", ["n", "Wg"], ["gate"], name="gate"),
-        helper.make_node("MatMul", ["n", "Wu"], ["up"], name="up"),
-        helper.make_node("Sigmoid", ["gate"], ["sg"]),
-        helper.make_node("Mul", ["gate", "sg"], ["silu"]),
-        helper.make_node("Mul", ["silu", "up"], ["h"]),
-        helper.make_node("MatMul", ["h", "Wd"], ["down"], name="down"),
-        helper.make_node("Add", ["x", "down"], ["y"]),
-    ]
-    weights = [init(sparse((D, H), 1), "Wg"), init(sparse((D, H), 2), "Wu"), init(sparse((H, D), 3), "Wd")]
-    model = make_model(nodes, [tensor("x", shape=["b", 4, D])], [tensor("y", shape=["b", 4, D])], params + weights)
-    model.graph.value_info.append(tensor("up", shape=["b", 4, H]))
-    model.graph.value_info.append(tensor("silu", shape=["b", 4, H]))
-    return model
+    weights = {"Wg": sparse((D, H), 1), "Wu": sparse((D, H), 2), "Wd": sparse((H, D), 3)}
+    return normed_mlp(first, params, weights)
 
 
 def smoothed(model: onnx.ModelProto, calib: np.ndarray, alpha: float):  # type: ignore[no-untyped-def]

@@ -76,6 +76,28 @@ def quantize(
             "Example: --sequential"
         ),
     ] = False,
+    awq: Annotated[
+        bool,
+        typer.Option(
+            "--awq",
+            help="int4: activation-aware weight scaling (AWQ) before rounding: per input channel scales "
+            "sqrt(diag XᵀX)^alpha, alpha searched per activation (0 to 1 in steps of 0.05) for the least output "
+            "error of the rounded weights on the calibration Gram matrices, folded exactly into the producing "
+            "norm or projection; pruned zeros stay zero. Then --method rtn or gptq rounds the scaled weights "
+            "(needs --calib or --stats; with --sequential the search reads --stats or one more calibration run). "
+            "Example: --awq",
+        ),
+    ] = False,
+    refit_scales: Annotated[
+        bool,
+        typer.Option(
+            "--refit-scales",
+            help="Once the codes are fixed (rtn or gptq), re-solve each output row's scales by least squares "
+            "for the least output error on the calibration Gram matrix (a row keeps its scales where that is "
+            "no better); the codes, and so the pruned zeros, do not change. Needs --calib or --stats. "
+            "Example: --refit-scales",
+        ),
+    ] = False,
     smooth: Annotated[
         float | None,
         typer.Option(
@@ -167,8 +189,8 @@ def quantize(
     stats: Annotated[
         Path | None,
         typer.Option(
-            help="--method gptq: Gram matrices saved by `graphprune calibrate --gram` (default: from --calib). "
-            "Example: --stats stats.npz",
+            help="Gram matrices saved by `graphprune calibrate --gram`, for --method gptq, --weight-clip hessian, "
+            "--awq and --refit-scales (default: from --calib). Example: --stats stats.npz",
             show_default=False,
         ),
     ] = None,
@@ -216,6 +238,8 @@ def quantize(
         percdamp=percdamp,
         sequential=sequential,
         fuse_attention=fuse_attention,
+        awq=awq,
+        refit_scales=refit_scales,
     )
     config.validate()
     request = calibration_request(calib, tokenizer, seqlen, nsamples, seed, batch_size, shape, provider)
@@ -238,6 +262,11 @@ def _print(report: QuantizeReport, written: Path) -> None:
     smoothed = [s for s in report.smoothing if s.smoothed]
     if report.smoothing:
         out.print(f"smoothed {len(smoothed)} of {len(report.smoothing)} activations", highlight=False)
+    if report.awq:
+        alphas = ", ".join(sorted({f"{a.alpha:g}" for a in report.awq}))
+        before, after = sum(a.unscaled_error for a in report.awq), sum(a.error for a in report.awq)
+        gain = f", rounding's output error {after / before - 1:+.1%}" if before > 0 else ""
+        out.print(f"activation-aware scales: alpha {alphas}{gain}", highlight=False)
     for k in report.kept:
         out.print(f"[dim]kept float {k.name}: {k.reason}[/dim]", highlight=False)
     for w in report.warnings:

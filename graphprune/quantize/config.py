@@ -36,7 +36,10 @@ class QuantizeConfig:
     ``hessian``: error weighted by the Gram matrix, so it needs calibration). GPTQ's ``act_order`` (columns by
     descending Gram diagonal, scales fixed up front from the original weights), ``percdamp`` and ``sequential``
     (each block's Grams measured on the model whose earlier blocks are already quantized) apply to
-    ``method="gptq"`` only.
+    ``method="gptq"`` only. ``awq`` (int4): activation-aware weight scales, searched per activation on the Gram
+    matrices and folded exactly into the model before the weights are rounded (:mod:`graphprune.quantize.awq`).
+    ``refit_scales``: once the codes are fixed, each row's scales are re-solved by least squares on the Gram
+    matrix (:mod:`graphprune.algorithms.scale_refit`).
     """
 
     precision: Precision = "int8"
@@ -56,6 +59,8 @@ class QuantizeConfig:
     percdamp: float = 0.01
     sequential: bool = False
     fuse_attention: bool = True  # target ort without bmm: attention cores → MultiHeadAttention (BENCHMARKS.md)
+    awq: bool = False
+    refit_scales: bool = False
 
     def validate(self) -> None:
         if self.precision not in MIN_OPSET:
@@ -95,6 +100,12 @@ class QuantizeConfig:
                 "smoothing moves range into the weights for quantized activations; int4 is weight-only"
             )
 
+        if self.awq and self.precision != "int4":
+            raise GraphpruneError(
+                "activation-aware scaling searches weight-only int4 scales; int8 and fp8 quantize activations "
+                "too: use `smooth`"
+            )
+
     @property
     def quantizes_activations(self) -> bool:
         return self.precision != "int4"
@@ -112,8 +123,8 @@ class QuantizeConfig:
 
     @property
     def needs_grams(self) -> bool:
-        """Gram matrices: GPTQ, or the Gram-weighted clip search."""
-        return self.method == "gptq" or self.weight_clip == "hessian"
+        """Gram matrices: GPTQ, the Gram-weighted clip search, the activation-aware scales, the scale refit."""
+        return self.method == "gptq" or self.weight_clip == "hessian" or self.awq or self.refit_scales
 
     @property
     def opset(self) -> int:

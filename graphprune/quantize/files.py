@@ -21,6 +21,7 @@ from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model, uses_external_data
 from graphprune.graph.targets import Target
 from graphprune.pipeline.files import report_path
+from graphprune.quantize.awq import AwqRecord, awq
 from graphprune.quantize.clip import clip_fractions
 from graphprune.quantize.config import QuantizeConfig
 from graphprune.quantize.gptq_weights import gram_statistics, solved_codes
@@ -45,6 +46,7 @@ class QuantizeReport:
     warnings: list[str] = field(default_factory=list)
     untied: list[str] = field(default_factory=list)  # tables a Gather reads whose head got its own copy
     rewrites: dict[str, list[str]] = field(default_factory=dict)  # target ort: exact rewrites, what they changed
+    awq: list[AwqRecord] = field(default_factory=list)  # the activation-aware scales' search, per activation
 
     def to_dict(self) -> dict:
         return {
@@ -52,6 +54,7 @@ class QuantizeReport:
             **self.result.to_dict(),
             "kept_float": [asdict(k) for k in self.kept],
             "smoothing": [asdict(s) for s in self.smoothing],
+            "awq": [asdict(a) for a in self.awq],
             "opset_raised_from": self.opset_raised_from,
             "untied_heads": self.untied,
             "ort_rewrites": self.rewrites,
@@ -80,7 +83,8 @@ def measure(
     stats: str | Path | None = None,
     stage: Callable[[str], None] = lambda _: None,
 ) -> Measured:
-    """The calibration ``config`` needs: ranges (static scales, smoothing) and Grams (GPTQ), nothing else."""
+    """The calibration ``config`` needs: ranges (static scales, smoothing) and Grams (GPTQ, the activation-aware
+    search: sequential GPTQ measures its own, but the search reads the model's before anything is scaled)."""
     measured = Measured()
     if config.needs_ranges:
         stage("calibrating activation ranges")
@@ -93,7 +97,7 @@ def measure(
         measured.batches, more = calibration.batches(model)
         measured.providers = resolve_providers(calibration.provider)
         measured.warnings += more
-    elif config.needs_grams:
+    if config.needs_grams and (not config.sequential or config.awq):
         stage("calibrating Gram matrices")
         saved = ActivationStats.load(stats, plan.targets) if stats else None
         measured.grams = gram_statistics(model_path, plan.targets, saved, calibration or CalibrationRequest())
@@ -118,13 +122,19 @@ def quantize_model(
     ranges = {name: ChannelRange(r.lo.copy(), r.hi.copy(), r.rows) for name, r in measured.ranges.items()}
     smoothing: list[SmoothRecord] = []
     scales: dict[str, np.ndarray] = {}
-    if config.smooth is not None:
-        stage("smoothing")
+    if config.smooth is not None or config.awq:
         from onnx_ir.passes.common import ShapeInferencePass
 
         with contextlib.suppress(Exception):  # best effort: folds through a product need its operands' widths
             ShapeInferencePass()(model)
+    if config.smooth is not None:
+        stage("smoothing")
         smoothing, scales = smooth(model, plan.targets, ranges, config.smooth)
+    searched: list[AwqRecord] = []
+    if config.awq:
+        stage("searching activation-aware scales")
+        assert measured.grams is not None  # measure collects them for awq
+        smoothing, searched, scales = awq(model, plan.targets, measured.grams, config)
     targets, kept = _massive_inputs_float(plan, ranges, config)
     plan = Planned(targets, plan.activations, plan.kept + kept, plan.matmuls)
     clips: dict[str, float] = {}
@@ -140,14 +150,14 @@ def quantize_model(
         stage("GPTQ, block by block")
         solved, more = solve_sequentially(model, plan.targets, config, measured.batches, measured.providers)
         warnings += [w for w in more if w not in warnings]
-    elif config.method == "gptq" or config.weight_clip != "none":
+    elif config.method == "gptq" or config.weight_clip != "none" or config.refit_scales:
         stage("GPTQ" if config.method == "gptq" else "searching the weight scales")
         solved = solved_codes(model, plan.targets, config, measured.grams, scales)
     stage("quantizing")
     result = QuantizePass(
         config=config, targets=plan.targets, ranges=ranges, solved=solved, clips=clips, matmuls=plan.matmuls
     )(model)
-    return QuantizeReport(config, result, plan.kept, smoothing, None, warnings)
+    return QuantizeReport(config, result, plan.kept, smoothing, None, warnings, awq=searched)
 
 
 def _massive_inputs_float(
@@ -194,7 +204,7 @@ def quantize_file(
     config.validate()
     if config.sequential and (calibration is None or calibration.data is None):
         raise GraphpruneError("`sequential` needs calibration data: pass `calib` data")
-    if config.sequential and stats:
+    if config.sequential and stats and not config.awq:
         raise GraphpruneError("`sequential` measures its Gram matrices on the quantized blocks: drop `stats`")
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_quantized_output(model_path, config)

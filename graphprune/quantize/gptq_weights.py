@@ -19,6 +19,7 @@ from graphprune.algorithms.clip_search import searched_scales
 from graphprune.algorithms.gptq import gptq_quantize
 from graphprune.algorithms.layout import to_canonical
 from graphprune.algorithms.quant_grid import QuantGrid, quantize_codes
+from graphprune.algorithms.scale_refit import refit_scales
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.stats import ActivationStats
 from graphprune.graph.stored import read_array, stored_tensor
@@ -45,7 +46,18 @@ def solve_weight(
     w: np.ndarray, gram: np.ndarray | None, grid: QuantGrid, config: QuantizeConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """Codes and scales of one canonical ``(out, K)`` float32 weight: GPTQ under its zeros, or round to nearest
-    on the (clipped) scales; ``gram`` is needed by GPTQ and the ``hessian`` clip."""
+    on the (clipped) scales, then with ``refit_scales`` the scales re-solved for those codes; ``gram`` is needed
+    by GPTQ, the ``hessian`` clip and the refit."""
+    codes, scales = _rounded(w, gram, grid, config)
+    if config.refit_scales:
+        assert gram is not None
+        scales = refit_scales(w, codes, scales, gram, grid)
+    return codes, scales
+
+
+def _rounded(
+    w: np.ndarray, gram: np.ndarray | None, grid: QuantGrid, config: QuantizeConfig
+) -> tuple[np.ndarray, np.ndarray]:
     if config.method == "gptq":
         assert gram is not None
         return gptq_quantize(

@@ -11,7 +11,7 @@ survives. The calibrated range of x' is x's per-channel range divided by s: no s
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +54,25 @@ def smooth(
     ``ranges`` is updated to the smoothed activations' ranges. Returns the records and, per smoothed activation,
     its scales ``s`` (the activation is now ``x / s``).
     """
+
+    def scales(activation: str, group: Sequence[Target], weights: Sequence[ir.Value]) -> np.ndarray:
+        w_absmax = np.max([_column_absmax(w, t) for w, t in zip(weights, group, strict=True)], axis=0)
+        s = smoothing_scales(ranges[activation].absmax, w_absmax, alpha)
+        ranges[activation] = ranges[activation].scaled(s)
+        return s
+
+    return fold_groups(model, targets, scales)
+
+
+ChooseScales = Callable[[str, Sequence[Target], Sequence[ir.Value]], np.ndarray]
+
+
+def fold_groups(
+    model: ir.Model, targets: Sequence[Target], choose: ChooseScales
+) -> tuple[list[SmoothRecord], dict[str, np.ndarray]]:
+    """For every activation that feeds only ``targets``' MatMuls and has an exact fold point, ``choose(activation,
+    its targets, their stored weights)`` gives the scales ``s``; ``x / s`` is folded into the producer and every
+    consumer's K rows are multiplied by ``s``. Returns the records and the scales per activation folded."""
     graph = model.graph
     readers: dict[str, list[Target]] = {}
     for t in targets:
@@ -70,11 +89,8 @@ def smooth(
             why = reason or "no exact fold point: what writes it has no per-channel parameter the scales can enter"
             records.append(SmoothRecord(activation, names, why, False))
             continue
-        weights = [graph.initializers[t.name] for t in group]
-        w_absmax = np.max([_column_absmax(w, t) for w, t in zip(weights, group, strict=True)], axis=0)
-        s = smoothing_scales(ranges[activation].absmax, w_absmax, alpha)
+        s = choose(activation, group, [graph.initializers[t.name] for t in group])
         fold_scale(fold, 1.0 / s)  # the producer's side times 1/s, every consumer's K rows times s
-        ranges[activation] = ranges[activation].scaled(s)
         scales[activation] = s
         records.append(SmoothRecord(activation, names, _describe(fold), True, float(s.min()), float(s.max())))
     return records, scales

@@ -33,14 +33,22 @@ GRID = QuantGrid(precision="int4", block_size=BLOCK)
 
 
 def rounded(w: np.ndarray, block: int) -> np.ndarray:
-    """Symmetric int4 round to nearest on absmax scales, blocks along K, written out in numpy (the reference)."""
+    """int4 round to nearest with zero point 0, blocks along K, written out in numpy (the reference)."""
     out = np.zeros_like(w, dtype=np.float64)
     for start in range(0, w.shape[1], block):
         part = w[:, start : start + block].astype(np.float32)
-        scale = np.abs(part).max(axis=1, keepdims=True) / np.float32(7)
-        scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-        out[:, start : start + block] = np.clip(np.rint(part / scale), -7, 7) * scale
+        scale = int4_scales(part)
+        out[:, start : start + block] = np.clip(np.rint(part / scale), -8, 7) * scale
     return out
+
+
+def int4_scales(part: np.ndarray) -> np.ndarray:
+    """One block's scale per row: the largest weight maps to 7 or the most negative one to -8, whichever needs
+    the larger step (codes -8..7); 1.0 for an all-zero block."""
+    top = part.max(axis=1, keepdims=True) / np.float32(7)
+    bottom = -part.min(axis=1, keepdims=True) / np.float32(8)
+    scale = np.maximum(top, bottom)
+    return np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
 
 
 def activations(rows: int, k: int, seed: int) -> np.ndarray:
@@ -231,9 +239,10 @@ def test_rtn_refit_writes_the_refit_scales_on_the_rounded_codes(tmp_path: Path) 
     graph = ir.load(out).graph
     for t in targets:
         w = onnx.numpy_helper.to_array(next(i for i in mlp().graph.initializer if i.name == t.name)).T
-        scales = (np.abs(w).reshape(w.shape[0], -1, BLOCK).max(axis=2) / np.float32(7)).astype(np.float32)
-        assert (scales > 0).all()  # no all-zero block: the absmax scales are round to nearest's
-        codes = np.clip(np.rint(w / np.repeat(scales, BLOCK, axis=1)), -7, 7).astype(np.int8)
+        blocks = w.reshape(w.shape[0], -1, BLOCK)
+        scales = np.concatenate([int4_scales(blocks[:, b]) for b in range(blocks.shape[1])], axis=1)
+        assert (scales > 0).all()  # no all-zero block: the scales are round to nearest's
+        codes = np.clip(np.rint(w / np.repeat(scales, BLOCK, axis=1)), -8, 7).astype(np.int8)
         expected = refit_scales(w, codes, scales, stats.gram[t.name], GRID)
         value = graph.initializers[t.name]
         written_codes = value.const_value.numpy().astype(np.int8).T  # type: ignore[union-attr]

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from graphprune.algorithms.alps import alps_solve_shared, reconstruction_error
+from graphprune.algorithms.alps import alps_solve_shared
 from graphprune.algorithms.pattern import NMPattern, Pattern, Unstructured, parse_nm
 from graphprune.algorithms.sparsegpt import sparsegpt
+from graphprune.algorithms.sparsegpt import sparsegpt_reconstruction_error as reconstruction_error
 
 # (input K, [output sizes of the weights that read that input])
 BLOCK = [(576, [576, 192, 192]), (576, [576]), (576, [1536, 1536]), (1536, [576])]

@@ -7,10 +7,11 @@ import itertools
 import numpy as np
 import pytest
 
-from graphprune.algorithms.alps import PreparedGram, alps, alps_solve, alps_solve_shared, reconstruction_error
+from graphprune.algorithms.alps import PreparedGram, alps, alps_solve, alps_solve_shared
 from graphprune.algorithms.masks import mask_from_scores, nm_violations
 from graphprune.algorithms.pattern import NMPattern, Pattern, Scope, Unstructured
 from graphprune.algorithms.sparsegpt import sparsegpt
+from graphprune.algorithms.sparsegpt import sparsegpt_reconstruction_error as reconstruction_error
 from tests.references import correlated_inputs
 
 

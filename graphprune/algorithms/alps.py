@@ -208,12 +208,6 @@ def alps_solve_shared(
     ]
 
 
-def reconstruction_error(weight: np.ndarray, weight_hat: np.ndarray, gram: np.ndarray) -> float:
-    """``tr((W - Ŵ) H (W - Ŵ)ᵀ) = ‖(W - Ŵ) Xᵀ‖²_F`` when ``H = XᵀX``."""
-    delta = np.asarray(weight, dtype=np.float64) - np.asarray(weight_hat, dtype=np.float64)
-    return float(np.einsum("ij,ij->", delta @ np.asarray(gram, dtype=np.float64), delta))
-
-
 class _Admm:
     """The ADMM iterations of steps 3-5 on one layer, in float32 on the prepared Gram's backend."""
 

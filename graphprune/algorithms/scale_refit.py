@@ -21,12 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphprune.algorithms.quant_grid import QuantGrid
-
-
-def row_objectives(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """``(w - ŵ)ᵀ H (w - ŵ)`` for every row of ``w`` ``(out, K)``: float64 ``(out,)``."""
-    e = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
-    return np.einsum("rk,rk->r", e @ np.asarray(gram, np.float64), e)
+from graphprune.algorithms.sparsegpt import row_reconstruction_errors
 
 
 def refit_scales(
@@ -63,7 +58,7 @@ def refit_scales(
     ok = np.isfinite(solved).all(axis=1) & (new > 0).all(axis=1)
     new[~ok] = old[~ok]
     expand = np.asarray(columns)
-    before = row_objectives(w64, q * old[:, expand], gram)
-    after = row_objectives(w64, q * new[:, expand], gram)
+    before = row_reconstruction_errors(w64, q * old[:, expand], gram)
+    after = row_reconstruction_errors(w64, q * new[:, expand], gram)
     better = after < before
     return np.where(better[:, None], new, old).astype(np.float32)

@@ -212,8 +212,14 @@ def block_plan(pattern: Pattern | None, rows: int, k: int, blocksize: int) -> tu
 
 def sparsegpt_reconstruction_error(weight: np.ndarray, weight_hat: np.ndarray, gram: np.ndarray) -> float:
     """``trace((W - Ŵ) H (W - Ŵ)ᵀ)``, i.e. ``‖(W - Ŵ) Xᵀ‖²_F`` when ``H = XᵀX`` (X: calibration rows, K)."""
+    return float(row_reconstruction_errors(weight, weight_hat, gram).sum())
+
+
+def row_reconstruction_errors(weight: np.ndarray, weight_hat: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Each output row's share of :func:`sparsegpt_reconstruction_error`, ``(w - ŵ)ᵀ H (w - ŵ)``: float64
+    ``(out,)``."""
     delta = np.asarray(weight, dtype=np.float64) - np.asarray(weight_hat, dtype=np.float64)
-    return float(np.einsum("ij,ij->", delta @ np.asarray(gram, dtype=np.float64), delta))
+    return np.einsum("ij,ij->i", delta @ np.asarray(gram, dtype=np.float64), delta)
 
 
 def _check_inputs(

@@ -70,9 +70,7 @@ def moments_of(stats: ActivationStats, group: Group) -> Moments:
     """The moments :mod:`graphprune.pipeline.shrink` reads (by consumer input), from the engine's statistics
     (by consumer weight)."""
     out = Moments(warnings=list(stats.warnings))
-    consumers = {id(s.node): str(s.value.name) for s in group.consumers}
-    for node, value, _ in group.consumer_inputs:
-        weight, name = consumers[id(node)], str(value.name)
+    for name, weight in _consumer_weights(group):
         out.sums[name], out.sumsq[name], out.rows[name] = (
             stats.sums[weight],
             stats.sumsq[weight],
@@ -135,10 +133,14 @@ def _kept_dense(model: ir.Model, groups: Sequence[Group], targets: set[str]) -> 
 
 def _dense_moments(stats: ActivationStats, group: Group) -> DenseMoments:
     """Per consumer input: Σ x_dense xᵀ and Σ x_dense, where the dense stream measured them."""
-    consumers = {id(s.node): str(s.value.name) for s in group.consumers}
     out: DenseMoments = {}
-    for node, value, _ in group.consumer_inputs:
-        weight = consumers[id(node)]
+    for name, weight in _consumer_weights(group):
         if weight in stats.cross and weight in stats.dense_sums:
-            out[str(value.name)] = (stats.cross[weight], stats.dense_sums[weight])
+            out[name] = (stats.cross[weight], stats.dense_sums[weight])
     return out
+
+
+def _consumer_weights(group: Group) -> list[tuple[str, str]]:
+    """(consumer input, consumer weight) names: the engine measures by weight, the shrink reads by input."""
+    weights = {id(s.node): str(s.value.name) for s in group.consumers}
+    return [(str(value.name), weights[id(node)]) for node, value, _ in group.consumer_inputs]

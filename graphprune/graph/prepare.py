@@ -94,7 +94,7 @@ def _single_user(value: ir.Value, op: str) -> ir.Node | None:
     return uses[0].node
 
 
-def _drop_dead(graph: ir.Graph, values: list[ir.Value | None]) -> None:
+def drop_dead(graph: ir.Graph, values: list[ir.Value | None]) -> None:
     """Remove the nodes and initializers behind ``values`` (recursively) that nothing reads any more."""
     pending = [v for v in values if v is not None]
     while pending:
@@ -143,7 +143,7 @@ def fold_key_transposes(model: ir.Model) -> int:
         dead = [first.inputs[1], last.inputs[1]]
         graph.remove([last, swap, first], safe=True)
         out.name = result.name
-        _drop_dead(graph, dead)
+        drop_dead(graph, dead)
         folded += 1
     return folded
 
@@ -173,20 +173,28 @@ def fold_constant_reshapes(model: ir.Model) -> int:
         out.replace_all_uses_with(value)
         graph.remove(node, safe=True)
         graph.register_initializer(value)
-        _drop_dead(graph, [data, shape])
+        drop_dead(graph, [data, shape])
         folded += 1
     return folded
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """ONNX shape inference, best effort: a model it cannot read keeps the shapes it has (callers that follow
+    recorded shapes skip, with a reason, what stays unknown)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    with contextlib.suppress(Exception):
+        ShapeInferencePass()(model)
 
 
 def prepare_graph(model: ir.Model, heads: bool = False) -> None:
     """Make structured units provable in place: lift Constant nodes to initializers (stored tensors can be sliced,
     a head count rewritten), fold constant Reshapes, record shapes by inference (head and pooling axes are
     followed through recorded shapes) and, with ``heads``, fold the exporters' key transposes."""
-    from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     fold_constant_reshapes(model)
-    with contextlib.suppress(Exception):  # best effort: without recorded shapes some units are skipped, with why
-        ShapeInferencePass()(model)
+    infer_shapes(model)  # without recorded shapes some units are skipped, with why
     if heads:
         fold_key_transposes(model)

@@ -6,7 +6,6 @@ transaction (staged, flushed, renamed), and nothing is written when anything fai
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.stats import ActivationStats
 from graphprune.errors import GraphpruneError
 from graphprune.graph.model_io import load_model, uses_external_data
+from graphprune.graph.prepare import infer_shapes
 from graphprune.graph.targets import Target
 from graphprune.pipeline.files import report_path
 from graphprune.quantize.awq import AwqRecord, awq
@@ -123,10 +123,7 @@ def quantize_model(
     smoothing: list[SmoothRecord] = []
     scales: dict[str, np.ndarray] = {}
     if config.smooth is not None or config.awq:
-        from onnx_ir.passes.common import ShapeInferencePass
-
-        with contextlib.suppress(Exception):  # best effort: folds through a product need its operands' widths
-            ShapeInferencePass()(model)
+        infer_shapes(model)  # folds through a product need its operands' widths
     if config.smooth is not None:
         stage("smoothing")
         smoothing, scales = smooth(model, plan.targets, ranges, config.smooth)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from graphprune.graph.prepare import drop_dead, infer_shapes
 from graphprune.quantize.attention import constant_scalar, is_nan_guard
 from graphprune.quantize.qdq import Names, constant
 from graphprune.quantize.shape_tokens import Token, dim_token, shape_tokens
@@ -89,7 +90,7 @@ def fuse_attention(model: ir.Model) -> tuple[list[str], list[str]]:
     candidates = [n for n in graph if n.op_type == "Softmax" and n.domain in _DEFAULT and _feeds_matmul(n)]
     if not candidates:
         return [], []
-    _infer_shapes(model)
+    infer_shapes(model)  # legacy exports carry no shapes; the matcher must know each projection is 3-D
     names = Names(graph)
     fused: list[str] = []
     refused: list[str] = []
@@ -104,16 +105,6 @@ def fuse_attention(model: ir.Model) -> tuple[list[str], list[str]]:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         fused.append(str(core.output.name))
     return fused, refused
-
-
-def _infer_shapes(model: ir.Model) -> None:
-    """Best effort: legacy exports carry no shapes, and the matcher must know that each projection is 3-D."""
-    import contextlib
-
-    from onnx_ir.passes.common import ShapeInferencePass
-
-    with contextlib.suppress(Exception):  # a model ONNX's inference cannot read keeps the shapes it has
-        ShapeInferencePass()(model)
 
 
 def _feeds_matmul(softmax: ir.Node) -> bool:
@@ -429,7 +420,7 @@ def _replace(graph: ir.Graph, names: Names, core: _Core, zero_tests: dict[int, i
     if core.output in graph.outputs:
         graph.outputs[list(graph.outputs).index(core.output)] = result
     for node in reversed(core.nodes):  # readers before producers
-        _remove_if_dead(graph, node)
+        drop_dead(graph, list(node.outputs))
 
 
 def _merge_heads(graph: ir.Graph, names: Names, heads: _Heads, label: str) -> tuple[ir.Value, list[ir.Node]]:
@@ -504,20 +495,6 @@ def _branches(
     else_branch = ir.Graph([], [masked], nodes=nodes, name=names(f"{label}_masked"))
     attributes = [ir.AttrGraph("then_branch", then_branch), ir.AttrGraph("else_branch", else_branch)]
     return ir.Node("", "If", [test], attributes, outputs=[out], name=names(f"{label}_IfUnmasked"))
-
-
-def _remove_if_dead(graph: ir.Graph, node: ir.Node) -> None:
-    """Remove ``node`` when nothing reads it, then the producers and initializers this leaves unread."""
-    if node.graph is not graph or any(o.uses() or o in graph.outputs for o in node.outputs):
-        return
-    inputs = [v for v in node.inputs if v is not None]
-    graph.remove(node, safe=True)
-    for value in inputs:
-        producer = value.producer()
-        if producer is not None:
-            _remove_if_dead(graph, producer)
-        elif value.name and value.name in graph.initializers and not value.uses() and not value.is_graph_output():
-            del graph.initializers[value.name]  # a constant only the removed nodes read
 
 
 def _expand_bias(

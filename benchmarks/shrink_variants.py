@@ -8,7 +8,8 @@ the global budget by flap's scores while METHOD chooses the units inside each gr
 damping, ``+min0.1``/``+max0.5`` global allocation's least and most per group; ``+error`` allocates globally on the
 raw scores (not standardised); ``+seq`` shrinks group by group on the already shrunk prefix (``sequential``,
 streamed block by block when the benchmark passes its calibration data); ``+dense`` refits towards the dense
-model's outputs (with ``+seq``), ``+blend0.5`` the dense outputs' share of that target.
+model's outputs (with ``+seq``), ``+blend0.5`` the dense outputs' share of that target, ``+all`` refits the
+layers that lose nothing too (``refit_scope="all"``, with ``+dense``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) 
               "damp": ("damp", float), "min": ("ratio_min", float), "max": ("ratio_max", float),
               "blend": ("target_blend", float)}  # fmt: skip
     for flag in flags:
-        if flag in ("refit", "global", "error", "seq", "dense"):
+        if flag in ("refit", "global", "error", "seq", "dense", "all"):
             continue
         prefix = next((p for p in valued if flag.startswith(p) and len(flag) > len(p)), None)
         if prefix is None:
@@ -39,5 +40,6 @@ def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) 
         allocate="global" if "global" in flags else "error" if "error" in flags else "uniform",
         sequential="seq" in flags,
         target="dense" if "dense" in flags else "pruned",
+        refit_scope="all" if "all" in flags else "consumers",
         **options,  # type: ignore[arg-type]
     )

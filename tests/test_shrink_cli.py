@@ -110,6 +110,8 @@ def test_the_default_score_is_flap_with_data_and_l2_without(
         (["--ratio", "0.2", "--target", "dense"], "refits on the shrunk prefix: it needs --sequential"),
         (["--ratio", "0.2", "--target", "teacher"], "choose from pruned, dense"),
         (["--ratio", "0.2", "--sequential", "--target", "dense", "--target-blend", "2"], "invalid --target-blend"),
+        (["--ratio", "0.2", "--sequential", "--refit-scope", "all"], "it needs --target dense"),
+        (["--ratio", "0.2", "--sequential", "--target", "dense", "--refit-scope", "some"], "invalid refit scope"),
     ],
 )
 def test_bad_options_are_one_line_errors(bert, tmp_path: Path, options: list[str], needle: str) -> None:  # type: ignore[no-untyped-def]
@@ -213,6 +215,8 @@ def test_sequential_dense_target_options_reach_the_refit(tmp_path: Path) -> None
         "pruned": [],
         "blend0": ["--target", "dense", "--target-blend", "0"],
         "dense": ["--target", "dense"],
+        "blend0_all": ["--target", "dense", "--target-blend", "0", "--refit-scope", "all"],
+        "all": ["--target", "dense", "--refit-scope", "all"],
     }.items():
         out = tmp_path / f"{name}.onnx"
         result = runner.invoke(app, [*common, *extra, "-o", str(out)])
@@ -221,6 +225,9 @@ def test_sequential_dense_target_options_reach_the_refit(tmp_path: Path) -> None
     dense = run(model, {"x": x})[0]
     # a blend of 0 aims at the shrunk prefix's own outputs: the plain sequential refit
     np.testing.assert_allclose(outputs["blend0"], outputs["pruned"], rtol=1e-4, atol=1e-4)
+    # ... also when every layer is refitted (each one's own output as its target: nothing changes)
+    np.testing.assert_allclose(outputs["blend0_all"], outputs["pruned"], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(outputs["all"], outputs["dense"], atol=1e-4)  # the first layers refitted too
     # the dense target lands closer to the dense model's outputs on its calibration data
     error = {k: float(np.mean((v - dense) ** 2)) for k, v in outputs.items()}
     assert error["dense"] < error["pruned"]

@@ -117,6 +117,16 @@ def shrink(
             "Example: --target dense --target-blend 0.5"
         ),
     ] = 1.0,
+    refit_scope: Annotated[
+        str,
+        typer.Option(
+            help="With --target dense, which layers the refit solves: consumers (those that lose input channels: "
+            "down/fc2, the next 1x1 Conv) or all (also every other MatMul/Gemm of the shrunk blocks, such as "
+            "Q/K/V/O and gate/up, towards the dense outputs from the shrunk prefix's inputs, with the same blend "
+            "and damping; whole-block reconstruction, weights only, streamed level by level). "
+            "Example: --target dense --refit-scope all"
+        ),
+    ] = "consumers",
     refit: Annotated[
         bool | None,
         typer.Option(
@@ -212,6 +222,7 @@ def shrink(
         sequential=sequential,
         target=target,
         target_blend=target_blend,
+        refit_scope=refit_scope,
         damp=refit_damp,
         gram_stride=gram_stride,
         pad_stride=gram_padding,

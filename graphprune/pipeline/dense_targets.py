@@ -113,6 +113,10 @@ class DenseStream:
         values = values_by_name(model.graph)
         activations = [values[name] for name in self._feeds if values[name] not in carriers]
         outputs = list(dict.fromkeys([*activations, *keep]))
+        self._keep, self._outputs = [str(v.name) for v in keep], [str(v.name) for v in outputs]
+        if not outputs:  # the tapped activations are all boundary tensors already: nothing to run
+            self._session, self._inputs = None, []
+            return
         nodes = cut(model.graph, outputs, carriers)
         read = {v for n in nodes for v in outer_reads(n)} | set(outputs)
         inputs = [carrier for value, carrier in carriers.items() if value in read]
@@ -128,15 +132,15 @@ class DenseStream:
                 replace_tensor(self.values[name], tensor)
         self._session = Session(segment, self.providers)
         self._inputs = [str(v.name) for v in inputs]
-        self._outputs = [str(v.name) for v in outputs]
-        self._keep = [str(v.name) for v in keep]
 
     def run(self, batch: int, total: int) -> dict[str, np.ndarray]:
         """Run the dense segment on one batch: keep its boundary tensors, return the extra feed."""
-        assert self._session is not None
-        feed = {name: self.store.get(name, batch) for name in self._inputs}
-        label = f"the dense model's segment, batch {batch + 1} of {total}"
-        arrays = dict(zip(self._outputs, self._session.run(self._outputs, feed, label), strict=True))
+        arrays: dict[str, np.ndarray] = {}
+        if self._outputs:
+            assert self._session is not None
+            feed = {name: self.store.get(name, batch) for name in self._inputs}
+            label = f"the dense model's segment, batch {batch + 1} of {total}"
+            arrays = dict(zip(self._outputs, self._session.run(self._outputs, feed, label), strict=True))
         for name in self._keep:
             self.store.append(name, arrays[name])
         return {carrier: arrays[name] if name in arrays else self.store.get(name, batch) for name, carrier in

@@ -154,12 +154,16 @@ class SequentialCalibration:
     dense: DenseStream | None = None  # dense targets: the dense model's stream and the cross-Gram taps
     sums: bool = False  # also Σx per channel (shrink's refit solves the bias from the mean)
 
-    def run(self, targets: Sequence[Target], prune_group: PruneGroup) -> int:
-        """Calibrate and prune every group in order; returns the number of groups."""
+    def run(
+        self, targets: Sequence[Target], prune_group: PruneGroup, groups: Sequence[list[Target]] | None = None
+    ) -> int:
+        """Calibrate and prune every group in order; returns the number of groups. ``groups``: the caller's own
+        grouping of ``targets`` in dependency order (default: by ``sequential``); a target may be measured again
+        in a later group, after its own group changed it."""
         graph = self.model.graph
         if any(_has_subgraph(node) for node in graph):
             raise GraphpruneError("`sequential` does not handle control flow (If/Loop/Scan): calibrate one-shot")
-        groups = target_groups(self.model, targets, self.sequential)
+        groups = list(groups) if groups is not None else target_groups(self.model, targets, self.sequential)
         self._consumers = consumer_nodes(self.model, targets)
         self._constant = constant_values(graph)
         self._types = value_types(self.model)  # pruning changes no type: inferred once

@@ -33,6 +33,7 @@ from graphprune.graph.blocks import bypass_blocks, find_blocks
 from graphprune.graph.groups import Group, GroupSkip, Slot, find_groups
 from graphprune.graph.prepare import prepare_graph
 from graphprune.passes.shrink import Removal, ShrinkPass, parameter_count
+from graphprune.pipeline.block_refit import REFIT_SCOPES
 from graphprune.pipeline.shrink_stream import DenseMoments, shrink_streamed, stream_targets
 
 UNIT_KINDS = ("mlp", "heads", "channels")
@@ -71,6 +72,9 @@ class ShrinkConfig:
     # "dense" model's (cross moments from a dense stream beside the shrunk one); ``target_blend`` of the dense
     target: str = "pruned"
     target_blend: float = 1.0
+    # with dense targets: refit only the "consumers" of removed channels, or "all" linear layers of the blocks
+    # (the ones that lose nothing too, towards the dense outputs: whole-block reconstruction)
+    refit_scope: str = "consumers"
 
     def resolved(self, has_data: bool) -> ShrinkConfig:
         """The defaults that depend on whether calibration data is given, made explicit."""
@@ -128,6 +132,11 @@ class ShrinkConfig:
             raise GraphpruneError(
                 "`target=dense` refits on the shrunk prefix: it needs `sequential` and the refit"
             )
+        if self.refit_scope not in REFIT_SCOPES:
+            raise GraphpruneError(f"invalid refit scope {self.refit_scope!r}: choose {' or '.join(REFIT_SCOPES)}")
+        if self.refit_scope == "all" and self.target != "dense":
+            raise GraphpruneError("`refit_scope=all` refits the layers that lose nothing towards the dense "
+                                  "outputs: it needs `target=dense`")  # fmt: skip
         if not 0.0 <= self.target_blend <= 1.0:
             raise GraphpruneError(f"invalid `target_blend` {self.target_blend:g}: need 0 <= a <= 1")
         if not 0.0 <= self.damp < 1e6:
@@ -434,7 +443,8 @@ def _one_by_one(rounds: _Rounds, stage: Progress, calibration: CalibrationReques
         rounds.remove([i], [counts[i] if counts is not None else own], scores, moments, dense)
 
     measured = config.method is not StructuredMethod.L2 or config.refit
-    targets = stream_targets(rounds.model, groups) if calibration is not None and measured else None
+    whole = config.refit_scope == "all"
+    targets = stream_targets(rounds.model, groups, whole) if calibration is not None and measured else None
     if targets is None and config.target == "dense":
         raise GraphpruneError(
             "`target=dense` needs calibration data and groups whose weights fall into the model's blocks"
@@ -452,6 +462,7 @@ def _one_by_one(rounds: _Rounds, stage: Progress, calibration: CalibrationReques
             shrink_group,
             lambda done, total: stage(f"block {done} of {total} measured on the shrunk prefix and shrunk"),
             dense=config.target == "dense",
+            refit_rest=(config.damp, config.target_blend) if whole else None,
         )
         rounds.report.warnings += [w for w in warnings if w not in rounds.report.warnings]
         return

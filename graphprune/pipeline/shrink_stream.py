@@ -22,6 +22,9 @@ The dense segments must compute what the dense model computes: they swap every t
 its dense value, the groups' weights, biases and norms, and the consumers' biases, which the refit changes (a zero
 bias is added first where a consumer has none, so that the dense segments see it as zero). Groups that rewrite
 shapes (heads) or depthwise convolutions are not offered.
+
+Whole-block reconstruction (``refit_rest``): the other linear layers of the blocks are refitted towards the dense
+outputs too, level by level (:mod:`graphprune.pipeline.block_refit`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from graphprune.errors import GraphpruneError
 from graphprune.graph.groups import Group
 from graphprune.graph.targets import Target, find_targets
 from graphprune.passes.shrink import add_bias, stored_bias
+from graphprune.pipeline.block_refit import level_groups, lossless_targets, refit_lossless
 from graphprune.pipeline.boundary import BoundaryTensors
 from graphprune.pipeline.dense_targets import DenseStream
 from graphprune.pipeline.sequential import SequentialCalibration, target_groups
@@ -52,14 +56,17 @@ def _weights(group: Group) -> set[str]:
     return {str(s.value.name) for s in group.slots if s.role in ("producer", "consumer")}
 
 
-def stream_targets(model: ir.Model, groups: Sequence[Group]) -> list[Target] | None:
+def stream_targets(model: ir.Model, groups: Sequence[Group], by_level: bool = False) -> list[Target] | None:
     """The groups' producer and consumer weights as the engine's targets, or None when some group's weights are
-    not all targets of one block (the streamed pass could then read a tensor at its width before the shrink)."""
+    not all targets of one block (the streamed pass could then read a tensor at its width before the shrink).
+    ``by_level``: streamed by level (:func:`~graphprune.pipeline.block_refit.level_groups` checks the levels)."""
     found = {t.name: t for t in find_targets(model, include_head=True).targets}
     names = [_weights(g) for g in groups]
     if not all(n <= found.keys() for n in names):
         return None
     targets = [found[name] for name in sorted(set().union(*names))]
+    if by_level:
+        return targets
     block_of = {t.name: b for b, block in enumerate(target_groups(model, targets, "block")) for t in block}
     if any(len({block_of[name] for name in n}) != 1 for n in names):
         return None
@@ -91,10 +98,15 @@ def shrink_streamed(
     shrink_group: ShrinkGroup,
     on_block: Callable[[int, int], None] | None = None,
     dense: bool = False,
+    refit_rest: tuple[float, float] | None = None,
 ) -> list[str]:
     """Run ``model`` block by block over ``calibration``'s data, calling ``shrink_group`` for every group (in
     ``order``) as soon as its block is measured; returns the calibration warnings. With ``dense`` the dense
-    model's stream runs beside, for the refit towards its outputs."""
+    model's stream runs beside, for the refit towards its outputs. ``refit_rest`` (damping, blend; with
+    ``dense``): also refit every linear layer that loses nothing, level by level."""
+    rest = lossless_targets(model, groups) if refit_rest is not None else []
+    names = {t.name for t in targets}
+    targets = [*targets, *(t for t in rest if t.name not in names)]
     batches, warnings = calibration.batches(model)
     providers = resolve_providers(calibration.provider)
     engine = SequentialCalibration(model, batches, providers, gram, "block", on_block, sums=True)
@@ -108,8 +120,12 @@ def shrink_streamed(
         for i in [i for i in pending if {str(s.value.name) for s in groups[i].consumers} <= measured]:
             shrink_group(i, moments_of(stats, groups[i]), _dense_moments(stats, groups[i]) if dense else None)
             pending.remove(i)
+        if refit_rest is not None:  # each once, on the level that first measures it
+            todo = [t for t in block if t.name in unfitted]
+            unfitted.difference_update(refit_lossless(model, todo, stats, *refit_rest))
 
-    engine.run(targets, shrink_block)
+    unfitted = {t.name for t in rest}
+    engine.run(targets, shrink_block, level_groups(model, targets, groups) if refit_rest is not None else None)
     return [*warnings, *engine.warnings]
 
 

@@ -115,12 +115,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--windows", type=int, default=16, help="SmolLM2 calibration windows (reference: 64)")
     parser.add_argument("--heavy", default=None, help="a wrapper every SmolLM2 child runs through")
+    parser.add_argument("--threads", type=int, default=None, help="threads of each child (default: its own)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphprune-issue19-time"))
     parser.add_argument("--json", type=Path, default=HERE / "results" / "issue19_time.json")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     code = snapshot(Path(tempfile.mkdtemp(prefix="code-", dir=args.workdir)))
     env = {**os.environ, "PYTHONPATH": str(code)}  # before the editable install's finder
+    if args.threads:  # CPU seconds then count work, not threads spinning while they wait for a core
+        env.update(
+            {k: str(args.threads) for k in ("GRAPHPRUNE_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        )
     inputs = {
         "minilm": (MINILM, minilm_data(args.workdir / "minilm_calib.npz")) if "minilm" in args.sections else None,
         "smollm2": (SMOLLM2, smollm2_data(args.workdir / f"smollm2_{args.windows}.npz", args.windows)),
@@ -152,6 +157,7 @@ def main() -> None:
                     },
                     "load_average": [round(min(loads), 1), round(max(loads), 1)],
                     "rounds": args.rounds,
+                    "threads": args.threads or "default",
                 }
                 latest = json.loads(args.json.read_text()) if args.json.exists() else {}
                 latest[section] = row

@@ -324,11 +324,12 @@ def gemm_mlp(d: int = 6, hidden: int = 10) -> Net:
 
 
 def residual_stack(
-    d: int = 8, hidden: int = 12, small: int = 1, post_norm: bool = False
+    d: int = 8, hidden: int = 12, small: int = 1, post_norm: bool = False, tokens: bool = False
 ) -> tuple[onnx.ModelProto, dict, object]:
     """Three residual MLP blocks x + relu(x W1) W2 (then LayerNorm when ``post_norm``, as BERT), output 2·x.
 
-    Block ``small``'s branch is nearly zero.
+    Block ``small``'s branch is nearly zero. With ``tokens`` x is ``[b, s, d]``, beside an int64
+    ``attention_mask [b, s]`` that no node reads (the moments' taps do).
     """
     rng = np.random.default_rng(8)
     nodes, inits, weights = [], [init(np.array(2.0, np.float32), "two")], []
@@ -352,7 +353,10 @@ def residual_stack(
             )
         x = f"x{i + 1}"
     nodes.append(helper.make_node("Mul", [x, "two"], ["y"]))
-    model = make_model(nodes, [tensor("x", shape=["b", d])], [tensor("y", shape=["b", d])], inits)
+    dims: list[str | int] = ["b", "s", d] if tokens else ["b", d]
+    inputs = [tensor("x", shape=dims)]
+    inputs += [tensor("attention_mask", TensorProto.INT64, ["b", "s"])] if tokens else []
+    model = make_model(nodes, inputs, [tensor("y", shape=dims)], inits)
 
     def forward(x: np.ndarray, skip: set[int]) -> np.ndarray:
         for i, (w1, w2) in enumerate(weights):

@@ -13,7 +13,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphprune.algorithms.structured import StructuredMethod
-from graphprune.calibration.moments import ChannelTap, collect_moments, token_mask
+from graphprune.calibration.gram_taps import token_mask
+from graphprune.calibration.moments import ChannelTap, collect_moments
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
 from tests.onnx_builders import draw, init, make_model, run, tensor

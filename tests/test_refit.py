@@ -372,11 +372,12 @@ def test_gram_taps_equal_numpy_on_every_nth_row(stride: int) -> None:
 
 @pytest.mark.parametrize("block", [4, 5])
 def test_gram_from_blocks_of_the_upper_triangle_equals_numpy(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import graphprune.calibration.gram_taps as gram_module
     import graphprune.calibration.moments as moments_module
 
     rng = np.random.default_rng(5505)  # this function's own data, whatever ran before
-    monkeypatch.setattr(moments_module, "GRAM_BLOCK", block)  # 12 channels: 3 x 3 blocks of 4, 2 x 2 of 6
-    assert len(moments_module.gram_blocks(12, 17)) == (6 if block == 4 else 3)
+    monkeypatch.setattr(gram_module, "GRAM_BLOCK", block)  # 12 channels: 3 x 3 blocks of 4, 2 x 2 of 6
+    assert len(gram_module.gram_blocks(12, 17)) == (6 if block == 4 else 3)
     net = llama_mlp(hidden=12)
     calib = {"x": rng.standard_normal((4, 10, 8)).astype(np.float32)}
     tap = moments_module.ChannelTap("h", -1, 12, gram=True)

@@ -387,7 +387,7 @@ def test_moments_run_on_a_weightless_session_model_and_equal_numpy() -> None:
     m = ir.from_proto(net.model)
     calib = {"x": draw(rng, 48, 64, scale=1.0)}
     taps = [ChannelTap("g", -1, 256)]
-    with _moment_taps(m, taps, [("x", "y")]) as (plan, _):
+    with _moment_taps(m, taps, [("x", "y")]) as (plan, _, _):
         session = tapped_model(m, plan)
     weight_bytes = sum(v.const_value.nbytes for v in m.graph.initializers.values())  # type: ignore[union-attr]
     assert session.proto.ByteSize() < weight_bytes / 10  # the weights travel as OrtValues, not in the protobuf

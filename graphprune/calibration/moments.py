@@ -11,7 +11,6 @@ the weights handed to ONNX Runtime without a copy (no single protobuf, so no 2 G
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.algorithms.structured import block_influence
+from graphprune.calibration.gram_taps import GramSampling, GramSums, GramTap, gram_tap
 from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.session import Session, values_by_name
@@ -69,13 +69,14 @@ class Moments:
 @contextmanager
 def _moment_taps(
     model: ir.Model, channels: Sequence[ChannelTap], pairs: Sequence[tuple[str, str]]
-) -> Iterator[tuple[TapPlan, list[tuple[str, str | tuple[str, str], str]]]]:
-    """The reductions as a :class:`TapPlan` (connected to the model's values inside the block), and per output
-    what it is: ``(part, tapped tensor or pair, output name)``."""
+) -> Iterator[tuple[TapPlan, list[tuple[str, str | tuple[str, str], str]], dict[str, GramTap]]]:
+    """The reductions as a :class:`TapPlan` (connected to the model's values inside the block), per output what
+    it is: ``(part, tapped tensor or pair, output name)``, and the Gram taps by tapped tensor."""
     values = values_by_name(model.graph)
     plan = TapPlan(taps=[])
     b = TapBuilder(model, values, plan)
     fetch: list[tuple[str, str | tuple[str, str], str]] = []
+    grams: dict[str, GramTap] = {}
 
     def fetched(
         part: str, key: str | tuple[str, str], value: ir.Value, dtype: ir.DataType, shape: list[int]
@@ -101,16 +102,9 @@ def _moment_taps(
             fetched("sum", tap.value, b.reduce_sum(rows, [0]), ir.DataType.FLOAT, [tap.width])
             fetched("sumsq", tap.value, b.reduce_sumsq(rows, [0]), ir.DataType.FLOAT, [tap.width])
             fetched("size", tap.value, b.node("Size", [rows], "size"), ir.DataType.INT64, [])
-            if tap.gram:  # one MatMul in the graph: only the width x width result leaves ONNX Runtime
-                sample = _gram_rows(b, model, tap, values[tap.value], rows, fetched)
-                transposed = b.node("Transpose", [sample], "rows_t", perm=[1, 0])
-                for (r0, r1), (c0, c1) in gram_blocks(tap.width, b.opset):
-                    left, right = transposed, sample
-                    if (r0, r1) != (0, tap.width):  # one block of the upper triangle: X_Rᵀ X_C
-                        left = b.node("Slice", [transposed, *_range(b, r0, r1, 0)], "rows_t_block")
-                        right = b.node("Slice", [sample, *_range(b, c0, c1, 1)], "rows_block")
-                    gram = b.node("MatMul", [left, right], "gram")
-                    fetched(f"gram:{r0}:{c0}", tap.value, gram, ir.DataType.FLOAT, [r1 - r0, c1 - c0])
+            if tap.gram:
+                sampling = GramSampling(tap.gram_stride, tap.pad_stride, triangle=True)
+                grams[tap.value] = gram_tap(b, model, values[tap.value], rows, tap.axis, tap.width, sampling)
         for a, c in pairs:
             b.anchor = values[c]
             xa, xc = float32(values[a]), float32(values[c])
@@ -121,86 +115,10 @@ def _moment_taps(
             ]
             for part, value in zip(("dot", "na", "nb"), terms, strict=True):
                 fetched(part, (a, c), b.reshape(value, [-1]), ir.DataType.FLOAT, [-1])
-        yield plan, fetch
+        yield plan, fetch, grams
     finally:
         for node in plan.nodes:  # the model's values forget their tap uses
             node.resize_inputs(0)
-
-
-def token_mask(model: ir.Model, value: ir.Value) -> ir.Value | None:
-    """The graph input ``attention_mask`` when it provably marks ``value``'s rows: ``value`` is
-    ``[*mask dims, channels]`` with the mask's dimensions (the same symbols or sizes), so its rows in order are the
-    mask's entries in order. Else None (a decoder's mask over past and new tokens has another length)."""
-    mask = next((v for v in model.graph.inputs if v.name == "attention_mask"), None)
-    if mask is None or mask.shape is None or value.shape is None or mask.dtype not in _MASK_TYPES:
-        return None
-    dims, lead = list(mask.shape), list(value.shape)[:-1]
-    known = all(isinstance(d, int) or d.value is not None for d in dims)
-    same = len(lead) == len(dims) and all(a == b for a, b in zip(lead, dims, strict=True))
-    return mask if known and same else None
-
-
-# 1 for a real token, 0 for padding; a float mask may be additive (0 real, -inf padded), so it is never read
-_MASK_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
-Fetch = Callable[[str, str, ir.Value, ir.DataType, list[int]], None]
-
-
-def _gram_rows(
-    b: TapBuilder, model: ir.Model, tap: ChannelTap, value: ir.Value, rows: ir.Value, fetched: Fetch
-) -> ir.Value:
-    """The rows the Gram matrix of ``tap`` is computed from, fetching their Σx and counts where they are not all
-    of ``rows``: strided, and where a token mask marks the rows, the real tokens' and a weighted sample of the
-    padded ones (as many weighted rows as padded ones, in expectation)."""
-    mask = token_mask(model, value) if tap.pad_stride != 1 and tap.axis == -1 and b.opset >= 10 else None
-    if mask is None:
-        if tap.gram_stride == 1 or b.opset < 10:
-            return rows
-        sample = _every(b, rows, tap.gram_stride)
-        fetched("gram_sum", tap.value, b.reduce_sum(sample, [0]), ir.DataType.FLOAT, [tap.width])
-        fetched("gram_size", tap.value, b.node("Size", [sample], "size"), ir.DataType.INT64, [])
-        return sample
-    real = b.reshape(b.node("Cast", [mask], "real", to=ir.DataType.BOOL.value), [-1])
-    fetched("mask_size", tap.value, b.node("Size", [real], "size"), ir.DataType.INT64, [])
-    sample = _every(b, b.node("Compress", [rows, real], "real_rows", axis=0), tap.gram_stride)
-    total = b.reduce_sum(sample, [0])
-    fetched("gram_size", tap.value, b.node("Size", [sample], "size"), ir.DataType.INT64, [])
-    if tap.pad_stride > 1:  # Σ over every n-th padded row, n times: n Σ x (and n x xᵀ, from rows scaled by √n)
-        padded = b.node("Compress", [rows, b.node("Not", [real], "padded")], "padded_rows", axis=0)
-        padded = _every(b, padded, tap.gram_stride * tap.pad_stride)
-        fetched("pad_size", tap.value, b.node("Size", [padded], "size"), ir.DataType.INT64, [])
-        n = float(tap.pad_stride)
-        weighted = b.node("Mul", [b.reduce_sum(padded, [0]), b.array(np.array([n], np.float32), "n")], "weighted")
-        total = b.node("Add", [total, weighted], "sum")
-        scaled = b.node("Mul", [padded, b.array(np.array([np.sqrt(n)], np.float32), "root_n")], "scaled")
-        sample = b.node("Concat", [sample, scaled], "rows", axis=0)
-    fetched("gram_sum", tap.value, total, ir.DataType.FLOAT, [tap.width])
-    return sample
-
-
-def _every(b: TapBuilder, rows: ir.Value, stride: int) -> ir.Value:
-    if stride == 1:
-        return rows
-    step = [b.const([0], "starts"), b.const([2**62], "ends"), b.const([0], "axes"), b.const([stride], "steps")]
-    return b.node("Slice", [rows, *step], "rows")
-
-
-GRAM_BLOCK = 384  # Gram matrices wider than twice this are computed as blocks of the upper triangle
-
-
-def gram_blocks(width: int, opset: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """The ``(rows, columns)`` ranges of the blocks of ``XᵀX`` to compute: the whole matrix, or for a wide one the
-    blocks on and above the diagonal of an n x n tiling (the others are their transposes): n(n+1)/2 of n² blocks,
-    5/8 of the multiply-adds at n = 4."""
-    n = width // GRAM_BLOCK if opset >= 10 else 1
-    if n < 2:
-        return [((0, width), (0, width))]
-    edges = [width * i // n for i in range(n + 1)]
-    spans = list(itertools.pairwise(edges))
-    return [(spans[i], spans[j]) for i in range(n) for j in range(i, n)]
-
-
-def _range(b: TapBuilder, start: int, end: int, axis: int) -> list[ir.Value]:
-    return [b.const([start], "starts"), b.const([end], "ends"), b.const([axis], "axes")]
 
 
 def collect_moments(
@@ -215,40 +133,29 @@ def collect_moments(
     The model is cut after its last tapped tensor and handed to ONNX Runtime without a copy of its weights (as
     :func:`graphprune.calibration.run.calibrate` does), so models past protobuf's 2 GB limit work too."""
     feeds = request.open(model)
-    with _moment_taps(model, channels, pairs) as (plan, fetch):
+    with _moment_taps(model, channels, pairs) as (plan, fetch, gram_taps):
         session = Session(tapped_model(model, plan), resolve_providers(request.provider), request.optimize)
     out = Moments(warnings=list(feeds.source.warnings))
-    names = [name for _, _, name in fetch]
-    mirrored: set[tuple[str, int, int, int, int]] = set()
-    seen = batch_rows = 0
-    strides = {tap.value: tap.pad_stride for tap in channels}
+    names = plan.output_names
+    grams = {key: GramSums(tap) for key, tap in gram_taps.items()}
+    seen = 0
     for label, feed in feeds:
-        results = session.run(names, feed, label)
+        results = dict(zip(names, session.run(names, feed, label), strict=True))
         pending: dict[tuple[str, str], list[np.ndarray]] = {}
-        for (part, key, _), array in zip(fetch, results, strict=True):
+        batch_rows: dict[str, int] = {}
+        for part, key, name in fetch:
+            array = results[name]
             if isinstance(key, tuple):  # a pair's dot and norms
                 pending.setdefault(key, []).append(array.astype(np.float64))
             elif part == "sum":
                 out.sums[key] = out.sums.get(key, 0) + array.astype(np.float64)
             elif part == "sumsq":
                 out.sumsq[key] = out.sumsq.get(key, 0) + array.astype(np.float64)
-            elif part.startswith("gram:"):  # a block on or above the diagonal, at its offsets
-                r0, c0 = (int(v) for v in part.split(":")[1:])
-                if key not in out.grams:
-                    out.grams[key] = np.zeros((len(out.sums[key]),) * 2)  # "sum" is fetched before the blocks
-                out.grams[key][r0 : r0 + array.shape[0], c0 : c0 + array.shape[1]] += array
-                if r0 != c0:
-                    mirrored.add((key, r0, r0 + array.shape[0], c0, c0 + array.shape[1]))
-            elif part == "gram_sum":
-                out.gram_sums[key] = out.gram_sums.get(key, 0) + array.astype(np.float64)
-            elif part == "mask_size" and int(array) != batch_rows:  # its tensor's "size" came before
-                raise GraphpruneError(f"tensor {key}: {batch_rows} rows, {int(array)} attention-mask values")
-            elif part in ("gram_size", "pad_size"):  # padded rows count n times each
-                weight = strides[key] if part == "pad_size" else 1
-                out.gram_rows[key] = out.gram_rows.get(key, 0) + weight * int(array) // len(out.sums[key])
             elif part == "size":
-                batch_rows = int(array) // len(out.sums[key])
-                out.rows[key] = out.rows.get(key, 0) + batch_rows
+                batch_rows[key] = int(array) // len(out.sums[key])  # "sum" is fetched before "size"
+                out.rows[key] = out.rows.get(key, 0) + batch_rows[key]
+        for key, sums in grams.items():
+            sums.add(results, batch_rows[key])
         for pair, terms in pending.items():
             out.pair_terms.setdefault(pair, []).append(terms)
         seen += 1
@@ -256,8 +163,10 @@ def collect_moments(
             on_batch(seen)
     if not seen:
         raise GraphpruneError("the calibration data is empty")
-    for key, r0, r1, c0, c1 in mirrored:  # the blocks below the diagonal are the transposes of those above
-        out.grams[key][c0:c1, r0:r1] = out.grams[key][r0:r1, c0:c1].T
+    for key, sums in grams.items():
+        out.grams[key], total, rows = sums.result()
+        if total is not None and rows is not None:  # the Gram's own rows: strided or sampled by the token mask
+            out.gram_sums[key], out.gram_rows[key] = total, rows
     refuse_non_finite({**out.sums, **out.sumsq})  # NaN scores would choose the channels at random
     flat = {f"{a} and {b}": [np.ravel(x) for batch in t for x in batch] for (a, b), t in out.pair_terms.items()}
     refuse_non_finite({pair: np.concatenate(arrays) for pair, arrays in flat.items()})

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from graphprune.calibration.gram_taps import GramSums
 from graphprune.calibration.model_file import open_model
 from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
@@ -96,16 +97,18 @@ class Accumulator:
         self.index = {name: i for i, name in enumerate(plan.output_names)}
         self.sumsq = [np.zeros(t.k, dtype=np.float64) for t in plan.taps]
         self.rows = [0 for _ in plan.taps]
-        self.gram = [np.zeros((t.k, t.k), dtype=np.float64) if t.gram_output else None for t in plan.taps]
+        self.gram = [GramSums(t.gram) if t.gram else None for t in plan.taps]
         self.sums = [np.zeros(t.k, dtype=np.float64) if t.sum_output else None for t in plan.taps]
 
     def add(self, outputs: Sequence[np.ndarray]) -> None:
+        named = dict(zip(self.plan.output_names, outputs, strict=True))
         for i, tap in enumerate(self.plan.taps):
             self.sumsq[i] += outputs[self.index[tap.sumsq_output]]
-            self.rows[i] += int(outputs[self.index[tap.size_output]]) // tap.k
+            rows = int(outputs[self.index[tap.size_output]]) // tap.k
+            self.rows[i] += rows
             g = self.gram[i]
-            if g is not None and tap.gram_output is not None:
-                g += outputs[self.index[tap.gram_output]]
+            if g is not None:
+                g.add(named, rows)
             s = self.sums[i]
             if s is not None and tap.sum_output is not None:
                 s += outputs[self.index[tap.sum_output]]
@@ -119,13 +122,22 @@ class Accumulator:
         rows: dict[str, int] = {}
         gram: dict[str, np.ndarray] = {}
         sums: dict[str, np.ndarray] = {}
+        gram_sums: dict[str, np.ndarray] = {}
+        gram_rows: dict[str, int] = {}
+        done = [None if g is None else g.result() for g in self.gram]
         for t in targets:
             idx = reads.get(t.name, [])
             sumsq[t.name] = sum((self.sumsq[i] for i in idx), np.zeros(t.k, dtype=np.float64))
             rows[t.name] = sum(self.rows[i] for i in idx)
-            grams = [g for i in idx if (g := self.gram[i]) is not None]
+            grams = [g for i in idx if (g := done[i]) is not None]
             if grams and len(grams) == len(idx):
-                gram[t.name] = grams[0] if len(grams) == 1 else sum(grams[1:], grams[0].copy())
+                gram[t.name] = (
+                    grams[0][0] if len(grams) == 1 else sum((g[0] for g in grams[1:]), grams[0][0].copy())
+                )
+                sampled = [(total, n) for _, total, n in grams if total is not None and n is not None]
+                if len(sampled) == len(grams):  # the Gram's own rows: strided, or sampled by the token mask
+                    gram_sums[t.name] = sum((total for total, _ in sampled), np.zeros(t.k))
+                    gram_rows[t.name] = sum(n for _, n in sampled)
             parts = [s for i in idx if (s := self.sums[i]) is not None]
             if parts and len(parts) == len(idx):
                 sums[t.name] = sum(parts[1:], parts[0].copy())
@@ -138,6 +150,8 @@ class Accumulator:
             gram=gram,
             warnings=warnings,
             sums=sums,
+            gram_sums=gram_sums,
+            gram_rows=gram_rows,
         )
 
 

@@ -59,6 +59,10 @@ class ActivationStats:
     cross: dict[str, np.ndarray] = field(default_factory=dict)  # Σ x_denseᵀ x [K, K] (dense targets; not saved)
     sums: dict[str, np.ndarray] = field(default_factory=dict)  # Σx [K] where asked for (shrink; not saved)
     dense_sums: dict[str, np.ndarray] = field(default_factory=dict)  # Σ x_dense [K] beside ``cross`` (not saved)
+    # where the Gram matrix is from a sample of the rows (shrink's strided or padded rows): the sample's Σx and
+    # row count, the refit's mean (not saved)
+    gram_sums: dict[str, np.ndarray] = field(default_factory=dict)
+    gram_rows: dict[str, int] = field(default_factory=dict)
 
     def __contains__(self, name: object) -> bool:
         return name in self.sumsq

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from graphprune.calibration.gram_taps import ALL_ROWS, GramSampling, GramTap, gram_tap
 from graphprune.calibration.session import (
     SessionModel,
     cut,
@@ -40,7 +41,7 @@ class Tap:
     k: int
     sumsq_output: str  # float32 [K]
     size_output: str  # int64 scalar: number of elements of ``activation``; rows = size / K
-    gram_output: str | None  # float32 [K, K], when asked for and possible
+    gram: GramTap | None  # Σ x xᵀ [K, K] (and its rows' Σx and count where sampled), when asked for and possible
     targets: tuple[str, ...]  # one entry per consumer that reads this activation along this axis
     sum_output: str | None = None  # float32 [K]: Σx per channel, when asked for (the refit's bias needs E[x])
 
@@ -160,11 +161,13 @@ def plan_taps(
     gram: bool = False,
     types: Mapping[str, tuple[int, int | None]] | None = None,
     sums: bool = False,
+    sampling: GramSampling = ALL_ROWS,
 ) -> Iterator[TapPlan]:
     """The taps for ``targets``, connected to the model's values for the duration of the block.
 
     ``types`` is :func:`value_types` of the model when the caller has it (sequential calibration plans many);
-    ``sums`` adds Σx per channel (with ``gram``, the refit of ``shrink`` solves the bias from it).
+    ``sums`` adds Σx per channel (with ``gram``, the refit of ``shrink`` solves the bias from it); ``sampling``:
+    the rows of the Gram matrices (``shrink``'s options; every row for ``apply``).
     """
     graph = model.graph
     values = values_by_name(graph)
@@ -203,7 +206,7 @@ def plan_taps(
             sumsq = _sumsq(b, x, axis, rank, k)
             b.output(sumsq, ir.DataType.FLOAT, [k])
             rows = as_rows(b, x, axis, rank, k) if gram or sums else None
-            sum_out = gram_out = None
+            sum_out, gram_out = None, None
             if sums and rows is not None:
                 sum_out = b.reduce_sum(rows, [0])
                 b.output(sum_out, ir.DataType.FLOAT, [k])
@@ -213,8 +216,7 @@ def plan_taps(
                         f"no Gram for {activation!r}: its rank is unknown and K is not its last axis"
                     )
                 else:
-                    gram_out = b.node("MatMul", [b.node("Transpose", [rows], "rows_t", perm=[1, 0]), rows], "gram")
-                    b.output(gram_out, ir.DataType.FLOAT, [k, k])
+                    gram_out = gram_tap(b, model, values[activation], rows, axis, k, sampling)
             plan.taps.append(
                 Tap(
                     activation=activation,
@@ -222,7 +224,7 @@ def plan_taps(
                     k=k,
                     sumsq_output=str(sumsq.name),
                     size_output=str(sizes[activation].name),
-                    gram_output=_name(gram_out),
+                    gram=gram_out,
                     targets=tuple(names),
                     sum_output=_name(sum_out),
                 )

@@ -87,7 +87,7 @@ def refit_lossless(
         name = t.name
         if name not in stats.gram or name not in stats.cross:
             continue
-        rows = stats.rows[name]
+        rows = stats.gram_rows.get(name, stats.rows[name])  # the Gram matrix's own rows where they are sampled
         gram = np.asarray(stats.gram[name], np.float64) / rows
         cross, _ = moments_from_sums(stats.cross[name], np.zeros(gram.shape[0]), rows)
         value = stored[name]

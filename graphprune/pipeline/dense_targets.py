@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from graphprune.calibration.gram_taps import sample_rows
 from graphprune.calibration.session import Session, cut, outer_reads, session_model, values_by_name
 from graphprune.calibration.taps import Tap, TapBuilder, TapPlan, as_rows
 from graphprune.graph.stored import replace_tensor, stored_tensor, stored_values
@@ -80,7 +81,7 @@ class DenseStream:
         b.taken.update(str(v.name) for v in plan.constants)
         self._taps, self._feeds, carriers, self._dense_sum_outputs = [], {}, {}, []
         for tap in plan.taps:
-            if tap.gram_output is None:
+            if tap.gram is None:
                 continue
             elem_type, rank = types.get(tap.activation, (onnx.TensorProto.UNDEFINED, None))
             if elem_type == onnx.TensorProto.UNDEFINED:
@@ -93,11 +94,20 @@ class DenseStream:
             dense_rows = rows_matrix(b, dense, elem_type, tap.axis, rank, tap.k)
             if pruned_rows is None or dense_rows is None:
                 continue  # rank unknown and K not last: plan_taps has warned that it has no Gram either
+            # the rows of the Gram matrix, from both tensors (shapes alike): the cross terms pair the same rows
+            pruned, dense_sample = (
+                sample_rows(b, model, values[tap.activation], rows, tap.axis, tap.gram.sampling)
+                for rows in (pruned_rows, dense_rows)
+            )
             cross = b.node(
-                "MatMul", [b.node("Transpose", [dense_rows], "dense_t", perm=[1, 0]), pruned_rows], "cross"
+                "MatMul",
+                [b.node("Transpose", [dense_sample.rows], "dense_t", perm=[1, 0]), pruned.rows],
+                "cross",
             )
             b.output(cross, ir.DataType.FLOAT, [tap.k, tap.k])
-            dense_sum = b.reduce_sum(dense_rows, [0])
+            dense_sum = dense_sample.total
+            if dense_sum is None:  # every row
+                dense_sum = b.reduce_sum(dense_sample.rows, [0])
             b.output(dense_sum, ir.DataType.FLOAT, [tap.k])
             self._taps.append((tap, str(cross.name)))
             self._dense_sum_outputs.append(str(dense_sum.name))

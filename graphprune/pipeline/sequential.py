@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from graphprune.calibration.gram_taps import ALL_ROWS, GramSampling
 from graphprune.calibration.run import Accumulator
 from graphprune.calibration.session import Session, cut, values_by_name
 from graphprune.calibration.stats import ActivationStats
@@ -153,6 +154,7 @@ class SequentialCalibration:
     rerun_pruned: bool = True
     dense: DenseStream | None = None  # dense targets: the dense model's stream and the cross-Gram taps
     sums: bool = False  # also Σx per channel (shrink's refit solves the bias from the mean)
+    sampling: GramSampling = ALL_ROWS  # the rows of the Gram matrices (shrink's strided or padded rows)
 
     def run(
         self, targets: Sequence[Target], prune_group: PruneGroup, groups: Sequence[list[Target]] | None = None
@@ -191,7 +193,7 @@ class SequentialCalibration:
 
     def _calibrate(self, group: list[Target]) -> ActivationStats:
         group_nodes = {node for node, (t, _) in self._consumers.items() if t in group}
-        with plan_taps(self.model, group, self.gram, self._types, self.sums) as plan:
+        with plan_taps(self.model, group, self.gram, self._types, self.sums, self.sampling) as plan:
             self.warnings.extend(plan.warnings)
             wanted = [
                 v for node in plan.nodes for v in node.inputs if v is not None and v.producer() not in plan.nodes

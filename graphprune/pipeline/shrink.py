@@ -26,6 +26,7 @@ from graphprune.algorithms.allocation import allocate
 from graphprune.algorithms.dense_target import blended_cross
 from graphprune.algorithms.refit import greedy_costs, moments_from_sums, refit
 from graphprune.algorithms.structured import StructuredMethod
+from graphprune.calibration.gram_taps import GramSampling
 from graphprune.calibration.moments import ChannelTap, Moments, collect_moments
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.errors import GraphpruneError
@@ -463,6 +464,7 @@ def _one_by_one(rounds: _Rounds, stage: Progress, calibration: CalibrationReques
             lambda done, total: stage(f"block {done} of {total} measured on the shrunk prefix and shrunk"),
             dense=config.target == "dense",
             refit_rest=(config.damp, config.target_blend) if whole else None,
+            sampling=GramSampling(config.gram_stride, config.pad_stride, triangle=True),
         )
         rounds.report.warnings += [w for w in warnings if w not in rounds.report.warnings]
         return

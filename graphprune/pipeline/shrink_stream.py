@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from graphprune.calibration.gram_taps import ALL_ROWS, GramSampling
 from graphprune.calibration.moments import Moments
 from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
@@ -85,6 +86,8 @@ def moments_of(stats: ActivationStats, group: Group) -> Moments:
         )
         if weight in stats.gram:
             out.grams[name] = stats.gram[weight]
+        if weight in stats.gram_sums:  # the Gram matrix's own rows (strided or padded ones sampled)
+            out.gram_sums[name], out.gram_rows[name] = stats.gram_sums[weight], stats.gram_rows[weight]
     return out
 
 
@@ -99,17 +102,21 @@ def shrink_streamed(
     on_block: Callable[[int, int], None] | None = None,
     dense: bool = False,
     refit_rest: tuple[float, float] | None = None,
+    sampling: GramSampling = ALL_ROWS,
 ) -> list[str]:
     """Run ``model`` block by block over ``calibration``'s data, calling ``shrink_group`` for every group (in
     ``order``) as soon as its block is measured; returns the calibration warnings. With ``dense`` the dense
     model's stream runs beside, for the refit towards its outputs. ``refit_rest`` (damping, blend; with
-    ``dense``): also refit every linear layer that loses nothing, level by level."""
+    ``dense``): also refit every linear layer that loses nothing, level by level. ``sampling``: the Gram
+    matrices' rows."""
     rest = lossless_targets(model, groups) if refit_rest is not None else []
     names = {t.name for t in targets}
     targets = [*targets, *(t for t in rest if t.name not in names)]
     batches, warnings = calibration.batches(model)
     providers = resolve_providers(calibration.provider)
-    engine = SequentialCalibration(model, batches, providers, gram, "block", on_block, sums=True)
+    engine = SequentialCalibration(
+        model, batches, providers, gram, "block", on_block, sums=True, sampling=sampling
+    )
     if dense:
         also = _kept_dense(model, groups, {t.name for t in targets})
         engine.dense = DenseStream(model, targets, providers, BoundaryTensors(), also)

@@ -1,5 +1,5 @@
 """The shrink benchmarks' names for configurations: ``METHOD[+refit][+global][+gramN][+padN][+byMETHOD][+dampX]
-[+minX][+maxX][+seq][+dense][+blendX]`` (``flap+refit+global``).
+[+minX][+maxX][+seq][+dense][+blendX][+stepsN][+roundN]`` (``flap+refit+global``).
 
 Without ``+refit`` the consumers get only what the method itself does (flap's bias fold); without ``+global`` every
 group loses the same ratio (uniform); ``+gram4`` measures the Gram matrices on every 4th row,
@@ -8,7 +8,8 @@ the global budget by flap's scores while METHOD chooses the units inside each gr
 damping, ``+min0.1``/``+max0.5`` global allocation's least and most per group; ``+error`` allocates globally on the
 raw scores (not standardised); ``+seq`` shrinks group by group on the already shrunk prefix (``sequential``,
 streamed block by block when the benchmark passes its calibration data); ``+dense`` refits towards the dense
-model's outputs (with ``+seq``), ``+blend0.5`` the dense outputs' share of that target.
+model's outputs (with ``+seq``), ``+blend0.5`` the dense outputs' share of that target; ``+steps2`` shrinks in two
+calibrated rounds, ``+round16`` leaves a multiple of 16 units in every group.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) 
     method, *flags = text.split("+")
     valued = {"gram": ("gram_stride", int), "pad": ("pad_stride", int), "by": ("allocate_by", StructuredMethod),
               "damp": ("damp", float), "min": ("ratio_min", float), "max": ("ratio_max", float),
-              "blend": ("target_blend", float)}  # fmt: skip
+              "blend": ("target_blend", float), "steps": ("steps", int), "round": ("round_to", int)}  # fmt: skip
     for flag in flags:
         if flag in ("refit", "global", "error", "seq", "dense"):
             continue

@@ -6,10 +6,12 @@ Calibrates on 64 Brown calibration paragraphs, then compares on 64 held-out para
 of them seen in calibration): mean cosine of the shrunk model's sentence embeddings to the dense ones, how many
 stay nearest their own paragraph, and ONNX Runtime CPU latency of the whole batch, dense and shrunk alternately
 in one process, every variant in turn (medians, with the CPU seconds of those runs and the load average around
-them; ``--repeats 0`` skips the latency). ``--split`` also scores every variant on paragraphs 513-576 of the
-*calibration* text (never calibrated on with up to 512 calibration paragraphs): the split settings are chosen
-on, so that the held-out paragraphs are only reported. ``--unpadded`` calibrates on each paragraph's real
-tokens alone (no padded position in the statistics).
+them; ``--repeats 0`` skips the latency). ``--split`` also scores every variant on two splits of the *calibration*
+text that it never calibrates on (up to 512 calibration paragraphs): ``near``, paragraphs 513-576 (news, the
+calibration paragraphs' own genre), and ``spread``, 64 paragraphs evenly spaced over paragraphs 1025 to the end
+(every genre of the calibration text, as the held-out paragraphs are of another genre than the calibration ones).
+Settings are chosen on a split, so that the held-out paragraphs are only reported. ``--unpadded`` calibrates on
+each paragraph's real tokens alone (no padded position in the statistics).
 Default model: paraphrase-MiniLM-L3-v2 from PyPI; all-MiniLM-L6-v2 is exported (mean pooling included) by
 ``benchmarks/export_all_minilm_l6.py``:
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -121,7 +124,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="shrink in this many calibrated rounds")
     parser.add_argument("--sequential", action="store_true", help="one group at a time on the shrunk prefix")
     parser.add_argument("--damp", type=float, default=0.1, help="the refit's and obs's damping")
-    parser.add_argument("--split", action="store_true", help="also score on calibration paragraphs 513-576")
+    parser.add_argument("--split", action="store_true", help="also score on the near and spread splits")
     parser.add_argument("--unpadded", action="store_true", help="calibrate on each paragraph's real tokens only")
     parser.add_argument(
         "--variants", nargs="*", default=["flap", "flap+refit", "obs+refit", "obs+refit+global"], help="see below"
@@ -137,6 +140,13 @@ def main() -> None:
         help="instead: shrink with every variant in turn, this many rounds in this process; CPU seconds each",
     )
     parser.add_argument("--calib-paragraphs", type=int, default=64, help="calibration paragraphs (default 64)")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="copy each shrunk model to DIR/NAME_PARAGRAPHS.onnx (as the latency "
+        "benchmark names them: it then times those files)",
+    )
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -149,8 +159,13 @@ def main() -> None:
 
     calib = feeds(tokenizer, paragraphs(calibration, args.calib_paragraphs))
     if args.split and args.calib_paragraphs > 512:
-        parser.error("--split scores on calibration paragraphs 513-576: calibrate on at most 512")
-    split = feeds(tokenizer, paragraphs(calibration, 576)[512:]) if args.split else None
+        parser.error("--split scores on calibration paragraphs from 513 on: calibrate on at most 512")
+    rest = paragraphs(calibration, 10**9)[1024:]
+    splits = {
+        "near": feeds(tokenizer, paragraphs(calibration, 576)[512:]),
+        "spread": feeds(tokenizer, rest[:: len(rest) // 64][:64]),
+    }
+    splits = splits if args.split else {}
     held = feeds(tokenizer, paragraphs(heldout))
     if args.time_rounds:
         timings(model, calib, args)
@@ -173,7 +188,7 @@ def main() -> None:
         return e / np.linalg.norm(e, axis=-1, keepdims=True)
 
     dense = embed(sessions["dense"], held)
-    dense_split = embed(sessions["dense"], split) if split is not None else None
+    dense_splits = {k: embed(sessions["dense"], batch) for k, batch in splits.items()}
     if args.unpadded:  # every paragraph alone, its real tokens only: no padded position in the statistics
         lengths = calib["attention_mask"].sum(axis=1)
         calib = [{k: v[i : i + 1, : lengths[i]] for k, v in calib.items()} for i in range(len(lengths))]
@@ -185,12 +200,16 @@ def main() -> None:
             config = variant(text, args.ratio, ("mlp", "heads"), steps=args.steps, damp=args.damp)
             wall, cpu = time.perf_counter(), time.process_time()
             _, report = shrink_file(model, config, path, calibration=CalibrationRequest(data=calib, batch_size=16))
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, args.keep / f"{name}_{args.calib_paragraphs}.onnx")
             cost = _since(wall, cpu)
             sessions[name] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             e = embed(sessions[name], held)
-            on_split = None
-            if split is not None and dense_split is not None:
-                on_split = round(float((dense_split * embed(sessions[name], split)).sum(-1).mean()), 4)
+            on_split = {
+                f"{k}_mean_cosine": round(float((dense_splits[k] * embed(sessions[name], b)).sum(-1).mean()), 4)
+                for k, b in splits.items()
+            }
             cosine = (dense * e).sum(axis=-1)
             nearest = np.argmax(e @ dense.T, axis=1) == np.arange(len(cosine))
             row = {
@@ -203,7 +222,7 @@ def main() -> None:
                 "min_cosine": round(float(cosine.min()), 4),
                 "nearest_own_paragraph": f"{int(nearest.sum())}/{len(nearest)}",
                 "shrink": cost,
-                **({"split_mean_cosine": on_split} if on_split is not None else {}),
+                **on_split,
                 "parameters_before": report.parameters_before,
                 "parameters_after": report.parameters_after,
                 "file_smaller": round(1 - path.stat().st_size / Path(model).stat().st_size, 4),

@@ -2,8 +2,8 @@
 the ``--allocate error`` recipe; names as benchmarks/shrink_variants.py), calibrated on each of ``--counts`` Brown
 paragraphs (default 64 and 256): the models are written once to ``--dir``, then the dense model and
 each shrunk one run the 64 x 128 held-out batch in turn (``--repeats`` rounds, one ONNX Runtime thread, so that
-CPU seconds count work on a loaded machine): median wall and CPU seconds, each model's speed-up over the dense one,
-and its mean cosine.
+CPU seconds count work on a loaded machine): median wall and CPU seconds, each model's speed-up over the dense one
+(also the median of the per-round ratios, paired), and its mean cosine.
 
     nice -n 10 python benchmarks/shrink_minilm_latency.py --repeats 21 \\
         --json benchmarks/results/shrink_all_minilm_l6_refit_latency.json
@@ -90,6 +90,11 @@ def main() -> None:
             "median_cpu_s": round(statistics.median(cpu[k]), 3),
             "speedup_wall": round(w0 / statistics.median(wall[k]), 3),
             "speedup_cpu": round(c0 / statistics.median(cpu[k]), 3),
+            # each round's dense CPU seconds over this model's in the same round: a load that drifts between
+            # rounds cancels in the ratio
+            "speedup_cpu_paired": round(
+                statistics.median([d / m for d, m in zip(cpu["dense"], cpu[k], strict=True)]), 3
+            ),
         }
         for k in sessions
     }

@@ -88,7 +88,7 @@ def shrink(
             help="Leave a multiple of N channels in every group (the ratio rounded to the nearest such count): N "
             "neurons or filters (groups of N or fewer stay whole), any number of heads whose head_dim N divides. "
             "ONNX Runtime's CPU convolutions use their fast blocked layout only when channel counts are multiples "
-            "of 8 (16 with AVX-512); MLP MatMuls of odd widths cost a few percent more. Example: --round-to 8"
+            "of 8 (16 with AVX-512); MLP MatMuls of odd widths can cost a few percent more. Example: --round-to 8"
         ),
     ] = 1,
     sequential: Annotated[

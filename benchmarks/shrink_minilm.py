@@ -6,7 +6,12 @@ Calibrates on 64 Brown calibration paragraphs, then compares on 64 held-out para
 of them seen in calibration): mean cosine of the shrunk model's sentence embeddings to the dense ones, how many
 stay nearest their own paragraph, and ONNX Runtime CPU latency of the whole batch, dense and shrunk alternately
 in one process, every variant in turn (medians, with the CPU seconds of those runs and the load average around
-them). ``--unpadded`` calibrates on each paragraph's real tokens alone (no padded position in the statistics).
+them; ``--repeats 0`` skips the latency). ``--split`` also scores every variant on two splits of the *calibration*
+text that it never calibrates on (up to 512 calibration paragraphs): ``near``, paragraphs 513-576 (news, the
+calibration paragraphs' own genre), and ``spread``, 64 paragraphs evenly spaced over paragraphs 1025 to the end
+(every genre of the calibration text, as the held-out paragraphs are of another genre than the calibration ones).
+Settings are chosen on a split, so that the held-out paragraphs are only reported. ``--unpadded`` calibrates on
+each paragraph's real tokens alone (no padded position in the statistics).
 Default model: paraphrase-MiniLM-L3-v2 from PyPI; all-MiniLM-L6-v2 is exported (mean pooling included) by
 ``benchmarks/export_all_minilm_l6.py``:
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -118,6 +124,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="shrink in this many calibrated rounds")
     parser.add_argument("--sequential", action="store_true", help="one group at a time on the shrunk prefix")
     parser.add_argument("--damp", type=float, default=0.1, help="the refit's and obs's damping")
+    parser.add_argument("--split", action="store_true", help="also score on the near and spread splits")
     parser.add_argument("--unpadded", action="store_true", help="calibrate on each paragraph's real tokens only")
     parser.add_argument(
         "--variants", nargs="*", default=["flap", "flap+refit", "obs+refit", "obs+refit+global"], help="see below"
@@ -133,6 +140,13 @@ def main() -> None:
         help="instead: shrink with every variant in turn, this many rounds in this process; CPU seconds each",
     )
     parser.add_argument("--calib-paragraphs", type=int, default=64, help="calibration paragraphs (default 64)")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="copy each shrunk model to DIR/NAME_PARAGRAPHS.onnx (as the latency "
+        "benchmark names them: it then times those files)",
+    )
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -144,6 +158,14 @@ def main() -> None:
         return [p for p in text.split("\n\n") if len(p) > 80][:count]
 
     calib = feeds(tokenizer, paragraphs(calibration, args.calib_paragraphs))
+    if args.split and args.calib_paragraphs > 512:
+        parser.error("--split scores on calibration paragraphs from 513 on: calibrate on at most 512")
+    rest = paragraphs(calibration, 10**9)[1024:]
+    splits = {
+        "near": feeds(tokenizer, paragraphs(calibration, 576)[512:]),
+        "spread": feeds(tokenizer, rest[:: len(rest) // 64][:64]),
+    }
+    splits = splits if args.split else {}
     held = feeds(tokenizer, paragraphs(heldout))
     if args.time_rounds:
         timings(model, calib, args)
@@ -160,8 +182,13 @@ def main() -> None:
         args.json.write_text(json.dumps(table, indent=1) + "\n")
         return
     sessions = {"dense": ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])}
-    (dense,) = sessions["dense"].run([args.output], held)
-    dense = dense / np.linalg.norm(dense, axis=-1, keepdims=True)
+
+    def embed(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> np.ndarray:
+        (e,) = session.run([args.output], batch)
+        return e / np.linalg.norm(e, axis=-1, keepdims=True)
+
+    dense = embed(sessions["dense"], held)
+    dense_splits = {k: embed(sessions["dense"], batch) for k, batch in splits.items()}
     if args.unpadded:  # every paragraph alone, its real tokens only: no padded position in the statistics
         lengths = calib["attention_mask"].sum(axis=1)
         calib = [{k: v[i : i + 1, : lengths[i]] for k, v in calib.items()} for i in range(len(lengths))]
@@ -169,15 +196,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="graphprune-shrink-minilm-") as tmp:
         for name in args.variants:
             path = Path(tmp) / f"{name}.onnx"
-            config = variant(
-                name, args.ratio, ("mlp", "heads"), steps=args.steps, sequential=args.sequential, damp=args.damp
-            )
+            text = name + ("+seq" if args.sequential and "+seq" not in name else "")
+            config = variant(text, args.ratio, ("mlp", "heads"), steps=args.steps, damp=args.damp)
             wall, cpu = time.perf_counter(), time.process_time()
             _, report = shrink_file(model, config, path, calibration=CalibrationRequest(data=calib, batch_size=16))
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, args.keep / f"{name}_{args.calib_paragraphs}.onnx")
             cost = _since(wall, cpu)
             sessions[name] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            (e,) = sessions[name].run([args.output], held)
-            e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+            e = embed(sessions[name], held)
+            on_split = {
+                f"{k}_mean_cosine": round(float((dense_splits[k] * embed(sessions[name], b)).sum(-1).mean()), 4)
+                for k, b in splits.items()
+            }
             cosine = (dense * e).sum(axis=-1)
             nearest = np.argmax(e @ dense.T, axis=1) == np.arange(len(cosine))
             row = {
@@ -190,6 +222,7 @@ def main() -> None:
                 "min_cosine": round(float(cosine.min()), 4),
                 "nearest_own_paragraph": f"{int(nearest.sum())}/{len(nearest)}",
                 "shrink": cost,
+                **on_split,
                 "parameters_before": report.parameters_before,
                 "parameters_after": report.parameters_after,
                 "file_smaller": round(1 - path.stat().st_size / Path(model).stat().st_size, 4),
@@ -206,8 +239,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
                 cpu_times[name] += time.process_time() - c
         load_after = os.getloadavg()[0]
-    dense_s = statistics.median(times["dense"])
-    for row in rows:
+    dense_s = statistics.median(times["dense"]) if args.repeats else float("nan")
+    for row in rows if args.repeats else []:
         row["latency_s"] = round(statistics.median(times[row["variant"]]), 4)
         row["speedup"] = round(dense_s / row["latency_s"], 3)
         row["runs_cpu_s"] = round(cpu_times[row["variant"]], 1)
@@ -220,7 +253,7 @@ def main() -> None:
         "damp": args.damp,
         "batch": list(held["input_ids"].shape),
         "repeats": args.repeats,
-        "latency_dense_s": round(dense_s, 4),
+        "latency_dense_s": round(dense_s, 4) if args.repeats else None,
         "runs_cpu_s_dense": round(cpu_times["dense"], 1),
         "load_average": [round(load_before, 2), round(load_after, 2)],
         "variants": rows,

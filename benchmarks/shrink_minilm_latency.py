@@ -1,8 +1,9 @@
-"""all-MiniLM-L6 shrunk by a quarter (MLP neurons and heads) with the uniform and the ``--allocate error`` recipe,
-calibrated on 64 and on 256 Brown paragraphs: the models are written once to ``--dir``, then the dense model and
+"""all-MiniLM-L6 shrunk by a quarter (MLP neurons and heads) with each of ``--variants`` (default: the uniform and
+the ``--allocate error`` recipe; names as benchmarks/shrink_variants.py), calibrated on each of ``--counts`` Brown
+paragraphs (default 64 and 256): the models are written once to ``--dir``, then the dense model and
 each shrunk one run the 64 x 128 held-out batch in turn (``--repeats`` rounds, one ONNX Runtime thread, so that
-CPU seconds count work on a loaded machine): median wall and CPU seconds, each model's speed-up over the dense one,
-and its mean cosine.
+CPU seconds count work on a loaded machine): median wall and CPU seconds, each model's speed-up over the dense one
+(also the median of the per-round ratios, paired), and its mean cosine.
 
     nice -n 10 python benchmarks/shrink_minilm_latency.py --repeats 21 \\
         --json benchmarks/results/shrink_all_minilm_l6_refit_latency.json
@@ -32,8 +33,6 @@ from shrink_variants import variant
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.pipeline.shrink import shrink_file
 
-VARIANTS = ("obs+refit", "obs+refit+error")
-
 
 def main() -> None:
     import onnxruntime as ort
@@ -43,6 +42,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/graphprune-minilm-latency"), help="shrunk models")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--damp", type=float, default=0.1)
+    parser.add_argument("--variants", nargs="+", default=["obs+refit", "obs+refit+error"])
+    parser.add_argument("--counts", nargs="+", type=int, default=[64, 256], help="calibration paragraphs")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "minilm_latency.json")
     args = parser.parse_args()
     tokenizer = demo.all_minilm_l6() / "tokenizer.json"
@@ -51,9 +52,9 @@ def main() -> None:
     held = feeds(tokenizer, [p for p in heldout.split("\n\n") if len(p) > 80][:64])
     args.dir.mkdir(parents=True, exist_ok=True)
     paths = {"dense": args.model}
-    for count in (64, 256):
+    for count in args.counts:
         calib = feeds(tokenizer, paragraphs[:count])
-        for name in VARIANTS:
+        for name in args.variants:
             path = args.dir / f"{name}_{count}.onnx"
             if not path.exists():  # shrunk once; later runs time the same files
                 config = variant(name, 0.25, ("mlp", "heads"), damp=args.damp)
@@ -89,6 +90,11 @@ def main() -> None:
             "median_cpu_s": round(statistics.median(cpu[k]), 3),
             "speedup_wall": round(w0 / statistics.median(wall[k]), 3),
             "speedup_cpu": round(c0 / statistics.median(cpu[k]), 3),
+            # each round's dense CPU seconds over this model's in the same round: a load that drifts between
+            # rounds cancels in the ratio
+            "speedup_cpu_paired": round(
+                statistics.median([d / m for d, m in zip(cpu["dense"], cpu[k], strict=True)]), 3
+            ),
         }
         for k in sessions
     }

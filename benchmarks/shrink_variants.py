@@ -1,5 +1,5 @@
 """The shrink benchmarks' names for configurations: ``METHOD[+refit][+global][+gramN][+padN][+byMETHOD][+dampX]
-[+minX][+maxX][+seq][+dense][+blendX]`` (``flap+refit+global``).
+[+minX][+maxX][+seq][+dense][+blendX][+stepsN][+roundN]`` (``flap+refit+global``).
 
 Without ``+refit`` the consumers get only what the method itself does (flap's bias fold); without ``+global`` every
 group loses the same ratio (uniform); ``+gram4`` measures the Gram matrices on every 4th row,
@@ -9,7 +9,8 @@ damping, ``+min0.1``/``+max0.5`` global allocation's least and most per group; `
 raw scores (not standardised); ``+seq`` shrinks group by group on the already shrunk prefix (``sequential``,
 streamed block by block when the benchmark passes its calibration data); ``+dense`` refits towards the dense
 model's outputs (with ``+seq``), ``+blend0.5`` the dense outputs' share of that target, ``+all`` refits the
-layers that lose nothing too (``refit_scope="all"``, with ``+dense``).
+layers that lose nothing too (``refit_scope="all"``, with ``+dense``); ``+steps2`` shrinks in two calibrated
+rounds, ``+round16`` keeps every group's width a multiple of 16 channels (``round_to``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def variant(text: str, ratio: float, units: tuple[str, ...], **options: object) 
     method, *flags = text.split("+")
     valued = {"gram": ("gram_stride", int), "pad": ("pad_stride", int), "by": ("allocate_by", StructuredMethod),
               "damp": ("damp", float), "min": ("ratio_min", float), "max": ("ratio_max", float),
-              "blend": ("target_blend", float)}  # fmt: skip
+              "blend": ("target_blend", float), "steps": ("steps", int), "round": ("round_to", int)}  # fmt: skip
     for flag in flags:
         if flag in ("refit", "global", "error", "seq", "dense", "all"):
             continue

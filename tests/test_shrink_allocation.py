@@ -119,3 +119,27 @@ def test_unstandardised_allocation_takes_the_lowest_raw_scores_of_all_groups() -
     config = ShrinkConfig(ratio=0.25, method=StructuredMethod.OBS, allocate="error", ratio_max=0.75)
     report = shrink_model(ir.from_proto(model), config, calib)
     assert sum(len(g.removed) for g in report.groups) == 12 and report.config.allocate == "error"
+
+
+def test_each_group_keeps_a_multiple_of_its_own_multiple() -> None:
+    # one multiple per group (round_to counted in channels: 8 neurons, or 1 head of 32 channels)
+    rng = np.random.default_rng(5610)  # this function's own data, whatever ran before
+    widths = [48, 48, 12, 12]
+    scores = _scores(rng, widths)
+    counts = allocate(scores, widths, [1.0] * 4, budget=30.0, multiple=[8, 8, 1, 1])
+    for n, w, k in zip(counts, widths, [8, 8, 1, 1], strict=True):
+        assert (w - n) % k == 0 and w - n >= k
+    assert abs(sum(counts) - 30) <= 4 and counts[2] + counts[3] > 0  # within half a chunk; the heads trade too
+    same = allocate(scores, widths, [1.0] * 4, budget=30.0, multiple=[8] * 4)
+    assert same == allocate(scores, widths, [1.0] * 4, budget=30.0, multiple=8)
+    assert set(same[2:]) <= {0, 4}  # with one multiple of 8 for all, the 12-unit groups keep 12 or 8
+
+
+def test_global_allocation_in_shrink_keeps_widths_on_the_round_to_grid() -> None:
+    rng = np.random.default_rng(5611)  # this function's own data, whatever ran before
+    model, _, _ = residual_stack(hidden=16, small=1)
+    calib = CalibrationRequest(data={"x": draw(rng, 64, 8, scale=1.0)}, batch_size=16)
+    config = ShrinkConfig(ratio=0.25, method=StructuredMethod.FLAP, allocate="global", ratio_max=0.75, round_to=4)
+    report = shrink_model(ir.from_proto(model), config, calib)
+    assert all(g.units_after % 4 == 0 for g in report.groups)
+    assert sum(len(g.removed) for g in report.groups) == 12  # a quarter of 48 neurons, in chunks of 4

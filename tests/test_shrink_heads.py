@@ -12,6 +12,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 from graphprune.graph.groups import find_groups
 from graphprune.graph.heads import ONE_KV_GROUP
 from graphprune.passes.shrink import Removal, ShrinkPass
+from graphprune.pipeline.shrink import ShrinkConfig, shrink_model
 from tests.onnx_builders import SEQ, attention, attention_np, draw, init, run
 
 
@@ -199,3 +200,24 @@ def test_a_key_reshape_not_proven_from_the_keys_own_shape_is_left_alone_and_its_
     np.testing.assert_array_equal(run(m, {"x": x})[0], before)
     scan = find_groups(m, ("heads",))
     assert not scan.groups and scan.skips
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "round_to", "ratio", "removed"),
+    [(4, 4, 0.25, 1), (4, 8, 0.5, 2), (2, 4, 0.5, 2), (2, 4, 0.25, 0), (2, 8, 0.5, 0)],
+)
+def test_round_to_counts_channels_so_heads_whose_size_it_divides_go_one_at_a_time(
+    head_dim: int, round_to: int, ratio: float, removed: int
+) -> None:
+    # round_to N keeps every layer's channels a multiple of N: heads of head_dim channels need N / gcd(N, head_dim)
+    rng = np.random.default_rng(105)  # this function's own data, whatever ran before
+    model, w = attention(heads=4, kv_heads=4, head_dim=head_dim)
+    m = ir.from_proto(model)
+    report = shrink_model(m, ShrinkConfig(ratio=ratio, units=("heads",), round_to=round_to))
+    (record,) = report.groups
+    assert len(record.removed) == removed
+    assert (record.units_after * head_dim) % round_to == 0 or record.units_after == 4  # too few to round: whole
+    x = draw(rng, 2, SEQ, 8)
+    gone = list(record.removed)
+    expected = attention_np(_drop(w, gone, gone, head_dim), x, 4 - removed, 4 - removed, head_dim)
+    np.testing.assert_allclose(run(ir.to_proto(m), {"x": x})[0], expected, rtol=1e-4, atol=1e-5)

@@ -7,8 +7,8 @@ group's units in its own ascending order. Three constraints shape the greedy wal
 *original* width (so rounds of an iterative shrink keep them):
 
 * a floor and a cap on the fraction each group loses;
-* ``multiple``: the units a group keeps stay a multiple of it (groups of ``multiple`` units or fewer stay
-  whole), so units go in chunks whose price is the highest score in the chunk;
+* ``multiple`` (one for all groups, or one per group): the units a group keeps stay a multiple of it (groups of
+  ``multiple`` units or fewer stay whole), so units go in chunks whose price is the highest score in the chunk;
 * at least one unit (one multiple) is always left.
 
 Costs are parameters per unit, so groups of different sizes trade by what their units weigh: the budget is met
@@ -46,7 +46,7 @@ def allocate(
     *,
     floor: float = 0.0,
     cap: float = 1.0,
-    multiple: int = 1,
+    multiple: int | Sequence[int] = 1,
     standardised: bool = True,
 ) -> list[int]:
     """Units each group loses now, its current units scored by ``scores`` (standardised inside).
@@ -57,17 +57,18 @@ def allocate(
     its original width. ``standardised=False`` compares the raw scores across groups (when they are on one scale,
     as the output errors of consumers that write the same residual stream are).
     """
+    multiples = [multiple] * len(original) if isinstance(multiple, int) else list(multiple)
     z = [np.sort(standardize(s) if standardised else np.asarray(s, dtype=np.float64)) for s in scores]
     gone = [o - len(s) for o, s in zip(original, scores, strict=True)]
     total = list(gone)  # units removed so far, per group, counted on the original width
     spent = float(sum(g * c for g, c in zip(gone, cost, strict=True)))
     limit = []
     for i, o in enumerate(original):
-        upper = max(t for t in range(0, o) if t == gone[i] or (t <= cap * o + 1e-9 and _valid(o, t, multiple)))
+        upper = max(t for t in range(0, o) if t == gone[i] or (t <= cap * o + 1e-9 and _valid(o, t, multiples[i])))
         limit.append(max(upper, gone[i]))
         floor_target = int(np.floor(floor * o + 0.5))
         while total[i] < min(floor_target, limit[i]):  # the floor first, in whole chunks
-            step = _next(o, total[i], multiple)
+            step = _next(o, total[i], multiples[i])
             if step is None or step > limit[i]:
                 break
             spent += (step - total[i]) * cost[i]
@@ -76,7 +77,7 @@ def allocate(
     heap: list[tuple[float, int, int]] = []
 
     def push(i: int) -> None:
-        step = _next(original[i], total[i], multiple)
+        step = _next(original[i], total[i], multiples[i])
         if step is not None and step <= limit[i]:
             price = float(z[i][step - gone[i] - 1])  # the chunk's dearest unit
             heapq.heappush(heap, (price, i, step))

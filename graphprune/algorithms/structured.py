@@ -7,6 +7,7 @@ channels first. A unit is ``C / units`` consecutive channels (1 for a neuron or 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from enum import Enum
 
@@ -82,6 +83,12 @@ def removal_count(units: int, ratio: float, multiple: int = 1) -> int:
         return count
     left = max(multiple, multiple * int(np.floor((units - count) / multiple + 0.5)))
     return max(units - left, 0)
+
+
+def unit_multiple(round_to: int, unit_size: int) -> int:
+    """The units a group must keep a multiple of so that its channels (units x ``unit_size``) are a multiple of
+    ``round_to``: ``round_to`` neurons or filters, but any number of heads whose head_dim it already divides."""
+    return round_to // math.gcd(round_to, unit_size)
 
 
 def units_to_remove(scores: np.ndarray, count: int) -> np.ndarray:

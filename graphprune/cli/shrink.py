@@ -85,9 +85,10 @@ def shrink(
     round_to: Annotated[
         int,
         typer.Option(
-            help="Leave a multiple of N units in every group (the ratio rounded to the nearest such count; groups "
-            "of N units or fewer stay whole). ONNX Runtime's CPU convolutions use their fast blocked layout "
-            "only when channel counts are multiples of 8 (16 with AVX-512). Example: --round-to 8"
+            help="Leave a multiple of N channels in every group (the ratio rounded to the nearest such count): N "
+            "neurons or filters (groups of N or fewer stay whole), any number of heads whose head_dim N divides. "
+            "ONNX Runtime's CPU convolutions use their fast blocked layout only when channel counts are multiples "
+            "of 8 (16 with AVX-512); MLP MatMuls of odd widths can cost a few percent more. Example: --round-to 8"
         ),
     ] = 1,
     sequential: Annotated[

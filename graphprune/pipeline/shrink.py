@@ -53,7 +53,7 @@ class ShrinkConfig:
     method: StructuredMethod = StructuredMethod.L2
     blocks: int = 0
     steps: int = 1
-    round_to: int = 1  # leave a multiple of this many units in every group
+    round_to: int = 1  # leave a multiple of this many channels in every group's layers (neurons, heads' channels)
     # per-layer ratios: (shell pattern on the group name, ratio in [0, 1)); the first match wins over ``ratio``
     overrides: tuple[tuple[str, float], ...] = ()
     refit: bool | None = None  # least-squares refit of the consumers; None: on when calibration data is given
@@ -302,7 +302,7 @@ def _shrink_groups(
             + (f": {len(scan.skips)} candidates skipped ({reasons})" if reasons else "")
         )
     for g in groups:
-        if st.removal_count(g.width, config.ratio_for(g.name), config.round_to) >= g.width:
+        if st.removal_count(g.width, config.ratio_for(g.name), _multiple(g, config)) >= g.width:
             raise GraphpruneError(
                 f"group {g.name} ({g.kind}) has {g.width} units: a ratio of {config.ratio_for(g.name):g} would "
                 "remove all of them"
@@ -385,7 +385,7 @@ class _Rounds:
         g, record, config = self.groups[i], self.records[i], self.config
         pooled = config.allocate != "uniform" and config.pooled(g.name)
         ratio = config.ratio_max if pooled else config.ratio_for(g.name)
-        return st.removal_count(record.units_before, ratio, config.round_to) - (record.units_before - g.width)
+        return st.removal_count(record.units_before, ratio, _multiple(g, config)) - (record.units_before - g.width)
 
     def remove(
         self,
@@ -491,7 +491,7 @@ def _round_counts(
     assert config.ratio is not None
     counts = []
     for g, record in zip(groups, records, strict=True):
-        target = st.removal_count(record.units_before, config.ratio_for(g.name) * fraction, config.round_to)
+        target = st.removal_count(record.units_before, config.ratio_for(g.name) * fraction, _multiple(g, config))
         counts.append(target - (record.units_before - g.width))
     if config.allocate == "uniform":
         return counts
@@ -508,12 +508,18 @@ def _round_counts(
             budget,
             floor=config.ratio_min * fraction,
             cap=config.ratio_max,
-            multiple=config.round_to,
+            multiple=[_multiple(groups[i], config) for i in members],
             standardised=config.allocate == "global",
         )
         for i, share in zip(members, shares, strict=True):
             counts[i] = share
     return counts
+
+
+def _multiple(group: Group, config: ShrinkConfig) -> int:
+    """The units ``group`` keeps a multiple of: ``round_to`` is counted in channels, and a head already spans
+    head_dim of them (its narrowest slot's; a GQA query slot holds a multiple of that)."""
+    return st.unit_multiple(config.round_to, group.unit_size)
 
 
 def _channel_first(array: np.ndarray, axis: int, consumer: bool) -> np.ndarray:

@@ -161,7 +161,22 @@ def perplexity(model: Any, windows: np.ndarray) -> float:
     return float(np.exp(total / count))
 
 
-def main() -> int:
+def valid_run(run: str) -> bool:
+    method, *pattern = run.split(":")
+    if run == "dense":
+        return True
+    if method not in ("sparsegpt", "wanda", "magnitude") or len(pattern) not in (1, 2):
+        return False
+    try:
+        values = [float(p) for p in pattern]
+    except ValueError:
+        return False
+    if len(pattern) == 2:
+        return all(p.isdigit() for p in pattern) and 0 < values[0] < values[1]
+    return 0 < values[0] < 1
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wanda", type=Path, required=True, help="a checkout of locuslab/wanda")
     parser.add_argument(
@@ -171,13 +186,23 @@ def main() -> int:
     parser.add_argument("--sets", nargs="*", default=None, help="only these text sets (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the reference used one)")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "reference_wanda.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    checkout = args.wanda.expanduser()
+    problem = next(
+        (f"`runs`: {r!r} is not dense or METHOD:N:M / METHOD:SPARSITY" for r in args.runs if not valid_run(r)),
+        None,
+    )
+    if not (checkout / "lib" / "prune.py").is_file():
+        problem = f"`wanda`: {checkout} is not a checkout of locuslab/wanda (no lib/prune.py)"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     import torch
 
     from graphprune import demo
 
-    prune = import_wanda(args.wanda.expanduser())
+    prune = import_wanda(checkout)
     torch.set_num_threads(args.threads)
     sets = text_sets(args.windows)
     sets = {k: v for k, v in sets.items() if args.sets is None or k in args.sets}

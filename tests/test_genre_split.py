@@ -4,6 +4,7 @@ decoder-layer shim (benchmarks/reference_wanda.py)."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,3 +104,24 @@ def test_wrapped_layers_called_as_wanda_calls_them_give_the_models_logits() -> N
     with torch.no_grad():
         other = model(input_ids=changed, use_cache=False).logits
     assert torch.allclose(other[0, :5], expected[0, :5], atol=1e-5)
+
+
+def test_the_reference_instrument_refuses_bad_options_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import reference_wanda
+
+    results = tmp_path / "results.json"
+    checkout = tmp_path / "wanda"
+    (checkout / "lib").mkdir(parents=True)
+    (checkout / "lib" / "prune.py").write_text("")
+    for args, message in (
+        (["--wanda", str(tmp_path / "none")], "not a checkout of locuslab/wanda"),
+        (["--wanda", str(checkout), "--runs", "sparsegpt:2"], "'sparsegpt:2'"),
+        (["--wanda", str(checkout), "--runs", "dense", "wanda:4:2"], "'wanda:4:2'"),
+        (["--wanda", str(checkout), "--runs", "sgd:0.5"], "'sgd:0.5'"),
+    ):
+        assert reference_wanda.main([*args, "--results", str(results)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert not results.exists()

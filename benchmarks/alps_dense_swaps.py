@@ -3,6 +3,7 @@
     python benchmarks/alps_dense_swaps.py --search            # choose percdamp and the swap budget (below)
     python benchmarks/alps_dense_swaps.py --runs pruned:0 dense:16   # prune (TARGET:SWAPS), then evaluate
     python benchmarks/alps_dense_swaps.py --evaluate NAME=MODEL.onnx ...   # evaluate models pruned elsewhere
+    python benchmarks/alps_dense_swaps.py --runs pruned:16:0.1 --sets drama technical   # only these text sets
     python benchmarks/alps_dense_swaps.py --minilm pruned:0 dense:0 dense:16  # all-MiniLM-L6 2:4, a cheaper check
     python benchmarks/alps_dense_swaps.py --minilm pruned:0 dense@0.5:0 --calib-split --method sparsegpt
 
@@ -190,10 +191,10 @@ def text_sets(count: int) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate(models: dict[str, Path], count: int) -> dict[str, dict[str, float]]:
+def evaluate(models: dict[str, Path], count: int, only: list[str] | None = None) -> dict[str, dict[str, float]]:
     from graphprune.evaluate.perplexity import perplexity
 
-    sets = text_sets(count)
+    sets = {name: windows for name, windows in text_sets(count).items() if only is None or name in only}
     return {name: {s: perplexity(path, windows) for s, windows in sets.items()} for name, path in models.items()}
 
 
@@ -343,6 +344,13 @@ def main() -> int:
     )
     parser.add_argument("--budgets", type=int, nargs="+", default=[0, 4, 16, 64], help="--search: swap budgets")
     parser.add_argument("--windows", type=int, default=16, help="windows of each text set (brown: all 32)")
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        default=None,
+        choices=["brown", "calib-heldout", "drama", "technical"],
+        help="evaluate only these text sets (default: all)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphprune-alps-dense"))
     parser.add_argument("--results", type=Path, default=HERE / "results" / "alps_dense_swaps.json")
     args = parser.parse_args()
@@ -368,7 +376,7 @@ def main() -> int:
         print(json.dumps({name: timing[name]}), flush=True)
         models[name] = str(out)
     if models:
-        for name, ppl in evaluate({k: Path(v) for k, v in models.items()}, args.windows).items():
+        for name, ppl in evaluate({k: Path(v) for k, v in models.items()}, args.windows, args.sets).items():
             results.setdefault("perplexity", {})[name] = {**ppl, **timing.get(name, {})}
             print(json.dumps({name: results["perplexity"][name]}), flush=True)
     # other invocations may have written their parts meanwhile: merge into what is there now

@@ -3,6 +3,7 @@
     python benchmarks/alps_dense_swaps.py --search            # choose percdamp and the swap budget (below)
     python benchmarks/alps_dense_swaps.py --runs pruned:0 dense:16   # prune (TARGET:SWAPS), then evaluate
     python benchmarks/alps_dense_swaps.py --evaluate NAME=MODEL.onnx ...   # evaluate models pruned elsewhere
+    python benchmarks/alps_dense_swaps.py --runs pruned:16:0.1 --sets drama technical   # only these text sets
     python benchmarks/alps_dense_swaps.py --minilm pruned:0 dense:0 dense:16  # all-MiniLM-L6 2:4, a cheaper check
     python benchmarks/alps_dense_swaps.py --minilm pruned:0 dense@0.5:0 --calib-split --method sparsegpt
 
@@ -23,6 +24,10 @@ Text sets (512-token windows, BOS in front, perplexity as ``graphprune eval``):
 model, one-shot) and on 16 ``calib-heldout`` windows; for each percdamp ALPS prunes the block on the first, the
 swaps refine it with each budget, and the relative layer error ``tr(ΔH Δᵀ) / tr(W H Wᵀ)`` is measured on the
 second. Each prune runs as ``graphprune apply`` in a child process (CPU seconds: user + system of the child).
+``--held-genres g`` splits by genre instead (the choice that should carry over to other genres): the calibration
+text holds Brown categories a-h (press, religion, skills, popular lore, belles lettres, government documents); the
+fit windows are calibration windows wholly outside the held letters, the held-out windows lie wholly inside them
+and overlap no calibration window (``--percdamps``, ``--budgets``: the values tried).
 
 ``--minilm`` prunes all-MiniLM-L6 (``minilm_quality.py``'s export, calibration and held-out paragraphs) with ALPS
 2:4 ``--sequential`` and each TARGET:SWAPS, and reports the mean cosine to the dense sentence embeddings. With
@@ -51,12 +56,19 @@ SEQLEN, BOS = 512, 1
 PLAYS = ("tempest_gut.txt", "lear_gut.txt", "hamlet_gut.txt")
 
 
-def tokens(text: str) -> np.ndarray:
+def encode(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """SmolLM2's token ids of ``text`` and the character each token begins at."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(CACHE / "smollm2" / "tokenizer.json"))
     tok.no_truncation()
-    return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    encoding = tok.encode(text, add_special_tokens=False)
+    starts = np.asarray([start for start, _ in encoding.offsets], dtype=np.int64)
+    return np.asarray(encoding.ids, dtype=np.int64), starts
+
+
+def tokens(text: str) -> np.ndarray:
+    return encode(text)[0]
 
 
 def with_bos(ids: np.ndarray, count: int) -> np.ndarray:
@@ -89,27 +101,83 @@ def technical_text() -> str:
     return "\n\n".join(p.read_text() for p in sorted(sources.glob("*.rst.txt")))
 
 
-def calibration_heldout(count: int) -> np.ndarray:
-    """Windows of the calibration text that overlap none of the calibration windows."""
-    ids = tokens((CACHE / "brown_text" / "calibration.txt").read_text())
-    used = np.zeros(ids.size, dtype=bool)
-    with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
-        calib = data["input_ids"]
-    for window in calib:
+def window_positions(ids: np.ndarray, windows: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
+    """Every start in ``ids`` at which each of ``windows`` occurs, and the mask of the tokens they cover."""
+    found, used = [], np.zeros(ids.size, dtype=bool)
+    for window in windows:
         starts = np.flatnonzero(ids[: ids.size - window.size + 1] == window[0])
-        hits = [s for s in starts if np.array_equal(ids[s : s + window.size], window)]
-        if not hits:
+        found.append([int(s) for s in starts if np.array_equal(ids[s : s + window.size], window)])
+        if not found[-1]:
             raise SystemExit("a calibration window is not in the calibration text: wrong text or tokenizer")
-        for s in hits:
+        for s in found[-1]:
             used[s : s + window.size] = True
+    return found, used
+
+
+def free_windows(ids: np.ndarray, used: np.ndarray, allowed: np.ndarray, count: int) -> np.ndarray:
+    """Up to ``count`` consecutive non-overlapping SEQLEN windows of ``ids``, in order, that touch no ``used``
+    token and only ``allowed`` ones; ``(n, SEQLEN)``."""
+    blocked = used | ~allowed
     free, start = [], 0
     while start + SEQLEN <= ids.size and len(free) < count:
-        if used[start : start + SEQLEN].any():
-            start += int(np.argmax(used[start : start + SEQLEN])) + 1
+        if blocked[start : start + SEQLEN].any():
+            start += int(np.argmax(blocked[start : start + SEQLEN])) + 1
             continue
         free.append(ids[start : start + SEQLEN])
         start += SEQLEN
-    return np.concatenate([np.full((len(free), 1), BOS, np.int64), np.stack(free)], axis=1)
+    return np.stack(free) if free else np.zeros((0, SEQLEN), np.int64)
+
+
+def genre_split(
+    ids: np.ndarray, genre: np.ndarray, calib: np.ndarray, held: str, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) windows of a split by genre: up to ``count`` of the calibration windows ``calib`` (in their
+    order) that lie wholly outside the ``held`` genres, and up to ``count`` windows wholly inside them that
+    overlap no calibration window. ``genre`` is each token's genre letter."""
+    positions, used = window_positions(ids, calib)
+    inside = np.isin(genre, list(held))
+    outside = [
+        w
+        for w, starts in zip(calib, positions, strict=True)
+        if not any(inside[s : s + w.size].any() for s in starts)
+    ]
+    if not outside:
+        raise SystemExit(f"every calibration window touches the held-out genres {held!r}")
+    return np.stack(outside[:count]), free_windows(ids, used, inside, count)
+
+
+def calibration_genres(starts: np.ndarray) -> np.ndarray:
+    """The Brown category letter (``a`` press reportage … ``h`` government documents) of each token of the
+    calibration text, from the character each token begins at: the categories' offsets are rebuilt from the
+    corpus files exactly as the reference text joins them."""
+    from graphprune import demo
+
+    letters, offsets, offset = [], [], 0
+    for path in demo.brown_files(demo.brown_corpus()):
+        if not letters or letters[-1] != path.name[1]:
+            letters.append(path.name[1])
+            offsets.append(offset)
+        offset += len(demo.build_brown_text([path])) + 2  # paragraphs of consecutive files: one blank line
+    index = np.searchsorted(np.asarray(offsets), starts, side="right") - 1
+    return np.asarray(letters)[index]
+
+
+def calibration_genre_split(held: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`genre_split` of the Brown calibration text and the reference's calibration windows."""
+    ids, starts = encode((CACHE / "brown_text" / "calibration.txt").read_text())
+    with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
+        calib = data["input_ids"]
+    return genre_split(ids, calibration_genres(starts), calib, held, count)
+
+
+def calibration_heldout(count: int) -> np.ndarray:
+    """Windows of the calibration text that overlap none of the calibration windows."""
+    ids = tokens((CACHE / "brown_text" / "calibration.txt").read_text())
+    with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
+        calib = data["input_ids"]
+    _, used = window_positions(ids, calib)
+    free = free_windows(ids, used, np.ones(ids.size, dtype=bool), count)
+    return np.concatenate([np.full((len(free), 1), BOS, np.int64), free], axis=1)
 
 
 def text_sets(count: int) -> dict[str, np.ndarray]:
@@ -123,15 +191,22 @@ def text_sets(count: int) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate(models: dict[str, Path], count: int) -> dict[str, dict[str, float]]:
+def evaluate(models: dict[str, Path], count: int, only: list[str] | None = None) -> dict[str, dict[str, float]]:
     from graphprune.evaluate.perplexity import perplexity
 
-    sets = text_sets(count)
+    sets = {name: windows for name, windows in text_sets(count).items() if only is None or name in only}
     return {name: {s: perplexity(path, windows) for s, windows in sets.items()} for name, path in models.items()}
 
 
-def search(block: int, windows: int) -> list[dict]:
-    """Held-out layer error of one block for each percdamp and swap budget (see the module docstring)."""
+def search(
+    block: int,
+    windows: int,
+    held_genres: str = "",
+    percdamps: tuple[float, ...] = (0.01, 0.03, 0.1),
+    budgets: tuple[int, ...] = (0, 4, 16, 64),
+) -> list[dict]:
+    """Held-out layer error of one block for each percdamp and swap budget (see the module docstring); with
+    ``held_genres`` the split is by genre (:func:`calibration_genre_split`), else by window."""
     from graphprune.algorithms.alps import alps_solve_shared
     from graphprune.algorithms.pattern import NMPattern
     from graphprune.algorithms.swaps import swap_refine
@@ -144,9 +219,12 @@ def search(block: int, windows: int) -> list[dict]:
 
     model = open_model(CACHE / "smollm2" / "model.onnx")
     targets = find_targets(model).targets[7 * block : 7 * block + 7]  # q, k, v, o, gate, up, down
-    with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
-        fit_ids = data["input_ids"][:windows]
-    held_ids = calibration_heldout(windows)[:, 1:]
+    if held_genres:
+        fit_ids, held_ids = calibration_genre_split(held_genres, windows)
+    else:
+        with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
+            fit_ids = data["input_ids"][:windows]
+        held_ids = calibration_heldout(windows)[:, 1:]
     grams = []
     for ids in (fit_ids, held_ids):
         feed = [
@@ -161,7 +239,7 @@ def search(block: int, windows: int) -> list[dict]:
     for t in targets:
         by_input.setdefault(id(grams[0][t.name]), []).append(t.name)
     rows = []
-    for percdamp in (0.01, 0.03, 0.1):
+    for percdamp in percdamps:
         solved, alps_cpu = {}, time.process_time()
         for names in by_input.values():
             results = alps_solve_shared(
@@ -169,7 +247,7 @@ def search(block: int, windows: int) -> list[dict]:
             )
             solved.update((n, r.weight) for n, r in zip(names, results, strict=True))
         alps_cpu = time.process_time() - alps_cpu
-        for budget in (0, 4, 16, 64):
+        for budget in budgets:
             error = total = 0.0
             start = time.process_time()
             for name, w_hat in solved.items():
@@ -181,6 +259,7 @@ def search(block: int, windows: int) -> list[dict]:
                 total += float(np.einsum("ij,ij->", weights[name] @ held, weights[name]))
             swap_cpu = time.process_time() - start
             row = {"block": block, "percdamp": percdamp, "swaps": budget, "heldout_error": error / total}
+            row["split"] = f"genre:{held_genres}" if held_genres else "window"
             row.update(alps_cpu=alps_cpu, swap_cpu=swap_cpu)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -257,14 +336,31 @@ def main() -> int:
     parser.add_argument("--search", action="store_true", help="held-out choice of percdamp and swap budget")
     parser.add_argument("--minilm", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP] on all-MiniLM-L6")
     parser.add_argument("--block", type=int, default=10, help="the block --search prunes")
+    parser.add_argument(
+        "--held-genres", default="", help="--search: split by Brown category, these letters held out (e.g. g)"
+    )
+    parser.add_argument(
+        "--percdamps", type=float, nargs="+", default=[0.01, 0.03, 0.1], help="--search: percdamps"
+    )
+    parser.add_argument("--budgets", type=int, nargs="+", default=[0, 4, 16, 64], help="--search: swap budgets")
     parser.add_argument("--windows", type=int, default=16, help="windows of each text set (brown: all 32)")
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        default=None,
+        choices=["brown", "calib-heldout", "drama", "technical"],
+        help="evaluate only these text sets (default: all)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphprune-alps-dense"))
     parser.add_argument("--results", type=Path, default=HERE / "results" / "alps_dense_swaps.json")
     args = parser.parse_args()
 
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
     if args.search:
-        results["search"] = search(args.block, args.windows)
+        key = f"search-genre-{args.held_genres}" if args.held_genres else "search"
+        results[key] = search(
+            args.block, args.windows, args.held_genres, tuple(args.percdamps), tuple(args.budgets)
+        )
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.minilm:
         results.setdefault("minilm", {}).update(minilm(args.minilm, args.workdir, args.method, args.calib_split))
@@ -280,7 +376,7 @@ def main() -> int:
         print(json.dumps({name: timing[name]}), flush=True)
         models[name] = str(out)
     if models:
-        for name, ppl in evaluate({k: Path(v) for k, v in models.items()}, args.windows).items():
+        for name, ppl in evaluate({k: Path(v) for k, v in models.items()}, args.windows, args.sets).items():
             results.setdefault("perplexity", {})[name] = {**ppl, **timing.get(name, {})}
             print(json.dumps({name: results["perplexity"][name]}), flush=True)
     # other invocations may have written their parts meanwhile: merge into what is there now

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphprune.calibration.gram_taps import sample_rows
+from graphprune.calibration.gram_taps import StagedSum, sample_rows
 from graphprune.calibration.session import Session, cut, outer_reads, session_model, values_by_name
 from graphprune.calibration.taps import Tap, TapBuilder, TapPlan, as_rows
 from graphprune.graph.stored import replace_tensor, stored_tensor, stored_values
@@ -59,7 +59,7 @@ class DenseStream:
         self._keep: list[str] = []
         self._feeds: dict[str, str] = {}  # dense activation name -> the pruned segment's input that carries it
         self._taps: list[tuple[Tap, str]] = []  # (a Gram tap, its cross-Gram output)
-        self._sums: list[np.ndarray] = []
+        self._sums: list[StagedSum] = []
         self._dense_sum_outputs: list[str] = []  # per tap: Σ x_dense over the rows (the dense input's mean)
         self._dense_sums: list[np.ndarray] = []
 
@@ -113,7 +113,7 @@ class DenseStream:
             self._dense_sum_outputs.append(str(dense_sum.name))
             self._feeds[tap.activation] = str(dense.name)
             carriers[dense] = dense
-        self._sums = [np.zeros((tap.k, tap.k)) for tap, _ in self._taps]
+        self._sums = [StagedSum((tap.k, tap.k)) for tap, _ in self._taps]  # staged as the Gram matrices are
         self._dense_sums = [np.zeros(tap.k) for tap, _ in self._taps]
         return carriers
 
@@ -157,10 +157,10 @@ class DenseStream:
                 self._feeds.items()}  # fmt: skip
 
     def add(self, names: Sequence[str], outputs: Sequence[np.ndarray]) -> None:
-        """Accumulate the cross-Gram outputs of one batch of the pruned segment (float64 sums)."""
+        """Accumulate the cross-Gram outputs of one batch of the pruned segment (float64 sums, staged)."""
         index = {name: i for i, name in enumerate(names)}
-        for total, (_, output) in zip(self._sums, self._taps, strict=True):
-            total += outputs[index[output]]
+        for staged, (_, output) in zip(self._sums, self._taps, strict=True):
+            staged.add(outputs[index[output]])
         for total, output in zip(self._dense_sums, self._dense_sum_outputs, strict=True):
             total += outputs[index[output]]
 
@@ -168,7 +168,7 @@ class DenseStream:
         """Each target's cross-Gram matrix (summed over the taps that feed it, shared by targets of one input,
         as the Gram matrices are), and the dense segment closed."""
         self._session = None
-        return self._per_target(targets, self._sums)
+        return self._per_target(targets, [s.value() for s in self._sums])
 
     def dense_sums(self, targets: Sequence[Target]) -> dict[str, np.ndarray]:
         """Each target's Σ x_dense over the rows of its cross-Gram matrix."""

@@ -94,9 +94,8 @@ def sample_rows(
     real = b.reshape(b.node("Cast", [mask], "real", to=ir.DataType.BOOL.value), [-1])
     sample = _every(b, b.node("Compress", [rows, real], "real_rows", axis=0), sampling.stride)
     total, parts = b.reduce_sum(sample, [0]), [(sample, 1)]
-    if (
-        sampling.pad_stride > 1
-    ):  # Σ over every n-th padded row, n times: n Σ x (and n x xᵀ, from rows scaled by √n)
+    if sampling.pad_stride > 1:
+        # Σ over every n-th padded row, n times: n Σ x (and n x xᵀ, from rows scaled by √n)
         padded = b.node("Compress", [rows, b.node("Not", [real], "padded")], "padded_rows", axis=0)
         padded = _every(b, padded, sampling.stride * sampling.pad_stride)
         parts.append((padded, sampling.pad_stride))

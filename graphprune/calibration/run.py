@@ -94,7 +94,6 @@ class Accumulator:
 
     def __init__(self, plan: TapPlan) -> None:
         self.plan = plan
-        self.index = {name: i for i, name in enumerate(plan.output_names)}
         self.sumsq = [np.zeros(t.k, dtype=np.float64) for t in plan.taps]
         self.rows = [0 for _ in plan.taps]
         self.gram = [GramSums(t.gram) if t.gram else None for t in plan.taps]
@@ -103,15 +102,15 @@ class Accumulator:
     def add(self, outputs: Sequence[np.ndarray]) -> None:
         named = dict(zip(self.plan.output_names, outputs, strict=True))
         for i, tap in enumerate(self.plan.taps):
-            self.sumsq[i] += outputs[self.index[tap.sumsq_output]]
-            rows = int(outputs[self.index[tap.size_output]]) // tap.k
+            self.sumsq[i] += named[tap.sumsq_output]
+            rows = int(named[tap.size_output]) // tap.k
             self.rows[i] += rows
             g = self.gram[i]
             if g is not None:
                 g.add(named, rows)
             s = self.sums[i]
             if s is not None and tap.sum_output is not None:
-                s += outputs[self.index[tap.sum_output]]
+                s += named[tap.sum_output]
 
     def result(self, targets: Sequence[Target], warnings: list[str]) -> ActivationStats:
         reads: dict[str, list[int]] = {}

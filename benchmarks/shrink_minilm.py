@@ -11,7 +11,9 @@ text that it never calibrates on (up to 512 calibration paragraphs): ``near``, p
 calibration paragraphs' own genre), and ``spread``, 64 paragraphs evenly spaced over paragraphs 1025 to the end
 (every genre of the calibration text, as the held-out paragraphs are of another genre than the calibration ones).
 Settings are chosen on a split, so that the held-out paragraphs are only reported. ``--unpadded`` calibrates on
-each paragraph's real tokens alone (no padded position in the statistics).
+each paragraph's real tokens alone (no padded position in the statistics). ``--calib-draw spread`` calibrates on
+paragraphs evenly spaced over the whole calibration text (every genre in it, none of the two splits' paragraphs)
+instead of its first ones (round 1's protocol: the first 576 paragraphs are all news).
 Default model: paraphrase-MiniLM-L3-v2 from PyPI; all-MiniLM-L6-v2 is exported (mean pooling included) by
 ``benchmarks/export_all_minilm_l6.py``:
 
@@ -141,6 +143,13 @@ def main() -> None:
     )
     parser.add_argument("--calib-paragraphs", type=int, default=64, help="calibration paragraphs (default 64)")
     parser.add_argument(
+        "--calib-draw",
+        choices=["first", "spread"],
+        default="first",
+        help="first: the calibration text's first paragraphs (round 1's protocol; all news); spread: evenly "
+        "spaced over the whole calibration text (every genre), skipping the near and spread splits' paragraphs",
+    )
+    parser.add_argument(
         "--keep",
         type=Path,
         default=None,
@@ -157,13 +166,20 @@ def main() -> None:
     def paragraphs(text: str, count: int = 64) -> list[str]:
         return [p for p in text.split("\n\n") if len(p) > 80][:count]
 
-    calib = feeds(tokenizer, paragraphs(calibration, args.calib_paragraphs))
-    if args.split and args.calib_paragraphs > 512:
-        parser.error("--split scores on calibration paragraphs from 513 on: calibrate on at most 512")
-    rest = paragraphs(calibration, 10**9)[1024:]
+    everything = paragraphs(calibration, 10**9)
+    step = (len(everything) - 1024) // 64
+    near, spread = range(512, 576), range(1024, 1024 + 64 * step, step)  # the splits' paragraph indices
+    if args.calib_draw == "spread":
+        unused = sorted(set(range(len(everything))) - set(near) - set(spread))
+        drawn = [everything[i] for i in unused[:: len(unused) // args.calib_paragraphs][: args.calib_paragraphs]]
+    else:
+        if args.split and args.calib_paragraphs > 512:
+            parser.error("--split scores on calibration paragraphs from 513 on: calibrate on at most 512")
+        drawn = everything[: args.calib_paragraphs]
+    calib = feeds(tokenizer, drawn)
     splits = {
-        "near": feeds(tokenizer, paragraphs(calibration, 576)[512:]),
-        "spread": feeds(tokenizer, rest[:: len(rest) // 64][:64]),
+        "near": feeds(tokenizer, [everything[i] for i in near]),
+        "spread": feeds(tokenizer, [everything[i] for i in spread]),
     }
     splits = splits if args.split else {}
     held = feeds(tokenizer, paragraphs(heldout))
@@ -248,7 +264,7 @@ def main() -> None:
         "model": str(model),
         "ratio": args.ratio,
         "units": "mlp,heads",
-        "calibration": f"{args.calib_paragraphs} paragraphs, "
+        "calibration": f"{args.calib_paragraphs} paragraphs ({args.calib_draw}), "
         + ("unpadded" if args.unpadded else "padded to 128"),
         "damp": args.damp,
         "batch": list(held["input_ids"].shape),

@@ -171,7 +171,9 @@ def shrink(
             "the kind, the parameters removed equal to the uniform case) or error (the same on the raw scores, "
             "not standardised: with --method obs each unit's output error, on the scale shared by consumers that "
             "write one residual stream; suits post-LayerNorm encoders, not decoders whose residual stream grows "
-            "with depth). Default: global with --calib, else uniform. Example: --allocate uniform",
+            "with depth). Default: global with --calib, else uniform. global and error fit the ratios to the "
+            "calibration text: when it covers less than the model will see, compare uniform on held-out text. "
+            "Example: --allocate uniform",
             show_default=False,
         ),
     ] = None,

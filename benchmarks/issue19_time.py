@@ -6,7 +6,8 @@ Sections (``--sections``), each a set of runs compared with its first:
   allocation), on the 64 Brown calibration paragraphs padded to 128 tokens (``shrink_minilm.py``'s): without the
   refit, with it (the default), ``--sequential`` with and without it;
 * ``shrink``: SmolLM2-135M, 25% of MLP neurons, the same options on the first ``--windows`` reference calibration
-  windows: without the refit, with it, ``--sequential``;
+  windows: without the refit, with it, ``--sequential``, and the recipe that meets the issue's ≤ 48 (obs walk,
+  allocation by flap, ``--sequential --target dense --target-blend 0.25 --refit-scope all --refit-damp 0.003``);
 * ``alps``: SmolLM2-135M 2:4, ALPS ``--sequential`` on the same windows, plain and with
   ``--target dense --target-blend 0.25 --swaps 16 --percdamp 0.15`` (the damping two genre-held-out splits
   choose; BENCHMARKS.md).
@@ -56,6 +57,11 @@ SECTIONS: dict[str, dict[str, list[str]]] = {
         "flap+refit": SMOL,
         "flap": [*SMOL, "--no-refit"],
         "flap+refit --sequential": [*SMOL, "--sequential"],
+        "obs+refit --sequential --target dense --refit-scope all (the <= 48 recipe)": [
+            *["shrink", "--ratio", "0.25", "--units", "mlp", "--method", "obs", "--allocate-by", "flap"],
+            *["--sequential", "--target", "dense", "--target-blend", "0.25", "--refit-scope", "all"],
+            *["--refit-damp", "0.003"],
+        ],
     },
     "alps": {
         "alps": ALPS,

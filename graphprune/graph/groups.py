@@ -54,12 +54,18 @@ __all__ = [
     "find_groups",
     "grow_group",
     "producer_slots",
+    "slot_names",
     "stored",
 ]
 
 # Shrink's channel units: elementwise and NCHW channel-wise ops, shapes checked where recorded (a channel never
 # changes axis here, so no reshape has to be located and an unrecorded shape is no obstacle).
 CHANNELS = Policy("channels", frozenset({Flow.UNARY, Flow.ELEMENTWISE, Flow.SPATIAL}))
+
+
+def slot_names(slots: Iterable[Slot]) -> set[str]:
+    """The names of the stored values ``slots`` edit (their weights, biases or norms)."""
+    return {str(s.value.name) for s in slots}
 
 
 @dataclass(kw_only=True)

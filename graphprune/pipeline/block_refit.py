@@ -30,7 +30,7 @@ from graphprune.algorithms.dense_target import blended_cross
 from graphprune.algorithms.refit import moments_from_sums, refit
 from graphprune.calibration.stats import ActivationStats
 from graphprune.errors import GraphpruneError
-from graphprune.graph.groups import Group, Slot
+from graphprune.graph.groups import Group, slot_names
 from graphprune.graph.stored import read_array, replace_tensor, stored_tensor, stored_values
 from graphprune.graph.targets import Target, find_targets
 from graphprune.pipeline.sequential import target_levels
@@ -39,14 +39,10 @@ REFIT_SCOPES = ("consumers", "all")  # which layers the sequential refit solves:
 # only, or every linear layer of the shrunk blocks (whole-block reconstruction, with dense targets)
 
 
-def _names(slots: Sequence[Slot]) -> set[str]:
-    return {str(s.value.name) for s in slots}
-
-
 def lossless_targets(model: ir.Model, groups: Sequence[Group]) -> list[Target]:
     """The 2-D MatMul/Gemm weights (not the head) that no group's consumer is and whose stored tensor is the
     weight itself, as floats: the layers whole-block reconstruction refits besides the consumers."""
-    consumers = set().union(*(_names(g.consumers) for g in groups))
+    consumers = set().union(*(slot_names(g.consumers) for g in groups))
     return [
         t
         for t in find_targets(model, include_head=False).targets
@@ -67,9 +63,9 @@ def level_groups(model: ir.Model, targets: Sequence[Target], groups: Sequence[Gr
     by_name = {t.name: t for t in targets}
     joined = [list(level) for level in levels]
     for g in groups:
-        at = {level_of.get(name, -1) for name in _names(g.consumers)}
+        at = {level_of.get(name, -1) for name in slot_names(g.consumers)}
         n = at.pop()
-        producers = sorted(_names(g.producers))
+        producers = sorted(slot_names(g.producers))
         if at or n < 0 or any(level_of.get(p) not in (n - 1, n) for p in producers):
             raise GraphpruneError(f"`refit_scope=all`: group {g.name}'s weights are not on consecutive levels")
         joined[n] += [by_name[p] for p in producers if by_name[p] not in joined[n]]

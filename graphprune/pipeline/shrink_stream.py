@@ -40,7 +40,7 @@ from graphprune.calibration.providers import resolve_providers
 from graphprune.calibration.request import CalibrationRequest
 from graphprune.calibration.stats import ActivationStats
 from graphprune.errors import GraphpruneError
-from graphprune.graph.groups import Group
+from graphprune.graph.groups import Group, slot_names
 from graphprune.graph.targets import Target, find_targets
 from graphprune.passes.shrink import add_bias, stored_bias
 from graphprune.pipeline.block_refit import level_groups, lossless_targets, refit_lossless
@@ -54,7 +54,7 @@ ShrinkGroup = Callable[[int, Moments, DenseMoments | None], None]
 
 
 def _weights(group: Group) -> set[str]:
-    return {str(s.value.name) for s in group.slots if s.role in ("producer", "consumer")}
+    return slot_names([*group.producers, *group.consumers])
 
 
 def stream_targets(model: ir.Model, groups: Sequence[Group], by_level: bool = False) -> list[Target] | None:
@@ -124,7 +124,7 @@ def shrink_streamed(
 
     def shrink_block(block: list[Target], stats: ActivationStats) -> None:
         measured = {t.name for t in block}
-        for i in [i for i in pending if {str(s.value.name) for s in groups[i].consumers} <= measured]:
+        for i in [i for i in pending if slot_names(groups[i].consumers) <= measured]:
             shrink_group(i, moments_of(stats, groups[i]), _dense_moments(stats, groups[i]) if dense else None)
             pending.remove(i)
         if refit_rest is not None:  # each once, on the level that first measures it

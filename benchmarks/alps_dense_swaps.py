@@ -168,19 +168,23 @@ def calibration_genres(starts: np.ndarray) -> np.ndarray:
 def calibration_genre_split(held: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`genre_split` of the Brown calibration text and the reference's calibration windows."""
     ids, starts = encode((CACHE / "brown_text" / "calibration.txt").read_text())
-    with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
-        calib = data["input_ids"]
-    return genre_split(ids, calibration_genres(starts), calib, held, count)
+    return genre_split(ids, calibration_genres(starts), calibration_windows(), held, count)
 
 
 def calibration_heldout(count: int) -> np.ndarray:
     """Windows of the calibration text that overlap none of the calibration windows."""
     ids = tokens((CACHE / "brown_text" / "calibration.txt").read_text())
-    with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
-        calib = data["input_ids"]
-    _, used = window_positions(ids, calib)
+    _, used = window_positions(ids, calibration_windows())
     free = free_windows(ids, used, np.ones(ids.size, dtype=bool), count)
     return np.concatenate([np.full((len(free), 1), BOS, np.int64), free], axis=1)
+
+
+def calibration_windows(order: int | None = None) -> np.ndarray:
+    """The reference's 64 calibration windows, ``(64, 512)``; with ``order`` a seeded permutation of them: the
+    same data summed in another order, a run that differs from the first only in floating-point rounding."""
+    with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
+        calib = data["input_ids"]
+    return calib if order is None else calib[np.random.default_rng(order).permutation(len(calib))]
 
 
 def text_sets(count: int) -> dict[str, np.ndarray]:
@@ -254,8 +258,7 @@ def search(
     if held_genres:
         fit_ids, held_ids = calibration_genre_split(held_genres, windows)
     else:
-        with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
-            fit_ids = data["input_ids"][:windows]
+        fit_ids = calibration_windows()[:windows]
         held_ids = calibration_heldout(windows)[:, 1:]
     stored = stored_values(model.graph)
     pattern = NMPattern(2, 4)
@@ -338,6 +341,29 @@ def calibration_split(workdir: Path) -> tuple[Path, Path]:
     return fit, held
 
 
+def split_runs(runs: list[str], held: str, count: int, workdir: Path, method: str) -> dict[str, dict]:
+    """The full model on a genre split of the calibration text: each run prunes with the calibration windows
+    wholly outside the ``held`` Brown categories and is scored by perplexity on ``count`` windows wholly inside
+    each held category (overlapping no calibration window). Where :func:`search` measures one block's layer
+    error, this measures what 30 blocks' errors compound to, on text of a genre the calibration never saw."""
+    from graphprune.evaluate.perplexity import perplexity
+
+    fit, _ = calibration_genre_split(held, 64)
+    calib = workdir / f"calib_without_{held}.npz"
+    np.savez(calib, input_ids=fit, attention_mask=np.ones_like(fit))
+    sets = {g: with_bos(calibration_genre_split(g, count)[1].reshape(-1), count) for g in held}
+    found = {}
+    for text in runs:
+        out = workdir / f"split_{held}_{file_name(text, method)}"
+        command = [*apply_command(CACHE / "smollm2" / "model.onnx", text, out, method), "--calib", str(calib)]
+        seconds, cpu, peak, _ = timed(command, None)
+        scores = {f"heldout-{g}": perplexity(out, windows) for g, windows in sets.items()}
+        name = run_name(text, method)
+        found[name] = {**scores, "fit_windows": len(fit), "cpu_seconds": cpu, "seconds": seconds, "peak_mb": peak}
+        print(json.dumps({name: found[name]}), flush=True)
+    return found
+
+
 def minilm(runs: list[str], workdir: Path, method: str, split: bool) -> dict[str, dict]:
     """all-MiniLM-L6 2:4: mean cosine of each run's sentence embeddings to the dense model's (``split``: on the
     calibration text's held-out split, calibrated on the rest)."""
@@ -375,6 +401,9 @@ def main() -> int:
     parser.add_argument("--evaluate", nargs="*", default=[], help="NAME=MODEL.onnx: evaluate only")
     parser.add_argument("--search", action="store_true", help="held-out choice of percdamp and swap budget")
     parser.add_argument("--minilm", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP] on all-MiniLM-L6")
+    parser.add_argument(
+        "--split-runs", nargs="*", default=[], help="TARGET:SWAPS[:PERCDAMP] on a --held-genres split"
+    )
     parser.add_argument("--blocks", type=int, nargs="+", default=[10], help="the blocks --search prunes")
     parser.add_argument(
         "--held-genres", default="", help="--search: split by Brown category, these letters held out (e.g. g)"
@@ -400,6 +429,12 @@ def main() -> int:
         choices=["brown", "calib-heldout", "drama", "technical"],
         help="evaluate only these text sets (default: all)",
     )
+    parser.add_argument(
+        "--calib-order",
+        type=int,
+        default=None,
+        help="--runs: calibrate on the 64 windows in this seed's permuted order (same data, other rounding)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphprune-alps-dense"))
     parser.add_argument("--results", type=Path, default=HERE / "results" / "alps_dense_swaps.json")
     args = parser.parse_args()
@@ -421,14 +456,23 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.minilm:
         results.setdefault("minilm", {}).update(minilm(args.minilm, args.workdir, args.method, args.calib_split))
+    if args.split_runs:
+        if not args.held_genres:
+            raise SystemExit("--split-runs needs --held-genres")
+        found = split_runs(args.split_runs, args.held_genres, args.windows, args.workdir, args.method)
+        results.setdefault(f"split-genre-{args.held_genres}", {}).update(found)
     models = dict(item.split("=", 1) for item in args.evaluate)
-    timing = {}
+    timing, calib = {}, REFERENCE / "smollm2_brown_calib.npz"
+    if args.calib_order is not None:
+        calib = args.workdir / f"calib_order_{args.calib_order}.npz"
+        windows = calibration_windows(args.calib_order)
+        np.savez(calib, input_ids=windows, attention_mask=np.ones_like(windows))
     for text in args.runs:
-        out = args.workdir / file_name(text, args.method)
-        command = apply_command(args.model, text, out, args.method)
-        command += ["--calib", str(REFERENCE / "smollm2_brown_calib.npz")]
+        suffix = "" if args.calib_order is None else f" (calibration order {args.calib_order})"
+        out = args.workdir / file_name(text + suffix.replace(" ", "_"), args.method)
+        command = [*apply_command(args.model, text, out, args.method), "--calib", str(calib)]
         seconds, cpu, peak, _ = timed(command, None)
-        name = run_name(text, args.method)
+        name = run_name(text, args.method) + suffix
         timing[name] = {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak}
         print(json.dumps({name: timing[name]}), flush=True)
         models[name] = str(out)

@@ -35,9 +35,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from alps_dense_swaps import text_sets  # noqa: E402
+from alps_dense_swaps import calibration_windows, text_sets  # noqa: E402
 from export_smollm2 import load_model  # noqa: E402
-from smollm2_quality import REFERENCE  # noqa: E402
 
 NSAMPLES, SEQLEN = 64, 512
 
@@ -46,8 +45,9 @@ def _no_datasets(*args: Any, **kwargs: Any) -> Any:
     raise SystemExit("error: wanda asked for a dataset download; the reference's windows should have been used")
 
 
-def import_wanda(checkout: Path) -> Any:
-    """``lib.prune`` of the checkout, with its C4 loader replaced by the reference's calibration windows."""
+def import_wanda(checkout: Path, order: int | None = None) -> Any:
+    """``lib.prune`` of the checkout, with its C4 loader replaced by the reference's calibration windows (with
+    ``order``: permuted by that seed, :func:`alps_dense_swaps.calibration_windows`)."""
     import torch
 
     if not (checkout / "lib" / "prune.py").is_file():
@@ -65,8 +65,7 @@ def import_wanda(checkout: Path) -> Any:
     sys.path.insert(0, str(checkout))
     from lib import prune  # type: ignore[import-not-found]
 
-    with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
-        calib = torch.from_numpy(data["input_ids"])
+    calib = torch.from_numpy(np.ascontiguousarray(calibration_windows(order)))
 
     def reference_loader(name: str, nsamples: int, seed: int, seqlen: int, tokenizer: Any) -> tuple:
         if (nsamples, seqlen) != tuple(calib.shape):
@@ -185,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=16, help="windows of each text set (brown: all 32)")
     parser.add_argument("--sets", nargs="*", default=None, help="only these text sets (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the reference used one)")
+    parser.add_argument(
+        "--calib-order", type=int, default=None, help="calibrate on the windows in this seed's permuted order"
+    )
     parser.add_argument("--results", type=Path, default=HERE / "results" / "reference_wanda.json")
     args = parser.parse_args(argv)
     checkout = args.wanda.expanduser()
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from graphprune import demo
 
-    prune = import_wanda(checkout)
+    prune = import_wanda(checkout, args.calib_order)
     torch.set_num_threads(args.threads)
     sets = text_sets(args.windows)
     sets = {k: v for k, v in sets.items() if args.sets is None or k in args.sets}
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         model.load_state_dict(dense)
         row: dict[str, Any] = {"threads": args.threads}
+        row.update({} if args.calib_order is None else {"calib_order": args.calib_order})
         if run != "dense":
             row["prune_cpu_seconds"], row["zero_fraction"] = prune_with(prune, model, run)
         start = time.process_time()

@@ -149,3 +149,17 @@ def test_rho_schedule_sets_and_restores_the_solvers_constants() -> None:
         assert (0.3, before[1]) == (alps.RHO_START, alps.GROWTH)
         raise RuntimeError
     assert before == (alps.RHO_START, alps.GROWTH)
+
+
+def test_calibration_order_permutes_the_same_windows_and_none_keeps_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    windows = np.arange(12 * 4, dtype=np.int64).reshape(12, 4)
+    np.savez(tmp_path / "smollm2_brown_calib.npz", input_ids=windows, attention_mask=np.ones_like(windows))
+    monkeypatch.setattr(ads, "REFERENCE", tmp_path)
+    assert np.array_equal(ads.calibration_windows(), windows)
+    first, again, other = (ads.calibration_windows(seed) for seed in (1, 1, 2))
+    assert np.array_equal(first, again)  # one seed, one order
+    assert not np.array_equal(first, windows) and not np.array_equal(first, other)
+    # every window kept whole and exactly once
+    assert sorted(map(tuple, first)) == sorted(map(tuple, windows))

@@ -341,14 +341,18 @@ def calibration_split(workdir: Path) -> tuple[Path, Path]:
     return fit, held
 
 
-def split_runs(runs: list[str], held: str, count: int, workdir: Path, method: str) -> dict[str, dict]:
+def split_runs(
+    runs: list[str], held: str, count: int, workdir: Path, method: str, order: int | None = None
+) -> dict[str, dict]:
     """The full model on a genre split of the calibration text: each run prunes with the calibration windows
     wholly outside the ``held`` Brown categories and is scored by perplexity on ``count`` windows wholly inside
-    each held category (overlapping no calibration window). Where :func:`search` measures one block's layer
+    each held category (overlapping no calibration window); ``order``: the fit windows in that seed's permuted
+    order, as ``--calib-order``. Where :func:`search` measures one block's layer
     error, this measures what 30 blocks' errors compound to, on text of a genre the calibration never saw."""
     from graphprune.evaluate.perplexity import perplexity
 
     fit, _ = calibration_genre_split(held, 64)
+    fit = fit if order is None else fit[np.random.default_rng(order).permutation(len(fit))]
     calib = workdir / f"calib_without_{held}.npz"
     np.savez(calib, input_ids=fit, attention_mask=np.ones_like(fit))
     sets = {g: with_bos(calibration_genre_split(g, count)[1].reshape(-1), count) for g in held}
@@ -358,7 +362,7 @@ def split_runs(runs: list[str], held: str, count: int, workdir: Path, method: st
         command = [*apply_command(CACHE / "smollm2" / "model.onnx", text, out, method), "--calib", str(calib)]
         seconds, cpu, peak, _ = timed(command, None)
         scores = {f"heldout-{g}": perplexity(out, windows) for g, windows in sets.items()}
-        name = run_name(text, method)
+        name = run_name(text, method) + ("" if order is None else f" (calibration order {order})")
         found[name] = {**scores, "fit_windows": len(fit), "cpu_seconds": cpu, "seconds": seconds, "peak_mb": peak}
         print(json.dumps({name: found[name]}), flush=True)
     return found
@@ -433,7 +437,7 @@ def main() -> int:
         "--calib-order",
         type=int,
         default=None,
-        help="--runs: calibrate on the 64 windows in this seed's permuted order (same data, other rounding)",
+        help="--runs, --split-runs: the calibration windows in this seed's permuted order (other rounding)",
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/graphprune-alps-dense"))
     parser.add_argument("--results", type=Path, default=HERE / "results" / "alps_dense_swaps.json")
@@ -459,7 +463,9 @@ def main() -> int:
     if args.split_runs:
         if not args.held_genres:
             raise SystemExit("--split-runs needs --held-genres")
-        found = split_runs(args.split_runs, args.held_genres, args.windows, args.workdir, args.method)
+        found = split_runs(
+            args.split_runs, args.held_genres, args.windows, args.workdir, args.method, args.calib_order
+        )
         results.setdefault(f"split-genre-{args.held_genres}", {}).update(found)
     models = dict(item.split("=", 1) for item in args.evaluate)
     timing, calib = {}, REFERENCE / "smollm2_brown_calib.npz"

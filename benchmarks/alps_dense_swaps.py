@@ -4,6 +4,8 @@
     python benchmarks/alps_dense_swaps.py --runs pruned:0 dense:16   # prune (TARGET:SWAPS), then evaluate
     python benchmarks/alps_dense_swaps.py --evaluate NAME=MODEL.onnx ...   # evaluate models pruned elsewhere
     python benchmarks/alps_dense_swaps.py --runs pruned:16:0.1 --sets drama technical   # only these text sets
+    python benchmarks/alps_dense_swaps.py --runs dense@0.25:16:0.15 --calib-order 1   # the same windows, permuted
+    python benchmarks/alps_dense_swaps.py --held-genres g --split-runs dense@0.25:16:0.15 --windows 32  # whole
     python benchmarks/alps_dense_swaps.py --minilm pruned:0 dense:0 dense:16  # all-MiniLM-L6 2:4, a cheaper check
     python benchmarks/alps_dense_swaps.py --minilm pruned:0 dense@0.5:0 --calib-split --method sparsegpt
 
@@ -29,6 +31,10 @@ and the relative layer error ``tr(ΔH Δᵀ) / tr(W H Wᵀ)`` is measured on the
 text holds Brown categories a-h (press, religion, skills, popular lore, belles lettres, government documents); the
 fit windows are calibration windows wholly outside the held letters, the held-out windows lie wholly inside them
 and overlap no calibration window (``--percdamps``, ``--budgets``: the values tried).
+
+``--split-runs`` is the same choice on the whole model (:func:`split_runs`): it prunes on the calibration windows
+outside the ``--held-genres`` and reports the perplexity on ``--windows`` windows inside each held genre.
+``--calib-order SEED`` permutes the calibration windows: same data, other rounding (the run-to-run spread).
 
 ``--minilm`` prunes all-MiniLM-L6 (``minilm_quality.py``'s export, calibration and held-out paragraphs) with ALPS
 2:4 ``--sequential`` and each TARGET:SWAPS, and reports the mean cosine to the dense sentence embeddings. With

@@ -185,12 +185,27 @@ def calibration_heldout(count: int) -> np.ndarray:
     return np.concatenate([np.full((len(free), 1), BOS, np.int64), free], axis=1)
 
 
+def permuted(windows: np.ndarray, order: int | None) -> np.ndarray:
+    """``windows`` in the seeded permuted order ``order`` (``None``: as they are): the same data summed in another
+    order, a run that differs from the first only in floating-point rounding."""
+    return windows if order is None else windows[np.random.default_rng(order).permutation(len(windows))]
+
+
+def order_suffix(order: int | None) -> str:
+    """What a run's name carries for :func:`permuted`'s ``order``."""
+    return "" if order is None else f" (calibration order {order})"
+
+
+def save_calibration(path: Path, windows: np.ndarray) -> Path:
+    """``windows`` as a ``--calib`` .npz: token ids and an all-ones attention mask."""
+    np.savez(path, input_ids=windows, attention_mask=np.ones_like(windows))
+    return path
+
+
 def calibration_windows(order: int | None = None) -> np.ndarray:
-    """The reference's 64 calibration windows, ``(64, 512)``; with ``order`` a seeded permutation of them: the
-    same data summed in another order, a run that differs from the first only in floating-point rounding."""
+    """The reference's 64 calibration windows, ``(64, 512)``, in :func:`permuted`'s ``order``."""
     with np.load(REFERENCE / "smollm2_brown_calib.npz") as data:
-        calib = data["input_ids"]
-    return calib if order is None else calib[np.random.default_rng(order).permutation(len(calib))]
+        return permuted(data["input_ids"], order)
 
 
 def text_sets(count: int) -> dict[str, np.ndarray]:
@@ -357,10 +372,8 @@ def split_runs(
     error, this measures what 30 blocks' errors compound to, on text of a genre the calibration never saw."""
     from graphprune.evaluate.perplexity import perplexity
 
-    fit, _ = calibration_genre_split(held, 64)
-    fit = fit if order is None else fit[np.random.default_rng(order).permutation(len(fit))]
-    calib = workdir / f"calib_without_{held}.npz"
-    np.savez(calib, input_ids=fit, attention_mask=np.ones_like(fit))
+    fit = permuted(calibration_genre_split(held, 64)[0], order)
+    calib = save_calibration(workdir / f"calib_without_{held}.npz", fit)
     sets = {g: with_bos(calibration_genre_split(g, count)[1].reshape(-1), count) for g in held}
     found = {}
     for text in runs:
@@ -368,7 +381,7 @@ def split_runs(
         command = [*apply_command(CACHE / "smollm2" / "model.onnx", text, out, method), "--calib", str(calib)]
         seconds, cpu, peak, _ = timed(command, None)
         scores = {f"heldout-{g}": perplexity(out, windows) for g, windows in sets.items()}
-        name = run_name(text, method) + ("" if order is None else f" (calibration order {order})")
+        name = run_name(text, method) + order_suffix(order)
         found[name] = {**scores, "fit_windows": len(fit), "cpu_seconds": cpu, "seconds": seconds, "peak_mb": peak}
         print(json.dumps({name: found[name]}), flush=True)
     return found
@@ -477,10 +490,9 @@ def main() -> int:
     timing, calib = {}, REFERENCE / "smollm2_brown_calib.npz"
     if args.calib_order is not None:
         calib = args.workdir / f"calib_order_{args.calib_order}.npz"
-        windows = calibration_windows(args.calib_order)
-        np.savez(calib, input_ids=windows, attention_mask=np.ones_like(windows))
+        save_calibration(calib, calibration_windows(args.calib_order))
+    suffix = order_suffix(args.calib_order)
     for text in args.runs:
-        suffix = "" if args.calib_order is None else f" (calibration order {args.calib_order})"
         out = args.workdir / file_name(text + suffix.replace(" ", "_"), args.method)
         command = [*apply_command(args.model, text, out, args.method), "--calib", str(calib)]
         seconds, cpu, peak, _ = timed(command, None)

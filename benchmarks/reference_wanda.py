@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         model.load_state_dict(dense)
         row: dict[str, Any] = {"threads": args.threads}
-        row.update({} if args.calib_order is None else {"calib_order": args.calib_order})
+        if args.calib_order is not None:
+            row["calib_order"] = args.calib_order
         if run != "dense":
             row["prune_cpu_seconds"], row["zero_fraction"] = prune_with(prune, model, run)
         start = time.process_time()

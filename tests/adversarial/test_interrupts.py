@@ -89,23 +89,27 @@ def stopped(pid: int) -> bool:
 
 
 def freeze_at(condition, child: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Stop the child (SIGSTOP) at the first moment ``condition`` holds, wait until the kernel reports it stopped,
-    and check the condition again while it is frozen: the interruption then lands at that moment however loaded
-    the machine is (a signal sent to a running child could arrive after it had moved on)."""
+    """Stop the child (SIGSTOP) at a moment ``condition`` holds, wait until the kernel reports it stopped, and
+    check the condition again while it is frozen: the interruption then lands at that moment however loaded the
+    machine is. A child that moved past a brief moment (a feed file closed) before the stop landed is let go
+    (SIGCONT) and caught again at the next such moment."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        if child.poll() is not None:
-            pytest.fail(f"the command ended before the moment to interrupt it: {child.communicate()}")
-        if time.monotonic() > deadline:
-            child.kill()
-            pytest.fail("the moment to interrupt never came")
-        time.sleep(0.002)  # polling the child's state, not a delay the test relies on
-    child.send_signal(signal.SIGSTOP)
-    while not stopped(child.pid):
-        if child.poll() is not None:
-            pytest.fail(f"the command ended before it could be frozen: {child.communicate()}")
-        time.sleep(0.001)
-    assert condition(), "the frozen child is past the moment"  # its state cannot change while stopped
+    while True:
+        while not condition():
+            if child.poll() is not None:
+                pytest.fail(f"the command ended before the moment to interrupt it: {child.communicate()}")
+            if time.monotonic() > deadline:
+                child.kill()
+                pytest.fail("the moment to interrupt never came")
+            time.sleep(0.002)  # polling the child's state, not a delay the test relies on
+        child.send_signal(signal.SIGSTOP)
+        while not stopped(child.pid):
+            if child.poll() is not None:
+                pytest.fail(f"the command ended before it could be frozen: {child.communicate()}")
+            time.sleep(0.001)
+        if condition():  # its state cannot change while stopped
+            return
+        child.send_signal(signal.SIGCONT)
 
 
 def finish(child: subprocess.Popen, sig: int) -> tuple[int, str]:
